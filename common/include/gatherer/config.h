@@ -1,0 +1,47 @@
+#pragma once
+// Session settings: everything that shapes how a session's statements are
+// fetched. They travel once per session (client -> broker -> each worker),
+// never per statement (DESIGN §1).
+//
+// Plain value; not synchronised.
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "gatherer/statement.h"
+
+namespace gatherer {
+
+struct SessionSettings {
+  // Maximum statements of this session in flight across the whole cluster
+  // (the sliding window). Pyot default 25. Range 1..100000.
+  std::uint32_t workers = 25;
+  // Joined with statements whose url is a path ("/a/b"); empty = none.
+  std::string base_url;
+  // Headers sent with every statement (a statement's own header of the same
+  // name replaces the default).
+  Headers headers;
+  // Total time for one attempt, in ms (CURLOPT_TIMEOUT_MS). 0 = no limit.
+  std::uint32_t timeout_ms = 30'000;
+  // Time to establish a connection, in ms (CURLOPT_CONNECTTIMEOUT_MS).
+  std::uint32_t connect_timeout_ms = 10'000;
+  // Attempts per statement including the first; 1 disables retries.
+  std::uint32_t max_attempts = 4;
+  // Exponential backoff between attempts: base * 2^(attempt-1), capped, with
+  // full jitter; a Retry-After header overrides it (capped at backoff_max_ms).
+  std::uint32_t backoff_base_ms = 100;
+  std::uint32_t backoff_max_ms = 10'000;
+  // Response bodies larger than this fail with resource_exhausted.
+  std::uint64_t max_body_bytes = 64ull << 20;
+  // Redirects followed (0 = none). Only http and https are ever allowed.
+  std::uint32_t max_redirects = 5;
+  // Final statuses accepted as success: [accept_min, accept_max]. Default 2xx-3xx.
+  std::uint16_t accept_min = 200;
+  std::uint16_t accept_max = 399;
+};
+
+// Largest statement body a client accepts (and a broker forwards), in bytes.
+inline constexpr std::uint64_t kMaxStatementBody = 16ull << 20;
+
+}  // namespace gatherer

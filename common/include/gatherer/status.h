@@ -1,0 +1,87 @@
+#pragma once
+// Status and Result: how fallible calls inside Gatherer report failure.
+//
+// Codes are a subset of absl::StatusCode and keep its retry semantics:
+// kUnavailable and kDeadlineExceeded are transient (retry with backoff),
+// kInvalidArgument never succeeds on retry. `IsRetryable` is the one place
+// that decides whether a failed attempt may be tried again.
+//
+// Thread-safety: const methods are safe to call concurrently; a Status is a
+// value and is copied between threads, never shared mutably.
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include <tl/expected.hpp>
+
+namespace gatherer {
+
+enum class StatusCode : std::uint8_t {
+  kOk = 0,
+  kInvalidArgument = 3,
+  kDeadlineExceeded = 4,
+  kNotFound = 5,
+  kResourceExhausted = 8,
+  kFailedPrecondition = 9,
+  kCancelled = 1,
+  kInternal = 13,
+  kUnavailable = 14,
+  kDataLoss = 15,
+};
+
+// Stable lower-case name of a code ("unavailable"), used in logs, JSON output
+// and error messages. Unknown values map to "unknown".
+std::string_view StatusCodeName(StatusCode code);
+
+// Parses a wire value; unknown values become kInternal so that a newer peer's
+// code never crashes an older one.
+StatusCode StatusCodeFromWire(std::uint8_t value);
+
+// True for codes whose failed attempt may succeed when tried again later.
+bool IsRetryable(StatusCode code);
+
+class [[nodiscard]] Status {
+ public:
+  // OK stores nothing: creating and copying an OK status costs a null pointer.
+  Status() noexcept = default;
+  Status(StatusCode code, std::string_view message);
+
+  static Status Ok() { return Status(); }
+
+  bool ok() const { return rep_ == nullptr; }
+  StatusCode code() const { return rep_ ? rep_->code : StatusCode::kOk; }
+  // Empty for OK.
+  const std::string& message() const;
+  // "invalid_argument: message", or "ok".
+  std::string ToString() const;
+
+  bool operator==(const Status& other) const {
+    return code() == other.code() && message() == other.message();
+  }
+
+ private:
+  struct Rep {
+    StatusCode code;
+    std::string message;
+  };
+  std::shared_ptr<const Rep> rep_;
+};
+
+inline Status InvalidArgument(std::string_view m) { return {StatusCode::kInvalidArgument, m}; }
+inline Status NotFound(std::string_view m) { return {StatusCode::kNotFound, m}; }
+inline Status DeadlineExceeded(std::string_view m) { return {StatusCode::kDeadlineExceeded, m}; }
+inline Status ResourceExhausted(std::string_view m) { return {StatusCode::kResourceExhausted, m}; }
+inline Status Unavailable(std::string_view m) { return {StatusCode::kUnavailable, m}; }
+inline Status Cancelled(std::string_view m) { return {StatusCode::kCancelled, m}; }
+inline Status FailedPrecondition(std::string_view m) { return {StatusCode::kFailedPrecondition, m}; }
+inline Status DataLoss(std::string_view m) { return {StatusCode::kDataLoss, m}; }
+inline Status Internal(std::string_view m) { return {StatusCode::kInternal, m}; }
+
+template <typename T>
+using Result = tl::expected<T, Status>;
+
+inline tl::unexpected<Status> Unexpected(Status s) { return tl::unexpected<Status>(std::move(s)); }
+
+}  // namespace gatherer

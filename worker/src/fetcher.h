@@ -1,0 +1,89 @@
+#pragma once
+// Fetcher: the worker's HTTP engine. A few I/O threads (default one per
+// core), each driving libcurl in socket-action form over one epoll set with
+// thousands of concurrent transfers; never a thread per request.
+//
+// Per session id the fetcher keeps the *shared session*: one CURLSH sharing
+// DNS and TLS sessions across all I/O threads (mutex lock callbacks), and in
+// each I/O thread a CURLM of its own for that session, so keep-alive
+// connections are reused within the thread and dropped when the session
+// closes (libcurl cannot share a connection cache across threads).
+//
+// Thread-safety: open_session, submit, close_session and in_flight may be
+// called from any thread (in practice the worker's socket thread); the
+// ResultSink is called on I/O threads, concurrently, and must be thread-safe.
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "gatherer/config.h"
+#include "gatherer/ids.h"
+#include "gatherer/statement.h"
+
+namespace gatherer::worker {
+
+// One statement of a session as dispatched: its index in the caller's sequence.
+struct FetchItem {
+  std::uint64_t index = 0;
+  Statement statement;
+};
+
+// One outcome.
+struct FetchResult {
+  std::uint64_t index = 0;
+  Response response;
+};
+
+class Fetcher {
+ public:
+  struct Options {
+    // I/O threads; 0 = one per core (std::thread::hardware_concurrency()).
+    unsigned io_threads = 0;
+    // Worker id written into Response::worker.
+    std::string worker_id;
+    // Cap on idle connections kept per session per I/O thread.
+    long max_idle_connections = 256;
+  };
+
+  // Results of one session, batched: called on an I/O thread with all the
+  // outcomes that thread finished in one loop iteration for `session`.
+  using ResultSink = std::function<void(const SessionId& session, std::vector<FetchResult>&& results)>;
+
+  Fetcher(Options options, ResultSink sink);
+  // Stops the I/O threads; in-flight transfers are aborted without results.
+  ~Fetcher();
+  Fetcher(const Fetcher&) = delete;
+  Fetcher& operator=(const Fetcher&) = delete;
+
+  // Declares a session and its settings. Re-opening an open session keeps it.
+  void open_session(const SessionId& session, const SessionSettings& settings);
+
+  // Queues statements of an open session; they start at once on the I/O
+  // threads (spread across them). Each yields exactly one FetchResult through
+  // the sink unless the session is closed first. Statements of an unknown
+  // session yield results with error code failed_precondition.
+  void submit(const SessionId& session, std::vector<FetchItem>&& items);
+
+  // Aborts the session's queued, backing-off and in-flight transfers (no
+  // results are delivered for them), and frees its connections, DNS and TLS
+  // caches. Unknown sessions are ignored.
+  void close_session(const SessionId& session);
+
+  // Statements submitted and not yet reported through the sink.
+  std::size_t in_flight() const;
+
+  // Number of sessions currently open (for tests and metrics).
+  std::size_t sessions() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Maps a libcurl transfer result to a StatusCode (the one place that does).
+StatusCode StatusCodeFromCurl(int curl_code);
+
+}  // namespace gatherer::worker
