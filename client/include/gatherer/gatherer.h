@@ -1,0 +1,108 @@
+#pragma once
+// gatherer::Gatherer: hand over statements (HTTP requests), get one response
+// per statement back in the statements' order.
+//
+//   gatherer::Gatherer g;                       // embedded broker + worker
+//   g.statements = {gatherer::Get("https://api.example/a"), ...};
+//   const std::vector<gatherer::Response>& r = g.gather();  // also in g.responses
+//
+// Thread-safety: a Gatherer is used by one thread at a time (like a
+// std::vector), except cancel(), which any thread may call at any moment.
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "gatherer/config.h"
+#include "gatherer/statement.h"
+
+namespace gatherer {
+
+struct Options {
+  // Broker endpoint ("tcp://10.0.0.5:5555"). Empty = embedded: a broker and a
+  // worker start inside this process over inproc://, the same code paths.
+  std::string broker;
+  // Maximum statements in flight for this session across the whole cluster:
+  // a sliding window, a new statement starts the moment one finishes.
+  int workers = 25;
+  // Python logging levels as in Pyot: 10 debug, 20 info, 30 warning,
+  // 40 error, 50 critical. Applies to Gatherer's own log lines.
+  int log_level = 10;
+  // false: a failed statement's error sits at its index, the others complete.
+  // true: the first failure cancels every queued and in-flight statement of
+  // the session and gather() throws gatherer::Error naming the index.
+  bool cancel_on_raise = false;
+  // Fetch settings of the session (base URL, default headers, timeouts,
+  // retries, body cap, accepted statuses). settings.workers is ignored:
+  // `workers` above is the window.
+  SessionSettings settings;
+  // Statements queued at the broker beyond the window, so no worker waits on
+  // a round trip to the client. 0 = same as `workers` (Pyot's Queue used
+  // maxsize = 2 x workers).
+  int prefetch = 0;
+  // Embedded mode only: I/O threads of the in-process worker (0 = one per core).
+  unsigned embedded_io_threads = 0;
+  // How long to wait for the broker to answer session open/close before
+  // failing with an Error (the broker may start after the client).
+  std::chrono::milliseconds connect_timeout{30'000};
+};
+
+// Thrown by the public API only: invalid statements (before anything is
+// sent), a failure under cancel_on_raise, a broker that never answered.
+class Error : public std::runtime_error {
+ public:
+  // index = statement index the error is about, or -1.
+  Error(const std::string& what, std::int64_t index, StatusCode code)
+      : std::runtime_error(what), index_(index), code_(code) {}
+  std::int64_t index() const { return index_; }
+  StatusCode code() const { return code_; }
+
+ private:
+  std::int64_t index_;
+  StatusCode code_;
+};
+
+class Gatherer {
+ public:
+  // Opens a session (uuid4) on the broker. Throws Error if the options are
+  // invalid. Connecting is asynchronous; the broker may appear later.
+  explicit Gatherer(Options options = {});
+  // Closes the session on the broker and on every worker holding it (also
+  // when unwinding from an exception), then stops an embedded cluster.
+  ~Gatherer();
+  Gatherer(const Gatherer&) = delete;
+  Gatherer& operator=(const Gatherer&) = delete;
+
+  // The statements of the next gather(); kept after it (as in Pyot).
+  std::vector<Statement> statements;
+  // One response per statement, in the statements' order, after gather().
+  std::vector<Response> responses;
+
+  // Validates every statement (throws Error naming the first bad index before
+  // anything is sent), fetches them all and returns `responses`. May be
+  // called again with new statements.
+  const std::vector<Response>& gather();
+
+  // Cancels the running gather() from any thread: queued and in-flight
+  // statements are dropped everywhere; gather() throws Error (code cancelled).
+  void cancel();
+
+  // The session id, uuid4 text.
+  const std::string& session_id() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Checks one statement against the session settings without sending it:
+// method token, absolute http(s) URL or a path with a base_url, header names
+// and values free of CR/LF, body within kMaxStatementBody. Shared by
+// gather() and the CLI.
+Status ValidateStatement(const Statement& statement, const SessionSettings& settings);
+
+}  // namespace gatherer
