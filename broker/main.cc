@@ -1,1 +1,41 @@
-int main() { return 0; }
+// gatherer-broker: parse flags, build BrokerOptions, run until SIGINT/SIGTERM.
+#include <CLI/CLI.hpp>
+
+#include "gatherer/broker.h"
+#include "gatherer/log.h"
+#include "gatherer/signals.h"
+
+int main(int argc, char** argv) {
+  gatherer::BrokerOptions options;
+  std::vector<std::string> binds;
+  std::string log_level = "info";
+  int heartbeat_ms = static_cast<int>(options.heartbeat_interval.count());
+  CLI::App app{"gatherer-broker: owns Gatherer sessions and queues and dispatches statements to workers"};
+  app.add_option("--bind", binds, "Endpoint to bind; repeatable (default tcp://127.0.0.1:5555)");
+  app.add_option("--heartbeat-ms", heartbeat_ms, "Heartbeat period in ms")->check(CLI::Range(10, 60'000));
+  app.add_option("--liveness", options.heartbeat_liveness, "Missed heartbeats before a worker is presumed dead")
+      ->check(CLI::Range(1, 100));
+  app.add_option("--max-chunk", options.max_chunk, "Statements per DISPATCH at most")->check(CLI::Range(1, 65536));
+  app.add_option("--max-sessions", options.max_sessions, "Open sessions at most");
+  app.add_option("--log-level", log_level, "debug, info, warning, error, critical or 10..50");
+  CLI11_PARSE(app, argc, argv);
+  const int level = gatherer::ParseLogLevel(log_level);
+  if (level < 0) {
+    std::fprintf(stderr, "gatherer-broker: bad --log-level '%s'\n", log_level.c_str());
+    return 2;
+  }
+  gatherer::SetLogLevel(level);
+  if (!binds.empty()) options.endpoints = binds;
+  options.heartbeat_interval = std::chrono::milliseconds(heartbeat_ms);
+
+  gatherer::BlockTerminationSignals();
+  gatherer::Broker broker(options);
+  if (gatherer::Status s = broker.start(); !s.ok()) {
+    std::fprintf(stderr, "gatherer-broker: %s\n", s.ToString().c_str());
+    return 1;
+  }
+  const int sig = gatherer::WaitForTerminationSignal();
+  gatherer::Logger().info("broker: signal {}, stopping", sig);
+  broker.stop();
+  return 0;
+}

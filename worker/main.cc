@@ -1,1 +1,39 @@
-int main() { return 0; }
+// gatherer-worker: parse flags, build WorkerOptions, run until SIGINT/SIGTERM.
+#include <CLI/CLI.hpp>
+
+#include "gatherer/log.h"
+#include "gatherer/signals.h"
+#include "gatherer/worker.h"
+
+int main(int argc, char** argv) {
+  gatherer::WorkerOptions options;
+  std::string log_level = "info";
+  int heartbeat_ms = static_cast<int>(options.heartbeat_interval.count());
+  CLI::App app{"gatherer-worker: fetches the statements a Gatherer broker dispatches, with libcurl"};
+  app.add_option("--broker", options.broker, "Broker endpoint (default tcp://127.0.0.1:5555)");
+  app.add_option("--io-threads", options.io_threads, "libcurl I/O threads (0 = one per core)")
+      ->check(CLI::Range(0, 256));
+  app.add_option("--slots", options.slots, "Statements taken at once (0 = 1024 per I/O thread)");
+  app.add_option("--heartbeat-ms", heartbeat_ms, "Heartbeat period in ms")->check(CLI::Range(10, 60'000));
+  app.add_option("--id", options.worker_id, "Worker id shown in logs and responses (default host-pid-n)");
+  app.add_option("--log-level", log_level, "debug, info, warning, error, critical or 10..50");
+  CLI11_PARSE(app, argc, argv);
+  const int level = gatherer::ParseLogLevel(log_level);
+  if (level < 0) {
+    std::fprintf(stderr, "gatherer-worker: bad --log-level '%s'\n", log_level.c_str());
+    return 2;
+  }
+  gatherer::SetLogLevel(level);
+  options.heartbeat_interval = std::chrono::milliseconds(heartbeat_ms);
+
+  gatherer::BlockTerminationSignals();
+  gatherer::Worker worker(options);
+  if (gatherer::Status s = worker.start(); !s.ok()) {
+    std::fprintf(stderr, "gatherer-worker: %s\n", s.ToString().c_str());
+    return 1;
+  }
+  const int sig = gatherer::WaitForTerminationSignal();
+  gatherer::Logger().info("worker {}: signal {}, stopping", worker.id(), sig);
+  worker.stop();
+  return 0;
+}

@@ -1,0 +1,59 @@
+#include "gatherer/log.h"
+
+#include <charconv>
+#include <memory>
+
+#include <spdlog/sinks/stdout_color_sinks.h>
+
+namespace gatherer {
+
+spdlog::logger& Logger() {
+  static std::shared_ptr<spdlog::logger> logger = [] {
+    auto existing = spdlog::get("gatherer");
+    if (existing) return existing;
+    auto l = spdlog::stderr_color_mt("gatherer");
+    l->set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [%n] %v");
+    l->set_level(spdlog::level::debug);
+    return l;
+  }();
+  return *logger;
+}
+
+void SetLogLevel(int python_level) {
+  spdlog::level::level_enum level;
+  if (python_level < 10) level = spdlog::level::trace;
+  else if (python_level < 20) level = spdlog::level::debug;
+  else if (python_level < 30) level = spdlog::level::info;
+  else if (python_level < 40) level = spdlog::level::warn;
+  else if (python_level < 50) level = spdlog::level::err;
+  else if (python_level == 50) level = spdlog::level::critical;
+  else level = spdlog::level::off;
+  Logger().set_level(level);
+}
+
+int ParseLogLevel(std::string_view text) {
+  if (text == "debug") return 10;
+  if (text == "info") return 20;
+  if (text == "warning" || text == "warn") return 30;
+  if (text == "error") return 40;
+  if (text == "critical") return 50;
+  int value = -1;
+  auto [ptr, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (ec != std::errc() || ptr != text.data() + text.size() || value < 0) return -1;
+  return value;
+}
+
+bool RateLimitedLog::allow(std::uint64_t& suppressed) {
+  const std::int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                               std::chrono::steady_clock::now().time_since_epoch())
+                               .count();
+  std::int64_t next = next_ns_.load(std::memory_order_relaxed);
+  if (now >= next && next_ns_.compare_exchange_strong(next, now + interval_ns_)) {
+    suppressed = suppressed_.exchange(0);
+    return true;
+  }
+  suppressed_.fetch_add(1, std::memory_order_relaxed);
+  return false;
+}
+
+}  // namespace gatherer

@@ -1,0 +1,467 @@
+#include "gatherer/protocol.h"
+
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <string_view>
+
+#include <msgpack.hpp>
+
+namespace gatherer::protocol {
+namespace {
+
+using Packer = msgpack::packer<msgpack::sbuffer>;
+
+zmq::message_t Signature() { return zmq::message_t(kSignature.data(), kSignature.size()); }
+
+zmq::message_t CommandFrame(Command c) {
+  const auto byte = static_cast<std::uint8_t>(c);
+  return zmq::message_t(&byte, 1);
+}
+
+Frames Start(Command c, const msgpack::sbuffer& header) {
+  Frames frames;
+  frames.reserve(3);
+  frames.push_back(Signature());
+  frames.push_back(CommandFrame(c));
+  frames.emplace_back(header.data(), header.size());
+  return frames;
+}
+
+void PackStr(Packer& pk, std::string_view s) {
+  pk.pack_str(static_cast<std::uint32_t>(s.size()));
+  pk.pack_str_body(s.data(), static_cast<std::uint32_t>(s.size()));
+}
+
+void PackBin(Packer& pk, std::string_view s) {
+  pk.pack_bin(static_cast<std::uint32_t>(s.size()));
+  pk.pack_bin_body(s.data(), static_cast<std::uint32_t>(s.size()));
+}
+
+void PackHeaders(Packer& pk, const Headers& headers) {
+  pk.pack_array(static_cast<std::uint32_t>(headers.size()));
+  for (const auto& [name, value] : headers) {
+    pk.pack_array(2);
+    PackStr(pk, name);
+    PackStr(pk, value);
+  }
+}
+
+void PackSettings(Packer& pk, const SessionSettings& s) {
+  pk.pack_map(12);
+  PackStr(pk, "workers"); pk.pack(s.workers);
+  PackStr(pk, "base_url"); PackStr(pk, s.base_url);
+  PackStr(pk, "headers"); PackHeaders(pk, s.headers);
+  PackStr(pk, "timeout_ms"); pk.pack(s.timeout_ms);
+  PackStr(pk, "connect_timeout_ms"); pk.pack(s.connect_timeout_ms);
+  PackStr(pk, "max_attempts"); pk.pack(s.max_attempts);
+  PackStr(pk, "backoff_base_ms"); pk.pack(s.backoff_base_ms);
+  PackStr(pk, "backoff_max_ms"); pk.pack(s.backoff_max_ms);
+  PackStr(pk, "max_body_bytes"); pk.pack(s.max_body_bytes);
+  PackStr(pk, "max_redirects"); pk.pack(s.max_redirects);
+  PackStr(pk, "accept_min"); pk.pack(s.accept_min);
+  PackStr(pk, "accept_max"); pk.pack(s.accept_max);
+}
+
+// ---- decoding -------------------------------------------------------------
+
+// Thrown only inside this file and caught at each decoder's boundary.
+struct Malformed {
+  const char* what;
+};
+
+[[noreturn]] void Fail(const char* what) { throw Malformed{what}; }
+
+const msgpack::object_array& AsArray(const msgpack::object& o, std::uint32_t min_size, const char* what) {
+  if (o.type != msgpack::type::ARRAY || o.via.array.size < min_size) Fail(what);
+  return o.via.array;
+}
+
+template <typename T>
+T AsUint(const msgpack::object& o, const char* what) {
+  if (o.type != msgpack::type::POSITIVE_INTEGER || o.via.u64 > std::numeric_limits<T>::max()) Fail(what);
+  return static_cast<T>(o.via.u64);
+}
+
+std::string_view AsStr(const msgpack::object& o, const char* what) {
+  if (o.type != msgpack::type::STR) Fail(what);
+  return {o.via.str.ptr, o.via.str.size};
+}
+
+std::string_view AsBin(const msgpack::object& o, const char* what) {
+  if (o.type == msgpack::type::BIN) return {o.via.bin.ptr, o.via.bin.size};
+  if (o.type == msgpack::type::STR) return {o.via.str.ptr, o.via.str.size};
+  Fail(what);
+}
+
+SessionId AsSession(const msgpack::object& o) {
+  auto id = SessionIdFromRaw(AsBin(o, "session id is not bin"));
+  if (!id) Fail("session id is not 16 bytes");
+  return *id;
+}
+
+Headers AsHeaders(const msgpack::object& o) {
+  const auto& arr = AsArray(o, 0, "headers is not an array");
+  Headers headers;
+  headers.reserve(arr.size);
+  for (std::uint32_t i = 0; i < arr.size; ++i) {
+    const auto& pair = AsArray(arr.ptr[i], 2, "header is not a [name, value] pair");
+    headers.emplace_back(AsStr(pair.ptr[0], "header name is not str"),
+                         AsStr(pair.ptr[1], "header value is not str"));
+  }
+  return headers;
+}
+
+SessionSettings AsSettings(const msgpack::object& o) {
+  if (o.type != msgpack::type::MAP) Fail("settings is not a map");
+  SessionSettings s;
+  const auto& map = o.via.map;
+  for (std::uint32_t i = 0; i < map.size; ++i) {
+    const std::string_view key = AsStr(map.ptr[i].key, "settings key is not str");
+    const msgpack::object& v = map.ptr[i].val;
+    // Unknown keys are ignored so that newer clients can add settings (§3.1).
+    if (key == "workers") s.workers = AsUint<std::uint32_t>(v, "workers");
+    else if (key == "base_url") s.base_url = AsStr(v, "base_url");
+    else if (key == "headers") s.headers = AsHeaders(v);
+    else if (key == "timeout_ms") s.timeout_ms = AsUint<std::uint32_t>(v, "timeout_ms");
+    else if (key == "connect_timeout_ms") s.connect_timeout_ms = AsUint<std::uint32_t>(v, "connect_timeout_ms");
+    else if (key == "max_attempts") s.max_attempts = AsUint<std::uint32_t>(v, "max_attempts");
+    else if (key == "backoff_base_ms") s.backoff_base_ms = AsUint<std::uint32_t>(v, "backoff_base_ms");
+    else if (key == "backoff_max_ms") s.backoff_max_ms = AsUint<std::uint32_t>(v, "backoff_max_ms");
+    else if (key == "max_body_bytes") s.max_body_bytes = AsUint<std::uint64_t>(v, "max_body_bytes");
+    else if (key == "max_redirects") s.max_redirects = AsUint<std::uint32_t>(v, "max_redirects");
+    else if (key == "accept_min") s.accept_min = AsUint<std::uint16_t>(v, "accept_min");
+    else if (key == "accept_max") s.accept_max = AsUint<std::uint16_t>(v, "accept_max");
+  }
+  if (s.workers == 0 || s.max_attempts == 0 || s.accept_min > s.accept_max) Fail("settings out of range");
+  return s;
+}
+
+const msgpack::unpack_limit kLimits(
+    /*array=*/kMaxBatch + 16, /*map=*/1024, /*str=*/kMaxHeaderBytes, /*bin=*/kMaxHeaderBytes,
+    /*ext=*/0, /*depth=*/8);
+
+// Unpacks the header frame (index 2) after checking the frame count.
+msgpack::object_handle Header(std::span<const zmq::message_t> frames, std::size_t max_frames) {
+  if (frames.size() < 3) Fail("missing header frame");
+  if (frames.size() > max_frames) Fail("unexpected extra frames");
+  const auto& h = frames[2];
+  if (h.size() > kMaxHeaderBytes) Fail("header frame too large");
+  std::size_t offset = 0;
+  auto handle = msgpack::unpack(static_cast<const char*>(h.data()), h.size(), offset, nullptr,
+                                nullptr, kLimits);
+  if (offset != h.size()) Fail("trailing bytes after header");
+  return handle;
+}
+
+template <typename F>
+auto Guard(F&& f) -> Result<decltype(f())> {
+  try {
+    return f();
+  } catch (const Malformed& m) {
+    return Unexpected(InvalidArgument(m.what));
+  } catch (const msgpack::unpack_error& e) {
+    return Unexpected(InvalidArgument(std::string("bad msgpack: ") + e.what()));
+  } catch (const msgpack::type_error&) {
+    return Unexpected(InvalidArgument("bad msgpack type"));
+  } catch (const std::bad_alloc&) {
+    return Unexpected(ResourceExhausted("message too large to decode"));
+  } catch (const std::exception& e) {
+    return Unexpected(InvalidArgument(std::string("bad message: ") + e.what()));
+  }
+}
+
+}  // namespace
+
+const char* CommandName(Command command) {
+  switch (command) {
+    case Command::kOpen: return "OPEN";
+    case Command::kSubmit: return "SUBMIT";
+    case Command::kCancel: return "CANCEL";
+    case Command::kClose: return "CLOSE";
+    case Command::kHeartbeat: return "HEARTBEAT";
+    case Command::kOpened: return "OPENED";
+    case Command::kResults: return "RESULTS";
+    case Command::kClosed: return "CLOSED";
+    case Command::kError: return "ERROR";
+    case Command::kReady: return "READY";
+    case Command::kSession: return "SESSION";
+    case Command::kDispatch: return "DISPATCH";
+    case Command::kEndSession: return "END_SESSION";
+  }
+  return "UNKNOWN";
+}
+
+Result<Command> PeekCommand(std::span<const zmq::message_t> frames) {
+  if (frames.size() < 2) return Unexpected(InvalidArgument("fewer than 2 frames"));
+  const auto& sig = frames[0];
+  if (sig.size() != kSignature.size() || std::memcmp(sig.data(), kSignature.data(), 3) != 0) {
+    return Unexpected(InvalidArgument("bad signature"));
+  }
+  const auto version = static_cast<const std::uint8_t*>(sig.data())[3];
+  if (version != kVersion) {
+    return Unexpected(FailedPrecondition("unsupported protocol version " + std::to_string(version) +
+                                         ", this peer speaks " + std::to_string(kVersion)));
+  }
+  if (frames[1].size() != 1) return Unexpected(InvalidArgument("command frame is not 1 byte"));
+  const auto c = static_cast<Command>(*static_cast<const std::uint8_t*>(frames[1].data()));
+  switch (c) {
+    case Command::kOpen: case Command::kSubmit: case Command::kCancel: case Command::kClose:
+    case Command::kHeartbeat: case Command::kOpened: case Command::kResults: case Command::kClosed:
+    case Command::kError: case Command::kReady: case Command::kSession: case Command::kDispatch:
+    case Command::kEndSession:
+      return c;
+  }
+  return Unexpected(InvalidArgument("unknown command"));
+}
+
+Frames Encode(Command command, const SessionRef& m) {
+  msgpack::sbuffer buf(32);
+  Packer pk(buf);
+  pk.pack_array(1);
+  PackBin(pk, m.session.raw());
+  return Start(command, buf);
+}
+
+Frames Encode(const Open& m) {
+  msgpack::sbuffer buf(256);
+  Packer pk(buf);
+  pk.pack_array(3);
+  PackBin(pk, m.session.raw());
+  PackSettings(pk, m.settings);
+  pk.pack(m.prefetch);
+  return Start(Command::kOpen, buf);
+}
+
+namespace {
+void PackStatement(Packer& pk, std::uint64_t index, const Statement& s) {
+  pk.pack_array(7);
+  pk.pack(index);
+  PackStr(pk, s.method);
+  PackStr(pk, s.url);
+  PackHeaders(pk, s.headers);
+  PackBin(pk, s.body);
+  pk.pack(s.timeout_ms);
+  if (s.idempotent) pk.pack(*s.idempotent); else pk.pack_nil();
+}
+
+std::size_t SizeHint(const Statement& s) { return 32 + s.url.size() + s.body.size() + 16 * s.headers.size(); }
+}  // namespace
+
+Frames Encode(Command command, const Statements& m) {
+  std::size_t estimate = 64;
+  for (const auto& ws : m.statements) estimate += SizeHint(ws.statement);
+  msgpack::sbuffer buf(estimate);
+  Packer pk(buf);
+  pk.pack_array(2);
+  PackBin(pk, m.session.raw());
+  pk.pack_array(static_cast<std::uint32_t>(m.statements.size()));
+  for (const auto& ws : m.statements) PackStatement(pk, ws.index, ws.statement);
+  return Start(command, buf);
+}
+
+Frames EncodeSubmit(const SessionId& session, std::uint64_t first_index, std::span<const Statement> statements) {
+  std::size_t estimate = 64;
+  for (const auto& s : statements) estimate += SizeHint(s);
+  msgpack::sbuffer buf(estimate);
+  Packer pk(buf);
+  pk.pack_array(2);
+  PackBin(pk, session.raw());
+  pk.pack_array(static_cast<std::uint32_t>(statements.size()));
+  for (std::size_t i = 0; i < statements.size(); ++i) PackStatement(pk, first_index + i, statements[i]);
+  return Start(Command::kSubmit, buf);
+}
+
+Frames Encode(Results&& m) {
+  msgpack::sbuffer buf(64 + 96 * m.results.size());
+  Packer pk(buf);
+  pk.pack_array(2);
+  PackBin(pk, m.session.raw());
+  pk.pack_array(static_cast<std::uint32_t>(m.results.size()));
+  for (const auto& wr : m.results) {
+    const Response& r = wr.response;
+    pk.pack_array(8);
+    pk.pack(wr.index);
+    pk.pack(static_cast<std::uint32_t>(r.status < 0 ? 0 : r.status));
+    PackHeaders(pk, r.headers);
+    pk.pack(static_cast<std::uint8_t>(r.error ? r.error->code : StatusCode::kOk));
+    PackStr(pk, r.error ? std::string_view(r.error->message) : std::string_view());
+    pk.pack(r.attempts);
+    pk.pack(r.elapsed_us);
+    PackStr(pk, r.worker);
+  }
+  Frames frames = Start(Command::kResults, buf);
+  frames.reserve(3 + m.results.size());
+  for (auto& wr : m.results) {
+    // Zero-copy: the frame takes ownership of the body's heap buffer (§3.4).
+    auto* owned = new std::string(std::move(wr.response.body));
+    frames.emplace_back(
+        owned->data(), owned->size(),
+        [](void*, void* hint) { delete static_cast<std::string*>(hint); }, owned);
+  }
+  return frames;
+}
+
+Frames Encode(const Session& m) {
+  msgpack::sbuffer buf(256);
+  Packer pk(buf);
+  pk.pack_array(2);
+  PackBin(pk, m.session.raw());
+  PackSettings(pk, m.settings);
+  return Start(Command::kSession, buf);
+}
+
+Frames Encode(const Ready& m) {
+  msgpack::sbuffer buf(64);
+  Packer pk(buf);
+  pk.pack_array(3);
+  PackStr(pk, m.worker_id);
+  PackStr(pk, m.host);
+  pk.pack(m.slots);
+  return Start(Command::kReady, buf);
+}
+
+Frames Encode(const ErrorReply& m) {
+  msgpack::sbuffer buf(64 + m.message.size());
+  Packer pk(buf);
+  pk.pack_array(3);
+  pk.pack(static_cast<std::uint8_t>(m.code));
+  PackStr(pk, m.message);
+  if (m.session) PackBin(pk, m.session->raw()); else pk.pack_nil();
+  return Start(Command::kError, buf);
+}
+
+Frames EncodeHeartbeat() {
+  msgpack::sbuffer buf(1);
+  Packer pk(buf);
+  pk.pack_array(0);
+  return Start(Command::kHeartbeat, buf);
+}
+
+Result<SessionRef> DecodeSessionRef(std::span<const zmq::message_t> frames) {
+  return Guard([&] {
+    auto h = Header(frames, 3);
+    const auto& a = AsArray(h.get(), 1, "header is not [session]");
+    return SessionRef{AsSession(a.ptr[0])};
+  });
+}
+
+Result<Open> DecodeOpen(std::span<const zmq::message_t> frames) {
+  return Guard([&] {
+    auto h = Header(frames, 3);
+    const auto& a = AsArray(h.get(), 3, "header is not [session, settings, prefetch]");
+    return Open{AsSession(a.ptr[0]), AsSettings(a.ptr[1]), AsUint<std::uint32_t>(a.ptr[2], "prefetch")};
+  });
+}
+
+Result<Statements> DecodeStatements(std::span<const zmq::message_t> frames) {
+  return Guard([&] {
+    auto h = Header(frames, 3);
+    const auto& a = AsArray(h.get(), 2, "header is not [session, statements]");
+    Statements m{AsSession(a.ptr[0]), {}};
+    const auto& list = AsArray(a.ptr[1], 0, "statements is not an array");
+    if (list.size > kMaxBatch) Fail("too many statements in one message");
+    m.statements.resize(list.size);
+    for (std::uint32_t i = 0; i < list.size; ++i) {
+      const auto& f = AsArray(list.ptr[i], 7, "statement is not a 7-array");
+      WireStatement& ws = m.statements[i];
+      ws.index = AsUint<std::uint64_t>(f.ptr[0], "index");
+      ws.statement.method = AsStr(f.ptr[1], "method");
+      ws.statement.url = AsStr(f.ptr[2], "url");
+      ws.statement.headers = AsHeaders(f.ptr[3]);
+      ws.statement.body = AsBin(f.ptr[4], "body");
+      if (ws.statement.body.size() > kMaxStatementBody) Fail("statement body over the limit");
+      ws.statement.timeout_ms = AsUint<std::uint32_t>(f.ptr[5], "timeout_ms");
+      if (f.ptr[6].type == msgpack::type::BOOLEAN) ws.statement.idempotent = f.ptr[6].via.boolean;
+      else if (f.ptr[6].type != msgpack::type::NIL) Fail("idempotent is not bool or nil");
+    }
+    return m;
+  });
+}
+
+namespace {
+// Shared by the full and the index-only RESULTS decoders.
+const msgpack::object_array& ResultsList(const msgpack::object& root, std::size_t frame_count,
+                                         SessionId& session) {
+  const auto& a = AsArray(root, 2, "header is not [session, results]");
+  session = AsSession(a.ptr[0]);
+  const auto& list = AsArray(a.ptr[1], 0, "results is not an array");
+  if (list.size > kMaxBatch) Fail("too many results in one message");
+  // §3.4: exactly one body frame per result, in order.
+  if (frame_count != 3 + static_cast<std::size_t>(list.size)) Fail("body frame count does not match results");
+  return list;
+}
+}  // namespace
+
+Result<Results> DecodeResults(std::span<const zmq::message_t> frames) {
+  return Guard([&] {
+    auto h = Header(frames, 3 + kMaxBatch);
+    Results m;
+    const auto& list = ResultsList(h.get(), frames.size(), m.session);
+    m.results.resize(list.size);
+    for (std::uint32_t i = 0; i < list.size; ++i) {
+      const auto& f = AsArray(list.ptr[i], 8, "result is not an 8-array");
+      WireResult& wr = m.results[i];
+      Response& r = wr.response;
+      wr.index = AsUint<std::uint64_t>(f.ptr[0], "index");
+      r.status = static_cast<int>(AsUint<std::uint16_t>(f.ptr[1], "status"));
+      r.headers = AsHeaders(f.ptr[2]);
+      const auto code = StatusCodeFromWire(AsUint<std::uint8_t>(f.ptr[3], "error code"));
+      std::string_view message = AsStr(f.ptr[4], "error message");
+      if (code != StatusCode::kOk) r.error = ResponseError{code, std::string(message)};
+      r.attempts = AsUint<std::uint32_t>(f.ptr[5], "attempts");
+      r.elapsed_us = AsUint<std::uint64_t>(f.ptr[6], "elapsed_us");
+      r.worker = AsStr(f.ptr[7], "worker");
+      const auto& body = frames[3 + i];
+      r.body.assign(static_cast<const char*>(body.data()), body.size());
+    }
+    return m;
+  });
+}
+
+Result<ResultsIndex> DecodeResultsIndex(std::span<const zmq::message_t> frames) {
+  return Guard([&] {
+    auto h = Header(frames, 3 + kMaxBatch);
+    ResultsIndex m;
+    const auto& list = ResultsList(h.get(), frames.size(), m.session);
+    m.indices.resize(list.size);
+    for (std::uint32_t i = 0; i < list.size; ++i) {
+      const auto& f = AsArray(list.ptr[i], 8, "result is not an 8-array");
+      m.indices[i] = AsUint<std::uint64_t>(f.ptr[0], "index");
+    }
+    return m;
+  });
+}
+
+Result<Session> DecodeSession(std::span<const zmq::message_t> frames) {
+  return Guard([&] {
+    auto h = Header(frames, 3);
+    const auto& a = AsArray(h.get(), 2, "header is not [session, settings]");
+    return Session{AsSession(a.ptr[0]), AsSettings(a.ptr[1])};
+  });
+}
+
+Result<Ready> DecodeReady(std::span<const zmq::message_t> frames) {
+  return Guard([&] {
+    auto h = Header(frames, 3);
+    const auto& a = AsArray(h.get(), 3, "header is not [worker_id, host, slots]");
+    Ready r{std::string(AsStr(a.ptr[0], "worker_id")), std::string(AsStr(a.ptr[1], "host")),
+            AsUint<std::uint32_t>(a.ptr[2], "slots")};
+    if (r.slots == 0) Fail("slots must be positive");
+    return r;
+  });
+}
+
+Result<ErrorReply> DecodeError(std::span<const zmq::message_t> frames) {
+  return Guard([&] {
+    auto h = Header(frames, 3);
+    const auto& a = AsArray(h.get(), 3, "header is not [code, message, session]");
+    ErrorReply e;
+    e.code = StatusCodeFromWire(AsUint<std::uint8_t>(a.ptr[0], "code"));
+    e.message = AsStr(a.ptr[1], "message");
+    if (a.ptr[2].type != msgpack::type::NIL) e.session = AsSession(a.ptr[2]);
+    return e;
+  });
+}
+
+}  // namespace gatherer::protocol

@@ -1,0 +1,247 @@
+#include "gatherer/worker.h"
+
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <iterator>
+#include <thread>
+
+#include <tbb/concurrent_queue.h>
+#include <zmq_addon.hpp>
+
+#include "fetcher.h"
+#include "gatherer/log.h"
+#include "gatherer/protocol.h"
+
+namespace gatherer {
+namespace {
+namespace proto = protocol;
+using Clock = std::chrono::steady_clock;
+
+struct ResultBatch {
+  SessionId session;
+  std::vector<worker::FetchResult> results;
+};
+}  // namespace
+
+struct Worker::Impl {
+  WorkerOptions options;
+  std::string id;
+  std::string host;
+  std::uint32_t slots = 0;
+  std::unique_ptr<zmq::context_t> own_context;
+  zmq::context_t* context = nullptr;
+  std::unique_ptr<zmq::socket_t> dealer;
+  std::unique_ptr<worker::Fetcher> fetcher;
+  // I/O threads -> socket thread. The flag collapses many wake-ups into one
+  // eventfd write per drain.
+  tbb::concurrent_queue<ResultBatch> done;
+  std::atomic<bool> wake_pending{false};
+  int wake_fd = -1;
+  std::atomic<bool> stopping{false};
+  std::thread thread;
+  WorkerStats stats;
+  RateLimitedLog bad_frame_log;
+  Clock::time_point last_heard;
+  Clock::time_point next_heartbeat;
+
+  explicit Impl(WorkerOptions o) : options(std::move(o)) {}
+
+  void wake() {
+    if (!wake_pending.exchange(true, std::memory_order_acq_rel)) {
+      const std::uint64_t one = 1;
+      (void)!write(wake_fd, &one, sizeof(one));
+    }
+  }
+  void send(proto::Frames&& frames) {
+    try {
+      zmq::send_multipart(*dealer, frames);
+    } catch (const zmq::error_t& e) {
+      Logger().warn("worker {}: send failed: {}", id, e.what());
+    }
+  }
+  void register_with_broker() {
+    stats.registrations.fetch_add(1, std::memory_order_relaxed);
+    send(proto::Encode(proto::Ready{id, host, slots}));
+  }
+  void handle(std::vector<zmq::message_t>& frames);
+  void flush_results();
+  void run();
+};
+
+void Worker::Impl::handle(std::vector<zmq::message_t>& frames) {
+  last_heard = Clock::now();
+  auto command = proto::PeekCommand(frames);
+  auto bad = [&](const Status& s) {
+    stats.malformed.fetch_add(1, std::memory_order_relaxed);
+    std::uint64_t suppressed = 0;
+    if (bad_frame_log.allow(suppressed)) {
+      Logger().warn("worker {}: dropped malformed message: {} ({} more suppressed)", id, s.ToString(), suppressed);
+    }
+  };
+  if (!command) return bad(command.error());
+  switch (*command) {
+    case proto::Command::kSession: {
+      auto m = proto::DecodeSession(frames);
+      if (!m) return bad(m.error());
+      fetcher->open_session(m->session, m->settings);
+      return;
+    }
+    case proto::Command::kDispatch: {
+      auto m = proto::DecodeStatements(frames);
+      if (!m) return bad(m.error());
+      std::vector<worker::FetchItem> items(m->statements.size());
+      for (std::size_t i = 0; i < items.size(); ++i) {
+        items[i].index = m->statements[i].index;
+        items[i].statement = std::move(m->statements[i].statement);
+      }
+      stats.received.fetch_add(items.size(), std::memory_order_relaxed);
+      fetcher->submit(m->session, std::move(items));
+      return;
+    }
+    case proto::Command::kEndSession: {
+      auto m = proto::DecodeSessionRef(frames);
+      if (!m) return bad(m.error());
+      fetcher->close_session(m->session);
+      return;
+    }
+    case proto::Command::kHeartbeat:
+      return;
+    case proto::Command::kError: {
+      auto m = proto::DecodeError(frames);
+      if (!m) return bad(m.error());
+      Logger().warn("worker {}: broker says {}: {}", id, StatusCodeName(m->code), m->message);
+      // The broker does not know us (it restarted): register again.
+      if (m->code == StatusCode::kNotFound) register_with_broker();
+      return;
+    }
+    default:
+      return bad(InvalidArgument(std::string("command not accepted by a worker: ") + proto::CommandName(*command)));
+  }
+}
+
+void Worker::Impl::flush_results() {
+  wake_pending.store(false, std::memory_order_release);
+  std::uint64_t drained = 0;
+  (void)!read(wake_fd, &drained, sizeof(drained));
+  ResultBatch batch;
+  while (done.try_pop(batch)) {
+    proto::Results msg{batch.session, {}};
+    msg.results.resize(batch.results.size());
+    for (std::size_t i = 0; i < batch.results.size(); ++i) {
+      msg.results[i].index = batch.results[i].index;
+      msg.results[i].response = std::move(batch.results[i].response);
+    }
+    stats.completed.fetch_add(msg.results.size(), std::memory_order_relaxed);
+    send(proto::Encode(std::move(msg)));
+  }
+}
+
+void Worker::Impl::run() {
+  register_with_broker();
+  last_heard = Clock::now();
+  next_heartbeat = last_heard + options.heartbeat_interval;
+  zmq::pollitem_t items[] = {{dealer->handle(), 0, ZMQ_POLLIN, 0}, {nullptr, wake_fd, ZMQ_POLLIN, 0}};
+  std::vector<zmq::message_t> frames;
+  while (!stopping.load(std::memory_order_acquire)) {
+    const auto wait = std::chrono::duration_cast<std::chrono::milliseconds>(next_heartbeat - Clock::now());
+    try {
+      zmq::poll(items, 2, std::max(wait, std::chrono::milliseconds(0)));
+    } catch (const zmq::error_t& e) {
+      if (e.num() == ETERM) break;
+      continue;
+    }
+    if (items[0].revents & ZMQ_POLLIN) {
+      for (int i = 0; i < 1024; ++i) {
+        frames.clear();
+        std::optional<std::size_t> got;
+        try {
+          got = zmq::recv_multipart(*dealer, std::back_inserter(frames), zmq::recv_flags::dontwait);
+        } catch (const zmq::error_t& e) {
+          if (e.num() == ETERM) return;
+          break;
+        }
+        if (!got) break;
+        handle(frames);
+      }
+    }
+    if (items[1].revents & ZMQ_POLLIN) flush_results();
+    const auto now = Clock::now();
+    if (now >= next_heartbeat) {
+      next_heartbeat = now + options.heartbeat_interval;
+      if (now - last_heard > options.heartbeat_interval * options.heartbeat_liveness) {
+        // Majordomo-style: a silent broker may have restarted and forgotten us.
+        Logger().info("worker {}: broker silent, registering again", id);
+        register_with_broker();
+        last_heard = now;
+      } else {
+        send(proto::EncodeHeartbeat());
+      }
+    }
+  }
+}
+
+Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>(std::move(options))) {
+  impl_->id = impl_->options.worker_id.empty() ? NewWorkerId() : impl_->options.worker_id;
+  char host[256] = {};
+  if (gethostname(host, sizeof(host) - 1) == 0) impl_->host = host;
+}
+
+Worker::~Worker() { stop(); }
+
+Status Worker::start() {
+  Impl& m = *impl_;
+  if (m.thread.joinable()) return FailedPrecondition("worker already started");
+  unsigned io = m.options.io_threads ? m.options.io_threads : std::max(1u, std::thread::hardware_concurrency());
+  m.slots = m.options.slots ? m.options.slots : 1024 * io;
+  if (m.options.context) {
+    m.context = m.options.context;
+  } else {
+    m.own_context = std::make_unique<zmq::context_t>(1);
+    m.context = m.own_context.get();
+  }
+  m.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (m.wake_fd < 0) return Internal("eventfd failed");
+  m.dealer = std::make_unique<zmq::socket_t>(*m.context, zmq::socket_type::dealer);
+  m.dealer->set(zmq::sockopt::maxmsgsize, protocol::kMaxMessageBytes);
+  m.dealer->set(zmq::sockopt::linger, 0);
+  m.dealer->set(zmq::sockopt::sndhwm, 100'000);
+  m.dealer->set(zmq::sockopt::rcvhwm, 100'000);
+  try {
+    m.dealer->connect(m.options.broker);
+  } catch (const zmq::error_t& e) {
+    m.dealer.reset();
+    return InvalidArgument("cannot connect to " + m.options.broker + ": " + e.what());
+  }
+  worker::Fetcher::Options fo;
+  fo.io_threads = io;
+  fo.worker_id = m.id;
+  m.fetcher = std::make_unique<worker::Fetcher>(
+      fo, [&m](const SessionId& session, std::vector<worker::FetchResult>&& results) {
+        m.done.push(ResultBatch{session, std::move(results)});
+        m.wake();
+      });
+  m.stopping.store(false);
+  m.thread = std::thread([&m] { m.run(); });
+  Logger().info("worker {}: connecting to {} with {} I/O threads, {} slots", m.id, m.options.broker, io, m.slots);
+  return Status::Ok();
+}
+
+void Worker::stop() {
+  Impl& m = *impl_;
+  if (!m.thread.joinable()) return;
+  m.stopping.store(true, std::memory_order_release);
+  const std::uint64_t one = 1;
+  (void)!write(m.wake_fd, &one, sizeof(one));
+  m.thread.join();
+  m.fetcher.reset();  // joins the I/O threads; no sink call after this
+  m.dealer.reset();
+  close(m.wake_fd);
+  m.wake_fd = -1;
+}
+
+const WorkerStats& Worker::stats() const { return impl_->stats; }
+const std::string& Worker::id() const { return impl_->id; }
+std::size_t Worker::sessions() const { return impl_->fetcher ? impl_->fetcher->sessions() : 0; }
+
+}  // namespace gatherer

@@ -1,0 +1,80 @@
+#pragma once
+// gatherer::Broker: the ZeroMQ ROUTER that owns sessions, their queues, the
+// leases of dispatched statements and the worker registry (DESIGN §3).
+// Clients and workers connect DEALER sockets to it; the embedded mode runs
+// it inside the client process over inproc://.
+//
+// Thread-safety: start(), stop() and endpoints() are for the owning thread;
+// stats() may be called from any thread. All broker state is owned by the
+// broker's loop thread, which alone touches the ROUTER socket.
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <zmq.hpp>
+
+#include "gatherer/status.h"
+
+namespace gatherer {
+
+struct BrokerOptions {
+  // Endpoints to bind. Binds 127.0.0.1 unless told otherwise (DESIGN §5.7).
+  std::vector<std::string> endpoints = {"tcp://127.0.0.1:5555"};
+  // Context to create the socket in; required for inproc:// endpoints shared
+  // with a client. nullptr = the broker creates its own.
+  zmq::context_t* context = nullptr;
+  // Heartbeat period; a worker silent for heartbeat_liveness periods is
+  // presumed dead and its leased statements are queued again at the front.
+  std::chrono::milliseconds heartbeat_interval{1000};
+  int heartbeat_liveness = 3;
+  // Statements per DISPATCH message at most (PROTOCOL.md §5). Bigger chunks
+  // cost fewer messages; smaller spread work more evenly across workers.
+  std::uint32_t max_chunk = 512;
+  // Open sessions at most; OPEN beyond it is refused with resource_exhausted.
+  std::size_t max_sessions = 10'000;
+  // Statements a session may have queued plus in flight beyond window +
+  // prefetch, as slack for clients; a SUBMIT past the cap is refused
+  // (resource_exhausted) so broker memory stays bounded by the windows.
+  std::uint32_t queue_slack = 1024;
+};
+
+// Counters, readable from any thread (relaxed; for tests and metrics).
+struct BrokerStats {
+  std::atomic<std::uint64_t> sessions{0};
+  std::atomic<std::uint64_t> workers{0};
+  std::atomic<std::uint64_t> queued{0};
+  std::atomic<std::uint64_t> in_flight{0};
+  std::atomic<std::uint64_t> dispatched{0};
+  std::atomic<std::uint64_t> results{0};
+  std::atomic<std::uint64_t> duplicates_dropped{0};
+  std::atomic<std::uint64_t> requeued{0};
+  std::atomic<std::uint64_t> malformed{0};
+};
+
+class Broker {
+ public:
+  explicit Broker(BrokerOptions options);
+  // Stops the loop if running.
+  ~Broker();
+  Broker(const Broker&) = delete;
+  Broker& operator=(const Broker&) = delete;
+
+  // Binds every endpoint and starts the loop thread. Unavailable if an
+  // endpoint cannot be bound (the message names it).
+  [[nodiscard]] Status start();
+  // Stops the loop and closes the socket; idempotent.
+  void stop();
+  // The bound endpoints with wildcards resolved (tcp://127.0.0.1:41234).
+  const std::vector<std::string>& endpoints() const;
+  const BrokerStats& stats() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace gatherer

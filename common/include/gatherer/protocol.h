@@ -1,0 +1,147 @@
+#pragma once
+// The Gatherer wire protocol (common/PROTOCOL.md is normative; clause numbers
+// below refer to it): ZeroMQ multipart messages
+//
+//   [signature "GTR" + version] [command byte] [msgpack header] [body]...
+//
+// Encoders build the frames after the ROUTER identity; decoders take the
+// frames after it. Decoders never throw and never trust the peer: any
+// malformation yields a Status (clause 2.4), which the caller counts, logs
+// and drops.
+//
+// Thread-safety: free functions over values; safe from any thread.
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include <zmq.hpp>
+
+#include "gatherer/config.h"
+#include "gatherer/ids.h"
+#include "gatherer/statement.h"
+#include "gatherer/status.h"
+
+namespace gatherer::protocol {
+
+inline constexpr std::uint8_t kVersion = 1;
+inline constexpr std::array<std::uint8_t, 4> kSignature = {'G', 'T', 'R', kVersion};
+
+// Limits (PROTOCOL.md §5). A header frame bigger than this is malformed.
+inline constexpr std::size_t kMaxHeaderBytes = 64ull << 20;
+// Whole message cap, set as ZMQ_MAXMSGSIZE on every socket.
+inline constexpr std::int64_t kMaxMessageBytes = 256ll << 20;
+// Statements or results in one SUBMIT / DISPATCH / RESULTS message.
+inline constexpr std::size_t kMaxBatch = 65536;
+
+enum class Command : std::uint8_t {
+  // client -> broker
+  kOpen = 0x10,
+  kSubmit = 0x11,
+  kCancel = 0x12,
+  kClose = 0x13,
+  kHeartbeat = 0x14,  // any peer -> broker, and broker -> any peer
+  // broker -> client
+  kOpened = 0x20,
+  kResults = 0x21,  // also worker -> broker (forwarded unchanged)
+  kClosed = 0x22,
+  kError = 0x23,
+  // worker -> broker
+  kReady = 0x30,
+  // broker -> worker
+  kSession = 0x40,
+  kDispatch = 0x41,
+  kEndSession = 0x42,
+};
+
+const char* CommandName(Command command);
+
+// One statement on the wire: `index` is its position in the session's
+// sequence of submitted statements (PROTOCOL.md §3.2).
+struct WireStatement {
+  std::uint64_t index = 0;
+  Statement statement;
+};
+
+// One outcome on the wire; the body travels in its own frame (§3.4).
+struct WireResult {
+  std::uint64_t index = 0;
+  Response response;
+};
+
+struct Open {
+  SessionId session;
+  SessionSettings settings;
+  // Statements the client may keep queued at the broker beyond the window.
+  std::uint32_t prefetch = 0;
+};
+// SUBMIT (client -> broker) and DISPATCH (broker -> worker) share a layout.
+struct Statements {
+  SessionId session;
+  std::vector<WireStatement> statements;
+};
+struct Results {
+  SessionId session;
+  std::vector<WireResult> results;
+};
+// CANCEL, CLOSE, OPENED, CLOSED, END_SESSION carry only a session id.
+struct SessionRef {
+  SessionId session;
+};
+struct Session {
+  SessionId session;
+  SessionSettings settings;
+};
+struct Ready {
+  std::string worker_id;
+  std::string host;
+  // Statements this worker will take at once (its credit when idle).
+  std::uint32_t slots = 0;
+};
+struct ErrorReply {
+  StatusCode code = StatusCode::kInternal;
+  std::string message;
+  std::optional<SessionId> session;
+};
+
+using Frames = std::vector<zmq::message_t>;
+
+// Checks signature and version (§2.1, §2.2) and returns the command.
+// InvalidArgument for a bad signature/unknown command, FailedPrecondition for
+// a wrong version (the sender should be told).
+Result<Command> PeekCommand(std::span<const zmq::message_t> frames);
+
+Frames Encode(Command command, const SessionRef& m);
+Frames Encode(const Open& m);
+Frames Encode(Command command, const Statements& m);  // kSubmit or kDispatch
+// SUBMIT of consecutive statements numbered from first_index, encoded
+// straight from the caller's statements (no copy into WireStatement).
+Frames EncodeSubmit(const SessionId& session, std::uint64_t first_index, std::span<const Statement> statements);
+// Moves the bodies into their own frames without copying them.
+Frames Encode(Results&& m);
+Frames Encode(const Session& m);
+Frames Encode(const Ready& m);
+Frames Encode(const ErrorReply& m);
+Frames EncodeHeartbeat();
+
+// Each decoder expects frames whose command is the one named.
+Result<SessionRef> DecodeSessionRef(std::span<const zmq::message_t> frames);
+Result<Open> DecodeOpen(std::span<const zmq::message_t> frames);
+Result<Statements> DecodeStatements(std::span<const zmq::message_t> frames);
+Result<Results> DecodeResults(std::span<const zmq::message_t> frames);
+Result<Session> DecodeSession(std::span<const zmq::message_t> frames);
+Result<Ready> DecodeReady(std::span<const zmq::message_t> frames);
+Result<ErrorReply> DecodeError(std::span<const zmq::message_t> frames);
+
+// RESULTS without bodies or headers: what the broker needs to route and
+// settle leases while forwarding the frames untouched (§4.3).
+struct ResultsIndex {
+  SessionId session;
+  std::vector<std::uint64_t> indices;
+};
+Result<ResultsIndex> DecodeResultsIndex(std::span<const zmq::message_t> frames);
+
+}  // namespace gatherer::protocol

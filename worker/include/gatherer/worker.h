@@ -1,0 +1,69 @@
+#pragma once
+// gatherer::Worker: connects a DEALER to the broker, registers its slots,
+// takes DISPATCHed statements and fetches them on the Fetcher's I/O threads,
+// returning results batched per session (DESIGN §4).
+//
+// Thread-safety: start()/stop() for the owning thread; stats() from any
+// thread. The DEALER socket is owned by the worker's socket thread; the I/O
+// threads hand results back through a oneTBB concurrent queue and an eventfd.
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include <zmq.hpp>
+
+#include "gatherer/status.h"
+
+namespace gatherer {
+
+struct WorkerOptions {
+  // Broker endpoint to connect to; the broker may start later.
+  std::string broker = "tcp://127.0.0.1:5555";
+  // Context for the socket; required to reach an inproc:// broker.
+  // nullptr = the worker creates its own.
+  zmq::context_t* context = nullptr;
+  // libcurl I/O threads; 0 = one per core.
+  unsigned io_threads = 0;
+  // Statements taken at once (the credit advertised in READY).
+  // 0 = 1024 per I/O thread. More slots means more concurrent transfers.
+  std::uint32_t slots = 0;
+  // Heartbeat period and how many silent periods mean the broker is gone
+  // (then the worker registers again: the broker may have restarted).
+  std::chrono::milliseconds heartbeat_interval{1000};
+  int heartbeat_liveness = 3;
+  // Shown in logs and in each response's `worker`; empty = host-pid-n.
+  std::string worker_id;
+};
+
+struct WorkerStats {
+  std::atomic<std::uint64_t> received{0};   // statements dispatched to this worker
+  std::atomic<std::uint64_t> completed{0};  // results sent back
+  std::atomic<std::uint64_t> malformed{0};  // bad messages dropped
+  std::atomic<std::uint64_t> registrations{0};
+};
+
+class Worker {
+ public:
+  explicit Worker(WorkerOptions options);
+  ~Worker();  // stop()
+  Worker(const Worker&) = delete;
+  Worker& operator=(const Worker&) = delete;
+
+  // Connects and starts the socket and I/O threads.
+  [[nodiscard]] Status start();
+  // Stops taking work, aborts in-flight transfers, closes the socket; idempotent.
+  void stop();
+  const WorkerStats& stats() const;
+  const std::string& id() const;
+  // Sessions the worker currently holds (for tests: forgotten after close).
+  std::size_t sessions() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace gatherer
