@@ -1,0 +1,455 @@
+#include "jsonl.h"
+
+#include <cerrno>
+#include <charconv>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+#include <simdjson.h>
+
+#include "gatherer/gatherer.h"
+
+namespace gatherer::cli {
+namespace {
+
+namespace od = simdjson::ondemand;
+
+constexpr std::string_view kSpace = " \t\r\n\v\f";
+
+std::string_view Trim(std::string_view s) {
+  const auto first = s.find_first_not_of(kSpace);
+  if (first == std::string_view::npos) return {};
+  const auto last = s.find_last_not_of(kSpace);
+  return s.substr(first, last - first + 1);
+}
+
+bool IsBlank(std::string_view s) { return s.find_first_not_of(kSpace) == std::string_view::npos; }
+
+char ToLower(char c) { return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c; }
+
+bool EqualsIgnoreCase(std::string_view a, std::string_view b) {
+  if (a.size() != b.size()) return false;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    if (ToLower(a[i]) != ToLower(b[i])) return false;
+  }
+  return true;
+}
+
+// The ondemand parser keeps its buffers between documents, and the padded
+// copy of the line is reused too, so parsing a line allocates only for the
+// Statement's own strings (simdjson needs SIMDJSON_PADDING readable bytes
+// past the input, which a std::string_view from getline does not promise).
+struct LineParser {
+  od::parser parser;
+  std::string padded;
+};
+
+LineParser& ThreadLineParser() {
+  thread_local LineParser p;
+  return p;
+}
+
+Status JsonError(simdjson::error_code error) {
+  return InvalidArgument(std::string("invalid JSON: ") + simdjson::error_message(error));
+}
+
+Status TypeError(std::string_view key, std::string_view expected) {
+  return InvalidArgument("'" + std::string(key) + "' must be " + std::string(expected));
+}
+
+// Reads `value` (a string) into `out`; `key` names it in the error.
+Status GetString(od::value& value, std::string_view key, std::string& out) {
+  std::string_view s;
+  if (const auto error = value.get_string().get(s)) {
+    return error == simdjson::INCORRECT_TYPE ? TypeError(key, "a string") : JsonError(error);
+  }
+  out.assign(s);
+  return Status::Ok();
+}
+
+Status ParseHeaderObject(od::object object, Headers& headers) {
+  for (auto field_result : object) {
+    od::field field;
+    if (const auto error = std::move(field_result).get(field)) return JsonError(error);
+    std::string_view name;
+    if (const auto error = field.unescaped_key().get(name)) return JsonError(error);
+    std::string value;
+    if (Status s = GetString(field.value(), "headers." + std::string(name), value); !s.ok()) {
+      return s;
+    }
+    headers.emplace_back(std::string(name), std::move(value));
+  }
+  return Status::Ok();
+}
+
+Status ParseHeaderArray(od::array array, Headers& headers) {
+  constexpr std::string_view kPair = "'headers' entries must be [name, value] string pairs";
+  for (auto element_result : array) {
+    od::value element;
+    if (const auto error = std::move(element_result).get(element)) return JsonError(error);
+    od::array pair;
+    if (const auto error = element.get_array().get(pair)) {
+      return error == simdjson::INCORRECT_TYPE ? InvalidArgument(kPair) : JsonError(error);
+    }
+    std::string parts[2];
+    std::size_t n = 0;
+    for (auto part_result : pair) {
+      od::value part;
+      if (const auto error = std::move(part_result).get(part)) return JsonError(error);
+      if (n == 2) return InvalidArgument(kPair);
+      std::string_view s;
+      if (const auto error = part.get_string().get(s)) {
+        return error == simdjson::INCORRECT_TYPE ? InvalidArgument(kPair) : JsonError(error);
+      }
+      parts[n++].assign(s);
+    }
+    if (n != 2) return InvalidArgument(kPair);
+    headers.emplace_back(std::move(parts[0]), std::move(parts[1]));
+  }
+  return Status::Ok();
+}
+
+Status ParseHeaders(od::value& value, Headers& headers) {
+  od::json_type type;
+  if (const auto error = value.type().get(type)) return JsonError(error);
+  if (type == od::json_type::object) {
+    od::object object;
+    if (const auto error = value.get_object().get(object)) return JsonError(error);
+    return ParseHeaderObject(object, headers);
+  }
+  if (type == od::json_type::array) {
+    od::array array;
+    if (const auto error = value.get_array().get(array)) return JsonError(error);
+    return ParseHeaderArray(array, headers);
+  }
+  return TypeError("headers", "an object or an array of [name, value] pairs");
+}
+
+Status ParseTimeout(od::value& value, std::uint32_t& out) {
+  double ms = 0;
+  if (const auto error = value.get_double().get(ms)) {
+    return error == simdjson::INCORRECT_TYPE ? TypeError("timeout_ms", "a number")
+                                             : JsonError(error);
+  }
+  if (!(ms >= 0) || ms > static_cast<double>(std::numeric_limits<std::uint32_t>::max())) {
+    return InvalidArgument("'timeout_ms' must be between 0 and 4294967295");
+  }
+  out = static_cast<std::uint32_t>(std::llround(ms));
+  return Status::Ok();
+}
+
+Result<Statement> ParseJsonObject(std::string_view json) {
+  LineParser& lp = ThreadLineParser();
+  if (lp.padded.size() < json.size() + simdjson::SIMDJSON_PADDING) {
+    lp.padded.resize(json.size() + simdjson::SIMDJSON_PADDING);
+  }
+  std::memcpy(lp.padded.data(), json.data(), json.size());
+
+  od::document doc;
+  if (const auto error = lp.parser.iterate(lp.padded.data(), json.size(), lp.padded.size()).get(doc)) {
+    return Unexpected(JsonError(error));
+  }
+  od::object object;
+  if (const auto error = doc.get_object().get(object)) return Unexpected(JsonError(error));
+
+  Statement statement;
+  bool has_url = false;
+  // One bit per known key, to reject a key given twice.
+  unsigned seen = 0;
+  for (auto field_result : object) {
+    od::field field;
+    if (const auto error = std::move(field_result).get(field)) return Unexpected(JsonError(error));
+    std::string_view key;
+    if (const auto error = field.unescaped_key().get(key)) return Unexpected(JsonError(error));
+    od::value value = field.value();
+
+    unsigned bit = 0;
+    if (key == "url") bit = 1;
+    else if (key == "method") bit = 2;
+    else if (key == "headers") bit = 4;
+    else if (key == "body") bit = 8;
+    else if (key == "timeout_ms") bit = 16;
+    else if (key == "idempotent") bit = 32;
+    else return Unexpected(InvalidArgument("unknown key '" + std::string(key) + "'"));
+    if (seen & bit) return Unexpected(InvalidArgument("key '" + std::string(key) + "' repeated"));
+    seen |= bit;
+
+    if (bit == 1) {
+      if (Status s = GetString(value, key, statement.url); !s.ok()) return Unexpected(s);
+      has_url = true;
+      continue;
+    }
+    // Optional keys accept null as "absent": producers often write None/nil.
+    bool is_null = false;
+    if (const auto error = value.is_null().get(is_null)) return Unexpected(JsonError(error));
+    if (is_null) continue;
+    Status s;
+    switch (bit) {
+      case 2: s = GetString(value, key, statement.method); break;
+      case 4: s = ParseHeaders(value, statement.headers); break;
+      case 8: s = GetString(value, key, statement.body); break;
+      case 16: s = ParseTimeout(value, statement.timeout_ms); break;
+      case 32: {
+        bool b = false;
+        if (const auto error = value.get_bool().get(b)) {
+          s = error == simdjson::INCORRECT_TYPE ? TypeError(key, "true or false") : JsonError(error);
+        } else {
+          statement.idempotent = b;
+        }
+        break;
+      }
+    }
+    if (!s.ok()) return Unexpected(s);
+  }
+  // The ondemand parser stops at the object's closing brace; anything after
+  // it ("{...} {...}", "{...} x") would otherwise be silently dropped.
+  // current_location() reports OUT_OF_BOUNDS exactly when nothing follows.
+  const char* rest = nullptr;
+  if (!doc.current_location().get(rest)) {
+    return Unexpected(InvalidArgument("trailing content after the JSON object"));
+  }
+  if (!has_url) return Unexpected(InvalidArgument("missing 'url'"));
+  return statement;
+}
+
+// --- output -----------------------------------------------------------------
+
+// Escapes per RFC 8259 §7. With `latin1`, bytes >= 0x80 are code points
+// U+0080..U+00FF (how HTTP/1.1 historically read obs-text), which keeps a
+// line valid UTF-8 when a server sends a non-UTF-8 header value.
+void AppendEscaped(std::string& out, std::string_view s, bool latin1) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::size_t run = 0;  // start of the pending run of bytes copied verbatim
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    const bool plain = c >= 0x20 && c != '"' && c != '\\' && (c < 0x80 || !latin1);
+    if (plain) continue;
+    out.append(s.data() + run, i - run);
+    run = i + 1;
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      case '\b': out += "\\b"; break;
+      case '\f': out += "\\f"; break;
+      default: {
+        const char esc[6] = {'\\', 'u', '0', '0', kHex[c >> 4], kHex[c & 0xf]};
+        out.append(esc, sizeof esc);
+      }
+    }
+  }
+  out.append(s.data() + run, s.size() - run);
+}
+
+bool IsUtf8(std::string_view s) { return simdjson::validate_utf8(s.data(), s.size()); }
+
+void AppendString(std::string& out, std::string_view s) {
+  out += '"';
+  AppendEscaped(out, s, !IsUtf8(s));
+  out += '"';
+}
+
+void AppendBase64(std::string& out, std::string_view s) {
+  static constexpr char kAlphabet[] =
+      "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+  const std::size_t n = s.size();
+  const std::size_t start = out.size();
+  out.resize(start + (n + 2) / 3 * 4);
+  char* o = out.data() + start;
+  std::size_t i = 0;
+  for (; i + 3 <= n; i += 3) {
+    const std::uint32_t v = (std::uint32_t{p[i]} << 16) | (std::uint32_t{p[i + 1]} << 8) | p[i + 2];
+    *o++ = kAlphabet[(v >> 18) & 63];
+    *o++ = kAlphabet[(v >> 12) & 63];
+    *o++ = kAlphabet[(v >> 6) & 63];
+    *o++ = kAlphabet[v & 63];
+  }
+  if (i < n) {
+    std::uint32_t v = std::uint32_t{p[i]} << 16;
+    if (i + 1 < n) v |= std::uint32_t{p[i + 1]} << 8;
+    *o++ = kAlphabet[(v >> 18) & 63];
+    *o++ = kAlphabet[(v >> 12) & 63];
+    *o++ = i + 1 < n ? kAlphabet[(v >> 6) & 63] : '=';
+    *o++ = '=';
+  }
+}
+
+template <typename Int>
+void AppendInt(std::string& out, Int value) {
+  char buf[24];
+  const auto result = std::to_chars(buf, buf + sizeof buf, value);
+  out.append(buf, result.ptr);
+}
+
+void AppendHeaders(std::string& out, const Headers& headers) {
+  out += '{';
+  bool first = true;
+  for (std::size_t i = 0; i < headers.size(); ++i) {
+    const std::string& name = headers[i].first;
+    // Quadratic, but responses carry a few dozen headers at most and this
+    // avoids allocating a map per response.
+    bool seen_before = false;
+    for (std::size_t j = 0; j < i && !seen_before; ++j) {
+      seen_before = EqualsIgnoreCase(headers[j].first, name);
+    }
+    if (seen_before) continue;
+    if (!first) out += ',';
+    first = false;
+    AppendString(out, name);
+    out += ":\"";
+    const std::string& value = headers[i].second;
+    AppendEscaped(out, value, !IsUtf8(value));
+    for (std::size_t j = i + 1; j < headers.size(); ++j) {
+      if (!EqualsIgnoreCase(headers[j].first, name)) continue;
+      out += ", ";
+      AppendEscaped(out, headers[j].second, !IsUtf8(headers[j].second));
+    }
+    out += '"';
+  }
+  out += '}';
+}
+
+// Reads lines with `next_line(std::string_view&) -> int` (1 = got a line,
+// 0 = end of input, -1 = read error) and turns them into statements.
+template <typename NextLine>
+Result<std::vector<Statement>> ReadLines(NextLine next_line, const SessionSettings& settings) {
+  std::vector<Statement> statements;
+  std::uint64_t line_number = 0;
+  std::string_view line;
+  while (true) {
+    const int got = next_line(line);
+    if (got < 0) return Unexpected(DataLoss("read error after line " + std::to_string(line_number)));
+    if (got == 0) break;
+    ++line_number;
+    // A UTF-8 byte order mark (editors on Windows add one) is not part of the URL.
+    if (line_number == 1 && line.substr(0, 3) == "\xEF\xBB\xBF") line.remove_prefix(3);
+    if (IsBlank(line)) continue;
+    auto parsed = ParseStatementLine(line);
+    if (!parsed) {
+      return Unexpected(InvalidArgument("line " + std::to_string(line_number) + ": " +
+                                        parsed.error().message()));
+    }
+    if (Status s = ValidateStatement(*parsed, settings); !s.ok()) {
+      return Unexpected(InvalidArgument("line " + std::to_string(line_number) + ": " + s.message()));
+    }
+    statements.push_back(std::move(*parsed));
+  }
+  return statements;
+}
+
+}  // namespace
+
+Result<Statement> ParseStatementLine(std::string_view line) {
+  if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+  const std::string_view trimmed = Trim(line);
+  if (trimmed.empty()) return Unexpected(InvalidArgument("empty line"));
+  if (trimmed.front() != '{') return Get(std::string(trimmed));
+  return ParseJsonObject(trimmed);
+}
+
+void AppendResponseJson(std::string& out, std::uint64_t index, const Response& response) {
+  // Headers and escapes make the line a little longer than the body; one
+  // reserve avoids most regrowth of a big output buffer mid-line.
+  out.reserve(out.size() + response.body.size() + response.body.size() / 3 + 256);
+  out += "{\"index\":";
+  AppendInt(out, index);
+  out += ",\"status\":";
+  AppendInt(out, response.status);
+  out += ",\"headers\":";
+  AppendHeaders(out, response.headers);
+  if (IsUtf8(response.body)) {
+    out += ",\"body\":\"";
+    AppendEscaped(out, response.body, false);
+    out += '"';
+  } else {
+    out += ",\"body_base64\":\"";
+    AppendBase64(out, response.body);
+    out += '"';
+  }
+  out += ",\"error\":";
+  if (response.error) {
+    out += "{\"kind\":";
+    AppendString(out, StatusCodeName(response.error->code));
+    out += ",\"message\":";
+    AppendString(out, response.error->message);
+    out += '}';
+  } else {
+    out += "null";
+  }
+  out += ",\"attempts\":";
+  AppendInt(out, response.attempts);
+  // Fixed three decimals from integer microseconds: exact, and no locale or
+  // floating-point formatting in the hot path.
+  out += ",\"elapsed_ms\":";
+  AppendInt(out, response.elapsed_us / 1000);
+  const auto frac = static_cast<unsigned>(response.elapsed_us % 1000);
+  const char decimals[4] = {'.', static_cast<char>('0' + frac / 100),
+                            static_cast<char>('0' + frac / 10 % 10), static_cast<char>('0' + frac % 10)};
+  out.append(decimals, sizeof decimals);
+  out += ",\"worker\":";
+  AppendString(out, response.worker);
+  out += "}\n";
+}
+
+Result<std::vector<Statement>> ReadStatements(std::istream& in, const SessionSettings& settings) {
+  std::string buffer;
+  return ReadLines(
+      [&](std::string_view& line) {
+        if (!std::getline(in, buffer)) return in.bad() ? -1 : 0;
+        line = buffer;
+        return 1;
+      },
+      settings);
+}
+
+Result<std::vector<Statement>> ReadStatements(std::FILE* in, const SessionSettings& settings) {
+  char* buffer = nullptr;
+  std::size_t capacity = 0;
+  auto result = ReadLines(
+      [&](std::string_view& line) {
+        const ssize_t n = ::getline(&buffer, &capacity, in);
+        if (n < 0) return std::ferror(in) ? -1 : 0;
+        line = std::string_view(buffer, static_cast<std::size_t>(n));
+        if (!line.empty() && line.back() == '\n') line.remove_suffix(1);
+        return 1;
+      },
+      settings);
+  std::free(buffer);
+  return result;
+}
+
+Result<std::pair<std::string, std::string>> ParseHeaderArg(std::string_view arg) {
+  const auto colon = arg.find(':');
+  if (colon == std::string_view::npos) {
+    return Unexpected(InvalidArgument("header must be 'Name: value'"));
+  }
+  std::pair<std::string, std::string> header{std::string(arg.substr(0, colon)),
+                                             std::string(Trim(arg.substr(colon + 1)))};
+  // Same rules as a statement's own headers, so one place decides them.
+  Statement probe = Get("http://localhost/");
+  probe.headers.push_back(header);
+  if (Status s = ValidateStatement(probe, {}); !s.ok()) return Unexpected(s);
+  return header;
+}
+
+Result<int> ParseLogLevel(std::string_view arg) {
+  int level = 0;
+  const auto [ptr, ec] = std::from_chars(arg.data(), arg.data() + arg.size(), level);
+  if (ec == std::errc() && ptr == arg.data() + arg.size()) {
+    if (level < 10 || level > 50) return Unexpected(InvalidArgument("log level must be 10..50"));
+    return level;
+  }
+  static constexpr std::pair<std::string_view, int> kNames[] = {
+      {"debug", 10}, {"info", 20}, {"warning", 30}, {"warn", 30}, {"error", 40}, {"critical", 50}};
+  for (const auto& [name, value] : kNames) {
+    if (EqualsIgnoreCase(arg, name)) return value;
+  }
+  return Unexpected(InvalidArgument("log level must be 10..50 or debug, info, warning, error, critical"));
+}
+
+}  // namespace gatherer::cli
