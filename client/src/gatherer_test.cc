@@ -1,0 +1,90 @@
+// Gatherer API tests on the embedded default against a real local server.
+#include "gatherer/gatherer.h"
+
+#include <gtest/gtest.h>
+
+#include "http_server.h"
+
+namespace gatherer {
+namespace {
+
+TEST(GathererTest, DefaultsMatchPyot) {
+  Options o;
+  EXPECT_EQ(o.workers, 25);
+  EXPECT_EQ(o.log_level, 10);
+  EXPECT_FALSE(o.cancel_on_raise);
+  EXPECT_TRUE(o.broker.empty()) << "no broker address = embedded";
+}
+
+TEST(GathererTest, SessionIdIsUuid4PerInstance) {
+  Gatherer a({.log_level = 40}), b({.log_level = 40});
+  EXPECT_EQ(a.session_id().size(), 36u);
+  EXPECT_EQ(a.session_id()[14], '4');
+  EXPECT_NE(a.session_id(), b.session_id());
+}
+
+TEST(GathererTest, EmptyStatementsGiveEmptyResponses) {
+  Gatherer g({.log_level = 40});
+  EXPECT_TRUE(g.gather().empty());
+}
+
+TEST(GathererTest, RejectsBadOptions) {
+  EXPECT_THROW(Gatherer({.workers = 0}), Error);
+  Options o;
+  o.settings.max_attempts = 0;
+  EXPECT_THROW(Gatherer{o}, Error);
+}
+
+TEST(GathererTest, BaseUrlDefaultHeadersAndPost) {
+  testing::HttpServer server([](const testing::HttpRequest& req) {
+    testing::HttpReply r;
+    r.body = req.method + " " + req.target + " " + req.header("X-Token") + " " + req.body;
+    return r;
+  });
+  Options o{.log_level = 40};
+  o.settings.base_url = server.url("");
+  o.settings.headers = {{"X-Token", "default"}};
+  Gatherer g(o);
+  Statement post;
+  post.method = "POST";
+  post.url = "/items";
+  post.body = "{\"a\":1}";
+  post.headers = {{"X-Token", "override"}};
+  g.statements = {Get("/a"), post};
+  const auto& r = g.gather();
+  ASSERT_EQ(r.size(), 2u);
+  EXPECT_EQ(r[0].body, "GET /a default ");
+  EXPECT_EQ(r[1].body, "POST /items override {\"a\":1}");
+  EXPECT_EQ(r[0].attempts, 1u);
+  EXPECT_FALSE(r[0].worker.empty());
+}
+
+TEST(GathererTest, RetriesTransientStatusesThenSucceeds) {
+  std::atomic<int> calls{0};
+  testing::HttpServer server([&](const testing::HttpRequest&) {
+    testing::HttpReply r;
+    if (calls.fetch_add(1) < 2) r.status = 503;
+    else r.body = "finally";
+    return r;
+  });
+  Options o{.log_level = 40};
+  o.settings.backoff_base_ms = 5;
+  Gatherer g(o);
+  g.statements = {Get(server.url("/flaky"))};
+  const auto& r = g.gather();
+  ASSERT_TRUE(r[0].ok());
+  EXPECT_EQ(r[0].body, "finally");
+  EXPECT_EQ(r[0].attempts, 3u);
+}
+
+TEST(GathererTest, StatementsAreKeptAfterGather) {
+  testing::HttpServer server;
+  Gatherer g({.log_level = 40});
+  g.statements = {Get(server.url("/x"))};
+  g.gather();
+  ASSERT_EQ(g.statements.size(), 1u);
+  EXPECT_EQ(g.responses.at(0).body, "ok:/x");
+}
+
+}  // namespace
+}  // namespace gatherer
