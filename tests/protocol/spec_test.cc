@@ -1,0 +1,194 @@
+// Worker-side clauses of common/PROTOCOL.md, each test named after its
+// clause with the clause quoted above it. A raw ROUTER plays the broker; the
+// worker is the real gatherer::Worker fetching from a real HTTP server. Each
+// test runs over tcp and ipc (broker-side clauses: broker/src/broker_test.cc).
+
+#include <filesystem>
+#include <iterator>
+#include <map>
+
+#include <gtest/gtest.h>
+#include <zmq_addon.hpp>
+
+#include "gatherer/protocol.h"
+#include "gatherer/worker.h"
+#include "http_server.h"
+#include "wait_for.h"
+
+namespace gatherer {
+namespace {
+namespace proto = protocol;
+using namespace std::chrono_literals;
+
+class WorkerSpec : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    router_.set(zmq::sockopt::linger, 0);
+    router_.set(zmq::sockopt::router_mandatory, 1);
+    if (GetParam() == "ipc") {
+      dir_ = std::filesystem::temp_directory_path() / ("gtr-spec-" + NewSessionId().ToString().substr(0, 8));
+      std::filesystem::create_directories(dir_);
+      router_.bind("ipc://" + (dir_ / "b.sock").string());
+    } else {
+      router_.bind("tcp://127.0.0.1:*");
+    }
+    WorkerOptions o;
+    o.broker = router_.get(zmq::sockopt::last_endpoint);
+    o.context = &ctx_;
+    o.io_threads = 1;
+    o.slots = 64;
+    o.heartbeat_interval = 100ms;
+    o.worker_id = "spec-worker";
+    worker_ = std::make_unique<Worker>(o);
+    ASSERT_TRUE(worker_->start().ok());
+  }
+  void TearDown() override {
+    worker_.reset();
+    if (!dir_.empty()) std::filesystem::remove_all(dir_);
+  }
+  // Next message from the worker other than HEARTBEAT; sets peer_.
+  proto::Frames recv(std::chrono::milliseconds timeout = 3000ms) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (std::chrono::steady_clock::now() < deadline) {
+      zmq::pollitem_t item{router_.handle(), 0, ZMQ_POLLIN, 0};
+      zmq::poll(&item, 1, std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()));
+      std::vector<zmq::message_t> frames;
+      if (!zmq::recv_multipart(router_, std::back_inserter(frames), zmq::recv_flags::dontwait)) continue;
+      peer_ = frames[0].to_string();
+      proto::Frames body(std::make_move_iterator(frames.begin() + 1), std::make_move_iterator(frames.end()));
+      auto c = proto::PeekCommand(body);
+      if (c && *c == proto::Command::kHeartbeat) continue;
+      return body;
+    }
+    return {};
+  }
+  proto::Command command(const proto::Frames& f) {
+    auto c = proto::PeekCommand(f);
+    return c ? *c : proto::Command::kHeartbeat;
+  }
+  void send(proto::Frames&& frames) {
+    router_.send(zmq::buffer(peer_), zmq::send_flags::sndmore);
+    zmq::send_multipart(router_, frames);
+  }
+  proto::Ready expect_ready() {
+    auto f = recv();
+    EXPECT_EQ(command(f), proto::Command::kReady);
+    auto r = proto::DecodeReady(f);
+    EXPECT_TRUE(r.has_value());
+    return r ? *r : proto::Ready{};
+  }
+  proto::Statements chunk(const SessionId& sid, const std::vector<std::string>& urls) {
+    proto::Statements m{sid, {}};
+    for (std::size_t i = 0; i < urls.size(); ++i) m.statements.push_back({i, Get(urls[i])});
+    return m;
+  }
+
+  zmq::context_t ctx_{1};
+  zmq::socket_t router_{ctx_, zmq::socket_type::router};
+  std::unique_ptr<Worker> worker_;
+  std::string peer_;
+  std::filesystem::path dir_;
+};
+
+// 3.4.1 "A worker SHALL send READY when it connects."
+TEST_P(WorkerSpec, Clause_3_4_1_ReadyOnConnect) {
+  proto::Ready r = expect_ready();
+  EXPECT_EQ(r.worker_id, "spec-worker");
+  EXPECT_EQ(r.slots, 64u);
+}
+
+// 3.4.2 "In RESULTS, frame 3 + i SHALL hold the response body of result i,
+// byte for byte." 3.5.2 "A worker SHALL return exactly one result per
+// dispatched statement."
+TEST_P(WorkerSpec, Clause_3_4_2_ResultsCarryBodiesInFrames) {
+  testing::HttpServer server;
+  expect_ready();
+  const SessionId sid = NewSessionId();
+  send(proto::Encode(proto::Session{sid, SessionSettings{}}));
+  std::vector<std::string> urls;
+  for (int i = 0; i < 20; ++i) urls.push_back(server.url("/p/" + std::to_string(i)));
+  send(proto::Encode(proto::Command::kDispatch, chunk(sid, urls)));
+  std::map<std::uint64_t, std::string> bodies;
+  while (bodies.size() < 20) {
+    auto f = recv();
+    ASSERT_EQ(command(f), proto::Command::kResults);
+    ASSERT_TRUE(proto::DecodeResultsIndex(f).has_value());
+    auto m = proto::DecodeResults(f);
+    ASSERT_TRUE(m.has_value());
+    EXPECT_EQ(m->session, sid);
+    ASSERT_EQ(f.size(), 3 + m->results.size());
+    for (std::size_t i = 0; i < m->results.size(); ++i) {
+      EXPECT_EQ(f[3 + i].to_string(), m->results[i].response.body);
+      EXPECT_TRUE(bodies.emplace(m->results[i].index, m->results[i].response.body).second) << "duplicate result";
+    }
+  }
+  for (std::uint64_t i = 0; i < 20; ++i) EXPECT_EQ(bodies[i], "ok:/p/" + std::to_string(i));
+}
+
+// 3.4.3 "A worker that has heard nothing from the broker for `liveness`
+// periods SHALL send READY again."
+TEST_P(WorkerSpec, Clause_3_4_3_ReadyAgainAfterBrokerSilence) {
+  expect_ready();
+  // Stay silent: within 3 periods of 100 ms plus slack a second READY comes.
+  auto f = recv(2000ms);
+  EXPECT_EQ(command(f), proto::Command::kReady);
+  EXPECT_GE(worker_->stats().registrations.load(), 2u);
+}
+
+// 3.4.4 "...the worker SHALL then send READY again."
+TEST_P(WorkerSpec, Clause_3_4_4_ReadyAgainOnNotFound) {
+  expect_ready();
+  send(proto::Encode(proto::ErrorReply{StatusCode::kNotFound, "unknown worker; send READY", std::nullopt}));
+  auto f = recv(1000ms);
+  EXPECT_EQ(command(f), proto::Command::kReady);
+}
+
+// 3.5.3 "On END_SESSION a worker SHALL abort the session's queued and
+// in-flight transfers without results and drop its shared session."
+TEST_P(WorkerSpec, Clause_3_5_3_EndSessionAbortsWithoutResults) {
+  testing::HttpServer server([](const testing::HttpRequest&) {
+    testing::HttpReply r;
+    r.delay = 5s;
+    return r;
+  });
+  expect_ready();
+  const SessionId sid = NewSessionId();
+  send(proto::Encode(proto::Session{sid, SessionSettings{}}));
+  std::vector<std::string> urls(10, server.url("/slow"));
+  send(proto::Encode(proto::Command::kDispatch, chunk(sid, urls)));
+  ASSERT_TRUE(testing::WaitFor([&] { return server.in_flight() == 10; }, 5s));
+  EXPECT_EQ(worker_->sessions(), 1u);
+  send(proto::Encode(proto::Command::kEndSession, proto::SessionRef{sid}));
+  EXPECT_TRUE(testing::WaitFor([&] { return worker_->sessions() == 0; }, 2s));
+  auto f = recv(500ms);
+  EXPECT_NE(command(f), proto::Command::kResults) << "results after END_SESSION";
+}
+
+// 2.4 "A malformed message SHALL be dropped, counted and logged ... It MUST
+// NOT crash the receiver."
+TEST_P(WorkerSpec, Clause_2_4_MalformedMessagesAreDroppedAndCounted) {
+  testing::HttpServer server;
+  expect_ready();
+  proto::Frames garbage;
+  garbage.emplace_back("\x01\x02", 2);
+  send(std::move(garbage));
+  proto::Frames truncated = proto::Encode(proto::Session{NewSessionId(), SessionSettings{}});
+  truncated[2] = zmq::message_t(truncated[2].data(), truncated[2].size() / 2);
+  send(std::move(truncated));
+  proto::Frames wrong_command = proto::Encode(proto::Command::kOpened, proto::SessionRef{NewSessionId()});
+  send(std::move(wrong_command));
+  ASSERT_TRUE(testing::WaitFor([&] { return worker_->stats().malformed.load() == 3; }, 2s));
+  // Still serving.
+  const SessionId sid = NewSessionId();
+  send(proto::Encode(proto::Session{sid, SessionSettings{}}));
+  send(proto::Encode(proto::Command::kDispatch, chunk(sid, {server.url("/after")})));
+  auto f = recv();
+  ASSERT_EQ(command(f), proto::Command::kResults);
+  EXPECT_EQ(proto::DecodeResults(f)->results.at(0).response.body, "ok:/after");
+}
+
+INSTANTIATE_TEST_SUITE_P(Transports, WorkerSpec, ::testing::Values("tcp", "ipc"),
+                         [](const auto& info) { return info.param; });
+
+}  // namespace
+}  // namespace gatherer

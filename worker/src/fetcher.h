@@ -44,8 +44,15 @@ class Fetcher {
     unsigned io_threads = 0;
     // Worker id written into Response::worker.
     std::string worker_id;
-    // Cap on idle connections kept per session per I/O thread.
-    long max_idle_connections = 256;
+    // Idle keep-alive connections kept per session per I/O thread
+    // (CURLMOPT_MAXCONNECTS). Sized for a window of ~1000 on one host, so a
+    // new burst reuses the last burst's connections instead of reconnecting.
+    long max_idle_connections = 1024;
+    // Concurrent connections per host per session per I/O thread
+    // (CURLMOPT_MAX_HOST_CONNECTIONS); 0 = no cap. The session's window
+    // already bounds concurrency in the cluster, so the default adds none: a
+    // cap below the window would silently shrink it on HTTP/1.1.
+    long max_host_connections = 0;
   };
 
   // Results of one session, batched: called on an I/O thread with all the
@@ -69,7 +76,10 @@ class Fetcher {
 
   // Aborts the session's queued, backing-off and in-flight transfers (no
   // results are delivered for them), and frees its connections, DNS and TLS
-  // caches. Unknown sessions are ignored.
+  // caches. Unknown sessions are ignored. The I/O threads act on it
+  // asynchronously: results of the session finished just before may still
+  // reach the sink shortly after this returns, and the caller drops them
+  // (the broker does, by lease: PROTOCOL.md §4.3).
   void close_session(const SessionId& session);
 
   // Statements submitted and not yet reported through the sink.

@@ -1,0 +1,723 @@
+#include "fetcher.h"
+
+#include <curl/curl.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <map>
+#include <mutex>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "http_server.h"
+#include "wait_for.h"
+
+namespace gatherer::worker {
+namespace {
+
+using gatherer::testing::HttpReply;
+using gatherer::testing::HttpRequest;
+using gatherer::testing::HttpServer;
+using gatherer::testing::WaitFor;
+using std::chrono::milliseconds;
+using std::chrono::seconds;
+
+// Sanitizer builds are several times slower; bulk waits get room for that.
+constexpr auto kBulkWait = seconds(60);
+
+SessionId MakeSessionId(std::uint8_t n) {
+  SessionId id;
+  id.bytes[0] = n;
+  id.bytes[6] = 0x40;  // looks like a uuid4; the fetcher does not care
+  return id;
+}
+
+FetchItem Item(std::uint64_t index, std::string url) {
+  FetchItem item;
+  item.index = index;
+  item.statement = Get(std::move(url));
+  return item;
+}
+
+std::string Header(const Headers& headers, std::string_view name) {
+  for (const auto& [n, v] : headers) {
+    if (n.size() == name.size() &&
+        std::equal(n.begin(), n.end(), name.begin(), [](char a, char b) { return std::tolower(a) == std::tolower(b); })) {
+      return v;
+    }
+  }
+  return "";
+}
+
+// Gathers what the sink receives. Thread-safe (the sink runs on I/O threads).
+class Collector {
+ public:
+  Fetcher::ResultSink sink() {
+    return [this](const SessionId& session, std::vector<FetchResult>&& results) {
+      std::lock_guard lock(mu_);
+      ++calls_;
+      for (auto& r : results) results_.emplace_back(session, std::move(r));
+    };
+  }
+  std::size_t count() const {
+    std::lock_guard lock(mu_);
+    return results_.size();
+  }
+  std::size_t calls() const {
+    std::lock_guard lock(mu_);
+    return calls_;
+  }
+  bool wait(std::size_t n, std::chrono::milliseconds timeout = seconds(10)) const {
+    return WaitFor([&] { return count() >= n; }, timeout);
+  }
+  // Results ordered by index.
+  std::vector<FetchResult> results() const {
+    std::lock_guard lock(mu_);
+    std::vector<FetchResult> out;
+    for (const auto& [s, r] : results_) out.push_back(r);
+    std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.index < b.index; });
+    return out;
+  }
+  // The result that arrived last.
+  FetchResult last() const {
+    std::lock_guard lock(mu_);
+    return results_.empty() ? FetchResult{} : results_.back().second;
+  }
+  std::vector<SessionId> sessions() const {
+    std::lock_guard lock(mu_);
+    std::vector<SessionId> out;
+    for (const auto& [s, r] : results_) out.push_back(s);
+    return out;
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::size_t calls_ = 0;
+  std::vector<std::pair<SessionId, FetchResult>> results_;
+};
+
+Fetcher::Options TwoThreads() {
+  Fetcher::Options options;
+  options.io_threads = 2;
+  options.worker_id = "w-test";
+  return options;
+}
+
+// Fast retries so retry tests take milliseconds.
+SessionSettings FastRetry() {
+  SessionSettings settings;
+  settings.max_attempts = 3;
+  settings.backoff_base_ms = 1;
+  settings.backoff_max_ms = 10;
+  return settings;
+}
+
+// Runs one statement in a fresh session and returns its result.
+FetchResult FetchOne(Fetcher& fetcher, Collector& collector, const SessionSettings& settings, Statement statement,
+                     std::uint8_t session_number = 1) {
+  const SessionId id = MakeSessionId(session_number);
+  fetcher.open_session(id, settings);
+  const std::size_t before = collector.count();
+  std::vector<FetchItem> items(1);
+  items[0].index = 7;
+  items[0].statement = std::move(statement);
+  fetcher.submit(id, std::move(items));
+  EXPECT_TRUE(collector.wait(before + 1, seconds(20)));
+  fetcher.close_session(id);
+  return collector.last();
+}
+
+TEST(FetcherTest, ManyGetsOneSessionReuseConnections) {
+  HttpServer server;
+  Collector collector;
+  Fetcher::Options options = TwoThreads();
+  options.max_idle_connections = 32;
+  options.max_host_connections = 32;
+  Fetcher fetcher(options, collector.sink());
+  const SessionId id = MakeSessionId(1);
+  fetcher.open_session(id, SessionSettings{});
+  constexpr std::size_t kCount = 2000;
+  std::vector<FetchItem> items;
+  for (std::size_t i = 0; i < kCount; ++i) items.push_back(Item(i, server.url("/item/" + std::to_string(i))));
+  fetcher.submit(id, std::move(items));
+
+  ASSERT_TRUE(collector.wait(kCount, kBulkWait)) << collector.count();
+  EXPECT_TRUE(WaitFor([&] { return fetcher.in_flight() == 0; }));
+  const auto results = collector.results();
+  ASSERT_EQ(results.size(), kCount);
+  for (std::size_t i = 0; i < kCount; ++i) {
+    const FetchResult& r = results[i];
+    ASSERT_EQ(r.index, i);  // sorted, so each index exactly once
+    EXPECT_TRUE(r.response.ok()) << r.response.error->message;
+    EXPECT_EQ(r.response.status, 200);
+    EXPECT_EQ(r.response.body, "ok:/item/" + std::to_string(i));
+    EXPECT_EQ(r.response.attempts, 1u);
+    EXPECT_EQ(r.response.worker, "w-test");
+  }
+  for (const SessionId& s : collector.sessions()) EXPECT_EQ(s, id);
+  EXPECT_EQ(server.requests(), kCount);
+  // At most max_idle_connections per I/O thread; far from one per request.
+  EXPECT_LE(server.connections(), 2u * 32u);
+  RecordProperty("connections", static_cast<int>(server.connections()));
+  fetcher.close_session(id);
+  EXPECT_EQ(fetcher.sessions(), 0u);
+}
+
+TEST(FetcherTest, SinkIsCalledWithBatches) {
+  HttpServer server;
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  const SessionId id = MakeSessionId(2);
+  fetcher.open_session(id, SessionSettings{});
+  constexpr std::size_t kCount = 2000;
+  std::vector<FetchItem> items;
+  for (std::size_t i = 0; i < kCount; ++i) items.push_back(Item(i, server.url("/b")));
+  fetcher.submit(id, std::move(items));
+  ASSERT_TRUE(collector.wait(kCount, kBulkWait));
+  EXPECT_LT(collector.calls(), kCount);
+  RecordProperty("sink_calls", static_cast<int>(collector.calls()));
+  EXPECT_TRUE(WaitFor([&] { return fetcher.in_flight() == 0; }));
+}
+
+TEST(FetcherTest, JoinsPathsToBaseUrl) {
+  HttpServer server;
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  SessionSettings settings;
+  settings.base_url = server.url("/api/");  // the trailing slash is not doubled
+  auto r = FetchOne(fetcher, collector, settings, Get("/v1/items?x=1"));
+  EXPECT_TRUE(r.response.ok());
+  EXPECT_EQ(r.response.body, "ok:/api/v1/items?x=1");
+
+  // An absolute url ignores base_url.
+  r = FetchOne(fetcher, collector, settings, Get(server.url("/abs")), 2);
+  EXPECT_EQ(r.response.body, "ok:/abs");
+
+  // A path without base_url is refused without an attempt.
+  r = FetchOne(fetcher, collector, SessionSettings{}, Get("/nobase"), 3);
+  ASSERT_FALSE(r.response.ok());
+  EXPECT_EQ(r.response.error->code, StatusCode::kInvalidArgument);
+  EXPECT_EQ(r.response.attempts, 0u);
+}
+
+TEST(FetcherTest, StatementHeadersOverrideSessionDefaults) {
+  HttpServer server([](const HttpRequest& request) {
+    HttpReply reply;
+    reply.body = request.header("X-A") + "|" + request.header("X-B") + "|" + request.header("X-C");
+    reply.headers = {{"X-Reply", "yes"}, {"X-Multi", "1"}, {"X-Multi", "2"}};
+    return reply;
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  SessionSettings settings;
+  settings.headers = {{"X-A", "default-a"}, {"X-B", "default-b"}};
+  Statement statement = Get(server.url("/h"));
+  statement.headers = {{"x-a", "mine"}, {"X-C", "extra"}};
+  const auto r = FetchOne(fetcher, collector, settings, statement);
+  ASSERT_TRUE(r.response.ok());
+  EXPECT_EQ(r.response.body, "mine|default-b|extra");
+  EXPECT_EQ(Header(r.response.headers, "X-Reply"), "yes");
+  int multi = 0;
+  for (const auto& [name, value] : r.response.headers) {
+    EXPECT_EQ(name.find("HTTP/"), std::string::npos) << "status line kept as a header";
+    EXPECT_EQ(value.find('\r'), std::string::npos);
+    if (name == "X-Multi") ++multi;
+  }
+  EXPECT_EQ(multi, 2);  // repeated headers kept, in order
+}
+
+TEST(FetcherTest, MethodsAndBodiesReachTheServer) {
+  HttpServer server([](const HttpRequest& request) {
+    HttpReply reply;
+    reply.body = request.method + ":" + request.body;
+    return reply;
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  struct Case {
+    std::string method, body, want_body;
+  };
+  const std::vector<Case> cases = {
+      {"POST", "p=1", "POST:p=1"}, {"PUT", "data", "PUT:data"},   {"PATCH", "x", "PATCH:x"},
+      {"DELETE", "", "DELETE:"},  {"HEAD", "", ""},               {"OPTIONS", "", "OPTIONS:"},
+      {"POST", "", "POST:"},
+  };
+  std::uint8_t n = 1;
+  for (const auto& c : cases) {
+    Statement s = Get(server.url("/m"));
+    s.method = c.method;
+    s.body = c.body;
+    const auto r = FetchOne(fetcher, collector, SessionSettings{}, s, n++);
+    ASSERT_TRUE(r.response.ok()) << c.method << " " << r.response.error->message;
+    EXPECT_EQ(r.response.body, c.want_body) << c.method;
+  }
+  Statement bad = Get(server.url("/m"));
+  bad.method = "GET /x HTTP/1.1\r\n";
+  const auto r = FetchOne(fetcher, collector, SessionSettings{}, bad, n++);
+  ASSERT_FALSE(r.response.ok());
+  EXPECT_EQ(r.response.error->code, StatusCode::kInvalidArgument);
+}
+
+TEST(FetcherTest, LargePostGoesThrough100Continue) {
+  // libcurl sends "Expect: 100-continue" for bodies over 1 MiB; the interim
+  // 100 response must not leak into the result.
+  HttpServer server([](const HttpRequest& request) {
+    return HttpReply{200, {{"X-Got", std::to_string(request.body.size())}}, request.header("Expect")};
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  Statement s = Get(server.url("/upload"));
+  s.method = "PUT";
+  s.body = std::string(3 << 20, 'b');
+  const auto r = FetchOne(fetcher, collector, SessionSettings{}, s);
+  ASSERT_TRUE(r.response.ok()) << r.response.error->message;
+  EXPECT_EQ(r.response.status, 200);
+  EXPECT_EQ(Header(r.response.headers, "X-Got"), std::to_string(3 << 20));
+  EXPECT_EQ(r.response.body, "100-continue");
+}
+
+TEST(FetcherTest, NotFoundFailsPreconditionAndKeepsTheResponse) {
+  HttpServer server([](const HttpRequest&) { return HttpReply{404, {{"X-Why", "gone"}}, "no such thing"}; });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  const auto r = FetchOne(fetcher, collector, SessionSettings{}, Get(server.url("/missing")));
+  ASSERT_FALSE(r.response.ok());
+  EXPECT_EQ(r.response.error->code, StatusCode::kFailedPrecondition);
+  EXPECT_NE(r.response.error->message.find("HTTP 404"), std::string::npos) << r.response.error->message;
+  EXPECT_EQ(r.response.status, 404);
+  EXPECT_EQ(r.response.body, "no such thing");
+  EXPECT_EQ(Header(r.response.headers, "X-Why"), "gone");
+  EXPECT_EQ(r.response.attempts, 1u);
+  EXPECT_EQ(r.index, 7u);
+}
+
+TEST(FetcherTest, AcceptRangeIsTheSessions) {
+  HttpServer server([](const HttpRequest&) { return HttpReply{404, {}, "x"}; });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  SessionSettings settings;
+  settings.accept_min = 200;
+  settings.accept_max = 499;
+  const auto r = FetchOne(fetcher, collector, settings, Get(server.url("/")));
+  EXPECT_TRUE(r.response.ok());
+  EXPECT_EQ(r.response.status, 404);
+}
+
+TEST(FetcherTest, RetriesServiceUnavailableThenSucceeds) {
+  std::atomic<int> calls{0};
+  HttpServer server([&](const HttpRequest&) {
+    if (calls.fetch_add(1) < 2) return HttpReply{503, {}, "busy"};
+    return HttpReply{200, {}, "finally"};
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  SessionSettings settings = FastRetry();
+  settings.max_attempts = 4;
+  const auto r = FetchOne(fetcher, collector, settings, Get(server.url("/flaky")));
+  ASSERT_TRUE(r.response.ok()) << r.response.error->message;
+  EXPECT_EQ(r.response.status, 200);
+  EXPECT_EQ(r.response.body, "finally");
+  EXPECT_EQ(r.response.attempts, 3u);
+  EXPECT_EQ(server.requests(), 3u);
+}
+
+TEST(FetcherTest, RetriesStopAtMaxAttempts) {
+  HttpServer server([](const HttpRequest&) { return HttpReply{502, {}, "bad gateway"}; });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  const auto r = FetchOne(fetcher, collector, FastRetry(), Get(server.url("/")));
+  ASSERT_FALSE(r.response.ok());
+  EXPECT_EQ(r.response.error->code, StatusCode::kFailedPrecondition);
+  EXPECT_EQ(r.response.status, 502);
+  EXPECT_EQ(r.response.body, "bad gateway");
+  EXPECT_EQ(r.response.attempts, 3u);
+  EXPECT_EQ(server.requests(), 3u);
+}
+
+TEST(FetcherTest, RetryAfterIsHonoured) {
+  std::atomic<int> calls{0};
+  HttpServer server([&](const HttpRequest&) {
+    if (calls.fetch_add(1) == 0) return HttpReply{429, {{"Retry-After", "1"}}, ""};
+    return HttpReply{200, {}, "ok"};
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  SessionSettings settings = FastRetry();
+  settings.backoff_max_ms = 10'000;
+  const auto r = FetchOne(fetcher, collector, settings, Get(server.url("/")));
+  ASSERT_TRUE(r.response.ok());
+  EXPECT_EQ(r.response.attempts, 2u);
+  EXPECT_GE(r.response.elapsed_us, 950'000u);
+}
+
+TEST(FetcherTest, RetryAfterIsCappedByBackoffMax) {
+  std::atomic<int> calls{0};
+  HttpServer server([&](const HttpRequest&) {
+    if (calls.fetch_add(1) == 0) return HttpReply{503, {{"Retry-After", "30"}}, ""};
+    return HttpReply{200, {}, "ok"};
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  SessionSettings settings = FastRetry();
+  settings.backoff_max_ms = 50;
+  const auto started = std::chrono::steady_clock::now();
+  const auto r = FetchOne(fetcher, collector, settings, Get(server.url("/")));
+  ASSERT_TRUE(r.response.ok());
+  EXPECT_EQ(r.response.attempts, 2u);
+  EXPECT_GE(r.response.elapsed_us, 45'000u);
+  EXPECT_LT(std::chrono::steady_clock::now() - started, seconds(5));
+}
+
+TEST(FetcherTest, RetryAfterHttpDate) {
+  std::atomic<int> calls{0};
+  HttpServer server([&](const HttpRequest&) {
+    if (calls.fetch_add(1) == 0) return HttpReply{503, {{"Retry-After", "Wed, 21 Oct 2015 07:28:00 GMT"}}, ""};
+    return HttpReply{200, {}, "ok"};
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  SessionSettings settings = FastRetry();
+  settings.backoff_max_ms = 10'000;
+  // A date in the past means "now".
+  const auto r = FetchOne(fetcher, collector, settings, Get(server.url("/")));
+  ASSERT_TRUE(r.response.ok());
+  EXPECT_EQ(r.response.attempts, 2u);
+  EXPECT_LT(r.response.elapsed_us, 5'000'000u);
+}
+
+TEST(FetcherTest, PostIsNotRetriedOnServerError) {
+  HttpServer server([](const HttpRequest&) { return HttpReply{500, {}, "oops"}; });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  Statement s = Get(server.url("/order"));
+  s.method = "POST";
+  s.body = "buy=1";
+  const auto r = FetchOne(fetcher, collector, FastRetry(), s);
+  ASSERT_FALSE(r.response.ok());
+  EXPECT_EQ(r.response.error->code, StatusCode::kFailedPrecondition);
+  EXPECT_EQ(r.response.status, 500);
+  EXPECT_EQ(r.response.attempts, 1u);
+  EXPECT_EQ(server.requests(), 1u);
+}
+
+TEST(FetcherTest, PostIsRetriedWhenTheServerSaysNotProcessed) {
+  std::atomic<int> calls{0};
+  HttpServer server([&](const HttpRequest& request) {
+    if (calls.fetch_add(1) == 0) return HttpReply{503, {}, ""};
+    return HttpReply{201, {}, request.body};
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  Statement s = Get(server.url("/order"));
+  s.method = "POST";
+  s.body = "buy=1";
+  const auto r = FetchOne(fetcher, collector, FastRetry(), s);
+  ASSERT_TRUE(r.response.ok());
+  EXPECT_EQ(r.response.status, 201);
+  EXPECT_EQ(r.response.body, "buy=1");
+  EXPECT_EQ(r.response.attempts, 2u);
+}
+
+TEST(FetcherTest, ExplicitlyIdempotentPostIsRetried) {
+  std::atomic<int> calls{0};
+  HttpServer server([&](const HttpRequest&) {
+    if (calls.fetch_add(1) == 0) return HttpReply{500, {}, ""};
+    return HttpReply{200, {}, "ok"};
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  Statement s = Get(server.url("/q"));
+  s.method = "POST";
+  s.idempotent = true;
+  const auto r = FetchOne(fetcher, collector, FastRetry(), s);
+  ASSERT_TRUE(r.response.ok());
+  EXPECT_EQ(r.response.attempts, 2u);
+}
+
+TEST(FetcherTest, DroppedConnectionIsRetriedForGetNotForPost) {
+  HttpServer server([](const HttpRequest&) {
+    HttpReply reply;
+    reply.drop = true;
+    return reply;
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  auto r = FetchOne(fetcher, collector, FastRetry(), Get(server.url("/")));
+  ASSERT_FALSE(r.response.ok());
+  EXPECT_EQ(r.response.error->code, StatusCode::kUnavailable);
+  EXPECT_EQ(r.response.attempts, 3u);
+
+  Statement post = Get(server.url("/"));
+  post.method = "POST";
+  post.body = "x";
+  r = FetchOne(fetcher, collector, FastRetry(), post, 2);
+  ASSERT_FALSE(r.response.ok());
+  EXPECT_EQ(r.response.error->code, StatusCode::kUnavailable);
+  EXPECT_NE(r.response.error->message.find("outcome unknown, not retried (non-idempotent)"), std::string::npos)
+      << r.response.error->message;
+  EXPECT_EQ(r.response.attempts, 1u);
+}
+
+TEST(FetcherTest, ConnectionRefusedIsUnavailableAfterMaxAttempts) {
+  std::string url;
+  {
+    HttpServer closed;
+    url = closed.url("/");
+  }
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  auto r = FetchOne(fetcher, collector, FastRetry(), Get(url));
+  ASSERT_FALSE(r.response.ok());
+  EXPECT_EQ(r.response.error->code, StatusCode::kUnavailable);
+  EXPECT_EQ(r.response.status, 0);
+  EXPECT_EQ(r.response.attempts, 3u);
+
+  // Nothing was sent, so even a POST is tried again.
+  Statement post = Get(url);
+  post.method = "POST";
+  r = FetchOne(fetcher, collector, FastRetry(), post, 2);
+  ASSERT_FALSE(r.response.ok());
+  EXPECT_EQ(r.response.error->code, StatusCode::kUnavailable);
+  EXPECT_EQ(r.response.attempts, 3u);
+}
+
+TEST(FetcherTest, TimeoutIsDeadlineExceeded) {
+  HttpServer server([](const HttpRequest&) {
+    HttpReply reply;
+    reply.delay = seconds(2);
+    return reply;
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  SessionSettings settings = FastRetry();
+  settings.max_attempts = 1;
+  Statement s = Get(server.url("/slow"));
+  s.timeout_ms = 200;
+  const auto started = std::chrono::steady_clock::now();
+  auto r = FetchOne(fetcher, collector, settings, s);
+  ASSERT_FALSE(r.response.ok());
+  EXPECT_EQ(r.response.error->code, StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(r.response.attempts, 1u);
+  EXPECT_LT(std::chrono::steady_clock::now() - started, milliseconds(1500));
+
+  // The session timeout applies when the statement has none; timeouts are retried.
+  settings.max_attempts = 2;
+  settings.timeout_ms = 200;
+  r = FetchOne(fetcher, collector, settings, Get(server.url("/slow")), 2);
+  ASSERT_FALSE(r.response.ok());
+  EXPECT_EQ(r.response.error->code, StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(r.response.attempts, 2u);
+}
+
+TEST(FetcherTest, BodyOverCapIsResourceExhausted) {
+  // 100,000 'a' gzip-compressed to 133 bytes: Content-Length passes the cap,
+  // the decoded body does not, which exercises the write callback's cap.
+  static const char kGzip[] =
+      "\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\x03\xed\xc1\x31\x01\x00\x00\x00\xc2\xa0\xac\xeb\x5f\xc2\x1a\x1e\x40"
+      "\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+      "\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+      "\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+      "\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\xaf\x06\x87\xfa\xe2\x1b\xa0"
+      "\x86\x01\x00";
+  HttpServer server([](const HttpRequest& request) {
+    if (request.target == "/gzip") {
+      return HttpReply{200, {{"Content-Encoding", "gzip"}}, std::string(kGzip, sizeof kGzip - 1)};
+    }
+    return HttpReply{200, {}, std::string(1000, 'x')};
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  SessionSettings settings = FastRetry();
+  settings.max_body_bytes = 500;
+  auto r = FetchOne(fetcher, collector, settings, Get(server.url("/big")));
+  ASSERT_FALSE(r.response.ok());
+  EXPECT_EQ(r.response.error->code, StatusCode::kResourceExhausted);
+  EXPECT_EQ(r.response.attempts, 1u);
+
+  r = FetchOne(fetcher, collector, settings, Get(server.url("/gzip")), 2);
+  ASSERT_FALSE(r.response.ok());
+  EXPECT_EQ(r.response.error->code, StatusCode::kResourceExhausted);
+  EXPECT_LE(r.response.body.size(), 500u);
+
+  // Under the cap the body arrives decoded.
+  settings.max_body_bytes = 200'000;
+  r = FetchOne(fetcher, collector, settings, Get(server.url("/gzip")), 3);
+  ASSERT_TRUE(r.response.ok()) << r.response.error->message;
+  EXPECT_EQ(r.response.body, std::string(100'000, 'a'));
+}
+
+TEST(FetcherTest, OnlyHttpAndHttpsAreAllowed) {
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  for (const char* url : {"file:///etc/passwd", "gopher://127.0.0.1/", "ftp://127.0.0.1/", "not a url"}) {
+    const auto r = FetchOne(fetcher, collector, FastRetry(), Get(url));
+    ASSERT_FALSE(r.response.ok()) << url;
+    EXPECT_EQ(r.response.error->code, StatusCode::kInvalidArgument) << url << ": " << r.response.error->message;
+    EXPECT_TRUE(r.response.body.empty());
+    EXPECT_EQ(r.response.attempts, 1u);
+  }
+}
+
+TEST(FetcherTest, RedirectsKeepOnlyTheFinalResponse) {
+  std::string file_url = "file:///etc/passwd";
+  HttpServer server([&](const HttpRequest& request) {
+    if (request.target == "/from") return HttpReply{302, {{"Location", "/to"}, {"X-First", "1"}}, ""};
+    if (request.target == "/file") return HttpReply{302, {{"Location", file_url}}, ""};
+    return HttpReply{200, {{"X-Final", "1"}}, "landed"};
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  auto r = FetchOne(fetcher, collector, SessionSettings{}, Get(server.url("/from")));
+  ASSERT_TRUE(r.response.ok());
+  EXPECT_EQ(r.response.body, "landed");
+  EXPECT_EQ(Header(r.response.headers, "X-Final"), "1");
+  EXPECT_EQ(Header(r.response.headers, "X-First"), "");
+
+  // Redirects off: the 302 itself is the (accepted) answer.
+  SessionSettings no_redirects;
+  no_redirects.max_redirects = 0;
+  r = FetchOne(fetcher, collector, no_redirects, Get(server.url("/from")), 2);
+  ASSERT_TRUE(r.response.ok());
+  EXPECT_EQ(r.response.status, 302);
+  EXPECT_EQ(Header(r.response.headers, "Location"), "/to");
+
+  // A redirect may not leave http(s).
+  r = FetchOne(fetcher, collector, SessionSettings{}, Get(server.url("/file")), 3);
+  ASSERT_FALSE(r.response.ok());
+  EXPECT_NE(r.response.body, "landed");
+}
+
+TEST(FetcherTest, UnknownSessionYieldsFailedPrecondition) {
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  std::vector<FetchItem> items;
+  for (std::uint64_t i = 0; i < 3; ++i) items.push_back(Item(i, "http://127.0.0.1:1/"));
+  fetcher.submit(MakeSessionId(9), std::move(items));
+  ASSERT_TRUE(collector.wait(3));
+  for (const auto& r : collector.results()) {
+    ASSERT_FALSE(r.response.ok());
+    EXPECT_EQ(r.response.error->code, StatusCode::kFailedPrecondition);
+    EXPECT_EQ(r.response.error->message, "session not open");
+  }
+  EXPECT_TRUE(WaitFor([&] { return fetcher.in_flight() == 0; }));
+  EXPECT_EQ(fetcher.sessions(), 0u);
+}
+
+TEST(FetcherTest, CloseSessionAbortsInFlightTransfers) {
+  HttpServer server([](const HttpRequest&) {
+    HttpReply reply;
+    reply.delay = seconds(5);
+    return reply;
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  const SessionId id = MakeSessionId(1);
+  fetcher.open_session(id, SessionSettings{});
+  EXPECT_EQ(fetcher.sessions(), 1u);
+  std::vector<FetchItem> items;
+  for (std::uint64_t i = 0; i < 100; ++i) items.push_back(Item(i, server.url("/wait")));
+  fetcher.submit(id, std::move(items));
+  EXPECT_EQ(fetcher.in_flight(), 100u);
+  ASSERT_TRUE(WaitFor([&] { return server.in_flight() == 100; }, seconds(20))) << server.in_flight();
+
+  fetcher.close_session(id);
+  EXPECT_EQ(fetcher.sessions(), 0u);
+  EXPECT_TRUE(WaitFor([&] { return fetcher.in_flight() == 0; }, seconds(2))) << fetcher.in_flight();
+  EXPECT_EQ(collector.count(), 0u);
+
+  // The id can be opened again and works.
+  fetcher.open_session(id, SessionSettings{});
+  HttpServer quick;
+  std::vector<FetchItem> again;
+  again.push_back(Item(1, quick.url("/again")));
+  fetcher.submit(id, std::move(again));
+  ASSERT_TRUE(collector.wait(1));
+  EXPECT_EQ(collector.results()[0].response.body, "ok:/again");
+}
+
+TEST(FetcherTest, CloseSessionDropsBackingOffTransfers) {
+  HttpServer server([](const HttpRequest&) { return HttpReply{503, {{"Retry-After", "60"}}, ""}; });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  const SessionId id = MakeSessionId(1);
+  SessionSettings settings;
+  settings.backoff_max_ms = 60'000;
+  fetcher.open_session(id, settings);
+  std::vector<FetchItem> items;
+  for (std::uint64_t i = 0; i < 10; ++i) items.push_back(Item(i, server.url("/")));
+  fetcher.submit(id, std::move(items));
+  ASSERT_TRUE(WaitFor([&] { return server.requests() == 10; }));
+  fetcher.close_session(id);
+  EXPECT_TRUE(WaitFor([&] { return fetcher.in_flight() == 0; }, seconds(2)));
+  EXPECT_EQ(collector.count(), 0u);
+}
+
+TEST(FetcherTest, DestructorAbortsInFlightTransfers) {
+  HttpServer server([](const HttpRequest&) {
+    HttpReply reply;
+    reply.delay = seconds(10);
+    return reply;
+  });
+  Collector collector;
+  const auto started = std::chrono::steady_clock::now();
+  {
+    Fetcher fetcher(TwoThreads(), collector.sink());
+    fetcher.open_session(MakeSessionId(1), SessionSettings{});
+    std::vector<FetchItem> items;
+    for (std::uint64_t i = 0; i < 20; ++i) items.push_back(Item(i, server.url("/wait")));
+    fetcher.submit(MakeSessionId(1), std::move(items));
+    ASSERT_TRUE(WaitFor([&] { return server.in_flight() == 20; }, seconds(20)));
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - started, seconds(8));
+  EXPECT_EQ(collector.count(), 0u);
+}
+
+TEST(FetcherTest, SessionsAreIndependent) {
+  HttpServer server;
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  SessionSettings a, b;
+  a.base_url = server.url("/a");
+  b.base_url = server.url("/b");
+  fetcher.open_session(MakeSessionId(1), a);
+  fetcher.open_session(MakeSessionId(2), b);
+  fetcher.open_session(MakeSessionId(1), b);  // re-opening keeps the first settings
+  EXPECT_EQ(fetcher.sessions(), 2u);
+  for (std::uint8_t s = 1; s <= 2; ++s) {
+    std::vector<FetchItem> items;
+    for (std::uint64_t i = 0; i < 50; ++i) items.push_back(Item(i + 100 * s, "/x"));
+    fetcher.submit(MakeSessionId(s), std::move(items));
+  }
+  ASSERT_TRUE(collector.wait(100));
+  for (const auto& r : collector.results()) {
+    EXPECT_EQ(r.response.body, r.index < 200 ? "ok:/a/x" : "ok:/b/x") << r.index;
+  }
+  fetcher.close_session(MakeSessionId(1));
+  fetcher.close_session(MakeSessionId(2));
+  fetcher.close_session(MakeSessionId(3));  // unknown: ignored
+  EXPECT_EQ(fetcher.sessions(), 0u);
+}
+
+TEST(FetcherTest, StatusCodeFromCurlMapping) {
+  EXPECT_EQ(StatusCodeFromCurl(CURLE_COULDNT_CONNECT), StatusCode::kUnavailable);
+  EXPECT_EQ(StatusCodeFromCurl(CURLE_COULDNT_RESOLVE_HOST), StatusCode::kUnavailable);
+  EXPECT_EQ(StatusCodeFromCurl(CURLE_GOT_NOTHING), StatusCode::kUnavailable);
+  EXPECT_EQ(StatusCodeFromCurl(CURLE_RECV_ERROR), StatusCode::kUnavailable);
+  EXPECT_EQ(StatusCodeFromCurl(CURLE_SSL_CONNECT_ERROR), StatusCode::kUnavailable);
+  EXPECT_EQ(StatusCodeFromCurl(CURLE_OPERATION_TIMEDOUT), StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(StatusCodeFromCurl(CURLE_URL_MALFORMAT), StatusCode::kInvalidArgument);
+  EXPECT_EQ(StatusCodeFromCurl(CURLE_UNSUPPORTED_PROTOCOL), StatusCode::kInvalidArgument);
+  EXPECT_EQ(StatusCodeFromCurl(CURLE_FILESIZE_EXCEEDED), StatusCode::kResourceExhausted);
+  EXPECT_EQ(StatusCodeFromCurl(CURLE_WRITE_ERROR), StatusCode::kResourceExhausted);
+  EXPECT_EQ(StatusCodeFromCurl(CURLE_TOO_MANY_REDIRECTS), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(StatusCodeFromCurl(CURLE_PEER_FAILED_VERIFICATION), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(StatusCodeFromCurl(CURLE_ABORTED_BY_CALLBACK), StatusCode::kCancelled);
+  EXPECT_EQ(StatusCodeFromCurl(CURLE_OUT_OF_MEMORY), StatusCode::kInternal);
+  EXPECT_EQ(StatusCodeFromCurl(CURLE_OK), StatusCode::kOk);
+}
+
+}  // namespace
+}  // namespace gatherer::worker

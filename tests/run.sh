@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# All tests on a fresh Debian 12 machine (as root): install, then build and run
+# the whole ctest suite three times: release, ASan+UBSan, TSan.
+# PRESETS="release" bash tests/run.sh runs a subset.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash .ci/install-deps
+for preset in ${PRESETS:-release asan tsan}; do
+  echo "=== $preset: build"
+  cmake --preset "$preset" >/dev/null
+  cmake --build --preset "$preset"
+  echo "=== $preset: test"
+  ctest --preset "$preset"
+done
