@@ -10,10 +10,9 @@
 #include <unordered_map>
 #include <unordered_set>
 
-#include <zmq_addon.hpp>
-
 #include "gatherer/log.h"
 #include "gatherer/protocol.h"
+#include "gatherer/transport.h"
 
 namespace gatherer {
 namespace {
@@ -91,19 +90,13 @@ struct Broker::Impl {
 };
 
 bool Broker::Impl::send(const std::string& peer, proto::Frames&& frames) {
-  try {
-    if (!router->send(zmq::buffer(peer), zmq::send_flags::sndmore | zmq::send_flags::dontwait)) return false;
-    for (std::size_t i = 0; i < frames.size(); ++i) {
-      const auto flags = i + 1 < frames.size() ? zmq::send_flags::sndmore : zmq::send_flags::none;
-      // Once the first frame is accepted, the rest of a multipart is atomic.
-      (void)router->send(frames[i], flags);
-    }
-    return true;
-  } catch (const zmq::error_t& e) {
-    // ROUTER_MANDATORY: the peer is gone (EHOSTUNREACH). Not an error of ours.
-    Logger().debug("broker: cannot send to peer: {}", e.what());
-    return false;
-  }
+  const auto result = proto::SendMessage(*router, peer, frames);
+  if (result == proto::SendResult::kSent) return true;
+  // A gone peer (ROUTER_MANDATORY) or a full queue: the message is dropped;
+  // leases and heartbeats recover what it carried.
+  Logger().debug("broker: cannot send to a peer ({})",
+                 result == proto::SendResult::kUnreachable ? "unreachable" : "queue full or error");
+  return false;
 }
 
 void Broker::Impl::send_error(const std::string& peer, StatusCode code, std::string message,
@@ -417,18 +410,10 @@ void Broker::Impl::run() {
     }
     if (items[0].revents & ZMQ_POLLIN) {
       // Drain a bounded number per wake so heartbeats are never starved.
-      for (int i = 0; i < 4096; ++i) {
-        frames.clear();
-        std::optional<std::size_t> got;
-        try {
-          got = zmq::recv_multipart(*router, std::back_inserter(frames), zmq::recv_flags::dontwait);
-        } catch (const zmq::error_t& e) {
-          if (e.num() == ETERM) return;
-          Logger().warn("broker: receive failed: {}", e.what());
-          break;
-        }
-        if (!got) break;
-        handle(frames);
+      try {
+        for (int i = 0; i < 4096 && proto::ReceiveMessage(*router, frames); ++i) handle(frames);
+      } catch (const zmq::error_t&) {
+        return;  // context terminated
       }
       dispatch();
     }

@@ -7,12 +7,11 @@
 #include <iterator>
 #include <span>
 
-#include <zmq_addon.hpp>
-
 #include "gatherer/broker.h"
 #include "gatherer/ids.h"
 #include "gatherer/log.h"
 #include "gatherer/protocol.h"
+#include "gatherer/transport.h"
 #include "gatherer/worker.h"
 
 namespace gatherer {
@@ -43,19 +42,16 @@ struct Gatherer::Impl {
   Clock::time_point last_heard;
 
   void send(proto::Frames&& frames) {
-    try {
-      zmq::send_multipart(*dealer, frames);
-    } catch (const zmq::error_t& e) {
-      throw Error(std::string("cannot send to broker: ") + e.what(), -1, StatusCode::kUnavailable);
+    if (proto::SendMessage(*dealer, {}, frames, /*block=*/true) != proto::SendResult::kSent) {
+      throw Error("cannot send to broker " + endpoint, -1, StatusCode::kUnavailable);
     }
   }
   void cancel_on_broker() { send(proto::Encode(proto::Command::kCancel, proto::SessionRef{session})); }
   // Receives one message if there is one; empty when none is waiting.
   bool recv(std::vector<zmq::message_t>& frames) {
-    frames.clear();
-    auto got = zmq::recv_multipart(*dealer, std::back_inserter(frames), zmq::recv_flags::dontwait);
-    if (got) last_heard = Clock::now();
-    return got.has_value();
+    if (!proto::ReceiveMessage(*dealer, frames)) return false;
+    last_heard = Clock::now();
+    return true;
   }
   void close_session();
 };

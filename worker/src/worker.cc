@@ -7,11 +7,11 @@
 #include <thread>
 
 #include <tbb/concurrent_queue.h>
-#include <zmq_addon.hpp>
 
 #include "fetcher.h"
 #include "gatherer/log.h"
 #include "gatherer/protocol.h"
+#include "gatherer/transport.h"
 
 namespace gatherer {
 namespace {
@@ -54,10 +54,8 @@ struct Worker::Impl {
     }
   }
   void send(proto::Frames&& frames) {
-    try {
-      zmq::send_multipart(*dealer, frames);
-    } catch (const zmq::error_t& e) {
-      Logger().warn("worker {}: send failed: {}", id, e.what());
+    if (proto::SendMessage(*dealer, {}, frames, /*block=*/true) != proto::SendResult::kSent) {
+      Logger().warn("worker {}: send to broker failed", id);
     }
   }
   void register_with_broker() {
@@ -152,17 +150,10 @@ void Worker::Impl::run() {
       continue;
     }
     if (items[0].revents & ZMQ_POLLIN) {
-      for (int i = 0; i < 1024; ++i) {
-        frames.clear();
-        std::optional<std::size_t> got;
-        try {
-          got = zmq::recv_multipart(*dealer, std::back_inserter(frames), zmq::recv_flags::dontwait);
-        } catch (const zmq::error_t& e) {
-          if (e.num() == ETERM) return;
-          break;
-        }
-        if (!got) break;
-        handle(frames);
+      try {
+        for (int i = 0; i < 1024 && proto::ReceiveMessage(*dealer, frames); ++i) handle(frames);
+      } catch (const zmq::error_t&) {
+        return;  // context terminated
       }
     }
     if (items[1].revents & ZMQ_POLLIN) flush_results();
