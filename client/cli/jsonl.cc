@@ -56,7 +56,11 @@ Status JsonError(simdjson::error_code error) {
 }
 
 Status TypeError(std::string_view key, std::string_view expected) {
-  return InvalidArgument("'" + std::string(key) + "' must be " + std::string(expected));
+  // Built with append: g++ 12's -Wrestrict misfires on "'" + std::string(...) at -O2.
+  std::string message;
+  message.reserve(key.size() + expected.size() + 10);
+  message.append("'").append(key).append("' must be ").append(expected);
+  return InvalidArgument(message);
 }
 
 // Reads `value` (a string) into `out`; `key` names it in the error.

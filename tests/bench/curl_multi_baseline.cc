@@ -1,0 +1,90 @@
+// curl-multi-baseline: the floor of per-request cost that Gatherer is compared
+// with (DESIGN §7). One thread, one CURLM, `concurrency` easy handles recycled
+// (connections reused), bodies kept in input order. Reads URLs one per line
+// from stdin; prints "ok <n> seconds <s> req_per_s <r>" on stderr and, with
+// --print, the bodies in order on stdout.
+#include <curl/curl.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+#include <string>
+#include <vector>
+
+namespace {
+struct Slot {
+  CURL* easy = nullptr;
+  std::size_t index = 0;
+};
+
+size_t Write(char* data, size_t size, size_t n, void* user) {
+  static_cast<std::string*>(user)->append(data, size * n);
+  return size * n;
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  long concurrency = 256;
+  bool print = false;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--concurrency") == 0 && i + 1 < argc) concurrency = std::atol(argv[++i]);
+    else if (std::strcmp(argv[i], "--print") == 0) print = true;
+  }
+  std::vector<std::string> urls;
+  for (std::string line; std::getline(std::cin, line);) {
+    if (!line.empty()) urls.push_back(line);
+  }
+  curl_global_init(CURL_GLOBAL_DEFAULT);
+  CURLM* multi = curl_multi_init();
+  curl_multi_setopt(multi, CURLMOPT_MAXCONNECTS, concurrency);
+  std::vector<std::string> bodies(urls.size());
+  std::vector<long> status(urls.size(), 0);
+  std::vector<Slot> slots(static_cast<std::size_t>(concurrency));
+  std::vector<Slot*> free_slots;
+  for (auto& s : slots) {
+    s.easy = curl_easy_init();
+    free_slots.push_back(&s);
+  }
+  const auto start = std::chrono::steady_clock::now();
+  std::size_t next = 0, done = 0, failed = 0;
+  auto start_one = [&](Slot* s) {
+    s->index = next++;
+    curl_easy_setopt(s->easy, CURLOPT_URL, urls[s->index].c_str());
+    curl_easy_setopt(s->easy, CURLOPT_WRITEFUNCTION, Write);
+    curl_easy_setopt(s->easy, CURLOPT_WRITEDATA, &bodies[s->index]);
+    curl_easy_setopt(s->easy, CURLOPT_PRIVATE, s);
+    curl_easy_setopt(s->easy, CURLOPT_NOSIGNAL, 1L);
+    curl_multi_add_handle(multi, s->easy);
+  };
+  while (done < urls.size()) {
+    while (!free_slots.empty() && next < urls.size()) {
+      start_one(free_slots.back());
+      free_slots.pop_back();
+    }
+    int running = 0;
+    curl_multi_perform(multi, &running);
+    int left = 0;
+    while (CURLMsg* msg = curl_multi_info_read(multi, &left)) {
+      if (msg->msg != CURLMSG_DONE) continue;
+      Slot* s = nullptr;
+      curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, &s);
+      curl_easy_getinfo(msg->easy_handle, CURLINFO_RESPONSE_CODE, &status[s->index]);
+      if (msg->data.result != CURLE_OK || status[s->index] != 200) ++failed;
+      curl_multi_remove_handle(multi, msg->easy_handle);
+      free_slots.push_back(s);
+      ++done;
+    }
+    if (done < urls.size()) curl_multi_poll(multi, nullptr, 0, 100, nullptr);
+  }
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  if (print) {
+    for (const auto& b : bodies) std::fwrite(b.data(), 1, b.size(), stdout), std::fputc('\n', stdout);
+  }
+  std::fprintf(stderr, "ok %zu failed %zu seconds %.3f req_per_s %.0f\n", urls.size() - failed, failed, secs,
+               static_cast<double>(urls.size()) / secs);
+  for (auto& s : slots) curl_easy_cleanup(s.easy);
+  curl_multi_cleanup(multi);
+  return failed ? 1 : 0;
+}
