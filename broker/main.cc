@@ -19,12 +19,12 @@ int main(int argc, char** argv) {
   app.add_option("--max-sessions", options.max_sessions, "Open sessions at most");
   app.add_option("--log-level", log_level, "debug, info, warning, error, critical or 10..50");
   CLI11_PARSE(app, argc, argv);
-  const int level = gatherer::ParseLogLevel(log_level);
-  if (level < 0) {
-    std::fprintf(stderr, "gatherer-broker: bad --log-level '%s'\n", log_level.c_str());
+  const auto level = gatherer::ParseLogLevel(log_level);
+  if (!level) {
+    std::fprintf(stderr, "gatherer-broker: --log-level: %s\n", level.error().message().c_str());
     return 2;
   }
-  gatherer::SetLogLevel(level);
+  gatherer::SetLogLevel(*level);
   if (!binds.empty()) options.endpoints = binds;
   options.heartbeat_interval = std::chrono::milliseconds(heartbeat_ms);
 

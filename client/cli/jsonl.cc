@@ -441,19 +441,4 @@ Result<std::pair<std::string, std::string>> ParseHeaderArg(std::string_view arg)
   return header;
 }
 
-Result<int> ParseLogLevel(std::string_view arg) {
-  int level = 0;
-  const auto [ptr, ec] = std::from_chars(arg.data(), arg.data() + arg.size(), level);
-  if (ec == std::errc() && ptr == arg.data() + arg.size()) {
-    if (level < 10 || level > 50) return Unexpected(InvalidArgument("log level must be 10..50"));
-    return level;
-  }
-  static constexpr std::pair<std::string_view, int> kNames[] = {
-      {"debug", 10}, {"info", 20}, {"warning", 30}, {"warn", 30}, {"error", 40}, {"critical", 50}};
-  for (const auto& [name, value] : kNames) {
-    if (EqualsIgnoreCase(arg, name)) return value;
-  }
-  return Unexpected(InvalidArgument("log level must be 10..50 or debug, info, warning, error, critical"));
-}
-
 }  // namespace gatherer::cli

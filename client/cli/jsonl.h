@@ -61,8 +61,5 @@ void AppendResponseJson(std::string& out, std::uint64_t index, const Response& r
 // CR, LF and NUL.
 [[nodiscard]] Result<std::pair<std::string, std::string>> ParseHeaderArg(std::string_view arg);
 
-// Parses a --log-level argument: a number 10..50 (Python logging levels) or
-// one of debug, info, warning (warn), error, critical (any case).
-[[nodiscard]] Result<int> ParseLogLevel(std::string_view arg);
 
 }  // namespace gatherer::cli

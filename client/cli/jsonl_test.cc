@@ -353,20 +353,6 @@ TEST(ParseHeaderArgTest, Malformed) {
   EXPECT_FALSE(ParseHeaderArg("X: a\r\nY: b"));
 }
 
-TEST(ParseLogLevelTest, NumbersAndNames) {
-  EXPECT_EQ(ParseLogLevel("10").value(), 10);
-  EXPECT_EQ(ParseLogLevel("35").value(), 35);
-  EXPECT_EQ(ParseLogLevel("debug").value(), 10);
-  EXPECT_EQ(ParseLogLevel("INFO").value(), 20);
-  EXPECT_EQ(ParseLogLevel("warning").value(), 30);
-  EXPECT_EQ(ParseLogLevel("warn").value(), 30);
-  EXPECT_EQ(ParseLogLevel("error").value(), 40);
-  EXPECT_EQ(ParseLogLevel("critical").value(), 50);
-  EXPECT_FALSE(ParseLogLevel("5"));
-  EXPECT_FALSE(ParseLogLevel("60"));
-  EXPECT_FALSE(ParseLogLevel("verbose"));
-  EXPECT_FALSE(ParseLogLevel(""));
-}
 
 }  // namespace
 }  // namespace gatherer::cli

@@ -20,11 +20,8 @@
 #include <spdlog/spdlog.h>
 
 #include "gatherer/gatherer.h"
+#include "gatherer/log.h"
 #include "jsonl.h"
-
-#ifndef GATHERER_VERSION
-#define GATHERER_VERSION "0.1.0"
-#endif
 
 namespace {
 
@@ -59,7 +56,7 @@ bool BuildOptions(const FetchFlags& flags, gatherer::Options& options) {
   options.workers = flags.workers;
   options.cancel_on_raise = flags.cancel_on_raise;
   options.embedded_io_threads = flags.io_threads;
-  auto level = gatherer::cli::ParseLogLevel(flags.log_level);
+  auto level = gatherer::ParseLogLevel(flags.log_level);
   if (!level) {
     PrintError("--log-level: " + level.error().message());
     return false;

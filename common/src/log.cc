@@ -1,6 +1,9 @@
 #include "gatherer/log.h"
 
+#include <algorithm>
+#include <cctype>
 #include <charconv>
+#include <utility>
 #include <memory>
 
 #include <spdlog/sinks/stdout_color_sinks.h>
@@ -31,16 +34,23 @@ void SetLogLevel(int python_level) {
   Logger().set_level(level);
 }
 
-int ParseLogLevel(std::string_view text) {
-  if (text == "debug") return 10;
-  if (text == "info") return 20;
-  if (text == "warning" || text == "warn") return 30;
-  if (text == "error") return 40;
-  if (text == "critical") return 50;
-  int value = -1;
-  auto [ptr, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
-  if (ec != std::errc() || ptr != text.data() + text.size() || value < 0) return -1;
-  return value;
+Result<int> ParseLogLevel(std::string_view text) {
+  int level = 0;
+  const auto [ptr, ec] = std::from_chars(text.data(), text.data() + text.size(), level);
+  if (ec == std::errc() && ptr == text.data() + text.size()) {
+    if (level < 10 || level > 50) return Unexpected(InvalidArgument("log level must be 10..50"));
+    return level;
+  }
+  static constexpr std::pair<std::string_view, int> kNames[] = {
+      {"debug", 10}, {"info", 20}, {"warning", 30}, {"warn", 30}, {"error", 40}, {"critical", 50}};
+  for (const auto& [name, value] : kNames) {
+    if (text.size() == name.size() &&
+        std::equal(text.begin(), text.end(), name.begin(),
+                   [](char a, char b) { return std::tolower(static_cast<unsigned char>(a)) == b; })) {
+      return value;
+    }
+  }
+  return Unexpected(InvalidArgument("log level must be 10..50 or debug, info, warning, error, critical"));
 }
 
 bool RateLimitedLog::allow(std::uint64_t& suppressed) {

@@ -119,9 +119,13 @@ void Worker::Impl::handle(std::vector<zmq::message_t>& frames) {
 }
 
 void Worker::Impl::flush_results() {
-  wake_pending.store(false, std::memory_order_release);
+  // Order matters: consume the eventfd first, then clear the flag, then
+  // drain. Clearing first would let an I/O thread's wake-up land in the
+  // eventfd we are about to consume while the flag stays set, and every
+  // later batch would then skip its write: results stranded, session stalled.
   std::uint64_t drained = 0;
   (void)!read(wake_fd, &drained, sizeof(drained));
+  wake_pending.exchange(false, std::memory_order_acq_rel);
   ResultBatch batch;
   while (done.try_pop(batch)) {
     proto::Results msg{batch.session, {}};

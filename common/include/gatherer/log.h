@@ -14,6 +14,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include "gatherer/status.h"
+
 namespace gatherer {
 
 // The process-wide logger (created on first use).
@@ -23,9 +25,9 @@ spdlog::logger& Logger();
 // are rounded down to the nearest level; below 10 = trace, above 50 = off.
 void SetLogLevel(int python_level);
 
-// Parses "debug"/"info"/"warning"/"error"/"critical" or a number.
-// Returns -1 when it is neither.
-int ParseLogLevel(std::string_view text);
+// Parses a level for command lines: 10..50, or debug / info / warning (warn)
+// / error / critical in any case. InvalidArgument otherwise.
+[[nodiscard]] Result<int> ParseLogLevel(std::string_view text);
 
 // Lets through at most one message per interval per instance, counting the
 // ones held back, so a peer flooding bad frames cannot flood the log
