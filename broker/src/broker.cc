@@ -68,6 +68,9 @@ struct Broker::Impl {
   std::unordered_map<SessionId, SessionState> sessions;
   std::unordered_map<std::string, WorkerState> workers;
   std::deque<SessionId> ready;  // sessions with pending work and window room
+  // Sums of every session's pending.size() and leases.size().
+  std::uint64_t total_pending = 0;
+  std::uint64_t total_leased = 0;
   Clock::time_point next_heartbeat;
 
   explicit Impl(BrokerOptions o) : options(std::move(o)) {}
@@ -120,14 +123,11 @@ void Broker::Impl::mark_ready(SessionState& s) {
   }
 }
 
+// O(1): the totals are kept up to date where statements move, so the loop
+// can publish them on every pass.
 void Broker::Impl::update_gauges() {
-  std::uint64_t queued = 0, in_flight = 0;
-  for (const auto& [id, s] : sessions) {
-    queued += s.pending.size();
-    in_flight += s.leases.size();
-  }
-  stats.queued.store(queued, std::memory_order_relaxed);
-  stats.in_flight.store(in_flight, std::memory_order_relaxed);
+  stats.queued.store(total_pending, std::memory_order_relaxed);
+  stats.in_flight.store(total_leased, std::memory_order_relaxed);
   stats.sessions.store(sessions.size(), std::memory_order_relaxed);
   stats.workers.store(workers.size(), std::memory_order_relaxed);
 }
@@ -170,6 +170,8 @@ void Broker::Impl::dispatch() {
       s.leases.insert_or_assign(index, Lease{best->routing_id, std::move(ws)});
     }
     best->leased += static_cast<std::uint32_t>(n);
+    total_pending -= n;
+    total_leased += n;
     stats.dispatched.fetch_add(n, std::memory_order_relaxed);
     send(best->routing_id, std::move(frames));
     mark_ready(s);
@@ -184,6 +186,8 @@ void Broker::Impl::end_session(SessionState& s, bool cancel_only) {
     auto w = workers.find(lease.worker);
     if (w != workers.end() && w->second.leased > 0) --w->second.leased;
   }
+  total_leased -= s.leases.size();
+  total_pending -= s.pending.size();
   s.leases.clear();
   s.pending.clear();
   for (const auto& rid : s.workers) {
@@ -217,6 +221,8 @@ void Broker::Impl::remove_worker(const std::string& routing_id, const char* why)
     }
     std::sort(back.begin(), back.end(), [](const auto& a, const auto& b) { return a.index < b.index; });
     stats.requeued.fetch_add(back.size(), std::memory_order_relaxed);
+    total_leased -= back.size();
+    total_pending += back.size();
     s->second.pending.insert(s->second.pending.begin(), std::make_move_iterator(back.begin()),
                              std::make_move_iterator(back.end()));
     mark_ready(s->second);
@@ -248,6 +254,7 @@ void Broker::Impl::on_results(const std::string& peer, std::span<zmq::message_t>
       continue;
     }
     session.leases.erase(l);
+    --total_leased;
     if (w->second.leased > 0) --w->second.leased;
     ++kept;
   }
@@ -324,6 +331,7 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
                         "session queue cap exceeded (window + prefetch + slack)", s.id);
     }
     for (auto& ws : submit->statements) s.pending.push_back(std::move(ws));
+    total_pending += submit->statements.size();
     mark_ready(s);
     return;
   }

@@ -906,7 +906,10 @@ class IoThread {
   int epoll_fd_ = -1;
   int event_fd_ = -1;
   std::atomic<bool> stop_{false};
-  tbb::concurrent_queue<Command> queue_;
+  // std::allocator, not TBB's cache-aligned one: pages then come from
+  // new/delete, which ThreadSanitizer sees, instead of libtbb's
+  // uninstrumented pool (whose reuse of a page across threads TSan reports).
+  tbb::concurrent_queue<Command, std::allocator<Command>> queue_;
   std::thread thread_;
 
   // Everything below is touched by the I/O thread only.

@@ -35,7 +35,8 @@ struct Worker::Impl {
   std::unique_ptr<worker::Fetcher> fetcher;
   // I/O threads -> socket thread. The flag collapses many wake-ups into one
   // eventfd write per drain.
-  tbb::concurrent_queue<ResultBatch> done;
+  // std::allocator so ThreadSanitizer sees page reuse (see fetcher.cc).
+  tbb::concurrent_queue<ResultBatch, std::allocator<ResultBatch>> done;
   std::atomic<bool> wake_pending{false};
   int wake_fd = -1;
   std::atomic<bool> stopping{false};
