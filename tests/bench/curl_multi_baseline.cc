@@ -76,7 +76,10 @@ int main(int argc, char** argv) {
       free_slots.push_back(s);
       ++done;
     }
-    if (done < urls.size()) curl_multi_poll(multi, nullptr, 0, 100, nullptr);
+    // Wait only when nothing can be started: polling right after completions
+    // would sleep on an idle multi while free slots wait for new transfers.
+    const bool can_start = !free_slots.empty() && next < urls.size();
+    if (done < urls.size() && !can_start) curl_multi_poll(multi, nullptr, 0, 100, nullptr);
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (print) {

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Side-by-side throughput: `gatherer fetch` (embedded) vs a bare libcurl multi
-loop, same URLs, same local server, same run, alternating A B A B.
+"""Side-by-side throughput: `gatherer fetch` (embedded, and via a tcp broker
+with one worker process) vs a bare libcurl multi loop: same URLs, same local
+server, same run, alternating.
 
     python3 tests/bench/fetch_vs_curl.py --build build/release [--n 20000] [--concurrency 256] [--runs 5]
 
@@ -10,6 +11,7 @@ run is checked: N responses, all 200 with the server's body, in order.
 """
 import argparse
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -59,19 +61,33 @@ def main():
             if not line.startswith(b'{"index":%d,"status":200,' % i) or b'"error":null' not in line:
                 sys.exit(f"gatherer fetch line {i} wrong: {line[:200]!r}")
 
-    rows = {"bare libcurl multi (1 thread)": [], "gatherer fetch, embedded": []}
+    # A broker and one worker process on tcp for the cluster row.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    broker = subprocess.Popen([f"{a.build}/broker/gatherer-broker", "--bind", endpoint, "--log-level", "error"])
+    worker = subprocess.Popen([f"{a.build}/worker/gatherer-worker", "--broker", endpoint, "--log-level", "error"])
+
+    rows = {"bare libcurl multi (1 thread)": [], "gatherer fetch, embedded": [],
+            "gatherer fetch, tcp broker + 1 worker process (client CPU only)": []}
     curl_cmd = [f"{a.build}/tests/bench/curl-multi-baseline", "--concurrency", str(a.concurrency)]
     gatherer_cmd = [f"{a.build}/client/gatherer", "fetch", "--workers", str(a.concurrency), "--log-level", "error"]
+    cluster_cmd = gatherer_cmd + ["--broker", endpoint]
     try:
         for _ in range(a.runs):
             rows["bare libcurl multi (1 thread)"].append(run(curl_cmd, urls.name, check_curl))
             rows["gatherer fetch, embedded"].append(run(gatherer_cmd, urls.name, check_gatherer))
+            rows["gatherer fetch, tcp broker + 1 worker process (client CPU only)"].append(
+                run(cluster_cmd, urls.name, check_gatherer))
     finally:
-        server.terminate()
+        for p in (worker, broker, server):
+            p.terminate()
+        for p in (worker, broker):
+            p.wait()
         _, err = server.communicate()
         os.unlink(urls.name)
     served = int(err.split()[-1])
-    expected = a.n * a.runs * 2
+    expected = a.n * a.runs * len(rows)
     if served != expected:
         sys.exit(f"server counted {served} requests, expected {expected}")
 
