@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <deque>
 #include <iterator>
 #include <span>
 
@@ -40,6 +41,7 @@ struct Gatherer::Impl {
   std::atomic<bool> cancel_requested{false};
   std::uint64_t next_index = 0;
   Clock::time_point last_heard;
+  bool running = false;  // a gather() or stream is in progress
 
   void send(proto::Frames&& frames) {
     if (proto::SendMessage(*dealer, {}, frames, /*block=*/true) != proto::SendResult::kSent) {
@@ -155,103 +157,280 @@ void Gatherer::cancel() {
   (void)!write(impl_->cancel_fd, &one, sizeof(one));
 }
 
-const std::vector<Response>& Gatherer::gather() {
-  Impl& m = *impl_;
-  const std::size_t n = statements.size();
+// One gather() or stream: pulls statements, keeps window + prefetch of them
+// unanswered at the broker (a sliding window, DESIGN §3), and hands results
+// out in input or completion order. Positions are tracked in a ring of
+// `span` slots (state, and in input order the buffered response), so memory
+// is bounded by the span, not by the number of statements.
+//
+// Owned by the thread reading the stream, like the Gatherer it drives.
+struct Stream::Run {
+  enum Slot : std::uint8_t { kFree = 0, kSent = 1, kDone = 2 };
+
+  Gatherer::Impl& m;
+  Order order;
+  std::span<const Statement> fixed;  // statements from a list, or
+  StatementSource source;            // statements pulled lazily
+  std::vector<Statement> pull_buffer;
+  bool source_done = false;
+  bool finished = false;
+  // Session index of position 0 (PROTOCOL.md §3.2.2).
+  std::uint64_t base = 0;
+  std::size_t limit = 0;  // window + prefetch
+  std::size_t span = 0;   // positions tracked at once
+  std::vector<std::uint8_t> slots;
+  std::vector<Response> reorder;  // input order only, `span` long
+  std::deque<Indexed> ready;      // completion order only
+  std::uint64_t pulled = 0;       // positions taken from the source and sent
+  std::uint64_t received = 0;     // results accepted
+  std::uint64_t delivered = 0;    // handed to the reader (input order)
+  std::uint64_t low = 0;          // lowest position not yet done
+  proto::Frames frames;
+  std::chrono::steady_clock::time_point next_heartbeat;
+
+  Run(Gatherer::Impl& impl, Order o) : m(impl), order(o) {}
+
+  std::optional<Indexed> next();
+  void top_up();
+  void pump();
+  void accept(proto::WireResult& result);
+  [[noreturn]] void fail(const std::string& what, std::int64_t index, StatusCode code);
+  void start(std::size_t span_positions);
+};
+
+void Stream::Run::start(std::size_t span_positions) {
+  if (m.running) throw Error("a gather() or stream is already running on this Gatherer", -1,
+                             StatusCode::kFailedPrecondition);
+  m.running = true;
+  const std::size_t window = static_cast<std::size_t>(m.options.workers);
+  limit = window + static_cast<std::size_t>(m.options.prefetch ? m.options.prefetch : m.options.workers);
+  span = std::max<std::size_t>(span_positions, 1);
+  slots.assign(span, kFree);
+  if (order == Order::kInput) reorder.resize(span);
+  // Indices are session-wide, so late results of an earlier, cancelled run
+  // fall below `base` and are dropped.
+  base = m.next_index;
+  next_heartbeat = Clock::now() + kHeartbeat;
+  m.last_heard = Clock::now();  // idle time before this run does not count
+  m.cancel_requested.store(false, std::memory_order_release);
+}
+
+void Stream::Run::fail(const std::string& what, std::int64_t index, StatusCode code) {
+  // Whatever is still queued or in flight is dropped everywhere (DESIGN §2).
+  if (pulled > received) {
+    try {
+      m.cancel_on_broker();
+    } catch (const Error&) {
+    }
+  }
+  finished = true;
+  m.running = false;
+  throw Error(what, index, code);
+}
+
+// Sends as many statements as the window, the prefetch and the span allow.
+void Stream::Run::top_up() {
+  while (!source_done) {
+    const std::size_t room_window = limit - static_cast<std::size_t>(pulled - received);
+    const std::size_t room_span = span - static_cast<std::size_t>(pulled - low);
+    const std::size_t k = std::min({room_window, room_span, kSubmitChunk});
+    if (k == 0) return;
+    std::span<const Statement> chunk;
+    if (source) {
+      if (pull_buffer.size() < k) pull_buffer.resize(k);
+      std::size_t got = 0;
+      while (got < k) {
+        if (!source(pull_buffer[got])) {
+          source_done = true;
+          break;
+        }
+        if (Status st = ValidateStatement(pull_buffer[got], m.settings); !st.ok()) {
+          const std::uint64_t index = pulled + got;
+          pulled += got;  // already pulled ones were not sent; nothing to cancel for them
+          fail("statement " + std::to_string(index) + " is invalid: " + st.message(),
+               static_cast<std::int64_t>(index), st.code());
+        }
+        ++got;
+      }
+      chunk = std::span<const Statement>(pull_buffer.data(), got);
+    } else {
+      const std::size_t left = fixed.size() - static_cast<std::size_t>(pulled);
+      chunk = fixed.subspan(static_cast<std::size_t>(pulled), std::min(k, left));
+      if (chunk.size() == left) source_done = true;
+    }
+    if (chunk.empty()) return;
+    for (std::size_t i = 0; i < chunk.size(); ++i) slots[(pulled + i) % span] = kSent;
+    m.send(proto::EncodeSubmit(m.session, base + pulled, chunk));
+    pulled += chunk.size();
+    m.next_index = base + pulled;
+  }
+}
+
+void Stream::Run::accept(proto::WireResult& r) {
+  if (r.index < base) return;  // an earlier run's
+  const std::uint64_t pos = r.index - base;
+  if (pos >= pulled || pos < low) return;  // never sent, or done already
+  std::uint8_t& slot = slots[pos % span];
+  if (slot != kSent) return;  // duplicate: exactly-once delivery (DESIGN §5.2)
+  ++received;
+  const Response& got = r.response;
+  if (!got.ok()) {
+    Logger().debug("gatherer: statement {} failed: {}: {}", pos, StatusCodeName(got.error->code), got.error->message);
+    if (m.options.cancel_on_raise) {
+      Logger().warn("gatherer: statement {} failed, cancelling session {} (cancel_on_raise)", pos, m.session_text);
+      fail("statement " + std::to_string(pos) + " failed: " + std::string(StatusCodeName(got.error->code)) + ": " +
+               got.error->message,
+           static_cast<std::int64_t>(pos), got.error->code);
+    }
+  }
+  slot = kDone;
+  if (order == Order::kInput) {
+    reorder[pos % span] = std::move(r.response);
+  } else {
+    ready.push_back(Indexed{pos, std::move(r.response)});
+    while (low < pulled && slots[low % span] == kDone) slots[low++ % span] = kFree;
+  }
+}
+
+// Sends what fits, waits for the broker (up to the next heartbeat), and
+// takes in every message waiting.
+void Stream::Run::pump() {
+  top_up();
+  zmq::pollitem_t items[] = {{m.dealer->handle(), 0, ZMQ_POLLIN, 0}, {nullptr, m.cancel_fd, ZMQ_POLLIN, 0}};
+  const auto wait = std::max(std::chrono::milliseconds(0),
+                             std::chrono::duration_cast<std::chrono::milliseconds>(next_heartbeat - Clock::now()));
+  zmq::poll(items, 2, wait);
+  if (m.cancel_requested.exchange(false, std::memory_order_acq_rel)) {
+    std::uint64_t drained;
+    (void)!read(m.cancel_fd, &drained, sizeof(drained));
+    Logger().warn("gatherer: session {} cancelled by the caller", m.session_text);
+    fail("gather cancelled", -1, StatusCode::kCancelled);
+  }
+  while (m.recv(frames)) {
+    auto command = proto::PeekCommand(frames);
+    if (!command) {
+      Logger().warn("gatherer: dropped malformed message from broker: {}", command.error().ToString());
+      continue;
+    }
+    if (*command == proto::Command::kResults) {
+      auto results = proto::DecodeResults(frames);
+      if (!results) {
+        Logger().warn("gatherer: dropped malformed RESULTS: {}", results.error().ToString());
+        continue;
+      }
+      if (results->session != m.session) continue;
+      for (auto& r : results->results) accept(r);
+    } else if (*command == proto::Command::kError) {
+      auto e = proto::DecodeError(frames);
+      if (!e || (e->session && *e->session != m.session)) continue;
+      fail("broker refused: " + std::string(StatusCodeName(e->code)) + ": " + e->message, -1, e->code);
+    }
+    // OPENED, CLOSED and HEARTBEAT only prove the broker is alive.
+  }
+  if (Clock::now() >= next_heartbeat) {
+    next_heartbeat = Clock::now() + kHeartbeat;
+    if (Clock::now() - m.last_heard > m.options.connect_timeout) {
+      fail("broker " + m.endpoint + " has not answered for " + std::to_string(m.options.connect_timeout.count()) +
+               " ms",
+           -1, StatusCode::kUnavailable);
+    }
+    m.send(proto::EncodeHeartbeat());
+  }
+}
+
+std::optional<Indexed> Stream::Run::next() {
+  while (!finished) {
+    if (order == Order::kInput) {
+      if (delivered < pulled && slots[delivered % span] == kDone) {
+        const std::size_t at = delivered % span;
+        slots[at] = kFree;
+        Indexed out{delivered, std::move(reorder[at])};
+        ++delivered;
+        low = delivered;
+        return out;
+      }
+    } else if (!ready.empty()) {
+      Indexed out = std::move(ready.front());
+      ready.pop_front();
+      return out;
+    }
+    if (source_done && received == pulled) {
+      finished = true;
+      m.running = false;
+      break;
+    }
+    pump();
+  }
+  return std::nullopt;
+}
+
+Stream::Stream(std::unique_ptr<Run> run) : run_(std::move(run)) {}
+Stream::Stream(Stream&&) noexcept = default;
+Stream& Stream::operator=(Stream&&) noexcept = default;
+
+Stream::~Stream() {
+  if (!run_ || run_->finished) return;
+  // Abandoned: the rest is cancelled so nothing keeps running for nobody.
+  run_->m.running = false;
+  if (run_->pulled > run_->received) {
+    try {
+      run_->m.cancel_on_broker();
+    } catch (const Error&) {
+    }
+  }
+}
+
+std::optional<Indexed> Stream::next() { return run_ ? run_->next() : std::nullopt; }
+
+namespace {
+void ValidateAll(const std::vector<Statement>& list, const SessionSettings& settings) {
   // DESIGN §2: every statement is checked before anything is sent.
-  for (std::size_t i = 0; i < n; ++i) {
-    if (Status s = ValidateStatement(statements[i], m.settings); !s.ok()) {
+  for (std::size_t i = 0; i < list.size(); ++i) {
+    if (Status s = ValidateStatement(list[i], settings); !s.ok()) {
       throw Error("statement " + std::to_string(i) + " is invalid: " + s.message(), static_cast<std::int64_t>(i),
                   s.code());
     }
   }
+}
+
+std::size_t ReorderSpan(const Options& o) {
+  if (o.reorder_buffer > 0) return static_cast<std::size_t>(o.reorder_buffer);
+  return 4 * static_cast<std::size_t>(o.workers + (o.prefetch ? o.prefetch : o.workers));
+}
+}  // namespace
+
+Stream Gatherer::stream(StatementSource source, Order order) {
+  auto run = std::make_unique<Stream::Run>(*impl_, order);
+  run->source = std::move(source);
+  run->start(ReorderSpan(impl_->options));
+  return Stream(std::move(run));
+}
+
+Stream Gatherer::stream(const std::vector<Statement>& list, Order order) {
+  ValidateAll(list, impl_->settings);
+  auto run = std::make_unique<Stream::Run>(*impl_, order);
+  run->fixed = list;
+  run->source_done = list.empty();
+  run->start(ReorderSpan(impl_->options));
+  return Stream(std::move(run));
+}
+
+const std::vector<Response>& Gatherer::gather() {
+  ValidateAll(statements, impl_->settings);
   responses.clear();
-  responses.resize(n);
-  if (n == 0) return responses;
-
-  // Indices are session-wide, so results of an earlier, cancelled gather()
-  // that arrive late fall outside [base, base + n) and are dropped.
-  const std::uint64_t base = m.next_index;
-  m.next_index += n;
-  const std::size_t window = static_cast<std::size_t>(m.options.workers);
-  const std::size_t limit = window + static_cast<std::size_t>(m.options.prefetch ? m.options.prefetch : m.options.workers);
-  std::vector<bool> have(n, false);
-  std::size_t sent = 0, received = 0;
-  std::vector<zmq::message_t> frames;
-  zmq::pollitem_t items[] = {{m.dealer->handle(), 0, ZMQ_POLLIN, 0}, {nullptr, m.cancel_fd, ZMQ_POLLIN, 0}};
-  auto next_heartbeat = Clock::now() + kHeartbeat;
-  const std::span<const Statement> all(statements);
-  m.last_heard = Clock::now();  // the idle time before this gather() does not count
-
-  while (received < n) {
-    // Keep window + prefetch unanswered: the broker always has the next
-    // statements at hand when one finishes (a sliding window, DESIGN §3).
-    while (sent < n && sent - received < limit) {
-      const std::size_t k = std::min({limit - (sent - received), n - sent, kSubmitChunk});
-      m.send(proto::EncodeSubmit(m.session, base + sent, all.subspan(sent, k)));
-      sent += k;
-    }
-    const auto now = Clock::now();
-    const auto wait = std::max(std::chrono::milliseconds(0),
-                               std::chrono::duration_cast<std::chrono::milliseconds>(next_heartbeat - now));
-    zmq::poll(items, 2, wait);
-    if (m.cancel_requested.exchange(false, std::memory_order_acq_rel)) {
-      std::uint64_t drained;
-      (void)!read(m.cancel_fd, &drained, sizeof(drained));
-      m.cancel_on_broker();
-      Logger().warn("gatherer: session {} cancelled by the caller", m.session_text);
-      throw Error("gather cancelled", -1, StatusCode::kCancelled);
-    }
-    while (m.recv(frames)) {
-      auto command = proto::PeekCommand(frames);
-      if (!command) {
-        Logger().warn("gatherer: dropped malformed message from broker: {}", command.error().ToString());
-        continue;
-      }
-      if (*command == proto::Command::kResults) {
-        auto results = proto::DecodeResults(frames);
-        if (!results) {
-          Logger().warn("gatherer: dropped malformed RESULTS: {}", results.error().ToString());
-          continue;
-        }
-        if (results->session != m.session) continue;
-        for (auto& r : results->results) {
-          if (r.index < base || r.index >= base + n) continue;  // earlier gather()
-          const std::size_t pos = r.index - base;
-          if (have[pos]) continue;  // duplicate: exactly-once delivery (DESIGN §5.2)
-          have[pos] = true;
-          ++received;
-          responses[pos] = std::move(r.response);
-          const Response& got = responses[pos];
-          if (got.ok()) continue;
-          Logger().debug("gatherer: statement {} failed: {}: {}", pos, StatusCodeName(got.error->code),
-                         got.error->message);
-          if (m.options.cancel_on_raise) {
-            m.cancel_on_broker();
-            Logger().warn("gatherer: statement {} failed, cancelling session {} (cancel_on_raise)", pos,
-                          m.session_text);
-            throw Error("statement " + std::to_string(pos) + " failed: " +
-                            std::string(StatusCodeName(got.error->code)) + ": " + got.error->message,
-                        static_cast<std::int64_t>(pos), got.error->code);
-          }
-        }
-      } else if (*command == proto::Command::kError) {
-        auto e = proto::DecodeError(frames);
-        if (!e) continue;
-        if (e->session && *e->session != m.session) continue;
-        throw Error("broker refused: " + std::string(StatusCodeName(e->code)) + ": " + e->message, -1, e->code);
-      }
-      // OPENED, CLOSED and HEARTBEAT only prove the broker is alive.
-    }
-    if (Clock::now() >= next_heartbeat) {
-      next_heartbeat = Clock::now() + kHeartbeat;
-      if (Clock::now() - m.last_heard > m.options.connect_timeout) {
-        throw Error("broker " + m.endpoint + " has not answered for " +
-                        std::to_string(m.options.connect_timeout.count()) + " ms",
-                    -1, StatusCode::kUnavailable);
-      }
-      m.send(proto::EncodeHeartbeat());
-    }
+  responses.resize(statements.size());
+  // Completion order over a span of all n positions: every response lands at
+  // its index at once, and one slow statement holds back nothing (the
+  // sliding window), since the caller keeps all n responses anyway.
+  Stream::Run run(*impl_, Order::kCompletion);
+  run.fixed = statements;
+  run.source_done = statements.empty();
+  run.start(statements.size());
+  try {
+    while (auto item = run.next()) responses[item->index] = std::move(item->response);
+  } catch (...) {
+    impl_->running = false;
+    throw;
   }
   return responses;
 }

@@ -12,7 +12,10 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
+#include <iterator>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -44,6 +47,11 @@ struct Options {
   // a round trip to the client. 0 = same as `workers` (Pyot's Queue used
   // maxsize = 2 x workers).
   int prefetch = 0;
+  // Responses a stream may hold while it waits for an earlier one (the
+  // reorder buffer), and so the span of statements in flight past the oldest
+  // unfinished one. Bounds a stream's memory whatever the number of
+  // statements. 0 = 4 x (workers + prefetch). gather() is not bounded by it.
+  int reorder_buffer = 0;
   // Embedded mode only: I/O threads of the in-process worker (0 = one per core).
   unsigned embedded_io_threads = 0;
   // How long to wait for the broker to answer session open/close before
@@ -64,6 +72,75 @@ class Error : public std::runtime_error {
  private:
   std::int64_t index_;
   StatusCode code_;
+};
+
+// A lazy source of statements: fills `out` with the next one and returns
+// true, or returns false at the end. Called on the thread that reads the
+// stream, only when the window has room, so a million statements never sit in
+// memory at once. `out` may hold the previous statement: assign every field
+// you use (reusing it saves allocations).
+using StatementSource = std::function<bool(Statement& out)>;
+
+enum class Order {
+  kInput,       // in the statements' order, each as soon as all earlier ones are done
+  kCompletion,  // as they finish
+};
+
+// One response and the index of its statement.
+struct Indexed {
+  std::uint64_t index = 0;
+  Response response;
+};
+
+class Gatherer;
+
+// A running stream of responses (see Gatherer::stream). Pull with next() or
+// a range-for. Memory is bounded by the window and the reorder buffer; a slow
+// reader slows the fetching instead of growing memory.
+//
+// Thread-safety: read by one thread. Must not outlive its Gatherer.
+// Destroying an unfinished stream cancels its remaining statements.
+class Stream {
+ public:
+  Stream(Stream&&) noexcept;
+  Stream& operator=(Stream&&) noexcept;
+  ~Stream();
+
+  // The next response, or nullopt after the last one. Throws Error as
+  // gather() does: an invalid statement from the source (naming its index;
+  // statements before it may have been fetched), a failure under
+  // cancel_on_raise, cancel(), a broker that stopped answering.
+  std::optional<Indexed> next();
+
+  class iterator {
+   public:
+    using iterator_category = std::input_iterator_tag;
+    using value_type = Indexed;
+    using difference_type = std::ptrdiff_t;
+    Indexed& operator*() { return *current_; }
+    Indexed* operator->() { return &*current_; }
+    iterator& operator++() {
+      current_ = stream_->next();
+      return *this;
+    }
+    void operator++(int) { ++*this; }
+    bool operator==(std::default_sentinel_t) const { return !current_.has_value(); }
+
+   private:
+    friend class Stream;
+    explicit iterator(Stream* s) : stream_(s), current_(s->next()) {}
+    Stream* stream_;
+    std::optional<Indexed> current_;
+  };
+  iterator begin() { return iterator(this); }
+  std::default_sentinel_t end() { return {}; }
+
+  struct Run;
+
+ private:
+  friend class Gatherer;
+  explicit Stream(std::unique_ptr<Run> run);
+  std::unique_ptr<Run> run_;
 };
 
 class Gatherer {
@@ -87,7 +164,15 @@ class Gatherer {
   // called again with new statements.
   const std::vector<Response>& gather();
 
-  // Cancels the running gather() from any thread: queued and in-flight
+  // Streams the responses of statements pulled lazily from `source`, in
+  // `order`. Statements are validated as they are pulled. One stream or
+  // gather() at a time per Gatherer (Error failed_precondition otherwise).
+  Stream stream(StatementSource source, Order order = Order::kInput);
+  // Streams the responses of `list`, validated up front like gather(). The
+  // list must outlive the stream; it is read, never copied.
+  Stream stream(const std::vector<Statement>& list, Order order = Order::kInput);
+
+  // Cancels the running gather() or stream from any thread: queued and in-flight
   // statements are dropped everywhere; gather() throws Error (code cancelled).
   void cancel();
 
@@ -95,6 +180,7 @@ class Gatherer {
   const std::string& session_id() const;
 
  private:
+  friend struct Stream::Run;
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
