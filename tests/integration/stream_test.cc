@@ -1,0 +1,209 @@
+// Streams of responses (DESIGN §2 "Big jobs in bounded memory"): input-order
+// and completion-order streams, lazy sources, back-pressure from a slow
+// reader, against a real HTTP server on 127.0.0.1 and the embedded cluster.
+
+#include <atomic>
+#include <chrono>
+#include <random>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "gatherer/gatherer.h"
+#include "http_server.h"
+#include "wait_for.h"
+
+namespace gatherer {
+namespace {
+using namespace std::chrono_literals;
+using testing::HttpReply;
+using testing::HttpRequest;
+using testing::HttpServer;
+using testing::WaitFor;
+
+// "/d/<index>/<delay ms>" replies "body-<index>" after the delay.
+HttpReply DelayHandler(const HttpRequest& req) {
+  HttpReply r;
+  unsigned index = 0, delay = 0;
+  if (std::sscanf(req.target.c_str(), "/d/%u/%u", &index, &delay) == 2) {
+    r.delay = std::chrono::milliseconds(delay);
+    r.body = "body-" + std::to_string(index);
+  } else {
+    r.status = 404;
+  }
+  return r;
+}
+
+// A lazy source of `n` statements with random delays; counts what it handed out.
+struct CountingSource {
+  const HttpServer& server;
+  std::uint64_t n;
+  std::uint64_t pulled = 0;
+  std::mt19937 rng{3};
+  unsigned max_delay_ms = 20;
+  bool operator()(Statement& out) {
+    if (pulled == n) return false;
+    out = Get(server.url("/d/" + std::to_string(pulled) + "/" + std::to_string(rng() % (max_delay_ms + 1))));
+    ++pulled;
+    return true;
+  }
+};
+
+TEST(StreamTest, InputOrderFromALazySourceIsCompleteAndBounded) {
+  HttpServer server(DelayHandler);
+  Options o{.workers = 32, .log_level = 40};
+  o.reorder_buffer = 200;
+  Gatherer g(o);
+  CountingSource source{server, 3000};
+  std::uint64_t expected = 0;
+  for (auto& item : g.stream(std::ref(source))) {
+    ASSERT_EQ(item.index, expected) << "out of order";
+    ASSERT_TRUE(item.response.ok()) << item.response.error->message;
+    ASSERT_EQ(item.response.body, "body-" + std::to_string(expected));
+    // The source is pulled only as the window frees: never more than the
+    // reorder span ahead of what the reader has.
+    ASSERT_LE(source.pulled, expected + 200);
+    ++expected;
+  }
+  EXPECT_EQ(expected, 3000u);
+  EXPECT_EQ(server.requests(), 3000u);
+}
+
+TEST(StreamTest, CompletionOrderYieldsEveryIndexOnce) {
+  HttpServer server(DelayHandler);
+  Gatherer g({.workers = 50, .log_level = 40});
+  CountingSource source{server, 2000};
+  std::set<std::uint64_t> seen;
+  auto stream = g.stream(std::ref(source), Order::kCompletion);
+  while (auto item = stream.next()) {
+    ASSERT_TRUE(seen.insert(item->index).second) << "index " << item->index << " twice";
+    ASSERT_EQ(item->response.body, "body-" + std::to_string(item->index));
+  }
+  EXPECT_EQ(seen.size(), 2000u);
+  EXPECT_EQ(*seen.rbegin(), 1999u);
+}
+
+TEST(StreamTest, StreamOverAListInInputOrder) {
+  HttpServer server(DelayHandler);
+  Gatherer g({.workers = 16, .log_level = 40});
+  std::vector<Statement> list;
+  for (int i = 0; i < 500; ++i) list.push_back(Get(server.url("/d/" + std::to_string(i) + "/" + std::to_string(i % 7))));
+  std::uint64_t expected = 0;
+  for (auto& item : g.stream(list)) {
+    ASSERT_EQ(item.index, expected);
+    ASSERT_EQ(item.response.body, "body-" + std::to_string(expected));
+    ++expected;
+  }
+  EXPECT_EQ(expected, 500u);
+}
+
+// A reader that stops reading slows the fetching instead of growing memory:
+// once the reorder span is full, the server sees no more requests.
+TEST(StreamTest, SlowReaderStopsTheFetching) {
+  HttpServer server(DelayHandler);
+  Options o{.workers = 20, .log_level = 40};
+  o.reorder_buffer = 100;
+  Gatherer g(o);
+  CountingSource source{server, 5000};
+  source.max_delay_ms = 2;
+  auto stream = g.stream(std::ref(source));
+  for (int i = 0; i < 50; ++i) ASSERT_TRUE(stream.next().has_value());
+  // The reader pauses here. Nothing is pulled while it does not call next(),
+  // so fetching stops within the span: in flight drains to zero.
+  ASSERT_TRUE(WaitFor([&] { return server.in_flight() == 0; }, 5s));
+  EXPECT_LE(server.requests(), 50u + 100u) << "fetched beyond the reorder span while the reader paused";
+  EXPECT_LE(source.pulled, 50u + 100u);
+  std::uint64_t count = 50;
+  while (auto item = stream.next()) {
+    ASSERT_EQ(item->index, count);
+    ++count;
+  }
+  EXPECT_EQ(count, 5000u);
+}
+
+TEST(StreamTest, InvalidStatementFromASourceNamesItsIndex) {
+  HttpServer server(DelayHandler);
+  Gatherer g({.workers = 8, .log_level = 40});
+  std::uint64_t i = 0;
+  auto source = [&](Statement& out) {
+    if (i == 100) return false;
+    out = Get(i == 37 ? std::string("gopher://x/") : server.url("/d/" + std::to_string(i) + "/0"));
+    ++i;
+    return true;
+  };
+  try {
+    auto stream = g.stream(source);
+    while (stream.next()) {
+    }
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.index(), 37);
+    EXPECT_EQ(e.code(), StatusCode::kInvalidArgument);
+  }
+  EXPECT_LT(server.requests(), 37u) << "nothing at or after the bad statement is sent";
+  // The Gatherer stays usable.
+  g.statements = {Get(server.url("/d/1/0"))};
+  EXPECT_EQ(g.gather().at(0).body, "body-1");
+}
+
+TEST(StreamTest, AbandonedStreamCancelsItsStatements) {
+  HttpServer server(DelayHandler);
+  Gatherer g({.workers = 10, .log_level = 40});
+  CountingSource source{server, 100000};
+  source.max_delay_ms = 50;
+  {
+    auto stream = g.stream(std::ref(source));
+    for (int i = 0; i < 20; ++i) ASSERT_TRUE(stream.next().has_value());
+  }
+  ASSERT_TRUE(WaitFor([&] { return server.in_flight() == 0; }, 5s));
+  const auto after = server.requests();
+  EXPECT_LT(after, 1000u);
+  g.statements = {Get(server.url("/d/5/0"))};
+  EXPECT_EQ(g.gather().at(0).body, "body-5");
+  EXPECT_EQ(server.requests(), after + 1) << "the abandoned stream kept fetching";
+}
+
+TEST(StreamTest, OneRunAtATime) {
+  HttpServer server(DelayHandler);
+  Gatherer g({.log_level = 40});
+  CountingSource source{server, 10};
+  auto stream = g.stream(std::ref(source));
+  g.statements = {Get(server.url("/d/0/0"))};
+  try {
+    g.gather();
+    FAIL() << "a second run started";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), StatusCode::kFailedPrecondition);
+  }
+  std::uint64_t n = 0;
+  while (stream.next()) ++n;
+  EXPECT_EQ(n, 10u);
+  EXPECT_EQ(g.gather().size(), 1u) << "a finished stream frees the Gatherer";
+}
+
+TEST(StreamTest, CancelOnRaiseStopsTheStream) {
+  HttpServer server(DelayHandler);
+  Gatherer g({.workers = 4, .log_level = 40, .cancel_on_raise = true});
+  std::uint64_t i = 0;
+  auto source = [&](Statement& out) {
+    if (i == 1000) return false;
+    out = Get(server.url(i == 10 ? std::string("/missing") : "/d/" + std::to_string(i) + "/5"));
+    ++i;
+    return true;
+  };
+  auto stream = g.stream(source);
+  try {
+    while (stream.next()) {
+    }
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.index(), 10);
+  }
+  EXPECT_LT(server.requests(), 200u);
+}
+
+}  // namespace
+}  // namespace gatherer
