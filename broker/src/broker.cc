@@ -1,8 +1,5 @@
 #include "gatherer/broker.h"
 
-#include <sys/eventfd.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <deque>
 #include <iterator>
@@ -13,6 +10,7 @@
 #include "gatherer/log.h"
 #include "gatherer/protocol.h"
 #include "gatherer/transport.h"
+#include "gatherer/wake_fd.h"
 
 namespace gatherer {
 namespace {
@@ -58,7 +56,7 @@ struct Broker::Impl {
   zmq::context_t* context = nullptr;
   std::unique_ptr<zmq::socket_t> router;
   std::vector<std::string> bound;
-  int wake_fd = -1;
+  std::unique_ptr<WakeFd> wake;
   std::atomic<bool> stopping{false};
   std::thread thread;
   BrokerStats stats;
@@ -405,7 +403,7 @@ void Broker::Impl::heartbeat() {
 
 void Broker::Impl::run() {
   next_heartbeat = Clock::now() + options.heartbeat_interval;
-  zmq::pollitem_t items[] = {{router->handle(), 0, ZMQ_POLLIN, 0}, {nullptr, wake_fd, ZMQ_POLLIN, 0}};
+  zmq::pollitem_t items[] = {{router->handle(), 0, ZMQ_POLLIN, 0}, {nullptr, wake->fd(), ZMQ_POLLIN, 0}};
   std::vector<zmq::message_t> frames;
   while (!stopping.load(std::memory_order_acquire)) {
     const auto wait = std::chrono::duration_cast<std::chrono::milliseconds>(next_heartbeat - Clock::now());
@@ -446,12 +444,7 @@ Status Broker::start() {
   }
   m.router = std::make_unique<zmq::socket_t>(*m.context, zmq::socket_type::router);
   m.router->set(zmq::sockopt::router_mandatory, 1);
-  m.router->set(zmq::sockopt::maxmsgsize, protocol::kMaxMessageBytes);
-  m.router->set(zmq::sockopt::linger, 0);
-  // Flow control is end to end (windows), so queues stay bounded anyway; a
-  // high HWM keeps the ROUTER from dropping results to a busy client.
-  m.router->set(zmq::sockopt::sndhwm, 100'000);
-  m.router->set(zmq::sockopt::rcvhwm, 100'000);
+  protocol::ConfigureSocket(*m.router);
   m.bound.clear();
   for (const auto& ep : m.options.endpoints) {
     try {
@@ -462,8 +455,7 @@ Status Broker::start() {
     }
     m.bound.push_back(m.router->get(zmq::sockopt::last_endpoint));
   }
-  m.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-  if (m.wake_fd < 0) return Internal("eventfd failed");
+  m.wake = std::make_unique<WakeFd>();
   m.stopping.store(false);
   m.thread = std::thread([&m] { m.run(); });
   Logger().info("broker: listening on {}", fmt::join(m.bound, ", "));
@@ -474,12 +466,10 @@ void Broker::stop() {
   Impl& m = *impl_;
   if (!m.thread.joinable()) return;
   m.stopping.store(true, std::memory_order_release);
-  const std::uint64_t one = 1;
-  (void)!write(m.wake_fd, &one, sizeof(one));
+  m.wake->signal();
   m.thread.join();
   m.router.reset();
-  close(m.wake_fd);
-  m.wake_fd = -1;
+  m.wake.reset();
 }
 
 const std::vector<std::string>& Broker::endpoints() const { return impl_->bound; }

@@ -1,8 +1,5 @@
 #include "gatherer/gatherer.h"
 
-#include <sys/eventfd.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <deque>
 #include <iterator>
@@ -13,6 +10,7 @@
 #include "gatherer/log.h"
 #include "gatherer/protocol.h"
 #include "gatherer/transport.h"
+#include "gatherer/wake_fd.h"
 #include "gatherer/worker.h"
 
 namespace gatherer {
@@ -37,7 +35,7 @@ struct Gatherer::Impl {
   std::unique_ptr<Broker> broker;
   std::unique_ptr<Worker> worker;
   std::unique_ptr<zmq::socket_t> dealer;
-  int cancel_fd = -1;
+  WakeFd cancel_fd;
   std::atomic<bool> cancel_requested{false};
   std::uint64_t next_index = 0;
   Clock::time_point last_heard;
@@ -93,12 +91,8 @@ Gatherer::Gatherer(Options options) : impl_(std::make_unique<Impl>()) {
   } else {
     m.endpoint = m.options.broker;
   }
-  m.cancel_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   m.dealer = std::make_unique<zmq::socket_t>(*m.context, zmq::socket_type::dealer);
-  m.dealer->set(zmq::sockopt::maxmsgsize, proto::kMaxMessageBytes);
-  m.dealer->set(zmq::sockopt::linger, 0);
-  m.dealer->set(zmq::sockopt::sndhwm, 100'000);
-  m.dealer->set(zmq::sockopt::rcvhwm, 100'000);
+  proto::ConfigureSocket(*m.dealer);
   try {
     m.dealer->connect(m.endpoint);
   } catch (const zmq::error_t& e) {
@@ -146,15 +140,13 @@ Gatherer::~Gatherer() {
   m.worker.reset();
   m.broker.reset();
   m.context.reset();
-  if (m.cancel_fd >= 0) close(m.cancel_fd);
 }
 
 const std::string& Gatherer::session_id() const { return impl_->session_text; }
 
 void Gatherer::cancel() {
   impl_->cancel_requested.store(true, std::memory_order_release);
-  const std::uint64_t one = 1;
-  (void)!write(impl_->cancel_fd, &one, sizeof(one));
+  impl_->cancel_fd.signal();
 }
 
 // One gather() or stream: pulls statements, keeps window + prefetch of them
@@ -296,13 +288,12 @@ void Stream::Run::accept(proto::WireResult& r) {
 // takes in every message waiting.
 void Stream::Run::pump() {
   top_up();
-  zmq::pollitem_t items[] = {{m.dealer->handle(), 0, ZMQ_POLLIN, 0}, {nullptr, m.cancel_fd, ZMQ_POLLIN, 0}};
+  zmq::pollitem_t items[] = {{m.dealer->handle(), 0, ZMQ_POLLIN, 0}, {nullptr, m.cancel_fd.fd(), ZMQ_POLLIN, 0}};
   const auto wait = std::max(std::chrono::milliseconds(0),
                              std::chrono::duration_cast<std::chrono::milliseconds>(next_heartbeat - Clock::now()));
   zmq::poll(items, 2, wait);
   if (m.cancel_requested.exchange(false, std::memory_order_acq_rel)) {
-    std::uint64_t drained;
-    (void)!read(m.cancel_fd, &drained, sizeof(drained));
+    m.cancel_fd.drain();
     Logger().warn("gatherer: session {} cancelled by the caller", m.session_text);
     fail("gather cancelled", -1, StatusCode::kCancelled);
   }

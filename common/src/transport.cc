@@ -26,6 +26,13 @@ void Acquire([[maybe_unused]] zmq::message_t& frame) {
 
 }  // namespace
 
+void ConfigureSocket(zmq::socket_t& socket) {
+  socket.set(zmq::sockopt::maxmsgsize, kMaxMessageBytes);
+  socket.set(zmq::sockopt::linger, 0);
+  socket.set(zmq::sockopt::sndhwm, 100'000);
+  socket.set(zmq::sockopt::rcvhwm, 100'000);
+}
+
 SendResult SendMessage(zmq::socket_t& socket, std::string_view routing_id, Frames& frames, bool block) {
   const auto first = block ? zmq::send_flags::none : zmq::send_flags::dontwait;
   try {

@@ -2,7 +2,6 @@
 
 #include <curl/curl.h>
 #include <sys/epoll.h>
-#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -28,6 +27,8 @@
 #include <vector>
 
 #include <tbb/concurrent_queue.h>
+
+#include "gatherer/wake_fd.h"
 
 // Delivery after close_session: close_session only queues a close command to
 // every I/O thread and returns. A thread may be in the middle of delivering a
@@ -246,18 +247,11 @@ class IoThread {
   explicit IoThread(Context context) : context_(context), rng_(std::random_device{}()) {
     epoll_fd_ = epoll_create1(EPOLL_CLOEXEC);
     if (epoll_fd_ < 0) throw std::system_error(errno, std::generic_category(), "epoll_create1");
-    event_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (event_fd_ < 0) {
-      const int err = errno;
-      close(epoll_fd_);
-      throw std::system_error(err, std::generic_category(), "eventfd");
-    }
     epoll_event ev{};
     ev.events = EPOLLIN;
     ev.data.ptr = nullptr;  // the eventfd is the only registration without an entry
-    if (epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, event_fd_, &ev) < 0) {
+    if (epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, wake_.fd(), &ev) < 0) {
       const int err = errno;
-      close(event_fd_);
       close(epoll_fd_);
       throw std::system_error(err, std::generic_category(), "epoll_ctl");
     }
@@ -266,7 +260,6 @@ class IoThread {
   ~IoThread() {
     stop();
     if (thread_.joinable()) thread_.join();
-    close(event_fd_);
     close(epoll_fd_);
   }
 
@@ -297,12 +290,7 @@ class IoThread {
   // Orders the backoff vector as a min-heap on `due`.
   static bool LaterDue(const Backoff& a, const Backoff& b) { return a.due > b.due; }
 
-  void wake() {
-    const std::uint64_t one = 1;
-    if (write(event_fd_, &one, sizeof one) < 0) {
-      // EAGAIN: the counter is saturated, so a wake-up is pending anyway.
-    }
-  }
+  void wake() { wake_.signal(); }
 
   void run() {
     std::array<epoll_event, kMaxEpollEvents> events;
@@ -312,12 +300,7 @@ class IoThread {
       // Reset the eventfd before draining the queue: a push after the drain
       // then leaves the eventfd readable and no wake-up is lost.
       for (int i = 0; i < ready; ++i) {
-        if (events[i].data.ptr == nullptr) {
-          std::uint64_t count;
-          if (read(event_fd_, &count, sizeof count) < 0) {
-            // EAGAIN: another wake-up was consumed already.
-          }
-        }
+        if (events[i].data.ptr == nullptr) wake_.drain();
       }
       drain_commands();
       for (int i = 0; i < ready; ++i) {
@@ -904,7 +887,7 @@ class IoThread {
 
   const Context context_;
   int epoll_fd_ = -1;
-  int event_fd_ = -1;
+  WakeFd wake_;
   std::atomic<bool> stop_{false};
   // std::allocator, not TBB's cache-aligned one: pages then come from
   // new/delete, which ThreadSanitizer sees, instead of libtbb's

@@ -1,6 +1,5 @@
 #include "gatherer/worker.h"
 
-#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <iterator>
@@ -12,6 +11,7 @@
 #include "gatherer/log.h"
 #include "gatherer/protocol.h"
 #include "gatherer/transport.h"
+#include "gatherer/wake_fd.h"
 
 namespace gatherer {
 namespace {
@@ -38,7 +38,7 @@ struct Worker::Impl {
   // std::allocator so ThreadSanitizer sees page reuse (see fetcher.cc).
   tbb::concurrent_queue<ResultBatch, std::allocator<ResultBatch>> done;
   std::atomic<bool> wake_pending{false};
-  int wake_fd = -1;
+  std::unique_ptr<WakeFd> wake_fd;
   std::atomic<bool> stopping{false};
   std::thread thread;
   WorkerStats stats;
@@ -49,10 +49,7 @@ struct Worker::Impl {
   explicit Impl(WorkerOptions o) : options(std::move(o)) {}
 
   void wake() {
-    if (!wake_pending.exchange(true, std::memory_order_acq_rel)) {
-      const std::uint64_t one = 1;
-      (void)!write(wake_fd, &one, sizeof(one));
-    }
+    if (!wake_pending.exchange(true, std::memory_order_acq_rel)) wake_fd->signal();
   }
   void send(proto::Frames&& frames) {
     if (proto::SendMessage(*dealer, {}, frames, /*block=*/true) != proto::SendResult::kSent) {
@@ -124,8 +121,7 @@ void Worker::Impl::flush_results() {
   // drain. Clearing first would let an I/O thread's wake-up land in the
   // eventfd we are about to consume while the flag stays set, and every
   // later batch would then skip its write: results stranded, session stalled.
-  std::uint64_t drained = 0;
-  (void)!read(wake_fd, &drained, sizeof(drained));
+  wake_fd->drain();
   wake_pending.exchange(false, std::memory_order_acq_rel);
   ResultBatch batch;
   while (done.try_pop(batch)) {
@@ -144,7 +140,7 @@ void Worker::Impl::run() {
   register_with_broker();
   last_heard = Clock::now();
   next_heartbeat = last_heard + options.heartbeat_interval;
-  zmq::pollitem_t items[] = {{dealer->handle(), 0, ZMQ_POLLIN, 0}, {nullptr, wake_fd, ZMQ_POLLIN, 0}};
+  zmq::pollitem_t items[] = {{dealer->handle(), 0, ZMQ_POLLIN, 0}, {nullptr, wake_fd->fd(), ZMQ_POLLIN, 0}};
   std::vector<zmq::message_t> frames;
   while (!stopping.load(std::memory_order_acquire)) {
     const auto wait = std::chrono::duration_cast<std::chrono::milliseconds>(next_heartbeat - Clock::now());
@@ -196,13 +192,9 @@ Status Worker::start() {
     m.own_context = std::make_unique<zmq::context_t>(1);
     m.context = m.own_context.get();
   }
-  m.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-  if (m.wake_fd < 0) return Internal("eventfd failed");
+  m.wake_fd = std::make_unique<WakeFd>();
   m.dealer = std::make_unique<zmq::socket_t>(*m.context, zmq::socket_type::dealer);
-  m.dealer->set(zmq::sockopt::maxmsgsize, protocol::kMaxMessageBytes);
-  m.dealer->set(zmq::sockopt::linger, 0);
-  m.dealer->set(zmq::sockopt::sndhwm, 100'000);
-  m.dealer->set(zmq::sockopt::rcvhwm, 100'000);
+  protocol::ConfigureSocket(*m.dealer);
   try {
     m.dealer->connect(m.options.broker);
   } catch (const zmq::error_t& e) {
@@ -227,13 +219,11 @@ void Worker::stop() {
   Impl& m = *impl_;
   if (!m.thread.joinable()) return;
   m.stopping.store(true, std::memory_order_release);
-  const std::uint64_t one = 1;
-  (void)!write(m.wake_fd, &one, sizeof(one));
+  m.wake_fd->signal();
   m.thread.join();
   m.fetcher.reset();  // joins the I/O threads; no sink call after this
   m.dealer.reset();
-  close(m.wake_fd);
-  m.wake_fd = -1;
+  m.wake_fd.reset();
 }
 
 const WorkerStats& Worker::stats() const { return impl_->stats; }

@@ -21,6 +21,12 @@
 
 namespace gatherer::protocol {
 
+// Applies the options every Gatherer socket shares (PROTOCOL.md §1.3, §5):
+// ZMQ_MAXMSGSIZE, no linger (unsent messages are never waited for: leases
+// and heartbeats recover them), and high-water marks high enough that end to
+// end windows, not ZeroMQ, bound the queues.
+void ConfigureSocket(zmq::socket_t& socket);
+
 enum class SendResult { kSent, kWouldBlock, kUnreachable, kFailed };
 
 // Sends `frames` as one message, preceded by `routing_id` when it is not
