@@ -1,5 +1,9 @@
 #include "jsonl.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <cerrno>
 #include <charconv>
 #include <cmath>
@@ -318,32 +322,33 @@ void AppendHeaders(std::string& out, const Headers& headers) {
   out += '}';
 }
 
-// Reads lines with `next_line(std::string_view&) -> int` (1 = got a line,
-// 0 = end of input, -1 = read error) and turns them into statements.
-template <typename NextLine>
-Result<std::vector<Statement>> ReadLines(NextLine next_line, const SessionSettings& settings) {
-  std::vector<Statement> statements;
-  std::uint64_t line_number = 0;
-  std::string_view line;
-  while (true) {
-    const int got = next_line(line);
-    if (got < 0) return Unexpected(DataLoss("read error after line " + std::to_string(line_number)));
-    if (got == 0) break;
-    ++line_number;
-    // A UTF-8 byte order mark (editors on Windows add one) is not part of the URL.
-    if (line_number == 1 && line.substr(0, 3) == "\xEF\xBB\xBF") line.remove_prefix(3);
-    if (IsBlank(line)) continue;
-    auto parsed = ParseStatementLine(line);
-    if (!parsed) {
-      return Unexpected(InvalidArgument("line " + std::to_string(line_number) + ": " +
-                                        parsed.error().message()));
-    }
-    if (Status s = ValidateStatement(*parsed, settings); !s.ok()) {
-      return Unexpected(InvalidArgument("line " + std::to_string(line_number) + ": " + s.message()));
-    }
-    statements.push_back(std::move(*parsed));
+Status LineError(std::uint64_t line_number, const Status& why) {
+  return InvalidArgument("line " + std::to_string(line_number) + ": " + why.message());
+}
+
+// An unlinked temporary file in $TMPDIR, opened for writing then reading.
+Result<std::FILE*> OpenSpoolFile() {
+  const char* env = std::getenv("TMPDIR");
+  const std::string dir = env != nullptr && *env != '\0' ? env : "/tmp";
+  // O_TMPFILE never has a name, so no crash can leave the copy behind.
+  int fd = ::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+  if (fd < 0) {
+    // Some file systems (NFS, older overlayfs) lack O_TMPFILE: a named file,
+    // unlinked at once, is the next best thing.
+    std::string path = dir + "/gatherer-spool-XXXXXX";
+    fd = ::mkostemp(path.data(), O_CLOEXEC);
+    if (fd >= 0) ::unlink(path.c_str());
   }
-  return statements;
+  if (fd < 0) {
+    return Unexpected(DataLoss("cannot create a temporary file in " + dir + ": " + std::strerror(errno)));
+  }
+  std::FILE* f = ::fdopen(fd, "w+");
+  if (f == nullptr) {
+    const int err = errno;
+    ::close(fd);
+    return Unexpected(DataLoss(std::string("fdopen: ") + std::strerror(err)));
+  }
+  return f;
 }
 
 }  // namespace
@@ -400,31 +405,96 @@ void AppendResponseJson(std::string& out, std::uint64_t index, const Response& r
   out += "}\n";
 }
 
-Result<std::vector<Statement>> ReadStatements(std::istream& in, const SessionSettings& settings) {
-  std::string buffer;
-  return ReadLines(
-      [&](std::string_view& line) {
-        if (!std::getline(in, buffer)) return in.bad() ? -1 : 0;
-        line = buffer;
-        return 1;
-      },
-      settings);
+// --- input ------------------------------------------------------------------
+
+LineReader::LineReader(std::FILE* in, std::FILE* spool) : in_(in), spool_(spool) {}
+
+LineReader::~LineReader() { std::free(buffer_); }
+
+Result<bool> LineReader::next(std::string_view& line) {
+  for (;;) {
+    const ssize_t n = ::getline(&buffer_, &capacity_, in_);
+    if (n < 0) {
+      if (!std::ferror(in_)) return false;
+      return Unexpected(DataLoss("read error after line " + std::to_string(line_number_) + ": " +
+                                 std::strerror(errno)));
+    }
+    const auto size = static_cast<std::size_t>(n);
+    if (spool_ != nullptr && std::fwrite(buffer_, 1, size, spool_) != size) {
+      return Unexpected(DataLoss(std::string("writing the temporary copy of the input: ") +
+                                 std::strerror(errno)));
+    }
+    ++line_number_;
+    std::string_view s(buffer_, size);
+    if (!s.empty() && s.back() == '\n') s.remove_suffix(1);
+    if (line_number_ == 1 && s.substr(0, 3) == "\xEF\xBB\xBF") s.remove_prefix(3);
+    if (IsBlank(s)) continue;
+    line = s;
+    return true;
+  }
 }
 
-Result<std::vector<Statement>> ReadStatements(std::FILE* in, const SessionSettings& settings) {
-  char* buffer = nullptr;
-  std::size_t capacity = 0;
-  auto result = ReadLines(
-      [&](std::string_view& line) {
-        const ssize_t n = ::getline(&buffer, &capacity, in);
-        if (n < 0) return std::ferror(in) ? -1 : 0;
-        line = std::string_view(buffer, static_cast<std::size_t>(n));
-        if (!line.empty() && line.back() == '\n') line.remove_suffix(1);
-        return 1;
-      },
-      settings);
-  std::free(buffer);
-  return result;
+Result<bool> ReadStatement(LineReader& reader, Statement& out) {
+  std::string_view line;
+  auto got = reader.next(line);
+  if (!got) return Unexpected(got.error());
+  if (!*got) return false;
+  auto parsed = ParseStatementLine(line);
+  if (!parsed) return Unexpected(LineError(reader.line_number(), parsed.error()));
+  out = std::move(*parsed);
+  return true;
+}
+
+Result<std::uint64_t> CountValidStatements(LineReader& reader, const SessionSettings& settings) {
+  std::uint64_t count = 0;
+  Statement statement;
+  for (;;) {
+    auto got = ReadStatement(reader, statement);
+    if (!got) return Unexpected(got.error());
+    if (!*got) return count;
+    if (Status s = ValidateStatement(statement, settings); !s.ok()) {
+      return Unexpected(LineError(reader.line_number(), s));
+    }
+    ++count;
+  }
+}
+
+Result<std::unique_ptr<TwoPassInput>> TwoPassInput::Open(std::FILE* in) {
+  std::unique_ptr<TwoPassInput> input(new TwoPassInput());
+  input->in_ = in;
+  struct stat st {};
+  // Only a regular file is sure to read the same bytes twice; a FIFO or a
+  // character device may accept fseeko and still not rewind.
+  const bool regular = ::fstat(::fileno(in), &st) == 0 && S_ISREG(st.st_mode);
+  const off_t start = regular ? ::ftello(in) : -1;
+  if (start >= 0) {
+    input->start_ = start;
+  } else {
+    auto spool = OpenSpoolFile();
+    if (!spool) return Unexpected(spool.error());
+    input->spool_ = *spool;
+  }
+  input->reader_ = std::make_unique<LineReader>(in, input->spool_);
+  return input;
+}
+
+TwoPassInput::~TwoPassInput() {
+  reader_.reset();
+  if (spool_ != nullptr) std::fclose(spool_);
+}
+
+Status TwoPassInput::rewind() {
+  std::FILE* from = in_;
+  if (spool_ != nullptr) {
+    if (std::fflush(spool_) != 0 || ::fseeko(spool_, 0, SEEK_SET) != 0) {
+      return DataLoss(std::string("rewinding the temporary copy of the input: ") + std::strerror(errno));
+    }
+    from = spool_;
+  } else if (::fseeko(in_, static_cast<off_t>(start_), SEEK_SET) != 0) {
+    return DataLoss(std::string("rewinding the input: ") + std::strerror(errno));
+  }
+  reader_ = std::make_unique<LineReader>(from);
+  return Status::Ok();
 }
 
 Result<std::pair<std::string, std::string>> ParseHeaderArg(std::string_view arg) {

@@ -2,9 +2,14 @@
 
 #include "jsonl.h"
 
+#include <unistd.h>
+
 #include <cstdio>
-#include <sstream>
+#include <cstdlib>
 #include <string>
+#include <thread>
+#include <utility>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -243,95 +248,291 @@ TEST(AppendResponseJsonTest, NonUtf8HeaderValueReadAsLatin1) {
   EXPECT_TRUE(Contains(out, R"("headers":{"X":"caf\u00e9 \"x\""},)")) << out;
 }
 
-// --- ReadStatements -----------------------------------------------------------
+// --- LineReader, ReadStatement, CountValidStatements ------------------------
 
-TEST(ReadStatementsTest, SkipsBlankLinesAndNamesTheBadLine) {
-  // Line 8 is bad; lines 2, 5 and 7 are blank (one of them only whitespace).
-  const std::string input =
-      "http://h/1\n"
-      "\n"
-      R"({"url":"http://h/3","method":"POST","body":"x"})" "\n"
-      "http://h/4\r\n"
-      "   \t\n"
-      "http://h/6\n"
-      "\n"
-      "http://\n"
-      "http://h/9\n";
-  std::istringstream in(input);
-  auto r = ReadStatements(in, SessionSettings{});
+// A FILE* over a copy of `text`, closed with the object.
+class MemoryFile {
+ public:
+  explicit MemoryFile(std::string text) : text_(std::move(text)) {
+    // fmemopen() rejects a zero size; "" is opened as /dev/null instead.
+    file_ = text_.empty() ? std::fopen("/dev/null", "r") : ::fmemopen(text_.data(), text_.size(), "r");
+  }
+  ~MemoryFile() {
+    if (file_ != nullptr) std::fclose(file_);
+  }
+  std::FILE* get() const { return file_; }
+
+ private:
+  std::string text_;
+  std::FILE* file_ = nullptr;
+};
+
+std::string ReadAll(std::FILE* f) {
+  std::string text;
+  char buf[4096];
+  std::size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) text.append(buf, n);
+  return text;
+}
+
+// Line 8 is bad; lines 2, 5 and 7 are blank (one of them only whitespace).
+constexpr char kBadLineEight[] =
+    "http://h/1\n"
+    "\n"
+    R"({"url":"http://h/3","method":"POST","body":"x"})" "\n"
+    "http://h/4\r\n"
+    "   \t\n"
+    "http://h/6\n"
+    "\n"
+    "http://\n"
+    "http://h/9\n";
+
+TEST(LineReaderTest, SkipsBlankLinesButCountsThem) {
+  MemoryFile in("\n  \nfirst\r\n\t\nsecond\n\n\nthird");  // no final newline
+  ASSERT_NE(in.get(), nullptr);
+  LineReader reader(in.get());
+  std::vector<std::pair<std::string, std::uint64_t>> got;
+  std::string_view line;
+  for (;;) {
+    auto r = reader.next(line);
+    ASSERT_TRUE(r) << r.error().ToString();
+    if (!*r) break;
+    got.emplace_back(std::string(line), reader.line_number());
+  }
+  const std::vector<std::pair<std::string, std::uint64_t>> want = {
+      {"first\r", 3}, {"second", 5}, {"third", 8}};
+  EXPECT_EQ(got, want);
+  // The end stays the end.
+  auto again = reader.next(line);
+  ASSERT_TRUE(again);
+  EXPECT_FALSE(*again);
+}
+
+TEST(LineReaderTest, ByteOrderMarkOnlyOnTheFirstLine) {
+  MemoryFile in("\xEF\xBB\xBFhttp://h/1\n\xEF\xBB\xBFhttp://h/2\n");
+  LineReader reader(in.get());
+  std::string_view line;
+  ASSERT_TRUE(reader.next(line).value());
+  EXPECT_EQ(line, "http://h/1");
+  ASSERT_TRUE(reader.next(line).value());
+  EXPECT_EQ(line, "\xEF\xBB\xBFhttp://h/2");
+}
+
+TEST(LineReaderTest, LinesLongerThanAnyBufferSoFar) {
+  const std::string big(200000, 'x');
+  MemoryFile in("a\n" + big + "\nb\n");
+  LineReader reader(in.get());
+  std::string_view line;
+  ASSERT_TRUE(reader.next(line).value());
+  EXPECT_EQ(line, "a");
+  ASSERT_TRUE(reader.next(line).value());
+  EXPECT_EQ(line, big);
+  ASSERT_TRUE(reader.next(line).value());
+  EXPECT_EQ(line, "b");
+}
+
+TEST(LineReaderTest, CopiesEveryByteReadToTheSpool) {
+  const std::string text = std::string(kBadLineEight) + "\n\nlast without newline";
+  MemoryFile in(text);
+  std::FILE* spool = std::tmpfile();
+  ASSERT_NE(spool, nullptr);
+  {
+    LineReader reader(in.get(), spool);
+    std::string_view line;
+    while (reader.next(line).value()) {
+    }
+  }
+  std::rewind(spool);
+  EXPECT_EQ(ReadAll(spool), text);
+  std::fclose(spool);
+}
+
+TEST(ReadStatementTest, EachStatementReplacesTheLastOne) {
+  // `out` is reused by the stream: a bare URL after a JSON line must not
+  // inherit its method, headers or body.
+  MemoryFile in(R"({"url":"http://h/1","method":"POST","headers":[["A","b"]],"body":"x","timeout_ms":5})"
+                "\n\nhttp://h/2\n");
+  LineReader reader(in.get());
+  Statement out;
+  ASSERT_TRUE(ReadStatement(reader, out).value());
+  EXPECT_EQ(out.method, "POST");
+  EXPECT_EQ(out.headers.size(), 1u);
+  ASSERT_TRUE(ReadStatement(reader, out).value());
+  EXPECT_EQ(out.url, "http://h/2");
+  EXPECT_EQ(out.method, "GET");
+  EXPECT_TRUE(out.headers.empty());
+  EXPECT_TRUE(out.body.empty());
+  EXPECT_EQ(out.timeout_ms, 0u);
+  EXPECT_EQ(reader.line_number(), 3u);
+  EXPECT_FALSE(ReadStatement(reader, out).value());
+}
+
+TEST(ReadStatementTest, ParseErrorsNameTheLine) {
+  MemoryFile in("http://h/1\n\n{\"url\":\"http://h/\",\"x\":1}\n");
+  LineReader reader(in.get());
+  Statement out;
+  ASSERT_TRUE(ReadStatement(reader, out).value());
+  auto r = ReadStatement(reader, out);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(r.error().message(), "line 3: unknown key 'x'");
+}
+
+TEST(CountValidStatementsTest, NamesTheBadLine) {
+  MemoryFile in(kBadLineEight);
+  LineReader reader(in.get());
+  auto r = CountValidStatements(reader, SessionSettings{});
   ASSERT_FALSE(r);
   EXPECT_EQ(r.error().code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(r.error().message(), "line 8: url has no host");
 }
 
-TEST(ReadStatementsTest, ReadsAllGoodLines) {
-  const std::string input =
+TEST(CountValidStatementsTest, CountsGoodLines) {
+  MemoryFile in(
       "\n"
       "http://h/1\n"
       "   \n"
       R"({"url":"/p","headers":[["A","b"]]})" "\r\n"
-      "https://h/3";  // no final newline
+      "https://h/3");  // no final newline
   SessionSettings settings;
   settings.base_url = "http://base";
-  std::istringstream in(input);
-  auto r = ReadStatements(in, settings);
+  LineReader reader(in.get());
+  auto r = CountValidStatements(reader, settings);
   ASSERT_TRUE(r) << r.error().ToString();
-  ASSERT_EQ(r->size(), 3u);
-  EXPECT_EQ((*r)[0].url, "http://h/1");
-  EXPECT_EQ((*r)[1].url, "/p");
-  EXPECT_EQ((*r)[1].headers.size(), 1u);
-  EXPECT_EQ((*r)[2].url, "https://h/3");
+  EXPECT_EQ(*r, 3u);
 }
 
-TEST(ReadStatementsTest, ParseErrorsNameTheLineToo) {
-  std::istringstream in("http://h/1\n{\"url\":\"http://h/\",\"x\":1}\n");
-  auto r = ReadStatements(in, SessionSettings{});
-  ASSERT_FALSE(r);
-  EXPECT_EQ(r.error().message(), "line 2: unknown key 'x'");
-}
-
-TEST(ReadStatementsTest, ValidatesAgainstSessionSettings) {
-  std::istringstream in("/relative\n");
-  auto r = ReadStatements(in, SessionSettings{});
+TEST(CountValidStatementsTest, ValidatesAgainstSessionSettings) {
+  MemoryFile in("/relative\n");
+  LineReader reader(in.get());
+  auto r = CountValidStatements(reader, SessionSettings{});
   ASSERT_FALSE(r);
   EXPECT_TRUE(Contains(r.error().message(), "line 1: ")) << r.error().message();
   EXPECT_TRUE(Contains(r.error().message(), "base_url")) << r.error().message();
 }
 
-TEST(ReadStatementsTest, EmptyInputGivesNoStatements) {
-  std::istringstream in("\n \n");
-  auto r = ReadStatements(in, SessionSettings{});
-  ASSERT_TRUE(r);
-  EXPECT_TRUE(r->empty());
-}
-
-TEST(ReadStatementsTest, ByteOrderMarkOnFirstLineIgnored) {
-  std::istringstream in("\xEF\xBB\xBFhttp://h/1\n");
-  auto r = ReadStatements(in, SessionSettings{});
-  ASSERT_TRUE(r) << r.error().ToString();
-  EXPECT_EQ((*r)[0].url, "http://h/1");
-}
-
-TEST(ReadStatementsTest, FromFile) {
+TEST(CountValidStatementsTest, SchemeNotAllowed) {
   std::string input;
   for (int i = 1; i <= 7; ++i) input += i % 3 == 0 ? "\n" : "http://h/" + std::to_string(i) + "\n";
-  input += "ftp://x\n";
-  std::FILE* f = ::fmemopen(input.data(), input.size(), "r");
-  ASSERT_NE(f, nullptr);
-  auto r = ReadStatements(f, SessionSettings{});
-  std::fclose(f);
+  MemoryFile good(input);
+  LineReader good_reader(good.get());
+  auto ok = CountValidStatements(good_reader, SessionSettings{});
+  ASSERT_TRUE(ok) << ok.error().ToString();
+  EXPECT_EQ(*ok, 5u);
+
+  MemoryFile bad(input + "ftp://x\n");
+  LineReader bad_reader(bad.get());
+  auto r = CountValidStatements(bad_reader, SessionSettings{});
   ASSERT_FALSE(r);
   EXPECT_TRUE(Contains(r.error().message(), "line 8: ")) << r.error().message();
   EXPECT_TRUE(Contains(r.error().message(), "scheme not allowed")) << r.error().message();
+}
 
-  input.resize(input.size() - std::string("ftp://x\n").size());
-  f = ::fmemopen(input.data(), input.size(), "r");
+TEST(CountValidStatementsTest, EmptyInputHasNoStatements) {
+  for (const char* text : {"", "\n \n"}) {
+    MemoryFile in(text);
+    LineReader reader(in.get());
+    auto r = CountValidStatements(reader, SessionSettings{});
+    ASSERT_TRUE(r) << r.error().ToString();
+    EXPECT_EQ(*r, 0u);
+  }
+}
+
+// --- TwoPassInput ---------------------------------------------------------------
+
+// Both passes over `input`: the count of the first and the URLs of the second.
+std::pair<std::uint64_t, std::vector<std::string>> TwoPasses(TwoPassInput& input) {
+  auto count = CountValidStatements(input.reader(), SessionSettings{});
+  EXPECT_TRUE(count) << count.error().ToString();
+  Status s = input.rewind();
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  std::vector<std::string> urls;
+  Statement statement;
+  for (;;) {
+    auto got = ReadStatement(input.reader(), statement);
+    EXPECT_TRUE(got) << got.error().ToString();
+    if (!got || !*got) break;
+    urls.push_back(statement.url);
+  }
+  return {count.value_or(0), urls};
+}
+
+std::string Urls(int from, int to, std::vector<std::string>* urls = nullptr) {
+  std::string text;
+  for (int i = from; i < to; ++i) {
+    const std::string url = "http://h/" + std::to_string(i);
+    text += url + (i % 10 == 3 ? "\n\n" : "\n");
+    if (urls != nullptr) urls->push_back(url);
+  }
+  return text;
+}
+
+TEST(TwoPassInputTest, RegularFileIsSoughtBackToWhereItStarted) {
+  const std::string path = ::testing::TempDir() + "gatherer_two_pass_input.txt";
+  std::vector<std::string> want;
+  {
+    std::FILE* f = std::fopen(path.c_str(), "w");
+    ASSERT_NE(f, nullptr);
+    const std::string text = "skipped by the caller\n" + Urls(0, 50, &want);
+    std::fwrite(text.data(), 1, text.size(), f);
+    std::fclose(f);
+  }
+  std::FILE* f = std::fopen(path.c_str(), "r");
   ASSERT_NE(f, nullptr);
-  auto ok = ReadStatements(f, SessionSettings{});
+  char first[64];
+  ASSERT_NE(std::fgets(first, sizeof first, f), nullptr);  // like `(read x; gatherer fetch) < file`
+  auto input = TwoPassInput::Open(f);
+  ASSERT_TRUE(input) << input.error().ToString();
+  EXPECT_FALSE((*input)->spooled());
+  const auto [count, urls] = TwoPasses(**input);
+  EXPECT_EQ(count, 50u);
+  EXPECT_EQ(urls, want);
+  input->reset();
   std::fclose(f);
-  ASSERT_TRUE(ok) << ok.error().ToString();
-  EXPECT_EQ(ok->size(), 5u);
-  EXPECT_EQ(ok->back().url, "http://h/7");
+  std::remove(path.c_str());
+}
+
+TEST(TwoPassInputTest, PipeIsSpooledToATemporaryFile) {
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  std::vector<std::string> want;
+  // Far more than a pipe holds (64 KiB), so the writer runs alongside pass 1.
+  const std::string text = Urls(0, 100000, &want);
+  std::thread writer([fd = fds[1], &text] {
+    std::size_t pos = 0;
+    while (pos < text.size()) {
+      const ssize_t n = ::write(fd, text.data() + pos, text.size() - pos);
+      if (n <= 0) break;
+      pos += static_cast<std::size_t>(n);
+    }
+    ::close(fd);
+  });
+  std::FILE* f = ::fdopen(fds[0], "r");
+  ASSERT_NE(f, nullptr);
+  auto input = TwoPassInput::Open(f);
+  ASSERT_TRUE(input) << input.error().ToString();
+  EXPECT_TRUE((*input)->spooled());
+  const auto [count, urls] = TwoPasses(**input);
+  writer.join();
+  EXPECT_EQ(count, 100000u);
+  EXPECT_EQ(urls, want);
+  std::fclose(f);
+}
+
+TEST(TwoPassInputTest, SpoolGoesToTmpdir) {
+  const char* old = std::getenv("TMPDIR");
+  const std::string saved = old != nullptr ? old : "";
+  ::setenv("TMPDIR", "/nonexistent/gatherer-tmp", 1);
+  MemoryFile in("http://h/1\n");  // an fmemopen FILE has no fd: not seekable
+  auto input = TwoPassInput::Open(in.get());
+  if (old != nullptr) {
+    ::setenv("TMPDIR", saved.c_str(), 1);
+  } else {
+    ::unsetenv("TMPDIR");
+  }
+  ASSERT_FALSE(input);
+  EXPECT_EQ(input.error().code(), StatusCode::kDataLoss);
+  EXPECT_TRUE(Contains(input.error().message(), "/nonexistent/gatherer-tmp")) << input.error().message();
 }
 
 // --- flags --------------------------------------------------------------------
@@ -352,7 +553,5 @@ TEST(ParseHeaderArgTest, Malformed) {
   EXPECT_FALSE(ParseHeaderArg("Bad Name: v"));
   EXPECT_FALSE(ParseHeaderArg("X: a\r\nY: b"));
 }
-
-
 }  // namespace
 }  // namespace gatherer::cli

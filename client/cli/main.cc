@@ -3,15 +3,25 @@
 //
 //   gatherer fetch [FILE|-] [--workers N] [--broker tcp://host:port] ...
 //
-// Exit status: 0 all statements succeeded, 1 some failed (or gather() threw
-// under --cancel-on-raise), 2 usage error or invalid input (nothing fetched).
-// Thin by design: parsing and formatting live in jsonl.cc.
+// Exit status: 0 all statements succeeded, 1 some failed (or the stream threw:
+// --cancel-on-raise, broker unavailable), 2 usage error or invalid input
+// (nothing fetched). Thin by design: reading, parsing and formatting live in
+// jsonl.cc.
+//
+// Big jobs run in bounded memory (DESIGN §2): neither the input nor the
+// output is ever held whole. A first pass reads and validates every line,
+// keeping only a count, so an invalid line 900,000 still costs no request;
+// a second pass over the same bytes (the file sought back, or a temporary
+// copy of a pipe) feeds Gatherer::stream, and each response is written as
+// soon as all earlier ones are.
 
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <optional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -29,9 +39,9 @@ constexpr int kExitOk = 0;
 constexpr int kExitFailed = 1;
 constexpr int kExitUsage = 2;
 
-// Output is flushed in chunks this big: one fwrite per few MB keeps syscalls
-// rare without holding all of a million responses' JSON at once.
-constexpr std::size_t kFlushBytes = 4u << 20;
+// Output is flushed in chunks this big: one fwrite per MiB keeps syscalls
+// rare while a reader downstream still sees lines as they come.
+constexpr std::size_t kFlushBytes = 1u << 20;
 
 struct FetchFlags {
   std::string file;
@@ -89,12 +99,18 @@ bool WriteAll(const std::string& data) {
   return std::fwrite(data.data(), 1, data.size(), stdout) == data.size();
 }
 
+// Thrown from the statement source when the second pass cannot read what the
+// first one validated. It leaves through Stream::next(), and destroying the
+// unfinished stream cancels what was already sent.
+class InputError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 int RunFetch(const FetchFlags& flags) {
   gatherer::Options options;
   if (!BuildOptions(flags, options)) return kExitUsage;
 
-  // Every statement is read and validated before a Gatherer exists, so a bad
-  // line 900,000 costs no request and no session.
   const bool from_stdin = flags.file.empty() || flags.file == "-";
   const std::string input_name = from_stdin ? "<stdin>" : flags.file;
   std::unique_ptr<std::FILE, int (*)(std::FILE*)> owned(nullptr, &std::fclose);
@@ -107,26 +123,49 @@ int RunFetch(const FetchFlags& flags) {
     }
     in = owned.get();
   }
-  auto statements = gatherer::cli::ReadStatements(in, options.settings);
-  owned.reset();
-  if (!statements) {
-    PrintError(input_name + ": " + statements.error().message());
-    return statements.error().code() == gatherer::StatusCode::kInvalidArgument ? kExitUsage
-                                                                               : kExitFailed;
+  auto input = gatherer::cli::TwoPassInput::Open(in);
+  if (!input) {
+    PrintError(input.error().message());
+    return kExitFailed;
   }
-  if (statements->empty()) return kExitOk;
 
+  // Pass 1, before a Gatherer exists: a bad line costs no request and no session.
+  auto count = gatherer::cli::CountValidStatements((*input)->reader(), options.settings);
+  if (!count) {
+    PrintError(input_name + ": " + count.error().message());
+    return count.error().code() == gatherer::StatusCode::kInvalidArgument ? kExitUsage : kExitFailed;
+  }
+  if (*count == 0) return kExitOk;
+  if (gatherer::Status s = (*input)->rewind(); !s.ok()) {
+    PrintError(input_name + ": " + s.message());
+    return kExitFailed;
+  }
+
+  // Pass 2. Lines appended to a file since pass 1 were never validated, so
+  // the source stops at the count; fewer lines means the input changed.
+  std::uint64_t fed = 0;
+  gatherer::cli::LineReader& reader = (*input)->reader();
+  auto source = [&](gatherer::Statement& out) {
+    if (fed == *count) return false;
+    auto got = gatherer::cli::ReadStatement(reader, out);
+    if (!got) throw InputError(input_name + " changed after validation: " + got.error().message());
+    if (*got) ++fed;
+    return *got;
+  };
+
+  // Holds at most one chunk: what was written before an error stays written
+  // (the exit status says the run failed); the unflushed rest is dropped, so
+  // a run that fails early, like --cancel-on-raise on a bad first few
+  // statements, prints nothing.
+  std::string out;
+  out.reserve(kFlushBytes + (kFlushBytes >> 2));
+  bool any_failed = false;
   try {
     gatherer::Gatherer gatherer(std::move(options));
-    gatherer.statements = std::move(*statements);
-    const std::vector<gatherer::Response>& responses = gatherer.gather();
-
-    bool any_failed = false;
-    std::string out;
-    out.reserve(kFlushBytes + (kFlushBytes >> 2));
-    for (std::size_t i = 0; i < responses.size(); ++i) {
-      any_failed = any_failed || !responses[i].ok();
-      gatherer::cli::AppendResponseJson(out, i, responses[i]);
+    gatherer::Stream stream = gatherer.stream(source, gatherer::Order::kInput);
+    while (std::optional<gatherer::Indexed> item = stream.next()) {
+      any_failed = any_failed || !item->response.ok();
+      gatherer::cli::AppendResponseJson(out, item->index, item->response);
       if (out.size() >= kFlushBytes) {
         if (!WriteAll(out)) {
           PrintError(std::string("writing stdout: ") + std::strerror(errno));
@@ -135,11 +174,6 @@ int RunFetch(const FetchFlags& flags) {
         out.clear();
       }
     }
-    if (!WriteAll(out) || std::fflush(stdout) != 0) {
-      PrintError(std::string("writing stdout: ") + std::strerror(errno));
-      return kExitFailed;
-    }
-    return any_failed ? kExitFailed : kExitOk;
   } catch (const gatherer::Error& e) {
     if (e.index() >= 0) {
       PrintError(std::string(e.what()) + " (statement index " + std::to_string(e.index()) + ")");
@@ -151,6 +185,16 @@ int RunFetch(const FetchFlags& flags) {
     PrintError(e.what());
     return kExitFailed;
   }
+  if (!WriteAll(out) || std::fflush(stdout) != 0) {
+    PrintError(std::string("writing stdout: ") + std::strerror(errno));
+    return kExitFailed;
+  }
+  if (fed != *count) {
+    PrintError(input_name + " changed after validation: " + std::to_string(*count) +
+               " statements validated, " + std::to_string(fed) + " read back");
+    return kExitFailed;
+  }
+  return any_failed ? kExitFailed : kExitOk;
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdio>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -23,6 +24,7 @@ struct CliResult {
   int exit_code = -1;
   std::string out;
   std::string err;
+  std::optional<long> max_rss_kb;  // peak RSS of the CLI process
 };
 
 CliResult RunCli(std::vector<std::string> args, std::string input = {}) {
@@ -35,6 +37,7 @@ CliResult RunCli(std::vector<std::string> args, std::string input = {}) {
     ADD_FAILURE() << "gatherer did not exit within the timeout";
   } else {
     result.exit_code = *code;
+    result.max_rss_kb = process.max_rss_kb();
   }
   result.out = process.stdout_text();
   result.err = process.stderr_text();
@@ -140,6 +143,58 @@ TEST(CliTest, InvalidLineEightFetchesNothing) {
   }
 }
 
+// A file in the test's temp dir holding `text`, removed with the object.
+class TempFile {
+ public:
+  TempFile(const std::string& name, const std::string& text) : path_(::testing::TempDir() + name) {
+    std::FILE* f = std::fopen(path_.c_str(), "w");
+    EXPECT_NE(f, nullptr) << path_;
+    if (f == nullptr) return;
+    EXPECT_EQ(std::fwrite(text.data(), 1, text.size(), f), text.size());
+    std::fclose(f);
+  }
+  ~TempFile() { std::remove(path_.c_str()); }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+// The input is validated in a first pass over the whole file (or a
+// temporary copy of stdin) before the first request: a streaming CLI must not
+// have fetched lines 1-7 by the time it reads line 8.
+TEST(CliTest, InvalidLineEightInAFileFetchesNothing) {
+  for (const std::string bad : {"ftp://x", "http://", R"({"url":"http://h/","heders":{}})"}) {
+    HttpServer server;
+    std::string input;
+    for (int i = 1; i <= 7; ++i) input += server.url("/n/" + std::to_string(i)) + "\n";
+    input += bad + "\n";
+    input += server.url("/n/9") + "\n";
+    const TempFile file("gatherer_cli_test_bad_line.txt", input);
+
+    const CliResult r = RunCli({"fetch", file.path()});
+    EXPECT_EQ(r.exit_code, 2) << bad;
+    EXPECT_TRUE(Contains(r.err, "line 8")) << r.err;
+    EXPECT_TRUE(r.out.empty()) << r.out;
+    EXPECT_EQ(server.requests(), 0u) << bad;
+  }
+}
+
+TEST(CliTest, InvalidLineAfterManyGoodOnesInAPipeFetchesNothing) {
+  HttpServer server;
+  constexpr int kGood = 20'000;
+  std::string input;
+  const std::string url = server.url("/n");
+  for (int i = 0; i < kGood; ++i) input += url + "\n";
+  input += "\nhttp://\n" + url + "\n";
+
+  const CliResult r = RunCli({"fetch", "--workers", "256"}, input);
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_TRUE(Contains(r.err, "line " + std::to_string(kGood + 2) + ":")) << r.err;
+  EXPECT_TRUE(r.out.empty()) << r.out.substr(0, 500);
+  EXPECT_EQ(server.requests(), 0u);
+}
+
 HttpReply NotFoundAt(const std::string& target, const HttpRequest& request) {
   HttpReply reply;
   if (request.target == target) {
@@ -230,6 +285,63 @@ TEST(CliTest, BaseUrlJoinsPaths) {
   ASSERT_EQ(lines.size(), 2u);
   EXPECT_TRUE(Contains(lines[0], "\"body\":\"ok:/a\"")) << lines[0];
   EXPECT_TRUE(Contains(lines[1], "\"body\":\"ok:/b?x=1\"")) << lines[1];
+}
+
+// Sanitizers slow the CLI several-fold (CI runs them on 2 cores) and ASan's
+// shadow memory inflates RSS, so under them the job is a tenth as big and the
+// memory bound is not checked.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+constexpr std::size_t kBigJob = 20'000;
+constexpr bool kCheckRss = false;
+#else
+constexpr std::size_t kBigJob = 200'000;
+constexpr bool kCheckRss = true;
+#endif
+// Peak RSS of the streaming CLI (release, forked from a small parent, see
+// Process::max_rss_kb): ~27 MB at 20k statements, ~31 MB at 200k. The CLI
+// that held every statement and response took ~51 MB at 20k, so about ten
+// times that at 200k: this bound fails if memory grows with N again.
+constexpr long kPeakRssBoundKb = 80 * 1024;
+
+TEST(CliTest, TwoHundredThousandStatementsInBoundedMemory) {
+  HttpServer server;
+  const std::string url = server.url("/s/");
+  std::string input;
+  input.reserve(kBigJob * (url.size() + 8));
+  for (std::size_t i = 0; i < kBigJob; ++i) input.append(url).append(std::to_string(i)).append("\n");
+
+  const CliResult r = RunCli({"fetch", "--workers", "256"}, std::move(input));
+  ASSERT_EQ(r.exit_code, 0) << r.err.substr(0, 2000);
+  // One pass over ~50 MB of output, no vector of lines: the prefix pins the
+  // index (= position) and the status; every 1000th line its body too.
+  std::size_t lines = 0;
+  for (std::size_t pos = 0; pos < r.out.size(); ++lines) {
+    const std::string prefix = LinePrefix(lines, 200);
+    if (r.out.compare(pos, prefix.size(), prefix) != 0) {
+      ADD_FAILURE() << "line " << lines << ": " << r.out.substr(pos, 200);
+      break;
+    }
+    const std::size_t end = r.out.find('\n', pos);
+    if (end == std::string::npos) {
+      ADD_FAILURE() << "last line has no newline";
+      break;
+    }
+    if (lines % 1000 == 0) {
+      const std::string body = "\"body\":\"ok:/s/" + std::to_string(lines) + "\",";
+      EXPECT_NE(r.out.substr(pos, end - pos).find(body), std::string::npos) << r.out.substr(pos, 300);
+    }
+    pos = end + 1;
+  }
+  EXPECT_EQ(lines, kBigJob);
+  EXPECT_EQ(server.requests(), kBigJob);
+
+  ASSERT_TRUE(r.max_rss_kb.has_value());
+  RecordProperty("cli_peak_rss_kb", static_cast<int>(*r.max_rss_kb));
+  std::printf("gatherer fetch of %zu statements: peak RSS %.1f MB\n", kBigJob,
+              static_cast<double>(*r.max_rss_kb) / 1024.0);
+  if (kCheckRss) {
+    EXPECT_LT(*r.max_rss_kb, kPeakRssBoundKb);
+  }
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -87,6 +88,7 @@ struct Process::Impl {
 
   pid_t pid_ = -1;
   std::optional<int> status_;  // cached once reaped
+  std::optional<long> max_rss_kb_;  // from wait4, once reaped by wait()
   std::string input_;
   int stdin_fd_ = -1;   // write end, owned by the writer thread once started
   int stdout_fd_ = -1;  // read ends, owned by the reader thread once started
@@ -284,9 +286,11 @@ std::optional<int> Process::wait(std::chrono::milliseconds timeout) {
   auto nap = std::chrono::microseconds(200);
   for (;;) {
     int status = 0;
-    const pid_t r = ::waitpid(d.pid_, &status, WNOHANG);
+    struct rusage usage {};
+    const pid_t r = ::wait4(d.pid_, &status, WNOHANG, &usage);
     if (r == d.pid_) {
       d.status_ = decode_status(status);
+      d.max_rss_kb_ = usage.ru_maxrss;
       // Output is complete now: stdout_text() after wait() sees all of it.
       d.stop_threads();
       return d.status_;
@@ -299,6 +303,8 @@ std::optional<int> Process::wait(std::chrono::milliseconds timeout) {
 }
 
 bool Process::running() { return !wait(std::chrono::milliseconds(0)).has_value(); }
+
+std::optional<long> Process::max_rss_kb() const { return impl_->max_rss_kb_; }
 
 std::string Process::stdout_text() const {
   std::lock_guard lock(impl_->mu_);

@@ -30,6 +30,12 @@ class Process {
   // Exit status (or 128 + signal) once the child ended within `timeout`; nullopt otherwise.
   std::optional<int> wait(std::chrono::milliseconds timeout);
   bool running();
+  // Peak resident set size of the child in KiB (wait4's ru_maxrss), once
+  // wait() has reaped it; nullopt before, or if it was reaped by the destructor.
+  // Linux carries the forked copy's high-water mark across exec, so this is
+  // max(this process's RSS at fork, the child's peak): an upper bound on the
+  // child's, exact only when the child outgrows its parent.
+  std::optional<long> max_rss_kb() const;
 
   std::string stdout_text() const;
   std::string stderr_text() const;
