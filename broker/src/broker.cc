@@ -91,6 +91,9 @@ struct Broker::Impl {
 };
 
 bool Broker::Impl::send(const std::string& peer, proto::Frames&& frames) {
+  // Gauges are published before every message, so a peer that got a reply
+  // (CLOSED, say) reads stats at least as fresh as that reply.
+  update_gauges();
   const auto result = proto::SendMessage(*router, peer, frames);
   if (result == proto::SendResult::kSent) return true;
   // A gone peer (ROUTER_MANDATORY) or a full queue: the message is dropped;

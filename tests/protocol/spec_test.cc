@@ -62,6 +62,15 @@ class WorkerSpec : public ::testing::TestWithParam<std::string> {
     }
     return {};
   }
+  // Next RESULTS. READY may come in between: this fake broker sends no
+  // heartbeats, so a slow run (sanitizers) lets the worker re-register
+  // (clause 3.4.3), which is not what these tests look at.
+  proto::Frames recv_results(std::chrono::milliseconds timeout = 3000ms) {
+    for (;;) {
+      auto f = recv(timeout);
+      if (f.empty() || command(f) != proto::Command::kReady) return f;
+    }
+  }
   proto::Command command(const proto::Frames& f) {
     auto c = proto::PeekCommand(f);
     return c ? *c : proto::Command::kHeartbeat;
@@ -110,7 +119,7 @@ TEST_P(WorkerSpec, Clause_3_4_2_ResultsCarryBodiesInFrames) {
   send(proto::Encode(proto::Command::kDispatch, chunk(sid, urls)));
   std::map<std::uint64_t, std::string> bodies;
   while (bodies.size() < 20) {
-    auto f = recv();
+    auto f = recv_results();
     ASSERT_EQ(command(f), proto::Command::kResults);
     ASSERT_TRUE(proto::DecodeResultsIndex(f).has_value());
     auto m = proto::DecodeResults(f);
@@ -160,8 +169,8 @@ TEST_P(WorkerSpec, Clause_3_5_3_EndSessionAbortsWithoutResults) {
   EXPECT_EQ(worker_->sessions(), 1u);
   send(proto::Encode(proto::Command::kEndSession, proto::SessionRef{sid}));
   EXPECT_TRUE(testing::WaitFor([&] { return worker_->sessions() == 0; }, 2s));
-  auto f = recv(500ms);
-  EXPECT_NE(command(f), proto::Command::kResults) << "results after END_SESSION";
+  auto f = recv_results(500ms);
+  EXPECT_TRUE(f.empty()) << "results after END_SESSION";
 }
 
 // 2.4 "A malformed message SHALL be dropped, counted and logged ... It MUST
@@ -182,7 +191,7 @@ TEST_P(WorkerSpec, Clause_2_4_MalformedMessagesAreDroppedAndCounted) {
   const SessionId sid = NewSessionId();
   send(proto::Encode(proto::Session{sid, SessionSettings{}}));
   send(proto::Encode(proto::Command::kDispatch, chunk(sid, {server.url("/after")})));
-  auto f = recv();
+  auto f = recv_results();
   ASSERT_EQ(command(f), proto::Command::kResults);
   EXPECT_EQ(proto::DecodeResults(f)->results.at(0).response.body, "ok:/after");
 }
