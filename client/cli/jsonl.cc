@@ -14,6 +14,7 @@
 #include <simdjson.h>
 
 #include "gatherer/gatherer.h"
+#include "gatherer/strings.h"
 
 namespace gatherer::cli {
 namespace {
@@ -31,15 +32,6 @@ std::string_view Trim(std::string_view s) {
 
 bool IsBlank(std::string_view s) { return s.find_first_not_of(kSpace) == std::string_view::npos; }
 
-char ToLower(char c) { return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c; }
-
-bool EqualsIgnoreCase(std::string_view a, std::string_view b) {
-  if (a.size() != b.size()) return false;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    if (ToLower(a[i]) != ToLower(b[i])) return false;
-  }
-  return true;
-}
 
 // The ondemand parser keeps its buffers between documents, and the padded
 // copy of the line is reused too, so parsing a line allocates only for the

@@ -14,6 +14,7 @@
 #include <string_view>
 
 #include "gatherer/gatherer.h"
+#include "gatherer/strings.h"
 
 namespace gatherer {
 namespace {
@@ -49,15 +50,6 @@ std::string Echo(std::string_view text) {
   return out;
 }
 
-char ToLower(char c) { return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c; }
-
-bool EqualsIgnoreCase(std::string_view a, std::string_view b) {
-  if (a.size() != b.size()) return false;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    if (ToLower(a[i]) != ToLower(b[i])) return false;
-  }
-  return true;
-}
 
 bool IsAlpha(char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); }
 bool IsDigit(char c) { return c >= '0' && c <= '9'; }

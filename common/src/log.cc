@@ -1,12 +1,12 @@
 #include "gatherer/log.h"
 
-#include <algorithm>
-#include <cctype>
 #include <charconv>
-#include <utility>
 #include <memory>
+#include <utility>
 
 #include <spdlog/sinks/stdout_color_sinks.h>
+
+#include "gatherer/strings.h"
 
 namespace gatherer {
 
@@ -44,11 +44,7 @@ Result<int> ParseLogLevel(std::string_view text) {
   static constexpr std::pair<std::string_view, int> kNames[] = {
       {"debug", 10}, {"info", 20}, {"warning", 30}, {"warn", 30}, {"error", 40}, {"critical", 50}};
   for (const auto& [name, value] : kNames) {
-    if (text.size() == name.size() &&
-        std::equal(text.begin(), text.end(), name.begin(),
-                   [](char a, char b) { return std::tolower(static_cast<unsigned char>(a)) == b; })) {
-      return value;
-    }
+    if (EqualsIgnoreCase(text, name)) return value;
   }
   return Unexpected(InvalidArgument("log level must be 10..50 or debug, info, warning, error, critical"));
 }

@@ -28,6 +28,7 @@
 
 #include <tbb/concurrent_queue.h>
 
+#include "gatherer/strings.h"
 #include "gatherer/wake_fd.h"
 
 // Delivery after close_session: close_session only queues a close command to
@@ -57,16 +58,6 @@ void GlobalInit() {
   static std::once_flag once;
   // curl_global_init is not thread-safe and must run once before any handle.
   std::call_once(once, [] { curl_global_init(CURL_GLOBAL_DEFAULT); });
-}
-
-bool IEquals(std::string_view a, std::string_view b) {
-  if (a.size() != b.size()) return false;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    const auto x = static_cast<unsigned char>(a[i]);
-    const auto y = static_cast<unsigned char>(b[i]);
-    if (std::tolower(x) != std::tolower(y)) return false;
-  }
-  return true;
 }
 
 std::string_view Trim(std::string_view s) {
@@ -119,7 +110,7 @@ bool IsBeforeSend(CURLcode code) {
 // absent or unparsable.
 std::optional<std::uint64_t> RetryAfterMs(const Headers& headers) {
   for (const auto& [name, raw] : headers) {
-    if (!IEquals(name, "Retry-After")) continue;
+    if (!EqualsIgnoreCase(name, "Retry-After")) continue;
     const std::string_view value = Trim(raw);
     if (value.empty()) return std::nullopt;
     if (std::all_of(value.begin(), value.end(), [](char c) { return c >= '0' && c <= '9'; })) {
@@ -524,7 +515,7 @@ class IoThread {
     }
     for (const auto& [name, value] : settings.headers) {
       const bool replaced = std::any_of(statement.headers.begin(), statement.headers.end(),
-                                        [&](const auto& h) { return IEquals(h.first, name); });
+                                        [&](const auto& h) { return EqualsIgnoreCase(h.first, name); });
       if (!replaced && !append(name, value)) return ResponseError{StatusCode::kInternal, "out of memory"};
     }
     for (const auto& [name, value] : statement.headers) {
@@ -553,7 +544,7 @@ class IoThread {
     set(CURLOPT_TIMEOUT_MS, static_cast<long>(timeout_ms));
     set(CURLOPT_CONNECTTIMEOUT_MS, static_cast<long>(settings.connect_timeout_ms));
     set(CURLOPT_HTTP_VERSION, static_cast<long>(CURL_HTTP_VERSION_2TLS));
-    if (url.size() >= 8 && IEquals(std::string_view(url).substr(0, 8), "https://")) {
+    if (url.size() >= 8 && EqualsIgnoreCase(std::string_view(url).substr(0, 8), "https://")) {
       // Wait for a connection being set up that may multiplex (h2) instead of
       // opening another; plain http never multiplexes here, so it would only
       // serialise connection set-up.
