@@ -22,6 +22,7 @@
 #include "gatherer/broker.h"
 #include "gatherer/gatherer.h"
 #include "gatherer/worker.h"
+#include "handlers.h"
 #include "http_server.h"
 #include "process.h"
 #include "wait_for.h"
@@ -29,6 +30,7 @@
 namespace gatherer {
 namespace {
 using namespace std::chrono_literals;
+using testing::DelayHandler;
 using testing::HttpReply;
 using testing::HttpRequest;
 using testing::HttpServer;
@@ -36,19 +38,6 @@ using testing::Process;
 using testing::WaitFor;
 
 const std::string kBin = GATHERER_BIN_DIR;
-
-// "/d/<index>/<delay ms>" replies "body-<index>" after the delay.
-HttpReply DelayHandler(const HttpRequest& req) {
-  HttpReply r;
-  unsigned index = 0, delay = 0;
-  if (std::sscanf(req.target.c_str(), "/d/%u/%u", &index, &delay) == 2) {
-    r.delay = std::chrono::milliseconds(delay);
-    r.body = "body-" + std::to_string(index);
-  } else {
-    r.status = 404;
-  }
-  return r;
-}
 
 void ExpectInOrder(const std::vector<Response>& responses, std::size_t n) {
   ASSERT_EQ(responses.size(), n);

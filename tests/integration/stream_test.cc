@@ -13,29 +13,18 @@
 #include <gtest/gtest.h>
 
 #include "gatherer/gatherer.h"
+#include "handlers.h"
 #include "http_server.h"
 #include "wait_for.h"
 
 namespace gatherer {
 namespace {
 using namespace std::chrono_literals;
+using testing::DelayHandler;
 using testing::HttpReply;
 using testing::HttpRequest;
 using testing::HttpServer;
 using testing::WaitFor;
-
-// "/d/<index>/<delay ms>" replies "body-<index>" after the delay.
-HttpReply DelayHandler(const HttpRequest& req) {
-  HttpReply r;
-  unsigned index = 0, delay = 0;
-  if (std::sscanf(req.target.c_str(), "/d/%u/%u", &index, &delay) == 2) {
-    r.delay = std::chrono::milliseconds(delay);
-    r.body = "body-" + std::to_string(index);
-  } else {
-    r.status = 404;
-  }
-  return r;
-}
 
 // A lazy source of `n` statements with random delays; counts what it handed out.
 struct CountingSource {

@@ -21,21 +21,16 @@
 
 #include "gatherer/config.h"
 #include "gatherer/ids.h"
+#include "gatherer/protocol.h"
 #include "gatherer/statement.h"
 
 namespace gatherer::worker {
 
-// One statement of a session as dispatched: its index in the caller's sequence.
-struct FetchItem {
-  std::uint64_t index = 0;
-  Statement statement;
-};
-
-// One outcome.
-struct FetchResult {
-  std::uint64_t index = 0;
-  Response response;
-};
+// One statement of a session as dispatched (index = its position in the
+// caller's sequence), and one outcome: the wire types themselves, so a
+// DISPATCH's statements and a batch of results move through without copies.
+using FetchItem = protocol::WireStatement;
+using FetchResult = protocol::WireResult;
 
 class Fetcher {
  public:

@@ -86,13 +86,8 @@ void Worker::Impl::handle(std::vector<zmq::message_t>& frames) {
     case proto::Command::kDispatch: {
       auto m = proto::DecodeStatements(frames);
       if (!m) return bad(m.error());
-      std::vector<worker::FetchItem> items(m->statements.size());
-      for (std::size_t i = 0; i < items.size(); ++i) {
-        items[i].index = m->statements[i].index;
-        items[i].statement = std::move(m->statements[i].statement);
-      }
-      stats.received.fetch_add(items.size(), std::memory_order_relaxed);
-      fetcher->submit(m->session, std::move(items));
+      stats.received.fetch_add(m->statements.size(), std::memory_order_relaxed);
+      fetcher->submit(m->session, std::move(m->statements));
       return;
     }
     case proto::Command::kEndSession: {
@@ -125,14 +120,8 @@ void Worker::Impl::flush_results() {
   wake_pending.exchange(false, std::memory_order_acq_rel);
   ResultBatch batch;
   while (done.try_pop(batch)) {
-    proto::Results msg{batch.session, {}};
-    msg.results.resize(batch.results.size());
-    for (std::size_t i = 0; i < batch.results.size(); ++i) {
-      msg.results[i].index = batch.results[i].index;
-      msg.results[i].response = std::move(batch.results[i].response);
-    }
-    stats.completed.fetch_add(msg.results.size(), std::memory_order_relaxed);
-    send(proto::Encode(std::move(msg)));
+    stats.completed.fetch_add(batch.results.size(), std::memory_order_relaxed);
+    send(proto::Encode(proto::Results{batch.session, std::move(batch.results)}));
   }
 }
 

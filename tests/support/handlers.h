@@ -1,0 +1,26 @@
+#pragma once
+// Request handlers shared by cross-component tests.
+
+#include <chrono>
+#include <cstdio>
+#include <string>
+
+#include "http_server.h"
+
+namespace gatherer::testing {
+
+// "/d/<index>/<delay ms>" replies 200 "body-<index>" after the delay; any
+// other path is a 404. Lets a test choose each statement's latency.
+inline HttpReply DelayHandler(const HttpRequest& req) {
+  HttpReply r;
+  unsigned index = 0, delay = 0;
+  if (std::sscanf(req.target.c_str(), "/d/%u/%u", &index, &delay) == 2) {
+    r.delay = std::chrono::milliseconds(delay);
+    r.body = "body-" + std::to_string(index);
+  } else {
+    r.status = 404;
+  }
+  return r;
+}
+
+}  // namespace gatherer::testing
