@@ -79,7 +79,7 @@ struct Broker::Impl {
   void on_worker(const std::string& peer, proto::Command command, std::span<zmq::message_t> body);
   void on_results(const std::string& peer, std::span<zmq::message_t> body);
   void dispatch();
-  void end_session(SessionState& s, bool cancel_only);
+  void end_session(SessionState& s);
   void remove_worker(const std::string& routing_id, const char* why);
   void heartbeat();
   void mark_ready(SessionState& s);
@@ -182,7 +182,7 @@ void Broker::Impl::dispatch() {
 // Drops the session's queued statements and leases; workers holding it get
 // END_SESSION so they abort its transfers (§4.4). The session itself stays
 // unless it is being closed.
-void Broker::Impl::end_session(SessionState& s, bool cancel_only) {
+void Broker::Impl::end_session(SessionState& s) {
   for (const auto& [index, lease] : s.leases) {
     auto w = workers.find(lease.worker);
     if (w != workers.end() && w->second.leased > 0) --w->second.leased;
@@ -198,7 +198,6 @@ void Broker::Impl::end_session(SessionState& s, bool cancel_only) {
     send(rid, proto::Encode(proto::Command::kEndSession, proto::SessionRef{s.id}));
   }
   s.workers.clear();
-  (void)cancel_only;
 }
 
 void Broker::Impl::remove_worker(const std::string& routing_id, const char* why) {
@@ -341,7 +340,7 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
     if (!ref) return malformed(peer, ref.error());
     auto it = sessions.find(ref->session);
     if (it != sessions.end()) {
-      end_session(it->second, command == Command::kCancel);
+      end_session(it->second);
       if (command == Command::kClose) {
         sessions.erase(it);
         Logger().debug("broker: session {} closed", ref->session.ToString());
