@@ -16,6 +16,8 @@ int main(int argc, char** argv) {
   app.add_option("--slots", options.slots, "Statements taken at once (0 = 1024 per I/O thread)");
   app.add_option("--heartbeat-ms", heartbeat_ms, "Heartbeat period in ms")->check(CLI::Range(10, 60'000));
   app.add_option("--id", options.worker_id, "Worker id shown in logs and responses (default host-pid-n)");
+  app.add_flag("--echo", options.echo,
+               "Diagnostic: answer every statement with an empty 200 without HTTP (measures client + broker alone)");
   app.add_option("--log-level", log_level, "debug, info, warning, error, critical or 10..50");
   CLI11_PARSE(app, argc, argv);
   const auto level = gatherer::ParseLogLevel(log_level);

@@ -61,6 +61,7 @@ struct Worker::Impl {
     send(proto::Encode(proto::Ready{id, host, slots}));
   }
   void handle(std::vector<zmq::message_t>& frames);
+  void echo(const SessionId& session, const std::vector<proto::WireStatement>& statements);
   void flush_results();
   void run();
 };
@@ -87,6 +88,7 @@ void Worker::Impl::handle(std::vector<zmq::message_t>& frames) {
       auto m = proto::DecodeStatements(frames);
       if (!m) return bad(m.error());
       stats.received.fetch_add(m->statements.size(), std::memory_order_relaxed);
+      if (options.echo) return echo(m->session, m->statements);
       fetcher->submit(m->session, std::move(m->statements));
       return;
     }
@@ -109,6 +111,19 @@ void Worker::Impl::handle(std::vector<zmq::message_t>& frames) {
     default:
       return bad(InvalidArgument(std::string("command not accepted by a worker: ") + proto::CommandName(*command)));
   }
+}
+
+// WorkerOptions::echo: an empty 200 per statement, straight back.
+void Worker::Impl::echo(const SessionId& session, const std::vector<proto::WireStatement>& statements) {
+  proto::Results results{session, std::vector<proto::WireResult>(statements.size())};
+  for (std::size_t i = 0; i < statements.size(); ++i) {
+    results.results[i].index = statements[i].index;
+    results.results[i].response.status = 200;
+    results.results[i].response.attempts = 1;
+    results.results[i].response.worker = id;
+  }
+  stats.completed.fetch_add(statements.size(), std::memory_order_relaxed);
+  send(proto::Encode(std::move(results)));
 }
 
 void Worker::Impl::flush_results() {
@@ -200,7 +215,8 @@ Status Worker::start() {
       });
   m.stopping.store(false);
   m.thread = std::thread([&m] { m.run(); });
-  Logger().info("worker {}: connecting to {} with {} I/O threads, {} slots", m.id, m.options.broker, io, m.slots);
+  Logger().info("worker {}: connecting to {} with {} I/O threads, {} slots{}", m.id, m.options.broker, io, m.slots,
+                m.options.echo ? " (echo mode: no HTTP)" : "");
   return Status::Ok();
 }
 

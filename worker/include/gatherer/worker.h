@@ -36,6 +36,10 @@ struct WorkerOptions {
   int heartbeat_liveness = 3;
   // Shown in logs and in each response's `worker`; empty = host-pid-n.
   std::string worker_id;
+  // Diagnostic mode: answer every statement at once with an empty 200,
+  // without HTTP, so the cost of client + broker is measured alone (the
+  // routing benchmark). Never for real work.
+  bool echo = false;
 };
 
 struct WorkerStats {
