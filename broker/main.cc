@@ -15,6 +15,10 @@ int main(int argc, char** argv) {
   app.add_option("--heartbeat-ms", heartbeat_ms, "Heartbeat period in ms")->check(CLI::Range(10, 60'000));
   app.add_option("--liveness", options.heartbeat_liveness, "Missed heartbeats before a worker is presumed dead")
       ->check(CLI::Range(1, 100));
+  int session_ttl_ms = static_cast<int>(options.session_ttl.count());
+  app.add_option("--session-ttl-ms", session_ttl_ms,
+                 "A session whose client is silent this long is cancelled and forgotten")
+      ->check(CLI::Range(100, 86'400'000));
   app.add_option("--max-chunk", options.max_chunk, "Statements per DISPATCH at most")->check(CLI::Range(1, 65536));
   app.add_option("--max-sessions", options.max_sessions, "Open sessions at most");
   app.add_option("--log-level", log_level, "debug, info, warning, error, critical or 10..50");
@@ -27,6 +31,7 @@ int main(int argc, char** argv) {
   gatherer::SetLogLevel(*level);
   if (!binds.empty()) options.endpoints = binds;
   options.heartbeat_interval = std::chrono::milliseconds(heartbeat_ms);
+  options.session_ttl = std::chrono::milliseconds(session_ttl_ms);
 
   gatherer::BlockTerminationSignals();
   gatherer::Broker broker(options);

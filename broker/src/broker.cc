@@ -33,6 +33,7 @@ struct SessionState {
   std::unordered_map<std::uint64_t, Lease> leases;
   // Workers that were sent SESSION for it (they get END_SESSION on close).
   std::unordered_set<std::string> workers;
+  Clock::time_point last_seen;  // last message from its client
   bool in_ready = false;  // in Impl::ready_ (round-robin of dispatchable sessions)
 };
 
@@ -161,19 +162,27 @@ void Broker::Impl::dispatch() {
     }
     proto::Statements chunk{sid, {}};
     chunk.statements.reserve(n);
-    for (std::size_t i = 0; i < n; ++i) {
-      chunk.statements.push_back(std::move(s.pending.front()));
+    std::size_t popped = 0;
+    while (chunk.statements.size() < n && !s.pending.empty()) {
+      proto::WireStatement ws = std::move(s.pending.front());
       s.pending.pop_front();
+      ++popped;
+      // A client that re-opened its session resubmits what it has not been
+      // answered (§3.2.8): an index already leased is not sent twice.
+      if (!s.leases.try_emplace(ws.index, Lease{best->routing_id, {}}).second) continue;
+      chunk.statements.push_back(std::move(ws));
+    }
+    total_pending -= popped;
+    if (chunk.statements.empty()) {
+      mark_ready(s);
+      continue;
     }
     proto::Frames frames = proto::Encode(proto::Command::kDispatch, chunk);
-    for (auto& ws : chunk.statements) {
-      const std::uint64_t index = ws.index;
-      s.leases.insert_or_assign(index, Lease{best->routing_id, std::move(ws)});
-    }
-    best->leased += static_cast<std::uint32_t>(n);
-    total_pending -= n;
-    total_leased += n;
-    stats.dispatched.fetch_add(n, std::memory_order_relaxed);
+    for (auto& ws : chunk.statements) s.leases[ws.index].statement = std::move(ws);
+    const std::size_t sent = chunk.statements.size();
+    best->leased += static_cast<std::uint32_t>(sent);
+    total_leased += sent;
+    stats.dispatched.fetch_add(sent, std::memory_order_relaxed);
     send(best->routing_id, std::move(frames));
     mark_ready(s);
   }
@@ -312,6 +321,7 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
     SessionState& s = it->second;
     s.id = open->session;
     s.client = peer;
+    s.last_seen = Clock::now();
     s.settings = open->settings;
     s.prefetch = open->prefetch;
     send(peer, proto::Encode(Command::kOpened, proto::SessionRef{s.id}));
@@ -325,6 +335,8 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
       return send_error(peer, StatusCode::kNotFound, "session not open", submit->session);
     }
     SessionState& s = it->second;
+    s.last_seen = Clock::now();
+    s.client = peer;  // a reconnected client has a new routing id
     const std::size_t cap = std::size_t{s.settings.workers} + s.prefetch + options.queue_slack;
     if (s.pending.size() + s.leases.size() + submit->statements.size() > cap) {
       return send_error(peer, StatusCode::kResourceExhausted,
@@ -376,12 +388,22 @@ void Broker::Impl::handle(std::vector<zmq::message_t>& frames) {
       auto w = workers.find(peer);
       if (w != workers.end()) {
         w->second.last_seen = Clock::now();
-      } else {
-        // Clients and unregistered workers get one back: clients use it to
-        // tell the broker is alive; workers re-register on ERROR(not_found)
-        // only when they send RESULTS, so a plain echo serves both.
-        send(peer, proto::EncodeHeartbeat());
+        break;
       }
+      auto named = proto::DecodeHeartbeat(body);
+      if (!named) return malformed(peer, named.error());
+      if (*named) {
+        // §3.2.7: a client's heartbeat keeps its session alive; a session
+        // this broker does not have (it restarted, or the TTL ran out) is
+        // reported so the client re-opens it (§3.2.8).
+        auto s = sessions.find(**named);
+        if (s == sessions.end()) {
+          return send_error(peer, StatusCode::kNotFound, "session not open", **named);
+        }
+        s->second.last_seen = Clock::now();
+        s->second.client = peer;
+      }
+      send(peer, proto::EncodeHeartbeat());
       break;
     }
     default:
@@ -401,6 +423,18 @@ void Broker::Impl::heartbeat() {
     else send(rid, proto::EncodeHeartbeat());
   }
   for (const auto& rid : dead) remove_worker(rid, "missed heartbeats");
+  // DESIGN §5.5: a silent client's session is cancelled everywhere.
+  for (auto it = sessions.begin(); it != sessions.end();) {
+    if (now - it->second.last_seen > options.session_ttl) {
+      Logger().warn("broker: session {} expired: its client was silent for {} ms", it->first.ToString(),
+                    options.session_ttl.count());
+      end_session(it->second);
+      stats.sessions_expired.fetch_add(1, std::memory_order_relaxed);
+      it = sessions.erase(it);
+    } else {
+      ++it;
+    }
+  }
 }
 
 void Broker::Impl::run() {

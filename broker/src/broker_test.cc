@@ -287,6 +287,46 @@ TEST_P(BrokerTest, DeadWorkerStatementsAreRedispatched) {
   EXPECT_EQ(broker_->stats().requeued.load(), 4u);
 }
 
+// §3.2.7: a HEARTBEAT naming a session the broker does not have is
+// answered with ERROR not_found naming it; one naming a live session with
+// HEARTBEAT.
+TEST_P(BrokerTest, HeartbeatNamingUnknownSessionIsNotFound) {
+  Peer client(ctx_, endpoint_);
+  const SessionId stranger = NewSessionId();
+  client.send(proto::EncodeHeartbeat(stranger));
+  auto reply = client.recv();
+  ASSERT_EQ(client.command_of(reply), proto::Command::kError);
+  auto e = proto::DecodeError(reply);
+  EXPECT_EQ(e->code, StatusCode::kNotFound);
+  EXPECT_EQ(e->session, stranger);
+  SessionId sid = open(client, 1);
+  client.send(proto::EncodeHeartbeat(sid));
+  client.send(proto::EncodeSubmit(sid, 0, Urls(1)));  // no worker: stays queued, no reply
+  EXPECT_TRUE(client.recv(200ms).empty()) << "a live session's heartbeat got an error";
+}
+
+// §4.4: a resubmitted index that is already leased is not dispatched twice.
+TEST_P(BrokerTest, ResubmittedLeasedIndexIsNotDispatchedTwice) {
+  Peer client(ctx_, endpoint_), worker(ctx_, endpoint_);
+  ready(worker, 100);
+  SessionId sid = open(client, 10);
+  client.send(proto::EncodeSubmit(sid, 0, Urls(3)));
+  (void)worker.recv();  // SESSION
+  auto first = proto::DecodeStatements(worker.recv());
+  ASSERT_EQ(first->statements.size(), 3u);
+  // The client re-opens and resubmits 0..3; only 3 is new.
+  SessionSettings s;
+  s.workers = 10;
+  client.send(proto::Encode(proto::Open{sid, s, 0}));
+  client.send(proto::EncodeSubmit(sid, 0, Urls(4)));
+  auto again = worker.recv();
+  ASSERT_EQ(worker.command_of(again), proto::Command::kDispatch);
+  auto chunk = proto::DecodeStatements(again);
+  ASSERT_EQ(chunk->statements.size(), 1u);
+  EXPECT_EQ(chunk->statements[0].index, 3u);
+  EXPECT_TRUE(worker.recv(200ms).empty());
+}
+
 INSTANTIATE_TEST_SUITE_P(Transports, BrokerTest, ::testing::Values("tcp://127.0.0.1:*", "ipc"),
                          [](const auto& info) { return info.param == "ipc" ? std::string("ipc") : std::string("tcp"); });
 

@@ -39,6 +39,7 @@ struct Gatherer::Impl {
   std::atomic<bool> cancel_requested{false};
   std::uint64_t next_index = 0;
   Clock::time_point last_heard;
+  std::uint32_t prefetch = 0;  // statements queued at the broker beyond the window
   bool running = false;  // a gather() or stream is in progress
 
   void send(proto::Frames&& frames) {
@@ -98,10 +99,10 @@ Gatherer::Gatherer(Options options) : impl_(std::make_unique<Impl>()) {
   } catch (const zmq::error_t& e) {
     throw Error("cannot connect to broker " + m.endpoint + ": " + e.what(), -1, StatusCode::kInvalidArgument);
   }
-  const auto prefetch = static_cast<std::uint32_t>(m.options.prefetch ? m.options.prefetch : m.options.workers);
+  m.prefetch = static_cast<std::uint32_t>(m.options.prefetch ? m.options.prefetch : m.options.workers);
   // Asynchronous: ZeroMQ queues OPEN until the broker is reachable, so the
   // client may start before the broker.
-  m.send(proto::Encode(proto::Open{m.session, m.settings, prefetch}));
+  m.send(proto::Encode(proto::Open{m.session, m.settings, m.prefetch}));
   m.last_heard = Clock::now();
   Logger().debug("gatherer: session {} opening on {} (window {})", m.session_text, m.endpoint, m.options.workers);
 }
@@ -163,7 +164,11 @@ struct Stream::Run {
   Order order;
   std::span<const Statement> fixed;  // statements from a list, or
   StatementSource source;            // statements pulled lazily
-  std::vector<Statement> pull_buffer;
+  // Lazy source only: the statements of positions [low, pulled), slot
+  // pos % span, kept until answered so they can be sent again to a broker
+  // that lost them (PROTOCOL.md §3.2.8). Slots are reused: no copies.
+  std::vector<Statement> held;
+  bool awaiting_opened = false;  // re-opened; later not_found errors are stale
   bool source_done = false;
   bool finished = false;
   // Session index of position 0 (PROTOCOL.md §3.2.2).
@@ -184,6 +189,8 @@ struct Stream::Run {
 
   std::optional<Indexed> next();
   void top_up();
+  void send_range(std::uint64_t from, std::size_t count);
+  void reopen();
   void pump();
   void accept(proto::WireResult& result);
   [[noreturn]] void fail(const std::string& what, std::int64_t index, StatusCode code);
@@ -195,7 +202,7 @@ void Stream::Run::start(std::size_t span_positions) {
                              StatusCode::kFailedPrecondition);
   m.running = true;
   const std::size_t window = static_cast<std::size_t>(m.options.workers);
-  limit = window + static_cast<std::size_t>(m.options.prefetch ? m.options.prefetch : m.options.workers);
+  limit = window + m.prefetch;
   span = std::max<std::size_t>(span_positions, 1);
   slots.assign(span, kFree);
   if (order == Order::kInput) reorder.resize(span);
@@ -227,34 +234,71 @@ void Stream::Run::top_up() {
     const std::size_t room_span = span - static_cast<std::size_t>(pulled - low);
     const std::size_t k = std::min({room_window, room_span, kSubmitChunk});
     if (k == 0) return;
-    std::span<const Statement> chunk;
+    std::size_t got = 0;
     if (source) {
-      if (pull_buffer.size() < k) pull_buffer.resize(k);
-      std::size_t got = 0;
+      if (held.empty()) held.resize(span);
       while (got < k) {
-        if (!source(pull_buffer[got])) {
+        Statement& out = held[(pulled + got) % span];
+        if (!source(out)) {
           source_done = true;
           break;
         }
-        if (Status st = ValidateStatement(pull_buffer[got], m.settings); !st.ok()) {
+        if (Status st = ValidateStatement(out, m.settings); !st.ok()) {
+          // The ones pulled in this round were not sent yet: only earlier
+          // rounds need cancelling, which fail() does.
           const std::uint64_t index = pulled + got;
-          pulled += got;  // already pulled ones were not sent; nothing to cancel for them
           fail("statement " + std::to_string(index) + " is invalid: " + st.message(),
                static_cast<std::int64_t>(index), st.code());
         }
         ++got;
       }
-      chunk = std::span<const Statement>(pull_buffer.data(), got);
     } else {
       const std::size_t left = fixed.size() - static_cast<std::size_t>(pulled);
-      chunk = fixed.subspan(static_cast<std::size_t>(pulled), std::min(k, left));
-      if (chunk.size() == left) source_done = true;
+      got = std::min(k, left);
+      if (got == left) source_done = true;
     }
-    if (chunk.empty()) return;
-    for (std::size_t i = 0; i < chunk.size(); ++i) slots[(pulled + i) % span] = kSent;
-    m.send(proto::EncodeSubmit(m.session, base + pulled, chunk));
-    pulled += chunk.size();
+    if (got == 0) return;
+    for (std::size_t i = 0; i < got; ++i) slots[(pulled + i) % span] = kSent;
+    send_range(pulled, got);
+    pulled += got;
     m.next_index = base + pulled;
+  }
+}
+
+// SUBMITs positions [from, from + count), straight from the caller's list or
+// the held ring (in at most two pieces where the ring wraps).
+void Stream::Run::send_range(std::uint64_t from, std::size_t count) {
+  if (!source) {
+    m.send(proto::EncodeSubmit(m.session, base + from, fixed.subspan(static_cast<std::size_t>(from), count)));
+    return;
+  }
+  while (count > 0) {
+    const std::size_t at = static_cast<std::size_t>(from % span);
+    const std::size_t n = std::min(count, span - at);
+    m.send(proto::EncodeSubmit(m.session, base + from, std::span<const Statement>(held.data() + at, n)));
+    from += n;
+    count -= n;
+  }
+}
+
+// The broker does not know the session: it restarted, or expired the session
+// of an idle client. Open it again under the same id and send every
+// statement not yet answered; answers already received stay (PROTOCOL.md
+// §3.2.8). Duplicates from the old broker's workers are dropped by index.
+void Stream::Run::reopen() {
+  Logger().warn("gatherer: broker lost session {}; re-opening it and resubmitting {} statements", m.session_text,
+                pulled - received);
+  m.send(proto::Encode(proto::Open{m.session, m.settings, m.prefetch}));
+  awaiting_opened = true;
+  std::uint64_t p = low;
+  while (p < pulled) {
+    if (slots[p % span] != kSent) {
+      ++p;
+      continue;
+    }
+    const std::uint64_t start = p;
+    while (p < pulled && slots[p % span] == kSent && p - start < kSubmitChunk) ++p;
+    send_range(start, static_cast<std::size_t>(p - start));
   }
 }
 
@@ -311,9 +355,16 @@ void Stream::Run::pump() {
       }
       if (results->session != m.session) continue;
       for (auto& r : results->results) accept(r);
+    } else if (*command == proto::Command::kOpened) {
+      awaiting_opened = false;
     } else if (*command == proto::Command::kError) {
       auto e = proto::DecodeError(frames);
       if (!e || (e->session && *e->session != m.session)) continue;
+      if (e->code == StatusCode::kNotFound && e->session) {
+        // Errors about messages sent before the re-open are stale.
+        if (!awaiting_opened) reopen();
+        continue;
+      }
       fail("broker refused: " + std::string(StatusCodeName(e->code)) + ": " + e->message, -1, e->code);
     }
     // OPENED, CLOSED and HEARTBEAT only prove the broker is alive.
@@ -325,7 +376,7 @@ void Stream::Run::pump() {
                " ms",
            -1, StatusCode::kUnavailable);
     }
-    m.send(proto::EncodeHeartbeat());
+    m.send(proto::EncodeHeartbeat(m.session));
   }
 }
 

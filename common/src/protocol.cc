@@ -338,6 +338,23 @@ Frames EncodeHeartbeat() {
   return Start(Command::kHeartbeat, buf);
 }
 
+Frames EncodeHeartbeat(const SessionId& session) {
+  msgpack::sbuffer buf(24);
+  Packer pk(buf);
+  pk.pack_array(1);
+  PackBin(pk, session.raw());
+  return Start(Command::kHeartbeat, buf);
+}
+
+Result<std::optional<SessionId>> DecodeHeartbeat(std::span<const zmq::message_t> frames) {
+  return Guard([&]() -> std::optional<SessionId> {
+    auto h = Header(frames, 3);
+    const auto& a = AsArray(h.get(), 0, "header is not an array");
+    if (a.size == 0) return std::nullopt;
+    return AsSession(a.ptr[0]);
+  });
+}
+
 Result<SessionRef> DecodeSessionRef(std::span<const zmq::message_t> frames) {
   return Guard([&] {
     auto h = Header(frames, 3);

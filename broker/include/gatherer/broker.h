@@ -31,6 +31,10 @@ struct BrokerOptions {
   // presumed dead and its leased statements are queued again at the front.
   std::chrono::milliseconds heartbeat_interval{1000};
   int heartbeat_liveness = 3;
+  // A session whose client has sent nothing (not even a HEARTBEAT naming it)
+  // for this long is cancelled everywhere and forgotten (DESIGN §5.5). A
+  // live client that was idle re-opens it on its next run (PROTOCOL §3.2.8).
+  std::chrono::milliseconds session_ttl{10'000};
   // Statements per DISPATCH message at most (PROTOCOL.md §5). Bigger chunks
   // cost fewer messages; smaller spread work more evenly across workers.
   std::uint32_t max_chunk = 512;
@@ -53,6 +57,7 @@ struct BrokerStats {
   std::atomic<std::uint64_t> duplicates_dropped{0};
   std::atomic<std::uint64_t> requeued{0};
   std::atomic<std::uint64_t> malformed{0};
+  std::atomic<std::uint64_t> sessions_expired{0};
 };
 
 class Broker {

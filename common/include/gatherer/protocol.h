@@ -126,6 +126,8 @@ Frames Encode(const Session& m);
 Frames Encode(const Ready& m);
 Frames Encode(const ErrorReply& m);
 Frames EncodeHeartbeat();
+// A client's HEARTBEAT names its session (PROTOCOL.md §3.2.7).
+Frames EncodeHeartbeat(const SessionId& session);
 
 // Each decoder expects frames whose command is the one named.
 Result<SessionRef> DecodeSessionRef(std::span<const zmq::message_t> frames);
@@ -135,6 +137,8 @@ Result<Results> DecodeResults(std::span<const zmq::message_t> frames);
 Result<Session> DecodeSession(std::span<const zmq::message_t> frames);
 Result<Ready> DecodeReady(std::span<const zmq::message_t> frames);
 Result<ErrorReply> DecodeError(std::span<const zmq::message_t> frames);
+// The session a HEARTBEAT names, or nullopt for a plain one.
+Result<std::optional<SessionId>> DecodeHeartbeat(std::span<const zmq::message_t> frames);
 
 // RESULTS without bodies or headers: what the broker needs to route and
 // settle leases while forwarding the frames untouched (§4.3).

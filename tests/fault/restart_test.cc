@@ -1,0 +1,123 @@
+// Fault tests with real processes killed by SIGKILL (DESIGN §5.4, §5.5):
+// the broker dies mid-run and comes back; a client dies mid-run.
+
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <future>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "gatherer/broker.h"
+#include "gatherer/gatherer.h"
+#include "gatherer/worker.h"
+#include "handlers.h"
+#include "http_server.h"
+#include "process.h"
+#include "wait_for.h"
+
+namespace gatherer {
+namespace {
+using namespace std::chrono_literals;
+using testing::DelayHandler;
+using testing::HttpServer;
+using testing::Process;
+using testing::WaitFor;
+
+const std::string kBin = GATHERER_BIN_DIR;
+
+std::string FreeTcpEndpoint() {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+  socklen_t len = sizeof(a);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  close(fd);
+  return "tcp://127.0.0.1:" + std::to_string(ntohs(a.sin_port));
+}
+
+std::unique_ptr<Process> StartBroker(const std::string& ep) {
+  return std::make_unique<Process>(std::vector<std::string>{kBin + "/broker/gatherer-broker", "--bind", ep,
+                                                            "--heartbeat-ms", "200", "--log-level", "error"});
+}
+
+// DESIGN §5.4: SIGKILL of the broker while a client waits loses nothing:
+// the worker registers again, the client re-opens its session under the
+// same id and resubmits what is unanswered; each response arrives once, in
+// order.
+TEST(FaultTest, BrokerKilledAndRestartedLosesNothing) {
+  HttpServer server(DelayHandler);
+  const std::string ep = FreeTcpEndpoint();
+  auto broker = StartBroker(ep);
+  Process worker({kBin + "/worker/gatherer-worker", "--broker", ep, "--io-threads", "1", "--heartbeat-ms", "200",
+                  "--log-level", "error"});
+  constexpr std::uint64_t kCount = 4000;
+  Gatherer g({.broker = ep, .workers = 64, .log_level = 40});
+  std::uint64_t next = 0;
+  auto source = [&](Statement& out) {
+    if (next == kCount) return false;
+    out = Get(server.url("/d/" + std::to_string(next++) + "/20"));
+    return true;
+  };
+  auto run = std::async(std::launch::async, [&] {
+    std::vector<std::string> bodies;
+    for (auto& item : g.stream(source)) {
+      EXPECT_EQ(item.index, bodies.size());
+      EXPECT_TRUE(item.response.ok()) << item.index;
+      bodies.push_back(std::move(item.response.body));
+    }
+    return bodies;
+  });
+  ASSERT_TRUE(WaitFor([&] { return server.requests() >= 1000; }, 30s));
+  ASSERT_EQ(run.wait_for(0ms), std::future_status::timeout) << "finished before the broker was killed";
+  broker->kill(SIGKILL);
+  ASSERT_TRUE(broker->wait(5s).has_value());
+  broker = StartBroker(ep);
+  ASSERT_EQ(run.wait_for(60s), std::future_status::ready) << "the job did not complete after the restart";
+  const auto bodies = run.get();
+  ASSERT_EQ(bodies.size(), kCount) << "lost or duplicated responses";
+  for (std::uint64_t i = 0; i < kCount; ++i) ASSERT_EQ(bodies[i], "body-" + std::to_string(i));
+  EXPECT_GE(server.requests(), kCount);
+}
+
+// DESIGN §5.5: a session whose client stops heartbeating is cancelled after
+// the TTL; its queued and in-flight work is dropped everywhere.
+TEST(FaultTest, KilledClientSessionIsCancelledAfterTtl) {
+  HttpServer server(DelayHandler);
+  BrokerOptions bo;
+  bo.endpoints = {"tcp://127.0.0.1:*"};
+  bo.heartbeat_interval = 200ms;
+  bo.session_ttl = 1000ms;
+  Broker broker(bo);
+  ASSERT_TRUE(broker.start().ok());
+  WorkerOptions wo;
+  wo.broker = broker.endpoints()[0];
+  wo.io_threads = 1;
+  Worker worker(wo);
+  ASSERT_TRUE(worker.start().ok());
+  std::string input;
+  for (int i = 0; i < 20000; ++i) input += server.url("/d/" + std::to_string(i) + "/100") + "\n";
+  Process client({kBin + "/client/gatherer", "fetch", "--broker", broker.endpoints()[0], "--workers", "20",
+                  "--log-level", "error"},
+                 input);
+  ASSERT_TRUE(WaitFor([&] { return server.requests() >= 100; }, 30s));
+  ASSERT_EQ(broker.stats().sessions.load(), 1u);
+  client.kill(SIGKILL);
+  const auto killed_at = std::chrono::steady_clock::now();
+  // Within TTL + 1 s the broker forgets the session and the worker drops it.
+  ASSERT_TRUE(WaitFor([&] { return broker.stats().sessions.load() == 0; }, 2s));
+  ASSERT_TRUE(WaitFor([&] { return worker.sessions() == 0 && server.in_flight() == 0; }, 2s));
+  EXPECT_LE(std::chrono::steady_clock::now() - killed_at, 2s + 500ms);
+  EXPECT_EQ(broker.stats().sessions_expired.load(), 1u);
+  const auto seen = server.requests();
+  EXPECT_FALSE(WaitFor([&] { return server.requests() > seen; }, 500ms))
+      << "requests of the dead client's session went on";
+}
+
+}  // namespace
+}  // namespace gatherer
