@@ -98,6 +98,7 @@ TEST(FaultTest, KilledClientSessionIsCancelledAfterTtl) {
   WorkerOptions wo;
   wo.broker = broker.endpoints()[0];
   wo.io_threads = 1;
+  wo.heartbeat_interval = 200ms;  // as the broker's (PROTOCOL.md §3.4.6)
   Worker worker(wo);
   ASSERT_TRUE(worker.start().ok());
   std::string input;
@@ -111,7 +112,8 @@ TEST(FaultTest, KilledClientSessionIsCancelledAfterTtl) {
   const auto killed_at = std::chrono::steady_clock::now();
   // Within TTL + 1 s the broker forgets the session and the worker drops it.
   ASSERT_TRUE(WaitFor([&] { return broker.stats().sessions.load() == 0; }, 2s));
-  ASSERT_TRUE(WaitFor([&] { return worker.sessions() == 0 && server.in_flight() == 0; }, 2s));
+  ASSERT_TRUE(WaitFor([&] { return worker.sessions() == 0 && server.in_flight() == 0; }, 2s))
+      << "worker sessions " << worker.sessions() << ", server in flight " << server.in_flight();
   EXPECT_LE(std::chrono::steady_clock::now() - killed_at, 2s + 500ms);
   EXPECT_EQ(broker.stats().sessions_expired.load(), 1u);
   const auto seen = server.requests();

@@ -155,6 +155,26 @@ TEST_P(WorkerSpec, Clause_3_4_4_ReadyAgainOnNotFound) {
   EXPECT_EQ(command(f), proto::Command::kReady);
 }
 
+// 3.4.5 "A worker that sends READY again SHALL first drop every session it
+// holds, as on END_SESSION."
+TEST_P(WorkerSpec, Clause_3_4_5_ReRegistrationDropsHeldSessions) {
+  testing::HttpServer server([](const testing::HttpRequest&) {
+    testing::HttpReply r;
+    r.delay = 5s;
+    return r;
+  });
+  expect_ready();
+  const SessionId sid = NewSessionId();
+  send(proto::Encode(proto::Session{sid, SessionSettings{}}));
+  send(proto::Encode(proto::Command::kDispatch, chunk(sid, std::vector<std::string>(4, server.url("/slow")))));
+  ASSERT_TRUE(testing::WaitFor([&] { return server.in_flight() == 4; }, 5s));
+  // This fake broker stays silent, so the worker registers again (3.4.3).
+  auto f = recv(2000ms);
+  ASSERT_EQ(command(f), proto::Command::kReady);
+  EXPECT_TRUE(testing::WaitFor([&] { return worker_->sessions() == 0; }, 2s));
+  EXPECT_TRUE(recv_results(300ms).empty()) << "results of a dropped session";
+}
+
 // 3.5.3 "On END_SESSION a worker SHALL abort the session's queued and
 // in-flight transfers without results and drop its shared session."
 TEST_P(WorkerSpec, Clause_3_5_3_EndSessionAbortsWithoutResults) {

@@ -4,6 +4,7 @@
 
 #include <iterator>
 #include <thread>
+#include <unordered_set>
 
 #include <tbb/concurrent_queue.h>
 
@@ -44,6 +45,7 @@ struct Worker::Impl {
   WorkerStats stats;
   RateLimitedLog bad_frame_log;
   Clock::time_point last_heard;
+  std::unordered_set<SessionId> sessions;  // opened by SESSION, owned by the socket thread
   Clock::time_point next_heartbeat;
 
   explicit Impl(WorkerOptions o) : options(std::move(o)) {}
@@ -56,8 +58,15 @@ struct Worker::Impl {
       Logger().warn("worker {}: send to broker failed", id);
     }
   }
+  // READY, first or again (§3.4.3, §3.4.4). Registering again means the
+  // broker presumed this worker dead or lost it, and its leases are being
+  // re-dispatched: the sessions held so far are dropped, so no statement
+  // keeps being fetched for nobody (PROTOCOL.md §3.4.5).
   void register_with_broker() {
-    stats.registrations.fetch_add(1, std::memory_order_relaxed);
+    if (stats.registrations.fetch_add(1, std::memory_order_relaxed) > 0) {
+      for (const SessionId& s : sessions) fetcher->close_session(s);
+      sessions.clear();
+    }
     send(proto::Encode(proto::Ready{id, host, slots}));
   }
   void handle(std::vector<zmq::message_t>& frames);
@@ -82,6 +91,7 @@ void Worker::Impl::handle(std::vector<zmq::message_t>& frames) {
       auto m = proto::DecodeSession(frames);
       if (!m) return bad(m.error());
       fetcher->open_session(m->session, m->settings);
+      sessions.insert(m->session);
       return;
     }
     case proto::Command::kDispatch: {
@@ -96,6 +106,7 @@ void Worker::Impl::handle(std::vector<zmq::message_t>& frames) {
       auto m = proto::DecodeSessionRef(frames);
       if (!m) return bad(m.error());
       fetcher->close_session(m->session);
+      sessions.erase(m->session);
       return;
     }
     case proto::Command::kHeartbeat:
