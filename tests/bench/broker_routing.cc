@@ -4,10 +4,6 @@
 // statements from a lazy source through one Gatherer (completion order) and
 // prints the rate; repeats `runs` times and prints the median.
 //   broker-routing BUILD_DIR [N=1000000] [window=4096] [workers=1] [runs=3]
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -17,21 +13,8 @@
 #include <vector>
 
 #include "gatherer/gatherer.h"
+#include "free_port.h"
 #include "process.h"
-
-namespace {
-int FreePort() {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
-  socklen_t len = sizeof(a);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  close(fd);
-  return ntohs(a.sin_port);
-}
-}  // namespace
 
 int main(int argc, char** argv) {
   if (argc < 2) {
@@ -43,7 +26,7 @@ int main(int argc, char** argv) {
   const int window = argc > 3 ? std::atoi(argv[3]) : 4096;
   const int worker_count = argc > 4 ? std::atoi(argv[4]) : 1;
   const int runs = argc > 5 ? std::atoi(argv[5]) : 3;
-  const std::string ep = "tcp://127.0.0.1:" + std::to_string(FreePort());
+  const std::string ep = gatherer::testing::FreeTcpEndpoint();
   using gatherer::testing::Process;
   Process broker({build + "/broker/gatherer-broker", "--bind", ep, "--log-level", "error"});
   std::vector<std::unique_ptr<Process>> workers;

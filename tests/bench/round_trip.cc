@@ -5,9 +5,6 @@
 // latency.
 //   round-trip BUILD_DIR [count=10000]
 #include <curl/curl.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -17,21 +14,11 @@
 #include <vector>
 
 #include "gatherer/gatherer.h"
+#include "free_port.h"
 #include "http_server.h"
 #include "process.h"
 
 namespace {
-int FreePort() {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
-  socklen_t len = sizeof(a);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  close(fd);
-  return ntohs(a.sin_port);
-}
 
 size_t Discard(char*, size_t size, size_t n, void*) { return size * n; }
 
@@ -50,7 +37,7 @@ int main(int argc, char** argv) {
   const int count = argc > 2 ? std::atoi(argv[2]) : 10'000;
   gatherer::testing::HttpServer server;
   const std::string url = server.url("/one");
-  const std::string ep = "tcp://127.0.0.1:" + std::to_string(FreePort());
+  const std::string ep = gatherer::testing::FreeTcpEndpoint();
   using gatherer::testing::Process;
   Process broker({build + "/broker/gatherer-broker", "--bind", ep, "--log-level", "error"});
   Process worker({build + "/worker/gatherer-worker", "--broker", ep, "--io-threads", "1", "--log-level", "error"});

@@ -1,10 +1,6 @@
 // Fault tests with real processes killed by SIGKILL (DESIGN §5.4, §5.5):
 // the broker dies mid-run and comes back; a client dies mid-run.
 
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
 #include <future>
 #include <string>
 #include <vector>
@@ -14,6 +10,7 @@
 #include "gatherer/broker.h"
 #include "gatherer/gatherer.h"
 #include "gatherer/worker.h"
+#include "free_port.h"
 #include "handlers.h"
 #include "http_server.h"
 #include "process.h"
@@ -23,23 +20,13 @@ namespace gatherer {
 namespace {
 using namespace std::chrono_literals;
 using testing::DelayHandler;
+using testing::FreeTcpEndpoint;
 using testing::HttpServer;
 using testing::Process;
 using testing::WaitFor;
 
 const std::string kBin = GATHERER_BIN_DIR;
 
-std::string FreeTcpEndpoint() {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
-  socklen_t len = sizeof(a);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  close(fd);
-  return "tcp://127.0.0.1:" + std::to_string(ntohs(a.sin_port));
-}
 
 std::unique_ptr<Process> StartBroker(const std::string& ep) {
   return std::make_unique<Process>(std::vector<std::string>{kBin + "/broker/gatherer-broker", "--bind", ep,

@@ -2,8 +2,6 @@
 // a real HTTP server on 127.0.0.1, embedded (inproc) and with real
 // gatherer-broker / gatherer-worker processes over tcp and ipc.
 
-#include <netinet/in.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -22,6 +20,7 @@
 #include "gatherer/broker.h"
 #include "gatherer/gatherer.h"
 #include "gatherer/worker.h"
+#include "free_port.h"
 #include "handlers.h"
 #include "http_server.h"
 #include "process.h"
@@ -257,22 +256,10 @@ TEST(PipelineTest, SessionIsForgottenAfterDestruction) {
 
 // ---- real processes -------------------------------------------------------
 
-std::uint16_t FreePort() {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = 0;
-  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-  socklen_t len = sizeof(addr);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  close(fd);
-  return ntohs(addr.sin_port);
-}
 
 TEST(ProcessTest, BrokerAndTwoWorkerProcessesOverTcp) {
   HttpServer server(DelayHandler);
-  const std::string ep = "tcp://127.0.0.1:" + std::to_string(FreePort());
+  const std::string ep = testing::FreeTcpEndpoint();
   Process broker({kBin + "/broker/gatherer-broker", "--bind", ep, "--log-level", "warning"});
   Process w1({kBin + "/worker/gatherer-worker", "--broker", ep, "--io-threads", "1", "--log-level", "warning"});
   Process w2({kBin + "/worker/gatherer-worker", "--broker", ep, "--io-threads", "1", "--log-level", "warning"});
