@@ -457,9 +457,9 @@ void Broker::Impl::run() {
       } catch (const zmq::error_t&) {
         return;  // context terminated
       }
-      dispatch();
     }
     heartbeat();
+    // Once per pass, after messages and expiries changed credit and queues.
     dispatch();
     update_gauges();
   }
