@@ -1,4 +1,6 @@
-// gatherer-broker: parse flags, build BrokerOptions, run until SIGINT/SIGTERM.
+// gatherer-broker: parse flags, build BrokerOptions, run until SIGINT/SIGTERM,
+// then drain: refuse new sessions and exit once the open ones have ended or
+// --drain-timeout-ms passed. A second signal stops at once.
 #include <CLI/CLI.hpp>
 
 #include "gatherer/broker.h"
@@ -21,6 +23,13 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(100, 86'400'000));
   app.add_option("--max-chunk", options.max_chunk, "Statements per DISPATCH at most")->check(CLI::Range(1, 65536));
   app.add_option("--max-sessions", options.max_sessions, "Open sessions at most");
+  app.add_option("--poison-after", options.poison_after,
+                 "Workers that may die running a statement alone before it fails as poison")
+      ->check(CLI::Range(1, 1000));
+  int drain_ms = 30'000;
+  app.add_option("--drain-timeout-ms", drain_ms,
+                 "On SIGTERM/SIGINT, time open sessions get to end before the broker exits (0 = exit at once)")
+      ->check(CLI::Range(0, 86'400'000));
   app.add_option("--log-level", log_level, "debug, info, warning, error, critical or 10..50");
   CLI11_PARSE(app, argc, argv);
   const auto level = gatherer::ParseLogLevel(log_level);
@@ -40,7 +49,20 @@ int main(int argc, char** argv) {
     return 1;
   }
   const int sig = gatherer::WaitForTerminationSignal();
-  gatherer::Logger().info("broker: signal {}, stopping", sig);
+  gatherer::Logger().info("broker: signal {}, draining: no new sessions; {} open (a second signal stops at once)", sig,
+                          broker.stats().sessions.load());
+  broker.drain();
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(drain_ms);
+  while (broker.stats().sessions.load() > 0) {
+    if (std::chrono::steady_clock::now() >= deadline) {
+      gatherer::Logger().warn("broker: drain deadline passed with {} sessions open", broker.stats().sessions.load());
+      break;
+    }
+    if (const int again = gatherer::WaitForTerminationSignal(std::chrono::milliseconds(50)); again != 0) {
+      gatherer::Logger().warn("broker: signal {} during drain, stopping now", again);
+      break;
+    }
+  }
   broker.stop();
   return 0;
 }

@@ -1,4 +1,6 @@
-// gatherer-worker: parse flags, build WorkerOptions, run until SIGINT/SIGTERM.
+// gatherer-worker: parse flags, build WorkerOptions, run until SIGINT/SIGTERM,
+// then drain: finish what is in hand (up to --drain-timeout-ms), return it,
+// exit 0. A second signal stops at once.
 #include <CLI/CLI.hpp>
 
 #include "gatherer/log.h"
@@ -18,6 +20,10 @@ int main(int argc, char** argv) {
   app.add_option("--id", options.worker_id, "Worker id shown in logs and responses (default host-pid-n)");
   app.add_flag("--echo", options.echo,
                "Diagnostic: answer every statement with an empty 200 without HTTP (measures client + broker alone)");
+  int drain_ms = 30'000;
+  app.add_option("--drain-timeout-ms", drain_ms,
+                 "On SIGTERM/SIGINT, time to finish statements in hand before aborting them (0 = abort at once)")
+      ->check(CLI::Range(0, 86'400'000));
   app.add_option("--log-level", log_level, "debug, info, warning, error, critical or 10..50");
   CLI11_PARSE(app, argc, argv);
   const auto level = gatherer::ParseLogLevel(log_level);
@@ -35,7 +41,14 @@ int main(int argc, char** argv) {
     return 1;
   }
   const int sig = gatherer::WaitForTerminationSignal();
-  gatherer::Logger().info("worker {}: signal {}, stopping", worker.id(), sig);
+  gatherer::Logger().info("worker {}: signal {}, draining (a second signal stops at once)", worker.id(), sig);
+  worker.drain(std::chrono::milliseconds(drain_ms));
+  while (!worker.drained()) {
+    if (const int again = gatherer::WaitForTerminationSignal(std::chrono::milliseconds(50)); again != 0) {
+      gatherer::Logger().warn("worker {}: signal {} during drain, stopping now", worker.id(), again);
+      break;
+    }
+  }
   worker.stop();
   return 0;
 }

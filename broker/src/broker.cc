@@ -31,6 +31,12 @@ struct SessionState {
   std::uint32_t prefetch = 0;
   std::deque<proto::WireStatement> pending;
   std::unordered_map<std::uint64_t, Lease> leases;
+  // Statements that were leased to a worker that died, in groups waiting to
+  // run in quarantine, oldest first (§4.5). While any wait, the session's
+  // queued statements are not dispatched: the quarantined ones are its oldest.
+  std::deque<std::vector<proto::WireStatement>> quarantine;
+  // Deaths of workers that held the statement alone, by index (§4.5).
+  std::unordered_map<std::uint64_t, std::uint32_t> solo_deaths;
   // Workers that were sent SESSION for it (they get END_SESSION on close).
   std::unordered_set<std::string> workers;
   Clock::time_point last_seen;  // last message from its client
@@ -46,8 +52,26 @@ struct WorkerState {
   std::uint32_t leased = 0;
   Clock::time_point last_seen;
   std::unordered_set<SessionId> sessions;
-  std::uint32_t credit() const { return leased >= slots ? 0 : slots - leased; }
+  bool draining = false;  // sent DRAINING: leases nothing more (§3.4.7)
+  bool reserved = false;  // set aside to run quarantine groups (§4.5)
+  bool isolated = false;  // runs a quarantine group and nothing else
+  // Free slots for ordinary dispatch.
+  std::uint32_t credit() const { return draining || reserved || leased >= slots ? 0 : slots - leased; }
 };
+
+// Why a worker is removed, which decides what happens to its leases (§4.5).
+enum class Departure {
+  kDied,  // presumed dead: its leases go to quarantine
+  kLeft,  // drained or registered again: its leases are queued again
+};
+
+proto::WireResult Failure(std::uint64_t index, StatusCode code, std::string message, const std::string& worker) {
+  proto::WireResult r;
+  r.index = index;
+  r.response.error = ResponseError{code, std::move(message)};
+  r.response.worker = worker;
+  return r;
+}
 
 }  // namespace
 
@@ -59,6 +83,7 @@ struct Broker::Impl {
   std::vector<std::string> bound;
   std::unique_ptr<WakeFd> wake;
   std::atomic<bool> stopping{false};
+  std::atomic<bool> drain_requested{false};
   std::thread thread;
   BrokerStats stats;
   RateLimitedLog bad_frame_log;
@@ -67,6 +92,10 @@ struct Broker::Impl {
   std::unordered_map<SessionId, SessionState> sessions;
   std::unordered_map<std::string, WorkerState> workers;
   std::deque<SessionId> ready;  // sessions with pending work and window room
+  // Sessions with quarantine groups, served in turn (may hold stale ids).
+  std::deque<SessionId> quarantined;
+  std::size_t quarantine_groups = 0;
+  std::string quarantine_worker;  // routing id of the reserved worker, if any
   // Sums of every session's pending.size() and leases.size().
   std::uint64_t total_pending = 0;
   std::uint64_t total_leased = 0;
@@ -80,8 +109,10 @@ struct Broker::Impl {
   void on_worker(const std::string& peer, proto::Command command, std::span<zmq::message_t> body);
   void on_results(const std::string& peer, std::span<zmq::message_t> body);
   void dispatch();
+  void dispatch_quarantine();
+  void release_quarantine_worker();
   void end_session(SessionState& s);
-  void remove_worker(const std::string& routing_id, const char* why);
+  void remove_worker(const std::string& routing_id, Departure how, const char* why);
   void heartbeat();
   void mark_ready(SessionState& s);
   void update_gauges();
@@ -119,7 +150,7 @@ void Broker::Impl::malformed(const std::string& peer, const Status& status) {
 }
 
 void Broker::Impl::mark_ready(SessionState& s) {
-  if (!s.in_ready && !s.pending.empty() && s.leases.size() < s.settings.workers) {
+  if (!s.in_ready && s.quarantine.empty() && !s.pending.empty() && s.leases.size() < s.settings.workers) {
     s.in_ready = true;
     ready.push_back(s.id);
   }
@@ -150,6 +181,7 @@ void Broker::Impl::dispatch() {
     if (it == sessions.end()) continue;
     SessionState& s = it->second;
     s.in_ready = false;
+    if (!s.quarantine.empty()) continue;  // marked ready again once it is empty
     const std::size_t window_room = s.settings.workers > s.leases.size() ? s.settings.workers - s.leases.size() : 0;
     // Spread a big window across workers instead of filling the first one.
     std::size_t fair_share = std::max<std::size_t>(1, (window_room + workers.size() - 1) / workers.size());
@@ -198,8 +230,11 @@ void Broker::Impl::end_session(SessionState& s) {
   }
   total_leased -= s.leases.size();
   total_pending -= s.pending.size();
+  quarantine_groups -= s.quarantine.size();
   s.leases.clear();
   s.pending.clear();
+  s.quarantine.clear();
+  s.solo_deaths.clear();
   for (const auto& rid : s.workers) {
     auto w = workers.find(rid);
     if (w == workers.end()) continue;
@@ -209,34 +244,179 @@ void Broker::Impl::end_session(SessionState& s) {
   s.workers.clear();
 }
 
-void Broker::Impl::remove_worker(const std::string& routing_id, const char* why) {
+// A worker's leases outlive it (PROTOCOL.md §4.5, §3.4.7): a non-idempotent
+// statement fails as "outcome unknown" (it may have reached the server); the
+// others are queued again when the worker left, or quarantined when it died,
+// and a statement that keeps killing the workers that run it alone fails as
+// poison after options.poison_after deaths.
+void Broker::Impl::remove_worker(const std::string& routing_id, Departure how, const char* why) {
   auto it = workers.find(routing_id);
   if (it == workers.end()) return;
-  Logger().warn("broker: worker {} removed: {}", it->second.worker_id, why);
-  for (const SessionId& sid : it->second.sessions) {
+  WorkerState& w = it->second;
+  if (how == Departure::kDied) {
+    Logger().warn("broker: worker {} presumed dead ({}) holding {} statements", w.worker_id, why, w.leased);
+  } else {
+    Logger().info("broker: worker {} left ({}) holding {} statements", w.worker_id, why, w.leased);
+  }
+  // A death is charged to a statement only when it was the worker's only one:
+  // of several, the broker cannot tell which one (if any) killed it.
+  const bool solo = how == Departure::kDied && w.leased == 1;
+  const bool isolated = w.isolated && w.leased > 0;
+  for (const SessionId& sid : w.sessions) {
     auto s = sessions.find(sid);
     if (s == sessions.end()) continue;
-    s->second.workers.erase(routing_id);
-    // Its statements go back to the front of the queue, in index order, so
-    // nothing is lost (DESIGN §5.1).
-    std::vector<proto::WireStatement> back;
-    for (auto l = s->second.leases.begin(); l != s->second.leases.end();) {
+    SessionState& session = s->second;
+    session.workers.erase(routing_id);
+    std::vector<proto::WireStatement> held;
+    for (auto l = session.leases.begin(); l != session.leases.end();) {
       if (l->second.worker == routing_id) {
-        back.push_back(std::move(l->second.statement));
-        l = s->second.leases.erase(l);
+        held.push_back(std::move(l->second.statement));
+        l = session.leases.erase(l);
       } else {
         ++l;
       }
     }
-    std::sort(back.begin(), back.end(), [](const auto& a, const auto& b) { return a.index < b.index; });
-    stats.requeued.fetch_add(back.size(), std::memory_order_relaxed);
-    total_leased -= back.size();
-    total_pending += back.size();
-    s->second.pending.insert(s->second.pending.begin(), std::make_move_iterator(back.begin()),
-                             std::make_move_iterator(back.end()));
-    mark_ready(s->second);
+    if (held.empty()) continue;
+    total_leased -= held.size();
+    std::sort(held.begin(), held.end(), [](const auto& a, const auto& b) { return a.index < b.index; });
+    proto::Results failed{sid, {}};
+    std::vector<proto::WireStatement> again;
+    again.reserve(held.size());
+    for (auto& ws : held) {
+      if (!IsIdempotent(ws.statement)) {
+        failed.results.push_back(Failure(
+            ws.index, StatusCode::kUnknown,
+            fmt::format("outcome unknown: worker {} {} while this {} was in its hands; not sent again "
+                        "(non-idempotent)",
+                        w.worker_id, how == Departure::kDied ? "died" : "left", ws.statement.method),
+            w.worker_id));
+        stats.outcome_unknown.fetch_add(1, std::memory_order_relaxed);
+        continue;
+      }
+      if (solo) {
+        const std::uint32_t deaths = ++session.solo_deaths[ws.index];
+        if (deaths >= options.poison_after) {
+          failed.results.push_back(Failure(
+              ws.index, StatusCode::kAborted,
+              fmt::format("poison statement: {} workers died while running it alone (last: {}); not sent again",
+                          deaths, w.worker_id),
+              w.worker_id));
+          session.solo_deaths.erase(ws.index);
+          stats.poisoned.fetch_add(1, std::memory_order_relaxed);
+          continue;
+        }
+      }
+      again.push_back(std::move(ws));
+    }
+    if (!failed.results.empty()) send(session.client, proto::Encode(std::move(failed)));
+    if (!again.empty() && how == Departure::kLeft) {
+      // Back to the front of the queue, in index order: nothing is lost.
+      stats.requeued.fetch_add(again.size(), std::memory_order_relaxed);
+      total_pending += again.size();
+      session.pending.insert(session.pending.begin(), std::make_move_iterator(again.begin()),
+                             std::make_move_iterator(again.end()));
+    } else if (!again.empty()) {
+      stats.quarantined.fetch_add(again.size(), std::memory_order_relaxed);
+      if (isolated && again.size() > 1) {
+        // The group killed a worker it had to itself: halve it to find the
+        // culprit (group testing); nobody is charged yet.
+        const auto mid = again.begin() + static_cast<std::ptrdiff_t>(again.size() / 2);
+        session.quarantine.emplace_front(std::make_move_iterator(mid), std::make_move_iterator(again.end()));
+        again.erase(mid, again.end());
+        ++quarantine_groups;
+      }
+      session.quarantine.push_front(std::move(again));
+      ++quarantine_groups;
+      quarantined.push_back(sid);
+    }
+    mark_ready(session);
   }
+  if (routing_id == quarantine_worker) quarantine_worker.clear();
   workers.erase(it);
+}
+
+void Broker::Impl::release_quarantine_worker() {
+  auto w = workers.find(quarantine_worker);
+  if (w != workers.end()) {
+    w->second.reserved = false;
+    w->second.isolated = false;
+  }
+  quarantine_worker.clear();
+}
+
+// Quarantine (§4.5): one worker at a time is set aside; once it holds
+// nothing it runs one group, alone, so a death while it runs is charged to
+// that group and nothing else.
+void Broker::Impl::dispatch_quarantine() {
+  if (quarantine_groups == 0) {
+    auto w = workers.find(quarantine_worker);
+    if (!quarantine_worker.empty() && (w == workers.end() || w->second.leased == 0)) release_quarantine_worker();
+    return;
+  }
+  auto q = workers.find(quarantine_worker);
+  if (q != workers.end() && q->second.draining && q->second.leased == 0) {
+    release_quarantine_worker();
+    q = workers.end();
+  }
+  if (q == workers.end()) {
+    for (auto w = workers.begin(); w != workers.end(); ++w) {
+      if (!w->second.draining && (q == workers.end() || w->second.leased < q->second.leased)) q = w;
+    }
+    if (q == workers.end()) return;  // no worker to run it on yet
+    quarantine_worker = q->first;
+    q->second.reserved = true;
+  }
+  WorkerState& worker = q->second;
+  if (worker.leased > 0) return;  // finishing earlier statements, or a group
+  worker.isolated = false;
+  while (!quarantined.empty()) {
+    const SessionId sid = quarantined.front();
+    auto it = sessions.find(sid);
+    if (it == sessions.end() || it->second.quarantine.empty()) {
+      quarantined.pop_front();
+      continue;
+    }
+    SessionState& s = it->second;
+    auto& group = s.quarantine.front();
+    const std::size_t limit =
+        std::max<std::size_t>(1, std::min<std::size_t>({s.settings.workers, worker.slots, options.max_chunk}));
+    if (group.size() > limit) {
+      // Too big for the window or the worker (settings changed, or a smaller
+      // worker): split it and try again.
+      const auto mid = group.begin() + static_cast<std::ptrdiff_t>(group.size() / 2);
+      std::vector<proto::WireStatement> tail(std::make_move_iterator(mid), std::make_move_iterator(group.end()));
+      group.erase(mid, group.end());
+      s.quarantine.insert(s.quarantine.begin() + 1, std::move(tail));
+      ++quarantine_groups;
+      continue;
+    }
+    // Its ordinary dispatch is paused, so its window empties for the group.
+    if (s.leases.size() + group.size() > s.settings.workers) return;
+    proto::Statements chunk{sid, std::move(group)};
+    s.quarantine.pop_front();
+    --quarantine_groups;
+    quarantined.pop_front();
+    if (!s.quarantine.empty()) quarantined.push_back(sid);
+    std::erase_if(chunk.statements, [&](const proto::WireStatement& ws) {
+      return !s.leases.try_emplace(ws.index, Lease{worker.routing_id, {}}).second;
+    });
+    if (!chunk.statements.empty()) {
+      if (worker.sessions.insert(sid).second) {
+        s.workers.insert(worker.routing_id);
+        send(worker.routing_id, proto::Encode(proto::Session{sid, s.settings}));
+      }
+      proto::Frames frames = proto::Encode(proto::Command::kDispatch, chunk);
+      for (auto& ws : chunk.statements) s.leases[ws.index].statement = std::move(ws);
+      const std::size_t sent = chunk.statements.size();
+      worker.leased += static_cast<std::uint32_t>(sent);
+      worker.isolated = true;
+      total_leased += sent;
+      stats.dispatched.fetch_add(sent, std::memory_order_relaxed);
+      send(worker.routing_id, std::move(frames));
+    }
+    mark_ready(s);
+    if (worker.isolated) return;  // one group at a time
+  }
 }
 
 void Broker::Impl::on_results(const std::string& peer, std::span<zmq::message_t> body) {
@@ -265,6 +445,7 @@ void Broker::Impl::on_results(const std::string& peer, std::span<zmq::message_t>
     session.leases.erase(l);
     --total_leased;
     if (w->second.leased > 0) --w->second.leased;
+    if (!session.solo_deaths.empty()) session.solo_deaths.erase(index->indices[i]);
     ++kept;
   }
   stats.results.fetch_add(kept, std::memory_order_relaxed);
@@ -291,6 +472,9 @@ void Broker::Impl::on_worker(const std::string& peer, proto::Command command, st
   if (command == proto::Command::kReady) {
     auto ready_msg = proto::DecodeReady(body);
     if (!ready_msg) return malformed(peer, ready_msg.error());
+    // A worker that registers again has dropped what it held (§3.4.5).
+    const bool again = workers.contains(peer);
+    if (again) remove_worker(peer, Departure::kLeft, "registered again");
     auto [it, inserted] = workers.try_emplace(peer);
     WorkerState& w = it->second;
     w.routing_id = peer;
@@ -299,7 +483,17 @@ void Broker::Impl::on_worker(const std::string& peer, proto::Command command, st
     w.slots = ready_msg->slots;
     w.last_seen = Clock::now();
     Logger().info("broker: worker {} on {} ready with {} slots{}", w.worker_id, w.host, w.slots,
-                  inserted ? "" : " (re-registered)");
+                  again ? " (registered again)" : "");
+    return;
+  }
+  if (command == proto::Command::kDraining || command == proto::Command::kDisconnect) {
+    if (Status st = proto::DecodeEmpty(body); !st.ok()) return malformed(peer, st);
+    auto w = workers.find(peer);
+    if (w == workers.end()) return;
+    if (command == proto::Command::kDisconnect) return remove_worker(peer, Departure::kLeft, "disconnected");
+    w->second.draining = true;
+    w->second.last_seen = Clock::now();
+    Logger().info("broker: worker {} draining with {} statements in hand", w->second.worker_id, w->second.leased);
     return;
   }
   on_results(peer, body);
@@ -312,6 +506,10 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
     if (!open) return malformed(peer, open.error());
     auto it = sessions.find(open->session);
     if (it == sessions.end()) {
+      if (drain_requested.load(std::memory_order_acquire)) {
+        return send_error(peer, StatusCode::kUnavailable, "broker is shutting down; open the session elsewhere",
+                          open->session);
+      }
       if (sessions.size() >= options.max_sessions) {
         return send_error(peer, StatusCode::kResourceExhausted, "broker session limit reached", open->session);
       }
@@ -381,7 +579,7 @@ void Broker::Impl::handle(std::vector<zmq::message_t>& frames) {
     case Command::kOpen: case Command::kSubmit: case Command::kCancel: case Command::kClose:
       on_client(peer, *command, body);
       break;
-    case Command::kReady: case Command::kResults:
+    case Command::kReady: case Command::kResults: case Command::kDraining: case Command::kDisconnect:
       on_worker(peer, *command, body);
       break;
     case Command::kHeartbeat: {
@@ -422,7 +620,7 @@ void Broker::Impl::heartbeat() {
     if (now - w.last_seen > dead_after) dead.push_back(rid);
     else send(rid, proto::EncodeHeartbeat());
   }
-  for (const auto& rid : dead) remove_worker(rid, "missed heartbeats");
+  for (const auto& rid : dead) remove_worker(rid, Departure::kDied, "missed heartbeats");
   // DESIGN §5.5: a silent client's session is cancelled everywhere.
   for (auto it = sessions.begin(); it != sessions.end();) {
     if (now - it->second.last_seen > options.session_ttl) {
@@ -460,6 +658,7 @@ void Broker::Impl::run() {
     }
     heartbeat();
     // Once per pass, after messages and expiries changed credit and queues.
+    dispatch_quarantine();
     dispatch();
     update_gauges();
   }
@@ -506,6 +705,12 @@ void Broker::stop() {
   m.thread.join();
   m.router.reset();
   m.wake.reset();
+}
+
+void Broker::drain() {
+  Impl& m = *impl_;
+  m.drain_requested.store(true, std::memory_order_release);
+  if (m.wake) m.wake->signal();
 }
 
 const std::vector<std::string>& Broker::endpoints() const { return impl_->bound; }

@@ -5,12 +5,14 @@
 #include <filesystem>
 #include <iterator>
 #include <map>
+#include <set>
 #include <thread>
 
 #include <gtest/gtest.h>
 #include <zmq_addon.hpp>
 
 #include "gatherer/protocol.h"
+#include "wait_for.h"
 
 namespace gatherer {
 namespace {
@@ -53,6 +55,15 @@ class Peer {
 std::vector<Statement> Urls(int n) {
   std::vector<Statement> out;
   for (int i = 0; i < n; ++i) out.push_back(Get("http://127.0.0.1:1/" + std::to_string(i)));
+  return out;
+}
+
+// Statement i is a GET, or a POST where `post(i)` says so.
+std::vector<Statement> Mixed(int n, const std::function<bool(int)>& post) {
+  std::vector<Statement> out = Urls(n);
+  for (int i = 0; i < n; ++i) {
+    if (post(i)) out[i].method = "POST";
+  }
   return out;
 }
 
@@ -103,6 +114,33 @@ class BrokerTest : public ::testing::TestWithParam<std::string> {
     const auto before = broker_->stats().workers.load();
     worker.send(proto::Encode(proto::Ready{"w", "h", slots}));
     for (int i = 0; i < 500 && broker_->stats().workers.load() == before; ++i) std::this_thread::sleep_for(2ms);
+  }
+
+  // Indices of the next DISPATCH `worker` gets within `timeout` (SESSION
+  // skipped), or none.
+  static std::vector<std::uint64_t> take(Peer& worker, std::chrono::milliseconds timeout = 3000ms) {
+    for (;;) {
+      auto f = worker.recv(timeout);
+      if (f.empty()) return {};
+      if (worker.command_of(f) != proto::Command::kDispatch) continue;
+      std::vector<std::uint64_t> out;
+      auto chunk = proto::DecodeStatements(f);
+      for (const auto& ws : chunk->statements) out.push_back(ws.index);
+      return out;
+    }
+  }
+  // Results the client gets within `timeout`, by index.
+  static std::map<std::uint64_t, Response> results(Peer& client, std::size_t want,
+                                                   std::chrono::milliseconds timeout = 3000ms) {
+    std::map<std::uint64_t, Response> out;
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (out.size() < want && std::chrono::steady_clock::now() < deadline) {
+      auto f = client.recv(std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()));
+      if (f.empty() || client.command_of(f) != proto::Command::kResults) continue;
+      auto batch = proto::DecodeResults(f);
+      for (auto& r : batch->results) out[r.index] = std::move(r.response);
+    }
+    return out;
   }
 
   zmq::context_t ctx_{1};
@@ -266,25 +304,154 @@ TEST_P(BrokerTest, DeadWorkerStatementsAreRedispatched) {
   ready(*dead, 100);
   SessionId sid = open(client, 10);
   client.send(proto::EncodeSubmit(sid, 0, Urls(4)));
-  (void)dead->recv();
-  auto first = proto::DecodeStatements(dead->recv());
-  ASSERT_EQ(first->statements.size(), 4u);
+  ASSERT_EQ(take(*dead).size(), 4u);
   dead.reset();  // silent from now on
   Peer alive(ctx_, endpoint_);
   alive.set_heartbeat(true);
   ready(alive, 100);
-  std::vector<std::uint64_t> indices;
-  for (;;) {
-    auto f = alive.recv(2000ms);
-    ASSERT_FALSE(f.empty()) << "statements of the dead worker were not re-dispatched";
-    if (alive.command_of(f) != proto::Command::kDispatch) continue;
-    auto chunk = proto::DecodeStatements(f);
-    ASSERT_TRUE(chunk.has_value());
-    for (auto& s : chunk->statements) indices.push_back(s.index);
-    if (indices.size() == 4) break;
+  // They run again, as one group, on a worker that holds nothing else.
+  EXPECT_EQ(take(alive), (std::vector<std::uint64_t>{0, 1, 2, 3}));
+  EXPECT_EQ(broker_->stats().quarantined.load(), 4u);
+  EXPECT_EQ(broker_->stats().requeued.load(), 0u);
+}
+
+// §4.5 (a): a non-idempotent statement a dead worker held fails as "outcome
+// unknown" and is never dispatched again; an explicitly idempotent POST is.
+TEST_P(BrokerTest, DeadWorkerNonIdempotentStatementsFailAsOutcomeUnknown) {
+  Peer client(ctx_, endpoint_);
+  auto dead = std::make_unique<Peer>(ctx_, endpoint_);
+  ready(*dead, 100);
+  SessionId sid = open(client, 10);
+  auto statements = Mixed(4, [](int i) { return i % 2 == 1; });
+  statements[3].idempotent = true;
+  client.send(proto::EncodeSubmit(sid, 0, statements));
+  ASSERT_EQ(take(*dead).size(), 4u);
+  dead.reset();
+  auto failed = results(client, 1);
+  ASSERT_EQ(failed.size(), 1u);
+  const Response& r = failed.begin()->second;
+  EXPECT_EQ(failed.begin()->first, 1u);
+  ASSERT_TRUE(r.error.has_value());
+  EXPECT_EQ(r.error->code, StatusCode::kUnknown);
+  EXPECT_NE(r.error->message.find("outcome unknown"), std::string::npos) << r.error->message;
+  EXPECT_EQ(r.worker, "w");
+  Peer alive(ctx_, endpoint_);
+  alive.set_heartbeat(true);
+  ready(alive, 100);
+  EXPECT_EQ(take(alive), (std::vector<std::uint64_t>{0, 2, 3}));
+  EXPECT_EQ(broker_->stats().outcome_unknown.load(), 1u);
+}
+
+// §4.5 (b, c): a dead worker's statements are tested in quarantine, halving
+// the group whose worker dies, until the one statement that kills every
+// worker running it alone fails as poison after poison_after (3) deaths; the
+// others are answered.
+TEST_P(BrokerTest, PoisonStatementIsIsolatedAndFailsAfterThreeSoloDeaths) {
+  constexpr std::uint64_t kPoison = 3;
+  const BrokerStats& stats = broker_->stats();
+  Peer client(ctx_, endpoint_);
+  SessionId sid = open(client, 10);
+  client.send(proto::EncodeSubmit(sid, 0, Urls(6)));
+  std::map<std::uint64_t, Response> got;
+  int deaths = 0;
+  while (got.size() < 6 && deaths < 12) {
+    auto worker = std::make_unique<Peer>(ctx_, endpoint_);
+    worker->set_heartbeat(true);
+    ready(*worker, 100);
+    // It answers what it is given until the poison statement comes.
+    bool poisoned = false;
+    while (!poisoned && got.size() < 6) {
+      auto indices = take(*worker);
+      ASSERT_FALSE(indices.empty()) << "nothing dispatched after " << deaths << " deaths";
+      poisoned = std::find(indices.begin(), indices.end(), kPoison) != indices.end();
+      if (poisoned) break;
+      worker->send(ResultsFor(sid, indices));
+      for (auto& [i, r] : results(client, indices.size())) got[i] = std::move(r);
+    }
+    if (!poisoned) break;
+    const auto noticed = stats.quarantined.load() + stats.poisoned.load();
+    worker.reset();  // dies: silent from now on
+    ++deaths;
+    ASSERT_TRUE(testing::WaitFor([&] { return stats.quarantined.load() + stats.poisoned.load() > noticed; }))
+        << "the broker did not notice death " << deaths;
+    if (stats.poisoned.load() > 0) {
+      for (auto& [i, r] : results(client, 1)) got[i] = std::move(r);
+    }
   }
-  EXPECT_EQ(indices, (std::vector<std::uint64_t>{0, 1, 2, 3}));
-  EXPECT_EQ(broker_->stats().requeued.load(), 4u);
+  // One death among many, two halvings of the quarantined group, then three
+  // deaths with the poison statement alone.
+  EXPECT_EQ(deaths, 6);
+  ASSERT_EQ(got.size(), 6u);
+  for (const auto& [i, r] : got) {
+    if (i == kPoison) continue;
+    EXPECT_TRUE(r.ok()) << "statement " << i << " failed: " << r.error->message;
+    EXPECT_EQ(r.body, "body" + std::to_string(i));
+  }
+  const Response& poison = got[kPoison];
+  ASSERT_TRUE(poison.error.has_value());
+  EXPECT_EQ(poison.error->code, StatusCode::kAborted);
+  EXPECT_NE(poison.error->message.find("poison"), std::string::npos) << poison.error->message;
+  EXPECT_EQ(stats.poisoned.load(), 1u);
+}
+
+// §3.4.7: a draining worker is leased nothing more but may still answer;
+// when it disconnects, what it still held is queued again at the front (a
+// non-idempotent statement fails as outcome unknown).
+TEST_P(BrokerTest, DrainingWorkerTakesNoMoreAndItsLeftoversGoBack) {
+  Peer client(ctx_, endpoint_), leaving(ctx_, endpoint_);
+  leaving.set_heartbeat(true);
+  ready(leaving, 100);
+  SessionId sid = open(client, 3);
+  client.send(proto::EncodeSubmit(sid, 0, Mixed(6, [](int i) { return i == 2; })));
+  ASSERT_EQ(take(leaving), (std::vector<std::uint64_t>{0, 1, 2}));
+  leaving.send(proto::EncodeEmpty(proto::Command::kDraining));
+  leaving.send(ResultsFor(sid, {0}));  // after DRAINING on the same socket
+  ASSERT_EQ(results(client, 1).count(0), 1u);
+  EXPECT_TRUE(take(leaving, 300ms).empty()) << "a draining worker was given more work";
+  leaving.send(proto::EncodeEmpty(proto::Command::kDisconnect));
+  auto unknown = results(client, 1);
+  ASSERT_EQ(unknown.count(2), 1u);
+  EXPECT_EQ(unknown[2].error->code, StatusCode::kUnknown);
+  ASSERT_TRUE(testing::WaitFor([&] { return broker_->stats().workers.load() == 0; }));
+  Peer next(ctx_, endpoint_);
+  next.set_heartbeat(true);
+  ready(next, 100);
+  EXPECT_EQ(take(next), (std::vector<std::uint64_t>{1, 3, 4}));
+  EXPECT_EQ(broker_->stats().requeued.load(), 1u);
+  EXPECT_EQ(broker_->stats().quarantined.load(), 0u);
+}
+
+// §3.4.5: a worker that registers again has dropped what it held, so the
+// broker queues those statements again (here: back to the same worker).
+TEST_P(BrokerTest, WorkerRegisteringAgainGetsItsStatementsBack) {
+  Peer client(ctx_, endpoint_), worker(ctx_, endpoint_);
+  worker.set_heartbeat(true);
+  ready(worker, 100);
+  SessionId sid = open(client, 10);
+  client.send(proto::EncodeSubmit(sid, 0, Urls(2)));
+  ASSERT_EQ(take(worker), (std::vector<std::uint64_t>{0, 1}));
+  worker.send(proto::Encode(proto::Ready{"w", "h", 100}));
+  auto session = worker.recv();
+  ASSERT_EQ(worker.command_of(session), proto::Command::kSession) << "no new SESSION before the re-dispatch";
+  EXPECT_EQ(take(worker), (std::vector<std::uint64_t>{0, 1}));
+  EXPECT_EQ(broker_->stats().requeued.load(), 2u);
+}
+
+// §4.7: a draining broker refuses new sessions but keeps serving open ones,
+// which may also be re-opened.
+TEST_P(BrokerTest, DrainingBrokerRefusesNewSessionsOnly) {
+  Peer client(ctx_, endpoint_);
+  SessionId sid = open(client, 10);
+  broker_->drain();
+  const SessionId fresh = NewSessionId();
+  client.send(proto::Encode(proto::Open{fresh, SessionSettings{}, 0}));
+  auto refused = client.recv();
+  ASSERT_EQ(client.command_of(refused), proto::Command::kError);
+  auto e = proto::DecodeError(refused);
+  EXPECT_EQ(e->code, StatusCode::kUnavailable);
+  EXPECT_EQ(e->session, fresh);
+  client.send(proto::Encode(proto::Open{sid, SessionSettings{}, 0}));
+  EXPECT_EQ(client.command_of(client.recv()), proto::Command::kOpened);
 }
 
 // §3.2.7: a HEARTBEAT naming a session the broker does not have is

@@ -185,6 +185,8 @@ const char* CommandName(Command command) {
     case Command::kClosed: return "CLOSED";
     case Command::kError: return "ERROR";
     case Command::kReady: return "READY";
+    case Command::kDraining: return "DRAINING";
+    case Command::kDisconnect: return "DISCONNECT";
     case Command::kSession: return "SESSION";
     case Command::kDispatch: return "DISPATCH";
     case Command::kEndSession: return "END_SESSION";
@@ -209,7 +211,7 @@ Result<Command> PeekCommand(std::span<const zmq::message_t> frames) {
     case Command::kOpen: case Command::kSubmit: case Command::kCancel: case Command::kClose:
     case Command::kHeartbeat: case Command::kOpened: case Command::kResults: case Command::kClosed:
     case Command::kError: case Command::kReady: case Command::kSession: case Command::kDispatch:
-    case Command::kEndSession:
+    case Command::kEndSession: case Command::kDraining: case Command::kDisconnect:
       return c;
   }
   return Unexpected(InvalidArgument("unknown command"));
@@ -331,11 +333,22 @@ Frames Encode(const ErrorReply& m) {
   return Start(Command::kError, buf);
 }
 
-Frames EncodeHeartbeat() {
+Frames EncodeEmpty(Command command) {
   msgpack::sbuffer buf(1);
   Packer pk(buf);
   pk.pack_array(0);
-  return Start(Command::kHeartbeat, buf);
+  return Start(command, buf);
+}
+
+Frames EncodeHeartbeat() { return EncodeEmpty(Command::kHeartbeat); }
+
+Status DecodeEmpty(std::span<const zmq::message_t> frames) {
+  auto checked = Guard([&] {
+    auto h = Header(frames, 3);
+    AsArray(h.get(), 0, "header is not an array");
+    return true;
+  });
+  return checked ? Status::Ok() : checked.error();
 }
 
 Frames EncodeHeartbeat(const SessionId& session) {

@@ -167,6 +167,21 @@ TEST(ProtocolTest, SessionReadyErrorHeartbeatRoundTrip) {
   EXPECT_EQ(CommandOf(EncodeHeartbeat()), Command::kHeartbeat);
 }
 
+TEST(ProtocolTest, DrainingAndDisconnectRoundTrip) {
+  for (Command c : {Command::kDraining, Command::kDisconnect}) {
+    Frames f = EncodeEmpty(c);
+    EXPECT_EQ(CommandOf(f), c);
+    EXPECT_TRUE(DecodeEmpty(f).ok());
+  }
+  // The header must still be an array, and no body frames are allowed.
+  Frames bad = Encode(Command::kDisconnect, SessionRef{NewSessionId()});
+  bad[2] = zmq::message_t("\xc0", 1);  // msgpack nil
+  EXPECT_EQ(DecodeEmpty(bad).code(), StatusCode::kInvalidArgument);
+  Frames extra = EncodeEmpty(Command::kDraining);
+  extra.emplace_back("x", 1);
+  EXPECT_FALSE(DecodeEmpty(extra).ok());
+}
+
 // ---- malformations: each is rejected with a Status, never a crash ----------
 
 TEST(ProtocolTest, RejectsWrongVersionAsFailedPrecondition) {

@@ -26,4 +26,13 @@ int WaitForTerminationSignal() {
   return sig;
 }
 
+int WaitForTerminationSignal(std::chrono::milliseconds timeout) {
+  sigset_t set = TerminationSet();
+  const auto s = std::chrono::duration_cast<std::chrono::seconds>(timeout);
+  const timespec ts{static_cast<time_t>(s.count()),
+                    static_cast<long>(std::chrono::nanoseconds(timeout - s).count())};
+  const int sig = sigtimedwait(&set, nullptr, &ts);
+  return sig > 0 ? sig : 0;
+}
+
 }  // namespace gatherer

@@ -5,6 +5,8 @@ namespace gatherer {
 std::string_view StatusCodeName(StatusCode code) {
   switch (code) {
     case StatusCode::kOk: return "ok";
+    case StatusCode::kUnknown: return "unknown";
+    case StatusCode::kAborted: return "aborted";
     case StatusCode::kInvalidArgument: return "invalid_argument";
     case StatusCode::kDeadlineExceeded: return "deadline_exceeded";
     case StatusCode::kNotFound: return "not_found";
@@ -21,6 +23,8 @@ std::string_view StatusCodeName(StatusCode code) {
 StatusCode StatusCodeFromWire(std::uint8_t value) {
   switch (static_cast<StatusCode>(value)) {
     case StatusCode::kOk:
+    case StatusCode::kUnknown:
+    case StatusCode::kAborted:
     case StatusCode::kInvalidArgument:
     case StatusCode::kDeadlineExceeded:
     case StatusCode::kNotFound:

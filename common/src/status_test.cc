@@ -33,6 +33,10 @@ TEST(StatusTest, RetryableCodesAreTransientOnes) {
 TEST(StatusTest, UnknownWireCodeBecomesInternal) {
   EXPECT_EQ(StatusCodeFromWire(14), StatusCode::kUnavailable);
   EXPECT_EQ(StatusCodeFromWire(200), StatusCode::kInternal);
+  EXPECT_EQ(StatusCodeFromWire(2), StatusCode::kUnknown);
+  EXPECT_EQ(StatusCodeName(StatusCode::kUnknown), "unknown");
+  EXPECT_EQ(StatusCodeName(StatusCode::kAborted), "aborted");
+  EXPECT_FALSE(IsRetryable(StatusCode::kUnknown));
 }
 
 TEST(StatusTest, ResultHoldsValueOrStatus) {

@@ -85,12 +85,6 @@ bool IsFieldValue(std::string_view s) {
   return s.find_first_of(std::string_view("\r\n\0", 3)) == std::string_view::npos;
 }
 
-bool DefaultIdempotent(std::string_view method) {
-  // RFC 9110 §9.2.2; unknown methods are treated as unsafe to repeat.
-  return method == "GET" || method == "HEAD" || method == "PUT" || method == "DELETE" ||
-         method == "OPTIONS" || method == "TRACE";
-}
-
 bool IsRetryableHttpStatus(long status) {
   return status == 408 || status == 429 || status == 500 || status == 502 || status == 503 ||
          status == 504;
@@ -405,8 +399,7 @@ class IoThread {
       transfer->session = session;
       transfer->index = item.index;
       transfer->statement = std::move(item.statement);
-      transfer->idempotent =
-          transfer->statement.idempotent.value_or(DefaultIdempotent(transfer->statement.method));
+      transfer->idempotent = IsIdempotent(transfer->statement);
       transfer->started = Clock::now();
       session->transfers.emplace(transfer, std::move(owned));
       if (auto error = configure(transfer)) {

@@ -4,7 +4,7 @@
 
 #include <iterator>
 #include <thread>
-#include <unordered_set>
+#include <unordered_map>
 
 #include <tbb/concurrent_queue.h>
 
@@ -41,12 +41,20 @@ struct Worker::Impl {
   std::atomic<bool> wake_pending{false};
   std::unique_ptr<WakeFd> wake_fd;
   std::atomic<bool> stopping{false};
+  std::atomic<bool> drain_requested{false};
+  std::atomic<bool> drained{false};
+  std::chrono::milliseconds drain_timeout{0};  // written before drain_requested
   std::thread thread;
   WorkerStats stats;
   RateLimitedLog bad_frame_log;
   Clock::time_point last_heard;
-  std::unordered_set<SessionId> sessions;  // opened by SESSION, owned by the socket thread
+  // Sessions opened by SESSION, with the statements in hand for each (taken
+  // and not yet answered); owned by the socket thread.
+  std::unordered_map<SessionId, std::uint64_t> sessions;
+  std::uint64_t in_hand = 0;
   Clock::time_point next_heartbeat;
+  bool draining = false;
+  Clock::time_point drain_deadline;
 
   explicit Impl(WorkerOptions o) : options(std::move(o)) {}
 
@@ -64,11 +72,26 @@ struct Worker::Impl {
   // keeps being fetched for nobody (PROTOCOL.md §3.4.5).
   void register_with_broker() {
     if (stats.registrations.fetch_add(1, std::memory_order_relaxed) > 0) {
-      for (const SessionId& s : sessions) fetcher->close_session(s);
+      for (const auto& [s, n] : sessions) fetcher->close_session(s);
       sessions.clear();
+      set_in_hand(0);
     }
     send(proto::Encode(proto::Ready{id, host, slots}));
+    // A drain outlives a re-registration: the new broker is told too.
+    if (draining) send(proto::EncodeEmpty(proto::Command::kDraining));
   }
+  void set_in_hand(std::uint64_t n) {
+    in_hand = n;
+    stats.in_hand.store(n, std::memory_order_relaxed);
+  }
+  void end_session(const SessionId& session) {
+    auto it = sessions.find(session);
+    if (it == sessions.end()) return;
+    fetcher->close_session(session);
+    set_in_hand(in_hand - it->second);
+    sessions.erase(it);
+  }
+  bool drain_step(Clock::time_point now);
   void handle(std::vector<zmq::message_t>& frames);
   void echo(const SessionId& session, const std::vector<proto::WireStatement>& statements);
   void flush_results();
@@ -91,22 +114,30 @@ void Worker::Impl::handle(std::vector<zmq::message_t>& frames) {
       auto m = proto::DecodeSession(frames);
       if (!m) return bad(m.error());
       fetcher->open_session(m->session, m->settings);
-      sessions.insert(m->session);
+      sessions.try_emplace(m->session, 0);
       return;
     }
     case proto::Command::kDispatch: {
       auto m = proto::DecodeStatements(frames);
       if (!m) return bad(m.error());
       stats.received.fetch_add(m->statements.size(), std::memory_order_relaxed);
+      auto held = sessions.find(m->session);
+      if (held == sessions.end()) {
+        // Sent before the broker saw this worker register again (§3.4.5):
+        // the broker has taken those leases back, so nobody wants them.
+        Logger().debug("worker {}: dropped DISPATCH of a session it does not hold", id);
+        return;
+      }
       if (options.echo) return echo(m->session, m->statements);
+      held->second += m->statements.size();
+      set_in_hand(in_hand + m->statements.size());
       fetcher->submit(m->session, std::move(m->statements));
       return;
     }
     case proto::Command::kEndSession: {
       auto m = proto::DecodeSessionRef(frames);
       if (!m) return bad(m.error());
-      fetcher->close_session(m->session);
-      sessions.erase(m->session);
+      end_session(m->session);
       return;
     }
     case proto::Command::kHeartbeat:
@@ -146,9 +177,37 @@ void Worker::Impl::flush_results() {
   wake_pending.exchange(false, std::memory_order_acq_rel);
   ResultBatch batch;
   while (done.try_pop(batch)) {
+    auto held = sessions.find(batch.session);
+    if (held == sessions.end()) continue;  // ended meanwhile: nobody wants these
+    const std::uint64_t n = std::min<std::uint64_t>(batch.results.size(), held->second);
+    held->second -= n;
+    set_in_hand(in_hand - n);
     stats.completed.fetch_add(batch.results.size(), std::memory_order_relaxed);
     send(proto::Encode(proto::Results{batch.session, std::move(batch.results)}));
   }
+}
+
+// Graceful drain (§3.4.7): DRAINING once, then DISCONNECT when nothing is in
+// hand or the deadline passed. True when the worker is done.
+bool Worker::Impl::drain_step(Clock::time_point now) {
+  if (!draining) {
+    if (!drain_requested.load(std::memory_order_acquire)) return false;
+    draining = true;
+    drain_deadline = now + drain_timeout;
+    Logger().info("worker {}: draining: no new work; {} statements in hand, {} ms to finish them", id, in_hand,
+                  drain_timeout.count());
+    send(proto::EncodeEmpty(proto::Command::kDraining));
+  }
+  if (in_hand > 0 && now < drain_deadline) return false;
+  if (in_hand > 0) {
+    Logger().warn("worker {}: drain deadline passed; {} statements in hand go back to the broker", id, in_hand);
+  } else {
+    Logger().info("worker {}: drained; every statement answered", id);
+  }
+  send(proto::EncodeEmpty(proto::Command::kDisconnect));
+  // Let the last results and DISCONNECT leave before the socket closes.
+  dealer->set(zmq::sockopt::linger, static_cast<int>(options.heartbeat_interval.count() * 2));
+  return true;
 }
 
 void Worker::Impl::run() {
@@ -158,7 +217,9 @@ void Worker::Impl::run() {
   zmq::pollitem_t items[] = {{dealer->handle(), 0, ZMQ_POLLIN, 0}, {nullptr, wake_fd->fd(), ZMQ_POLLIN, 0}};
   std::vector<zmq::message_t> frames;
   while (!stopping.load(std::memory_order_acquire)) {
-    const auto wait = std::chrono::duration_cast<std::chrono::milliseconds>(next_heartbeat - Clock::now());
+    auto until = next_heartbeat;
+    if (draining) until = std::min(until, drain_deadline);
+    const auto wait = std::chrono::duration_cast<std::chrono::milliseconds>(until - Clock::now());
     try {
       zmq::poll(items, 2, std::max(wait, std::chrono::milliseconds(0)));
     } catch (const zmq::error_t& e) {
@@ -174,6 +235,10 @@ void Worker::Impl::run() {
     }
     if (items[1].revents & ZMQ_POLLIN) flush_results();
     const auto now = Clock::now();
+    if (drain_step(now)) {
+      drained.store(true, std::memory_order_release);
+      return;
+    }
     if (now >= next_heartbeat) {
       next_heartbeat = now + options.heartbeat_interval;
       if (now - last_heard > options.heartbeat_interval * options.heartbeat_liveness) {
@@ -230,6 +295,16 @@ Status Worker::start() {
                 m.options.echo ? " (echo mode: no HTTP)" : "");
   return Status::Ok();
 }
+
+void Worker::drain(std::chrono::milliseconds deadline) {
+  Impl& m = *impl_;
+  if (!m.thread.joinable() || m.drain_requested.load(std::memory_order_acquire)) return;
+  m.drain_timeout = deadline;
+  m.drain_requested.store(true, std::memory_order_release);
+  m.wake_fd->signal();
+}
+
+bool Worker::drained() const { return impl_->drained.load(std::memory_order_acquire); }
 
 void Worker::stop() {
   Impl& m = *impl_;

@@ -28,7 +28,8 @@ struct BrokerOptions {
   // with a client. nullptr = the broker creates its own.
   zmq::context_t* context = nullptr;
   // Heartbeat period; a worker silent for heartbeat_liveness periods is
-  // presumed dead and its leased statements are queued again at the front.
+  // presumed dead: its non-idempotent statements fail as "outcome unknown"
+  // and the others run again in quarantine (PROTOCOL.md §4.5).
   std::chrono::milliseconds heartbeat_interval{1000};
   int heartbeat_liveness = 3;
   // A session whose client has sent nothing (not even a HEARTBEAT naming it)
@@ -44,6 +45,9 @@ struct BrokerOptions {
   // prefetch, as slack for clients; a SUBMIT past the cap is refused
   // (resource_exhausted) so broker memory stays bounded by the windows.
   std::uint32_t queue_slack = 1024;
+  // A statement that this many workers died running alone fails as poison
+  // (error code aborted) instead of killing more (PROTOCOL.md §4.5).
+  std::uint32_t poison_after = 3;
 };
 
 // Counters, readable from any thread (relaxed; for tests and metrics).
@@ -55,7 +59,10 @@ struct BrokerStats {
   std::atomic<std::uint64_t> dispatched{0};
   std::atomic<std::uint64_t> results{0};
   std::atomic<std::uint64_t> duplicates_dropped{0};
-  std::atomic<std::uint64_t> requeued{0};
+  std::atomic<std::uint64_t> requeued{0};      // of workers that left
+  std::atomic<std::uint64_t> quarantined{0};   // of workers that died
+  std::atomic<std::uint64_t> outcome_unknown{0};
+  std::atomic<std::uint64_t> poisoned{0};
   std::atomic<std::uint64_t> malformed{0};
   std::atomic<std::uint64_t> sessions_expired{0};
 };
@@ -71,6 +78,11 @@ class Broker {
   // Binds every endpoint and starts the loop thread. Unavailable if an
   // endpoint cannot be bound (the message names it).
   [[nodiscard]] Status start();
+  // Graceful drain (PROTOCOL.md §4.7): from now on OPEN of a new session is
+  // refused (unavailable); open sessions are served to their end. The owner
+  // stops the broker once stats().sessions is 0 or its deadline passed.
+  // Callable from any thread.
+  void drain();
   // Stops the loop and closes the socket; idempotent.
   void stop();
   // The bound endpoints with wildcards resolved (tcp://127.0.0.1:41234).

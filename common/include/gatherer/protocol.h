@@ -51,6 +51,9 @@ enum class Command : std::uint8_t {
   kError = 0x23,
   // worker -> broker
   kReady = 0x30,
+  kDraining = 0x31,    // takes no more statements (graceful drain, §3.4.7)
+  kDisconnect = 0x32,  // leaves; held statements go back to the broker
+
   // broker -> worker
   kSession = 0x40,
   kDispatch = 0x41,
@@ -137,6 +140,10 @@ Result<Results> DecodeResults(std::span<const zmq::message_t> frames);
 Result<Session> DecodeSession(std::span<const zmq::message_t> frames);
 Result<Ready> DecodeReady(std::span<const zmq::message_t> frames);
 Result<ErrorReply> DecodeError(std::span<const zmq::message_t> frames);
+// A message whose header is an empty array: DRAINING, DISCONNECT.
+Frames EncodeEmpty(Command command);
+Status DecodeEmpty(std::span<const zmq::message_t> frames);
+
 // The session a HEARTBEAT names, or nullopt for a plain one.
 Result<std::optional<SessionId>> DecodeHeartbeat(std::span<const zmq::message_t> frames);
 

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -32,6 +33,16 @@ struct Statement {
   // Unset = by method (GET, HEAD, PUT, DELETE, OPTIONS yes; POST, PATCH no).
   std::optional<bool> idempotent;
 };
+
+// Methods that may be repeated without a second effect (RFC 9110 §9.2.2);
+// unknown methods are treated as unsafe to repeat.
+inline bool DefaultIdempotent(std::string_view method) {
+  return method == "GET" || method == "HEAD" || method == "PUT" || method == "DELETE" ||
+         method == "OPTIONS" || method == "TRACE";
+}
+
+// May `s` be sent again when an attempt's outcome is unknown?
+inline bool IsIdempotent(const Statement& s) { return s.idempotent.value_or(DefaultIdempotent(s.method)); }
 
 // Convenience: a GET of `url`.
 inline Statement Get(std::string url) {

@@ -20,11 +20,16 @@ namespace gatherer {
 
 enum class StatusCode : std::uint8_t {
   kOk = 0,
+  // The outcome is not known: a non-idempotent statement may or may not have
+  // reached the server, and is not sent again (DESIGN §5.2).
+  kUnknown = 2,
   kInvalidArgument = 3,
   kDeadlineExceeded = 4,
   kNotFound = 5,
   kResourceExhausted = 8,
   kFailedPrecondition = 9,
+  // Given up on purpose: a poison statement that workers died running.
+  kAborted = 10,
   kCancelled = 1,
   kInternal = 13,
   kUnavailable = 14,

@@ -47,6 +47,8 @@ struct WorkerStats {
   std::atomic<std::uint64_t> completed{0};  // results sent back
   std::atomic<std::uint64_t> malformed{0};  // bad messages dropped
   std::atomic<std::uint64_t> registrations{0};
+  // Statements dispatched and not yet answered or ended (gauge).
+  std::atomic<std::uint64_t> in_hand{0};
 };
 
 class Worker {
@@ -58,6 +60,14 @@ class Worker {
 
   // Connects and starts the socket and I/O threads.
   [[nodiscard]] Status start();
+  // Graceful drain (PROTOCOL.md §3.4.7), from any thread; returns at once.
+  // The worker tells the broker it takes no more work, finishes what it has
+  // in hand, returns the results and says DISCONNECT; whatever is still in
+  // hand when `deadline` passes is aborted and goes back to the broker.
+  void drain(std::chrono::milliseconds deadline);
+  // True once a drain has ended (everything answered, or the deadline passed)
+  // and the broker has been told; then call stop().
+  bool drained() const;
   // Stops taking work, aborts in-flight transfers, closes the socket; idempotent.
   void stop();
   const WorkerStats& stats() const;
