@@ -191,6 +191,9 @@ struct Stream::Run {
   void top_up();
   void send_range(std::uint64_t from, std::size_t count);
   void reopen();
+  const Statement& statement_at(std::uint64_t pos) const {
+    return source ? held[pos % span] : fixed[static_cast<std::size_t>(pos)];
+  }
   void pump();
   void accept(proto::WireResult& result);
   [[noreturn]] void fail(const std::string& what, std::int64_t index, StatusCode code);
@@ -285,6 +288,9 @@ void Stream::Run::send_range(std::uint64_t from, std::size_t count) {
 // of an idle client. Open it again under the same id and send every
 // statement not yet answered; answers already received stay (PROTOCOL.md
 // §3.2.8). Duplicates from the old broker's workers are dropped by index.
+// A non-idempotent statement may have reached its server before the broker
+// was lost: it fails as "outcome unknown" instead of being sent again
+// (DESIGN §5.2).
 void Stream::Run::reopen() {
   Logger().warn("gatherer: broker lost session {}; re-opening it and resubmitting {} statements", m.session_text,
                 pulled - received);
@@ -296,8 +302,18 @@ void Stream::Run::reopen() {
       ++p;
       continue;
     }
+    if (!IsIdempotent(statement_at(p))) {
+      proto::WireResult unknown;
+      unknown.index = base + p;
+      unknown.response.error = ResponseError{
+          StatusCode::kUnknown, "outcome unknown: the broker lost the session while this " + statement_at(p).method +
+                                    " was submitted; not sent again (non-idempotent)"};
+      accept(unknown);
+      ++p;
+      continue;
+    }
     const std::uint64_t start = p;
-    while (p < pulled && slots[p % span] == kSent && p - start < kSubmitChunk) ++p;
+    while (p < pulled && slots[p % span] == kSent && IsIdempotent(statement_at(p)) && p - start < kSubmitChunk) ++p;
     send_range(start, static_cast<std::size_t>(p - start));
   }
 }
