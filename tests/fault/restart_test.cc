@@ -2,6 +2,8 @@
 // the broker dies mid-run and comes back; a client dies mid-run.
 
 #include <future>
+#include <map>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -70,6 +72,55 @@ TEST(FaultTest, BrokerKilledAndRestartedLosesNothing) {
   ASSERT_EQ(bodies.size(), kCount) << "lost or duplicated responses";
   for (std::uint64_t i = 0; i < kCount; ++i) ASSERT_EQ(bodies[i], "body-" + std::to_string(i));
   EXPECT_GE(server.requests(), kCount);
+}
+
+// DESIGN §5.2 across a broker restart: a POST that was submitted and not
+// answered may have reached its server, so it fails as "outcome unknown"
+// instead of being sent again; GETs are resubmitted. No POST reaches the
+// server twice.
+TEST(FaultTest, BrokerRestartNeverSendsAPostTwice) {
+  std::mutex mu;
+  std::map<std::string, int> posts;  // target -> times received
+  HttpServer server([&](const testing::HttpRequest& req) {
+    if (req.method == "POST") {
+      std::lock_guard lock(mu);
+      ++posts[req.target];
+    }
+    return DelayHandler(req);
+  });
+  const std::string ep = FreeTcpEndpoint();
+  auto broker = StartBroker(ep);
+  Process worker({kBin + "/worker/gatherer-worker", "--broker", ep, "--io-threads", "1", "--heartbeat-ms", "200",
+                  "--log-level", "error"});
+  constexpr int kCount = 600;
+  Gatherer g({.broker = ep, .workers = 64, .log_level = 50});
+  for (int i = 0; i < kCount; ++i) {
+    Statement s = Get(server.url("/d/" + std::to_string(i) + "/100"));
+    if (i % 2 == 1) s.method = "POST";
+    g.statements.push_back(std::move(s));
+  }
+  auto run = std::async(std::launch::async, [&] { return g.gather(); });
+  ASSERT_TRUE(WaitFor([&] { return server.requests() >= 100; }, 30s));
+  broker->kill(SIGKILL);
+  ASSERT_TRUE(broker->wait(5s).has_value());
+  broker = StartBroker(ep);
+  ASSERT_EQ(run.wait_for(60s), std::future_status::ready);
+  const auto responses = run.get();
+  ASSERT_EQ(responses.size(), static_cast<std::size_t>(kCount));
+  int unknown = 0;
+  for (int i = 0; i < kCount; ++i) {
+    const Response& r = responses[i];
+    if (i % 2 == 0 || r.ok()) {
+      ASSERT_TRUE(r.ok()) << i << ": " << r.error->message;
+      ASSERT_EQ(r.body, "body-" + std::to_string(i));
+      continue;
+    }
+    EXPECT_EQ(r.error->code, StatusCode::kUnknown) << i << ": " << r.error->message;
+    ++unknown;
+  }
+  EXPECT_GT(unknown, 0) << "no POST was in flight when the broker died";
+  std::lock_guard lock(mu);
+  for (const auto& [target, n] : posts) EXPECT_EQ(n, 1) << target << " reached the server " << n << " times";
 }
 
 // DESIGN §5.5: a session whose client stops heartbeating is cancelled after

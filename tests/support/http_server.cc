@@ -157,6 +157,7 @@ struct HttpServer::Impl {
   struct Conn {
     int fd = -1;
     std::uint64_t tag = 0;
+    std::uint16_t peer_port = 0;
     std::string in;  // bytes received; in[in_pos..] not yet parsed
     std::size_t in_pos = 0;
     std::string out;  // bytes queued; out[out_pos..] not yet sent
@@ -317,7 +318,10 @@ void HttpServer::Impl::run() {
 
 void HttpServer::Impl::accept_all() {
   for (;;) {
-    const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    sockaddr_in peer{};
+    socklen_t peer_len = sizeof peer;
+    const int fd =
+        ::accept4(listen_fd_, reinterpret_cast<sockaddr*>(&peer), &peer_len, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) {
       // EAGAIN: drained. EMFILE/ENFILE: out of fds; the level-triggered
       // listen fd brings us back once a connection closes.
@@ -330,6 +334,7 @@ void HttpServer::Impl::accept_all() {
     auto conn = std::make_unique<Conn>();
     conn->fd = fd;
     conn->tag = (static_cast<std::uint64_t>(generation_) << 32) | static_cast<std::uint32_t>(fd);
+    conn->peer_port = ntohs(peer.sin_port);
     // Edge-triggered with EPOLLOUT always on: no epoll_ctl per partial write;
     // read_all() and flush() therefore run until EAGAIN.
     epoll_event ev{};
@@ -530,6 +535,7 @@ void HttpServer::Impl::dispatch(Conn& c, bool keep_alive, bool head_only) {
   }
 
   HttpReply reply;
+  request_.peer_port = c.peer_port;
   try {
     reply = handler_(request_);
   } catch (const std::exception& e) {

@@ -24,6 +24,8 @@ struct HttpRequest {
   std::string target;  // path plus query, as sent ("/a?b=1")
   std::vector<std::pair<std::string, std::string>> headers;
   std::string body;
+  // The client's TCP port on 127.0.0.1 (tells which process sent it).
+  std::uint16_t peer_port = 0;
   // Value of the first header named `name` (case-insensitive), or "".
   std::string header(std::string_view name) const;
 };

@@ -1,0 +1,370 @@
+// Chaos tests (DESIGN §5): real worker processes SIGKILLed mid-job and
+// restarted, a server that kills whichever worker fetches one statement,
+// garbage thrown at the broker and at a worker during a job. Each asserts
+// what a user checks: every response once, in order, with the right body;
+// and prints the figures of the run (kills, statements re-run, recovery).
+
+#include <signal.h>
+
+#include <algorithm>
+#include <future>
+#include <iostream>
+#include <mutex>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <zmq_addon.hpp>
+
+#include "gatherer/broker.h"
+#include "gatherer/gatherer.h"
+#include "gatherer/protocol.h"
+#include "gatherer/transport.h"
+#include "gatherer/worker.h"
+#include "handlers.h"
+#include "http_server.h"
+#include "proc_net.h"
+#include "process.h"
+#include "wait_for.h"
+
+namespace gatherer {
+namespace {
+namespace proto = protocol;
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+using testing::DelayHandler;
+using testing::HttpServer;
+using testing::Process;
+using testing::WaitFor;
+
+const std::string kBin = GATHERER_BIN_DIR;
+constexpr auto kHeartbeat = 200ms;
+
+std::unique_ptr<Broker> StartBroker() {
+  BrokerOptions o;
+  o.endpoints = {"tcp://127.0.0.1:*"};
+  o.heartbeat_interval = kHeartbeat;
+  auto broker = std::make_unique<Broker>(o);
+  EXPECT_TRUE(broker->start().ok());
+  return broker;
+}
+
+std::unique_ptr<Process> StartWorker(const std::string& broker, int n) {
+  return std::make_unique<Process>(std::vector<std::string>{
+      kBin + "/worker/gatherer-worker", "--broker", broker, "--io-threads", "1", "--heartbeat-ms",
+      std::to_string(kHeartbeat.count()), "--id", "w" + std::to_string(n), "--log-level", "error"});
+}
+
+// One line of figures per run, for the closing note of a change.
+void Report(const std::string& line) {
+  std::cout << "[figures] " << line << std::endl;
+  ::testing::Test::RecordProperty("figures", line);
+}
+
+// Two workers, 20,000 statements against a server answering after a delay;
+// one worker SIGKILLed three times at random moments and restarted at once.
+// Every response arrives exactly once, in order, 200, with its body.
+TEST(ChaosTest, WorkerKilledThreeTimesLosesNothing) {
+  constexpr std::uint64_t kCount = 20000;
+  HttpServer server(DelayHandler);
+  auto broker = StartBroker();
+  const std::string ep = broker->endpoints()[0];
+  std::vector<std::unique_ptr<Process>> workers;
+  workers.push_back(StartWorker(ep, 0));
+  workers.push_back(StartWorker(ep, 1));
+  ASSERT_TRUE(WaitFor([&] { return broker->stats().workers.load() == 2; }, 10s));
+
+  std::vector<Statement> list;
+  list.reserve(kCount);
+  for (std::uint64_t i = 0; i < kCount; ++i) list.push_back(Get(server.url("/d/" + std::to_string(i) + "/20")));
+  Gatherer g({.broker = ep, .workers = 256, .log_level = 40});
+  std::vector<Clock::time_point> arrived;  // by index, input order
+  arrived.reserve(kCount);
+  auto run = std::async(std::launch::async, [&] {
+    std::uint64_t bad = 0;
+    for (auto& item : g.stream(list)) {
+      if (item.index != arrived.size() || !item.response.ok() || item.response.status != 200 ||
+          item.response.body != "body-" + std::to_string(item.index)) {
+        ++bad;
+      }
+      arrived.push_back(Clock::now());
+    }
+    return bad;
+  });
+
+  std::mt19937 rng(std::random_device{}());
+  const unsigned seed = rng();
+  rng.seed(seed);
+  std::vector<std::uint64_t> at = {std::uniform_int_distribution<std::uint64_t>(1500, 5000)(rng),
+                                   std::uniform_int_distribution<std::uint64_t>(7000, 10500)(rng),
+                                   std::uniform_int_distribution<std::uint64_t>(12500, 15500)(rng)};
+  std::vector<Clock::time_point> kills;
+  for (std::uint64_t threshold : at) {
+    ASSERT_TRUE(WaitFor([&] { return server.requests() >= threshold; }, 60s)) << "seed " << seed;
+    ASSERT_EQ(run.wait_for(0ms), std::future_status::timeout) << "finished before kill " << kills.size() + 1;
+    const std::size_t victim = std::uniform_int_distribution<std::size_t>(0, 1)(rng);
+    kills.push_back(Clock::now());
+    workers[victim]->kill(SIGKILL);
+    ASSERT_TRUE(workers[victim]->wait(5s).has_value());
+    workers[victim] = StartWorker(ep, static_cast<int>(2 + kills.size()));
+    // The next kill only once the replacement is registered and the dead
+    // one forgotten: two workers again.
+    ASSERT_TRUE(WaitFor([&] { return broker->stats().workers.load() == 2; }, 10s));
+  }
+  ASSERT_EQ(run.wait_for(90s), std::future_status::ready) << "the job did not complete; seed " << seed;
+  EXPECT_EQ(run.get(), 0u) << "responses out of order, failed or with a wrong body; seed " << seed;
+  ASSERT_EQ(arrived.size(), kCount) << "lost or duplicated responses; seed " << seed;
+  for (auto& w : workers) EXPECT_TRUE(w->running());
+
+  // Recovery: responses per 100 ms before the first kill, then the time from
+  // each kill until a 100 ms bucket reaches 80% of that rate again.
+  auto count_in = [&](Clock::time_point from, Clock::time_point to) {
+    return std::count_if(arrived.begin(), arrived.end(), [&](auto t) { return t >= from && t < to; });
+  };
+  const auto start = arrived.front();
+  const double base_rate = static_cast<double>(count_in(start, kills[0])) /
+                           std::max(1.0, static_cast<double>((kills[0] - start) / 100ms));
+  std::string recovery;
+  for (std::size_t k = 0; k < kills.size(); ++k) {
+    auto t = kills[k];
+    const auto end = k + 1 < kills.size() ? kills[k + 1] : arrived.back();
+    while (t + 100ms <= end && static_cast<double>(count_in(t, t + 100ms)) < 0.8 * base_rate) t += 20ms;
+    recovery += (recovery.empty() ? "" : ", ") + std::to_string((t - kills[k]) / 1ms) + " ms";
+  }
+  const auto& s = broker->stats();
+  Report("worker SIGKILLed 3x: " + std::to_string(kCount) + " statements, lost 0, duplicated 0; server requests " +
+         std::to_string(server.requests()) + " (re-run " + std::to_string(server.requests() - kCount) +
+         "); quarantined " + std::to_string(s.quarantined.load()) + ", late duplicates dropped " +
+         std::to_string(s.duplicates_dropped.load()) + "; full speed again after " + recovery + " (heartbeat " +
+         std::to_string(kHeartbeat.count()) + " ms x 3); base " + std::to_string(static_cast<int>(base_rate * 10)) +
+         " responses/s; seed " + std::to_string(seed));
+  EXPECT_EQ(s.poisoned.load(), 0u);
+  EXPECT_EQ(s.outcome_unknown.load(), 0u);
+}
+
+// A server that SIGKILLs whichever worker fetches "/poison": that statement
+// fails as poison after 3 deaths with it alone; every other one succeeds.
+TEST(ChaosTest, PoisonStatementFailsAndTheRestSucceeds) {
+  constexpr std::uint64_t kCount = 2000, kPoison = 777;
+  std::mutex mu;
+  std::vector<int> pids;  // of the live workers, for the server's thread
+  std::atomic<int> kills{0};
+  HttpServer server([&](const testing::HttpRequest& req) {
+    if (req.target != "/poison") return DelayHandler(req);
+    std::lock_guard lock(mu);
+    if (int pid = testing::PidOwningTcpPort(req.peer_port, pids); pid > 0) {
+      ::kill(pid, SIGKILL);
+      kills.fetch_add(1);
+    }
+    testing::HttpReply drop;
+    drop.drop = true;
+    return drop;
+  });
+  auto broker = StartBroker();
+  const std::string ep = broker->endpoints()[0];
+  std::vector<std::unique_ptr<Process>> workers;
+  int started = 0;
+  auto supervise = [&] {
+    std::lock_guard lock(mu);
+    for (auto& w : workers) {
+      if (w && w->running()) continue;
+      w = StartWorker(ep, started++);
+    }
+    pids.clear();
+    for (auto& w : workers) pids.push_back(w->pid());
+  };
+  workers.resize(2);
+  supervise();
+
+  std::vector<Statement> list;
+  for (std::uint64_t i = 0; i < kCount; ++i) {
+    list.push_back(Get(i == kPoison ? server.url("/poison") : server.url("/d/" + std::to_string(i) + "/5")));
+  }
+  Gatherer g({.broker = ep, .workers = 32, .log_level = 50});
+  g.statements = list;
+  auto run = std::async(std::launch::async, [&] { return g.gather(); });
+  // Dead workers are replaced at once, as a process supervisor would.
+  const auto deadline = Clock::now() + 90s;
+  while (run.wait_for(20ms) != std::future_status::ready && Clock::now() < deadline) supervise();
+  ASSERT_EQ(run.wait_for(0ms), std::future_status::ready) << "the job did not complete";
+  const auto& responses = run.get();
+  ASSERT_EQ(responses.size(), kCount);
+  for (std::uint64_t i = 0; i < kCount; ++i) {
+    if (i == kPoison) continue;
+    ASSERT_TRUE(responses[i].ok()) << i << ": " << responses[i].error->message;
+    ASSERT_EQ(responses[i].body, "body-" + std::to_string(i));
+  }
+  const Response& poison = responses[kPoison];
+  ASSERT_TRUE(poison.error.has_value());
+  EXPECT_EQ(poison.error->code, StatusCode::kAborted);
+  EXPECT_NE(poison.error->message.find("poison"), std::string::npos) << poison.error->message;
+  EXPECT_EQ(broker->stats().poisoned.load(), 1u);
+  // One death among many, halvings of the window (32), three alone.
+  EXPECT_LE(kills.load(), 1 + 6 + 3);
+  Report("poison statement: failed as aborted after " + std::to_string(kills.load()) + " worker deaths; " +
+         std::to_string(kCount - 1) + " others succeeded; quarantined " +
+         std::to_string(broker->stats().quarantined.load()));
+}
+
+// Messages a hostile or broken peer might send: each must be dropped and
+// counted, never crash anything or disturb a session.
+std::vector<proto::Frames> Garbage(std::mt19937& rng, const SessionId& session) {
+  std::vector<proto::Frames> out;
+  auto bytes = [&](std::size_t n) {
+    std::string s(n, '\0');
+    for (auto& c : s) c = static_cast<char>(rng());
+    return s;
+  };
+  auto frames = [](std::initializer_list<std::string> parts) {
+    proto::Frames f;
+    for (const auto& p : parts) f.emplace_back(p.data(), p.size());
+    return f;
+  };
+  const std::string sig(reinterpret_cast<const char*>(proto::kSignature.data()), 4);
+  const std::string wrong_version("GTR\x09", 4);
+  // Random frames; random header behind a right signature; wrong version;
+  // unknown command; a truncated SUBMIT of the job's own session.
+  out.push_back(frames({bytes(1 + rng() % 64)}));
+  out.push_back(frames({bytes(4), bytes(1), bytes(1 + rng() % 128)}));
+  out.push_back(frames({sig, std::string(1, '\x11'), bytes(1 + rng() % 128)}));
+  out.push_back(frames({wrong_version, std::string(1, '\x14'), std::string(1, '\x90')}));
+  out.push_back(frames({sig, std::string(1, '\x7e'), std::string(1, '\x90')}));
+  proto::Frames submit = proto::EncodeSubmit(session, 0, std::vector<Statement>{Get("http://127.0.0.1:1/x")});
+  std::string header = submit[2].to_string();
+  header.resize(header.size() / 2);
+  out.push_back(frames({sig, std::string(1, '\x11'), header}));
+  return out;
+}
+
+// Garbage from raw sockets at the broker during a job (plus one message over
+// ZMQ_MAXMSGSIZE): the job completes, the broker counts the drops.
+TEST(ChaosTest, GarbageAtTheBrokerDuringAJobIsDropped) {
+  constexpr std::uint64_t kCount = 5000;
+  HttpServer server(DelayHandler);
+  auto broker = StartBroker();
+  const std::string ep = broker->endpoints()[0];
+  auto worker = StartWorker(ep, 0);
+  std::vector<Statement> list;
+  for (std::uint64_t i = 0; i < kCount; ++i) list.push_back(Get(server.url("/d/" + std::to_string(i) + "/10")));
+  Gatherer g({.broker = ep, .workers = 64, .log_level = 50});
+  g.statements = list;
+  auto run = std::async(std::launch::async, [&] { return g.gather(); });
+
+  zmq::context_t ctx(1);
+  std::mt19937 rng(std::random_device{}());
+  const SessionId session = ParseSessionId(g.session_id()).value();
+  std::uint64_t sent = 0, rounds = 0, oversize = 0;
+  while (run.wait_for(0ms) != std::future_status::ready && rounds < 200) {
+    {
+      // A new peer each round; closing waits until its messages are out.
+      zmq::socket_t raw(ctx, zmq::socket_type::dealer);
+      raw.set(zmq::sockopt::linger, 5000);
+      raw.connect(ep);
+      for (auto& f : Garbage(rng, session)) {
+        zmq::send_multipart(raw, f);
+        ++sent;
+      }
+    }
+    if (rounds == 10) {
+      // Over ZMQ_MAXMSGSIZE: ZeroMQ drops the connection after the size
+      // header, before the broker allocates anything.
+      zmq::socket_t raw(ctx, zmq::socket_type::dealer);
+      raw.set(zmq::sockopt::linger, 0);
+      zmq::socket_t events(ctx, zmq::socket_type::pair);
+      ASSERT_EQ(zmq_socket_monitor(raw.handle(), "inproc://oversize-monitor", ZMQ_EVENT_DISCONNECTED), 0);
+      events.connect("inproc://oversize-monitor");
+      raw.connect(ep);
+      std::string huge(static_cast<std::size_t>(proto::kMaxMessageBytes) + 1, 'x');
+      raw.send(zmq::buffer(huge));
+      // The broker closes the connection: the sender sees it go.
+      zmq::pollitem_t item{events.handle(), 0, ZMQ_POLLIN, 0};
+      ASSERT_EQ(zmq::poll(&item, 1, 20s), 1) << "the broker did not drop the oversize message's connection";
+      zmq_socket_monitor(raw.handle(), nullptr, 0);
+      ++oversize;
+    }
+    ++rounds;
+  }
+  ASSERT_EQ(run.wait_for(60s), std::future_status::ready);
+  const auto& responses = run.get();
+  ASSERT_EQ(responses.size(), kCount);
+  for (std::uint64_t i = 0; i < kCount; ++i) ASSERT_EQ(responses[i].body, "body-" + std::to_string(i)) << i;
+  EXPECT_TRUE(worker->running());
+  // Each message above is malformed for a broker (the wrong version one
+  // also gets an ERROR back); counted once each.
+  ASSERT_TRUE(WaitFor([&] { return broker->stats().malformed.load() >= sent; }, 5s))
+      << broker->stats().malformed.load() << " of " << sent;
+  EXPECT_EQ(broker->stats().malformed.load(), sent);
+  EXPECT_EQ(oversize, 1u);
+  Report("garbage at the broker: " + std::to_string(sent) + " bad messages + 1 oversize during a " +
+         std::to_string(kCount) + "-statement job: all dropped (" + std::to_string(broker->stats().malformed.load()) +
+         " counted), job complete");
+}
+
+// A real Worker taking a job from a fake broker (raw ROUTER) that mixes
+// garbage between its DISPATCHes: every statement is answered once, the
+// worker counts every bad message.
+TEST(ChaosTest, GarbageAtAWorkerDuringAJobIsDropped) {
+  constexpr std::uint64_t kCount = 2000;
+  HttpServer server(DelayHandler);
+  zmq::context_t ctx(1);
+  zmq::socket_t router(ctx, zmq::socket_type::router);
+  router.set(zmq::sockopt::linger, 0);
+  router.bind("tcp://127.0.0.1:*");
+  WorkerOptions wo;
+  wo.broker = router.get(zmq::sockopt::last_endpoint);
+  wo.io_threads = 1;
+  wo.heartbeat_interval = 10s;  // no re-registration in this test
+  Worker worker(wo);
+  ASSERT_TRUE(worker.start().ok());
+  proto::Frames ready;
+  ASSERT_TRUE(zmq::recv_multipart(router, std::back_inserter(ready)));
+  const std::string id = ready[0].to_string();
+  auto send = [&](proto::Frames&& f) {
+    f.insert(f.begin(), zmq::message_t(id.data(), id.size()));
+    zmq::send_multipart(router, f);
+  };
+  const SessionId session = NewSessionId();
+  send(proto::Encode(proto::Session{session, SessionSettings{}}));
+  std::mt19937 rng(std::random_device{}());
+  std::uint64_t bad = 0;
+  for (std::uint64_t first = 0; first < kCount; first += 100) {
+    for (auto& f : Garbage(rng, session)) {
+      send(std::move(f));
+      ++bad;
+    }
+    proto::Statements chunk{session, {}};
+    for (std::uint64_t i = first; i < first + 100; ++i) {
+      chunk.statements.push_back({i, Get(server.url("/d/" + std::to_string(i) + "/1"))});
+    }
+    send(proto::Encode(proto::Command::kDispatch, chunk));
+  }
+  std::vector<int> seen(kCount, 0);
+  std::uint64_t results = 0;
+  const auto deadline = Clock::now() + 60s;
+  while (results < kCount && Clock::now() < deadline) {
+    zmq::pollitem_t item{router.handle(), 0, ZMQ_POLLIN, 0};
+    zmq::poll(&item, 1, 100ms);
+    proto::Frames f;
+    if (!zmq::recv_multipart(router, std::back_inserter(f), zmq::recv_flags::dontwait)) continue;
+    std::span<zmq::message_t> body(f.data() + 1, f.size() - 1);
+    auto c = proto::PeekCommand(body);
+    if (!c || *c != proto::Command::kResults) continue;
+    auto r = proto::DecodeResults(body);
+    ASSERT_TRUE(r.has_value());
+    for (const auto& one : r->results) {
+      ASSERT_LT(one.index, kCount);
+      ++seen[one.index];
+      ++results;
+      EXPECT_EQ(one.response.body, "body-" + std::to_string(one.index));
+    }
+  }
+  ASSERT_EQ(results, kCount);
+  EXPECT_TRUE(std::all_of(seen.begin(), seen.end(), [](int n) { return n == 1; }));
+  EXPECT_EQ(worker.stats().malformed.load(), bad);
+  Report("garbage at a worker: " + std::to_string(bad) + " bad messages between DISPATCHes of " +
+         std::to_string(kCount) + " statements: all counted and dropped, every statement answered once");
+}
+
+}  // namespace
+}  // namespace gatherer

@@ -1,0 +1,156 @@
+// Graceful drain with real processes and SIGTERM (PROTOCOL.md §3.4.7, §4.7):
+// a worker finishes what it holds and exits 0; past its deadline it hands
+// the rest back; a broker serves its sessions to the end, refuses new ones,
+// and exits 0.
+
+#include <signal.h>
+
+#include <future>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "gatherer/broker.h"
+#include "gatherer/gatherer.h"
+#include "free_port.h"
+#include "handlers.h"
+#include "http_server.h"
+#include "process.h"
+#include "wait_for.h"
+
+namespace gatherer {
+namespace {
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+using testing::DelayHandler;
+using testing::HttpServer;
+using testing::Process;
+using testing::WaitFor;
+
+const std::string kBin = GATHERER_BIN_DIR;
+
+std::unique_ptr<Process> StartWorker(const std::string& broker, const std::string& drain_ms = "30000") {
+  return std::make_unique<Process>(std::vector<std::string>{kBin + "/worker/gatherer-worker", "--broker", broker,
+                                                            "--io-threads", "1", "--heartbeat-ms", "200",
+                                                            "--drain-timeout-ms", drain_ms, "--log-level", "error"});
+}
+
+std::unique_ptr<Broker> StartBroker() {
+  BrokerOptions o;
+  o.endpoints = {"tcp://127.0.0.1:*"};
+  o.heartbeat_interval = 200ms;
+  auto broker = std::make_unique<Broker>(o);
+  EXPECT_TRUE(broker->start().ok());
+  return broker;
+}
+
+std::vector<Statement> Delayed(const HttpServer& server, int n, int delay_ms) {
+  std::vector<Statement> list;
+  for (int i = 0; i < n; ++i) {
+    list.push_back(Get(server.url("/d/" + std::to_string(i) + "/" + std::to_string(delay_ms))));
+  }
+  return list;
+}
+
+void ExpectAllBodies(const std::vector<Response>& responses, std::size_t n) {
+  ASSERT_EQ(responses.size(), n);
+  for (std::size_t i = 0; i < n; ++i) {
+    ASSERT_TRUE(responses[i].ok()) << i << ": " << responses[i].error->message;
+    ASSERT_EQ(responses[i].body, "body-" + std::to_string(i));
+  }
+}
+
+// SIGTERM while ~100 statements are in flight: the worker takes nothing
+// more, finishes them, returns them and exits 0; a second worker does the
+// rest. Nothing runs twice.
+TEST(DrainTest, WorkerSigtermFinishesWhatItHoldsAndExitsZero) {
+  HttpServer server(DelayHandler);
+  auto broker = StartBroker();
+  const std::string ep = broker->endpoints()[0];
+  auto first = StartWorker(ep);
+  ASSERT_TRUE(WaitFor([&] { return broker->stats().workers.load() == 1; }, 10s));
+  constexpr int kCount = 600;
+  Gatherer g({.broker = ep, .workers = 100, .log_level = 40});
+  g.statements = Delayed(server, kCount, 300);
+  auto run = std::async(std::launch::async, [&] { return g.gather(); });
+  ASSERT_TRUE(WaitFor([&] { return server.in_flight() >= 100; }, 30s));
+  const auto before = server.requests();
+  first->kill(SIGTERM);
+  const auto exit = first->wait(10s);
+  ASSERT_TRUE(exit.has_value()) << "the worker did not exit after draining";
+  EXPECT_EQ(*exit, 0);
+  EXPECT_EQ(server.requests(), before) << "a draining worker started new statements";
+  EXPECT_EQ(server.in_flight(), 0) << "the worker exited with transfers still running";
+  auto second = StartWorker(ep);
+  ASSERT_EQ(run.wait_for(60s), std::future_status::ready);
+  ExpectAllBodies(run.get(), kCount);
+  EXPECT_EQ(server.requests(), static_cast<std::uint64_t>(kCount)) << "statements ran twice";
+  EXPECT_EQ(broker->stats().requeued.load(), 0u);
+  EXPECT_EQ(broker->stats().quarantined.load(), 0u);
+}
+
+// Past its drain deadline a worker aborts what it still holds and hands it
+// back: the statements run again elsewhere at once (no quarantine, no wait
+// for missed heartbeats), and the job completes.
+TEST(DrainTest, WorkerPastItsDrainDeadlineHandsTheRestBack) {
+  HttpServer server(DelayHandler);
+  auto broker = StartBroker();
+  const std::string ep = broker->endpoints()[0];
+  auto first = StartWorker(ep, "200");
+  ASSERT_TRUE(WaitFor([&] { return broker->stats().workers.load() == 1; }, 10s));
+  constexpr int kCount = 50;
+  Gatherer g({.broker = ep, .workers = 50, .log_level = 40});
+  g.statements = Delayed(server, kCount, 2000);
+  auto run = std::async(std::launch::async, [&] { return g.gather(); });
+  ASSERT_TRUE(WaitFor([&] { return server.in_flight() == kCount; }, 30s));
+  const auto signalled = Clock::now();
+  first->kill(SIGTERM);
+  const auto exit = first->wait(5s);
+  ASSERT_TRUE(exit.has_value());
+  EXPECT_EQ(*exit, 0);
+  EXPECT_LT(Clock::now() - signalled, 1500ms) << "the drain deadline (200 ms) was not kept";
+  ASSERT_TRUE(WaitFor([&] { return broker->stats().requeued.load() == kCount; }, 2s))
+      << "requeued " << broker->stats().requeued.load();
+  auto second = StartWorker(ep);
+  ASSERT_EQ(run.wait_for(60s), std::future_status::ready);
+  ExpectAllBodies(run.get(), kCount);
+  EXPECT_EQ(broker->stats().quarantined.load(), 0u);
+}
+
+// SIGTERM on the broker: the running job completes; a new session is refused
+// with "unavailable"; once the job's Gatherer closes its session the broker
+// exits 0.
+TEST(DrainTest, BrokerSigtermServesOpenSessionsRefusesNewOnesAndExitsZero) {
+  HttpServer server(DelayHandler);
+  const std::string ep = testing::FreeTcpEndpoint();
+  Process broker({kBin + "/broker/gatherer-broker", "--bind", ep, "--heartbeat-ms", "200", "--log-level", "error"});
+  auto worker = StartWorker(ep);
+  constexpr int kCount = 1000;
+  auto g = std::make_unique<Gatherer>(Options{.broker = ep, .workers = 50, .log_level = 40});
+  g->statements = Delayed(server, kCount, 20);
+  auto run = std::async(std::launch::async, [&] { return g->gather(); });
+  ASSERT_TRUE(WaitFor([&] { return server.requests() >= 100; }, 30s));
+  broker.kill(SIGTERM);
+  // The broker stays up for the open session; a new one is refused.
+  {
+    Gatherer late({.broker = ep, .workers = 1, .log_level = 50});
+    late.statements = {Get(server.url("/d/0/0"))};
+    try {
+      late.gather();
+      ADD_FAILURE() << "a draining broker accepted a new session";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), StatusCode::kUnavailable) << e.what();
+    }
+  }
+  ASSERT_EQ(run.wait_for(60s), std::future_status::ready);
+  ExpectAllBodies(run.get(), kCount);
+  EXPECT_TRUE(broker.running()) << "the broker exited with a session open";
+  g.reset();  // closes the session
+  const auto exit = broker.wait(10s);
+  ASSERT_TRUE(exit.has_value()) << "the broker did not exit once its sessions ended";
+  EXPECT_EQ(*exit, 0);
+}
+
+}  // namespace
+}  // namespace gatherer
