@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # All tests on a fresh Debian 12 machine (as root): install, then build and run
-# the whole ctest suite three times: release, ASan+UBSan, TSan.
-# PRESETS="release" bash tests/run.sh runs a subset.
+# the whole ctest suite three times: release, ASan+UBSan, TSan; then fuzz
+# every decoder for FUZZ_SECONDS per target (tests/fuzz/run.sh, default 30).
+# PRESETS="release" FUZZ_SECONDS=0 bash tests/run.sh runs a subset.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/install-deps
@@ -12,3 +13,4 @@ for preset in ${PRESETS:-release asan tsan}; do
   echo "=== $preset: test"
   ctest --preset "$preset"
 done
+bash tests/fuzz/run.sh

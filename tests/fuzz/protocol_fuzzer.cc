@@ -1,0 +1,199 @@
+// libFuzzer target for every GTR/1 decoder of common/include/gatherer/protocol.h:
+// PeekCommand, DecodeSessionRef, DecodeOpen, DecodeStatements, DecodeResults,
+// DecodeResultsIndex, DecodeSession, DecodeReady, DecodeError, DecodeHeartbeat.
+//
+// The input is split into frames (framing.h) and every decoder runs on every
+// input, whatever frames 0 and 1 say: a receiver calls a decoder only after
+// PeekCommand, but the decoders must survive any frames (PROTOCOL.md §2.4).
+// Beyond "no crash, no leak, no UB" (ASan, UBSan, libFuzzer's leak check;
+// an exception escaping a decoder terminates the process), it checks:
+//   - round trip: a decoded value, encoded again, carries the command its
+//     encoder names and decodes to an equal value;
+//   - DecodeResultsIndex agrees with DecodeResults whenever both succeed,
+//     and succeeds whenever DecodeResults does (it checks a subset);
+//   - PeekCommand accepts only the signature, version 1 and a known command.
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <span>
+#include <string_view>
+
+#include "framing.h"
+#include "gatherer/protocol.h"
+
+namespace gatherer::fuzz {
+namespace {
+
+using namespace gatherer::protocol;
+
+#define FUZZ_CHECK(cond)                                                          \
+  do {                                                                            \
+    if (!(cond)) {                                                                \
+      std::fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
+      std::abort();                                                               \
+    }                                                                             \
+  } while (0)
+
+bool Same(const SessionSettings& a, const SessionSettings& b) {
+  return a.workers == b.workers && a.base_url == b.base_url && a.headers == b.headers &&
+         a.timeout_ms == b.timeout_ms && a.connect_timeout_ms == b.connect_timeout_ms &&
+         a.max_attempts == b.max_attempts && a.backoff_base_ms == b.backoff_base_ms &&
+         a.backoff_max_ms == b.backoff_max_ms && a.max_body_bytes == b.max_body_bytes &&
+         a.max_redirects == b.max_redirects && a.accept_min == b.accept_min &&
+         a.accept_max == b.accept_max;
+}
+
+bool Same(const Statement& a, const Statement& b) {
+  return a.method == b.method && a.url == b.url && a.headers == b.headers && a.body == b.body &&
+         a.timeout_ms == b.timeout_ms && a.idempotent == b.idempotent;
+}
+
+bool Same(const Response& a, const Response& b) {
+  if (a.error.has_value() != b.error.has_value()) return false;
+  if (a.error && (a.error->code != b.error->code || a.error->message != b.error->message)) return false;
+  return a.status == b.status && a.headers == b.headers && a.body == b.body &&
+         a.attempts == b.attempts && a.elapsed_us == b.elapsed_us && a.worker == b.worker;
+}
+
+// Encoded frames must name the command their encoder was asked for.
+void CheckCommand(const Frames& frames, Command expected) {
+  auto c = PeekCommand(frames);
+  FUZZ_CHECK(c.has_value() && *c == expected);
+}
+
+void CheckPeek(const Frames& frames) {
+  auto c = PeekCommand(frames);
+  if (!c) return;
+  FUZZ_CHECK(frames[0].size() == kSignature.size());
+  FUZZ_CHECK(std::memcmp(frames[0].data(), kSignature.data(), kSignature.size()) == 0);
+  FUZZ_CHECK(frames[1].size() == 1);
+  FUZZ_CHECK(*static_cast<const std::uint8_t*>(frames[1].data()) == static_cast<std::uint8_t>(*c));
+  FUZZ_CHECK(std::string_view(CommandName(*c)) != "UNKNOWN");
+}
+
+void CheckSessionRef(const Frames& frames) {
+  auto m = DecodeSessionRef(frames);
+  if (!m) return;
+  for (Command c : {Command::kCancel, Command::kClose, Command::kOpened, Command::kClosed,
+                    Command::kEndSession}) {
+    Frames again = Encode(c, *m);
+    CheckCommand(again, c);
+    auto back = DecodeSessionRef(again);
+    FUZZ_CHECK(back && back->session == m->session);
+  }
+}
+
+void CheckOpen(const Frames& frames) {
+  auto m = DecodeOpen(frames);
+  if (!m) return;
+  Frames again = Encode(*m);
+  CheckCommand(again, Command::kOpen);
+  auto back = DecodeOpen(again);
+  FUZZ_CHECK(back && back->session == m->session && Same(back->settings, m->settings) &&
+             back->prefetch == m->prefetch);
+}
+
+void CheckStatements(const Frames& frames) {
+  auto m = DecodeStatements(frames);
+  if (!m) return;
+  for (Command c : {Command::kSubmit, Command::kDispatch}) {
+    Frames again = Encode(c, *m);
+    CheckCommand(again, c);
+    auto back = DecodeStatements(again);
+    FUZZ_CHECK(back && back->session == m->session && back->statements.size() == m->statements.size());
+    for (std::size_t i = 0; i < m->statements.size(); ++i) {
+      FUZZ_CHECK(back->statements[i].index == m->statements[i].index);
+      FUZZ_CHECK(Same(back->statements[i].statement, m->statements[i].statement));
+    }
+  }
+  // EncodeSubmit numbers the statements itself, from the first index on.
+  std::vector<Statement> plain;
+  plain.reserve(m->statements.size());
+  for (const auto& ws : m->statements) plain.push_back(ws.statement);
+  const std::uint64_t first = m->statements.empty() ? 0 : m->statements[0].index;
+  Frames again = EncodeSubmit(m->session, first, plain);
+  CheckCommand(again, Command::kSubmit);
+  auto back = DecodeStatements(again);
+  FUZZ_CHECK(back && back->session == m->session && back->statements.size() == plain.size());
+  for (std::size_t i = 0; i < plain.size(); ++i) {
+    FUZZ_CHECK(back->statements[i].index == first + i);
+    FUZZ_CHECK(Same(back->statements[i].statement, plain[i]));
+  }
+}
+
+void CheckResults(const Frames& frames) {
+  auto index = DecodeResultsIndex(frames);
+  auto m = DecodeResults(frames);
+  if (!m) return;
+  FUZZ_CHECK(index && index->session == m->session && index->indices.size() == m->results.size());
+  for (std::size_t i = 0; i < m->results.size(); ++i) FUZZ_CHECK(index->indices[i] == m->results[i].index);
+
+  Results copy = *m;  // Encode(Results&&) moves the bodies out
+  Frames again = Encode(std::move(copy));
+  CheckCommand(again, Command::kResults);
+  auto back = DecodeResults(again);
+  FUZZ_CHECK(back && back->session == m->session && back->results.size() == m->results.size());
+  for (std::size_t i = 0; i < m->results.size(); ++i) {
+    FUZZ_CHECK(back->results[i].index == m->results[i].index);
+    FUZZ_CHECK(Same(back->results[i].response, m->results[i].response));
+  }
+}
+
+void CheckSession(const Frames& frames) {
+  auto m = DecodeSession(frames);
+  if (!m) return;
+  Frames again = Encode(*m);
+  CheckCommand(again, Command::kSession);
+  auto back = DecodeSession(again);
+  FUZZ_CHECK(back && back->session == m->session && Same(back->settings, m->settings));
+}
+
+void CheckReady(const Frames& frames) {
+  auto m = DecodeReady(frames);
+  if (!m) return;
+  FUZZ_CHECK(m->slots >= 1);  // §3.4
+  Frames again = Encode(*m);
+  CheckCommand(again, Command::kReady);
+  auto back = DecodeReady(again);
+  FUZZ_CHECK(back && back->worker_id == m->worker_id && back->host == m->host &&
+             back->slots == m->slots);
+}
+
+void CheckError(const Frames& frames) {
+  auto m = DecodeError(frames);
+  if (!m) return;
+  Frames again = Encode(*m);
+  CheckCommand(again, Command::kError);
+  auto back = DecodeError(again);
+  FUZZ_CHECK(back && back->code == m->code && back->message == m->message &&
+             back->session == m->session);
+}
+
+void CheckHeartbeat(const Frames& frames) {
+  auto m = DecodeHeartbeat(frames);
+  if (!m) return;
+  Frames again = *m ? EncodeHeartbeat(**m) : EncodeHeartbeat();
+  CheckCommand(again, Command::kHeartbeat);
+  auto back = DecodeHeartbeat(again);
+  FUZZ_CHECK(back && *back == *m);
+}
+
+}  // namespace
+}  // namespace gatherer::fuzz
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  using namespace gatherer::fuzz;
+  const gatherer::protocol::Frames frames = SplitFrames({data, size});
+  CheckPeek(frames);
+  CheckSessionRef(frames);
+  CheckOpen(frames);
+  CheckStatements(frames);
+  CheckResults(frames);  // DecodeResults and DecodeResultsIndex
+  CheckSession(frames);
+  CheckReady(frames);
+  CheckError(frames);
+  CheckHeartbeat(frames);
+  return 0;
+}
