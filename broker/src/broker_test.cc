@@ -81,16 +81,25 @@ proto::Frames ResultsFor(const SessionId& sid, const std::vector<std::uint64_t>&
 
 class BrokerTest : public ::testing::TestWithParam<std::string> {
  protected:
-  void SetUp() override {
+  void SetUp() override { start_broker(20); }
+  // Raw peers heartbeat only while they wait in recv(), so by default a
+  // worker is presumed dead after 20 periods (2 s: slow sanitizer runs on a
+  // busy machine stay clear of it); tests about dead workers restart the
+  // broker with liveness 3 (300 ms).
+  void start_broker(int liveness) {
+    broker_.reset();
     std::string ep = GetParam();
     if (ep == "ipc") {
-      dir_ = std::filesystem::temp_directory_path() / ("gtr-" + NewSessionId().ToString().substr(0, 8));
-      std::filesystem::create_directories(dir_);
+      if (dir_.empty()) {
+        dir_ = std::filesystem::temp_directory_path() / ("gtr-" + NewSessionId().ToString().substr(0, 8));
+        std::filesystem::create_directories(dir_);
+      }
       ep = "ipc://" + (dir_ / "b.sock").string();
     }
     BrokerOptions o;
     o.endpoints = {ep};
     o.heartbeat_interval = 100ms;
+    o.heartbeat_liveness = liveness;
     o.max_chunk = 8;
     broker_ = std::make_unique<Broker>(o);
     ASSERT_TRUE(broker_->start().ok());
@@ -299,6 +308,7 @@ TEST_P(BrokerTest, ResultsFromUnknownWorkerAskForReady) {
 
 // §4.5: a silent worker's leases are queued again and go to another worker.
 TEST_P(BrokerTest, DeadWorkerStatementsAreRedispatched) {
+  start_broker(3);
   Peer client(ctx_, endpoint_);
   auto dead = std::make_unique<Peer>(ctx_, endpoint_);
   ready(*dead, 100);
@@ -318,6 +328,7 @@ TEST_P(BrokerTest, DeadWorkerStatementsAreRedispatched) {
 // §4.5 (a): a non-idempotent statement a dead worker held fails as "outcome
 // unknown" and is never dispatched again; an explicitly idempotent POST is.
 TEST_P(BrokerTest, DeadWorkerNonIdempotentStatementsFailAsOutcomeUnknown) {
+  start_broker(3);
   Peer client(ctx_, endpoint_);
   auto dead = std::make_unique<Peer>(ctx_, endpoint_);
   ready(*dead, 100);
@@ -347,6 +358,7 @@ TEST_P(BrokerTest, DeadWorkerNonIdempotentStatementsFailAsOutcomeUnknown) {
 // worker running it alone fails as poison after poison_after (3) deaths; the
 // others are answered.
 TEST_P(BrokerTest, PoisonStatementIsIsolatedAndFailsAfterThreeSoloDeaths) {
+  start_broker(5);  // live workers here wait on the client between heartbeats
   constexpr std::uint64_t kPoison = 3;
   const BrokerStats& stats = broker_->stats();
   Peer client(ctx_, endpoint_);

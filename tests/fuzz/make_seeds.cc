@@ -124,6 +124,8 @@ void ProtocolSeeds(const fs::path& dir) {
   put("error", Encode(ErrorReply{StatusCode::kNotFound, "no such session", a}));
   put("error_no_session", Encode(ErrorReply{StatusCode::kFailedPrecondition, "version 2", std::nullopt}));
   put("heartbeat", EncodeHeartbeat());
+  put("draining", EncodeEmpty(Command::kDraining));
+  put("disconnect", EncodeEmpty(Command::kDisconnect));
   put("heartbeat_session", EncodeHeartbeat(b));
 
   // Malformed on purpose: each is one edit away from a valid message.

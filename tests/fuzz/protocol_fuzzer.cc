@@ -1,6 +1,7 @@
 // libFuzzer target for every GTR/1 decoder of common/include/gatherer/protocol.h:
 // PeekCommand, DecodeSessionRef, DecodeOpen, DecodeStatements, DecodeResults,
-// DecodeResultsIndex, DecodeSession, DecodeReady, DecodeError, DecodeHeartbeat.
+// DecodeResultsIndex, DecodeSession, DecodeReady, DecodeError, DecodeHeartbeat,
+// DecodeEmpty.
 //
 // The input is split into frames (framing.h) and every decoder runs on every
 // input, whatever frames 0 and 1 say: a receiver calls a decoder only after
@@ -180,6 +181,15 @@ void CheckHeartbeat(const Frames& frames) {
   FUZZ_CHECK(back && *back == *m);
 }
 
+void CheckEmpty(const Frames& frames) {
+  if (!DecodeEmpty(frames).ok()) return;
+  for (Command c : {Command::kDraining, Command::kDisconnect}) {
+    Frames again = EncodeEmpty(c);
+    CheckCommand(again, c);
+    FUZZ_CHECK(DecodeEmpty(again).ok());
+  }
+}
+
 }  // namespace
 }  // namespace gatherer::fuzz
 
@@ -195,5 +205,6 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   CheckReady(frames);
   CheckError(frames);
   CheckHeartbeat(frames);
+  CheckEmpty(frames);  // DRAINING, DISCONNECT
   return 0;
 }
