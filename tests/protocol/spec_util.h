@@ -1,0 +1,95 @@
+#pragma once
+// Shared by the spec tests of tests/protocol: hand-written GTR/1 messages (to
+// say things the encoders never would), a temporary ipc:// directory, and
+// readable gtest output for commands.
+//
+// Thread-safety: plain functions and values; an IpcDir belongs to one test.
+
+#include <filesystem>
+#include <functional>
+#include <optional>
+#include <ostream>
+#include <string>
+#include <system_error>
+
+#include <msgpack.hpp>
+#include <zmq.hpp>
+
+#include "gatherer/ids.h"
+#include "gatherer/protocol.h"
+
+namespace gatherer::protocol {
+
+// gtest prints a Command by name instead of as raw bytes.
+inline void PrintTo(Command command, std::ostream* os) { *os << CommandName(command); }
+
+}  // namespace gatherer::protocol
+
+namespace gatherer::testing {
+
+using Packer = msgpack::packer<msgpack::sbuffer>;
+
+// The command of a message, or nullopt for none (an empty result of a
+// receive that timed out) or a malformed one.
+inline std::optional<protocol::Command> CommandOf(const protocol::Frames& frames) {
+  auto c = protocol::PeekCommand(frames);
+  if (!c) return std::nullopt;
+  return *c;
+}
+
+// A message of `command` whose header is whatever `pack` writes.
+inline protocol::Frames Raw(protocol::Command command, const std::function<void(Packer&)>& pack) {
+  msgpack::sbuffer buf;
+  Packer pk(buf);
+  pack(pk);
+  protocol::Frames frames;
+  frames.emplace_back(protocol::kSignature.data(), protocol::kSignature.size());
+  const auto byte = static_cast<std::uint8_t>(command);
+  frames.emplace_back(&byte, 1);
+  frames.emplace_back(buf.data(), buf.size());
+  return frames;
+}
+
+inline void PackBin(Packer& pk, std::string_view bytes) {
+  pk.pack_bin(static_cast<std::uint32_t>(bytes.size()));
+  pk.pack_bin_body(bytes.data(), static_cast<std::uint32_t>(bytes.size()));
+}
+
+inline void PackStr(Packer& pk, std::string_view text) {
+  pk.pack_str(static_cast<std::uint32_t>(text.size()));
+  pk.pack_str_body(text.data(), static_cast<std::uint32_t>(text.size()));
+}
+
+// Appends bytes to a message's header frame (a second msgpack value, say).
+inline void AppendToHeader(protocol::Frames& frames, std::string_view bytes) {
+  std::string header(static_cast<const char*>(frames[2].data()), frames[2].size());
+  header += bytes;
+  frames[2] = zmq::message_t(header.data(), header.size());
+}
+
+// "tcp://127.0.0.1:*" for the parameter "tcp"; for "ipc" an ipc:// path in
+// a fresh directory (removed with the object), short enough for sun_path.
+class IpcDir {
+ public:
+  IpcDir() = default;
+  ~IpcDir() {
+    std::error_code ec;
+    if (!dir_.empty()) std::filesystem::remove_all(dir_, ec);
+  }
+  IpcDir(const IpcDir&) = delete;
+  IpcDir& operator=(const IpcDir&) = delete;
+
+  std::string endpoint(const std::string& transport, const std::string& name = "b.sock") {
+    if (transport != "ipc") return "tcp://127.0.0.1:*";
+    if (dir_.empty()) {
+      dir_ = std::filesystem::temp_directory_path() / ("gtr-" + NewSessionId().ToString().substr(0, 8));
+      std::filesystem::create_directories(dir_);
+    }
+    return "ipc://" + (dir_ / name).string();
+  }
+
+ private:
+  std::filesystem::path dir_;
+};
+
+}  // namespace gatherer::testing
