@@ -8,7 +8,6 @@
 
 #include <iterator>
 #include <map>
-#include <regex>
 #include <set>
 
 #include <gtest/gtest.h>
@@ -92,7 +91,12 @@ std::vector<std::uint64_t> IndicesOf(const proto::Frames& dispatch) {
 
 // True if `text` holds `number` as a word of its own ("version 7", not "17").
 bool Mentions(const std::string& text, int number) {
-  return std::regex_search(text, std::regex("(^|[^0-9])" + std::to_string(number) + "([^0-9]|$)"));
+  const std::string n = std::to_string(number);
+  auto digit = [&](std::size_t i) { return i < text.size() && text[i] >= '0' && text[i] <= '9'; };
+  for (auto at = text.find(n); at != std::string::npos; at = text.find(n, at + 1)) {
+    if ((at == 0 || !digit(at - 1)) && !digit(at + n.size())) return true;
+  }
+  return false;
 }
 
 class BrokerSpec : public ::testing::TestWithParam<std::string> {
