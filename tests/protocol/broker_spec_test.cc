@@ -358,6 +358,28 @@ TEST_P(BrokerSpec, Clause_2_4_MalformedMessagesAreDroppedLeavingSessionsAlone) {
   EXPECT_EQ(IndicesOf(worker.recv()), (std::vector<std::uint64_t>{0, 1}));
 }
 
+// 2.4 "A malformed message SHALL be dropped, counted and logged
+// (rate-limited, at most one line per second per process)."
+// The one clause about logging, so the one test that reads log lines.
+TEST_P(BrokerSpec, Clause_2_4_MalformedMessagesAreLoggedAtMostOncePerSecond) {
+  testing::LogCapture log("malformed");
+  start();
+  Peer peer(ctx_, endpoint_);
+  const auto begin = std::chrono::steady_clock::now();
+  for (int i = 0; i < 50; ++i) {
+    proto::Frames garbage;
+    garbage.emplace_back("garbage", 7);
+    peer.send(std::move(garbage));
+  }
+  peer.send(proto::EncodeHeartbeat(NewSessionId()));
+  ASSERT_EQ(CommandOf(peer.recv_any()), proto::Command::kError);
+  const auto seconds = std::chrono::duration_cast<std::chrono::seconds>(std::chrono::steady_clock::now() - begin);
+  EXPECT_EQ(stats().malformed.load(), 50u);
+  broker_.reset();  // nothing logs after this, so the capture may go
+  EXPECT_GE(log.lines(), 1u) << "malformed messages were not logged";
+  EXPECT_LE(log.lines(), 1u + seconds.count()) << "50 malformed messages, " << log.lines() << " log lines";
+}
+
 // 2.5 "Unknown keys in a msgpack map (session settings) SHALL be ignored, so
 // that a newer client can add settings."
 TEST_P(BrokerSpec, Clause_2_5_UnknownSettingsKeysAreIgnored) {

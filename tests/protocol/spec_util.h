@@ -1,21 +1,28 @@
 #pragma once
 // Shared by the spec tests of tests/protocol: hand-written GTR/1 messages (to
-// say things the encoders never would), a temporary ipc:// directory, and
-// readable gtest output for commands.
+// say things the encoders never would), a temporary ipc:// directory, a
+// count of log lines, and readable gtest output for commands.
 //
 // Thread-safety: plain functions and values; an IpcDir belongs to one test.
 
+#include <algorithm>
+#include <atomic>
 #include <filesystem>
+#include <memory>
+#include <mutex>
 #include <functional>
 #include <optional>
 #include <ostream>
 #include <string>
+#include <string_view>
 #include <system_error>
 
 #include <msgpack.hpp>
+#include <spdlog/sinks/base_sink.h>
 #include <zmq.hpp>
 
 #include "gatherer/ids.h"
+#include "gatherer/log.h"
 #include "gatherer/protocol.h"
 
 namespace gatherer::protocol {
@@ -66,6 +73,39 @@ inline void AppendToHeader(protocol::Frames& frames, std::string_view bytes) {
   header += bytes;
   frames[2] = zmq::message_t(header.data(), header.size());
 }
+
+// Counts the lines Gatherer logs that contain `needle`, for the one clause
+// that prescribes logging (2.4: malformed messages are logged, rate-limited).
+// Must be created before, and destroyed after, every thread that may log
+// (the logger's sink list is not synchronised); counting is thread-safe.
+class LogCapture {
+ public:
+  explicit LogCapture(std::string needle) : sink_(std::make_shared<Sink>(std::move(needle))) {
+    Logger().sinks().push_back(sink_);
+  }
+  ~LogCapture() {
+    auto& sinks = Logger().sinks();
+    sinks.erase(std::remove(sinks.begin(), sinks.end(), sink_), sinks.end());
+  }
+  LogCapture(const LogCapture&) = delete;
+  LogCapture& operator=(const LogCapture&) = delete;
+
+  std::uint64_t lines() const { return sink_->lines.load(); }
+
+ private:
+  struct Sink : spdlog::sinks::base_sink<std::mutex> {
+    explicit Sink(std::string n) : needle(std::move(n)) {}
+    void sink_it_(const spdlog::details::log_msg& msg) override {
+      if (std::string_view(msg.payload.data(), msg.payload.size()).find(needle) != std::string_view::npos) {
+        lines.fetch_add(1);
+      }
+    }
+    void flush_() override {}
+    const std::string needle;
+    std::atomic<std::uint64_t> lines{0};
+  };
+  std::shared_ptr<Sink> sink_;
+};
 
 // "tcp://127.0.0.1:*" for the parameter "tcp"; for "ipc" an ipc:// path in
 // a fresh directory (removed with the object), short enough for sun_path.
