@@ -380,6 +380,28 @@ TEST_P(BrokerSpec, Clause_2_4_MalformedMessagesAreLoggedAtMostOncePerSecond) {
   EXPECT_LE(log.lines(), 1u + seconds.count()) << "50 malformed messages, " << log.lines() << " log lines";
 }
 
+// 2.4 "A receiver SHALL treat as malformed: (...) a header that is not
+// exactly one msgpack value (trailing bytes count); a header of the wrong
+// type (...); more frames than the command allows. A malformed message SHALL
+// be dropped, counted (...)." Also a registered worker's HEARTBEAT.
+TEST_P(BrokerSpec, Clause_2_4_MalformedHeartbeatFromAWorkerIsCounted) {
+  GTEST_SKIP() << "clause 2.4 not met: the broker takes any message whose command byte is HEARTBEAT "
+                  "from a registered worker for a heartbeat without decoding it (Broker::Impl::handle, "
+                  "kHeartbeat case): malformed ones are not counted and refresh the worker's liveness";
+  start();
+  Peer worker(ctx_, endpoint_);
+  ready(worker, 10);
+  proto::Frames trailing = proto::EncodeHeartbeat();
+  testing::AppendToHeader(trailing, std::string("\xc0", 1));
+  worker.send(std::move(trailing));
+  worker.send(testing::Raw(proto::Command::kHeartbeat, [](Packer& pk) { pk.pack_map(0); }));
+  proto::Frames extra = proto::EncodeHeartbeat();
+  extra.emplace_back("extra", 5);
+  worker.send(std::move(extra));
+  EXPECT_TRUE(WaitFor([&] { return stats().malformed.load() == 3; }, 2s))
+      << stats().malformed.load() << " of 3 malformed HEARTBEATs counted";
+}
+
 // 2.5 "Unknown keys in a msgpack map (session settings) SHALL be ignored, so
 // that a newer client can add settings."
 TEST_P(BrokerSpec, Clause_2_5_UnknownSettingsKeysAreIgnored) {
@@ -669,6 +691,31 @@ TEST_P(BrokerSpec, Clause_3_5_1_SessionOncePerWorkerBeforeItsFirstDispatch) {
     }
   }
   EXPECT_EQ(done.size(), 6u);
+}
+
+// 3.5.1 "The broker SHALL send SESSION to a worker before the first DISPATCH
+// of that session to it." A worker that sends READY again has dropped every
+// session it held (3.4.5), so its next DISPATCH of one needs a SESSION again.
+TEST_P(BrokerSpec, Clause_3_5_1_SessionAgainAfterTheWorkerRegistersAgain) {
+  GTEST_SKIP() << "clause 3.5.1 not met: READY from a worker the broker already has keeps its state "
+                  "(Broker::Impl::on_worker), including the sessions it was sent SESSION for, so once the "
+                  "worker has dropped them (3.4.5) the broker sends DISPATCH without SESSION, and the worker "
+                  "fails each statement with failed_precondition \"session not open\"";
+  start();
+  Peer client(ctx_, endpoint_), worker(ctx_, endpoint_);
+  ready(worker, 10);
+  const SessionId sid = open(client, 10);
+  client.send(proto::EncodeSubmit(sid, 0, Urls(2)));
+  ASSERT_EQ(expect_session_and_dispatch(worker, sid, 2), (std::vector<std::uint64_t>{0, 1}));
+  worker.send(ResultsFor(sid, {0, 1}));  // nothing leased any more
+  ASSERT_EQ(CommandOf(client.recv()), proto::Command::kResults);
+  worker.send(proto::Encode(proto::Ready{"w", "h", 10}));
+  // READY has no reply. A result for an index never leased, sent after it on
+  // the same connection, is counted once READY has been taken.
+  worker.send(ResultsFor(sid, {99}));
+  ASSERT_TRUE(WaitFor([&] { return stats().duplicates_dropped.load() == 1; }, 5s));
+  client.send(proto::EncodeSubmit(sid, 2, Urls(2)));
+  EXPECT_EQ(expect_session_and_dispatch(worker, sid, 2), (std::vector<std::uint64_t>{2, 3}));
 }
 
 // 3.5.3 "A later DISPATCH of the same session is preceded by a new SESSION."

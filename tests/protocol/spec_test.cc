@@ -269,6 +269,26 @@ TEST_P(WorkerSpec, Clause_2_4_MalformedMessagesAreDroppedAndCounted) {
   EXPECT_EQ(proto::DecodeResults(f)->results.at(0).response.body, "ok:/after");
 }
 
+// 2.4 "A receiver SHALL treat as malformed: (...) a header that is not
+// exactly one msgpack value (trailing bytes count); a header of the wrong
+// type (...); more frames than the command allows. A malformed message SHALL
+// be dropped, counted (...)." Also the broker's HEARTBEAT.
+TEST_P(WorkerSpec, Clause_2_4_MalformedHeartbeatIsCounted) {
+  GTEST_SKIP() << "clause 2.4 not met: the worker returns on a HEARTBEAT without decoding it "
+                  "(Worker::Impl::handle), so malformed ones are not counted";
+  expect_ready();
+  proto::Frames trailing = proto::EncodeHeartbeat();
+  std::string header(static_cast<const char*>(trailing[2].data()), trailing[2].size());
+  header.push_back('\xc0');  // a second msgpack value
+  trailing[2] = zmq::message_t(header.data(), header.size());
+  send(std::move(trailing));
+  proto::Frames extra = proto::EncodeHeartbeat();
+  extra.emplace_back("extra", 5);
+  send(std::move(extra));
+  EXPECT_TRUE(testing::WaitFor([&] { return worker_->stats().malformed.load() == 2; }, 2s))
+      << worker_->stats().malformed.load() << " of 2 malformed HEARTBEATs counted";
+}
+
 INSTANTIATE_TEST_SUITE_P(Transports, WorkerSpec, ::testing::Values("tcp", "ipc"),
                          [](const auto& info) { return info.param; });
 
