@@ -3,8 +3,12 @@
 #include <gtest/gtest.h>
 #include <msgpack.hpp>
 
+#include <sys/mman.h>
+
+#include <cstring>
 #include <functional>
 #include <random>
+#include <span>
 
 namespace gatherer::protocol {
 namespace {
@@ -346,6 +350,81 @@ TEST(ProtocolTest, RejectsDeepNestingAndHugeArrays) {
   // An array header claiming 2^32-1 elements with no data must not allocate them.
   auto huge = WithHeader(Command::kSubmit, [](auto& pk) { pk.pack_array(0xffffffffu); });
   EXPECT_FALSE(DecodeStatements(huge).has_value());
+}
+
+// ---- limits of PROTOCOL.md §5, each at its bound --------------------------
+
+// §5 "header frame | 64 MiB | decoders". The frame is an OPEN whose unknown
+// setting is a str of zero bytes, valid but for its size, backed by pages
+// never touched (so the test costs no memory).
+TEST(ProtocolTest, Clause_5_HeaderFrameOver64MiBIsMalformed) {
+  const std::size_t size = kMaxHeaderBytes + 1;
+  void* data = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  ASSERT_NE(data, MAP_FAILED);
+  msgpack::sbuffer prefix;
+  msgpack::packer<msgpack::sbuffer> pk(prefix);
+  const SessionId sid = NewSessionId();
+  pk.pack_array(3);
+  pk.pack_bin(16);
+  pk.pack_bin_body(sid.raw().data(), 16);
+  pk.pack_map(1);
+  pk.pack(std::string("pad"));
+  // str 32 header; its bytes, and the prefetch 0 after them, are the zero pages.
+  const std::uint32_t pad = static_cast<std::uint32_t>(size - prefix.size() - 5 - 1);
+  pk.pack_str(pad);
+  std::memcpy(data, prefix.data(), prefix.size());
+  Frames f;
+  f.emplace_back(kSignature.data(), kSignature.size());
+  const auto open = static_cast<std::uint8_t>(Command::kOpen);
+  f.emplace_back(&open, 1);
+  f.emplace_back(data, size, [](void* p, void* hint) { munmap(p, reinterpret_cast<std::size_t>(hint)); },
+                 reinterpret_cast<void*>(size));
+  ASSERT_LT(pad, kMaxHeaderBytes) << "the str alone must be within the decoder's str limit";
+  EXPECT_FALSE(DecodeOpen(f).has_value());
+}
+
+// §5 "statements / results per message | 65,536 | decoders"
+TEST(ProtocolTest, Clause_5_AtMost65536StatementsOrResultsPerMessage) {
+  const SessionId sid = NewSessionId();
+  const std::vector<Statement> statements(kMaxBatch + 1, Get("http://a/"));
+  EXPECT_TRUE(DecodeStatements(EncodeSubmit(sid, 0, std::span(statements).first(kMaxBatch))).has_value());
+  EXPECT_FALSE(DecodeStatements(EncodeSubmit(sid, 0, statements)).has_value());
+  for (std::size_t n : {kMaxBatch, kMaxBatch + 1}) {
+    Results m{sid, std::vector<WireResult>(n)};
+    Frames f = Encode(std::move(m));
+    EXPECT_EQ(DecodeResultsIndex(f).has_value(), n == kMaxBatch) << n << " results";
+    EXPECT_EQ(DecodeResults(f).has_value(), n == kMaxBatch) << n << " results";
+  }
+}
+
+// §5 "statement body | 16 MiB | client validation and decoders"
+TEST(ProtocolTest, Clause_5_StatementBodyOver16MiBIsMalformed) {
+  Statements m{NewSessionId(), {WireStatement{0, Get("http://a/")}}};
+  m.statements[0].statement.method = "POST";
+  m.statements[0].statement.body.assign(kMaxStatementBody, 'x');
+  EXPECT_TRUE(DecodeStatements(Encode(Command::kSubmit, m)).has_value());
+  m.statements[0].statement.body.push_back('x');
+  EXPECT_FALSE(DecodeStatements(Encode(Command::kSubmit, m)).has_value());
+}
+
+// §5 "msgpack nesting depth | 8 | decoders". An unknown setting (ignored,
+// §2.5) nested to depth 8 in all is taken; one more level is malformed.
+TEST(ProtocolTest, Clause_5_NestingDeeperThan8IsMalformed) {
+  const SessionId sid = NewSessionId();
+  auto open_nested = [&](int depth) {
+    return WithHeader(Command::kOpen, [&](auto& pk) {
+      pk.pack_array(3);  // depth 1
+      pk.pack_bin(16);
+      pk.pack_bin_body(sid.raw().data(), 16);
+      pk.pack_map(1);  // depth 2
+      pk.pack(std::string("from_the_future"));
+      for (int d = 3; d <= depth; ++d) pk.pack_array(1);
+      pk.pack(1);
+      pk.pack(0);
+    });
+  };
+  EXPECT_TRUE(DecodeOpen(open_nested(8)).has_value());
+  EXPECT_FALSE(DecodeOpen(open_nested(9)).has_value());
 }
 
 TEST(ProtocolTest, RandomBytesNeverCrashDecoders) {

@@ -13,6 +13,7 @@
 #include "gatherer/protocol.h"
 #include "gatherer/worker.h"
 #include "http_server.h"
+#include "socket_monitor.h"
 #include "wait_for.h"
 
 namespace gatherer {
@@ -109,6 +110,24 @@ class WorkerSpec : public ::testing::TestWithParam<std::string> {
   std::filesystem::path dir_;
 };
 
+// 1.1 "Clients and workers SHALL connect a DEALER socket."
+TEST_P(WorkerSpec, Clause_1_1_WorkerConnectsADealer) {
+  auto f = recv();
+  ASSERT_EQ(command(f), proto::Command::kReady);
+  EXPECT_STREQ(f[0].gets("Socket-Type"), "DEALER");
+}
+
+// 1.3 "Every peer SHALL set ZMQ_MAXMSGSIZE to at most 256 MiB (§5). ZeroMQ
+// then closes the connection of a peer that sends a larger message."
+TEST_P(WorkerSpec, Clause_1_3_FrameOver256MiBClosesTheConnection) {
+  expect_ready();
+  testing::SocketMonitor monitor(ctx_, router_, ZMQ_EVENT_DISCONNECTED);
+  proto::Frames big = proto::Encode(proto::Session{NewSessionId(), SessionSettings{}});
+  big.push_back(testing::ZeroPagesMessage((std::size_t{256} << 20) + 1));
+  send(std::move(big));
+  EXPECT_TRUE(monitor.wait_for(ZMQ_EVENT_DISCONNECTED, 10s)) << "the worker took a frame over 256 MiB";
+}
+
 // 3.4.1 "A worker SHALL send READY when it connects."
 TEST_P(WorkerSpec, Clause_3_4_1_ReadyOnConnect) {
   proto::Ready r = expect_ready();
@@ -152,6 +171,30 @@ TEST_P(WorkerSpec, Clause_3_4_3_ReadyAgainAfterBrokerSilence) {
   auto f = recv(2000ms);
   EXPECT_EQ(command(f), proto::Command::kReady);
   EXPECT_GE(worker_->stats().registrations.load(), 2u);
+}
+
+// 3.4.3 "A worker SHALL send HEARTBEAT once per heartbeat period."
+// This fake broker answers each one, as a live broker keeps a worker
+// registered; the period here is 100 ms.
+TEST_P(WorkerSpec, Clause_3_4_3_HeartbeatOncePerPeriod) {
+  expect_ready();
+  int beats = 0;
+  const auto start = std::chrono::steady_clock::now();
+  const auto until = start + 1000ms;
+  while (std::chrono::steady_clock::now() < until) {
+    zmq::pollitem_t item{router_.handle(), 0, ZMQ_POLLIN, 0};
+    zmq::poll(&item, 1, std::chrono::duration_cast<std::chrono::milliseconds>(until - std::chrono::steady_clock::now()));
+    std::vector<zmq::message_t> frames;
+    if (!zmq::recv_multipart(router_, std::back_inserter(frames), zmq::recv_flags::dontwait)) continue;
+    proto::Frames body(std::make_move_iterator(frames.begin() + 1), std::make_move_iterator(frames.end()));
+    if (command(body) != proto::Command::kHeartbeat) continue;
+    ++beats;
+    send(proto::EncodeHeartbeat());
+  }
+  // 10 periods: never more than one HEARTBEAT per period (plus the one a
+  // late first poll may carry over), and not a silent stretch of them.
+  EXPECT_LE(beats, 11);
+  EXPECT_GE(beats, 4) << "HEARTBEATs missing";
 }
 
 // 3.4.4 "...the worker SHALL then send READY again."
@@ -224,6 +267,24 @@ TEST_P(WorkerSpec, Clause_2_4_MalformedMessagesAreDroppedAndCounted) {
   auto f = recv_results();
   ASSERT_EQ(command(f), proto::Command::kResults);
   EXPECT_EQ(proto::DecodeResults(f)->results.at(0).response.body, "ok:/after");
+}
+
+// 2.4 "A receiver SHALL treat as malformed: (...) a header that is not
+// exactly one msgpack value (trailing bytes count); a header of the wrong
+// type (...); more frames than the command allows. A malformed message SHALL
+// be dropped, counted (...)." Also the broker's HEARTBEAT.
+TEST_P(WorkerSpec, Clause_2_4_MalformedHeartbeatIsCounted) {
+  expect_ready();
+  proto::Frames trailing = proto::EncodeHeartbeat();
+  std::string header(static_cast<const char*>(trailing[2].data()), trailing[2].size());
+  header.push_back('\xc0');  // a second msgpack value
+  trailing[2] = zmq::message_t(header.data(), header.size());
+  send(std::move(trailing));
+  proto::Frames extra = proto::EncodeHeartbeat();
+  extra.emplace_back("extra", 5);
+  send(std::move(extra));
+  EXPECT_TRUE(testing::WaitFor([&] { return worker_->stats().malformed.load() == 2; }, 2s))
+      << worker_->stats().malformed.load() << " of 2 malformed HEARTBEATs counted";
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, WorkerSpec, ::testing::Values("tcp", "ipc"),

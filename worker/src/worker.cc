@@ -140,8 +140,12 @@ void Worker::Impl::handle(std::vector<zmq::message_t>& frames) {
       end_session(m->session);
       return;
     }
-    case proto::Command::kHeartbeat:
+    case proto::Command::kHeartbeat: {
+      // Decoded only to reject a malformed one (PROTOCOL.md §2.4).
+      auto m = proto::DecodeHeartbeat(frames);
+      if (!m) return bad(m.error());
       return;
+    }
     case proto::Command::kError: {
       auto m = proto::DecodeError(frames);
       if (!m) return bad(m.error());

@@ -1,0 +1,135 @@
+#pragma once
+// Shared by the spec tests of tests/protocol: hand-written GTR/1 messages (to
+// say things the encoders never would), a temporary ipc:// directory, a
+// count of log lines, and readable gtest output for commands.
+//
+// Thread-safety: plain functions and values; an IpcDir belongs to one test.
+
+#include <algorithm>
+#include <atomic>
+#include <filesystem>
+#include <memory>
+#include <mutex>
+#include <functional>
+#include <optional>
+#include <ostream>
+#include <string>
+#include <string_view>
+#include <system_error>
+
+#include <msgpack.hpp>
+#include <spdlog/sinks/base_sink.h>
+#include <zmq.hpp>
+
+#include "gatherer/ids.h"
+#include "gatherer/log.h"
+#include "gatherer/protocol.h"
+
+namespace gatherer::protocol {
+
+// gtest prints a Command by name instead of as raw bytes.
+inline void PrintTo(Command command, std::ostream* os) { *os << CommandName(command); }
+
+}  // namespace gatherer::protocol
+
+namespace gatherer::testing {
+
+using Packer = msgpack::packer<msgpack::sbuffer>;
+
+// The command of a message, or nullopt for none (an empty result of a
+// receive that timed out) or a malformed one.
+inline std::optional<protocol::Command> CommandOf(const protocol::Frames& frames) {
+  auto c = protocol::PeekCommand(frames);
+  if (!c) return std::nullopt;
+  return *c;
+}
+
+// A message of `command` whose header is whatever `pack` writes.
+inline protocol::Frames Raw(protocol::Command command, const std::function<void(Packer&)>& pack) {
+  msgpack::sbuffer buf;
+  Packer pk(buf);
+  pack(pk);
+  protocol::Frames frames;
+  frames.emplace_back(protocol::kSignature.data(), protocol::kSignature.size());
+  const auto byte = static_cast<std::uint8_t>(command);
+  frames.emplace_back(&byte, 1);
+  frames.emplace_back(buf.data(), buf.size());
+  return frames;
+}
+
+inline void PackBin(Packer& pk, std::string_view bytes) {
+  pk.pack_bin(static_cast<std::uint32_t>(bytes.size()));
+  pk.pack_bin_body(bytes.data(), static_cast<std::uint32_t>(bytes.size()));
+}
+
+inline void PackStr(Packer& pk, std::string_view text) {
+  pk.pack_str(static_cast<std::uint32_t>(text.size()));
+  pk.pack_str_body(text.data(), static_cast<std::uint32_t>(text.size()));
+}
+
+// Appends bytes to a message's header frame (a second msgpack value, say).
+inline void AppendToHeader(protocol::Frames& frames, std::string_view bytes) {
+  std::string header(static_cast<const char*>(frames[2].data()), frames[2].size());
+  header += bytes;
+  frames[2] = zmq::message_t(header.data(), header.size());
+}
+
+// Counts the lines Gatherer logs that contain `needle`, for the one clause
+// that prescribes logging (2.4: malformed messages are logged, rate-limited).
+// Must be created before, and destroyed after, every thread that may log
+// (the logger's sink list is not synchronised); counting is thread-safe.
+class LogCapture {
+ public:
+  explicit LogCapture(std::string needle) : sink_(std::make_shared<Sink>(std::move(needle))) {
+    Logger().sinks().push_back(sink_);
+  }
+  ~LogCapture() {
+    auto& sinks = Logger().sinks();
+    sinks.erase(std::remove(sinks.begin(), sinks.end(), sink_), sinks.end());
+  }
+  LogCapture(const LogCapture&) = delete;
+  LogCapture& operator=(const LogCapture&) = delete;
+
+  std::uint64_t lines() const { return sink_->lines.load(); }
+
+ private:
+  struct Sink : spdlog::sinks::base_sink<std::mutex> {
+    explicit Sink(std::string n) : needle(std::move(n)) {}
+    void sink_it_(const spdlog::details::log_msg& msg) override {
+      if (std::string_view(msg.payload.data(), msg.payload.size()).find(needle) != std::string_view::npos) {
+        lines.fetch_add(1);
+      }
+    }
+    void flush_() override {}
+    const std::string needle;
+    std::atomic<std::uint64_t> lines{0};
+  };
+  std::shared_ptr<Sink> sink_;
+};
+
+// "tcp://127.0.0.1:*" for the parameter "tcp"; for "ipc" an ipc:// path in
+// a fresh directory (removed with the object), short enough for sun_path.
+class IpcDir {
+ public:
+  IpcDir() = default;
+  ~IpcDir() {
+    std::error_code ec;
+    if (!dir_.empty()) std::filesystem::remove_all(dir_, ec);
+  }
+  IpcDir(const IpcDir&) = delete;
+  IpcDir& operator=(const IpcDir&) = delete;
+
+  std::string endpoint(const std::string& transport, const std::string& name = "b.sock") {
+    if (transport != "ipc") return "tcp://127.0.0.1:*";
+    if (dir_.empty()) {
+      dir_ = std::filesystem::temp_directory_path() / ("gtr-" + NewSessionId().ToString().substr(0, 8));
+      std::filesystem::create_directories(dir_);
+    }
+    return "ipc://" + (dir_ / name).string();
+  }
+
+ private:
+  std::filesystem::path dir_;
+};
+
+}  // namespace gatherer::testing
