@@ -583,13 +583,14 @@ void Broker::Impl::handle(std::vector<zmq::message_t>& frames) {
       on_worker(peer, *command, body);
       break;
     case Command::kHeartbeat: {
+      // Decoded first: a malformed heartbeat proves nothing (§2.4).
+      auto named = proto::DecodeHeartbeat(body);
+      if (!named) return malformed(peer, named.error());
       auto w = workers.find(peer);
       if (w != workers.end()) {
         w->second.last_seen = Clock::now();
         break;
       }
-      auto named = proto::DecodeHeartbeat(body);
-      if (!named) return malformed(peer, named.error());
       if (*named) {
         // §3.2.7: a client's heartbeat keeps its session alive; a session
         // this broker does not have (it restarted, or the TTL ran out) is

@@ -39,6 +39,18 @@ struct Gatherer::Impl {
   std::atomic<bool> cancel_requested{false};
   std::uint64_t next_index = 0;
   Clock::time_point last_heard;
+  // Malformed messages from the broker: dropped, counted, logged at most
+  // once a second (PROTOCOL.md §2.4).
+  std::uint64_t malformed = 0;
+  RateLimitedLog bad_log;
+  void bad(std::string_view what, const Status& status) {
+    ++malformed;
+    std::uint64_t suppressed = 0;
+    if (bad_log.allow(suppressed)) {
+      Logger().warn("gatherer: dropped malformed {} from the broker: {} ({} more suppressed)", what,
+                    status.ToString(), suppressed);
+    }
+  }
   std::uint32_t prefetch = 0;  // statements queued at the broker beyond the window
   bool running = false;  // a gather() or stream is in progress
 
@@ -68,9 +80,11 @@ Gatherer::Gatherer(Options options) : impl_(std::make_unique<Impl>()) {
   m.options = std::move(options);
   m.settings = m.options.settings;
   m.settings.workers = static_cast<std::uint32_t>(m.options.workers);
-  if (m.settings.max_attempts == 0 || m.settings.accept_min > m.settings.accept_max) {
-    throw Error("invalid settings: max_attempts must be >= 1 and accept_min <= accept_max", -1,
-                StatusCode::kInvalidArgument);
+  if (m.settings.max_attempts == 0 || m.settings.accept_min > m.settings.accept_max ||
+      m.settings.max_body_bytes > kMaxResponseBody) {
+    throw Error("invalid settings: max_attempts must be >= 1, accept_min <= accept_max and max_body_bytes <= " +
+                    std::to_string(kMaxResponseBody),
+                -1, StatusCode::kInvalidArgument);
   }
   m.session = NewSessionId();
   m.session_text = m.session.ToString();
@@ -120,7 +134,17 @@ void Gatherer::Impl::close_session() {
       zmq::poll(&item, 1, std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()));
       while (recv(frames)) {
         auto c = proto::PeekCommand(frames);
-        if (c && *c == proto::Command::kClosed) {
+        if (!c) {
+          bad("message", c.error());
+          continue;
+        }
+        if (*c != proto::Command::kClosed) continue;
+        auto closed = proto::DecodeSessionRef(frames);
+        if (!closed) {
+          bad("CLOSED", closed.error());
+          continue;
+        }
+        if (closed->session == session) {
           Logger().debug("gatherer: session {} closed", session_text);
           return;
         }
@@ -144,6 +168,8 @@ Gatherer::~Gatherer() {
 }
 
 const std::string& Gatherer::session_id() const { return impl_->session_text; }
+
+std::uint64_t Gatherer::malformed_messages() const { return impl_->malformed; }
 
 void Gatherer::cancel() {
   impl_->cancel_requested.store(true, std::memory_order_release);
@@ -360,22 +386,31 @@ void Stream::Run::pump() {
   while (m.recv(frames)) {
     auto command = proto::PeekCommand(frames);
     if (!command) {
-      Logger().warn("gatherer: dropped malformed message from broker: {}", command.error().ToString());
+      m.bad("message", command.error());
       continue;
     }
     if (*command == proto::Command::kResults) {
       auto results = proto::DecodeResults(frames);
       if (!results) {
-        Logger().warn("gatherer: dropped malformed RESULTS: {}", results.error().ToString());
+        m.bad("RESULTS", results.error());
         continue;
       }
       if (results->session != m.session) continue;
       for (auto& r : results->results) accept(r);
     } else if (*command == proto::Command::kOpened) {
-      awaiting_opened = false;
+      auto opened = proto::DecodeSessionRef(frames);
+      if (!opened) {
+        m.bad("OPENED", opened.error());
+        continue;
+      }
+      if (opened->session == m.session) awaiting_opened = false;
     } else if (*command == proto::Command::kError) {
       auto e = proto::DecodeError(frames);
-      if (!e || (e->session && *e->session != m.session)) continue;
+      if (!e) {
+        m.bad("ERROR", e.error());
+        continue;
+      }
+      if (e->session && *e->session != m.session) continue;
       if (e->code == StatusCode::kNotFound && e->session) {
         // Errors about messages sent before the re-open are stale.
         if (!awaiting_opened) reopen();

@@ -33,6 +33,10 @@ TEST(GathererTest, RejectsBadOptions) {
   Options o;
   o.settings.max_attempts = 0;
   EXPECT_THROW(Gatherer{o}, Error);
+  // A body must fit one ZeroMQ frame (ZMQ_MAXMSGSIZE).
+  Options big;
+  big.settings.max_body_bytes = kMaxResponseBody + 1;
+  EXPECT_THROW(Gatherer{big}, Error);
 }
 
 TEST(GathererTest, BaseUrlDefaultHeadersAndPost) {

@@ -133,7 +133,9 @@ SessionSettings AsSettings(const msgpack::object& o) {
     else if (key == "accept_min") s.accept_min = AsUint<std::uint16_t>(v, "accept_min");
     else if (key == "accept_max") s.accept_max = AsUint<std::uint16_t>(v, "accept_max");
   }
-  if (s.workers == 0 || s.max_attempts == 0 || s.accept_min > s.accept_max) Fail("settings out of range");
+  if (s.workers == 0 || s.max_attempts == 0 || s.accept_min > s.accept_max || s.max_body_bytes > kMaxResponseBody) {
+    Fail("settings out of range");
+  }
   return s;
 }
 

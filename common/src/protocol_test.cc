@@ -171,6 +171,14 @@ TEST(ProtocolTest, SessionReadyErrorHeartbeatRoundTrip) {
   EXPECT_EQ(CommandOf(EncodeHeartbeat()), Command::kHeartbeat);
 }
 
+TEST(ProtocolTest, MaxBodyBytesOverOneFrameIsMalformed) {
+  SessionSettings s;
+  s.max_body_bytes = kMaxResponseBody + 1;
+  EXPECT_FALSE(DecodeOpen(Encode(Open{NewSessionId(), s, 0})).has_value());
+  s.max_body_bytes = kMaxResponseBody;
+  EXPECT_TRUE(DecodeOpen(Encode(Open{NewSessionId(), s, 0})).has_value());
+}
+
 TEST(ProtocolTest, DrainingAndDisconnectRoundTrip) {
   for (Command c : {Command::kDraining, Command::kDisconnect}) {
     Frames f = EncodeEmpty(c);

@@ -29,6 +29,10 @@ void Acquire([[maybe_unused]] zmq::message_t& frame) {
 void ConfigureSocket(zmq::socket_t& socket) {
   socket.set(zmq::sockopt::maxmsgsize, kMaxMessageBytes);
   socket.set(zmq::sockopt::linger, 0);
+  // A blocking send gives up after this long instead of hanging: a DEALER
+  // whose connection ZeroMQ dropped for good (after a protocol error, say)
+  // has nowhere to queue (the caller reports the broker unreachable).
+  socket.set(zmq::sockopt::sndtimeo, 5000);
   socket.set(zmq::sockopt::sndhwm, 100'000);
   socket.set(zmq::sockopt::rcvhwm, 100'000);
 }

@@ -414,9 +414,6 @@ TEST_P(BrokerSpec, Clause_2_4_MalformedMessagesAreLoggedAtMostOncePerSecond) {
 // type (...); more frames than the command allows. A malformed message SHALL
 // be dropped, counted (...)." Also a registered worker's HEARTBEAT.
 TEST_P(BrokerSpec, Clause_2_4_MalformedHeartbeatFromAWorkerIsCounted) {
-  GTEST_SKIP() << "clause 2.4 not met: the broker takes any message whose command byte is HEARTBEAT "
-                  "from a registered worker for a heartbeat without decoding it (Broker::Impl::handle, "
-                  "kHeartbeat case): malformed ones are not counted and refresh the worker's liveness";
   start();
   Peer worker(ctx_, endpoint_);
   ready(worker, 10);
@@ -726,10 +723,6 @@ TEST_P(BrokerSpec, Clause_3_5_1_SessionOncePerWorkerBeforeItsFirstDispatch) {
 // of that session to it." A worker that sends READY again has dropped every
 // session it held (3.4.5), so its next DISPATCH of one needs a SESSION again.
 TEST_P(BrokerSpec, Clause_3_5_1_SessionAgainAfterTheWorkerRegistersAgain) {
-  GTEST_SKIP() << "clause 3.5.1 not met: READY from a worker the broker already has keeps its state "
-                  "(Broker::Impl::on_worker), including the sessions it was sent SESSION for, so once the "
-                  "worker has dropped them (3.4.5) the broker sends DISPATCH without SESSION, and the worker "
-                  "fails each statement with failed_precondition \"session not open\"";
   start();
   Peer client(ctx_, endpoint_), worker(ctx_, endpoint_);
   ready(worker, 10);

@@ -92,6 +92,20 @@ struct Worker::Impl {
     sessions.erase(it);
   }
   bool drain_step(Clock::time_point now);
+  // A new DEALER connected to the broker. Also used after a silent broker:
+  // ZeroMQ does not reconnect a connection it dropped after a protocol error,
+  // so a fresh socket is the one sure way back (like Majordomo's workers).
+  Status connect() {
+    dealer = std::make_unique<zmq::socket_t>(*context, zmq::socket_type::dealer);
+    protocol::ConfigureSocket(*dealer);
+    try {
+      dealer->connect(options.broker);
+    } catch (const zmq::error_t& e) {
+      dealer.reset();
+      return InvalidArgument("cannot connect to " + options.broker + ": " + e.what());
+    }
+    return Status::Ok();
+  }
   void handle(std::vector<zmq::message_t>& frames);
   void echo(const SessionId& session, const std::vector<proto::WireStatement>& statements);
   void flush_results();
@@ -247,7 +261,12 @@ void Worker::Impl::run() {
       next_heartbeat = now + options.heartbeat_interval;
       if (now - last_heard > options.heartbeat_interval * options.heartbeat_liveness) {
         // Majordomo-style: a silent broker may have restarted and forgotten us.
-        Logger().info("worker {}: broker silent, registering again", id);
+        Logger().info("worker {}: broker silent, reconnecting and registering again", id);
+        if (Status st = connect(); !st.ok()) {
+          Logger().error("worker {}: {}", id, st.ToString());
+          return;
+        }
+        items[0].socket = dealer->handle();
         register_with_broker();
         last_heard = now;
       } else {
@@ -277,14 +296,7 @@ Status Worker::start() {
     m.context = m.own_context.get();
   }
   m.wake_fd = std::make_unique<WakeFd>();
-  m.dealer = std::make_unique<zmq::socket_t>(*m.context, zmq::socket_type::dealer);
-  protocol::ConfigureSocket(*m.dealer);
-  try {
-    m.dealer->connect(m.options.broker);
-  } catch (const zmq::error_t& e) {
-    m.dealer.reset();
-    return InvalidArgument("cannot connect to " + m.options.broker + ": " + e.what());
-  }
+  if (Status st = m.connect(); !st.ok()) return st;
   worker::Fetcher::Options fo;
   fo.io_threads = io;
   fo.worker_id = m.id;

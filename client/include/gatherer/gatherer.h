@@ -179,6 +179,10 @@ class Gatherer {
   // The session id, uuid4 text.
   const std::string& session_id() const;
 
+  // Messages from the broker dropped as malformed (PROTOCOL.md §2.4); they
+  // are also logged, at most one line per second.
+  std::uint64_t malformed_messages() const;
+
  private:
   friend struct Stream::Run;
   struct Impl;

@@ -32,7 +32,8 @@ struct SessionSettings {
   // full jitter; a Retry-After header overrides it (capped at backoff_max_ms).
   std::uint32_t backoff_base_ms = 100;
   std::uint32_t backoff_max_ms = 10'000;
-  // Response bodies larger than this fail with resource_exhausted.
+  // Response bodies larger than this fail with resource_exhausted; at most
+  // kMaxResponseBody.
   std::uint64_t max_body_bytes = 64ull << 20;
   // Redirects followed (0 = none). Only http and https are ever allowed.
   std::uint32_t max_redirects = 5;
@@ -43,5 +44,9 @@ struct SessionSettings {
 
 // Largest statement body a client accepts (and a broker forwards), in bytes.
 inline constexpr std::uint64_t kMaxStatementBody = 16ull << 20;
+// Largest settable max_body_bytes: a body travels in one ZeroMQ frame, and a
+// frame over ZMQ_MAXMSGSIZE (256 MiB) would make the broker drop the worker's
+// connection (PROTOCOL.md §5).
+inline constexpr std::uint64_t kMaxResponseBody = 256ull << 20;
 
 }  // namespace gatherer
