@@ -44,6 +44,7 @@ class WorkerSpec : public ::testing::TestWithParam<std::string> {
     // than any of them runs, even under sanitizers.
     const std::string name = ::testing::UnitTest::GetInstance()->current_test_info()->name();
     const bool silence_matters = name.find("Clause_3_4_3") != std::string::npos ||
+                                 name.find("Clause_1_3_WorkerReconnects") != std::string::npos ||
                                  name.find("Clause_3_4_5") != std::string::npos;
     o.heartbeat_interval = silence_matters ? 100ms : 10s;
     o.worker_id = "spec-worker";
@@ -195,6 +196,25 @@ TEST_P(WorkerSpec, Clause_3_4_3_HeartbeatOncePerPeriod) {
   // late first poll may carry over), and not a silent stretch of them.
   EXPECT_LE(beats, 11);
   EXPECT_GE(beats, 4) << "HEARTBEATs missing";
+}
+
+// 1.3 "...a worker that hears nothing from its broker for `liveness` periods
+// SHALL connect a new socket before it sends READY again." A frame over
+// ZMQ_MAXMSGSIZE makes ZeroMQ close the worker's connection for good; the
+// worker comes back on a new connection (a new routing id at the ROUTER).
+TEST_P(WorkerSpec, Clause_1_3_WorkerReconnectsAfterAnOversizeFrame) {
+  expect_ready();
+  const std::string before = peer_;
+  std::string huge(static_cast<std::size_t>(proto::kMaxMessageBytes) + 1, 'x');
+  router_.send(zmq::buffer(peer_), zmq::send_flags::sndmore);
+  router_.send(zmq::buffer(huge));
+  huge = {};
+  for (;;) {
+    auto f = recv(5000ms);
+    ASSERT_FALSE(f.empty()) << "the worker did not come back after its connection was dropped";
+    if (command(f) == proto::Command::kReady && peer_ != before) break;
+  }
+  EXPECT_GE(worker_->stats().registrations.load(), 2u);
 }
 
 // 3.4.4 "...the worker SHALL then send READY again."
