@@ -591,17 +591,21 @@ void Broker::Impl::handle(std::vector<zmq::message_t>& frames) {
         w->second.last_seen = Clock::now();
         break;
       }
-      if (*named) {
-        // §3.2.7: a client's heartbeat keeps its session alive; a session
-        // this broker does not have (it restarted, or the TTL ran out) is
-        // reported so the client re-opens it (§3.2.8).
-        auto s = sessions.find(**named);
-        if (s == sessions.end()) {
-          return send_error(peer, StatusCode::kNotFound, "session not open", **named);
-        }
-        s->second.last_seen = Clock::now();
-        s->second.client = peer;
+      if (!*named) {
+        // §3.4.4: a plain HEARTBEAT is a worker's. One this broker does not
+        // know (it restarted, or presumed the worker dead) must register
+        // again, or an idle worker would never learn it holds no place here.
+        return send_error(peer, StatusCode::kNotFound, "unknown worker; send READY", std::nullopt);
       }
+      // §3.2.7: a client's heartbeat keeps its session alive; a session
+      // this broker does not have (it restarted, or the TTL ran out) is
+      // reported so the client re-opens it (§3.2.8).
+      auto s = sessions.find(**named);
+      if (s == sessions.end()) {
+        return send_error(peer, StatusCode::kNotFound, "session not open", **named);
+      }
+      s->second.last_seen = Clock::now();
+      s->second.client = peer;
       send(peer, proto::EncodeHeartbeat());
       break;
     }

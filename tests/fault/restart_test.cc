@@ -74,6 +74,31 @@ TEST(FaultTest, BrokerKilledAndRestartedLosesNothing) {
   EXPECT_GE(server.requests(), kCount);
 }
 
+// PROTOCOL §3.4.4: a worker that held nothing when the broker was killed and
+// restarted within its liveness (so it never noticed silence) is told to
+// register again by its first heartbeat, and the next job runs.
+TEST(FaultTest, IdleWorkerRegistersWithARestartedBroker) {
+  HttpServer server(DelayHandler);
+  const std::string ep = FreeTcpEndpoint();
+  auto broker = StartBroker(ep);
+  Process worker({kBin + "/worker/gatherer-worker", "--broker", ep, "--io-threads", "1", "--heartbeat-ms", "200",
+                  "--log-level", "error"});
+  {
+    Gatherer g({.broker = ep, .workers = 4, .log_level = 50});
+    g.statements = {Get(server.url("/d/0/0"))};
+    ASSERT_TRUE(g.gather().at(0).ok());  // the worker is registered and idle
+  }
+  broker->kill(SIGKILL);
+  ASSERT_TRUE(broker->wait(5s).has_value());
+  broker = StartBroker(ep);
+  Gatherer g({.broker = ep, .workers = 16, .log_level = 50});
+  for (int i = 0; i < 100; ++i) g.statements.push_back(Get(server.url("/d/" + std::to_string(i) + "/1")));
+  auto run = std::async(std::launch::async, [&] { return g.gather(); });
+  ASSERT_EQ(run.wait_for(10s), std::future_status::ready) << "no worker took the job after the broker restart";
+  const auto responses = run.get();
+  for (int i = 0; i < 100; ++i) ASSERT_EQ(responses[i].body, "body-" + std::to_string(i));
+}
+
 // DESIGN §5.2 across a broker restart: a POST that was submitted and not
 // answered may have reached its server, so it fails as "outcome unknown"
 // instead of being sent again; GETs are resubmitted. No POST reaches the

@@ -228,9 +228,9 @@ TEST_P(BrokerSpec, Clause_1_2_MessageToAGonePeerIsReported) {
 TEST_P(BrokerSpec, Clause_1_3_FrameOver256MiBClosesTheConnection) {
   start();
   Peer peer(ctx_, endpoint_);
-  // Connected: a plain HEARTBEAT is answered (3.2.7).
-  peer.send(proto::EncodeHeartbeat());
-  ASSERT_EQ(CommandOf(peer.recv_any()), proto::Command::kHeartbeat);
+  // Connected: a HEARTBEAT naming an unknown session is answered (3.2.7).
+  peer.send(proto::EncodeHeartbeat(NewSessionId()));
+  ASSERT_EQ(CommandOf(peer.recv_any()), proto::Command::kError);
   testing::SocketMonitor monitor(ctx_, peer.socket(), ZMQ_EVENT_DISCONNECTED);
   proto::Frames big = ResultsFor(NewSessionId(), {0});
   big[3] = testing::ZeroPagesMessage((std::size_t{256} << 20) + 1);
@@ -596,15 +596,23 @@ TEST_P(BrokerSpec, Clause_3_2_7_HeartbeatNamingASessionIsAnsweredAndMovesItsOwne
   EXPECT_EQ(CommandOf(first.recv_any()), proto::Command::kError) << "results went to the old routing id";
 }
 
-// 3.2.7 "A plain HEARTBEAT [] from a peer that is not a registered worker
-// SHALL be answered with HEARTBEAT."
-TEST_P(BrokerSpec, Clause_3_2_7_PlainHeartbeatFromANonWorkerIsAnswered) {
+// 3.4.4 "A broker that receives RESULTS or a plain HEARTBEAT [] from a peer
+// that is not a registered worker SHALL drop them and answer ERROR
+// not_found (session nil)." A registered worker's HEARTBEAT gets no answer.
+TEST_P(BrokerSpec, Clause_3_4_4_PlainHeartbeatFromAnUnknownPeerIsNotFound) {
   start();
   Peer peer(ctx_, endpoint_);
   peer.send(proto::EncodeHeartbeat());
   auto reply = peer.recv_any();
-  ASSERT_EQ(CommandOf(reply), proto::Command::kHeartbeat);
-  EXPECT_EQ(proto::DecodeHeartbeat(reply).value(), std::nullopt);
+  ASSERT_EQ(CommandOf(reply), proto::Command::kError);
+  auto e = proto::DecodeError(reply);
+  EXPECT_EQ(e->code, StatusCode::kNotFound);
+  EXPECT_EQ(e->session, std::nullopt);
+  ready(peer, 10);
+  peer.send(proto::EncodeHeartbeat());
+  // A probe answered in order: OPENED must be the next reply.
+  peer.send(proto::Encode(proto::Open{NewSessionId(), SessionSettings{}, 0}));
+  EXPECT_EQ(CommandOf(peer.recv_any()), proto::Command::kOpened) << "a registered worker's HEARTBEAT was answered";
 }
 
 // 3.3.1 "The broker SHALL answer OPEN with OPENED, or with ERROR
