@@ -395,6 +395,11 @@ def check_peer(out_path, err_path, n, body):
     return p50, p99
 
 
+def count_lines(path):
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
+
+
 def nearest_rank(sorted_samples, p):
     return sorted_samples[max(math.ceil(p * len(sorted_samples)), 1) - 1]
 
@@ -488,14 +493,18 @@ class Runner:
             cmd, stdin = [a.python, os.path.join(HERE, "aiohttp_gather.py"), url_file, "--concurrency", str(c),
                           "--print"], None
         else:
-            cmd, stdin = [self.bin["gatherer"], "fetch", url_file, "--workers", str(c), "--log-level", "error"], None
+            cmd, stdin = [self.bin["gatherer"], "fetch", url_file, "--workers", str(c), "--log-level", "warning"], None
             if row in ("tcp1", "tcp2"):
                 endpoint, cluster = self.cluster(1 if row == "tcp1" else 2)
                 cmd += ["--broker", endpoint]
         before = server.requests()
         try:
             cpu_before = [cpu_seconds(p.pid) for p in cluster]
-            code, wall, cpu, rss = self.client(cmd, stdin, timeout_s, what)
+            try:
+                code, wall, cpu, rss = self.client(cmd, stdin, timeout_s, what)
+            except BenchFailure as e:
+                raise BenchFailure(f"{e}; by then the server had counted {server.requests() - before} requests "
+                                   f"and the client had written {count_lines(self.out)} lines") from None
             if cluster:
                 extra_cpu = sum(cpu_seconds(p.pid) for p in cluster) - sum(cpu_before)
                 extra_rss = sum(vm_hwm_mb(p.pid) for p in cluster)
@@ -596,6 +605,8 @@ def parse_args():
     ap.add_argument("--quick", action="store_true", help=f"smoke run: N=2000, 1 run, all rows, {QUICK_CASES}")
     ap.add_argument("--run-timeout", type=float, default=None,
                     help="seconds one run may take (default 60 + 4x the run's ideal time)")
+    ap.add_argument("--keep-temp", action="store_true",
+                    help="keep the temporary directory (server, broker and worker logs, last outputs)")
     ap.add_argument("--python", default="/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK)
                     else sys.executable, help="interpreter for the aiohttp row (Debian's python3-aiohttp)")
     a = ap.parse_args()
@@ -757,7 +768,10 @@ def main():
         sys.exit("suite: interrupted; stopped every process it started")
     finally:
         procs.stop_all()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if a.keep_temp:
+            log(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
