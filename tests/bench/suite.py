@@ -1,0 +1,778 @@
+#!/usr/bin/env python3
+"""Gatherer's benchmark suite (DESIGN §7): one command that starts its own
+servers on 127.0.0.1 and measures, side by side in one invocation, Gatherer
+and its peers fetching the same URLs.
+
+    python3 tests/bench/suite.py [--build build/release] [--n 20000] [--runs 3]
+                                 [--cases nginx-25,nginx-256,delay-25,delay-256,delay-1000]
+                                 [--rows curl,aiohttp,embedded,tcp1,tcp2] [--delay-ms 50]
+    python3 tests/bench/suite.py --quick      # smoke run: N=2000, 1 run, nginx-256 and delay-1000
+
+Servers, both on 127.0.0.1 and started here:
+  nginx   Debian's nginx from a private config in a temporary directory
+          (never the system service): worker_processes 1, keep-alive with
+          keepalive_requests 100000, access_log off, the same ~600-byte JSON
+          on every path. stub_status counts its requests (the status reads
+          themselves subtracted).
+  delay   gatherer-bench-server --delay-ms D (one epoll thread, timer queue):
+          answers every request after D ms (default 50), thousands of
+          connections at once; GET /_stats/requests reads its count.
+
+Rows (C = the case's concurrency):
+  curl      curl-multi-baseline: one thread, C easy handles recycled,
+            connections reused, bodies kept in order
+  aiohttp   aiohttp_gather.py: asyncio.gather, one ClientSession,
+            Semaphore(C), connector limit C (Debian's python3-aiohttp)
+  embedded  gatherer fetch --workers C (broker and worker in the process)
+  tcp1      gatherer fetch --workers C --broker tcp://... with a
+            gatherer-broker and 1 gatherer-worker process
+  tcp2      the same with 2 worker processes
+
+Each round runs every row once per case, the rows alternating (the first row
+rotates from round to round) so that the noise of a shared machine falls on
+all of them. Broker and workers are started fresh for every run, once the
+broker logged every worker ready, and stopped with SIGTERM after it.
+
+Every run is checked, and the suite stops with a message naming the case,
+row and run otherwise: exit 0, N responses, all 200 with the server's body,
+in input order where the output carries the index (gatherer; the peers store
+each body at its input index), and the server counted exactly N requests for
+the run (so no retries, no lost or extra requests).
+
+Prints one markdown table: req/s median of the runs (min–max) from each
+client process's wall time; ratio to bare libcurl (median of the per-round
+ratios); CPU seconds (user+sys over every process of the row: the client,
+and for tcp rows the broker and workers, their /proc/<pid>/stat before and
+after the client ran); peak RSS summed over those processes (the client's
+ru_maxrss measured by /usr/bin/time, so this script's own RSS, which Linux
+carries across fork and exec, does not inflate it; VmHWM for broker and
+workers); p50/p99 per-request latency (libcurl: per-transfer time; aiohttp:
+per request; gatherer: the worker-side elapsed_ms of each output line). The
+servers are never counted. For delay cases it also prints the ceiling C/delay
+and each row's fraction of it, then which DESIGN §7 targets hold.
+
+Needs nginx (with stub_status), python3-aiohttp and /usr/bin/time; when run
+as root and one is missing it runs tests/bench/install-deps. Every wait has a
+deadline, and every process started here is stopped on exit, failure or
+Ctrl-C.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import resource
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+
+ROWS = {
+    "curl": "bare libcurl multi (1 thread)",
+    "aiohttp": "aiohttp gather + Semaphore(C)",
+    "embedded": "gatherer embedded",
+    "tcp1": "gatherer, tcp broker + 1 worker",
+    "tcp2": "gatherer, tcp broker + 2 workers",
+}
+DEFAULT_CASES = "nginx-25,nginx-256,delay-25,delay-256,delay-1000"
+QUICK_CASES = "nginx-256,delay-1000"
+NGINX_STATUS_PATH = "/nginx_status"
+DELAY_STATS_PATH = "/_stats/requests"
+# Deadlines for things that are quick when all is well.
+START_TIMEOUT_S = 15
+STOP_TIMEOUT_S = 15
+HTTP_TIMEOUT_S = 10
+
+
+class BenchFailure(Exception):
+    """A check failed or a process misbehaved: the suite stops with this message."""
+
+
+def log(msg):
+    sys.stderr.write(f"[suite] {msg}\n")
+    sys.stderr.flush()
+
+
+def wait_for(pred, timeout_s, what):
+    """Polls pred() until it is true; raises BenchFailure after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        if time.monotonic() >= deadline:
+            if pred():
+                return
+            raise BenchFailure(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.002)
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def port_open(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def http_get(url):
+    with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as r:
+        return r.status, r.read()
+
+
+# --- processes ----------------------------------------------------------------
+
+
+class Processes:
+    """Every process this script starts, each in a session of its own (so a
+    signal reaches its children too, and Ctrl-C in the terminal reaches only
+    this script, which then stops them)."""
+
+    def __init__(self):
+        self.live = []
+
+    def spawn(self, cmd, **kw):
+        p = subprocess.Popen(cmd, start_new_session=True, **kw)
+        self.live.append(p)
+        return p
+
+    def wait(self, p, timeout_s, what):
+        """Reaps p within timeout_s (SIGKILLs its group and raises otherwise);
+        returns (exit code, rusage)."""
+        fd = os.pidfd_open(p.pid)
+        try:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            if not poller.poll(timeout_s * 1000):
+                self.kill_group(p, signal.SIGKILL)
+                os.wait4(p.pid, 0)
+                p.returncode = -9
+                self.live.remove(p)
+                raise BenchFailure(f"{what} did not finish within {timeout_s:.0f} s (killed)")
+        finally:
+            os.close(fd)
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        self.live.remove(p)
+        return p.returncode, usage
+
+    @staticmethod
+    def kill_group(p, sig):
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, procs, what):
+        """SIGTERMs procs together, then waits for each; SIGKILL after the deadline."""
+        procs = [p for p in procs if p in self.live]
+        for p in procs:
+            self.kill_group(p, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        late = []
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                late.append(p)
+                self.kill_group(p, signal.SIGKILL)
+                p.wait(timeout=STOP_TIMEOUT_S)
+            self.live.remove(p)
+        if late:
+            raise BenchFailure(f"{what}: {len(late)} process(es) ignored SIGTERM for {STOP_TIMEOUT_S} s (killed)")
+
+    def stop_all(self):
+        for p in list(self.live):
+            self.kill_group(p, signal.SIGTERM)
+        for p in list(self.live):
+            try:
+                p.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.kill_group(p, signal.SIGKILL)
+                try:
+                    p.wait(timeout=STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    log(f"pid {p.pid} survived SIGKILL")
+            self.live.remove(p)
+
+
+def cpu_seconds(pid):
+    """utime + stime of a running process, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def vm_hwm_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    raise BenchFailure(f"no VmHWM for pid {pid}")
+
+
+def tail(path, chars=2000):
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()[-chars:]
+    except OSError:
+        return ""
+
+
+# --- servers ------------------------------------------------------------------
+
+
+def json_body():
+    """The ~600-byte JSON that both servers serve (the same shape as
+    gatherer-bench-server's)."""
+    body = '{"id":1,"name":"player","matches":['
+    while len(body) < 580:
+        body += '"EUW1-0123456789",'
+    return body[:-1] + "]}"
+
+
+NGINX_CONF = """\
+# Private config for Gatherer's benchmark suite; every path is under -p.
+worker_processes 1;
+worker_rlimit_nofile 16384;
+pid nginx.pid;
+error_log error.log warn;
+events {{
+    worker_connections 8192;
+}}
+http {{
+    access_log off;
+    client_body_temp_path tmp/body;
+    proxy_temp_path tmp/proxy;
+    fastcgi_temp_path tmp/fastcgi;
+    uwsgi_temp_path tmp/uwsgi;
+    scgi_temp_path tmp/scgi;
+    keepalive_timeout 300s;
+    keepalive_requests 100000;
+    open_file_cache max=16 inactive=300s;
+    open_file_cache_valid 300s;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        root {root};
+        location = {status} {{
+            stub_status;
+        }}
+        location / {{
+            default_type application/json;
+            try_files /player.json =404;
+        }}
+    }}
+}}
+"""
+
+
+class NginxServer:
+    name = "nginx"
+
+    def __init__(self, procs, nginx, workdir):
+        self.dir = os.path.join(workdir, "nginx")
+        os.makedirs(os.path.join(self.dir, "www"))
+        os.makedirs(os.path.join(self.dir, "tmp"))
+        # nginx's worker drops root for an unprivileged user, who must reach the file.
+        for d in (workdir, self.dir, os.path.join(self.dir, "www")):
+            os.chmod(d, 0o755)
+        self.body = json_body().encode()
+        with open(os.path.join(self.dir, "www", "player.json"), "wb") as f:
+            f.write(self.body)
+        self.port = free_port()
+        conf = os.path.join(self.dir, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(NGINX_CONF.format(port=self.port, root=os.path.join(self.dir, "www"), status=NGINX_STATUS_PATH))
+        self.err = os.path.join(self.dir, "stderr.log")
+        with open(self.err, "wb") as err:
+            self.proc = procs.spawn([nginx, "-p", self.dir + "/", "-c", conf, "-e", "error.log", "-g", "daemon off;"],
+                                    stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise BenchFailure(f"nginx exited with {self.proc.returncode}:\n{tail(self.err)}"
+                                   f"{tail(os.path.join(self.dir, 'error.log'))}")
+            return port_open(self.port)
+
+        wait_for(ready, START_TIMEOUT_S, f"nginx on 127.0.0.1:{self.port}")
+        self.status_reads = 0
+        status, body = http_get(self.url("/players/probe"))
+        if status != 200 or body != self.body:
+            raise BenchFailure(f"nginx answers {status} {body[:200]!r}, not the JSON file")
+        self.version = subprocess.run([nginx, "-v"], capture_output=True, text=True,
+                                      timeout=HTTP_TIMEOUT_S).stderr.strip().split("/")[-1]
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def requests(self):
+        """Requests served so far, not counting the status reads."""
+        self.status_reads += 1
+        status, text = http_get(self.url(NGINX_STATUS_PATH))
+        # "Active connections: 1 \nserver accepts handled requests\n 5 5 12 \n..."
+        m = re.search(rb"server accepts handled requests\s+\d+\s+\d+\s+(\d+)", text)
+        if status != 200 or not m:
+            raise BenchFailure(f"nginx stub_status unreadable: {status} {text[:200]!r}")
+        return int(m.group(1)) - self.status_reads
+
+
+class DelayServer:
+    name = "delay"
+
+    def __init__(self, procs, binary, delay_ms, workdir):
+        self.out = os.path.join(workdir, "delay-server.out")
+        self.err = os.path.join(workdir, "delay-server.err")
+        with open(self.out, "wb") as out, open(self.err, "wb") as err:
+            self.proc = procs.spawn([binary, "--delay-ms", str(delay_ms)], stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=err)
+        found = []
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise BenchFailure(f"gatherer-bench-server exited with {self.proc.returncode}:\n{tail(self.err)}")
+            m = re.search(r"port (\d+)", tail(self.out))
+            if m:
+                found.append(int(m.group(1)))
+            return bool(found)
+
+        wait_for(ready, START_TIMEOUT_S, "gatherer-bench-server's port")
+        self.port = found[0]
+        status, self.body = http_get(self.url("/players/probe"))
+        if status != 200 or not self.body.startswith(b'{"id":1'):
+            raise BenchFailure(f"gatherer-bench-server answers {status} {self.body[:200]!r}")
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def requests(self):
+        status, text = http_get(self.url(DELAY_STATS_PATH))
+        if status != 200:
+            raise BenchFailure(f"gatherer-bench-server {DELAY_STATS_PATH}: {status}")
+        return int(text)
+
+
+# --- rows -----------------------------------------------------------------------
+
+
+def peer_summary(err_path):
+    """Parses the "ok <n> failed <f> ... p50_ms <a> p99_ms <b>" line of the peers."""
+    m = re.search(r"ok (\d+) failed (\d+) .*p50_ms ([\d.]+) p99_ms ([\d.]+)", tail(err_path))
+    if not m:
+        return None
+    return int(m.group(1)), int(m.group(2)), float(m.group(3)), float(m.group(4))
+
+
+def check_peer(out_path, err_path, n, body):
+    """Bodies one a line in input order, all equal to the server's."""
+    summary = peer_summary(err_path)
+    if summary is None:
+        raise BenchFailure(f"no summary line on stderr:\n{tail(err_path)}")
+    ok, failed, p50, p99 = summary
+    if ok != n or failed:
+        raise BenchFailure(f"{ok} ok, {failed} failed of {n}:\n{tail(err_path)}")
+    lines = 0
+    with open(out_path, "rb") as f:
+        for line in f:
+            if line.rstrip(b"\n") != body:
+                raise BenchFailure(f"body {lines} differs from the server's: {line[:200]!r}")
+            lines += 1
+    if lines != n:
+        raise BenchFailure(f"{lines} bodies, expected {n}")
+    return p50, p99
+
+
+def count_lines(path):
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
+
+
+def nearest_rank(sorted_samples, p):
+    return sorted_samples[max(math.ceil(p * len(sorted_samples)), 1) - 1]
+
+
+def check_gatherer(out_path, n, body):
+    """JSON Lines: line i is index i, status 200, the server's body, no error."""
+    text = body.decode()
+    elapsed = []
+    with open(out_path, "rb") as f:
+        for i, line in enumerate(f):
+            if not line.startswith(b'{"index":%d,"status":200,' % i):
+                raise BenchFailure(f"line {i} is not index {i} with status 200: {line[:200]!r}")
+            obj = json.loads(line)
+            if obj.get("error") is not None or obj.get("body") != text:
+                raise BenchFailure(f"line {i} has an error or a wrong body: {line[:300]!r}")
+            elapsed.append(float(obj["elapsed_ms"]))
+    if len(elapsed) != n:
+        raise BenchFailure(f"{len(elapsed)} lines, expected {n}")
+    elapsed.sort()
+    return nearest_rank(elapsed, 0.50), nearest_rank(elapsed, 0.99)
+
+
+class Runner:
+    def __init__(self, a, procs, workdir):
+        self.a = a
+        self.procs = procs
+        self.workdir = workdir
+        self.bin = {
+            "curl": os.path.join(a.build, "tests/bench/curl-multi-baseline"),
+            "gatherer": os.path.join(a.build, "client/gatherer"),
+            "broker": os.path.join(a.build, "broker/gatherer-broker"),
+            "worker": os.path.join(a.build, "worker/gatherer-worker"),
+        }
+        self.out = os.path.join(workdir, "row.out")
+        self.err = os.path.join(workdir, "row.err")
+        self.rusage = os.path.join(workdir, "row.rusage")
+
+    def client(self, cmd, stdin_path, timeout_s, what):
+        """Runs cmd under /usr/bin/time; returns (exit code, wall s, CPU s, peak RSS MB)."""
+        full = ["/usr/bin/time", "-f", "%M", "-o", self.rusage] + cmd
+        with open(stdin_path or os.devnull, "rb") as stdin, open(self.out, "wb") as out, \
+                open(self.err, "wb") as err:
+            start = time.monotonic()
+            p = self.procs.spawn(full, stdin=stdin, stdout=out, stderr=err)
+            code, usage = self.procs.wait(p, timeout_s, what)
+            wall = time.monotonic() - start
+        # time writes "Command exited with non-zero status N" before the figure.
+        lines = tail(self.rusage).split()
+        if not lines or not lines[-1].isdigit():
+            raise BenchFailure(f"{what}: no peak RSS from /usr/bin/time ({lines!r})")
+        # wait4 on time includes its reaped child: the client's CPU plus time's own few µs.
+        return code, wall, usage.ru_utime + usage.ru_stime, int(lines[-1]) / 1024.0
+
+    def cluster(self, workers):
+        """A fresh broker and `workers` worker processes, every worker registered."""
+        endpoint = f"tcp://127.0.0.1:{free_port()}"
+        broker_log = os.path.join(self.workdir, "broker.log")
+        with open(broker_log, "wb") as err:
+            broker = self.procs.spawn([self.bin["broker"], "--bind", endpoint, "--log-level", "info",
+                                       "--drain-timeout-ms", "5000"],
+                                      stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+        started = [broker]
+        for i in range(workers):
+            with open(os.path.join(self.workdir, f"worker{i}.log"), "wb") as err:
+                started.append(self.procs.spawn(
+                    [self.bin["worker"], "--broker", endpoint, "--log-level", "warning", "--id", f"bench-{i}",
+                     "--drain-timeout-ms", "5000"],
+                    stdin=subprocess.DEVNULL, stdout=err, stderr=err))
+
+        def ready():
+            for p in started:
+                if p.poll() is not None:
+                    raise BenchFailure(f"broker or worker exited with {p.returncode}:\n{tail(broker_log)}")
+            return tail(broker_log, 1 << 20).count(" ready with ") >= workers
+
+        try:
+            wait_for(ready, START_TIMEOUT_S, f"{workers} worker(s) ready at the broker")
+        except BaseException:
+            self.procs.stop(started, "broker and workers")
+            raise
+        return endpoint, started
+
+    def run(self, row, c, server, url_file, timeout_s):
+        """One run of one row; returns its figures, or raises BenchFailure."""
+        a = self.a
+        what = f"{ROWS[row]} at C={c} on {server.name}"
+        extra_cpu, extra_rss, cluster = 0.0, 0.0, []
+        if row == "curl":
+            cmd, stdin = [self.bin["curl"], "--concurrency", str(c), "--print"], url_file
+        elif row == "aiohttp":
+            cmd, stdin = [a.python, os.path.join(HERE, "aiohttp_gather.py"), url_file, "--concurrency", str(c),
+                          "--print"], None
+        else:
+            cmd, stdin = [self.bin["gatherer"], "fetch", url_file, "--workers", str(c), "--log-level", "warning"], None
+            if row in ("tcp1", "tcp2"):
+                endpoint, cluster = self.cluster(1 if row == "tcp1" else 2)
+                cmd += ["--broker", endpoint]
+        before = server.requests()
+        try:
+            cpu_before = [cpu_seconds(p.pid) for p in cluster]
+            try:
+                code, wall, cpu, rss = self.client(cmd, stdin, timeout_s, what)
+            except BenchFailure as e:
+                raise BenchFailure(f"{e}; by then the server had counted {server.requests() - before} requests "
+                                   f"and the client had written {count_lines(self.out)} lines") from None
+            if cluster:
+                extra_cpu = sum(cpu_seconds(p.pid) for p in cluster) - sum(cpu_before)
+                extra_rss = sum(vm_hwm_mb(p.pid) for p in cluster)
+        finally:
+            if cluster:
+                self.procs.stop(cluster, "broker and workers")
+        if code != 0:
+            raise BenchFailure(f"{what}: exit {code}\n{tail(self.err)}")
+        if row in ("curl", "aiohttp"):
+            p50, p99 = check_peer(self.out, self.err, a.n, server.body)
+        else:
+            p50, p99 = check_gatherer(self.out, a.n, server.body)
+        served = server.requests() - before
+        if served != a.n:
+            raise BenchFailure(f"{what}: the server counted {served} requests, expected exactly {a.n}")
+        return {"rate": a.n / wall, "wall": wall, "cpu": cpu + extra_cpu, "rss": rss + extra_rss,
+                "p50": p50, "p99": p99}
+
+
+# --- setup ------------------------------------------------------------------------
+
+
+def nginx_binary():
+    return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
+
+
+def missing_deps(a, need_nginx, need_aiohttp):
+    missing = []
+    if not os.access("/usr/bin/time", os.X_OK):
+        missing.append("/usr/bin/time (Debian package time)")
+    if need_nginx:
+        nginx = nginx_binary()
+        if nginx is None:
+            missing.append("nginx")
+        else:
+            v = subprocess.run([nginx, "-V"], capture_output=True, text=True, timeout=HTTP_TIMEOUT_S)
+            if "http_stub_status_module" not in v.stderr:
+                missing.append("nginx with the stub_status module")
+    if need_aiohttp:
+        probe = subprocess.run([a.python, "-c", "import aiohttp"], capture_output=True, timeout=60)
+        if probe.returncode != 0:
+            missing.append(f"aiohttp for {a.python}")
+    return missing
+
+
+def ensure_deps(a, need_nginx, need_aiohttp):
+    missing = missing_deps(a, need_nginx, need_aiohttp)
+    if not missing:
+        return
+    script = os.path.join(HERE, "install-deps")
+    if os.geteuid() != 0:
+        sys.exit(f"missing: {', '.join(missing)}; run {script} as root")
+    log(f"missing {', '.join(missing)}: running {script}")
+    subprocess.run([script], check=True, timeout=1800)
+    missing = missing_deps(a, need_nginx, need_aiohttp)
+    if missing:
+        sys.exit(f"still missing after {script}: {', '.join(missing)}")
+
+
+def raise_fd_limit():
+    """C=1000 needs about two descriptors per connection in client and server;
+    children inherit the raised soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def machine():
+    model = "unknown CPU"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{os.cpu_count()} CPUs ({model}), Linux {platform.release()}"
+
+
+def parse_cases(text):
+    cases = []
+    for item in text.split(","):
+        m = re.fullmatch(r"(nginx|delay)-(\d+)", item.strip())
+        if not m or int(m.group(2)) < 1:
+            sys.exit(f"--cases: '{item}' is not nginx-C or delay-C")
+        cases.append((m.group(1), int(m.group(2))))
+    return cases
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--build", default=os.path.join(REPO, "build/release"), help="release build directory")
+    ap.add_argument("--n", type=int, default=None, help="requests per run (default 20000; --quick 2000)")
+    ap.add_argument("--runs", type=int, default=None, help="rounds (default 3; --quick 1)")
+    ap.add_argument("--cases", default=None, help=f"comma-separated nginx-C / delay-C (default {DEFAULT_CASES})")
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
+    ap.add_argument("--delay-ms", type=int, default=50, help="delay server's answer delay")
+    ap.add_argument("--quick", action="store_true", help=f"smoke run: N=2000, 1 run, all rows, {QUICK_CASES}")
+    ap.add_argument("--run-timeout", type=float, default=None,
+                    help="seconds one run may take (default 60 + 4x the run's ideal time)")
+    ap.add_argument("--keep-temp", action="store_true",
+                    help="keep the temporary directory (server, broker and worker logs, last outputs)")
+    ap.add_argument("--python", default="/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK)
+                    else sys.executable, help="interpreter for the aiohttp row (Debian's python3-aiohttp)")
+    a = ap.parse_args()
+    a.n = a.n or (2000 if a.quick else 20000)
+    a.runs = a.runs or (1 if a.quick else 3)
+    a.cases = parse_cases(a.cases or (QUICK_CASES if a.quick else DEFAULT_CASES))
+    a.rows = [r.strip() for r in a.rows.split(",") if r.strip()]
+    for r in a.rows:
+        if r not in ROWS:
+            sys.exit(f"--rows: unknown row '{r}' (one of {', '.join(ROWS)})")
+    if a.n < 1 or a.runs < 1 or a.delay_ms < 1:
+        sys.exit("--n, --runs and --delay-ms must be >= 1")
+    a.build = os.path.abspath(a.build)
+    return a
+
+
+# --- report -----------------------------------------------------------------------
+
+
+def ideal_rate(a, kind, c):
+    return c * 1000.0 / a.delay_ms if kind == "delay" else None
+
+
+def ratio_to(results, key, row, base):
+    """Median over rounds of rate(row) / rate(base) within the same round."""
+    pairs = [(r[row]["rate"], r[base]["rate"]) for r in results[key] if row in r and base in r]
+    return statistics.median(x / y for x, y in pairs) if pairs else None
+
+
+def report(a, results, nginx_version, started):
+    med = statistics.median
+    out = []
+    out.append(f"Gatherer benchmark suite, {started:%Y-%m-%d %H:%M}, {machine()}; "
+               f"N = {a.n:,} GETs of a ~600-byte JSON per run, {a.runs} run(s) per row, rows alternating "
+               f"within each round; nginx {nginx_version or '-'} (worker_processes 1), delay server "
+               f"gatherer-bench-server --delay-ms {a.delay_ms} (1 thread). Every run checked: N responses, "
+               f"all 200 with the server's body, gatherer's in input order, the server counted exactly N.")
+    out.append("")
+    out.append("| case | row | req/s median (min–max) | × bare libcurl | % of C/delay | CPU s | peak RSS MB "
+               "| p50 ms | p99 ms |")
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for kind, c in a.cases:
+        key = (kind, c)
+        ideal = ideal_rate(a, kind, c)
+        label = f"nginx C={c}" if kind == "nginx" else f"delay {a.delay_ms} ms C={c} (C/delay {ideal:,.0f}/s)"
+        for row in a.rows:
+            runs = [r[row] for r in results[key] if row in r]
+            rates = [r["rate"] for r in runs]
+            ratio = ratio_to(results, key, row, "curl") if "curl" in a.rows else None
+            frac = f"{med(rates) / ideal:.0%}" if ideal else "—"
+            out.append(f"| {label} | {ROWS[row]} | {med(rates):,.0f} ({min(rates):,.0f}–{max(rates):,.0f}) | "
+                       f"{'—' if ratio is None else f'{ratio:.2f}'} | {frac} | {med(r['cpu'] for r in runs):.2f} | "
+                       f"{med(r['rss'] for r in runs):.1f} | {med(r['p50'] for r in runs):.1f} | "
+                       f"{med(r['p99'] for r in runs):.1f} |")
+    out.append("")
+    out.append("CPU s: user+sys of the client, plus broker and workers for tcp rows (servers not counted); "
+               "peak RSS MB: summed over the same processes; p50/p99: per-transfer time for libcurl, per request "
+               "for aiohttp, the worker-side elapsed_ms for gatherer; all medians of the runs.")
+    out.append("")
+    out.extend(targets(a, results))
+    return "\n".join(out)
+
+
+def targets(a, results):
+    """DESIGN §7's throughput targets that this run can judge."""
+    lines = ["DESIGN §7 targets (this run):", ""]
+
+    def verdict(ok):
+        return "holds" if ok else "misses"
+
+    key = ("nginx", 256)
+    if key in results and "curl" in a.rows:
+        if "embedded" in a.rows:
+            r = ratio_to(results, key, "embedded", "curl")
+            lines.append(f"- nginx C=256, embedded ≥ 0.85× bare libcurl: {r:.2f}× — {verdict(r >= 0.85)}")
+        if "tcp1" in a.rows:
+            r = ratio_to(results, key, "tcp1", "curl")
+            lines.append(f"- nginx C=256, tcp broker + 1 worker ≥ 0.75× bare libcurl: {r:.2f}× — {verdict(r >= 0.75)}")
+    if key in results and "embedded" in a.rows and "aiohttp" in a.rows:
+        r = ratio_to(results, key, "embedded", "aiohttp")
+        lines.append(f"- nginx C=256, embedded ≥ 6× aiohttp: {r:.1f}× — {verdict(r >= 6)}")
+    key = ("delay", 1000)
+    if key in results:
+        ideal = ideal_rate(a, "delay", 1000)
+        for row in ("embedded", "tcp1", "tcp2"):
+            if row not in a.rows:
+                continue
+            # Which half applies (is the case CPU-bound here?) is for the reader:
+            # both are printed.
+            rate = statistics.median(r[row]["rate"] for r in results[key])
+            text = f"{rate / ideal:.0%} of C/delay — {verdict(rate >= 0.9 * ideal)}"
+            if "curl" in a.rows:
+                ratio = ratio_to(results, key, row, "curl")
+                text += f"; {ratio:.2f}× bare libcurl — {verdict(ratio >= 1.0)}"
+            lines.append(f"- delay C=1000, {ROWS[row]} ≥ 90% of C/delay, or ≥ bare libcurl where CPU-bound: {text}")
+    if len(lines) == 2:
+        lines.append("- none: run nginx-256 and delay-1000 with the curl and gatherer rows")
+    return lines
+
+
+# --- main -------------------------------------------------------------------------
+
+
+def main():
+    a = parse_args()
+    kinds = {kind for kind, _ in a.cases}
+    for name in ("curl-multi-baseline", "gatherer-bench-server"):
+        if not os.access(os.path.join(a.build, "tests/bench", name), os.X_OK):
+            sys.exit(f"{a.build} has no tests/bench/{name}: cmake --preset release && cmake --build --preset release")
+    ensure_deps(a, "nginx" in kinds, "aiohttp" in a.rows)
+    fds = raise_fd_limit()
+    if fds < 4 * max(c for _, c in a.cases) + 256:
+        log(f"warning: RLIMIT_NOFILE is {fds}; C={max(c for _, c in a.cases)} may run out of descriptors")
+
+    # SIGTERM unwinds like Ctrl-C, through the finally that stops every child.
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    procs = Processes()
+    workdir = tempfile.mkdtemp(prefix="gatherer-bench-")
+    started = datetime.datetime.now()
+    try:
+        servers = {}
+        if "nginx" in kinds:
+            servers["nginx"] = NginxServer(procs, nginx_binary(), workdir)
+        if "delay" in kinds:
+            servers["delay"] = DelayServer(procs, os.path.join(a.build, "tests/bench/gatherer-bench-server"),
+                                           a.delay_ms, workdir)
+        url_files = {}
+        for kind, server in servers.items():
+            path = os.path.join(workdir, f"urls-{kind}.txt")
+            with open(path, "w") as f:
+                f.writelines(f"{server.url(f'/players/{i}')}\n" for i in range(a.n))
+            url_files[kind] = path
+        runner = Runner(a, procs, workdir)
+        results = {}
+        for kind, c in a.cases:
+            ideal = ideal_rate(a, kind, c) or 1000.0  # nginx: any row faster than 1000 req/s
+            timeout_s = a.run_timeout or 60 + 4 * a.n / ideal
+            results[(kind, c)] = []
+            for rnd in range(a.runs):
+                shift = rnd % len(a.rows)
+                order = a.rows[shift:] + a.rows[:shift]
+                figures = {}
+                for row in order:
+                    try:
+                        figures[row] = runner.run(row, c, servers[kind], url_files[kind], timeout_s)
+                    except BenchFailure as e:
+                        raise BenchFailure(f"{kind} C={c}, {ROWS[row]}, run {rnd + 1}: {e}") from None
+                    log(f"{kind} C={c} run {rnd + 1}/{a.runs} {row}: {figures[row]['rate']:,.0f} req/s, "
+                        f"CPU {figures[row]['cpu']:.2f} s, RSS {figures[row]['rss']:.1f} MB")
+                results[(kind, c)].append(figures)
+        nginx_version = servers["nginx"].version if "nginx" in servers else None
+        print(report(a, results, nginx_version, started))
+    except BenchFailure as e:
+        sys.exit(f"suite: FAILED: {e}")
+    except KeyboardInterrupt:
+        sys.exit("suite: interrupted; stopped every process it started")
+    finally:
+        procs.stop_all()
+        if a.keep_temp:
+            log(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
