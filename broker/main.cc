@@ -23,6 +23,9 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(100, 86'400'000));
   app.add_option("--max-chunk", options.max_chunk, "Statements per DISPATCH at most")->check(CLI::Range(1, 65536));
   app.add_option("--max-sessions", options.max_sessions, "Open sessions at most");
+  app.add_option("--max-queued", options.max_queued,
+                 "Statements queued and in flight over all sessions at most (SUBMIT past it is refused)")
+      ->check(CLI::Range(1ull, 1'000'000'000ull));
   app.add_option("--poison-after", options.poison_after,
                  "Workers that may die running a statement alone before it fails as poison")
       ->check(CLI::Range(1, 1000));

@@ -540,6 +540,11 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
       return send_error(peer, StatusCode::kResourceExhausted,
                         "session queue cap exceeded (window + prefetch + slack)", s.id);
     }
+    if (total_pending + total_leased + submit->statements.size() > options.max_queued) {
+      return send_error(peer, StatusCode::kResourceExhausted,
+                        fmt::format("broker queue cap exceeded ({} statements over all sessions)", options.max_queued),
+                        s.id);
+    }
     for (auto& ws : submit->statements) s.pending.push_back(std::move(ws));
     total_pending += submit->statements.size();
     mark_ready(s);

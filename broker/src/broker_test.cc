@@ -100,6 +100,7 @@ class BrokerTest : public ::testing::TestWithParam<std::string> {
     o.endpoints = {ep};
     o.heartbeat_interval = 100ms;
     o.heartbeat_liveness = liveness;
+    if (max_queued_ > 0) o.max_queued = max_queued_;
     o.max_chunk = 8;
     broker_ = std::make_unique<Broker>(o);
     ASSERT_TRUE(broker_->start().ok());
@@ -152,6 +153,7 @@ class BrokerTest : public ::testing::TestWithParam<std::string> {
     return out;
   }
 
+  std::uint64_t max_queued_ = 0;  // 0 = the default
   zmq::context_t ctx_{1};
   std::unique_ptr<Broker> broker_;
   std::string endpoint_;
@@ -275,6 +277,25 @@ TEST_P(BrokerTest, SubmitBeyondQueueCapIsRefused) {
   ASSERT_EQ(client.command_of(reply), proto::Command::kError);
   EXPECT_EQ(proto::DecodeError(reply)->code, StatusCode::kResourceExhausted);
   EXPECT_EQ(broker_->stats().queued.load(), 0u);
+}
+
+// §3.2.3, §5: the broker-wide cap holds over all sessions, each within its
+// own cap; a refused SUBMIT keeps none of its statements.
+TEST_P(BrokerTest, SubmitBeyondBrokerWideCapIsRefused) {
+  max_queued_ = 5;
+  start_broker(20);
+  Peer a(ctx_, endpoint_), b(ctx_, endpoint_);
+  SessionId sa = open(a, 10), sb = open(b, 10);
+  a.send(proto::EncodeSubmit(sa, 0, Urls(3)));
+  ASSERT_TRUE(testing::WaitFor([&] { return broker_->stats().queued.load() == 3; }));
+  b.send(proto::EncodeSubmit(sb, 0, Urls(3)));
+  auto reply = b.recv();
+  ASSERT_EQ(b.command_of(reply), proto::Command::kError);
+  auto e = proto::DecodeError(reply);
+  EXPECT_EQ(e->code, StatusCode::kResourceExhausted);
+  EXPECT_NE(e->message.find("broker queue cap"), std::string::npos) << e->message;
+  b.send(proto::EncodeSubmit(sb, 0, Urls(2)));  // fits: 5 in all
+  ASSERT_TRUE(testing::WaitFor([&] { return broker_->stats().queued.load() == 5; }));
 }
 
 // §2.2, §2.4: malformed messages are counted and dropped; a wrong version is told.

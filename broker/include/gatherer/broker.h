@@ -45,6 +45,9 @@ struct BrokerOptions {
   // prefetch, as slack for clients; a SUBMIT past the cap is refused
   // (resource_exhausted) so broker memory stays bounded by the windows.
   std::uint32_t queue_slack = 1024;
+  // Statements queued and in flight over all sessions at most; a SUBMIT past
+  // it is refused (resource_exhausted) whatever its session's own cap.
+  std::uint64_t max_queued = 1'000'000;
   // A statement that this many workers died running alone fails as poison
   // (error code aborted) instead of killing more (PROTOCOL.md §4.5).
   std::uint32_t poison_after = 3;
