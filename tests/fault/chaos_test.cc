@@ -27,6 +27,7 @@
 #include "http_server.h"
 #include "proc_net.h"
 #include "process.h"
+#include "socket_monitor.h"
 #include "wait_for.h"
 
 namespace gatherer {
@@ -288,8 +289,8 @@ TEST(ChaosTest, GarbageAtTheBrokerDuringAJobIsDropped) {
       ASSERT_EQ(zmq_socket_monitor(raw.handle(), "inproc://oversize-monitor", ZMQ_EVENT_DISCONNECTED), 0);
       events.connect("inproc://oversize-monitor");
       raw.connect(ep);
-      std::string huge(static_cast<std::size_t>(proto::kMaxMessageBytes) + 1, 'x');
-      raw.send(zmq::buffer(huge));
+      raw.send(testing::ZeroPagesMessage(static_cast<std::size_t>(proto::kMaxMessageBytes) + 1),
+               zmq::send_flags::none);
       // The broker closes the connection: the sender sees it go.
       zmq::pollitem_t item{events.handle(), 0, ZMQ_POLLIN, 0};
       ASSERT_EQ(zmq::poll(&item, 1, 20s), 1) << "the broker did not drop the oversize message's connection";
