@@ -65,6 +65,15 @@ enum class Departure {
   kLeft,  // drained or registered again: its leases are queued again
 };
 
+// Moves the back half of `group` out (the front half stays, order kept):
+// how quarantine groups are split (§4.5).
+std::vector<proto::WireStatement> TakeBackHalf(std::vector<proto::WireStatement>& group) {
+  const auto mid = group.begin() + static_cast<std::ptrdiff_t>(group.size() / 2);
+  std::vector<proto::WireStatement> back(std::make_move_iterator(mid), std::make_move_iterator(group.end()));
+  group.erase(mid, group.end());
+  return back;
+}
+
 proto::WireResult Failure(std::uint64_t index, StatusCode code, std::string message, const std::string& worker) {
   proto::WireResult r;
   r.index = index;
@@ -110,6 +119,8 @@ struct Broker::Impl {
   void on_results(const std::string& peer, std::span<zmq::message_t> body);
   void dispatch();
   void dispatch_quarantine();
+  void ensure_session(SessionState& s, WorkerState& w);
+  void send_dispatch(SessionState& s, WorkerState& w, proto::Statements& chunk);
   void release_quarantine_worker();
   void end_session(SessionState& s);
   void remove_worker(const std::string& routing_id, Departure how, const char* why);
@@ -188,10 +199,7 @@ void Broker::Impl::dispatch() {
     const std::size_t n = std::min({window_room, fair_share, static_cast<std::size_t>(best->credit()),
                                     static_cast<std::size_t>(options.max_chunk), s.pending.size()});
     if (n == 0) continue;
-    if (best->sessions.insert(sid).second) {
-      s.workers.insert(best->routing_id);
-      send(best->routing_id, proto::Encode(proto::Session{sid, s.settings}));
-    }
+    ensure_session(s, *best);
     proto::Statements chunk{sid, {}};
     chunk.statements.reserve(n);
     std::size_t popped = 0;
@@ -209,15 +217,29 @@ void Broker::Impl::dispatch() {
       mark_ready(s);
       continue;
     }
-    proto::Frames frames = proto::Encode(proto::Command::kDispatch, chunk);
-    for (auto& ws : chunk.statements) s.leases[ws.index].statement = std::move(ws);
-    const std::size_t sent = chunk.statements.size();
-    best->leased += static_cast<std::uint32_t>(sent);
-    total_leased += sent;
-    stats.dispatched.fetch_add(sent, std::memory_order_relaxed);
-    send(best->routing_id, std::move(frames));
+    send_dispatch(s, *best, chunk);
     mark_ready(s);
   }
+}
+
+// SESSION before the first DISPATCH of a session to a worker (§3.5.1).
+void Broker::Impl::ensure_session(SessionState& s, WorkerState& w) {
+  if (w.sessions.insert(s.id).second) {
+    s.workers.insert(w.routing_id);
+    send(w.routing_id, proto::Encode(proto::Session{s.id, s.settings}));
+  }
+}
+
+// DISPATCH of `chunk`, whose indices are already leased to `w` (with empty
+// statements): each statement moves into its lease once encoded.
+void Broker::Impl::send_dispatch(SessionState& s, WorkerState& w, proto::Statements& chunk) {
+  proto::Frames frames = proto::Encode(proto::Command::kDispatch, chunk);
+  for (auto& ws : chunk.statements) s.leases[ws.index].statement = std::move(ws);
+  const std::size_t sent = chunk.statements.size();
+  w.leased += static_cast<std::uint32_t>(sent);
+  total_leased += sent;
+  stats.dispatched.fetch_add(sent, std::memory_order_relaxed);
+  send(w.routing_id, std::move(frames));
 }
 
 // Drops the session's queued statements and leases; workers holding it get
@@ -320,9 +342,7 @@ void Broker::Impl::remove_worker(const std::string& routing_id, Departure how, c
       if (isolated && again.size() > 1) {
         // The group killed a worker it had to itself: halve it to find the
         // culprit (group testing); nobody is charged yet.
-        const auto mid = again.begin() + static_cast<std::ptrdiff_t>(again.size() / 2);
-        session.quarantine.emplace_front(std::make_move_iterator(mid), std::make_move_iterator(again.end()));
-        again.erase(mid, again.end());
+        session.quarantine.push_front(TakeBackHalf(again));
         ++quarantine_groups;
       }
       session.quarantine.push_front(std::move(again));
@@ -383,10 +403,7 @@ void Broker::Impl::dispatch_quarantine() {
     if (group.size() > limit) {
       // Too big for the window or the worker (settings changed, or a smaller
       // worker): split it and try again.
-      const auto mid = group.begin() + static_cast<std::ptrdiff_t>(group.size() / 2);
-      std::vector<proto::WireStatement> tail(std::make_move_iterator(mid), std::make_move_iterator(group.end()));
-      group.erase(mid, group.end());
-      s.quarantine.insert(s.quarantine.begin() + 1, std::move(tail));
+      s.quarantine.insert(s.quarantine.begin() + 1, TakeBackHalf(group));
       ++quarantine_groups;
       continue;
     }
@@ -401,18 +418,9 @@ void Broker::Impl::dispatch_quarantine() {
       return !s.leases.try_emplace(ws.index, Lease{worker.routing_id, {}}).second;
     });
     if (!chunk.statements.empty()) {
-      if (worker.sessions.insert(sid).second) {
-        s.workers.insert(worker.routing_id);
-        send(worker.routing_id, proto::Encode(proto::Session{sid, s.settings}));
-      }
-      proto::Frames frames = proto::Encode(proto::Command::kDispatch, chunk);
-      for (auto& ws : chunk.statements) s.leases[ws.index].statement = std::move(ws);
-      const std::size_t sent = chunk.statements.size();
-      worker.leased += static_cast<std::uint32_t>(sent);
+      ensure_session(s, worker);
+      send_dispatch(s, worker, chunk);
       worker.isolated = true;
-      total_leased += sent;
-      stats.dispatched.fetch_add(sent, std::memory_order_relaxed);
-      send(worker.routing_id, std::move(frames));
     }
     mark_ready(s);
     if (worker.isolated) return;  // one group at a time
