@@ -23,6 +23,7 @@
 #include "gatherer/protocol.h"
 #include "gatherer/transport.h"
 #include "gatherer/worker.h"
+#include "fault_util.h"
 #include "handlers.h"
 #include "http_server.h"
 #include "proc_net.h"
@@ -40,7 +41,6 @@ using testing::HttpServer;
 using testing::Process;
 using testing::WaitFor;
 
-const std::string kBin = GATHERER_BIN_DIR;
 
 // GATHERER_CHAOS_HEARTBEAT_MS and GATHERER_CHAOS_N override the heartbeat
 // period (200 ms) and the statement count of the kill test (20,000), to
@@ -51,19 +51,10 @@ std::uint64_t EnvOr(const char* name, std::uint64_t fallback) {
 }
 const std::chrono::milliseconds kHeartbeat{EnvOr("GATHERER_CHAOS_HEARTBEAT_MS", 200)};
 
-std::unique_ptr<Broker> StartBroker() {
-  BrokerOptions o;
-  o.endpoints = {"tcp://127.0.0.1:*"};
-  o.heartbeat_interval = kHeartbeat;
-  auto broker = std::make_unique<Broker>(o);
-  EXPECT_TRUE(broker->start().ok());
-  return broker;
-}
+std::unique_ptr<Broker> StartBroker() { return testing::StartLoopbackBroker(kHeartbeat); }
 
 std::unique_ptr<Process> StartWorker(const std::string& broker, int n) {
-  return std::make_unique<Process>(std::vector<std::string>{
-      kBin + "/worker/gatherer-worker", "--broker", broker, "--io-threads", "1", "--heartbeat-ms",
-      std::to_string(kHeartbeat.count()), "--id", "w" + std::to_string(n), "--log-level", "error"});
+  return testing::StartWorkerProcess(broker, kHeartbeat, {"--id", "w" + std::to_string(n)});
 }
 
 // One line of figures per run, for the closing note of a change.

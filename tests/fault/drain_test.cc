@@ -13,6 +13,7 @@
 
 #include "gatherer/broker.h"
 #include "gatherer/gatherer.h"
+#include "fault_util.h"
 #include "free_port.h"
 #include "handlers.h"
 #include "http_server.h"
@@ -31,19 +32,10 @@ using testing::WaitFor;
 const std::string kBin = GATHERER_BIN_DIR;
 
 std::unique_ptr<Process> StartWorker(const std::string& broker, const std::string& drain_ms = "30000") {
-  return std::make_unique<Process>(std::vector<std::string>{kBin + "/worker/gatherer-worker", "--broker", broker,
-                                                            "--io-threads", "1", "--heartbeat-ms", "200",
-                                                            "--drain-timeout-ms", drain_ms, "--log-level", "error"});
+  return testing::StartWorkerProcess(broker, 200ms, {"--drain-timeout-ms", drain_ms});
 }
 
-std::unique_ptr<Broker> StartBroker() {
-  BrokerOptions o;
-  o.endpoints = {"tcp://127.0.0.1:*"};
-  o.heartbeat_interval = 200ms;
-  auto broker = std::make_unique<Broker>(o);
-  EXPECT_TRUE(broker->start().ok());
-  return broker;
-}
+std::unique_ptr<Broker> StartBroker() { return testing::StartLoopbackBroker(200ms); }
 
 std::vector<Statement> Delayed(const HttpServer& server, int n, int delay_ms) {
   std::vector<Statement> list;

@@ -12,6 +12,7 @@
 #include "gatherer/broker.h"
 #include "gatherer/gatherer.h"
 #include "gatherer/worker.h"
+#include "fault_util.h"
 #include "free_port.h"
 #include "handlers.h"
 #include "http_server.h"
@@ -43,8 +44,7 @@ TEST(FaultTest, BrokerKilledAndRestartedLosesNothing) {
   HttpServer server(DelayHandler);
   const std::string ep = FreeTcpEndpoint();
   auto broker = StartBroker(ep);
-  Process worker({kBin + "/worker/gatherer-worker", "--broker", ep, "--io-threads", "1", "--heartbeat-ms", "200",
-                  "--log-level", "error"});
+  auto worker = testing::StartWorkerProcess(ep, 200ms);
   constexpr std::uint64_t kCount = 4000;
   Gatherer g({.broker = ep, .workers = 64, .log_level = 40});
   std::uint64_t next = 0;
@@ -81,8 +81,7 @@ TEST(FaultTest, IdleWorkerRegistersWithARestartedBroker) {
   HttpServer server(DelayHandler);
   const std::string ep = FreeTcpEndpoint();
   auto broker = StartBroker(ep);
-  Process worker({kBin + "/worker/gatherer-worker", "--broker", ep, "--io-threads", "1", "--heartbeat-ms", "200",
-                  "--log-level", "error"});
+  auto worker = testing::StartWorkerProcess(ep, 200ms);
   {
     Gatherer g({.broker = ep, .workers = 4, .log_level = 50});
     g.statements = {Get(server.url("/d/0/0"))};
@@ -115,8 +114,7 @@ TEST(FaultTest, BrokerRestartNeverSendsAPostTwice) {
   });
   const std::string ep = FreeTcpEndpoint();
   auto broker = StartBroker(ep);
-  Process worker({kBin + "/worker/gatherer-worker", "--broker", ep, "--io-threads", "1", "--heartbeat-ms", "200",
-                  "--log-level", "error"});
+  auto worker = testing::StartWorkerProcess(ep, 200ms);
   constexpr int kCount = 600;
   Gatherer g({.broker = ep, .workers = 64, .log_level = 50});
   for (int i = 0; i < kCount; ++i) {
