@@ -14,8 +14,9 @@
 
 namespace gatherer::testing {
 
-// The pid in `candidates` holding a socket whose local port is `port`, or 0.
-inline int PidOwningTcpPort(std::uint16_t port, const std::vector<int>& candidates) {
+// The inode of the IPv4 TCP socket bound to local `port`, or "" when one
+// read of /proc/net/tcp does not show it.
+inline std::string TcpSocketInode(std::uint16_t port) {
   std::ifstream tcp("/proc/net/tcp");
   std::string line;
   std::getline(tcp, line);  // header
@@ -27,12 +28,18 @@ inline int PidOwningTcpPort(std::uint16_t port, const std::vector<int>& candidat
     if (!(in >> sl >> local >> remote >> st >> queues >> timer >> retr >> uid >> timeout >> node)) continue;
     const auto colon = local.find(':');
     if (colon == std::string::npos) continue;
-    if (std::stoul(local.substr(colon + 1), nullptr, 16) == port) {
+    // Inode 0: a socket no process holds any more (TIME_WAIT), whose port
+    // a new connection may already reuse; keep looking.
+    if (node != "0" && std::stoul(local.substr(colon + 1), nullptr, 16) == port) {
       inode = node;
       break;
     }
   }
-  if (inode.empty() || inode == "0") return 0;
+  return inode;
+}
+
+// The pid in `candidates` whose open files include socket `inode`, or 0.
+inline int PidHoldingSocket(const std::string& inode, const std::vector<int>& candidates) {
   const std::string target = "socket:[" + inode + "]";
   for (int pid : candidates) {
     const std::string dir = "/proc/" + std::to_string(pid) + "/fd";
@@ -50,6 +57,19 @@ inline int PidOwningTcpPort(std::uint16_t port, const std::vector<int>& candidat
     }
     closedir(d);
     if (found) return pid;
+  }
+  return 0;
+}
+
+// The pid in `candidates` holding a socket whose local port is `port`, or 0.
+inline int PidOwningTcpPort(std::uint16_t port, const std::vector<int>& candidates) {
+  // /proc/net/tcp is read in pieces, not as a snapshot: with connections
+  // opening and closing meanwhile a read can skip a line, so the look-up is
+  // tried again (a few times at most) before giving up.
+  for (int attempt = 0; attempt < 5; ++attempt) {
+    const std::string inode = TcpSocketInode(port);
+    if (inode.empty()) continue;
+    if (const int pid = PidHoldingSocket(inode, candidates); pid > 0) return pid;
   }
   return 0;
 }
