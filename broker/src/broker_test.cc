@@ -410,6 +410,9 @@ TEST_P(BrokerTest, PoisonStatementIsIsolatedAndFailsAfterThreeSoloDeaths) {
     ++deaths;
     ASSERT_TRUE(testing::WaitFor([&] { return stats.quarantined.load() + stats.poisoned.load() > noticed; }))
         << "the broker did not notice death " << deaths;
+    // The workers gauge lags the removal a little; ready() of the next worker
+    // compares against it, and that worker does not heartbeat while it waits.
+    ASSERT_TRUE(testing::WaitFor([&] { return stats.workers.load() == 0; }));
     if (stats.poisoned.load() > 0) {
       for (auto& [i, r] : results(client, 1)) got[i] = std::move(r);
     }
