@@ -21,6 +21,16 @@ using Clock = std::chrono::steady_clock;
 struct Lease {
   std::string worker;  // routing id
   proto::WireStatement statement;
+  std::uint64_t seq = 0;  // order seq of the DISPATCH that carried it (§3.7)
+};
+
+// A RESULTS message sent to a client and kept until the client acknowledges
+// it (§3.6): the frames share their buffers with what was sent (ZeroMQ
+// reference-counts message bodies), so keeping them costs no copy.
+struct Retained {
+  std::uint64_t seq = 0;
+  std::vector<std::uint64_t> indices;
+  proto::Frames frames;
 };
 
 // Owned by the loop thread.
@@ -39,6 +49,14 @@ struct SessionState {
   std::unordered_map<std::uint64_t, std::uint32_t> solo_deaths;
   // Workers that were sent SESSION for it (they get END_SESSION on close).
   std::unordered_set<std::string> workers;
+  // RESULTS sent to the client and not yet acknowledged, oldest first, and
+  // the seq of the last one sent (§3.6). Bounded by window + prefetch: the
+  // client submits more only as it receives results, and acknowledges them.
+  std::deque<Retained> retained;
+  std::uint64_t results_seq = 0;
+  // One past the highest index submitted (§3.6: tells a client whether a
+  // SUBMIT of its was lost).
+  std::uint64_t next_index = 0;
   Clock::time_point last_seen;  // last message from its client
   bool in_ready = false;  // in Impl::ready_ (round-robin of dispatchable sessions)
 };
@@ -51,12 +69,21 @@ struct WorkerState {
   std::uint32_t slots = 0;
   std::uint32_t leased = 0;
   Clock::time_point last_seen;
-  std::unordered_set<SessionId> sessions;
+  // Sessions sent to it, with the order seq of their SESSION message (§3.7).
+  std::unordered_map<SessionId, std::uint64_t> sessions;
+  // Order seq of the last SESSION, DISPATCH or END_SESSION sent (§3.7).
+  std::uint64_t order_seq = 0;
+  // Highest seq of its RESULTS up to which none is missing (§3.7).
+  std::uint64_t results_seq = 0;
+  bool ack_due = false;     // results_seq advanced: ACK it this pass
+  bool reachable = true;    // the last send reached its connection
   bool draining = false;  // sent DRAINING: leases nothing more (§3.4.7)
   bool reserved = false;  // set aside to run quarantine groups (§4.5)
   bool isolated = false;  // runs a quarantine group and nothing else
   // Free slots for ordinary dispatch.
-  std::uint32_t credit() const { return draining || reserved || leased >= slots ? 0 : slots - leased; }
+  std::uint32_t credit() const {
+    return draining || reserved || !reachable || leased >= slots ? 0 : slots - leased;
+  }
 };
 
 // Why a worker is removed, which decides what happens to its leases (§4.5).
@@ -109,6 +136,7 @@ struct Broker::Impl {
   std::uint64_t total_pending = 0;
   std::uint64_t total_leased = 0;
   Clock::time_point next_heartbeat;
+  std::vector<std::string> acks_due;  // workers owed an ACK this pass
 
   explicit Impl(BrokerOptions o) : options(std::move(o)) {}
 
@@ -117,10 +145,17 @@ struct Broker::Impl {
   void on_client(const std::string& peer, proto::Command command, std::span<zmq::message_t> body);
   void on_worker(const std::string& peer, proto::Command command, std::span<zmq::message_t> body);
   void on_results(const std::string& peer, std::span<zmq::message_t> body);
+  void on_holding(const std::string& peer, std::span<zmq::message_t> body);
+  void on_sync(const std::string& peer, std::span<zmq::message_t> body);
+  void deliver(SessionState& s, proto::Frames&& frames, std::vector<std::uint64_t>&& indices);
+  void deliver_failures(SessionState& s, proto::Results&& results);
+  void requeue_front(SessionState& s, std::vector<proto::WireStatement>&& statements);
+  void send_acks();
+  bool send_order(WorkerState& w, proto::Frames&& frames);
   void dispatch();
   void dispatch_quarantine();
-  void ensure_session(SessionState& s, WorkerState& w);
-  void send_dispatch(SessionState& s, WorkerState& w, proto::Statements& chunk);
+  bool ensure_session(SessionState& s, WorkerState& w);
+  bool send_dispatch(SessionState& s, WorkerState& w, proto::Statements& chunk);
   void release_quarantine_worker();
   void end_session(SessionState& s);
   void remove_worker(const std::string& routing_id, Departure how, const char* why);
@@ -199,8 +234,11 @@ void Broker::Impl::dispatch() {
     const std::size_t n = std::min({window_room, fair_share, static_cast<std::size_t>(best->credit()),
                                     static_cast<std::size_t>(options.max_chunk), s.pending.size()});
     if (n == 0) continue;
-    ensure_session(s, *best);
-    proto::Statements chunk{sid, {}};
+    if (!ensure_session(s, *best)) {
+      mark_ready(s);
+      continue;  // unreachable: it has no credit now, another worker is tried
+    }
+    proto::Statements chunk{sid, {}, 0};
     chunk.statements.reserve(n);
     std::size_t popped = 0;
     while (chunk.statements.size() < n && !s.pending.empty()) {
@@ -217,29 +255,96 @@ void Broker::Impl::dispatch() {
       mark_ready(s);
       continue;
     }
-    send_dispatch(s, *best, chunk);
+    if (!send_dispatch(s, *best, chunk)) requeue_front(s, std::move(chunk.statements));
     mark_ready(s);
   }
 }
 
-// SESSION before the first DISPATCH of a session to a worker (§3.5.1).
-void Broker::Impl::ensure_session(SessionState& s, WorkerState& w) {
-  if (w.sessions.insert(s.id).second) {
-    s.workers.insert(w.routing_id);
-    send(w.routing_id, proto::Encode(proto::Session{s.id, s.settings}));
+// Sends SESSION, DISPATCH or END_SESSION, encoded with seq w.order_seq + 1
+// (§3.7). ROUTER_MANDATORY makes a send to a connection that is gone fail
+// at once, so a message not sent was never seen: the seq is not used up and
+// the worker leases nothing more until it is heard from again.
+bool Broker::Impl::send_order(WorkerState& w, proto::Frames&& frames) {
+  if (!send(w.routing_id, std::move(frames))) {
+    w.reachable = false;
+    return false;
   }
+  ++w.order_seq;
+  return true;
+}
+
+// SESSION before the first DISPATCH of a session to a worker (§3.5.1).
+bool Broker::Impl::ensure_session(SessionState& s, WorkerState& w) {
+  if (w.sessions.contains(s.id)) return true;
+  if (!send_order(w, proto::Encode(proto::Session{s.id, s.settings, w.order_seq + 1}))) return false;
+  w.sessions.emplace(s.id, w.order_seq);
+  s.workers.insert(w.routing_id);
+  return true;
 }
 
 // DISPATCH of `chunk`, whose indices are already leased to `w` (with empty
-// statements): each statement moves into its lease once encoded.
-void Broker::Impl::send_dispatch(SessionState& s, WorkerState& w, proto::Statements& chunk) {
-  proto::Frames frames = proto::Encode(proto::Command::kDispatch, chunk);
-  for (auto& ws : chunk.statements) s.leases[ws.index].statement = std::move(ws);
+// statements): each statement moves into its lease once sent. When the
+// worker cannot be reached the leases are undone and `chunk` is left whole
+// for the caller to queue again.
+bool Broker::Impl::send_dispatch(SessionState& s, WorkerState& w, proto::Statements& chunk) {
+  chunk.seq = w.order_seq + 1;
+  if (!send_order(w, proto::Encode(proto::Command::kDispatch, chunk))) {
+    for (const auto& ws : chunk.statements) s.leases.erase(ws.index);
+    return false;
+  }
+  for (auto& ws : chunk.statements) {
+    Lease& lease = s.leases[ws.index];
+    lease.statement = std::move(ws);
+    lease.seq = w.order_seq;
+  }
   const std::size_t sent = chunk.statements.size();
   w.leased += static_cast<std::uint32_t>(sent);
   total_leased += sent;
   stats.dispatched.fetch_add(sent, std::memory_order_relaxed);
-  send(w.routing_id, std::move(frames));
+  return true;
+}
+
+// Statements that never reached a worker go back to the front of their
+// session's queue, in index order.
+void Broker::Impl::requeue_front(SessionState& s, std::vector<proto::WireStatement>&& statements) {
+  if (statements.empty()) return;
+  total_pending += statements.size();
+  s.pending.insert(s.pending.begin(), std::make_move_iterator(statements.begin()),
+                   std::make_move_iterator(statements.end()));
+  mark_ready(s);
+}
+
+// Numbers, keeps and sends one RESULTS message to the session's client
+// (§3.6). Kept until the client acknowledges it, so a connection that drops
+// on the way loses nothing: SYNC sends it again.
+void Broker::Impl::deliver(SessionState& s, proto::Frames&& frames, std::vector<std::uint64_t>&& indices) {
+  proto::RestampResults(frames, s.id, ++s.results_seq);
+  Retained kept{s.results_seq, std::move(indices), {}};
+  kept.frames.resize(frames.size());
+  for (std::size_t i = 0; i < frames.size(); ++i) kept.frames[i].copy(frames[i]);
+  s.retained.push_back(std::move(kept));
+  send(s.client, std::move(frames));
+}
+
+// Results the broker itself answers (outcome unknown, poison).
+void Broker::Impl::deliver_failures(SessionState& s, proto::Results&& results) {
+  if (results.results.empty()) return;
+  std::vector<std::uint64_t> indices;
+  indices.reserve(results.results.size());
+  for (const auto& r : results.results) indices.push_back(r.index);
+  deliver(s, proto::Encode(std::move(results)), std::move(indices));
+}
+
+// One cumulative ACK per worker per loop pass (§3.7), however many RESULTS
+// it sent: the worker then forgets what it kept.
+void Broker::Impl::send_acks() {
+  for (const auto& rid : acks_due) {
+    auto w = workers.find(rid);
+    if (w == workers.end() || !w->second.ack_due) continue;
+    w->second.ack_due = false;
+    send(rid, proto::Encode(proto::Ack{std::nullopt, w->second.results_seq}));
+  }
+  acks_due.clear();
 }
 
 // Drops the session's queued statements and leases; workers holding it get
@@ -257,11 +362,12 @@ void Broker::Impl::end_session(SessionState& s) {
   s.pending.clear();
   s.quarantine.clear();
   s.solo_deaths.clear();
+  s.retained.clear();
   for (const auto& rid : s.workers) {
     auto w = workers.find(rid);
     if (w == workers.end()) continue;
     w->second.sessions.erase(s.id);
-    send(rid, proto::Encode(proto::Command::kEndSession, proto::SessionRef{s.id}));
+    send_order(w->second, proto::Encode(proto::EndSession{s.id, w->second.order_seq + 1}));
   }
   s.workers.clear();
 }
@@ -284,7 +390,7 @@ void Broker::Impl::remove_worker(const std::string& routing_id, Departure how, c
   // of several, the broker cannot tell which one (if any) killed it.
   const bool solo = how == Departure::kDied && w.leased == 1;
   const bool isolated = w.isolated && w.leased > 0;
-  for (const SessionId& sid : w.sessions) {
+  for (const auto& [sid, session_seq] : w.sessions) {
     auto s = sessions.find(sid);
     if (s == sessions.end()) continue;
     SessionState& session = s->second;
@@ -301,7 +407,7 @@ void Broker::Impl::remove_worker(const std::string& routing_id, Departure how, c
     if (held.empty()) continue;
     total_leased -= held.size();
     std::sort(held.begin(), held.end(), [](const auto& a, const auto& b) { return a.index < b.index; });
-    proto::Results failed{sid, {}};
+    proto::Results failed{sid, 0, {}};
     std::vector<proto::WireStatement> again;
     again.reserve(held.size());
     for (auto& ws : held) {
@@ -330,7 +436,7 @@ void Broker::Impl::remove_worker(const std::string& routing_id, Departure how, c
       }
       again.push_back(std::move(ws));
     }
-    if (!failed.results.empty()) send(session.client, proto::Encode(std::move(failed)));
+    deliver_failures(session, std::move(failed));
     if (!again.empty() && how == Departure::kLeft) {
       // Back to the front of the queue, in index order: nothing is lost.
       stats.requeued.fetch_add(again.size(), std::memory_order_relaxed);
@@ -380,7 +486,9 @@ void Broker::Impl::dispatch_quarantine() {
   }
   if (q == workers.end()) {
     for (auto w = workers.begin(); w != workers.end(); ++w) {
-      if (!w->second.draining && (q == workers.end() || w->second.leased < q->second.leased)) q = w;
+      if (!w->second.draining && w->second.reachable && (q == workers.end() || w->second.leased < q->second.leased)) {
+        q = w;
+      }
     }
     if (q == workers.end()) return;  // no worker to run it on yet
     quarantine_worker = q->first;
@@ -409,7 +517,7 @@ void Broker::Impl::dispatch_quarantine() {
     }
     // Its ordinary dispatch is paused, so its window empties for the group.
     if (s.leases.size() + group.size() > s.settings.workers) return;
-    proto::Statements chunk{sid, std::move(group)};
+    proto::Statements chunk{sid, std::move(group), 0};
     s.quarantine.pop_front();
     --quarantine_groups;
     quarantined.pop_front();
@@ -418,9 +526,17 @@ void Broker::Impl::dispatch_quarantine() {
       return !s.leases.try_emplace(ws.index, Lease{worker.routing_id, {}}).second;
     });
     if (!chunk.statements.empty()) {
-      ensure_session(s, worker);
-      send_dispatch(s, worker, chunk);
-      worker.isolated = true;
+      if (ensure_session(s, worker) && send_dispatch(s, worker, chunk)) {
+        worker.isolated = true;
+      } else {
+        // The worker cannot be reached: the group waits for the next turn.
+        for (const auto& ws : chunk.statements) s.leases.erase(ws.index);
+        s.quarantine.push_front(std::move(chunk.statements));
+        ++quarantine_groups;
+        quarantined.push_front(sid);
+        release_quarantine_worker();
+        return;
+      }
     }
     mark_ready(s);
     if (worker.isolated) return;  // one group at a time
@@ -434,9 +550,24 @@ void Broker::Impl::on_results(const std::string& peer, std::span<zmq::message_t>
     send_error(peer, StatusCode::kNotFound, "unknown worker; send READY", std::nullopt);
     return;
   }
-  w->second.last_seen = Clock::now();
+  WorkerState& worker = w->second;
+  worker.last_seen = Clock::now();
+  worker.reachable = true;
   auto index = proto::DecodeResultsIndex(body);
   if (!index) return malformed(peer, index.error());
+  // §3.7: a worker numbers its RESULTS and keeps each until acknowledged.
+  // One already taken (sent again after a reconnect) is acknowledged again
+  // and dropped; after a gap, the missing ones will come again and the
+  // leases drop what was already forwarded.
+  if (!worker.ack_due) {
+    worker.ack_due = true;
+    acks_due.push_back(peer);
+  }
+  if (index->seq <= worker.results_seq) {
+    stats.duplicates_dropped.fetch_add(index->indices.size(), std::memory_order_relaxed);
+    return;
+  }
+  if (index->seq == worker.results_seq + 1) worker.results_seq = index->seq;
   auto s = sessions.find(index->session);
   if (s == sessions.end()) return;  // closed meanwhile: results are dropped
   SessionState& session = s->second;
@@ -452,28 +583,142 @@ void Broker::Impl::on_results(const std::string& peer, std::span<zmq::message_t>
     }
     session.leases.erase(l);
     --total_leased;
-    if (w->second.leased > 0) --w->second.leased;
+    if (worker.leased > 0) --worker.leased;
     if (!session.solo_deaths.empty()) session.solo_deaths.erase(index->indices[i]);
     ++kept;
   }
   stats.results.fetch_add(kept, std::memory_order_relaxed);
   stats.duplicates_dropped.fetch_add(index->indices.size() - kept, std::memory_order_relaxed);
   if (kept == index->indices.size()) {
-    // Fast path: forward the worker's frames to the client untouched.
+    // Fast path: the worker's results and bodies go on untouched; only the
+    // [session, seq] frame is the broker's own (§3.6).
     proto::Frames frames;
     frames.reserve(body.size());
     for (auto& f : body) frames.push_back(std::move(f));
-    send(session.client, std::move(frames));
+    deliver(session, std::move(frames), std::move(index->indices));
   } else if (kept > 0) {
     auto full = proto::DecodeResults(body);
     if (!full) return malformed(peer, full.error());
-    proto::Results filtered{full->session, {}};
+    proto::Results filtered{full->session, 0, {}};
     for (std::size_t i = 0; i < full->results.size(); ++i) {
       if (keep[i]) filtered.results.push_back(std::move(full->results[i]));
     }
-    send(session.client, proto::Encode(std::move(filtered)));
+    deliver_failures(session, std::move(filtered));
   }
   mark_ready(session);
+}
+
+// §3.7: after a reconnect, or on seeing a gap in the order seqs, a worker
+// says what it holds. A lease from a DISPATCH it has received (seq <= its
+// seq) that is not in its hands never reached it — its RESULTS, kept until
+// acknowledged, were sent again before this message — so it is queued again,
+// a POST included: it was never sent. Sessions are reconciled both ways.
+void Broker::Impl::on_holding(const std::string& peer, std::span<zmq::message_t> body) {
+  auto w = workers.find(peer);
+  if (w == workers.end()) {
+    send_error(peer, StatusCode::kNotFound, "unknown worker; send READY", std::nullopt);
+    return;
+  }
+  auto holding = proto::DecodeHolding(body);
+  if (!holding) return malformed(peer, holding.error());
+  WorkerState& worker = w->second;
+  worker.last_seen = Clock::now();
+  worker.reachable = true;
+  std::unordered_map<SessionId, std::unordered_set<std::uint64_t>> held;
+  for (auto& [sid, indices] : holding->sessions) held[sid].insert(indices.begin(), indices.end());
+  std::vector<SessionId> touched;
+  touched.reserve(worker.sessions.size());
+  for (auto it = worker.sessions.begin(); it != worker.sessions.end();) {
+    touched.push_back(it->first);
+    if (it->second <= holding->seq && !held.contains(it->first)) {
+      // Its SESSION never arrived: the next DISPATCH sends it again.
+      if (auto s = sessions.find(it->first); s != sessions.end()) s->second.workers.erase(peer);
+      it = worker.sessions.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  for (const auto& [sid, indices] : held) {
+    // Ended here, but its END_SESSION never arrived.
+    if (!worker.sessions.contains(sid)) send_order(worker, proto::Encode(proto::EndSession{sid, worker.order_seq + 1}));
+  }
+  std::size_t lost_total = 0;
+  for (const SessionId& sid : touched) {
+    auto s = sessions.find(sid);
+    if (s == sessions.end()) continue;
+    SessionState& session = s->second;
+    auto in_hand = held.find(sid);
+    std::vector<proto::WireStatement> lost;
+    for (auto l = session.leases.begin(); l != session.leases.end();) {
+      const Lease& lease = l->second;
+      if (lease.worker == peer && lease.seq <= holding->seq &&
+          (in_hand == held.end() || !in_hand->second.contains(l->first))) {
+        lost.push_back(std::move(l->second.statement));
+        l = session.leases.erase(l);
+      } else {
+        ++l;
+      }
+    }
+    if (lost.empty()) continue;
+    lost_total += lost.size();
+    total_leased -= lost.size();
+    worker.leased -= std::min<std::uint32_t>(worker.leased, static_cast<std::uint32_t>(lost.size()));
+    std::sort(lost.begin(), lost.end(), [](const auto& a, const auto& b) { return a.index < b.index; });
+    stats.requeued.fetch_add(lost.size(), std::memory_order_relaxed);
+    requeue_front(session, std::move(lost));
+  }
+  Logger().info("broker: worker {} resynchronised: holds {} sessions; {} statements that never reached it queued again",
+                worker.worker_id, holding->sessions.size(), lost_total);
+}
+
+// §3.6: a client that reconnected, or saw a gap, says what it has received
+// and what it has not been answered. The broker sends again every RESULTS
+// it keeps past that, then SYNCED with the statements it never received.
+void Broker::Impl::on_sync(const std::string& peer, std::span<zmq::message_t> body) {
+  auto sync = proto::DecodeSync(body);
+  if (!sync) return malformed(peer, sync.error());
+  auto it = sessions.find(sync->session);
+  if (it == sessions.end()) return send_error(peer, StatusCode::kNotFound, "session not open", sync->session);
+  SessionState& s = it->second;
+  s.last_seen = Clock::now();
+  s.client = peer;
+  std::uint64_t listed = 0;
+  for (const auto& r : sync->unanswered) listed += r.count;
+  const std::uint64_t cap = std::uint64_t{s.settings.workers} + s.prefetch + options.queue_slack;
+  if (listed > cap) {
+    return send_error(peer, StatusCode::kInvalidArgument,
+                      fmt::format("SYNC lists {} unanswered statements; a session has at most {}", listed, cap), s.id);
+  }
+  while (!s.retained.empty() && s.retained.front().seq <= sync->ack) s.retained.pop_front();
+  std::unordered_set<std::uint64_t> known;
+  known.reserve(s.pending.size() + 64);
+  for (Retained& r : s.retained) {
+    proto::Frames again(r.frames.size());
+    for (std::size_t i = 0; i < r.frames.size(); ++i) again[i].copy(r.frames[i]);
+    send(peer, std::move(again));
+    known.insert(r.indices.begin(), r.indices.end());
+  }
+  for (const auto& ws : s.pending) known.insert(ws.index);
+  for (const auto& group : s.quarantine) {
+    for (const auto& ws : group) known.insert(ws.index);
+  }
+  proto::Synced synced{s.id, {}};
+  for (const auto& r : sync->unanswered) {
+    for (std::uint64_t i = r.first; i < r.first + r.count; ++i) {
+      if (known.contains(i) || s.leases.contains(i)) continue;
+      if (!synced.missing.empty() && synced.missing.back().first + synced.missing.back().count == i &&
+          synced.missing.back().count < proto::kMaxBatch) {
+        ++synced.missing.back().count;
+      } else {
+        synced.missing.push_back(proto::IndexRange{i, 1});
+      }
+    }
+  }
+  std::uint64_t missing = 0;
+  for (const auto& r : synced.missing) missing += r.count;
+  Logger().info("broker: session {} resynchronised: {} RESULTS sent again, {} statements to submit again",
+                s.id.ToString(), s.retained.size(), missing);
+  send(peer, proto::Encode(synced));
 }
 
 void Broker::Impl::on_worker(const std::string& peer, proto::Command command, std::span<zmq::message_t> body) {
@@ -492,8 +737,12 @@ void Broker::Impl::on_worker(const std::string& peer, proto::Command command, st
     w.last_seen = Clock::now();
     Logger().info("broker: worker {} on {} ready with {} slots{}", w.worker_id, w.host, w.slots,
                   again ? " (registered again)" : "");
+    // §3.4.1: READY is answered, so the worker can tell errors about what it
+    // sent before READY from errors about itself.
+    send(peer, proto::Encode(proto::BrokerBeat{std::nullopt, 0, 0}));
     return;
   }
+  if (command == proto::Command::kHolding) return on_holding(peer, body);
   if (command == proto::Command::kDraining || command == proto::Command::kDisconnect) {
     if (Status st = proto::DecodeEmpty(body); !st.ok()) return malformed(peer, st);
     auto w = workers.find(peer);
@@ -553,11 +802,26 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
                         fmt::format("broker queue cap exceeded ({} statements over all sessions)", options.max_queued),
                         s.id);
     }
-    for (auto& ws : submit->statements) s.pending.push_back(std::move(ws));
+    for (auto& ws : submit->statements) {
+      s.next_index = std::max(s.next_index, ws.index + 1);
+      s.pending.push_back(std::move(ws));
+    }
     total_pending += submit->statements.size();
     mark_ready(s);
     return;
   }
+  if (command == Command::kAck) {
+    auto ack = proto::DecodeAck(body);
+    if (!ack) return malformed(peer, ack.error());
+    if (!ack->session) return malformed(peer, InvalidArgument("a client's ACK names its session"));
+    auto it = sessions.find(*ack->session);
+    if (it == sessions.end()) return send_error(peer, StatusCode::kNotFound, "session not open", *ack->session);
+    SessionState& s = it->second;
+    s.last_seen = Clock::now();
+    while (!s.retained.empty() && s.retained.front().seq <= ack->seq) s.retained.pop_front();
+    return;
+  }
+  if (command == Command::kSync) return on_sync(peer, body);
   if (command == Command::kCancel || command == Command::kClose) {
     auto ref = proto::DecodeSessionRef(body);
     if (!ref) return malformed(peer, ref.error());
@@ -590,9 +854,11 @@ void Broker::Impl::handle(std::vector<zmq::message_t>& frames) {
   using proto::Command;
   switch (*command) {
     case Command::kOpen: case Command::kSubmit: case Command::kCancel: case Command::kClose:
+    case Command::kAck: case Command::kSync:
       on_client(peer, *command, body);
       break;
     case Command::kReady: case Command::kResults: case Command::kDraining: case Command::kDisconnect:
+    case Command::kHolding:
       on_worker(peer, *command, body);
       break;
     case Command::kHeartbeat: {
@@ -602,6 +868,7 @@ void Broker::Impl::handle(std::vector<zmq::message_t>& frames) {
       auto w = workers.find(peer);
       if (w != workers.end()) {
         w->second.last_seen = Clock::now();
+        w->second.reachable = true;
         break;
       }
       if (!*named) {
@@ -613,13 +880,16 @@ void Broker::Impl::handle(std::vector<zmq::message_t>& frames) {
       // §3.2.7: a client's heartbeat keeps its session alive; a session
       // this broker does not have (it restarted, or the TTL ran out) is
       // reported so the client re-opens it (§3.2.8).
-      auto s = sessions.find(**named);
+      auto s = sessions.find((*named)->session);
       if (s == sessions.end()) {
-        return send_error(peer, StatusCode::kNotFound, "session not open", **named);
+        return send_error(peer, StatusCode::kNotFound, "session not open", (*named)->session);
       }
-      s->second.last_seen = Clock::now();
-      s->second.client = peer;
-      send(peer, proto::EncodeHeartbeat());
+      SessionState& session = s->second;
+      session.last_seen = Clock::now();
+      session.client = peer;
+      // §3.6: the answer tells the client the last RESULTS sent and how far
+      // its SUBMITs arrived, so it can tell whether anything was lost.
+      send(peer, proto::Encode(proto::BrokerBeat{session.id, session.results_seq, session.next_index}));
       break;
     }
     default:
@@ -635,8 +905,11 @@ void Broker::Impl::heartbeat() {
   const auto dead_after = options.heartbeat_interval * options.heartbeat_liveness;
   std::vector<std::string> dead;
   for (auto& [rid, w] : workers) {
-    if (now - w.last_seen > dead_after) dead.push_back(rid);
-    else send(rid, proto::EncodeHeartbeat());
+    if (now - w.last_seen > dead_after) {
+      dead.push_back(rid);
+    } else if (!send(rid, proto::Encode(proto::BrokerBeat{std::nullopt, w.order_seq, 0}))) {
+      w.reachable = false;  // its connection is gone; it will come back or die
+    }
   }
   for (const auto& rid : dead) remove_worker(rid, Departure::kDied, "missed heartbeats");
   // DESIGN §5.5: a silent client's session is cancelled everywhere.
@@ -678,6 +951,7 @@ void Broker::Impl::run() {
     // Once per pass, after messages and expiries changed credit and queues.
     dispatch_quarantine();
     dispatch();
+    send_acks();
     update_gauges();
   }
 }
@@ -697,7 +971,10 @@ Status Broker::start() {
   }
   m.router = std::make_unique<zmq::socket_t>(*m.context, zmq::socket_type::router);
   m.router->set(zmq::sockopt::router_mandatory, 1);
-  protocol::ConfigureSocket(*m.router);
+  // §1.5: a peer that reconnects under its routing id takes its route over
+  // from the connection it left behind (which may not have noticed yet).
+  m.router->set(zmq::sockopt::router_handover, 1);
+  protocol::ConfigureSocket(*m.router, m.options.heartbeat_interval);
   m.bound.clear();
   for (const auto& ep : m.options.endpoints) {
     try {

@@ -35,9 +35,14 @@ struct Gatherer::Impl {
   std::unique_ptr<Broker> broker;
   std::unique_ptr<Worker> worker;
   std::unique_ptr<zmq::socket_t> dealer;
+  std::unique_ptr<proto::ReconnectWatch> watch;  // of `dealer`; destroyed before it
   WakeFd cancel_fd;
   std::atomic<bool> cancel_requested{false};
   std::uint64_t next_index = 0;
+  // §3.6: the broker numbers its RESULTS for the session; every one up to
+  // results_seq has arrived, and acked_seq is what the broker was told.
+  std::uint64_t results_seq = 0;
+  std::uint64_t acked_seq = 0;
   Clock::time_point last_heard;
   // Malformed messages from the broker: dropped, counted, logged at most
   // once a second (PROTOCOL.md §2.4).
@@ -107,7 +112,10 @@ Gatherer::Gatherer(Options options) : impl_(std::make_unique<Impl>()) {
     m.endpoint = m.options.broker;
   }
   m.dealer = std::make_unique<zmq::socket_t>(*m.context, zmq::socket_type::dealer);
-  proto::ConfigureSocket(*m.dealer);
+  proto::ConfigureSocket(*m.dealer, kHeartbeat);
+  // §1.5: a reconnect keeps this session's route at the broker.
+  m.dealer->set(zmq::sockopt::routing_id, proto::ClientRoutingId(m.session));
+  m.watch = std::make_unique<proto::ReconnectWatch>(*m.context, *m.dealer);
   try {
     m.dealer->connect(m.endpoint);
   } catch (const zmq::error_t& e) {
@@ -159,6 +167,7 @@ void Gatherer::Impl::close_session() {
 Gatherer::~Gatherer() {
   Impl& m = *impl_;
   m.close_session();
+  m.watch.reset();
   m.dealer.reset();
   if (m.worker) m.worker->stop();
   if (m.broker) m.broker->stop();
@@ -195,6 +204,11 @@ struct Stream::Run {
   // that lost them (PROTOCOL.md §3.2.8). Slots are reused: no copies.
   std::vector<Statement> held;
   bool awaiting_opened = false;  // re-opened; later not_found errors are stale
+  // §3.6: a SYNC is on its way (sent at sync_sent); `beat_next` is
+  // base + pulled when the last HEARTBEAT left.
+  bool sync_pending = false;
+  Clock::time_point sync_sent;
+  std::uint64_t beat_next = 0;
   bool source_done = false;
   bool finished = false;
   // Session index of position 0 (PROTOCOL.md §3.2.2).
@@ -217,6 +231,9 @@ struct Stream::Run {
   void top_up();
   void send_range(std::uint64_t from, std::size_t count);
   void reopen();
+  void sync(const char* why);
+  void on_synced(const proto::Synced& synced);
+  bool lost_a_submit(std::uint64_t broker_next) const;
   const Statement& statement_at(std::uint64_t pos) const {
     return source ? held[pos % span] : fixed[static_cast<std::size_t>(pos)];
   }
@@ -240,6 +257,7 @@ void Stream::Run::start(std::size_t span_positions) {
   base = m.next_index;
   next_heartbeat = Clock::now() + kHeartbeat;
   m.last_heard = Clock::now();  // idle time before this run does not count
+  m.watch->reconnected();  // a reconnect between runs lost nothing of this one
   m.cancel_requested.store(false, std::memory_order_release);
 }
 
@@ -370,19 +388,95 @@ void Stream::Run::accept(proto::WireResult& r) {
   }
 }
 
+// §3.6: asks the broker for what this run may have lost on a dropped
+// connection: RESULTS past results_seq are sent again, and SYNCED names the
+// unanswered statements it never received.
+void Stream::Run::sync(const char* why) {
+  if (awaiting_opened) return;  // re-opening resubmits everything anyway
+  proto::Sync msg{m.session, m.results_seq, {}};
+  std::uint64_t listed = 0;
+  for (std::uint64_t p = low; p < pulled; ++p) {
+    if (slots[p % span] != kSent) continue;
+    const std::uint64_t index = base + p;
+    auto& ranges = msg.unanswered;
+    if (!ranges.empty() && ranges.back().first + ranges.back().count == index && ranges.back().count < proto::kMaxBatch) {
+      ++ranges.back().count;
+    } else {
+      ranges.push_back(proto::IndexRange{index, 1});
+    }
+    ++listed;
+  }
+  Logger().info("gatherer: session {}: resynchronising with broker {} ({}; {} statements unanswered)", m.session_text,
+                m.endpoint, why, listed);
+  m.send(proto::Encode(msg));
+  m.acked_seq = std::max(m.acked_seq, m.results_seq);
+  sync_pending = true;
+  sync_sent = Clock::now();
+}
+
+// The statements the broker never received are submitted again, POSTs
+// included: they cannot have run (§3.6).
+void Stream::Run::on_synced(const proto::Synced& synced) {
+  sync_pending = false;
+  std::uint64_t again = 0;
+  for (const auto& r : synced.missing) {
+    std::uint64_t start = 0;
+    std::size_t run = 0;
+    auto flush = [&] {
+      if (run > 0) send_range(start, run);
+      again += run;
+      run = 0;
+    };
+    for (std::uint64_t i = r.first; i < r.first + r.count; ++i) {
+      if (i < base) continue;
+      const std::uint64_t p = i - base;
+      if (p < low || p >= pulled || slots[p % span] != kSent) {
+        flush();
+        continue;
+      }
+      if (run == 0) start = p;
+      if (p != start + run) {
+        flush();
+        start = p;
+      }
+      ++run;
+    }
+    flush();
+  }
+  if (again > 0) {
+    Logger().info("gatherer: session {}: {} statements the broker never received submitted again", m.session_text,
+                  again);
+  }
+}
+
+// True when a statement submitted before the last HEARTBEAT is unanswered
+// and the broker's answer shows it never arrived (its index is at or past
+// one past the highest the broker received).
+bool Stream::Run::lost_a_submit(std::uint64_t broker_next) const {
+  if (beat_next <= base) return false;
+  for (std::uint64_t p = std::min(beat_next - base, pulled); p-- > low;) {
+    if (slots[p % span] == kSent) return base + p >= broker_next;
+  }
+  return false;
+}
+
 // Sends what fits, waits for the broker (up to the next heartbeat), and
 // takes in every message waiting.
 void Stream::Run::pump() {
   top_up();
-  zmq::pollitem_t items[] = {{m.dealer->handle(), 0, ZMQ_POLLIN, 0}, {nullptr, m.cancel_fd.fd(), ZMQ_POLLIN, 0}};
+  zmq::pollitem_t items[] = {{m.dealer->handle(), 0, ZMQ_POLLIN, 0},
+                             {nullptr, m.cancel_fd.fd(), ZMQ_POLLIN, 0},
+                             {m.watch->events().handle(), 0, ZMQ_POLLIN, 0}};
   const auto wait = std::max(std::chrono::milliseconds(0),
                              std::chrono::duration_cast<std::chrono::milliseconds>(next_heartbeat - Clock::now()));
-  zmq::poll(items, 2, wait);
+  zmq::poll(items, 3, wait);
   if (m.cancel_requested.exchange(false, std::memory_order_acq_rel)) {
     m.cancel_fd.drain();
     Logger().warn("gatherer: session {} cancelled by the caller", m.session_text);
     fail("gather cancelled", -1, StatusCode::kCancelled);
   }
+  // §3.6: a new connection: what was in flight on the old one may be lost.
+  if ((items[2].revents & ZMQ_POLLIN) && m.watch->reconnected()) sync("reconnected");
   while (m.recv(frames)) {
     auto command = proto::PeekCommand(frames);
     if (!command) {
@@ -396,6 +490,13 @@ void Stream::Run::pump() {
         continue;
       }
       if (results->session != m.session) continue;
+      if (!awaiting_opened) {
+        if (results->seq == m.results_seq + 1) {
+          m.results_seq = results->seq;
+        } else if (results->seq > m.results_seq + 1 && !sync_pending) {
+          sync("a RESULTS message was lost");
+        }
+      }
       for (auto& r : results->results) accept(r);
     } else if (*command == proto::Command::kOpened) {
       auto opened = proto::DecodeSessionRef(frames);
@@ -403,7 +504,30 @@ void Stream::Run::pump() {
         m.bad("OPENED", opened.error());
         continue;
       }
-      if (opened->session == m.session) awaiting_opened = false;
+      if (opened->session == m.session && awaiting_opened) {
+        // A new session at the broker numbers its RESULTS from 1.
+        awaiting_opened = false;
+        m.results_seq = m.acked_seq = 0;
+      }
+    } else if (*command == proto::Command::kSynced) {
+      auto synced = proto::DecodeSynced(frames);
+      if (!synced) {
+        m.bad("SYNCED", synced.error());
+        continue;
+      }
+      if (synced->session == m.session) on_synced(*synced);
+    } else if (*command == proto::Command::kHeartbeat) {
+      auto beat = proto::DecodeBrokerHeartbeat(frames);
+      if (!beat) {
+        m.bad("HEARTBEAT", beat.error());
+        continue;
+      }
+      // §3.6: everything the broker sent before this answer has arrived, and
+      // everything this client sent before its HEARTBEAT has been read.
+      if (beat->session == m.session && !sync_pending && !awaiting_opened) {
+        if (beat->seq > m.results_seq) sync("the broker's heartbeat names RESULTS that never arrived");
+        else if (lost_a_submit(beat->next_index)) sync("the broker's heartbeat shows a SUBMIT that never arrived");
+      }
     } else if (*command == proto::Command::kError) {
       auto e = proto::DecodeError(frames);
       if (!e) {
@@ -418,16 +542,32 @@ void Stream::Run::pump() {
       }
       fail("broker refused: " + std::string(StatusCodeName(e->code)) + ": " + e->message, -1, e->code);
     }
-    // OPENED, CLOSED and HEARTBEAT only prove the broker is alive.
+    // CLOSED only proves the broker is alive.
   }
-  if (Clock::now() >= next_heartbeat) {
-    next_heartbeat = Clock::now() + kHeartbeat;
-    if (Clock::now() - m.last_heard > m.options.connect_timeout) {
-      fail("broker " + m.endpoint + " has not answered for " + std::to_string(m.options.connect_timeout.count()) +
-               " ms",
+  // One cumulative ACK per pass, so the broker forgets what arrived (§3.6).
+  if (m.results_seq > m.acked_seq) {
+    m.send(proto::Encode(proto::Ack{m.session, m.results_seq}));
+    m.acked_seq = m.results_seq;
+  }
+  const auto now = Clock::now();
+  if (now >= next_heartbeat) {
+    next_heartbeat = now + kHeartbeat;
+    if (now - m.last_heard > m.options.broker_timeout) {
+      const auto silent = std::chrono::duration_cast<std::chrono::milliseconds>(now - m.last_heard);
+      Logger().error("gatherer: broker {} unreachable for {} ms; giving up on session {}", m.endpoint, silent.count(),
+                     m.session_text);
+      fail("broker " + m.endpoint + " unreachable for " + std::to_string(silent.count() / 1000) + " s (timeout " +
+               std::to_string(m.options.broker_timeout.count() / 1000) + " s); " + std::to_string(pulled - received) +
+               " statements unanswered, " + std::to_string(received) + " answered",
            -1, StatusCode::kUnavailable);
     }
-    m.send(proto::EncodeHeartbeat(m.session));
+    // A SYNC whose answer was lost with a connection is asked again.
+    if (sync_pending && now - sync_sent > 2 * kHeartbeat) {
+      sync_pending = false;
+      sync("no answer to the last SYNC");
+    }
+    beat_next = base + pulled;
+    m.send(proto::Encode(proto::ClientBeat{m.session}));
   }
 }
 

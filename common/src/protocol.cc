@@ -143,17 +143,34 @@ const msgpack::unpack_limit kLimits(
     /*array=*/kMaxBatch + 16, /*map=*/1024, /*str=*/kMaxHeaderBytes, /*bin=*/kMaxHeaderBytes,
     /*ext=*/0, /*depth=*/8);
 
-// Unpacks the header frame (index 2) after checking the frame count.
-msgpack::object_handle Header(std::span<const zmq::message_t> frames, std::size_t max_frames) {
-  if (frames.size() < 3) Fail("missing header frame");
-  if (frames.size() > max_frames) Fail("unexpected extra frames");
-  const auto& h = frames[2];
+// Unpacks one frame holding exactly one msgpack value.
+msgpack::object_handle Unpack(const zmq::message_t& h) {
   if (h.size() > kMaxHeaderBytes) Fail("header frame too large");
   std::size_t offset = 0;
   auto handle = msgpack::unpack(static_cast<const char*>(h.data()), h.size(), offset, nullptr,
                                 nullptr, kLimits);
   if (offset != h.size()) Fail("trailing bytes after header");
   return handle;
+}
+
+// Unpacks the header frame (index 2) after checking the frame count.
+msgpack::object_handle Header(std::span<const zmq::message_t> frames, std::size_t max_frames) {
+  if (frames.size() < 3) Fail("missing header frame");
+  if (frames.size() > max_frames) Fail("unexpected extra frames");
+  return Unpack(frames[2]);
+}
+
+std::vector<IndexRange> AsRanges(const msgpack::object& o) {
+  const auto& list = AsArray(o, 0, "ranges is not an array");
+  if (list.size > kMaxBatch) Fail("too many ranges in one message");
+  std::vector<IndexRange> ranges(list.size);
+  for (std::uint32_t i = 0; i < list.size; ++i) {
+    const auto& r = AsArray(list.ptr[i], 2, "range is not [first, count]");
+    ranges[i].first = AsUint<std::uint64_t>(r.ptr[0], "range first");
+    ranges[i].count = AsUint<std::uint32_t>(r.ptr[1], "range count");
+    if (ranges[i].count == 0 || ranges[i].count > kMaxBatch) Fail("range count out of range");
+  }
+  return ranges;
 }
 
 template <typename F>
@@ -182,6 +199,10 @@ const char* CommandName(Command command) {
     case Command::kCancel: return "CANCEL";
     case Command::kClose: return "CLOSE";
     case Command::kHeartbeat: return "HEARTBEAT";
+    case Command::kAck: return "ACK";
+    case Command::kSync: return "SYNC";
+    case Command::kSynced: return "SYNCED";
+    case Command::kHolding: return "HOLDING";
     case Command::kOpened: return "OPENED";
     case Command::kResults: return "RESULTS";
     case Command::kClosed: return "CLOSED";
@@ -213,7 +234,8 @@ Result<Command> PeekCommand(std::span<const zmq::message_t> frames) {
     case Command::kOpen: case Command::kSubmit: case Command::kCancel: case Command::kClose:
     case Command::kHeartbeat: case Command::kOpened: case Command::kResults: case Command::kClosed:
     case Command::kError: case Command::kReady: case Command::kSession: case Command::kDispatch:
-    case Command::kEndSession: case Command::kDraining: case Command::kDisconnect:
+    case Command::kEndSession: case Command::kDraining: case Command::kDisconnect: case Command::kAck:
+    case Command::kSync: case Command::kSynced: case Command::kHolding:
       return c;
   }
   return Unexpected(InvalidArgument("unknown command"));
@@ -257,10 +279,12 @@ Frames Encode(Command command, const Statements& m) {
   for (const auto& ws : m.statements) estimate += SizeHint(ws.statement);
   msgpack::sbuffer buf(estimate);
   Packer pk(buf);
-  pk.pack_array(2);
+  const bool dispatch = command == Command::kDispatch;
+  pk.pack_array(dispatch ? 3 : 2);
   PackBin(pk, m.session.raw());
   pk.pack_array(static_cast<std::uint32_t>(m.statements.size()));
   for (const auto& ws : m.statements) PackStatement(pk, ws.index, ws.statement);
+  if (dispatch) pk.pack(m.seq);
   return Start(command, buf);
 }
 
@@ -276,11 +300,24 @@ Frames EncodeSubmit(const SessionId& session, std::uint64_t first_index, std::sp
   return Start(Command::kSubmit, buf);
 }
 
-Frames Encode(Results&& m) {
-  msgpack::sbuffer buf(64 + 96 * m.results.size());
+namespace {
+zmq::message_t ResultsHead(const SessionId& session, std::uint64_t seq) {
+  msgpack::sbuffer buf(32);
   Packer pk(buf);
   pk.pack_array(2);
-  PackBin(pk, m.session.raw());
+  PackBin(pk, session.raw());
+  pk.pack(seq);
+  return zmq::message_t(buf.data(), buf.size());
+}
+}  // namespace
+
+void RestampResults(Frames& frames, const SessionId& session, std::uint64_t seq) {
+  frames[2] = ResultsHead(session, seq);
+}
+
+Frames Encode(Results&& m) {
+  msgpack::sbuffer buf(16 + 96 * m.results.size());
+  Packer pk(buf);
   pk.pack_array(static_cast<std::uint32_t>(m.results.size()));
   for (const auto& wr : m.results) {
     const Response& r = wr.response;
@@ -294,8 +331,12 @@ Frames Encode(Results&& m) {
     pk.pack(r.elapsed_us);
     PackStr(pk, r.worker);
   }
-  Frames frames = Start(Command::kResults, buf);
-  frames.reserve(3 + m.results.size());
+  Frames frames;
+  frames.reserve(4 + m.results.size());
+  frames.push_back(Signature());
+  frames.push_back(CommandFrame(Command::kResults));
+  frames.push_back(ResultsHead(m.session, m.seq));
+  frames.emplace_back(buf.data(), buf.size());
   for (auto& wr : m.results) {
     // Zero-copy: the frame takes ownership of the body's heap buffer (§3.4).
     auto* owned = new std::string(std::move(wr.response.body));
@@ -309,10 +350,80 @@ Frames Encode(Results&& m) {
 Frames Encode(const Session& m) {
   msgpack::sbuffer buf(256);
   Packer pk(buf);
-  pk.pack_array(2);
+  pk.pack_array(3);
   PackBin(pk, m.session.raw());
   PackSettings(pk, m.settings);
+  pk.pack(m.seq);
   return Start(Command::kSession, buf);
+}
+
+Frames Encode(const EndSession& m) {
+  msgpack::sbuffer buf(40);
+  Packer pk(buf);
+  pk.pack_array(2);
+  PackBin(pk, m.session.raw());
+  pk.pack(m.seq);
+  return Start(Command::kEndSession, buf);
+}
+
+Frames Encode(const Ack& m) {
+  msgpack::sbuffer buf(40);
+  Packer pk(buf);
+  if (m.session) {
+    pk.pack_array(2);
+    PackBin(pk, m.session->raw());
+  } else {
+    pk.pack_array(1);
+  }
+  pk.pack(m.seq);
+  return Start(Command::kAck, buf);
+}
+
+namespace {
+void PackRanges(Packer& pk, const std::vector<IndexRange>& ranges) {
+  pk.pack_array(static_cast<std::uint32_t>(ranges.size()));
+  for (const auto& r : ranges) {
+    pk.pack_array(2);
+    pk.pack(r.first);
+    pk.pack(r.count);
+  }
+}
+}  // namespace
+
+Frames Encode(const Sync& m) {
+  msgpack::sbuffer buf(48 + 20 * m.unanswered.size());
+  Packer pk(buf);
+  pk.pack_array(3);
+  PackBin(pk, m.session.raw());
+  pk.pack(m.ack);
+  PackRanges(pk, m.unanswered);
+  return Start(Command::kSync, buf);
+}
+
+Frames Encode(const Synced& m) {
+  msgpack::sbuffer buf(40 + 20 * m.missing.size());
+  Packer pk(buf);
+  pk.pack_array(2);
+  PackBin(pk, m.session.raw());
+  PackRanges(pk, m.missing);
+  return Start(Command::kSynced, buf);
+}
+
+Frames Encode(const Holding& m) {
+  std::size_t estimate = 32;
+  for (const auto& [session, indices] : m.sessions) estimate += 24 + 9 * indices.size();
+  msgpack::sbuffer buf(estimate);
+  Packer pk(buf);
+  pk.pack_array(2);
+  pk.pack(m.seq);
+  pk.pack_array(static_cast<std::uint32_t>(m.sessions.size()));
+  for (const auto& [session, indices] : m.sessions) {
+    pk.pack_array(2);
+    PackBin(pk, session.raw());
+    pk.pack_array(static_cast<std::uint32_t>(indices.size()));
+    for (std::uint64_t i : indices) pk.pack(i);
+  }
+  return Start(Command::kHolding, buf);
 }
 
 Frames Encode(const Ready& m) {
@@ -353,20 +464,110 @@ Status DecodeEmpty(std::span<const zmq::message_t> frames) {
   return checked ? Status::Ok() : checked.error();
 }
 
-Frames EncodeHeartbeat(const SessionId& session) {
+Frames Encode(const ClientBeat& m) {
   msgpack::sbuffer buf(24);
   Packer pk(buf);
   pk.pack_array(1);
-  PackBin(pk, session.raw());
+  PackBin(pk, m.session.raw());
   return Start(Command::kHeartbeat, buf);
 }
 
-Result<std::optional<SessionId>> DecodeHeartbeat(std::span<const zmq::message_t> frames) {
-  return Guard([&]() -> std::optional<SessionId> {
+Frames EncodeHeartbeat(const SessionId& session) { return Encode(ClientBeat{session}); }
+
+Frames Encode(const BrokerBeat& m) {
+  msgpack::sbuffer buf(40);
+  Packer pk(buf);
+  if (m.session) {
+    pk.pack_array(3);
+    PackBin(pk, m.session->raw());
+    pk.pack(m.seq);
+    pk.pack(m.next_index);
+  } else {
+    pk.pack_array(1);
+    pk.pack(m.seq);
+  }
+  return Start(Command::kHeartbeat, buf);
+}
+
+Result<std::optional<ClientBeat>> DecodeHeartbeat(std::span<const zmq::message_t> frames) {
+  return Guard([&]() -> std::optional<ClientBeat> {
     auto h = Header(frames, 3);
     const auto& a = AsArray(h.get(), 0, "header is not an array");
     if (a.size == 0) return std::nullopt;
-    return AsSession(a.ptr[0]);
+    return ClientBeat{AsSession(a.ptr[0])};
+  });
+}
+
+Result<BrokerBeat> DecodeBrokerHeartbeat(std::span<const zmq::message_t> frames) {
+  return Guard([&] {
+    auto h = Header(frames, 3);
+    const auto& a = AsArray(h.get(), 1, "broker heartbeat is not [seq] or [session, seq, next_index]");
+    BrokerBeat b;
+    if (a.ptr[0].type == msgpack::type::POSITIVE_INTEGER) {
+      b.seq = AsUint<std::uint64_t>(a.ptr[0], "seq");
+      return b;
+    }
+    if (a.size < 3) Fail("broker heartbeat is not [session, seq, next_index]");
+    b.session = AsSession(a.ptr[0]);
+    b.seq = AsUint<std::uint64_t>(a.ptr[1], "seq");
+    b.next_index = AsUint<std::uint64_t>(a.ptr[2], "next_index");
+    return b;
+  });
+}
+
+Result<Ack> DecodeAck(std::span<const zmq::message_t> frames) {
+  return Guard([&] {
+    auto h = Header(frames, 3);
+    const auto& a = AsArray(h.get(), 1, "header is not [seq] or [session, seq]");
+    Ack ack;
+    if (a.ptr[0].type == msgpack::type::POSITIVE_INTEGER) {
+      ack.seq = AsUint<std::uint64_t>(a.ptr[0], "seq");
+      return ack;
+    }
+    if (a.size < 2) Fail("header is not [session, seq]");
+    ack.session = AsSession(a.ptr[0]);
+    ack.seq = AsUint<std::uint64_t>(a.ptr[1], "seq");
+    return ack;
+  });
+}
+
+Result<Sync> DecodeSync(std::span<const zmq::message_t> frames) {
+  return Guard([&] {
+    auto h = Header(frames, 3);
+    const auto& a = AsArray(h.get(), 3, "header is not [session, ack, unanswered]");
+    return Sync{AsSession(a.ptr[0]), AsUint<std::uint64_t>(a.ptr[1], "ack"), AsRanges(a.ptr[2])};
+  });
+}
+
+Result<Synced> DecodeSynced(std::span<const zmq::message_t> frames) {
+  return Guard([&] {
+    auto h = Header(frames, 3);
+    const auto& a = AsArray(h.get(), 2, "header is not [session, missing]");
+    return Synced{AsSession(a.ptr[0]), AsRanges(a.ptr[1])};
+  });
+}
+
+Result<Holding> DecodeHolding(std::span<const zmq::message_t> frames) {
+  return Guard([&] {
+    auto h = Header(frames, 3);
+    const auto& a = AsArray(h.get(), 2, "header is not [seq, sessions]");
+    Holding m;
+    m.seq = AsUint<std::uint64_t>(a.ptr[0], "seq");
+    const auto& list = AsArray(a.ptr[1], 0, "sessions is not an array");
+    if (list.size > kMaxBatch) Fail("too many sessions in one message");
+    std::size_t total = 0;
+    m.sessions.resize(list.size);
+    for (std::uint32_t i = 0; i < list.size; ++i) {
+      const auto& entry = AsArray(list.ptr[i], 2, "holding is not [session, indices]");
+      m.sessions[i].first = AsSession(entry.ptr[0]);
+      const auto& indices = AsArray(entry.ptr[1], 0, "indices is not an array");
+      total += indices.size;
+      if (total > 16 * kMaxBatch) Fail("too many indices in one message");
+      auto& out = m.sessions[i].second;
+      out.resize(indices.size);
+      for (std::uint32_t k = 0; k < indices.size; ++k) out[k] = AsUint<std::uint64_t>(indices.ptr[k], "index");
+    }
+    return m;
   });
 }
 
@@ -390,7 +591,13 @@ Result<Statements> DecodeStatements(std::span<const zmq::message_t> frames) {
   return Guard([&] {
     auto h = Header(frames, 3);
     const auto& a = AsArray(h.get(), 2, "header is not [session, statements]");
-    Statements m{AsSession(a.ptr[0]), {}};
+    Statements m{AsSession(a.ptr[0]), {}, 0};
+    // DISPATCH carries the broker's order seq (§3.7); SUBMIT does not.
+    if (frames[1].size() == 1 && *static_cast<const std::uint8_t*>(frames[1].data()) ==
+                                     static_cast<std::uint8_t>(Command::kDispatch)) {
+      if (a.size < 3) Fail("DISPATCH header is not [session, statements, seq]");
+      m.seq = AsUint<std::uint64_t>(a.ptr[2], "seq");
+    }
     const auto& list = AsArray(a.ptr[1], 0, "statements is not an array");
     if (list.size > kMaxBatch) Fail("too many statements in one message");
     m.statements.resize(list.size);
@@ -412,24 +619,29 @@ Result<Statements> DecodeStatements(std::span<const zmq::message_t> frames) {
 }
 
 namespace {
-// Shared by the full and the index-only RESULTS decoders.
-const msgpack::object_array& ResultsList(const msgpack::object& root, std::size_t frame_count,
-                                         SessionId& session) {
-  const auto& a = AsArray(root, 2, "header is not [session, results]");
+// Shared by the full and the index-only RESULTS decoders: frame 2 is
+// [session, seq], frame 3 the list of results (§3.4.2).
+const msgpack::object_array& ResultsList(std::span<const zmq::message_t> frames, msgpack::object_handle& head,
+                                         msgpack::object_handle& body, SessionId& session, std::uint64_t& seq) {
+  head = Header(frames, 4 + kMaxBatch);
+  const auto& a = AsArray(head.get(), 2, "header is not [session, seq]");
   session = AsSession(a.ptr[0]);
-  const auto& list = AsArray(a.ptr[1], 0, "results is not an array");
+  seq = AsUint<std::uint64_t>(a.ptr[1], "seq");
+  if (frames.size() < 4) Fail("missing results frame");
+  body = Unpack(frames[3]);
+  const auto& list = AsArray(body.get(), 0, "results is not an array");
   if (list.size > kMaxBatch) Fail("too many results in one message");
-  // §3.4: exactly one body frame per result, in order.
-  if (frame_count != 3 + static_cast<std::size_t>(list.size)) Fail("body frame count does not match results");
+  // §3.4.2: exactly one body frame per result, in order.
+  if (frames.size() != 4 + static_cast<std::size_t>(list.size)) Fail("body frame count does not match results");
   return list;
 }
 }  // namespace
 
 Result<Results> DecodeResults(std::span<const zmq::message_t> frames) {
   return Guard([&] {
-    auto h = Header(frames, 3 + kMaxBatch);
+    msgpack::object_handle head, body;
     Results m;
-    const auto& list = ResultsList(h.get(), frames.size(), m.session);
+    const auto& list = ResultsList(frames, head, body, m.session, m.seq);
     m.results.resize(list.size);
     for (std::uint32_t i = 0; i < list.size; ++i) {
       const auto& f = AsArray(list.ptr[i], 8, "result is not an 8-array");
@@ -444,8 +656,8 @@ Result<Results> DecodeResults(std::span<const zmq::message_t> frames) {
       r.attempts = AsUint<std::uint32_t>(f.ptr[5], "attempts");
       r.elapsed_us = AsUint<std::uint64_t>(f.ptr[6], "elapsed_us");
       r.worker = AsStr(f.ptr[7], "worker");
-      const auto& body = frames[3 + i];
-      r.body.assign(static_cast<const char*>(body.data()), body.size());
+      const auto& data = frames[4 + i];
+      r.body.assign(static_cast<const char*>(data.data()), data.size());
     }
     return m;
   });
@@ -453,9 +665,9 @@ Result<Results> DecodeResults(std::span<const zmq::message_t> frames) {
 
 Result<ResultsIndex> DecodeResultsIndex(std::span<const zmq::message_t> frames) {
   return Guard([&] {
-    auto h = Header(frames, 3 + kMaxBatch);
+    msgpack::object_handle head, body;
     ResultsIndex m;
-    const auto& list = ResultsList(h.get(), frames.size(), m.session);
+    const auto& list = ResultsList(frames, head, body, m.session, m.seq);
     m.indices.resize(list.size);
     for (std::uint32_t i = 0; i < list.size; ++i) {
       const auto& f = AsArray(list.ptr[i], 8, "result is not an 8-array");
@@ -468,8 +680,16 @@ Result<ResultsIndex> DecodeResultsIndex(std::span<const zmq::message_t> frames) 
 Result<Session> DecodeSession(std::span<const zmq::message_t> frames) {
   return Guard([&] {
     auto h = Header(frames, 3);
-    const auto& a = AsArray(h.get(), 2, "header is not [session, settings]");
-    return Session{AsSession(a.ptr[0]), AsSettings(a.ptr[1])};
+    const auto& a = AsArray(h.get(), 3, "header is not [session, settings, seq]");
+    return Session{AsSession(a.ptr[0]), AsSettings(a.ptr[1]), AsUint<std::uint64_t>(a.ptr[2], "seq")};
+  });
+}
+
+Result<EndSession> DecodeEndSession(std::span<const zmq::message_t> frames) {
+  return Guard([&] {
+    auto h = Header(frames, 3);
+    const auto& a = AsArray(h.get(), 2, "header is not [session, seq]");
+    return EndSession{AsSession(a.ptr[0]), AsUint<std::uint64_t>(a.ptr[1], "seq")};
   });
 }
 

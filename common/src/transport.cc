@@ -1,5 +1,8 @@
 #include "gatherer/transport.h"
 
+#include <algorithm>
+#include <atomic>
+#include <cstring>
 #include <iterator>
 
 #include <zmq_addon.hpp>
@@ -26,8 +29,19 @@ void Acquire([[maybe_unused]] zmq::message_t& frame) {
 
 }  // namespace
 
-void ConfigureSocket(zmq::socket_t& socket) {
+void ConfigureSocket(zmq::socket_t& socket, std::chrono::milliseconds heartbeat) {
   socket.set(zmq::sockopt::maxmsgsize, kMaxMessageBytes);
+  // §1.6: ZMTP PING every half period; a connection silent for 1.5 periods
+  // (at least 1 s, so a loaded machine does not drop healthy links) is
+  // closed, and a connecting socket then reconnects. A connect attempt that
+  // gets no answer (a link that is down) is retried after the same time
+  // rather than after the kernel's minutes of SYN retries.
+  const int period = static_cast<int>(std::max<std::int64_t>(heartbeat.count(), 10));
+  const int timeout = std::max(period * 3 / 2, 1000);
+  socket.set(zmq::sockopt::heartbeat_ivl, std::max(period / 2, 100));
+  socket.set(zmq::sockopt::heartbeat_timeout, timeout);
+  socket.set(zmq::sockopt::heartbeat_ttl, timeout);
+  socket.set(zmq::sockopt::connect_timeout, timeout);
   socket.set(zmq::sockopt::linger, 0);
   // A blocking send gives up after this long instead of hanging: a DEALER
   // whose connection ZeroMQ dropped for good (after a protocol error, say)
@@ -57,6 +71,37 @@ SendResult SendMessage(zmq::socket_t& socket, std::string_view routing_id, Frame
   } catch (const zmq::error_t& e) {
     return e.num() == EHOSTUNREACH ? SendResult::kUnreachable : SendResult::kFailed;
   }
+}
+
+std::string ClientRoutingId(const SessionId& session) { return "c" + std::string(session.raw()); }
+
+std::string WorkerRoutingId(const SessionId& instance) { return "w" + std::string(instance.raw()); }
+
+ReconnectWatch::ReconnectWatch(zmq::context_t& context, zmq::socket_t& socket)
+    : socket_(socket), pair_(context, zmq::socket_type::pair) {
+  static std::atomic<std::uint64_t> counter{0};
+  const std::string address = "inproc://gatherer-reconnect-watch-" + std::to_string(counter.fetch_add(1));
+  if (zmq_socket_monitor(socket_.handle(), address.c_str(), ZMQ_EVENT_HANDSHAKE_SUCCEEDED) != 0) {
+    throw zmq::error_t();
+  }
+  pair_.set(zmq::sockopt::linger, 0);
+  pair_.connect(address);
+}
+
+ReconnectWatch::~ReconnectWatch() { zmq_socket_monitor(socket_.handle(), nullptr, 0); }
+
+bool ReconnectWatch::reconnected() {
+  bool again = false;
+  Frames frames;
+  // Each event is two frames: [uint16 event, uint32 value], then the endpoint.
+  while (ReceiveMessage(pair_, frames)) {
+    if (frames.empty() || frames[0].size() < 2) continue;
+    std::uint16_t event = 0;
+    std::memcpy(&event, frames[0].data(), sizeof(event));
+    if (event != ZMQ_EVENT_HANDSHAKE_SUCCEEDED) continue;
+    if (++handshakes_ > 1) again = true;
+  }
+  return again;
 }
 
 bool ReceiveMessage(zmq::socket_t& socket, Frames& frames) {

@@ -2,9 +2,11 @@
 
 #include <unistd.h>
 
+#include <deque>
 #include <iterator>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 
 #include <tbb/concurrent_queue.h>
 
@@ -23,6 +25,14 @@ struct ResultBatch {
   SessionId session;
   std::vector<worker::FetchResult> results;
 };
+
+// A RESULTS message sent and not yet acknowledged by the broker (§3.7); its
+// frames share their buffers with what was sent.
+struct Unacked {
+  std::uint64_t seq = 0;
+  Clock::time_point sent;
+  proto::Frames frames;
+};
 }  // namespace
 
 struct Worker::Impl {
@@ -33,6 +43,8 @@ struct Worker::Impl {
   std::unique_ptr<zmq::context_t> own_context;
   zmq::context_t* context = nullptr;
   std::unique_ptr<zmq::socket_t> dealer;
+  std::unique_ptr<proto::ReconnectWatch> watch;  // of `dealer`; destroyed before it
+  std::string routing_id;                 // kept across sockets (§1.5)
   std::unique_ptr<worker::Fetcher> fetcher;
   // I/O threads -> socket thread. The flag collapses many wake-ups into one
   // eventfd write per drain.
@@ -48,10 +60,19 @@ struct Worker::Impl {
   WorkerStats stats;
   RateLimitedLog bad_frame_log;
   Clock::time_point last_heard;
-  // Sessions opened by SESSION, with the statements in hand for each (taken
-  // and not yet answered); owned by the socket thread.
-  std::unordered_map<SessionId, std::uint64_t> sessions;
+  // Sessions opened by SESSION, with the indices in hand for each (taken
+  // and not yet answered: what HOLDING reports, §3.7); owned by the socket
+  // thread.
+  std::unordered_map<SessionId, std::unordered_set<std::uint64_t>> sessions;
   std::uint64_t in_hand = 0;
+  // §3.7: the last order seq received from the broker (SESSION, DISPATCH,
+  // END_SESSION), RESULTS numbered and kept until acknowledged.
+  std::uint64_t order_seq = 0;
+  std::uint64_t results_seq = 0;
+  std::deque<Unacked> unacked;
+  // READY sent and nothing heard since but errors: a not_found now answers
+  // a message sent before READY (§3.4.4).
+  bool awaiting_registration = false;
   Clock::time_point next_heartbeat;
   bool draining = false;
   Clock::time_point drain_deadline;
@@ -69,16 +90,63 @@ struct Worker::Impl {
   // READY, first or again (§3.4.3, §3.4.4). Registering again means the
   // broker presumed this worker dead or lost it, and its leases are being
   // re-dispatched: the sessions held so far are dropped, so no statement
-  // keeps being fetched for nobody (PROTOCOL.md §3.4.5).
-  void register_with_broker() {
+  // keeps being fetched for nobody (PROTOCOL.md §3.4.5). RESULTS not yet
+  // acknowledged go first when the broker may still know this worker: they
+  // settle their leases there instead of being fetched again.
+  void register_with_broker(bool resend_unacked) {
+    if (resend_unacked) resend(Clock::time_point::max());
     if (stats.registrations.fetch_add(1, std::memory_order_relaxed) > 0) {
-      for (const auto& [s, n] : sessions) fetcher->close_session(s);
+      for (const auto& [s, held] : sessions) fetcher->close_session(s);
       sessions.clear();
       set_in_hand(0);
     }
+    unacked.clear();
+    order_seq = 0;
+    results_seq = 0;
     send(proto::Encode(proto::Ready{id, host, slots}));
+    awaiting_registration = true;
     // A drain outlives a re-registration: the new broker is told too.
     if (draining) send(proto::EncodeEmpty(proto::Command::kDraining));
+  }
+  // Numbers, keeps and sends one RESULTS message (§3.7).
+  void send_results(proto::Results&& results) {
+    results.seq = ++results_seq;
+    proto::Frames frames = proto::Encode(std::move(results));
+    Unacked kept{results_seq, Clock::now(), proto::Frames(frames.size())};
+    for (std::size_t i = 0; i < frames.size(); ++i) kept.frames[i].copy(frames[i]);
+    unacked.push_back(std::move(kept));
+    send(std::move(frames));
+  }
+  // Sends again every unacknowledged RESULTS sent before `before`.
+  void resend(Clock::time_point before) {
+    const auto now = Clock::now();
+    for (Unacked& u : unacked) {
+      if (u.sent >= before) break;
+      proto::Frames again(u.frames.size());
+      for (std::size_t i = 0; i < u.frames.size(); ++i) again[i].copy(u.frames[i]);
+      u.sent = now;
+      send(std::move(again));
+    }
+  }
+  // §3.7: after a reconnect or a gap in the order seqs, RESULTS not yet
+  // acknowledged go again, then HOLDING says what is in hand, so the broker
+  // queues again what never arrived here.
+  void resynchronise(const char* why) {
+    Logger().info("worker {}: resynchronising with the broker ({}): {} RESULTS sent again, {} statements in hand", id,
+                  why, unacked.size(), in_hand);
+    resend(Clock::time_point::max());
+    proto::Holding holding{order_seq, {}};
+    holding.sessions.reserve(sessions.size());
+    for (const auto& [session, held] : sessions) {
+      holding.sessions.emplace_back(session, std::vector<std::uint64_t>(held.begin(), held.end()));
+    }
+    send(proto::Encode(holding));
+  }
+  // Notes an order seq; false when one was missed.
+  bool in_order(std::uint64_t seq) {
+    const bool gap = seq > order_seq + 1;
+    order_seq = std::max(order_seq, seq);
+    return !gap;
   }
   void set_in_hand(std::uint64_t n) {
     in_hand = n;
@@ -88,7 +156,7 @@ struct Worker::Impl {
     auto it = sessions.find(session);
     if (it == sessions.end()) return;
     fetcher->close_session(session);
-    set_in_hand(in_hand - it->second);
+    set_in_hand(in_hand - it->second.size());
     sessions.erase(it);
   }
   bool drain_step(Clock::time_point now);
@@ -96,11 +164,15 @@ struct Worker::Impl {
   // ZeroMQ does not reconnect a connection it dropped after a protocol error,
   // so a fresh socket is the one sure way back (like Majordomo's workers).
   Status connect() {
+    watch.reset();
     dealer = std::make_unique<zmq::socket_t>(*context, zmq::socket_type::dealer);
-    protocol::ConfigureSocket(*dealer);
+    protocol::ConfigureSocket(*dealer, options.heartbeat_interval);
+    dealer->set(zmq::sockopt::routing_id, routing_id);
+    watch = std::make_unique<proto::ReconnectWatch>(*context, *dealer);
     try {
       dealer->connect(options.broker);
     } catch (const zmq::error_t& e) {
+      watch.reset();
       dealer.reset();
       return InvalidArgument("cannot connect to " + options.broker + ": " + e.what());
     }
@@ -127,45 +199,73 @@ void Worker::Impl::handle(std::vector<zmq::message_t>& frames) {
     case proto::Command::kSession: {
       auto m = proto::DecodeSession(frames);
       if (!m) return bad(m.error());
+      // Sent before the broker took our READY: stale (§3.4.5).
+      if (awaiting_registration) return;
+      const bool ordered = in_order(m->seq);
       fetcher->open_session(m->session, m->settings);
-      sessions.try_emplace(m->session, 0);
+      sessions.try_emplace(m->session);
+      if (!ordered) resynchronise("an order from the broker was lost");
       return;
     }
     case proto::Command::kDispatch: {
       auto m = proto::DecodeStatements(frames);
       if (!m) return bad(m.error());
       stats.received.fetch_add(m->statements.size(), std::memory_order_relaxed);
+      if (awaiting_registration) return;
+      const bool ordered = in_order(m->seq);
       auto held = sessions.find(m->session);
       if (held == sessions.end()) {
-        // Sent before the broker saw this worker register again (§3.4.5):
-        // the broker has taken those leases back, so nobody wants them.
+        // Its SESSION never arrived: HOLDING (now, or after the gap that
+        // shows it) hands these back to the broker.
         Logger().debug("worker {}: dropped DISPATCH of a session it does not hold", id);
+        if (!ordered) resynchronise("an order from the broker was lost");
         return;
       }
-      if (options.echo) return echo(m->session, m->statements);
-      held->second += m->statements.size();
-      set_in_hand(in_hand + m->statements.size());
-      fetcher->submit(m->session, std::move(m->statements));
+      if (options.echo) {
+        echo(m->session, m->statements);
+      } else {
+        for (const auto& ws : m->statements) held->second.insert(ws.index);
+        set_in_hand(in_hand + m->statements.size());
+        fetcher->submit(m->session, std::move(m->statements));
+      }
+      if (!ordered) resynchronise("an order from the broker was lost");
       return;
     }
     case proto::Command::kEndSession: {
-      auto m = proto::DecodeSessionRef(frames);
+      auto m = proto::DecodeEndSession(frames);
       if (!m) return bad(m.error());
+      if (awaiting_registration) return;
+      const bool ordered = in_order(m->seq);
       end_session(m->session);
+      if (!ordered) resynchronise("an order from the broker was lost");
       return;
     }
     case proto::Command::kHeartbeat: {
-      // Decoded only to reject a malformed one (PROTOCOL.md §2.4).
-      auto m = proto::DecodeHeartbeat(frames);
+      auto m = proto::DecodeBrokerHeartbeat(frames);
       if (!m) return bad(m.error());
+      // The broker answers READY with HEARTBEAT: from here on it knows us.
+      awaiting_registration = false;
+      // §3.7: the broker names the last order it sent; every earlier one on
+      // this connection has arrived, so one not seen here was lost.
+      if (m->seq > order_seq) {
+        order_seq = m->seq;
+        resynchronise("the broker's heartbeat names an order that never arrived");
+      }
+      return;
+    }
+    case proto::Command::kAck: {
+      auto m = proto::DecodeAck(frames);
+      if (!m) return bad(m.error());
+      while (!unacked.empty() && unacked.front().seq <= m->seq) unacked.pop_front();
       return;
     }
     case proto::Command::kError: {
       auto m = proto::DecodeError(frames);
       if (!m) return bad(m.error());
+      if (m->code == StatusCode::kNotFound && awaiting_registration) return;  // answers a message sent before READY
       Logger().warn("worker {}: broker says {}: {}", id, StatusCodeName(m->code), m->message);
       // The broker does not know us (it restarted): register again.
-      if (m->code == StatusCode::kNotFound) register_with_broker();
+      if (m->code == StatusCode::kNotFound) register_with_broker(/*resend_unacked=*/false);
       return;
     }
     default:
@@ -175,7 +275,7 @@ void Worker::Impl::handle(std::vector<zmq::message_t>& frames) {
 
 // WorkerOptions::echo: an empty 200 per statement, straight back.
 void Worker::Impl::echo(const SessionId& session, const std::vector<proto::WireStatement>& statements) {
-  proto::Results results{session, std::vector<proto::WireResult>(statements.size())};
+  proto::Results results{session, 0, std::vector<proto::WireResult>(statements.size())};
   for (std::size_t i = 0; i < statements.size(); ++i) {
     results.results[i].index = statements[i].index;
     results.results[i].response.status = 200;
@@ -183,7 +283,7 @@ void Worker::Impl::echo(const SessionId& session, const std::vector<proto::WireS
     results.results[i].response.worker = id;
   }
   stats.completed.fetch_add(statements.size(), std::memory_order_relaxed);
-  send(proto::Encode(std::move(results)));
+  send_results(std::move(results));
 }
 
 void Worker::Impl::flush_results() {
@@ -197,11 +297,11 @@ void Worker::Impl::flush_results() {
   while (done.try_pop(batch)) {
     auto held = sessions.find(batch.session);
     if (held == sessions.end()) continue;  // ended meanwhile: nobody wants these
-    const std::uint64_t n = std::min<std::uint64_t>(batch.results.size(), held->second);
-    held->second -= n;
-    set_in_hand(in_hand - n);
+    std::uint64_t n = 0;
+    for (const auto& r : batch.results) n += held->second.erase(r.index);
+    set_in_hand(in_hand - std::min(n, in_hand));
     stats.completed.fetch_add(batch.results.size(), std::memory_order_relaxed);
-    send(proto::Encode(proto::Results{batch.session, std::move(batch.results)}));
+    send_results(proto::Results{batch.session, 0, std::move(batch.results)});
   }
 }
 
@@ -229,17 +329,19 @@ bool Worker::Impl::drain_step(Clock::time_point now) {
 }
 
 void Worker::Impl::run() {
-  register_with_broker();
+  register_with_broker(/*resend_unacked=*/false);
   last_heard = Clock::now();
   next_heartbeat = last_heard + options.heartbeat_interval;
-  zmq::pollitem_t items[] = {{dealer->handle(), 0, ZMQ_POLLIN, 0}, {nullptr, wake_fd->fd(), ZMQ_POLLIN, 0}};
+  zmq::pollitem_t items[] = {{dealer->handle(), 0, ZMQ_POLLIN, 0},
+                             {nullptr, wake_fd->fd(), ZMQ_POLLIN, 0},
+                             {watch->events().handle(), 0, ZMQ_POLLIN, 0}};
   std::vector<zmq::message_t> frames;
   while (!stopping.load(std::memory_order_acquire)) {
     auto until = next_heartbeat;
     if (draining) until = std::min(until, drain_deadline);
     const auto wait = std::chrono::duration_cast<std::chrono::milliseconds>(until - Clock::now());
     try {
-      zmq::poll(items, 2, std::max(wait, std::chrono::milliseconds(0)));
+      zmq::poll(items, 3, std::max(wait, std::chrono::milliseconds(0)));
     } catch (const zmq::error_t& e) {
       if (e.num() == ETERM) break;
       continue;
@@ -252,6 +354,11 @@ void Worker::Impl::run() {
       }
     }
     if (items[1].revents & ZMQ_POLLIN) flush_results();
+    // §3.7: the connection came back; what was in flight on the old one may
+    // be lost either way.
+    if ((items[2].revents & ZMQ_POLLIN) && watch->reconnected() && !awaiting_registration) {
+      resynchronise("reconnected");
+    }
     const auto now = Clock::now();
     if (drain_step(now)) {
       drained.store(true, std::memory_order_release);
@@ -267,10 +374,14 @@ void Worker::Impl::run() {
           return;
         }
         items[0].socket = dealer->handle();
-        register_with_broker();
+        items[2].socket = watch->events().handle();
+        register_with_broker(/*resend_unacked=*/true);
         last_heard = now;
       } else {
         send(proto::EncodeHeartbeat());
+        // §3.7: RESULTS unacknowledged for a whole period were lost (the
+        // broker acknowledges within one loop pass): send them again.
+        resend(now - options.heartbeat_interval);
       }
     }
   }
@@ -278,6 +389,8 @@ void Worker::Impl::run() {
 
 Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>(std::move(options))) {
   impl_->id = impl_->options.worker_id.empty() ? NewWorkerId() : impl_->options.worker_id;
+  // Unique per instance whatever --id says, so two workers never share a route.
+  impl_->routing_id = protocol::WorkerRoutingId(NewSessionId());
   char host[256] = {};
   if (gethostname(host, sizeof(host) - 1) == 0) impl_->host = host;
 }
@@ -329,6 +442,7 @@ void Worker::stop() {
   m.wake_fd->signal();
   m.thread.join();
   m.fetcher.reset();  // joins the I/O threads; no sink call after this
+  m.watch.reset();
   m.dealer.reset();
   m.wake_fd.reset();
 }

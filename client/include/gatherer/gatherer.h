@@ -54,9 +54,16 @@ struct Options {
   int reorder_buffer = 0;
   // Embedded mode only: I/O threads of the in-process worker (0 = one per core).
   unsigned embedded_io_threads = 0;
-  // How long to wait for the broker to answer session open/close before
-  // failing with an Error (the broker may start after the client).
+  // How long the destructor waits (at most 5 s) for the broker to confirm
+  // that the session is closed.
   std::chrono::milliseconds connect_timeout{30'000};
+  // A gather() or stream that hears nothing from the broker for this long
+  // ends with an Error (code unavailable) naming the broker and how many
+  // statements were left unanswered; responses already handed over stay.
+  // Until then the client keeps waiting through dropped connections (ZeroMQ
+  // reconnects, and the session resynchronises), and the broker may start
+  // after the client.
+  std::chrono::milliseconds broker_timeout{60'000};
 };
 
 // Thrown by the public API only: invalid statements (before anything is

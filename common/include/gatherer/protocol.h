@@ -16,6 +16,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <zmq.hpp>
@@ -27,7 +28,7 @@
 
 namespace gatherer::protocol {
 
-inline constexpr std::uint8_t kVersion = 1;
+inline constexpr std::uint8_t kVersion = 2;
 inline constexpr std::array<std::uint8_t, 4> kSignature = {'G', 'T', 'R', kVersion};
 
 // Limits (PROTOCOL.md §5). A header frame bigger than this is malformed.
@@ -44,15 +45,19 @@ enum class Command : std::uint8_t {
   kCancel = 0x12,
   kClose = 0x13,
   kHeartbeat = 0x14,  // any peer -> broker, and broker -> any peer
+  kAck = 0x15,        // client -> broker: RESULTS received (§3.6); broker -> worker (0x15 too)
+  kSync = 0x16,       // client -> broker: resynchronise after a reconnect or a gap (§3.6)
   // broker -> client
   kOpened = 0x20,
   kResults = 0x21,  // also worker -> broker (forwarded unchanged)
   kClosed = 0x22,
   kError = 0x23,
+  kSynced = 0x24,  // answers SYNC: what the broker never received (§3.6)
   // worker -> broker
   kReady = 0x30,
   kDraining = 0x31,    // takes no more statements (graceful drain, §3.4.7)
   kDisconnect = 0x32,  // leaves; held statements go back to the broker
+  kHolding = 0x33,     // what the worker holds, to resynchronise (§3.7)
 
   // broker -> worker
   kSession = 0x40,
@@ -85,9 +90,15 @@ struct Open {
 struct Statements {
   SessionId session;
   std::vector<WireStatement> statements;
+  // DISPATCH only: the broker's order sequence number for this worker (§3.7).
+  std::uint64_t seq = 0;
 };
+// RESULTS: frame 2 is [session, seq], frame 3 the results, then one body
+// frame per result (§3.4.2). `seq` numbers the sender's RESULTS messages on
+// this hop: a worker's to the broker, or the broker's to a session's client.
 struct Results {
   SessionId session;
+  std::uint64_t seq = 0;
   std::vector<WireResult> results;
 };
 // CANCEL, CLOSE, OPENED, CLOSED, END_SESSION carry only a session id.
@@ -97,6 +108,55 @@ struct SessionRef {
 struct Session {
   SessionId session;
   SessionSettings settings;
+  std::uint64_t seq = 0;  // order sequence number (§3.7)
+};
+// END_SESSION (broker -> worker).
+struct EndSession {
+  SessionId session;
+  std::uint64_t seq = 0;  // order sequence number (§3.7)
+};
+// A client's HEARTBEAT names its session; the broker's answer names the
+// session, the last RESULTS seq it sent for it and one past the highest
+// index it received (§3.2.7, §3.6). The broker's HEARTBEAT to a worker
+// carries the last order seq sent to it (§3.7).
+struct ClientBeat {
+  SessionId session;
+};
+struct BrokerBeat {
+  std::optional<SessionId> session;  // set when answering a client
+  std::uint64_t seq = 0;
+  std::uint64_t next_index = 0;
+};
+// ACK: the receiver has every RESULTS message up to `seq` (cumulative).
+// Client -> broker names the session; broker -> worker does not.
+struct Ack {
+  std::optional<SessionId> session;
+  std::uint64_t seq = 0;
+};
+// Consecutive statement indices [first, first + count).
+struct IndexRange {
+  std::uint64_t first = 0;
+  std::uint32_t count = 0;
+  bool operator==(const IndexRange&) const = default;
+};
+// SYNC (client -> broker): what the client has received (`ack`, as in ACK)
+// and the statements it submitted and has not been answered (§3.6).
+struct Sync {
+  SessionId session;
+  std::uint64_t ack = 0;
+  std::vector<IndexRange> unanswered;
+};
+// SYNCED (broker -> client): the unanswered statements the broker never
+// received; the client submits them again (§3.6).
+struct Synced {
+  SessionId session;
+  std::vector<IndexRange> missing;
+};
+// HOLDING (worker -> broker): the last order seq the worker received and,
+// per session it holds, the statements in its hands (§3.7).
+struct Holding {
+  std::uint64_t seq = 0;
+  std::vector<std::pair<SessionId, std::vector<std::uint64_t>>> sessions;
 };
 struct Ready {
   std::string worker_id;
@@ -119,18 +179,29 @@ Result<Command> PeekCommand(std::span<const zmq::message_t> frames);
 
 Frames Encode(Command command, const SessionRef& m);
 Frames Encode(const Open& m);
-Frames Encode(Command command, const Statements& m);  // kSubmit or kDispatch
+Frames Encode(Command command, const Statements& m);  // kSubmit or kDispatch (with seq)
 // SUBMIT of consecutive statements numbered from first_index, encoded
 // straight from the caller's statements (no copy into WireStatement).
 Frames EncodeSubmit(const SessionId& session, std::uint64_t first_index, std::span<const Statement> statements);
 // Moves the bodies into their own frames without copying them.
 Frames Encode(Results&& m);
+// Replaces frame 2 of an encoded or received RESULTS with [session, seq]:
+// how the broker numbers what it forwards without touching the results.
+void RestampResults(Frames& frames, const SessionId& session, std::uint64_t seq);
 Frames Encode(const Session& m);
+Frames Encode(const EndSession& m);
 Frames Encode(const Ready& m);
 Frames Encode(const ErrorReply& m);
+Frames Encode(const Ack& m);
+Frames Encode(const Sync& m);
+Frames Encode(const Synced& m);
+Frames Encode(const Holding& m);
+// A worker's plain HEARTBEAT [].
 Frames EncodeHeartbeat();
-// A client's HEARTBEAT names its session (PROTOCOL.md §3.2.7).
+Frames Encode(const ClientBeat& m);
+// Same as Encode(ClientBeat{session}).
 Frames EncodeHeartbeat(const SessionId& session);
+Frames Encode(const BrokerBeat& m);
 
 // Each decoder expects frames whose command is the one named.
 Result<SessionRef> DecodeSessionRef(std::span<const zmq::message_t> frames);
@@ -138,19 +209,27 @@ Result<Open> DecodeOpen(std::span<const zmq::message_t> frames);
 Result<Statements> DecodeStatements(std::span<const zmq::message_t> frames);
 Result<Results> DecodeResults(std::span<const zmq::message_t> frames);
 Result<Session> DecodeSession(std::span<const zmq::message_t> frames);
+Result<EndSession> DecodeEndSession(std::span<const zmq::message_t> frames);
+Result<Ack> DecodeAck(std::span<const zmq::message_t> frames);
+Result<Sync> DecodeSync(std::span<const zmq::message_t> frames);
+Result<Synced> DecodeSynced(std::span<const zmq::message_t> frames);
+Result<Holding> DecodeHolding(std::span<const zmq::message_t> frames);
 Result<Ready> DecodeReady(std::span<const zmq::message_t> frames);
 Result<ErrorReply> DecodeError(std::span<const zmq::message_t> frames);
 // A message whose header is an empty array: DRAINING, DISCONNECT.
 Frames EncodeEmpty(Command command);
 Status DecodeEmpty(std::span<const zmq::message_t> frames);
 
-// The session a HEARTBEAT names, or nullopt for a plain one.
-Result<std::optional<SessionId>> DecodeHeartbeat(std::span<const zmq::message_t> frames);
+// At the broker: a client's HEARTBEAT, or nullopt for a worker's plain one.
+Result<std::optional<ClientBeat>> DecodeHeartbeat(std::span<const zmq::message_t> frames);
+// At a client or worker: the broker's HEARTBEAT.
+Result<BrokerBeat> DecodeBrokerHeartbeat(std::span<const zmq::message_t> frames);
 
 // RESULTS without bodies or headers: what the broker needs to route and
 // settle leases while forwarding the frames untouched (§4.3).
 struct ResultsIndex {
   SessionId session;
+  std::uint64_t seq = 0;
   std::vector<std::uint64_t> indices;
 };
 Result<ResultsIndex> DecodeResultsIndex(std::span<const zmq::message_t> frames);

@@ -12,20 +12,58 @@
 // Thread-safety: the caller must own the socket (ZeroMQ sockets are not
 // thread-safe).
 
+#include <chrono>
 #include <optional>
+#include <string>
 #include <string_view>
 
 #include <zmq.hpp>
 
+#include "gatherer/ids.h"
 #include "gatherer/protocol.h"
 
 namespace gatherer::protocol {
 
-// Applies the options every Gatherer socket shares (PROTOCOL.md §1.3, §5):
-// ZMQ_MAXMSGSIZE, no linger (unsent messages are never waited for: leases
-// and heartbeats recover them), and high-water marks high enough that end to
-// end windows, not ZeroMQ, bound the queues.
-void ConfigureSocket(zmq::socket_t& socket);
+// Applies the options every Gatherer socket shares (PROTOCOL.md §1.3, §1.6,
+// §5): ZMQ_MAXMSGSIZE, no linger (unsent messages are never waited for:
+// acknowledgements and resynchronisation recover them), high-water marks high
+// enough that end-to-end windows, not ZeroMQ, bound the queues, and ZMTP
+// heartbeats sized from the application's `heartbeat` period, so that a link
+// that went silent is dropped (and a connecting socket reconnects) after
+// about 1.5 periods, well before a peer is presumed dead (3 periods).
+void ConfigureSocket(zmq::socket_t& socket, std::chrono::milliseconds heartbeat = std::chrono::milliseconds(1000));
+
+// A routing id of its own for a connecting socket, so that a reconnect keeps
+// its routes at the broker (ZMQ_ROUTER_HANDOVER, PROTOCOL.md §1.5): a client
+// is 'c' + its session id, a worker 'w' + 16 random bytes of its instance.
+std::string ClientRoutingId(const SessionId& session);
+std::string WorkerRoutingId(const SessionId& instance);
+
+// Reports when a connecting socket has been connected again: ZeroMQ
+// reconnects a DEALER by itself, and whatever was in flight on the old
+// connection may be lost, so the owner resynchronises with the broker
+// (PROTOCOL.md §3.6, §3.7). Built on zmq_socket_monitor over an inproc PAIR.
+//
+// Thread-safety: owned by the thread that owns the watched socket; must be
+// destroyed before that socket is closed.
+class ReconnectWatch {
+ public:
+  ReconnectWatch(zmq::context_t& context, zmq::socket_t& socket);
+  ~ReconnectWatch();
+  ReconnectWatch(const ReconnectWatch&) = delete;
+  ReconnectWatch& operator=(const ReconnectWatch&) = delete;
+
+  // For zmq::poll: readable when there are events to read.
+  zmq::socket_t& events() { return pair_; }
+  // Reads every pending event; true if a handshake succeeded on a
+  // connection after an earlier one (a reconnect) since the last call.
+  bool reconnected();
+
+ private:
+  zmq::socket_t& socket_;
+  zmq::socket_t pair_;
+  int handshakes_ = 0;
+};
 
 enum class SendResult { kSent, kWouldBlock, kUnreachable, kFailed };
 
