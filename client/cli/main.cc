@@ -16,6 +16,7 @@
 // soon as all earlier ones are.
 
 #include <cerrno>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -56,6 +57,7 @@ struct FetchFlags {
   // lines on stderr would drown the progress of a long run.
   std::string log_level = "30";
   unsigned io_threads = 0;
+  double broker_timeout_s = 60;
 };
 
 void PrintError(const std::string& message) { std::fprintf(stderr, "gatherer: %s\n", message.c_str()); }
@@ -66,6 +68,7 @@ bool BuildOptions(const FetchFlags& flags, gatherer::Options& options) {
   options.workers = flags.workers;
   options.cancel_on_raise = flags.cancel_on_raise;
   options.embedded_io_threads = flags.io_threads;
+  options.broker_timeout = std::chrono::milliseconds(std::llround(flags.broker_timeout_s * 1000));
   auto level = gatherer::ParseLogLevel(flags.log_level);
   if (!level) {
     PrintError("--log-level: " + level.error().message());
@@ -233,6 +236,11 @@ int main(int argc, char** argv) {
   fetch->add_option("--log-level", flags.log_level,
                     "10..50 or debug, info, warning, error, critical")
       ->capture_default_str();
+  fetch->add_option("--broker-timeout", flags.broker_timeout_s,
+                    "Seconds without a word from the broker before the run fails; dropped "
+                    "connections in between are recovered")
+      ->capture_default_str()
+      ->check(CLI::Range(1.0, 86400.0));
   fetch->add_option("--io-threads", flags.io_threads,
                     "I/O threads of the embedded worker (0 = one per core)")
       ->capture_default_str();

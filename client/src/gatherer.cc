@@ -133,9 +133,16 @@ void Gatherer::Impl::close_session() {
   try {
     send(proto::Encode(proto::Command::kClose, proto::SessionRef{session}));
     // Wait for CLOSED so that, when the destructor returns, the broker has
-    // forgotten the session and told the workers holding it (DESIGN §2).
-    const auto deadline = Clock::now() + std::min<std::chrono::milliseconds>(options.connect_timeout,
-                                                                              std::chrono::seconds(5));
+    // forgotten the session and told the workers holding it. Not for a
+    // broker that has been unreachable for the broker timeout: the session
+    // expires there by its TTL if the broker comes back.
+    auto wait = std::min<std::chrono::milliseconds>(options.connect_timeout, std::chrono::seconds(5));
+    if (Clock::now() - last_heard > options.broker_timeout) {
+      Logger().debug("gatherer: not waiting for broker {} to confirm closing session {}: unreachable", endpoint,
+                     session_text);
+      return;
+    }
+    const auto deadline = Clock::now() + wait;
     std::vector<zmq::message_t> frames;
     zmq::pollitem_t item{dealer->handle(), 0, ZMQ_POLLIN, 0};
     while (Clock::now() < deadline) {
@@ -554,11 +561,9 @@ void Stream::Run::pump() {
     next_heartbeat = now + kHeartbeat;
     if (now - m.last_heard > m.options.broker_timeout) {
       const auto silent = std::chrono::duration_cast<std::chrono::milliseconds>(now - m.last_heard);
-      Logger().error("gatherer: broker {} unreachable for {} ms; giving up on session {}", m.endpoint, silent.count(),
-                     m.session_text);
       fail("broker " + m.endpoint + " unreachable for " + std::to_string(silent.count() / 1000) + " s (timeout " +
                std::to_string(m.options.broker_timeout.count() / 1000) + " s); " + std::to_string(pulled - received) +
-               " statements unanswered, " + std::to_string(received) + " answered",
+               " statements submitted and unanswered, " + std::to_string(received) + " answered",
            -1, StatusCode::kUnavailable);
     }
     // A SYNC whose answer was lost with a connection is asked again.
