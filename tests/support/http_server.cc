@@ -185,7 +185,7 @@ struct HttpServer::Impl {
 
   enum class Parse { kNeedMore, kReady, kBad, kLengthRequired, kTooLarge };
 
-  explicit Impl(HttpHandler h) : handler_(std::move(h)) {}
+  Impl(HttpHandler h, std::string host) : handler_(std::move(h)), host_(std::move(host)) {}
 
   void start();
   void stop_and_close();
@@ -209,6 +209,7 @@ struct HttpServer::Impl {
   void request_done() { in_flight_.fetch_sub(1); }
 
   HttpHandler handler_;
+  std::string host_;  // IPv4 address listened on
   int listen_fd_ = -1;
   int epoll_fd_ = -1;
   int wake_fd_ = -1;
@@ -240,7 +241,9 @@ void HttpServer::Impl::start() {
   setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::inet_pton(AF_INET, host_.c_str(), &addr.sin_addr) != 1) {
+    throw std::invalid_argument("HttpServer: not an IPv4 address: " + host_);
+  }
   addr.sin_port = 0;
   if (::bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
     throw sys_error("bind");
@@ -611,7 +614,8 @@ void HttpServer::Impl::close_conn(Conn& c) {
   conns_[static_cast<std::size_t>(fd)].reset();
 }
 
-HttpServer::HttpServer(HttpHandler handler) : impl_(std::make_unique<Impl>(std::move(handler))) {
+HttpServer::HttpServer(HttpHandler handler, std::string bind_address)
+    : impl_(std::make_unique<Impl>(std::move(handler), std::move(bind_address))) {
   try {
     impl_->start();
   } catch (...) {
@@ -625,7 +629,7 @@ HttpServer::~HttpServer() { impl_->stop_and_close(); }
 std::uint16_t HttpServer::port() const { return impl_->port_; }
 
 std::string HttpServer::url(std::string_view path) const {
-  std::string out = "http://127.0.0.1:";
+  std::string out = "http://" + impl_->host_ + ":";
   append_number(out, impl_->port_);
   out.append(path);
   return out;

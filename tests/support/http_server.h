@@ -44,15 +44,15 @@ using HttpHandler = std::function<HttpReply(const HttpRequest&)>;
 
 class HttpServer {
  public:
-  // Starts listening on 127.0.0.1:0 and serving on a thread of its own.
-  // Default handler: 200, body "ok:<target>".
-  explicit HttpServer(HttpHandler handler = {});
+  // Starts listening on 127.0.0.1:0 (or `bind_address`:0, an IPv4 address)
+  // and serving on a thread of its own. Default handler: 200, body "ok:<target>".
+  explicit HttpServer(HttpHandler handler = {}, std::string bind_address = "127.0.0.1");
   ~HttpServer();  // stops the thread, closes every connection
   HttpServer(const HttpServer&) = delete;
   HttpServer& operator=(const HttpServer&) = delete;
 
   std::uint16_t port() const;
-  // "http://127.0.0.1:<port><path>"
+  // "http://<bind address>:<port><path>"
   std::string url(std::string_view path = "/") const;
 
   // Requests whose head was fully read (counted before the handler runs).
