@@ -702,7 +702,7 @@ void Broker::Impl::on_sync(const std::string& peer, std::span<zmq::message_t> bo
   for (const auto& group : s.quarantine) {
     for (const auto& ws : group) known.insert(ws.index);
   }
-  proto::Synced synced{s.id, {}};
+  proto::Synced synced{s.id, {}, s.results_seq};
   for (const auto& r : sync->unanswered) {
     for (std::uint64_t i = r.first; i < r.first + r.count; ++i) {
       if (known.contains(i) || s.leases.contains(i)) continue;

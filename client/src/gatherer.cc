@@ -425,6 +425,10 @@ void Stream::Run::sync(const char* why) {
 // included: they cannot have run (§3.6).
 void Stream::Run::on_synced(const proto::Synced& synced) {
   sync_pending = false;
+  // What the broker still kept came again before SYNCED; RESULTS up to its
+  // seq that it no longer keeps were dropped there on purpose (a CANCEL), so
+  // none is missing any more and the acknowledgements move on (§3.6.4).
+  if (!awaiting_opened) m.results_seq = std::max(m.results_seq, synced.seq);
   std::uint64_t again = 0;
   for (const auto& r : synced.missing) {
     std::uint64_t start = 0;

@@ -401,11 +401,12 @@ Frames Encode(const Sync& m) {
 }
 
 Frames Encode(const Synced& m) {
-  msgpack::sbuffer buf(40 + 20 * m.missing.size());
+  msgpack::sbuffer buf(48 + 20 * m.missing.size());
   Packer pk(buf);
-  pk.pack_array(2);
+  pk.pack_array(3);
   PackBin(pk, m.session.raw());
   PackRanges(pk, m.missing);
+  pk.pack(m.seq);
   return Start(Command::kSynced, buf);
 }
 
@@ -542,8 +543,8 @@ Result<Sync> DecodeSync(std::span<const zmq::message_t> frames) {
 Result<Synced> DecodeSynced(std::span<const zmq::message_t> frames) {
   return Guard([&] {
     auto h = Header(frames, 3);
-    const auto& a = AsArray(h.get(), 2, "header is not [session, missing]");
-    return Synced{AsSession(a.ptr[0]), AsRanges(a.ptr[1])};
+    const auto& a = AsArray(h.get(), 3, "header is not [session, missing, seq]");
+    return Synced{AsSession(a.ptr[0]), AsRanges(a.ptr[1]), AsUint<std::uint64_t>(a.ptr[2], "seq")};
   });
 }
 

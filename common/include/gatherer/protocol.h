@@ -147,10 +147,13 @@ struct Sync {
   std::vector<IndexRange> unanswered;
 };
 // SYNCED (broker -> client): the unanswered statements the broker never
-// received; the client submits them again (§3.6).
+// received, which the client submits again, and the seq of the last RESULTS
+// the broker sent: every one it still keeps came again before SYNCED, so
+// the client has all it will ever get up to there (§3.6.4).
 struct Synced {
   SessionId session;
   std::vector<IndexRange> missing;
+  std::uint64_t seq = 0;
 };
 // HOLDING (worker -> broker): the last order seq the worker received and,
 // per session it holds, the statements in its hands (§3.7).
