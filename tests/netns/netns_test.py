@@ -4,6 +4,11 @@ a Linux network namespace of its own, links cut and proxies killed mid-run.
 
     sudo /usr/bin/python3 tests/netns/netns_test.py --bin-dir build/release
     sudo /usr/bin/python3 tests/netns/netns_test.py --bin-dir build/release --case client-link --keep
+    ctest --test-dir build/release -R netns_faults -V      # registered as netns_faults, label netns
+
+The broker, worker and client binaries come from --bin-dir (copied at start,
+so a rebuild during the run cannot swap them between cases), the HTTP server
+is gatherer-bench-server --delay-ms 20 --bind <its address> --count-paths.
 
 Topology (made fresh for every case, removed afterwards, also on failure or
 Ctrl-C): a "hub" namespace holds a bridge; every other namespace (broker,
@@ -31,7 +36,8 @@ Checks, per case: exactly N output lines, indices 0..N-1 in order; every GET
 kind "unknown"; the client's exit status agrees (0, or 1 when a statement
 failed); the server saw every POST path at most once (exactly once when it
 succeeded) and GET paths more than once only where re-dispatch is expected
-(worker-dead, where at least one re-fetch is required). A client that makes no
+(worker-dead, where at least one re-fetched GET or outcome-unknown POST is
+required); broker, workers, server and proxy still running. A client that makes no
 progress for --stall-timeout seconds, or is still running after --deadline
 seconds, is killed and the case fails naming how many lines it wrote.
 
@@ -378,7 +384,8 @@ def http_get_in_ns(ns, host, port, path, timeout=10):
     except subprocess.TimeoutExpired:
         raise CaseFailure(f"GET {path} from the server did not answer in {timeout + 5} s")
     if r.returncode != 0:
-        raise CaseFailure(f"GET {path} from the server failed: {r.stderr.strip()[-500:]}")
+        last = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
+        raise CaseFailure(f"GET {path} from the server failed: {last[:300]}")
     return r.stdout
 
 
@@ -453,38 +460,47 @@ class LineCounter:
 
 
 def recovery_time(samples, t_fault, t_back, n):
-    """(pre-fault rate, seconds from t_back until the rate is >= 80% of it, or None)."""
+    """(pre-fault rate in lines/s, recovery figure as text).
+
+    The recovery figure is the time from t_back until the output rate over the
+    next RATE_WINDOW_S is >= 80% of the pre-fault rate ("0.00s" if it never
+    dropped), "done" if the job ended before t_back, or "never".
+    """
     before = [s for s in samples if s[0] <= t_fault]
-    start = next((s for s in before if s[1] > 0), None)
-    if start is None or not before:
-        return None, None
-    # The rate over the last second before the fault (from the first line if
-    # that came later): the first wave, which opens every connection, is left
-    # out when the fault comes late enough.
-    start = next((s for s in before if s[0] >= before[-1][0] - 1.0 and s[1] > 0), start)
     end = before[-1]
+    # The rate over the last second before the fault, from the first line if
+    # that came later (the first wave, which opens every connection, is left
+    # out when the fault comes late enough); with too short a span (small N),
+    # from the client's start.
+    start = next((s for s in before if s[0] >= end[0] - 1.0 and s[1] > 0), before[0])
     if end[0] - start[0] < 0.1:
-        return None, None
+        start = before[0]
+    if end[0] - start[0] <= 0 or end[1] <= start[1]:
+        return None, "n/a"
     rate = (end[1] - start[1]) / (end[0] - start[0])
+    t_done = next((s[0] for s in samples if s[1] >= n), None)
+    if t_done is not None and t_done <= t_back:
+        return rate, "done"
     after = [s for s in samples if s[0] >= t_back]
     for i, (t, lines) in enumerate(after):
         if lines >= n:
-            return rate, t - t_back
+            return rate, f"{t - t_back:.2f}s"
         j = next((k for k in range(i + 1, len(after)) if after[k][0] >= t + RATE_WINDOW_S), None)
         if j is None:
             # Not a full window left: recovered if the job ended within it.
             if after[-1][1] >= n:
-                return rate, t - t_back
+                return rate, f"{t - t_back:.2f}s"
             break
         if (after[j][1] - lines) / (after[j][0] - t) >= RECOVERED_FRACTION * rate:
-            return rate, t - t_back
-    return rate, None
+            return rate, f"{t - t_back:.2f}s"
+    return rate, "never"
 
 
 class Runner:
-    def __init__(self, args, bins, work_dir):
+    def __init__(self, args, bins, origins, work_dir):
         self.a = args
-        self.bins = bins
+        self.bins = bins          # the copies run
+        self.origins = origins    # where they were copied from
         self.work_dir = work_dir
         self.client_has_broker_timeout = False
         self._unknown = set()
@@ -537,6 +553,11 @@ class Runner:
         port = wait_for(lambda: (re.search(r"port (\d+)", srv.read_out()) or [None, None])[1],
                         START_TIMEOUT_S, "the HTTP server's port", [srv])
         server_url = f"http://{topo.addr('srv')}:{port}"
+        try:
+            http_get_in_ns(topo.ns["srv"], topo.addr("srv"), port, "/_stats/paths", timeout=5)
+        except CaseFailure as e:
+            raise CaseFailure(f"{self.origins['server']} does not serve /_stats/paths on {topo.addr('srv')}: "
+                              f"built before --bind and --count-paths? ({e})")
 
         broker_ep = f"tcp://{topo.addr('brk')}:{BROKER_PORT}"
         brk = procs["broker"] = Proc("broker", topo.ns["brk"],
@@ -639,11 +660,12 @@ class Runner:
         # A broker, worker, server or proxy that crashed during the fault would be
         # hidden by the recovery it triggers: every one must still be running.
         crashed = [f"{p.name} exited with {p.popen.returncode}" for key, p in procs.items()
-                   if key != "client" and not p.alive()]
+                   if key != "client" and not p.alive() and not (key == "proxy" and phase == "down")]
 
-        rate, recovery = (None, None)
-        if t_back is not None:
-            rate, recovery = recovery_time(samples, t_fault, t_back, n)
+        rate, recovery = None, "n/a"
+        if t_fault is not None:
+            # t_back is None when the client ended during the outage ("done").
+            rate, recovery = recovery_time(samples, t_fault, t_back or t_up_due, n)
 
         # What the server saw.
         stats_ns = topo.ns["srv"]
@@ -671,7 +693,7 @@ class Runner:
                     f"lines={lines}/{n} exit={rc} fault_at_line={trigger} "
                     f"fault_after={(t_fault - cli.started) if t_fault else float('nan'):.2f}s "
                     f"rate_before={rate or 0:.0f}/s "
-                    f"recovery={'%.2fs' % recovery if recovery is not None else 'never'} "
+                    f"recovery={recovery} "
                     f"refetched_gets={len(refetched)} extra_get_requests={extra_requests} "
                     f"unknown_posts={unknown} server_requests={served} presumed_dead={','.join(dead) or '-'} "
                     f"longest_output_stall={longest_stall:.2f}s by_worker={by_worker}")
@@ -681,9 +703,11 @@ class Runner:
         result["figures"] = figures(unknown_posts)
         if hung:
             partial = [f for f in failures if not f.startswith(f"{lines} output lines")]
-            raise CaseFailure(f"client hung: wrote {lines} of {n} lines, {hung} "
-                              f"(fault at +{(t_fault or t_end) - cli.started:.2f} s, back at "
-                              f"+{(t_back or t_end) - cli.started:.2f} s); killed at +{t_end - cli.started:.1f} s"
+            when = ("before the fault" if t_fault is None else
+                    f"fault at +{t_fault - cli.started:.2f} s, back at "
+                    + (f"+{t_back - cli.started:.2f} s" if t_back else "(never)"))
+            raise CaseFailure(f"client hung: wrote {lines} of {n} lines, {hung} ({when}); "
+                              f"killed at +{t_end - cli.started:.1f} s"
                               + (f"; in what it wrote: {'; '.join(partial)}" if partial else ""))
         if t_fault is None:
             raise CaseFailure(f"the client exited ({rc}) after {lines} of {n} lines, before the fault "
@@ -697,13 +721,14 @@ class Runner:
             raise CaseFailure("; ".join(failures))
 
     def check_output(self, out_path, n, posts, case, rc, failures):
-        """Checks the client's output; returns how many POSTs failed as outcome unknown (allowed)."""
+        """Checks the client's output; returns how many POSTs failed as outcome unknown (allowed or not)."""
         self._unknown = set()
         self._by_worker = {}
         structural = []   # not JSON, wrong index
         failed = {}       # (method, status, error kind) -> [count, first indices, first message]
         body = None
         count = 0
+        unknown_posts = 0
         with open(out_path, "rb") as f:
             for raw in f:
                 if not raw.endswith(b"\n") and rc is None:
@@ -733,9 +758,11 @@ class Runner:
                         continue
                     err = {"kind": "(body)", "message": f"not the server's body: {str(b)[:100]!r}"}
                 kind = err.get("kind") if isinstance(err, dict) else None
-                if method == "POST" and case.redispatch and kind == "unknown":
-                    self._unknown.add(i)
-                    continue
+                if method == "POST" and kind == "unknown":
+                    unknown_posts += 1
+                    if case.redispatch:
+                        self._unknown.add(i)
+                        continue
                 entry = failed.setdefault((method, status, kind), [0, [], None])
                 entry[0] += 1
                 if len(entry[1]) < 5:
@@ -755,7 +782,7 @@ class Runner:
         if rc is not None and rc != expect_rc and not failed and not structural:
             failures.append(f"client exit status {rc}, expected {expect_rc} "
                             f"({len(self._unknown)} statements failed)")
-        return len(self._unknown)
+        return unknown_posts
 
     def check_server(self, per_path, served, n, posts, unknown_posts_idx, case, failures):
         total = sum(per_path.values())
@@ -875,8 +902,7 @@ def main():
             return SKIP
         built = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(max(os.path.getmtime(x) for x in bins.values())))
         log(f"binaries: {', '.join(bins.values())} (newest built {built}), copied for this run")
-        bins = snapshot_binaries(bins, os.path.join(work_dir, "bin"))
-        runner = Runner(a, bins, work_dir)
+        runner = Runner(a, snapshot_binaries(bins, os.path.join(work_dir, "bin")), bins, work_dir)
         runner.probe_client()
         log(f"netns fault test: N={a.n} per case, cases: {', '.join(c.name for c in cases)}; "
             f"client {'with' if runner.client_has_broker_timeout else 'without'} --broker-timeout; "
