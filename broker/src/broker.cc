@@ -165,7 +165,7 @@ struct Broker::Impl {
   bool send(const std::string& peer, proto::Frames&& frames);
   void send_error(const std::string& peer, StatusCode code, std::string message,
                   std::optional<SessionId> session);
-  void malformed(const std::string& peer, const Status& status);
+  void malformed(const std::string& peer, const Status& status, std::span<const zmq::message_t> body = {});
 };
 
 bool Broker::Impl::send(const std::string& peer, proto::Frames&& frames) {
@@ -186,13 +186,22 @@ void Broker::Impl::send_error(const std::string& peer, StatusCode code, std::str
   send(peer, proto::Encode(proto::ErrorReply{code, std::move(message), session}));
 }
 
-void Broker::Impl::malformed(const std::string& peer, const Status& status) {
+// §2.4: counted, logged at most once a second, dropped; and a peer the
+// broker knows — a registered worker, or a client whose message names a
+// session — is told what was wrong, so it never waits on silence.
+void Broker::Impl::malformed(const std::string& peer, const Status& status, std::span<const zmq::message_t> body) {
   stats.malformed.fetch_add(1, std::memory_order_relaxed);
   std::uint64_t suppressed = 0;
   if (bad_frame_log.allow(suppressed)) {
     Logger().warn("broker: dropped malformed message from peer of {} bytes id: {} ({} more suppressed)",
                   peer.size(), status.ToString(), suppressed);
   }
+  if (body.empty()) return;
+  auto command = proto::PeekCommand(body);
+  const std::string what =
+      std::string("malformed ") + (command ? proto::CommandName(*command) : "message") + ": " + status.message();
+  if (workers.contains(peer)) return send_error(peer, StatusCode::kInvalidArgument, what, std::nullopt);
+  if (auto session = proto::PeekSession(body)) send_error(peer, StatusCode::kInvalidArgument, what, *session);
 }
 
 void Broker::Impl::mark_ready(SessionState& s) {
@@ -554,7 +563,16 @@ void Broker::Impl::on_results(const std::string& peer, std::span<zmq::message_t>
   worker.last_seen = Clock::now();
   worker.reachable = true;
   auto index = proto::DecodeResultsIndex(body);
-  if (!index) return malformed(peer, index.error());
+  if (!index) {
+    // Its results cannot be told apart, so none is forwarded; what the
+    // worker held goes back to the queue (a POST fails as outcome unknown)
+    // and the worker is asked to register again (§4.3).
+    malformed(peer, index.error());
+    remove_worker(peer, Departure::kLeft, "sent a malformed RESULTS");
+    return send_error(peer, StatusCode::kNotFound,
+                      "malformed RESULTS: " + index.error().message() + "; what you held went back; send READY",
+                      std::nullopt);
+  }
   // §3.7: a worker numbers its RESULTS and keeps each until acknowledged.
   // One already taken (sent again after a reconnect) is acknowledged again
   // and dropped; after a gap, the missing ones will come again and the
@@ -620,7 +638,7 @@ void Broker::Impl::on_holding(const std::string& peer, std::span<zmq::message_t>
     return;
   }
   auto holding = proto::DecodeHolding(body);
-  if (!holding) return malformed(peer, holding.error());
+  if (!holding) return malformed(peer, holding.error(), body);
   WorkerState& worker = w->second;
   worker.last_seen = Clock::now();
   worker.reachable = true;
@@ -676,7 +694,7 @@ void Broker::Impl::on_holding(const std::string& peer, std::span<zmq::message_t>
 // it keeps past that, then SYNCED with the statements it never received.
 void Broker::Impl::on_sync(const std::string& peer, std::span<zmq::message_t> body) {
   auto sync = proto::DecodeSync(body);
-  if (!sync) return malformed(peer, sync.error());
+  if (!sync) return malformed(peer, sync.error(), body);
   auto it = sessions.find(sync->session);
   if (it == sessions.end()) return send_error(peer, StatusCode::kNotFound, "session not open", sync->session);
   SessionState& s = it->second;
@@ -724,7 +742,7 @@ void Broker::Impl::on_sync(const std::string& peer, std::span<zmq::message_t> bo
 void Broker::Impl::on_worker(const std::string& peer, proto::Command command, std::span<zmq::message_t> body) {
   if (command == proto::Command::kReady) {
     auto ready_msg = proto::DecodeReady(body);
-    if (!ready_msg) return malformed(peer, ready_msg.error());
+    if (!ready_msg) return malformed(peer, ready_msg.error(), body);
     // A worker that registers again has dropped what it held (§3.4.5).
     const bool again = workers.contains(peer);
     if (again) remove_worker(peer, Departure::kLeft, "registered again");
@@ -739,12 +757,12 @@ void Broker::Impl::on_worker(const std::string& peer, proto::Command command, st
                   again ? " (registered again)" : "");
     // §3.4.1: READY is answered, so the worker can tell errors about what it
     // sent before READY from errors about itself.
-    send(peer, proto::Encode(proto::BrokerBeat{std::nullopt, 0, 0}));
+    send(peer, proto::Encode(proto::BrokerBeat{std::nullopt, 0, 0, 0}));
     return;
   }
   if (command == proto::Command::kHolding) return on_holding(peer, body);
   if (command == proto::Command::kDraining || command == proto::Command::kDisconnect) {
-    if (Status st = proto::DecodeEmpty(body); !st.ok()) return malformed(peer, st);
+    if (Status st = proto::DecodeEmpty(body); !st.ok()) return malformed(peer, st, body);
     auto w = workers.find(peer);
     if (w == workers.end()) return;
     if (command == proto::Command::kDisconnect) return remove_worker(peer, Departure::kLeft, "disconnected");
@@ -760,7 +778,7 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
   using proto::Command;
   if (command == Command::kOpen) {
     auto open = proto::DecodeOpen(body);
-    if (!open) return malformed(peer, open.error());
+    if (!open) return malformed(peer, open.error(), body);
     auto it = sessions.find(open->session);
     if (it == sessions.end()) {
       if (drain_requested.load(std::memory_order_acquire)) {
@@ -784,7 +802,7 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
   }
   if (command == Command::kSubmit) {
     auto submit = proto::DecodeStatements(body);
-    if (!submit) return malformed(peer, submit.error());
+    if (!submit) return malformed(peer, submit.error(), body);
     auto it = sessions.find(submit->session);
     if (it == sessions.end()) {
       return send_error(peer, StatusCode::kNotFound, "session not open", submit->session);
@@ -793,13 +811,25 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
     s.last_seen = Clock::now();
     s.client = peer;  // a reconnected client has a new routing id
     const std::size_t cap = std::size_t{s.settings.workers} + s.prefetch + options.queue_slack;
+    // The refusal names the SUBMIT, so the client can tell which one (§3.2.3).
+    const auto refused = [&] {
+      return submit->statements.empty()
+                 ? std::string("an empty SUBMIT")
+                 : fmt::format("the SUBMIT of {} statements from index {}", submit->statements.size(),
+                               submit->statements.front().index);
+    };
     if (s.pending.size() + s.leases.size() + submit->statements.size() > cap) {
       return send_error(peer, StatusCode::kResourceExhausted,
-                        "session queue cap exceeded (window + prefetch + slack)", s.id);
+                        fmt::format("session queue cap exceeded: {} would make {} queued and in flight, over window "
+                                    "+ prefetch + slack = {}; none of it kept",
+                                    refused(), s.pending.size() + s.leases.size() + submit->statements.size(), cap),
+                        s.id);
     }
     if (total_pending + total_leased + submit->statements.size() > options.max_queued) {
       return send_error(peer, StatusCode::kResourceExhausted,
-                        fmt::format("broker queue cap exceeded ({} statements over all sessions)", options.max_queued),
+                        fmt::format("broker queue cap exceeded: {} would pass {} statements over all sessions; none "
+                                    "of it kept",
+                                    refused(), options.max_queued),
                         s.id);
     }
     for (auto& ws : submit->statements) {
@@ -812,8 +842,8 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
   }
   if (command == Command::kAck) {
     auto ack = proto::DecodeAck(body);
-    if (!ack) return malformed(peer, ack.error());
-    if (!ack->session) return malformed(peer, InvalidArgument("a client's ACK names its session"));
+    if (!ack) return malformed(peer, ack.error(), body);
+    if (!ack->session) return malformed(peer, InvalidArgument("a client's ACK names its session"), body);
     auto it = sessions.find(*ack->session);
     if (it == sessions.end()) return send_error(peer, StatusCode::kNotFound, "session not open", *ack->session);
     SessionState& s = it->second;
@@ -824,7 +854,7 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
   if (command == Command::kSync) return on_sync(peer, body);
   if (command == Command::kCancel || command == Command::kClose) {
     auto ref = proto::DecodeSessionRef(body);
-    if (!ref) return malformed(peer, ref.error());
+    if (!ref) return malformed(peer, ref.error(), body);
     auto it = sessions.find(ref->session);
     if (it != sessions.end()) {
       end_session(it->second);
@@ -864,7 +894,7 @@ void Broker::Impl::handle(std::vector<zmq::message_t>& frames) {
     case Command::kHeartbeat: {
       // Decoded first: a malformed heartbeat proves nothing (§2.4).
       auto named = proto::DecodeHeartbeat(body);
-      if (!named) return malformed(peer, named.error());
+      if (!named) return malformed(peer, named.error(), body);
       auto w = workers.find(peer);
       if (w != workers.end()) {
         w->second.last_seen = Clock::now();
@@ -889,7 +919,8 @@ void Broker::Impl::handle(std::vector<zmq::message_t>& frames) {
       session.client = peer;
       // §3.6: the answer tells the client the last RESULTS sent and how far
       // its SUBMITs arrived, so it can tell whether anything was lost.
-      send(peer, proto::Encode(proto::BrokerBeat{session.id, session.results_seq, session.next_index}));
+      send(peer, proto::Encode(proto::BrokerBeat{session.id, session.results_seq, session.next_index,
+                                                 static_cast<std::uint32_t>(workers.size())}));
       break;
     }
     default:
@@ -907,7 +938,7 @@ void Broker::Impl::heartbeat() {
   for (auto& [rid, w] : workers) {
     if (now - w.last_seen > dead_after) {
       dead.push_back(rid);
-    } else if (!send(rid, proto::Encode(proto::BrokerBeat{std::nullopt, w.order_seq, 0}))) {
+    } else if (!send(rid, proto::Encode(proto::BrokerBeat{std::nullopt, w.order_seq, 0, 0}))) {
       w.reachable = false;  // its connection is gone; it will come back or die
     }
   }

@@ -19,6 +19,9 @@ namespace proto = protocol;
 using Clock = std::chrono::steady_clock;
 
 constexpr std::chrono::milliseconds kHeartbeat{1000};
+// A run waiting this long on an unreachable broker, or on a broker with no
+// worker, says so once (PROTOCOL.md §3.2.7).
+constexpr std::chrono::milliseconds kSayWaiting{3000};
 // Statements per SUBMIT at most: big enough to amortise a message, small
 // enough that the first statements start before the whole window is encoded.
 constexpr std::size_t kSubmitChunk = 1024;
@@ -216,6 +219,10 @@ struct Stream::Run {
   bool sync_pending = false;
   Clock::time_point sync_sent;
   std::uint64_t beat_next = 0;
+  // Said once per run what it is waiting for, when it waits long.
+  Clock::time_point started;
+  bool said_unreachable = false;
+  bool said_no_workers = false;
   bool source_done = false;
   bool finished = false;
   // Session index of position 0 (PROTOCOL.md §3.2.2).
@@ -263,6 +270,7 @@ void Stream::Run::start(std::size_t span_positions) {
   // fall below `base` and are dropped.
   base = m.next_index;
   next_heartbeat = Clock::now() + kHeartbeat;
+  started = Clock::now();
   m.last_heard = Clock::now();  // idle time before this run does not count
   m.watch->reconnected();  // a reconnect between runs lost nothing of this one
   m.cancel_requested.store(false, std::memory_order_release);
@@ -539,6 +547,12 @@ void Stream::Run::pump() {
         if (beat->seq > m.results_seq) sync("the broker's heartbeat names RESULTS that never arrived");
         else if (lost_a_submit(beat->next_index)) sync("the broker's heartbeat shows a SUBMIT that never arrived");
       }
+      if (beat->session == m.session && beat->workers == 0 && received < pulled && !said_no_workers &&
+          Clock::now() - started > kSayWaiting) {
+        said_no_workers = true;
+        Logger().warn("gatherer: broker {} has no worker connected; waiting for one ({} statements submitted)",
+                      m.endpoint, pulled - received);
+      }
     } else if (*command == proto::Command::kError) {
       auto e = proto::DecodeError(frames);
       if (!e) {
@@ -569,6 +583,11 @@ void Stream::Run::pump() {
                std::to_string(m.options.broker_timeout.count() / 1000) + " s); " + std::to_string(pulled - received) +
                " statements submitted and unanswered, " + std::to_string(received) + " answered",
            -1, StatusCode::kUnavailable);
+    }
+    if (!said_unreachable && now - m.last_heard > kSayWaiting) {
+      said_unreachable = true;
+      Logger().warn("gatherer: broker {} not reachable yet; waiting up to {} s", m.endpoint,
+                    m.options.broker_timeout.count() / 1000);
     }
     // A SYNC whose answer was lost with a connection is asked again.
     if (sync_pending && now - sync_sent > 2 * kHeartbeat) {

@@ -479,10 +479,11 @@ Frames Encode(const BrokerBeat& m) {
   msgpack::sbuffer buf(40);
   Packer pk(buf);
   if (m.session) {
-    pk.pack_array(3);
+    pk.pack_array(4);
     PackBin(pk, m.session->raw());
     pk.pack(m.seq);
     pk.pack(m.next_index);
+    pk.pack(m.workers);
   } else {
     pk.pack_array(1);
     pk.pack(m.seq);
@@ -502,16 +503,17 @@ Result<std::optional<ClientBeat>> DecodeHeartbeat(std::span<const zmq::message_t
 Result<BrokerBeat> DecodeBrokerHeartbeat(std::span<const zmq::message_t> frames) {
   return Guard([&] {
     auto h = Header(frames, 3);
-    const auto& a = AsArray(h.get(), 1, "broker heartbeat is not [seq] or [session, seq, next_index]");
+    const auto& a = AsArray(h.get(), 1, "broker heartbeat is not [seq] or [session, seq, next_index, workers]");
     BrokerBeat b;
     if (a.ptr[0].type == msgpack::type::POSITIVE_INTEGER) {
       b.seq = AsUint<std::uint64_t>(a.ptr[0], "seq");
       return b;
     }
-    if (a.size < 3) Fail("broker heartbeat is not [session, seq, next_index]");
+    if (a.size < 4) Fail("broker heartbeat is not [session, seq, next_index, workers]");
     b.session = AsSession(a.ptr[0]);
     b.seq = AsUint<std::uint64_t>(a.ptr[1], "seq");
     b.next_index = AsUint<std::uint64_t>(a.ptr[2], "next_index");
+    b.workers = AsUint<std::uint32_t>(a.ptr[3], "workers");
     return b;
   });
 }
@@ -673,9 +675,34 @@ Result<ResultsIndex> DecodeResultsIndex(std::span<const zmq::message_t> frames) 
     for (std::uint32_t i = 0; i < list.size; ++i) {
       const auto& f = AsArray(list.ptr[i], 8, "result is not an 8-array");
       m.indices[i] = AsUint<std::uint64_t>(f.ptr[0], "index");
+      // Every field is checked, nothing copied: a RESULTS the broker forwards
+      // must be one its client can decode (§4.3).
+      AsUint<std::uint16_t>(f.ptr[1], "status");
+      const auto& headers = AsArray(f.ptr[2], 0, "headers is not an array");
+      for (std::uint32_t k = 0; k < headers.size; ++k) {
+        const auto& pair = AsArray(headers.ptr[k], 2, "header is not a [name, value] pair");
+        AsStr(pair.ptr[0], "header name is not str");
+        AsStr(pair.ptr[1], "header value is not str");
+      }
+      AsUint<std::uint8_t>(f.ptr[3], "error code");
+      AsStr(f.ptr[4], "error message");
+      AsUint<std::uint32_t>(f.ptr[5], "attempts");
+      AsUint<std::uint64_t>(f.ptr[6], "elapsed_us");
+      AsStr(f.ptr[7], "worker");
     }
     return m;
   });
+}
+
+std::optional<SessionId> PeekSession(std::span<const zmq::message_t> frames) {
+  if (frames.size() < 3) return std::nullopt;
+  auto session = Guard([&] {
+    auto h = Unpack(frames[2]);
+    const auto& a = AsArray(h.get(), 1, "no session");
+    return AsSession(a.ptr[0]);
+  });
+  if (!session) return std::nullopt;
+  return *session;
 }
 
 Result<Session> DecodeSession(std::span<const zmq::message_t> frames) {

@@ -116,8 +116,8 @@ struct EndSession {
   std::uint64_t seq = 0;  // order sequence number (§3.7)
 };
 // A client's HEARTBEAT names its session; the broker's answer names the
-// session, the last RESULTS seq it sent for it and one past the highest
-// index it received (§3.2.7, §3.6). The broker's HEARTBEAT to a worker
+// session, the last RESULTS seq it sent for it, one past the highest index
+// it received (§3.2.7, §3.6) and how many workers it has. The broker's HEARTBEAT to a worker
 // carries the last order seq sent to it (§3.7).
 struct ClientBeat {
   SessionId session;
@@ -126,6 +126,9 @@ struct BrokerBeat {
   std::optional<SessionId> session;  // set when answering a client
   std::uint64_t seq = 0;
   std::uint64_t next_index = 0;
+  // Registered workers, in the answer to a client: 0 tells it why nothing
+  // is being answered (§3.2.7).
+  std::uint32_t workers = 0;
 };
 // ACK: the receiver has every RESULTS message up to `seq` (cumulative).
 // Client -> broker names the session; broker -> worker does not.
@@ -235,6 +238,11 @@ struct ResultsIndex {
   std::uint64_t seq = 0;
   std::vector<std::uint64_t> indices;
 };
+// Checks every field of every result, copying none of them.
 Result<ResultsIndex> DecodeResultsIndex(std::span<const zmq::message_t> frames);
+
+// The session a message's header starts with, if it does: tells the broker
+// which client to answer about a message it could not decode (§2.4).
+std::optional<SessionId> PeekSession(std::span<const zmq::message_t> frames);
 
 }  // namespace gatherer::protocol
