@@ -970,6 +970,9 @@ void Broker::Impl::run() {
       if (e.num() != EINTR) Logger().error("broker: poll failed: {}", e.what());
       continue;
     }
+    // drain() and stop() signal the wake descriptor: consume it, or every
+    // later poll returns at once and the loop spins.
+    if (items[1].revents & ZMQ_POLLIN) wake->drain();
     if (items[0].revents & ZMQ_POLLIN) {
       // Drain a bounded number per wake so heartbeats are never starved.
       try {

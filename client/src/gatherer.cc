@@ -273,7 +273,10 @@ void Stream::Run::start(std::size_t span_positions) {
   started = Clock::now();
   m.last_heard = Clock::now();  // idle time before this run does not count
   m.watch->reconnected();  // a reconnect between runs lost nothing of this one
+  // A cancel() between runs is for no run: forget it, descriptor included,
+  // or this run's every poll would return at once (a spinning loop).
   m.cancel_requested.store(false, std::memory_order_release);
+  m.cancel_fd.drain();
 }
 
 void Stream::Run::fail(const std::string& what, std::int64_t index, StatusCode code) {

@@ -1,6 +1,10 @@
 // Gatherer API tests on the embedded default against a real local server.
 #include "gatherer/gatherer.h"
 
+#include <time.h>
+
+#include <chrono>
+
 #include <gtest/gtest.h>
 
 #include "http_server.h"
@@ -88,6 +92,29 @@ TEST(GathererTest, StatementsAreKeptAfterGather) {
   g.gather();
   ASSERT_EQ(g.statements.size(), 1u);
   EXPECT_EQ(g.responses.at(0).body, "ok:/x");
+}
+
+// cancel() between runs must not leave the next run polling a readable
+// descriptor: that run waits 1 s for its one statement and should cost next
+// to no CPU (it used to spin at 100% of a core for the whole run).
+TEST(GathererTest, CancelBetweenRunsDoesNotMakeTheNextRunSpin) {
+  testing::HttpServer server([](const testing::HttpRequest&) {
+    testing::HttpReply r;
+    r.delay = std::chrono::milliseconds(1000);
+    r.body = "late";
+    return r;
+  });
+  Gatherer g({.log_level = 40});
+  g.cancel();
+  g.statements = {Get(server.url("/slow"))};
+  timespec a{}, b{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &a);
+  const auto& r = g.gather();
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &b);
+  ASSERT_EQ(r.size(), 1u);
+  EXPECT_EQ(r[0].body, "late");
+  const double cpu = static_cast<double>(b.tv_sec - a.tv_sec) + static_cast<double>(b.tv_nsec - a.tv_nsec) / 1e9;
+  EXPECT_LT(cpu, 0.4) << "a run waiting 1 s on one statement used " << cpu << " s of CPU";
 }
 
 }  // namespace

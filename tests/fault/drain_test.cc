@@ -5,7 +5,10 @@
 
 #include <signal.h>
 
+#include <time.h>
+
 #include <future>
+#include <thread>
 #include <string>
 #include <vector>
 
@@ -142,6 +145,20 @@ TEST(DrainTest, BrokerSigtermServesOpenSessionsRefusesNewOnesAndExitsZero) {
   const auto exit = broker.wait(10s);
   ASSERT_TRUE(exit.has_value()) << "the broker did not exit once its sessions ended";
   EXPECT_EQ(*exit, 0);
+}
+
+// A draining broker with nothing to do waits, it does not spin: its loop
+// must consume the wake-up that drain() sends (it used to poll a descriptor
+// left readable, at 100% of a core for the whole drain deadline).
+TEST(DrainTest, DrainingBrokerDoesNotSpin) {
+  auto broker = StartBroker();
+  broker->drain();
+  timespec a{}, b{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &a);
+  std::this_thread::sleep_for(1s);  // the interval measured, not a wait for anything
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &b);
+  const double cpu = static_cast<double>(b.tv_sec - a.tv_sec) + static_cast<double>(b.tv_nsec - a.tv_nsec) / 1e9;
+  EXPECT_LT(cpu, 0.3) << "a draining broker with no sessions used " << cpu << " s of CPU in 1 s";
 }
 
 }  // namespace
