@@ -73,6 +73,9 @@ struct Worker::Impl {
   // READY sent and nothing heard since but errors: a not_found now answers
   // a message sent before READY (§3.4.4).
   bool awaiting_registration = false;
+  // A RESULTS could not be handed to ZeroMQ: send the unacknowledged again
+  // at the next heartbeat.
+  bool resend_due = false;
   Clock::time_point next_heartbeat;
   bool draining = false;
   Clock::time_point drain_deadline;
@@ -82,10 +85,14 @@ struct Worker::Impl {
   void wake() {
     if (!wake_pending.exchange(true, std::memory_order_acq_rel)) wake_fd->signal();
   }
-  void send(proto::Frames&& frames) {
+  // False when ZeroMQ would not take the message (no connection for the
+  // whole send timeout): whatever it carried must be sent again.
+  bool send(proto::Frames&& frames) {
     if (proto::SendMessage(*dealer, {}, frames, /*block=*/true) != proto::SendResult::kSent) {
       Logger().warn("worker {}: send to broker failed", id);
+      return false;
     }
+    return true;
   }
   // READY, first or again (§3.4.3, §3.4.4). Registering again means the
   // broker presumed this worker dead or lost it, and its leases are being
@@ -115,7 +122,7 @@ struct Worker::Impl {
     Unacked kept{results_seq, Clock::now(), proto::Frames(frames.size())};
     for (std::size_t i = 0; i < frames.size(); ++i) kept.frames[i].copy(frames[i]);
     unacked.push_back(std::move(kept));
-    send(std::move(frames));
+    if (!send(std::move(frames))) resend_due = true;
   }
   // Sends again every unacknowledged RESULTS sent before `before`.
   void resend(Clock::time_point before) {
@@ -125,7 +132,7 @@ struct Worker::Impl {
       proto::Frames again(u.frames.size());
       for (std::size_t i = 0; i < u.frames.size(); ++i) again[i].copy(u.frames[i]);
       u.sent = now;
-      send(std::move(again));
+      if (!send(std::move(again))) resend_due = true;
     }
   }
   // §3.7: after a reconnect or a gap in the order seqs, RESULTS not yet
@@ -379,9 +386,17 @@ void Worker::Impl::run() {
         last_heard = now;
       } else {
         send(proto::EncodeHeartbeat());
-        // §3.7: RESULTS unacknowledged for a whole period were lost (the
-        // broker acknowledges within one loop pass): send them again.
-        resend(now - options.heartbeat_interval);
+        // §3.7.1: RESULTS are lost only with a connection (the reconnect
+        // resynchronises) or when ZeroMQ refused one; as a safety net, any
+        // unacknowledged for ten periods — the broker acknowledges within one
+        // loop pass — go again. Never sooner: a slow broker would only get
+        // duplicates, and be slowed further by them.
+        if (resend_due) {
+          resend_due = false;
+          resend(Clock::time_point::max());
+        } else {
+          resend(now - 10 * options.heartbeat_interval);
+        }
       }
     }
   }
