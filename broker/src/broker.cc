@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <deque>
 #include <iterator>
+#include <set>
 #include <thread>
 #include <unordered_map>
 #include <unordered_set>
@@ -75,6 +76,7 @@ struct WorkerState {
   std::uint64_t order_seq = 0;
   // Highest seq of its RESULTS up to which none is missing (§3.7).
   std::uint64_t results_seq = 0;
+  std::set<std::uint64_t> ahead;  // RESULTS seqs taken past a gap, until it fills
   bool ack_due = false;     // results_seq advanced: ACK it this pass
   bool reachable = true;    // the last send reached its connection
   bool draining = false;  // sent DRAINING: leases nothing more (§3.4.7)
@@ -555,7 +557,10 @@ void Broker::Impl::dispatch_quarantine() {
 void Broker::Impl::on_results(const std::string& peer, std::span<zmq::message_t> body) {
   auto w = workers.find(peer);
   if (w == workers.end()) {
-    // A worker the broker does not know (it restarted): ask it to register.
+    // A malformed one is counted like any other (§2.4); a well-formed one
+    // comes from a worker the broker does not know (it restarted, or presumed
+    // the worker dead): ask it to register.
+    if (auto index = proto::DecodeResultsIndex(body); !index) return malformed(peer, index.error());
     send_error(peer, StatusCode::kNotFound, "unknown worker; send READY", std::nullopt);
     return;
   }
@@ -581,11 +586,20 @@ void Broker::Impl::on_results(const std::string& peer, std::span<zmq::message_t>
     worker.ack_due = true;
     acks_due.push_back(peer);
   }
-  if (index->seq <= worker.results_seq) {
+  if (index->seq <= worker.results_seq || worker.ahead.contains(index->seq)) {
     stats.duplicates_dropped.fetch_add(index->indices.size(), std::memory_order_relaxed);
     return;
   }
-  if (index->seq == worker.results_seq + 1) worker.results_seq = index->seq;
+  if (index->seq == worker.results_seq + 1) {
+    worker.results_seq = index->seq;
+    // RESULTS taken past a gap that this one fills count as received now.
+    while (!worker.ahead.empty() && *worker.ahead.begin() == worker.results_seq + 1) {
+      worker.results_seq = *worker.ahead.begin();
+      worker.ahead.erase(worker.ahead.begin());
+    }
+  } else if (worker.ahead.size() < proto::kMaxBatch) {
+    worker.ahead.insert(index->seq);  // past a gap (beyond the cap: taken again when re-sent)
+  }
   auto s = sessions.find(index->session);
   if (s == sessions.end()) return;  // closed meanwhile: results are dropped
   SessionState& session = s->second;
@@ -632,13 +646,13 @@ void Broker::Impl::on_results(const std::string& peer, std::span<zmq::message_t>
 // acknowledged, were sent again before this message — so it is queued again,
 // a POST included: it was never sent. Sessions are reconciled both ways.
 void Broker::Impl::on_holding(const std::string& peer, std::span<zmq::message_t> body) {
+  auto holding = proto::DecodeHolding(body);
+  if (!holding) return malformed(peer, holding.error(), body);
   auto w = workers.find(peer);
   if (w == workers.end()) {
     send_error(peer, StatusCode::kNotFound, "unknown worker; send READY", std::nullopt);
     return;
   }
-  auto holding = proto::DecodeHolding(body);
-  if (!holding) return malformed(peer, holding.error(), body);
   WorkerState& worker = w->second;
   worker.last_seen = Clock::now();
   worker.reachable = true;

@@ -512,6 +512,8 @@ void Stream::Run::pump() {
         continue;
       }
       if (results->session != m.session) continue;
+      // Taken first, so a SYNC it prompts does not list them (§3.6.5).
+      for (auto& r : results->results) accept(r);
       if (!awaiting_opened) {
         if (results->seq == m.results_seq + 1) {
           m.results_seq = results->seq;
@@ -519,7 +521,6 @@ void Stream::Run::pump() {
           sync("a RESULTS message was lost");
         }
       }
-      for (auto& r : results->results) accept(r);
     } else if (*command == proto::Command::kOpened) {
       auto opened = proto::DecodeSessionRef(frames);
       if (!opened) {

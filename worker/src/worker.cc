@@ -250,8 +250,12 @@ void Worker::Impl::handle(std::vector<zmq::message_t>& frames) {
     case proto::Command::kHeartbeat: {
       auto m = proto::DecodeBrokerHeartbeat(frames);
       if (!m) return bad(m.error());
-      // The broker answers READY with HEARTBEAT: from here on it knows us.
-      awaiting_registration = false;
+      // The broker answers READY with HEARTBEAT [0]: from here on it knows
+      // us. Until then a heartbeat is from before READY (§3.4.1).
+      if (awaiting_registration) {
+        if (m->seq == 0) awaiting_registration = false;
+        return;
+      }
       // §3.7: the broker names the last order it sent; every earlier one on
       // this connection has arrived, so one not seen here was lost.
       if (m->seq > order_seq) {
