@@ -141,6 +141,7 @@ struct Broker::Impl {
   std::vector<std::string> acks_due;  // workers owed an ACK this pass
 
   explicit Impl(BrokerOptions o) : options(std::move(o)) {}
+  spdlog::logger& log() const { return options.logger ? *options.logger : Logger(); }
 
   void run();
   void handle(std::vector<zmq::message_t>& frames);
@@ -178,7 +179,7 @@ bool Broker::Impl::send(const std::string& peer, proto::Frames&& frames) {
   if (result == proto::SendResult::kSent) return true;
   // A gone peer (ROUTER_MANDATORY) or a full queue: the message is dropped;
   // leases and heartbeats recover what it carried.
-  Logger().debug("broker: cannot send to a peer ({})",
+  log().debug("broker: cannot send to a peer ({})",
                  result == proto::SendResult::kUnreachable ? "unreachable" : "queue full or error");
   return false;
 }
@@ -195,7 +196,7 @@ void Broker::Impl::malformed(const std::string& peer, const Status& status, std:
   stats.malformed.fetch_add(1, std::memory_order_relaxed);
   std::uint64_t suppressed = 0;
   if (bad_frame_log.allow(suppressed)) {
-    Logger().warn("broker: dropped malformed message from peer of {} bytes id: {} ({} more suppressed)",
+    log().warn("broker: dropped malformed message from peer of {} bytes id: {} ({} more suppressed)",
                   peer.size(), status.ToString(), suppressed);
   }
   if (body.empty()) return;
@@ -393,9 +394,9 @@ void Broker::Impl::remove_worker(const std::string& routing_id, Departure how, c
   if (it == workers.end()) return;
   WorkerState& w = it->second;
   if (how == Departure::kDied) {
-    Logger().warn("broker: worker {} presumed dead ({}) holding {} statements", w.worker_id, why, w.leased);
+    log().warn("broker: worker {} presumed dead ({}) holding {} statements", w.worker_id, why, w.leased);
   } else {
-    Logger().info("broker: worker {} left ({}) holding {} statements", w.worker_id, why, w.leased);
+    log().info("broker: worker {} left ({}) holding {} statements", w.worker_id, why, w.leased);
   }
   // A death is charged to a statement only when it was the worker's only one:
   // of several, the broker cannot tell which one (if any) killed it.
@@ -699,7 +700,7 @@ void Broker::Impl::on_holding(const std::string& peer, std::span<zmq::message_t>
     stats.requeued.fetch_add(lost.size(), std::memory_order_relaxed);
     requeue_front(session, std::move(lost));
   }
-  Logger().info("broker: worker {} resynchronised: holds {} sessions; {} statements that never reached it queued again",
+  log().info("broker: worker {} resynchronised: holds {} sessions; {} statements that never reached it queued again",
                 worker.worker_id, holding->sessions.size(), lost_total);
 }
 
@@ -748,7 +749,7 @@ void Broker::Impl::on_sync(const std::string& peer, std::span<zmq::message_t> bo
   }
   std::uint64_t missing = 0;
   for (const auto& r : synced.missing) missing += r.count;
-  Logger().info("broker: session {} resynchronised: {} RESULTS sent again, {} statements to submit again",
+  log().info("broker: session {} resynchronised: {} RESULTS sent again, {} statements to submit again",
                 s.id.ToString(), s.retained.size(), missing);
   send(peer, proto::Encode(synced));
 }
@@ -767,7 +768,7 @@ void Broker::Impl::on_worker(const std::string& peer, proto::Command command, st
     w.host = ready_msg->host;
     w.slots = ready_msg->slots;
     w.last_seen = Clock::now();
-    Logger().info("broker: worker {} on {} ready with {} slots{}", w.worker_id, w.host, w.slots,
+    log().info("broker: worker {} on {} ready with {} slots{}", w.worker_id, w.host, w.slots,
                   again ? " (registered again)" : "");
     // §3.4.1: READY is answered, so the worker can tell errors about what it
     // sent before READY from errors about itself.
@@ -782,7 +783,7 @@ void Broker::Impl::on_worker(const std::string& peer, proto::Command command, st
     if (command == proto::Command::kDisconnect) return remove_worker(peer, Departure::kLeft, "disconnected");
     w->second.draining = true;
     w->second.last_seen = Clock::now();
-    Logger().info("broker: worker {} draining with {} statements in hand", w->second.worker_id, w->second.leased);
+    log().info("broker: worker {} draining with {} statements in hand", w->second.worker_id, w->second.leased);
     return;
   }
   on_results(peer, body);
@@ -803,7 +804,7 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
         return send_error(peer, StatusCode::kResourceExhausted, "broker session limit reached", open->session);
       }
       it = sessions.try_emplace(open->session).first;
-      Logger().debug("broker: session {} opened (window {})", open->session.ToString(), open->settings.workers);
+      log().debug("broker: session {} opened (window {})", open->session.ToString(), open->settings.workers);
     }
     SessionState& s = it->second;
     s.id = open->session;
@@ -874,7 +875,7 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
       end_session(it->second);
       if (command == Command::kClose) {
         sessions.erase(it);
-        Logger().debug("broker: session {} closed", ref->session.ToString());
+        log().debug("broker: session {} closed", ref->session.ToString());
       }
     }
     if (command == Command::kClose) send(peer, proto::Encode(Command::kClosed, *ref));
@@ -960,7 +961,7 @@ void Broker::Impl::heartbeat() {
   // DESIGN §5.5: a silent client's session is cancelled everywhere.
   for (auto it = sessions.begin(); it != sessions.end();) {
     if (now - it->second.last_seen > options.session_ttl) {
-      Logger().warn("broker: session {} expired: its client was silent for {} ms", it->first.ToString(),
+      log().warn("broker: session {} expired: its client was silent for {} ms", it->first.ToString(),
                     options.session_ttl.count());
       end_session(it->second);
       stats.sessions_expired.fetch_add(1, std::memory_order_relaxed);
@@ -981,7 +982,7 @@ void Broker::Impl::run() {
       zmq::poll(items, 2, std::max(wait, std::chrono::milliseconds(0)));
     } catch (const zmq::error_t& e) {
       if (e.num() == ETERM) break;
-      if (e.num() != EINTR) Logger().error("broker: poll failed: {}", e.what());
+      if (e.num() != EINTR) log().error("broker: poll failed: {}", e.what());
       continue;
     }
     // drain() and stop() signal the wake descriptor: consume it, or every
@@ -1036,7 +1037,7 @@ Status Broker::start() {
   m.wake = std::make_unique<WakeFd>();
   m.stopping.store(false);
   m.thread = std::thread([&m] { m.run(); });
-  Logger().info("broker: listening on {}", fmt::join(m.bound, ", "));
+  m.log().info("broker: listening on {}", fmt::join(m.bound, ", "));
   return Status::Ok();
 }
 

@@ -33,6 +33,10 @@ struct Gatherer::Impl {
   SessionId session;
   std::string session_text;
   std::string endpoint;
+  // This Gatherer's logger, at its log_level (shared with its embedded
+  // broker and worker); the process-wide level is left alone.
+  std::shared_ptr<spdlog::logger> logger;
+  spdlog::logger& log() const { return *logger; }
   std::unique_ptr<zmq::context_t> context;
   // Embedded mode only: the in-process cluster (DESIGN §2, "Embedded default").
   std::unique_ptr<Broker> broker;
@@ -55,7 +59,7 @@ struct Gatherer::Impl {
     ++malformed;
     std::uint64_t suppressed = 0;
     if (bad_log.allow(suppressed)) {
-      Logger().warn("gatherer: dropped malformed {} from the broker: {} ({} more suppressed)", what,
+      log().warn("gatherer: dropped malformed {} from the broker: {} ({} more suppressed)", what,
                     status.ToString(), suppressed);
     }
   }
@@ -84,7 +88,7 @@ Gatherer::Gatherer(Options options) : impl_(std::make_unique<Impl>()) {
                 StatusCode::kInvalidArgument);
   }
   if (options.prefetch < 0) throw Error("prefetch must not be negative", -1, StatusCode::kInvalidArgument);
-  SetLogLevel(options.log_level);
+  m.logger = NewLogger(options.log_level);
   m.options = std::move(options);
   m.settings = m.options.settings;
   m.settings.workers = static_cast<std::uint32_t>(m.options.workers);
@@ -103,11 +107,13 @@ Gatherer::Gatherer(Options options) : impl_(std::make_unique<Impl>()) {
     BrokerOptions bo;
     bo.endpoints = {m.endpoint};
     bo.context = m.context.get();
+    bo.logger = m.logger;
     m.broker = std::make_unique<Broker>(bo);
     if (Status s = m.broker->start(); !s.ok()) throw Error("embedded broker: " + s.ToString(), -1, s.code());
     WorkerOptions wo;
     wo.broker = m.endpoint;
     wo.context = m.context.get();
+    wo.logger = m.logger;
     wo.io_threads = m.options.embedded_io_threads;
     m.worker = std::make_unique<Worker>(wo);
     if (Status s = m.worker->start(); !s.ok()) throw Error("embedded worker: " + s.ToString(), -1, s.code());
@@ -129,7 +135,7 @@ Gatherer::Gatherer(Options options) : impl_(std::make_unique<Impl>()) {
   // client may start before the broker.
   m.send(proto::Encode(proto::Open{m.session, m.settings, m.prefetch}));
   m.last_heard = Clock::now();
-  Logger().debug("gatherer: session {} opening on {} (window {})", m.session_text, m.endpoint, m.options.workers);
+  m.log().debug("gatherer: session {} opening on {} (window {})", m.session_text, m.endpoint, m.options.workers);
 }
 
 void Gatherer::Impl::close_session() {
@@ -141,7 +147,7 @@ void Gatherer::Impl::close_session() {
     // expires there by its TTL if the broker comes back.
     auto wait = std::min<std::chrono::milliseconds>(options.connect_timeout, std::chrono::seconds(5));
     if (Clock::now() - last_heard > options.broker_timeout) {
-      Logger().debug("gatherer: not waiting for broker {} to confirm closing session {}: unreachable", endpoint,
+      log().debug("gatherer: not waiting for broker {} to confirm closing session {}: unreachable", endpoint,
                      session_text);
       return;
     }
@@ -163,14 +169,14 @@ void Gatherer::Impl::close_session() {
           continue;
         }
         if (closed->session == session) {
-          Logger().debug("gatherer: session {} closed", session_text);
+          log().debug("gatherer: session {} closed", session_text);
           return;
         }
       }
     }
-    Logger().warn("gatherer: broker did not confirm closing session {}", session_text);
+    log().warn("gatherer: broker did not confirm closing session {}", session_text);
   } catch (const std::exception& e) {
-    Logger().warn("gatherer: closing session {} failed: {}", session_text, e.what());
+    log().warn("gatherer: closing session {} failed: {}", session_text, e.what());
   }
 }
 
@@ -225,6 +231,11 @@ struct Stream::Run {
   bool said_no_workers = false;
   bool source_done = false;
   bool finished = false;
+  // Thrown by fail() to leave pump(); the error waits in `error` until what
+  // was ready has been handed out.
+  struct Stopped {};
+  std::optional<Error> error;
+  std::function<void()> on_wait;
   // Session index of position 0 (PROTOCOL.md §3.2.2).
   std::uint64_t base = 0;
   std::size_t limit = 0;  // window + prefetch
@@ -280,16 +291,18 @@ void Stream::Run::start(std::size_t span_positions) {
 }
 
 void Stream::Run::fail(const std::string& what, std::int64_t index, StatusCode code) {
-  // Whatever is still queued or in flight is dropped everywhere (DESIGN §2).
+  // Whatever is still queued or in flight is dropped everywhere, at once.
   if (pulled > received) {
     try {
       m.cancel_on_broker();
     } catch (const Error&) {
     }
   }
-  finished = true;
   m.running = false;
-  throw Error(what, index, code);
+  // next() hands out what was complete (and next in order) first, then
+  // throws this: a stop loses no finished response.
+  error.emplace(what, index, code);
+  throw Stopped{};
 }
 
 // Sends as many statements as the window, the prefetch and the span allow.
@@ -354,7 +367,7 @@ void Stream::Run::send_range(std::uint64_t from, std::size_t count) {
 // was lost: it fails as "outcome unknown" instead of being sent again
 // (DESIGN §5.2).
 void Stream::Run::reopen() {
-  Logger().warn("gatherer: broker lost session {}; re-opening it and resubmitting {} statements", m.session_text,
+  m.log().warn("gatherer: broker lost session {}; re-opening it and resubmitting {} statements", m.session_text,
                 pulled - received);
   m.send(proto::Encode(proto::Open{m.session, m.settings, m.prefetch}));
   awaiting_opened = true;
@@ -389,9 +402,8 @@ void Stream::Run::accept(proto::WireResult& r) {
   ++received;
   const Response& got = r.response;
   if (!got.ok()) {
-    Logger().debug("gatherer: statement {} failed: {}: {}", pos, StatusCodeName(got.error->code), got.error->message);
     if (m.options.cancel_on_raise) {
-      Logger().warn("gatherer: statement {} failed, cancelling session {} (cancel_on_raise)", pos, m.session_text);
+      m.log().warn("gatherer: statement {} failed, cancelling session {} (cancel_on_raise)", pos, m.session_text);
       fail("statement " + std::to_string(pos) + " failed: " + std::string(StatusCodeName(got.error->code)) + ": " +
                got.error->message,
            static_cast<std::int64_t>(pos), got.error->code);
@@ -424,7 +436,7 @@ void Stream::Run::sync(const char* why) {
     }
     ++listed;
   }
-  Logger().info("gatherer: session {}: resynchronising with broker {} ({}; {} statements unanswered)", m.session_text,
+  m.log().info("gatherer: session {}: resynchronising with broker {} ({}; {} statements unanswered)", m.session_text,
                 m.endpoint, why, listed);
   m.send(proto::Encode(msg));
   m.acked_seq = std::max(m.acked_seq, m.results_seq);
@@ -466,7 +478,7 @@ void Stream::Run::on_synced(const proto::Synced& synced) {
     flush();
   }
   if (again > 0) {
-    Logger().info("gatherer: session {}: {} statements the broker never received submitted again", m.session_text,
+    m.log().info("gatherer: session {}: {} statements the broker never received submitted again", m.session_text,
                   again);
   }
 }
@@ -491,10 +503,16 @@ void Stream::Run::pump() {
                              {m.watch->events().handle(), 0, ZMQ_POLLIN, 0}};
   const auto wait = std::max(std::chrono::milliseconds(0),
                              std::chrono::duration_cast<std::chrono::milliseconds>(next_heartbeat - Clock::now()));
-  zmq::poll(items, 3, wait);
+  int ready_now = 0;
+  if (on_wait) {
+    // Only when it would really block: the reader's chance to flush output.
+    ready_now = zmq::poll(items, 3, std::chrono::milliseconds(0));
+    if (ready_now == 0) on_wait();
+  }
+  if (ready_now == 0) zmq::poll(items, 3, wait);
   if (m.cancel_requested.exchange(false, std::memory_order_acq_rel)) {
     m.cancel_fd.drain();
-    Logger().warn("gatherer: session {} cancelled by the caller", m.session_text);
+    m.log().warn("gatherer: session {} cancelled by the caller", m.session_text);
     fail("gather cancelled", -1, StatusCode::kCancelled);
   }
   // §3.6: a new connection: what was in flight on the old one may be lost.
@@ -554,7 +572,7 @@ void Stream::Run::pump() {
       if (beat->session == m.session && beat->workers == 0 && received < pulled && !said_no_workers &&
           Clock::now() - started > kSayWaiting) {
         said_no_workers = true;
-        Logger().warn("gatherer: broker {} has no worker connected; waiting for one ({} statements submitted)",
+        m.log().warn("gatherer: broker {} has no worker connected; waiting for one ({} statements submitted)",
                       m.endpoint, pulled - received);
       }
     } else if (*command == proto::Command::kError) {
@@ -590,7 +608,7 @@ void Stream::Run::pump() {
     }
     if (!said_unreachable && now - m.last_heard > kSayWaiting) {
       said_unreachable = true;
-      Logger().warn("gatherer: broker {} not reachable yet; waiting up to {} s", m.endpoint,
+      m.log().warn("gatherer: broker {} not reachable yet; waiting up to {} s", m.endpoint,
                     m.options.broker_timeout.count() / 1000);
     }
     // A SYNC whose answer was lost with a connection is asked again.
@@ -619,12 +637,22 @@ std::optional<Indexed> Stream::Run::next() {
       ready.pop_front();
       return out;
     }
+    if (error) {
+      finished = true;
+      Error e = std::move(*error);
+      error.reset();
+      throw e;
+    }
     if (source_done && received == pulled) {
       finished = true;
       m.running = false;
       break;
     }
-    pump();
+    try {
+      pump();
+    } catch (const Stopped&) {
+      // fail() recorded the error; the loop hands out what is ready first.
+    }
   }
   return std::nullopt;
 }
@@ -634,7 +662,7 @@ Stream::Stream(Stream&&) noexcept = default;
 Stream& Stream::operator=(Stream&&) noexcept = default;
 
 Stream::~Stream() {
-  if (!run_ || run_->finished) return;
+  if (!run_ || run_->finished || run_->error) return;
   // Abandoned: the rest is cancelled so nothing keeps running for nobody.
   run_->m.running = false;
   if (run_->pulled > run_->received) {
@@ -646,6 +674,10 @@ Stream::~Stream() {
 }
 
 std::optional<Indexed> Stream::next() { return run_ ? run_->next() : std::nullopt; }
+
+void Stream::on_wait(std::function<void()> callback) {
+  if (run_) run_->on_wait = std::move(callback);
+}
 
 namespace {
 void ValidateAll(const std::vector<Statement>& list, const SessionSettings& settings) {

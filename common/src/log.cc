@@ -22,16 +22,27 @@ spdlog::logger& Logger() {
   return *logger;
 }
 
-void SetLogLevel(int python_level) {
-  spdlog::level::level_enum level;
-  if (python_level < 10) level = spdlog::level::trace;
-  else if (python_level < 20) level = spdlog::level::debug;
-  else if (python_level < 30) level = spdlog::level::info;
-  else if (python_level < 40) level = spdlog::level::warn;
-  else if (python_level < 50) level = spdlog::level::err;
-  else if (python_level == 50) level = spdlog::level::critical;
-  else level = spdlog::level::off;
-  Logger().set_level(level);
+namespace {
+spdlog::level::level_enum LevelFor(int python_level) {
+  if (python_level < 10) return spdlog::level::trace;
+  if (python_level < 20) return spdlog::level::debug;
+  if (python_level < 30) return spdlog::level::info;
+  if (python_level < 40) return spdlog::level::warn;
+  if (python_level < 50) return spdlog::level::err;
+  if (python_level == 50) return spdlog::level::critical;
+  return spdlog::level::off;
+}
+}  // namespace
+
+void SetLogLevel(int python_level) { Logger().set_level(LevelFor(python_level)); }
+
+std::shared_ptr<spdlog::logger> NewLogger(int python_level) {
+  // The sinks (stderr, and their format) are Logger()'s; only the level is
+  // this logger's own.
+  const auto& sinks = Logger().sinks();
+  auto logger = std::make_shared<spdlog::logger>("gatherer", sinks.begin(), sinks.end());
+  logger->set_level(LevelFor(python_level));
+  return logger;
 }
 
 Result<int> ParseLogLevel(std::string_view text) {

@@ -81,6 +81,7 @@ struct Worker::Impl {
   Clock::time_point drain_deadline;
 
   explicit Impl(WorkerOptions o) : options(std::move(o)) {}
+  spdlog::logger& log() const { return options.logger ? *options.logger : Logger(); }
 
   void wake() {
     if (!wake_pending.exchange(true, std::memory_order_acq_rel)) wake_fd->signal();
@@ -89,7 +90,7 @@ struct Worker::Impl {
   // whole send timeout): whatever it carried must be sent again.
   bool send(proto::Frames&& frames) {
     if (proto::SendMessage(*dealer, {}, frames, /*block=*/true) != proto::SendResult::kSent) {
-      Logger().warn("worker {}: send to broker failed", id);
+      log().warn("worker {}: send to broker failed", id);
       return false;
     }
     return true;
@@ -139,7 +140,7 @@ struct Worker::Impl {
   // acknowledged go again, then HOLDING says what is in hand, so the broker
   // queues again what never arrived here.
   void resynchronise(const char* why) {
-    Logger().info("worker {}: resynchronising with the broker ({}): {} RESULTS sent again, {} statements in hand", id,
+    log().info("worker {}: resynchronising with the broker ({}): {} RESULTS sent again, {} statements in hand", id,
                   why, unacked.size(), in_hand);
     resend(Clock::time_point::max());
     proto::Holding holding{order_seq, {}};
@@ -198,7 +199,7 @@ void Worker::Impl::handle(std::vector<zmq::message_t>& frames) {
     stats.malformed.fetch_add(1, std::memory_order_relaxed);
     std::uint64_t suppressed = 0;
     if (bad_frame_log.allow(suppressed)) {
-      Logger().warn("worker {}: dropped malformed message: {} ({} more suppressed)", id, s.ToString(), suppressed);
+      log().warn("worker {}: dropped malformed message: {} ({} more suppressed)", id, s.ToString(), suppressed);
     }
   };
   if (!command) return bad(command.error());
@@ -224,7 +225,7 @@ void Worker::Impl::handle(std::vector<zmq::message_t>& frames) {
       if (held == sessions.end()) {
         // Its SESSION never arrived: HOLDING (now, or after the gap that
         // shows it) hands these back to the broker.
-        Logger().debug("worker {}: dropped DISPATCH of a session it does not hold", id);
+        log().debug("worker {}: dropped DISPATCH of a session it does not hold", id);
         if (!ordered) resynchronise("an order from the broker was lost");
         return;
       }
@@ -274,7 +275,7 @@ void Worker::Impl::handle(std::vector<zmq::message_t>& frames) {
       auto m = proto::DecodeError(frames);
       if (!m) return bad(m.error());
       if (m->code == StatusCode::kNotFound && awaiting_registration) return;  // answers a message sent before READY
-      Logger().warn("worker {}: broker says {}: {}", id, StatusCodeName(m->code), m->message);
+      log().warn("worker {}: broker says {}: {}", id, StatusCodeName(m->code), m->message);
       // The broker does not know us (it restarted): register again.
       if (m->code == StatusCode::kNotFound) register_with_broker(/*resend_unacked=*/false);
       return;
@@ -323,15 +324,15 @@ bool Worker::Impl::drain_step(Clock::time_point now) {
     if (!drain_requested.load(std::memory_order_acquire)) return false;
     draining = true;
     drain_deadline = now + drain_timeout;
-    Logger().info("worker {}: draining: no new work; {} statements in hand, {} ms to finish them", id, in_hand,
+    log().info("worker {}: draining: no new work; {} statements in hand, {} ms to finish them", id, in_hand,
                   drain_timeout.count());
     send(proto::EncodeEmpty(proto::Command::kDraining));
   }
   if (in_hand > 0 && now < drain_deadline) return false;
   if (in_hand > 0) {
-    Logger().warn("worker {}: drain deadline passed; {} statements in hand go back to the broker", id, in_hand);
+    log().warn("worker {}: drain deadline passed; {} statements in hand go back to the broker", id, in_hand);
   } else {
-    Logger().info("worker {}: drained; every statement answered", id);
+    log().info("worker {}: drained; every statement answered", id);
   }
   send(proto::EncodeEmpty(proto::Command::kDisconnect));
   // Let the last results and DISCONNECT leave before the socket closes.
@@ -379,9 +380,9 @@ void Worker::Impl::run() {
       next_heartbeat = now + options.heartbeat_interval;
       if (now - last_heard > options.heartbeat_interval * options.heartbeat_liveness) {
         // Majordomo-style: a silent broker may have restarted and forgotten us.
-        Logger().info("worker {}: broker silent, reconnecting and registering again", id);
+        log().info("worker {}: broker silent, reconnecting and registering again", id);
         if (Status st = connect(); !st.ok()) {
-          Logger().error("worker {}: {}", id, st.ToString());
+          log().error("worker {}: {}", id, st.ToString());
           return;
         }
         items[0].socket = dealer->handle();
@@ -439,7 +440,7 @@ Status Worker::start() {
       });
   m.stopping.store(false);
   m.thread = std::thread([&m] { m.run(); });
-  Logger().info("worker {}: connecting to {} with {} I/O threads, {} slots{}", m.id, m.options.broker, io, m.slots,
+  m.log().info("worker {}: connecting to {} with {} I/O threads, {} slots{}", m.id, m.options.broker, io, m.slots,
                 m.options.echo ? " (echo mode: no HTTP)" : "");
   return Status::Ok();
 }

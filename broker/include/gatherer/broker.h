@@ -19,6 +19,10 @@
 
 #include "gatherer/status.h"
 
+namespace spdlog {
+class logger;
+}
+
 namespace gatherer {
 
 struct BrokerOptions {
@@ -51,6 +55,9 @@ struct BrokerOptions {
   // A statement that this many workers died running alone fails as poison
   // (error code aborted) instead of killing more (PROTOCOL.md §4.5).
   std::uint32_t poison_after = 3;
+  // Where the broker logs; nullptr = the process-wide Logger(). An embedded
+  // broker logs through its Gatherer's logger, at that Gatherer's level.
+  std::shared_ptr<spdlog::logger> logger;
 };
 
 // Counters, readable from any thread (relaxed; for tests and metrics).

@@ -116,8 +116,16 @@ class Stream {
   // The next response, or nullopt after the last one. Throws Error as
   // gather() does: an invalid statement from the source (naming its index;
   // statements before it may have been fetched), a failure under
-  // cancel_on_raise, cancel(), a broker that stopped answering.
+  // cancel_on_raise, cancel(), a broker that stopped answering. Before it
+  // throws, it hands out every response that was complete (in input order:
+  // and next in order) when the run stopped, so a stop loses none of them.
   std::optional<Indexed> next();
+
+  // Called on the reading thread each time next() is about to block waiting
+  // for the broker — nothing ready to hand out, no message waiting — e.g. to
+  // flush output written so far, so that a slow stream's lines are seen as
+  // they come while a fast one is still written in big chunks.
+  void on_wait(std::function<void()> callback);
 
   class iterator {
    public:
@@ -168,7 +176,9 @@ class Gatherer {
 
   // Validates every statement (throws Error naming the first bad index before
   // anything is sent), fetches them all and returns `responses`. May be
-  // called again with new statements.
+  // called again with new statements. When it throws after fetching began
+  // (cancel_on_raise, cancel(), an unreachable broker), `responses` holds
+  // every response that had completed, and default ones elsewhere.
   const std::vector<Response>& gather();
 
   // Streams the responses of statements pulled lazily from `source`, in

@@ -10,6 +10,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <string_view>
 
 #include <spdlog/spdlog.h>
@@ -24,6 +25,11 @@ spdlog::logger& Logger();
 // Maps a Python level (10..50) to spdlog's and applies it. Values between
 // are rounded down to the nearest level; below 10 = trace, above 50 = off.
 void SetLogLevel(int python_level);
+
+// A logger of its own at `python_level`, writing where Logger() writes:
+// what a Gatherer and its embedded broker and worker log through, so that
+// one Gatherer's log_level never changes another's, nor the process's.
+std::shared_ptr<spdlog::logger> NewLogger(int python_level);
 
 // Parses a level for command lines: 10..50, or debug / info / warning (warn)
 // / error / critical in any case. InvalidArgument otherwise.

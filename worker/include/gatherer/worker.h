@@ -17,6 +17,10 @@
 
 #include "gatherer/status.h"
 
+namespace spdlog {
+class logger;
+}
+
 namespace gatherer {
 
 struct WorkerOptions {
@@ -40,6 +44,9 @@ struct WorkerOptions {
   // without HTTP, so the cost of client + broker is measured alone (the
   // routing benchmark). Never for real work.
   bool echo = false;
+  // Where the worker logs; nullptr = the process-wide Logger(). An embedded
+  // worker logs through its Gatherer's logger, at that Gatherer's level.
+  std::shared_ptr<spdlog::logger> logger;
 };
 
 struct WorkerStats {
