@@ -235,6 +235,7 @@ struct Stream::Run {
   // was ready has been handed out.
   struct Stopped {};
   std::optional<Error> error;
+  std::optional<Error> raised;  // the first failure under cancel_on_raise
   std::function<void()> on_wait;
   // Session index of position 0 (PROTOCOL.md §3.2.2).
   std::uint64_t base = 0;
@@ -264,6 +265,12 @@ struct Stream::Run {
   }
   void pump();
   void accept(proto::WireResult& result);
+  void raise_if_failed() {
+    if (!raised) return;
+    m.log().warn("gatherer: statement {} failed, cancelling session {} (cancel_on_raise)", raised->index(),
+                 m.session_text);
+    fail(raised->what(), raised->index(), raised->code());
+  }
   [[noreturn]] void fail(const std::string& what, std::int64_t index, StatusCode code);
   void start(std::size_t span_positions);
 };
@@ -391,6 +398,7 @@ void Stream::Run::reopen() {
     while (p < pulled && slots[p % span] == kSent && IsIdempotent(statement_at(p)) && p - start < kSubmitChunk) ++p;
     send_range(start, static_cast<std::size_t>(p - start));
   }
+  raise_if_failed();
 }
 
 void Stream::Run::accept(proto::WireResult& r) {
@@ -401,13 +409,15 @@ void Stream::Run::accept(proto::WireResult& r) {
   if (slot != kSent) return;  // duplicate: exactly-once delivery (DESIGN §5.2)
   ++received;
   const Response& got = r.response;
-  if (!got.ok()) {
-    if (m.options.cancel_on_raise) {
-      m.log().warn("gatherer: statement {} failed, cancelling session {} (cancel_on_raise)", pos, m.session_text);
-      fail("statement " + std::to_string(pos) + " failed: " + std::string(StatusCodeName(got.error->code)) + ": " +
-               got.error->message,
-           static_cast<std::int64_t>(pos), got.error->code);
+  if (!got.ok() && m.options.cancel_on_raise) {
+    // The other messages waiting are taken first (raise_if_failed() stops
+    // the run after them), so results that came with the failure are not lost.
+    if (!raised) {
+      raised.emplace("statement " + std::to_string(pos) + " failed: " + std::string(StatusCodeName(got.error->code)) +
+                         ": " + got.error->message,
+                     static_cast<std::int64_t>(pos), got.error->code);
     }
+    return;
   }
   slot = kDone;
   if (order == Order::kInput) {
@@ -591,6 +601,9 @@ void Stream::Run::pump() {
     }
     // CLOSED only proves the broker is alive.
   }
+  // Every message waiting was taken first: what came with a failure under
+  // cancel_on_raise is handed out before the error.
+  raise_if_failed();
   // One cumulative ACK per pass, so the broker forgets what arrived (§3.6).
   if (m.results_seq > m.acked_seq) {
     m.send(proto::Encode(proto::Ack{m.session, m.results_seq}));
