@@ -64,7 +64,7 @@ TEST(ProtocolTest, OpenRoundTrips) {
 }
 
 TEST(ProtocolTest, SubmitAndDispatchRoundTrip) {
-  Statements m{NewSessionId(), {}};
+  Statements m{NewSessionId(), {}, 41};
   for (std::uint64_t i = 0; i < 3; ++i) {
     WireStatement ws;
     ws.index = 1'000'000'000'000ull + i;
@@ -80,6 +80,9 @@ TEST(ProtocolTest, SubmitAndDispatchRoundTrip) {
     Frames f = Encode(c, m);
     EXPECT_EQ(CommandOf(f), c);
     Statements back = Must(DecodeStatements(f));
+    EXPECT_EQ(back.session, m.session);
+    // Only DISPATCH carries the broker's order seq (§3.5, §3.7.3).
+    EXPECT_EQ(back.seq, c == Command::kDispatch ? 41u : 0u) << CommandName(c);
     ASSERT_EQ(back.statements.size(), 3u);
     for (std::size_t i = 0; i < 3; ++i) {
       EXPECT_EQ(back.statements[i].index, m.statements[i].index);
@@ -104,8 +107,10 @@ TEST(ProtocolTest, EncodeSubmitNumbersFromFirstIndex) {
   EXPECT_EQ(back.statements[1].statement.url, "http://a/1");
 }
 
+// §3.4.2: frame 2 is [session, seq], frame 3 the list of results, frame
+// 4 + i the body of result i.
 TEST(ProtocolTest, ResultsRoundTripWithBodyFrames) {
-  Results m{NewSessionId(), {}};
+  Results m{NewSessionId(), 123'456'789'012ull, {}};
   WireResult ok;
   ok.index = 7;
   ok.response.status = 200;
@@ -122,10 +127,23 @@ TEST(ProtocolTest, ResultsRoundTripWithBodyFrames) {
   m.results = {ok, bad};
   const SessionId sid = m.session;
   Frames f = Encode(std::move(m));
-  ASSERT_EQ(f.size(), 5u);  // signature, command, header, 2 bodies
-  EXPECT_EQ(f[3].size(), 100'000u);
+  ASSERT_EQ(f.size(), 6u);  // signature, command, [session, seq], results, 2 bodies
+  EXPECT_EQ(f[4].size(), 100'000u);
+  EXPECT_EQ(f[5].size(), 0u);
+  // Frame 2 is exactly [session, seq].
+  {
+    auto head = msgpack::unpack(static_cast<const char*>(f[2].data()), f[2].size());
+    ASSERT_EQ(head->type, msgpack::type::ARRAY);
+    ASSERT_EQ(head->via.array.size, 2u);
+    EXPECT_EQ(head->via.array.ptr[0].type, msgpack::type::BIN);
+    EXPECT_EQ(head->via.array.ptr[1].as<std::uint64_t>(), 123'456'789'012ull);
+    auto list = msgpack::unpack(static_cast<const char*>(f[3].data()), f[3].size());
+    ASSERT_EQ(list->type, msgpack::type::ARRAY);
+    EXPECT_EQ(list->via.array.size, 2u);
+  }
   Results back = Must(DecodeResults(f));
   EXPECT_EQ(back.session, sid);
+  EXPECT_EQ(back.seq, 123'456'789'012ull);
   ASSERT_EQ(back.results.size(), 2u);
   EXPECT_EQ(back.results[0].index, 7u);
   EXPECT_EQ(back.results[0].response.status, 200);
@@ -138,12 +156,60 @@ TEST(ProtocolTest, ResultsRoundTripWithBodyFrames) {
   EXPECT_EQ(back.results[1].response.error->message, "connection refused");
   EXPECT_EQ(back.results[1].response.attempts, 4u);
   ResultsIndex idx = Must(DecodeResultsIndex(f));
+  EXPECT_EQ(idx.session, sid);
+  EXPECT_EQ(idx.seq, 123'456'789'012ull);
   EXPECT_EQ(idx.indices, (std::vector<std::uint64_t>{7, 8}));
+}
+
+// An empty RESULTS is still [session, seq] + an empty list, no body frame.
+TEST(ProtocolTest, EmptyResultsRoundTrip) {
+  const SessionId sid = NewSessionId();
+  Frames f = Encode(Results{sid, 3, {}});
+  ASSERT_EQ(f.size(), 4u);
+  Results back = Must(DecodeResults(f));
+  EXPECT_EQ(back.session, sid);
+  EXPECT_EQ(back.seq, 3u);
+  EXPECT_TRUE(back.results.empty());
+}
+
+// §3.4.2, §3.6.1: the broker writes a frame 2 of its own and forwards
+// frames 3 onwards unchanged.
+TEST(ProtocolTest, RestampResultsReplacesOnlyFrameTwo) {
+  const SessionId worker_sid = NewSessionId();
+  Results m{worker_sid, 17, {}};
+  for (std::uint64_t i : {4u, 5u}) {
+    WireResult wr;
+    wr.index = i;
+    wr.response.status = 201;
+    wr.response.body = "body" + std::to_string(i);
+    m.results.push_back(std::move(wr));
+  }
+  Frames f = Encode(std::move(m));
+  std::vector<std::string> before;
+  for (const auto& frame : f) before.push_back(frame.to_string());
+  const SessionId sid = NewSessionId();
+  RestampResults(f, sid, 1);
+  ASSERT_EQ(f.size(), before.size());
+  for (std::size_t i = 0; i < f.size(); ++i) {
+    if (i == 2) continue;
+    EXPECT_EQ(f[i].to_string(), before[i]) << "frame " << i << " changed";
+  }
+  EXPECT_NE(f[2].to_string(), before[2]);
+  Results back = Must(DecodeResults(f));
+  EXPECT_EQ(back.session, sid);
+  EXPECT_EQ(back.seq, 1u);
+  ASSERT_EQ(back.results.size(), 2u);
+  EXPECT_EQ(back.results[1].index, 5u);
+  EXPECT_EQ(back.results[1].response.status, 201);
+  EXPECT_EQ(back.results[1].response.body, "body5");
+  // Restamped again (a SYNC re-send keeps its seq; a new one is another).
+  RestampResults(f, sid, 1ull << 40);
+  EXPECT_EQ(Must(DecodeResultsIndex(f)).seq, 1ull << 40);
 }
 
 TEST(ProtocolTest, SessionRefMessagesRoundTrip) {
   const SessionId sid = NewSessionId();
-  for (Command c : {Command::kCancel, Command::kClose, Command::kOpened, Command::kClosed, Command::kEndSession}) {
+  for (Command c : {Command::kCancel, Command::kClose, Command::kOpened, Command::kClosed}) {
     Frames f = Encode(c, SessionRef{sid});
     EXPECT_EQ(CommandOf(f), c);
     EXPECT_EQ(Must(DecodeSessionRef(f)).session, sid);
@@ -152,9 +218,10 @@ TEST(ProtocolTest, SessionRefMessagesRoundTrip) {
 
 TEST(ProtocolTest, SessionReadyErrorHeartbeatRoundTrip) {
   const SessionId sid = NewSessionId();
-  Session s = Must(DecodeSession(Encode(Session{sid, SampleSettings()})));
+  Session s = Must(DecodeSession(Encode(Session{sid, SampleSettings(), 9})));
   EXPECT_EQ(s.session, sid);
   EXPECT_EQ(s.settings.base_url, "http://127.0.0.1:8080");
+  EXPECT_EQ(s.seq, 9u);
 
   Ready r = Must(DecodeReady(Encode(Ready{"w-1", "host", 2048})));
   EXPECT_EQ(r.worker_id, "w-1");
@@ -194,16 +261,315 @@ TEST(ProtocolTest, DrainingAndDisconnectRoundTrip) {
   EXPECT_FALSE(DecodeEmpty(extra).ok());
 }
 
+// ---- GTR/2 messages (§3.2, §3.3, §3.4, §3.5) -------------------------------
+
+// §3.5: END_SESSION is [session, seq].
+TEST(ProtocolTest, EndSessionRoundTrips) {
+  const SessionId sid = NewSessionId();
+  Frames f = Encode(EndSession{sid, 77});
+  EXPECT_EQ(CommandOf(f), Command::kEndSession);
+  EXPECT_EQ(f.size(), 3u);
+  EndSession back = Must(DecodeEndSession(f));
+  EXPECT_EQ(back.session, sid);
+  EXPECT_EQ(back.seq, 77u);
+  // Without its seq it is malformed.
+  EXPECT_FALSE(DecodeEndSession(Encode(Command::kEndSession, SessionRef{sid})).has_value());
+}
+
+// §3.5: SESSION is [session, settings, seq]; without the seq, malformed.
+TEST(ProtocolTest, SessionCarriesItsOrderSeq) {
+  const SessionId sid = NewSessionId();
+  Session back = Must(DecodeSession(Encode(Session{sid, SampleSettings(), 1ull << 33})));
+  EXPECT_EQ(back.seq, 1ull << 33);
+  EXPECT_EQ(back.settings.workers, 77u);
+  auto no_seq = WithHeader(Command::kSession, [&](auto& pk) {
+    pk.pack_array(2);
+    pk.pack_bin(16);
+    pk.pack_bin_body(sid.raw().data(), 16);
+    pk.pack_map(0);
+  });
+  EXPECT_FALSE(DecodeSession(no_seq).has_value());
+}
+
+// §3.5: DISPATCH is [session, [statement, ...], seq]; a SUBMIT layout under
+// the DISPATCH command (no seq) is malformed, and so is a seq that is not
+// an unsigned integer.
+TEST(ProtocolTest, DispatchWithoutSeqIsMalformed) {
+  const SessionId sid = NewSessionId();
+  Statements m{sid, {WireStatement{5, Get("http://a/")}}, 12};
+  Frames dispatch = Encode(Command::kDispatch, m);
+  EXPECT_EQ(Must(DecodeStatements(dispatch)).seq, 12u);
+  Frames submit = Encode(Command::kSubmit, m);
+  EXPECT_EQ(Must(DecodeStatements(submit)).seq, 0u);
+  // The SUBMIT's header under DISPATCH's command byte.
+  const auto byte = static_cast<std::uint8_t>(Command::kDispatch);
+  submit[1] = zmq::message_t(&byte, 1);
+  auto missing = DecodeStatements(submit);
+  ASSERT_FALSE(missing.has_value());
+  EXPECT_EQ(missing.error().code(), StatusCode::kInvalidArgument);
+  auto negative = WithHeader(Command::kDispatch, [&](auto& pk) {
+    pk.pack_array(3);
+    pk.pack_bin(16);
+    pk.pack_bin_body(sid.raw().data(), 16);
+    pk.pack_array(0);
+    pk.pack(-1);
+  });
+  EXPECT_FALSE(DecodeStatements(negative).has_value());
+  auto nil_seq = WithHeader(Command::kDispatch, [&](auto& pk) {
+    pk.pack_array(3);
+    pk.pack_bin(16);
+    pk.pack_bin_body(sid.raw().data(), 16);
+    pk.pack_array(0);
+    pk.pack_nil();
+  });
+  EXPECT_FALSE(DecodeStatements(nil_seq).has_value());
+}
+
+// §3.2 ACK [session, ack] (client -> broker); §3.5 ACK [ack] (broker -> worker).
+TEST(ProtocolTest, AckRoundTripsInBothForms) {
+  const SessionId sid = NewSessionId();
+  Frames from_client = Encode(Ack{sid, 42});
+  EXPECT_EQ(CommandOf(from_client), Command::kAck);
+  Ack a = Must(DecodeAck(from_client));
+  EXPECT_EQ(a.session, sid);
+  EXPECT_EQ(a.seq, 42u);
+  Frames to_worker = Encode(Ack{std::nullopt, 1ull << 50});
+  EXPECT_EQ(CommandOf(to_worker), Command::kAck);
+  Ack b = Must(DecodeAck(to_worker));
+  EXPECT_FALSE(b.session.has_value());
+  EXPECT_EQ(b.seq, 1ull << 50);
+  // ack 0 means none has arrived (§3.1); it is valid.
+  EXPECT_EQ(Must(DecodeAck(Encode(Ack{sid, 0}))).seq, 0u);
+  // [session] without the ack, [] and a negative ack are malformed.
+  auto session_only = WithHeader(Command::kAck, [&](auto& pk) {
+    pk.pack_array(1);
+    pk.pack_bin(16);
+    pk.pack_bin_body(sid.raw().data(), 16);
+  });
+  EXPECT_FALSE(DecodeAck(session_only).has_value());
+  EXPECT_FALSE(DecodeAck(WithHeader(Command::kAck, [](auto& pk) { pk.pack_array(0); })).has_value());
+  EXPECT_FALSE(DecodeAck(WithHeader(Command::kAck, [](auto& pk) {
+                 pk.pack_array(1);
+                 pk.pack(-3);
+               })).has_value());
+}
+
+// §3.2 SYNC [session, ack, [range, ...]].
+TEST(ProtocolTest, SyncRoundTrips) {
+  const SessionId sid = NewSessionId();
+  Sync m{sid, 9, {{0, 1}, {5, 3}, {1ull << 40, 65536}}};
+  Frames f = Encode(m);
+  EXPECT_EQ(CommandOf(f), Command::kSync);
+  EXPECT_EQ(f.size(), 3u);
+  Sync back = Must(DecodeSync(f));
+  EXPECT_EQ(back.session, sid);
+  EXPECT_EQ(back.ack, 9u);
+  EXPECT_EQ(back.unanswered, m.unanswered);
+  // No range at all is a valid SYNC (nothing unanswered).
+  Sync empty = Must(DecodeSync(Encode(Sync{sid, 0, {}})));
+  EXPECT_TRUE(empty.unanswered.empty());
+}
+
+// §3.3 SYNCED [session, [range, ...]].
+TEST(ProtocolTest, SyncedRoundTrips) {
+  const SessionId sid = NewSessionId();
+  Synced m{sid, {{2, 2}, {10, 1}}};
+  Frames f = Encode(m);
+  EXPECT_EQ(CommandOf(f), Command::kSynced);
+  Synced back = Must(DecodeSynced(f));
+  EXPECT_EQ(back.session, sid);
+  EXPECT_EQ(back.missing, m.missing);
+  EXPECT_TRUE(Must(DecodeSynced(Encode(Synced{sid, {}}))).missing.empty());
+}
+
+// §3.1 "range: [first, count]; 1 <= count <= 65,536", in SYNC and SYNCED.
+TEST(ProtocolTest, RangeCountOutsideOneTo65536IsMalformed) {
+  const SessionId sid = NewSessionId();
+  for (std::uint32_t count : {0u, 65537u, 0xffffffffu}) {
+    EXPECT_FALSE(DecodeSync(Encode(Sync{sid, 0, {{1, 1}, {7, count}}})).has_value()) << count;
+    EXPECT_FALSE(DecodeSynced(Encode(Synced{sid, {{7, count}}})).has_value()) << count;
+  }
+  EXPECT_TRUE(DecodeSync(Encode(Sync{sid, 0, {{7, 65536}}})).has_value());
+  EXPECT_TRUE(DecodeSynced(Encode(Synced{sid, {{7, 1}}})).has_value());
+  // A range that is not a pair, and a count over uint32.
+  auto single = WithHeader(Command::kSync, [&](auto& pk) {
+    pk.pack_array(3);
+    pk.pack_bin(16);
+    pk.pack_bin_body(sid.raw().data(), 16);
+    pk.pack(0);
+    pk.pack_array(1);
+    pk.pack_array(1);
+    pk.pack(4);
+  });
+  EXPECT_FALSE(DecodeSync(single).has_value());
+  auto wide = WithHeader(Command::kSynced, [&](auto& pk) {
+    pk.pack_array(2);
+    pk.pack_bin(16);
+    pk.pack_bin_body(sid.raw().data(), 16);
+    pk.pack_array(1);
+    pk.pack_array(2);
+    pk.pack(4);
+    pk.pack(std::uint64_t{1} << 32);
+  });
+  EXPECT_FALSE(DecodeSynced(wide).has_value());
+  // SYNC without its ack.
+  auto no_ack = WithHeader(Command::kSync, [&](auto& pk) {
+    pk.pack_array(2);
+    pk.pack_bin(16);
+    pk.pack_bin_body(sid.raw().data(), 16);
+    pk.pack_array(0);
+  });
+  EXPECT_FALSE(DecodeSync(no_ack).has_value());
+}
+
+// §3.4 HOLDING [seq, [[session, [index, ...]], ...]].
+TEST(ProtocolTest, HoldingRoundTrips) {
+  const SessionId a = NewSessionId(), b = NewSessionId();
+  Holding m{31, {{a, {0, 7, 1ull << 45}}, {b, {}}}};
+  Frames f = Encode(m);
+  EXPECT_EQ(CommandOf(f), Command::kHolding);
+  Holding back = Must(DecodeHolding(f));
+  EXPECT_EQ(back.seq, 31u);
+  ASSERT_EQ(back.sessions.size(), 2u);
+  EXPECT_EQ(back.sessions[0].first, a);
+  EXPECT_EQ(back.sessions[0].second, (std::vector<std::uint64_t>{0, 7, 1ull << 45}));
+  EXPECT_EQ(back.sessions[1].first, b);
+  EXPECT_TRUE(back.sessions[1].second.empty());
+  Holding none = Must(DecodeHolding(Encode(Holding{0, {}})));
+  EXPECT_EQ(none.seq, 0u);
+  EXPECT_TRUE(none.sessions.empty());
+  // Malformed: no session list; an entry without its indices; an index not
+  // an unsigned integer.
+  EXPECT_FALSE(DecodeHolding(WithHeader(Command::kHolding, [](auto& pk) {
+                 pk.pack_array(1);
+                 pk.pack(3);
+               })).has_value());
+  EXPECT_FALSE(DecodeHolding(WithHeader(Command::kHolding, [&](auto& pk) {
+                 pk.pack_array(2);
+                 pk.pack(3);
+                 pk.pack_array(1);
+                 pk.pack_array(1);
+                 pk.pack_bin(16);
+                 pk.pack_bin_body(a.raw().data(), 16);
+               })).has_value());
+  EXPECT_FALSE(DecodeHolding(WithHeader(Command::kHolding, [&](auto& pk) {
+                 pk.pack_array(2);
+                 pk.pack(3);
+                 pk.pack_array(1);
+                 pk.pack_array(2);
+                 pk.pack_bin(16);
+                 pk.pack_bin_body(a.raw().data(), 16);
+                 pk.pack_array(1);
+                 pk.pack(std::string("1"));
+               })).has_value());
+}
+
+// §3.2.7 a client's HEARTBEAT names its session; §3.4 a worker's is [].
+TEST(ProtocolTest, ClientAndWorkerHeartbeatsRoundTrip) {
+  const SessionId sid = NewSessionId();
+  Frames client = Encode(ClientBeat{sid});
+  EXPECT_EQ(CommandOf(client), Command::kHeartbeat);
+  auto named = Must(DecodeHeartbeat(client));
+  ASSERT_TRUE(named.has_value());
+  EXPECT_EQ(named->session, sid);
+  // EncodeHeartbeat(session) is the same message.
+  EXPECT_EQ(EncodeHeartbeat(sid)[2].to_string(), client[2].to_string());
+  auto plain = Must(DecodeHeartbeat(EncodeHeartbeat()));
+  EXPECT_FALSE(plain.has_value());
+  // A client heartbeat whose session is not 16 bytes is malformed.
+  EXPECT_FALSE(DecodeHeartbeat(WithHeader(Command::kHeartbeat, [](auto& pk) {
+                 pk.pack_array(1);
+                 pk.pack_bin(3);
+                 pk.pack_bin_body("abc", 3);
+               })).has_value());
+}
+
+// §3.3 HEARTBEAT [session, seq, next_index] to a client; §3.5 HEARTBEAT
+// [seq] to a worker (READY's answer is [0], §3.4.1).
+TEST(ProtocolTest, BrokerHeartbeatRoundTripsInBothForms) {
+  const SessionId sid = NewSessionId();
+  Frames to_client = Encode(BrokerBeat{sid, 12, 1ull << 36});
+  EXPECT_EQ(CommandOf(to_client), Command::kHeartbeat);
+  BrokerBeat c = Must(DecodeBrokerHeartbeat(to_client));
+  EXPECT_EQ(c.session, sid);
+  EXPECT_EQ(c.seq, 12u);
+  EXPECT_EQ(c.next_index, 1ull << 36);
+  Frames to_worker = Encode(BrokerBeat{std::nullopt, 99, 0});
+  EXPECT_EQ(CommandOf(to_worker), Command::kHeartbeat);
+  BrokerBeat w = Must(DecodeBrokerHeartbeat(to_worker));
+  EXPECT_FALSE(w.session.has_value());
+  EXPECT_EQ(w.seq, 99u);
+  // READY's answer: exactly [0].
+  Frames ready_answer = Encode(BrokerBeat{std::nullopt, 0, 0});
+  auto h = msgpack::unpack(static_cast<const char*>(ready_answer[2].data()), ready_answer[2].size());
+  ASSERT_EQ(h->type, msgpack::type::ARRAY);
+  ASSERT_EQ(h->via.array.size, 1u);
+  EXPECT_EQ(h->via.array.ptr[0].as<std::uint64_t>(), 0u);
+  // Malformed: [], [session, seq] without next_index, a negative seq.
+  EXPECT_FALSE(DecodeBrokerHeartbeat(EncodeHeartbeat()).has_value());
+  EXPECT_FALSE(DecodeBrokerHeartbeat(WithHeader(Command::kHeartbeat, [&](auto& pk) {
+                 pk.pack_array(2);
+                 pk.pack_bin(16);
+                 pk.pack_bin_body(sid.raw().data(), 16);
+                 pk.pack(1);
+               })).has_value());
+  EXPECT_FALSE(DecodeBrokerHeartbeat(WithHeader(Command::kHeartbeat, [](auto& pk) {
+                 pk.pack_array(1);
+                 pk.pack(-1);
+               })).has_value());
+}
+
+// §2.2: ERROR's layout [code, message, session | nil] is the same in every
+// version, so an ERROR from a GTR/1 broker decodes here (DecodeError does
+// not look at the version; only PeekCommand does).
+TEST(ProtocolTest, Clause_2_2_ErrorLayoutIsTheSameAcrossVersions) {
+  const SessionId sid = NewSessionId();
+  // As GTR/1 wrote it, by hand.
+  for (std::uint8_t version : {1, 2}) {
+    Frames f = WithHeader(Command::kError, [&](auto& pk) {
+      pk.pack_array(3);
+      pk.pack(static_cast<std::uint8_t>(9));
+      pk.pack(std::string("unsupported protocol version 2, this peer speaks 1"));
+      pk.pack_bin(16);
+      pk.pack_bin_body(sid.raw().data(), 16);
+    });
+    const std::uint8_t sig[] = {'G', 'T', 'R', version};
+    f[0] = zmq::message_t(sig, 4);
+    EXPECT_EQ(PeekCommand(f).has_value(), version == kVersion);
+    ErrorReply e = Must(DecodeError(f));
+    EXPECT_EQ(e.code, StatusCode::kFailedPrecondition);
+    EXPECT_EQ(e.message, "unsupported protocol version 2, this peer speaks 1");
+    EXPECT_EQ(e.session, sid);
+  }
+  // And GTR/2's encoder writes exactly that layout.
+  Frames ours = Encode(ErrorReply{StatusCode::kNotFound, "gone", std::nullopt});
+  auto h = msgpack::unpack(static_cast<const char*>(ours[2].data()), ours[2].size());
+  ASSERT_EQ(h->type, msgpack::type::ARRAY);
+  ASSERT_EQ(h->via.array.size, 3u);
+  EXPECT_EQ(h->via.array.ptr[0].type, msgpack::type::POSITIVE_INTEGER);
+  EXPECT_EQ(h->via.array.ptr[0].as<int>(), 5);
+  EXPECT_EQ(h->via.array.ptr[1].type, msgpack::type::STR);
+  EXPECT_EQ(h->via.array.ptr[2].type, msgpack::type::NIL);
+  EXPECT_EQ(ours.size(), 3u);
+}
+
 // ---- malformations: each is rejected with a Status, never a crash ----------
 
 TEST(ProtocolTest, RejectsWrongVersionAsFailedPrecondition) {
-  Frames f = EncodeHeartbeat();
-  const std::uint8_t v2[] = {'G', 'T', 'R', 2};
-  f[0] = zmq::message_t(v2, 4);
-  auto c = PeekCommand(f);
-  ASSERT_FALSE(c.has_value());
-  EXPECT_EQ(c.error().code(), StatusCode::kFailedPrecondition);
-  EXPECT_NE(c.error().message().find("version 2"), std::string::npos);
+  EXPECT_EQ(kVersion, 2);
+  EXPECT_EQ(kSignature[3], 2);
+  for (std::uint8_t version : {1, 3}) {
+    Frames f = EncodeHeartbeat();
+    const std::uint8_t sig[] = {'G', 'T', 'R', version};
+    f[0] = zmq::message_t(sig, 4);
+    auto c = PeekCommand(f);
+    ASSERT_FALSE(c.has_value());
+    EXPECT_EQ(c.error().code(), StatusCode::kFailedPrecondition);
+    // Names both versions (§2.2).
+    EXPECT_NE(c.error().message().find("version " + std::to_string(version)), std::string::npos)
+        << c.error().message();
+    EXPECT_NE(c.error().message().find("speaks 2"), std::string::npos) << c.error().message();
+  }
 }
 
 TEST(ProtocolTest, RejectsBadSignature) {
@@ -233,7 +599,7 @@ TEST(ProtocolTest, RejectsTooFewFrames) {
 }
 
 TEST(ProtocolTest, RejectsTruncatedHeader) {
-  Statements m{NewSessionId(), {}};
+  Statements m{NewSessionId(), {}, 0};
   m.statements.push_back(WireStatement{0, Get("http://a/")});
   Frames f = Encode(Command::kSubmit, m);
   const std::size_t full = f[2].size();
@@ -332,7 +698,7 @@ TEST(ProtocolTest, IgnoresUnknownSettingsKeys) {
 }
 
 TEST(ProtocolTest, RejectsResultsWithWrongBodyFrameCount) {
-  Results m{NewSessionId(), {}};
+  Results m{NewSessionId(), 1, {}};
   m.results.resize(2);
   Frames f = Encode(std::move(m));
   f.pop_back();
@@ -341,6 +707,102 @@ TEST(ProtocolTest, RejectsResultsWithWrongBodyFrameCount) {
   f.emplace_back("a", 1);
   f.emplace_back("b", 1);
   EXPECT_FALSE(DecodeResults(f).has_value());
+}
+
+// §3.4.2: frame 2 must be [session, seq] and frame 3 the results list.
+TEST(ProtocolTest, RejectsResultsWithABadFrameTwo) {
+  const SessionId sid = NewSessionId();
+  auto results_with_head = [&](const std::function<void(msgpack::packer<msgpack::sbuffer>&)>& head) {
+    Frames f = Encode(Results{sid, 1, std::vector<WireResult>(1)});
+    msgpack::sbuffer buf;
+    msgpack::packer<msgpack::sbuffer> pk(buf);
+    head(pk);
+    f[2] = zmq::message_t(buf.data(), buf.size());
+    return f;
+  };
+  std::vector<std::pair<const char*, Frames>> bad;
+  bad.emplace_back("[session] (GTR/1)", results_with_head([&](auto& pk) {
+                     pk.pack_array(1);
+                     pk.pack_bin(16);
+                     pk.pack_bin_body(sid.raw().data(), 16);
+                   }));
+  bad.emplace_back("[session, nil]", results_with_head([&](auto& pk) {
+                     pk.pack_array(2);
+                     pk.pack_bin(16);
+                     pk.pack_bin_body(sid.raw().data(), 16);
+                     pk.pack_nil();
+                   }));
+  bad.emplace_back("[session, -1]", results_with_head([&](auto& pk) {
+                     pk.pack_array(2);
+                     pk.pack_bin(16);
+                     pk.pack_bin_body(sid.raw().data(), 16);
+                     pk.pack(-1);
+                   }));
+  bad.emplace_back("[seq, session]", results_with_head([&](auto& pk) {
+                     pk.pack_array(2);
+                     pk.pack(1);
+                     pk.pack_bin(16);
+                     pk.pack_bin_body(sid.raw().data(), 16);
+                   }));
+  bad.emplace_back("a map", results_with_head([&](auto& pk) { pk.pack_map(0); }));
+  bad.emplace_back("trailing bytes", results_with_head([&](auto& pk) {
+                     pk.pack_array(2);
+                     pk.pack_bin(16);
+                     pk.pack_bin_body(sid.raw().data(), 16);
+                     pk.pack(1);
+                     pk.pack_nil();
+                   }));
+  // GTR/1's layout: frame 2 [session, [result, ...]], bodies from frame 3.
+  {
+    Frames v1 = Encode(Results{sid, 1, std::vector<WireResult>(1)});
+    msgpack::sbuffer buf;
+    msgpack::packer<msgpack::sbuffer> pk(buf);
+    pk.pack_array(2);
+    pk.pack_bin(16);
+    pk.pack_bin_body(sid.raw().data(), 16);
+    pk.pack_array(0);
+    v1[2] = zmq::message_t(buf.data(), buf.size());
+    v1.erase(v1.begin() + 3);
+    bad.emplace_back("GTR/1 layout", std::move(v1));
+  }
+  for (auto& [what, f] : bad) {
+    EXPECT_FALSE(DecodeResults(f).has_value()) << what;
+    EXPECT_FALSE(DecodeResultsIndex(f).has_value()) << what;
+  }
+}
+
+TEST(ProtocolTest, RejectsResultsWithoutFrameThree) {
+  Frames f = Encode(Results{NewSessionId(), 1, {}});
+  ASSERT_EQ(f.size(), 4u);
+  f.pop_back();
+  auto full = DecodeResults(f);
+  ASSERT_FALSE(full.has_value());
+  EXPECT_EQ(full.error().code(), StatusCode::kInvalidArgument);
+  EXPECT_FALSE(DecodeResultsIndex(f).has_value());
+  // Frame 3 that is not a list of results.
+  Frames g = Encode(Results{NewSessionId(), 1, {}});
+  g[3] = zmq::message_t("\xc0", 1);
+  EXPECT_FALSE(DecodeResults(g).has_value());
+  EXPECT_FALSE(DecodeResultsIndex(g).has_value());
+  // Frame 3 with trailing bytes.
+  Frames h = Encode(Results{NewSessionId(), 1, {}});
+  std::string list = h[3].to_string() + std::string("\xc0", 1);
+  h[3] = zmq::message_t(list.data(), list.size());
+  EXPECT_FALSE(DecodeResults(h).has_value());
+}
+
+// §3.4.2 "The number of body frames SHALL equal the number of results".
+TEST(ProtocolTest, RejectsResultsWhoseBodyCountDoesNotMatch) {
+  for (std::size_t results : {0u, 1u, 3u}) {
+    for (std::size_t bodies : {0u, 1u, 2u, 3u, 4u}) {
+      Frames f = Encode(Results{NewSessionId(), 1, std::vector<WireResult>(results)});
+      f.resize(4);
+      for (std::size_t i = 0; i < bodies; ++i) f.emplace_back("b", 1);
+      EXPECT_EQ(DecodeResults(f).has_value(), bodies == results) << results << " results, " << bodies << " bodies";
+      EXPECT_EQ(DecodeResultsIndex(f).has_value(), bodies == results)
+          << results << " results, " << bodies << " bodies";
+    }
+  }
 }
 
 TEST(ProtocolTest, RejectsExtraFramesOnSingleFrameCommands) {
@@ -398,7 +860,7 @@ TEST(ProtocolTest, Clause_5_AtMost65536StatementsOrResultsPerMessage) {
   EXPECT_TRUE(DecodeStatements(EncodeSubmit(sid, 0, std::span(statements).first(kMaxBatch))).has_value());
   EXPECT_FALSE(DecodeStatements(EncodeSubmit(sid, 0, statements)).has_value());
   for (std::size_t n : {kMaxBatch, kMaxBatch + 1}) {
-    Results m{sid, std::vector<WireResult>(n)};
+    Results m{sid, 1, std::vector<WireResult>(n)};
     Frames f = Encode(std::move(m));
     EXPECT_EQ(DecodeResultsIndex(f).has_value(), n == kMaxBatch) << n << " results";
     EXPECT_EQ(DecodeResults(f).has_value(), n == kMaxBatch) << n << " results";
@@ -407,7 +869,7 @@ TEST(ProtocolTest, Clause_5_AtMost65536StatementsOrResultsPerMessage) {
 
 // §5 "statement body | 16 MiB | client validation and decoders"
 TEST(ProtocolTest, Clause_5_StatementBodyOver16MiBIsMalformed) {
-  Statements m{NewSessionId(), {WireStatement{0, Get("http://a/")}}};
+  Statements m{NewSessionId(), {WireStatement{0, Get("http://a/")}}, 0};
   m.statements[0].statement.method = "POST";
   m.statements[0].statement.body.assign(kMaxStatementBody, 'x');
   EXPECT_TRUE(DecodeStatements(Encode(Command::kSubmit, m)).has_value());
@@ -454,6 +916,19 @@ TEST(ProtocolTest, RandomBytesNeverCrashDecoders) {
     (void)DecodeReady(f);
     (void)DecodeError(f);
     (void)DecodeSessionRef(f);
+    (void)DecodeEndSession(f);
+    (void)DecodeAck(f);
+    (void)DecodeSync(f);
+    (void)DecodeSynced(f);
+    (void)DecodeHolding(f);
+    (void)DecodeHeartbeat(f);
+    (void)DecodeBrokerHeartbeat(f);
+    (void)DecodeEmpty(f);
+    // The same junk as frame 3 of a RESULTS with a valid frame 2.
+    Frames r = Encode(Results{NewSessionId(), 1, {}});
+    r[3] = zmq::message_t(junk.data(), junk.size());
+    (void)DecodeResults(r);
+    (void)DecodeResultsIndex(r);
   }
   SUCCEED();
 }
