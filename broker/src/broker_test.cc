@@ -27,11 +27,28 @@ class Peer {
     socket_.connect(endpoint);
   }
   // Through the transport's send, which tells ThreadSanitizer that the frames
-  // are handed to ZeroMQ's I/O thread (libzmq is not instrumented).
-  void send(proto::Frames&& frames) { proto::SendMessage(socket_, {}, frames, /*block=*/true); }
+  // are handed to ZeroMQ's I/O thread (libzmq is not instrumented). A worker
+  // numbers its RESULTS from 1 after each READY (PROTOCOL.md §3.7.1).
+  void send(proto::Frames&& frames) {
+    if (auto c = proto::PeekCommand(frames); c && *c == proto::Command::kReady) results_seq_ = 0;
+    proto::SendMessage(socket_, {}, frames, /*block=*/true);
+  }
+  // RESULTS for `indices` with this worker's next seq, body "body<index>".
+  void send_results(const SessionId& sid, const std::vector<std::uint64_t>& indices) {
+    proto::Results r{sid, ++results_seq_, {}};
+    for (auto i : indices) {
+      proto::WireResult wr;
+      wr.index = i;
+      wr.response.status = 200;
+      wr.response.body = "body" + std::to_string(i);
+      r.results.push_back(std::move(wr));
+    }
+    send(proto::Encode(std::move(r)));
+  }
   // A live worker heartbeats while it waits (PROTOCOL.md §3.4.3).
   void set_heartbeat(bool on) { heartbeat_ = on; }
-  // Next message other than HEARTBEAT within `timeout`, or empty.
+  // Next message other than HEARTBEAT and ACK (the broker's answers to
+  // READY and RESULTS, §3.4.1, §3.7.2) within `timeout`, or empty.
   proto::Frames recv(std::chrono::milliseconds timeout = 3000ms) {
     const auto deadline = std::chrono::steady_clock::now() + timeout;
     while (std::chrono::steady_clock::now() < deadline) {
@@ -42,7 +59,7 @@ class Peer {
       proto::Frames frames;
       if (zmq::recv_multipart(socket_, std::back_inserter(frames), zmq::recv_flags::dontwait)) {
         auto c = proto::PeekCommand(frames);
-        if (c && *c == proto::Command::kHeartbeat) continue;
+        if (c && (*c == proto::Command::kHeartbeat || *c == proto::Command::kAck)) continue;
         return frames;
       }
     }
@@ -53,6 +70,7 @@ class Peer {
  private:
   zmq::socket_t socket_;
   bool heartbeat_ = false;
+  std::uint64_t results_seq_ = 0;
 };
 
 std::vector<Statement> Urls(int n) {
@@ -68,18 +86,6 @@ std::vector<Statement> Mixed(int n, const std::function<bool(int)>& post) {
     if (post(i)) out[i].method = "POST";
   }
   return out;
-}
-
-proto::Frames ResultsFor(const SessionId& sid, const std::vector<std::uint64_t>& indices) {
-  proto::Results r{sid, {}};
-  for (auto i : indices) {
-    proto::WireResult wr;
-    wr.index = i;
-    wr.response.status = 200;
-    wr.response.body = "body" + std::to_string(i);
-    r.results.push_back(std::move(wr));
-  }
-  return proto::Encode(std::move(r));
 }
 
 class BrokerTest : public ::testing::TestWithParam<std::string> {
@@ -126,7 +132,7 @@ class BrokerTest : public ::testing::TestWithParam<std::string> {
   void ready(Peer& worker, std::uint32_t slots) {
     const auto before = broker_->stats().workers.load();
     worker.send(proto::Encode(proto::Ready{"w", "h", slots}));
-    for (int i = 0; i < 500 && broker_->stats().workers.load() == before; ++i) std::this_thread::sleep_for(2ms);
+    ASSERT_TRUE(testing::WaitFor([&] { return broker_->stats().workers.load() > before; })) << "READY not taken";
   }
 
   // Indices of the next DISPATCH `worker` gets within `timeout` (SESSION
@@ -178,7 +184,7 @@ TEST_P(BrokerTest, DispatchRespectsSessionWindow) {
   EXPECT_EQ(chunk->statements.size(), 5u);
   EXPECT_TRUE(worker.recv(200ms).empty()) << "more than the window was dispatched";
   // One result frees one slot of the window: exactly one more is dispatched.
-  worker.send(ResultsFor(sid, {0}));
+  worker.send_results(sid, {0});
   auto forwarded = client.recv();
   ASSERT_EQ(client.command_of(forwarded), proto::Command::kResults);
   auto res = proto::DecodeResults(forwarded);
@@ -210,7 +216,7 @@ TEST_P(BrokerTest, SessionsAreServedRoundRobin) {
   a.send(proto::EncodeSubmit(sa, 0, Urls(40)));
   b.send(proto::EncodeSubmit(sb, 0, Urls(40)));
   // Both queued before any worker exists; then a worker with room for 32.
-  for (int i = 0; i < 500 && broker_->stats().queued.load() < 80; ++i) std::this_thread::sleep_for(2ms);
+  ASSERT_TRUE(testing::WaitFor([&] { return broker_->stats().queued.load() == 80; }));
   ready(worker, 32);
   std::map<SessionId, std::size_t> got;
   for (;;) {
@@ -232,11 +238,11 @@ TEST_P(BrokerTest, DuplicateResultsAreDropped) {
   client.send(proto::EncodeSubmit(sid, 0, Urls(2)));
   (void)worker.recv();
   (void)worker.recv();
-  worker.send(ResultsFor(sid, {0, 1}));
+  worker.send_results(sid, {0, 1});
   auto first = proto::DecodeResults(client.recv());
   ASSERT_TRUE(first.has_value());
   EXPECT_EQ(first->results.size(), 2u);
-  worker.send(ResultsFor(sid, {1, 99}));
+  worker.send_results(sid, {1, 99});
   EXPECT_TRUE(client.recv(300ms).empty());
   EXPECT_EQ(broker_->stats().duplicates_dropped.load(), 2u);
 }
@@ -324,7 +330,7 @@ TEST_P(BrokerTest, MalformedMessagesAreCountedAndDropped) {
 // §3.4.4
 TEST_P(BrokerTest, ResultsFromUnknownWorkerAskForReady) {
   Peer stranger(ctx_, endpoint_);
-  stranger.send(ResultsFor(NewSessionId(), {0}));
+  stranger.send_results(NewSessionId(), {0});
   auto reply = stranger.recv();
   ASSERT_EQ(stranger.command_of(reply), proto::Command::kError);
   EXPECT_EQ(proto::DecodeError(reply)->code, StatusCode::kNotFound);
@@ -401,7 +407,7 @@ TEST_P(BrokerTest, PoisonStatementIsIsolatedAndFailsAfterThreeSoloDeaths) {
       ASSERT_FALSE(indices.empty()) << "nothing dispatched after " << deaths << " deaths";
       poisoned = std::find(indices.begin(), indices.end(), kPoison) != indices.end();
       if (poisoned) break;
-      worker->send(ResultsFor(sid, indices));
+      worker->send_results(sid, indices);
       for (auto& [i, r] : results(client, indices.size())) got[i] = std::move(r);
     }
     if (!poisoned) break;
@@ -444,7 +450,7 @@ TEST_P(BrokerTest, DrainingWorkerTakesNoMoreAndItsLeftoversGoBack) {
   client.send(proto::EncodeSubmit(sid, 0, Mixed(6, [](int i) { return i == 2; })));
   ASSERT_EQ(take(leaving), (std::vector<std::uint64_t>{0, 1, 2}));
   leaving.send(proto::EncodeEmpty(proto::Command::kDraining));
-  leaving.send(ResultsFor(sid, {0}));  // after DRAINING on the same socket
+  leaving.send_results(sid, {0});  // after DRAINING on the same socket
   ASSERT_EQ(results(client, 1).count(0), 1u);
   EXPECT_TRUE(take(leaving, 300ms).empty()) << "a draining worker was given more work";
   leaving.send(proto::EncodeEmpty(proto::Command::kDisconnect));
