@@ -1,18 +1,21 @@
 #pragma once
-// Shared by the spec tests of tests/protocol: hand-written GTR/1 messages (to
-// say things the encoders never would), a temporary ipc:// directory, a
-// count of log lines, and readable gtest output for commands.
+// Shared by the spec tests of tests/protocol: hand-written messages of the
+// current version (to say things the encoders never would), a temporary
+// ipc:// directory, a count of log lines, a count of the connections a bound
+// endpoint holds open, and readable gtest output for commands.
 //
 // Thread-safety: plain functions and values; an IpcDir belongs to one test.
 
 #include <algorithm>
 #include <atomic>
 #include <filesystem>
+#include <fstream>
 #include <memory>
 #include <mutex>
 #include <functional>
 #include <optional>
 #include <ostream>
+#include <sstream>
 #include <string>
 #include <string_view>
 #include <system_error>
@@ -131,5 +134,49 @@ class IpcDir {
  private:
   std::filesystem::path dir_;
 };
+
+
+// The connections accepted at `endpoint` ("tcp://127.0.0.1:<port>" or
+// "ipc://<path>", as bound) whose socket a process still holds open, read
+// from /proc/net/tcp or /proc/net/unix. A test that closes a peer waits for
+// this to drop: the side that accepted the connection has then closed it as
+// well, so its ROUTER refuses messages to that peer (PROTOCOL.md §1.2) rather
+// than queueing them on a connection about to go. -1 for other transports.
+inline int AcceptedConnections(const std::string& endpoint) {
+  int n = 0;
+  std::string line;
+  if (endpoint.rfind("tcp://", 0) == 0) {
+    const unsigned long port = std::stoul(endpoint.substr(endpoint.rfind(':') + 1));
+    std::ifstream tcp("/proc/net/tcp");
+    std::getline(tcp, line);  // header
+    while (std::getline(tcp, line)) {
+      // "sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode"
+      std::istringstream in(line);
+      std::string sl, local, remote, st, queues, timer, retr, uid, timeout, inode;
+      if (!(in >> sl >> local >> remote >> st >> queues >> timer >> retr >> uid >> timeout >> inode)) continue;
+      const auto colon = local.find(':');
+      if (colon == std::string::npos) continue;
+      // 0A is LISTEN; inode 0 is a socket no process holds any more.
+      if (std::stoul(local.substr(colon + 1), nullptr, 16) == port && st != "0A" && inode != "0") ++n;
+    }
+    return n;
+  }
+  if (endpoint.rfind("ipc://", 0) == 0) {
+    const std::string path = endpoint.substr(6);
+    std::ifstream unix_sockets("/proc/net/unix");
+    std::getline(unix_sockets, line);  // header
+    while (std::getline(unix_sockets, line)) {
+      // "Num RefCount Protocol Flags Type St Inode Path": an accepted socket
+      // shows the path it was accepted on, in state 03 (connected); the
+      // listening one is in state 01, a connecting one has no path.
+      std::istringstream in(line);
+      std::string num, refs, protocol, flags, type, st, inode, name;
+      if (!(in >> num >> refs >> protocol >> flags >> type >> st >> inode >> name)) continue;
+      if (name == path && st == "03") ++n;
+    }
+    return n;
+  }
+  return -1;
+}
 
 }  // namespace gatherer::testing
