@@ -1243,7 +1243,7 @@ TEST_P(BrokerSpec, Clause_3_2_7_HeartbeatAnswerNamesTheLastSeqAndTheNextIndex) {
 // The broker's own answer here is outcome unknown for a POST whose worker
 // left holding it (§3.4.7); a SYNC that acknowledges nothing gets every one
 // of them again, byte for byte.
-TEST_P(BrokerSpec, Clause_3_6_1_ResultsAreNumberedFromOnePerSessionFailuresIncludedAndKept) {
+TEST_P(BrokerSpec, Clause_3_6_1_ResultsAreNumberedFromOnePerSessionTheBrokersOwnIncluded) {
   start();
   Peer a(ctx_, endpoint_), b(ctx_, endpoint_), worker(ctx_, endpoint_);
   ready(worker, 100);
@@ -1408,6 +1408,31 @@ TEST_P(BrokerSpec, Clause_3_6_4_SyncResendsKeptResultsInOrderThenListsWhatNeverA
     EXPECT_EQ(proto::DecodeSynced(again)->missing, (std::vector<proto::IndexRange>{{0, 1}, {7, 2}, {10, 1}}))
         << "ack " << ack;
   }
+}
+
+// 3.6.4 "(...) SYNCED with the listed indices it has no trace of: not
+// queued, not leased, not in quarantine (§4.5) and not in a kept RESULTS."
+// The only worker dies holding 0 and 1: they wait in quarantine for a
+// worker, and are not listed.
+TEST_P(BrokerSpec, Clause_3_6_4_SyncedDoesNotListQuarantinedStatements) {
+  start([](BrokerOptions& o) {
+    o.heartbeat_interval = 50ms;
+    o.heartbeat_liveness = 3;
+  });
+  Peer client(ctx_, endpoint_);
+  auto worker = std::make_unique<Peer>(ctx_, endpoint_);
+  ready(*worker, 10);
+  const SessionId sid = open(client, 10);
+  client.send(proto::EncodeSubmit(sid, 0, Urls(2)));
+  ASSERT_EQ(expect_session_and_dispatch(*worker, sid, 2), (std::vector<std::uint64_t>{0, 1}));
+  worker.reset();  // silent: presumed dead after 3 periods
+  ASSERT_TRUE(WaitFor([&] { return stats().quarantined.load() == 2 && stats().workers.load() == 0; }, 5s));
+  EXPECT_EQ(stats().queued.load(), 0u);
+  EXPECT_EQ(stats().in_flight.load(), 0u);
+  client.send(proto::Encode(proto::Sync{sid, 0, {{0, 3}}}));
+  auto synced = client.recv();
+  ASSERT_EQ(CommandOf(synced), proto::Command::kSynced);
+  EXPECT_EQ(proto::DecodeSynced(synced)->missing, (std::vector<proto::IndexRange>{{2, 1}}));
 }
 
 // 3.6.4 "A SYNC listing more statements than the session may have (workers
