@@ -370,16 +370,27 @@ TEST(ProtocolTest, SyncRoundTrips) {
   EXPECT_TRUE(empty.unanswered.empty());
 }
 
-// §3.3 SYNCED [session, [range, ...]].
+// §3.3 SYNCED [session, [range, ...], seq].
 TEST(ProtocolTest, SyncedRoundTrips) {
   const SessionId sid = NewSessionId();
-  Synced m{sid, {{2, 2}, {10, 1}}};
+  Synced m{sid, {{2, 2}, {10, 1}}, 1ull << 41};
   Frames f = Encode(m);
   EXPECT_EQ(CommandOf(f), Command::kSynced);
   Synced back = Must(DecodeSynced(f));
   EXPECT_EQ(back.session, sid);
   EXPECT_EQ(back.missing, m.missing);
-  EXPECT_TRUE(Must(DecodeSynced(Encode(Synced{sid, {}}))).missing.empty());
+  EXPECT_EQ(back.seq, 1ull << 41);
+  Synced none = Must(DecodeSynced(Encode(Synced{sid, {}, 0})));
+  EXPECT_TRUE(none.missing.empty());
+  EXPECT_EQ(none.seq, 0u);
+  // Without its seq (the layout before §3.6.4 named it) it is malformed.
+  auto no_seq = WithHeader(Command::kSynced, [&](auto& pk) {
+    pk.pack_array(2);
+    pk.pack_bin(16);
+    pk.pack_bin_body(sid.raw().data(), 16);
+    pk.pack_array(0);
+  });
+  EXPECT_FALSE(DecodeSynced(no_seq).has_value());
 }
 
 // §3.1 "range: [first, count]; 1 <= count <= 65,536", in SYNC and SYNCED.
@@ -387,10 +398,10 @@ TEST(ProtocolTest, RangeCountOutsideOneTo65536IsMalformed) {
   const SessionId sid = NewSessionId();
   for (std::uint32_t count : {0u, 65537u, 0xffffffffu}) {
     EXPECT_FALSE(DecodeSync(Encode(Sync{sid, 0, {{1, 1}, {7, count}}})).has_value()) << count;
-    EXPECT_FALSE(DecodeSynced(Encode(Synced{sid, {{7, count}}})).has_value()) << count;
+    EXPECT_FALSE(DecodeSynced(Encode(Synced{sid, {{7, count}}, 0})).has_value()) << count;
   }
   EXPECT_TRUE(DecodeSync(Encode(Sync{sid, 0, {{7, 65536}}})).has_value());
-  EXPECT_TRUE(DecodeSynced(Encode(Synced{sid, {{7, 1}}})).has_value());
+  EXPECT_TRUE(DecodeSynced(Encode(Synced{sid, {{7, 1}}, 0})).has_value());
   // A range that is not a pair, and a count over uint32.
   auto single = WithHeader(Command::kSync, [&](auto& pk) {
     pk.pack_array(3);
@@ -410,6 +421,7 @@ TEST(ProtocolTest, RangeCountOutsideOneTo65536IsMalformed) {
     pk.pack_array(2);
     pk.pack(4);
     pk.pack(std::uint64_t{1} << 32);
+    pk.pack(0);
   });
   EXPECT_FALSE(DecodeSynced(wide).has_value());
   // SYNC without its ack.
@@ -484,34 +496,52 @@ TEST(ProtocolTest, ClientAndWorkerHeartbeatsRoundTrip) {
                })).has_value());
 }
 
-// §3.3 HEARTBEAT [session, seq, next_index] to a client; §3.5 HEARTBEAT
-// [seq] to a worker (READY's answer is [0], §3.4.1).
+// §3.3 HEARTBEAT [session, seq, next_index, workers] to a client; §3.5
+// HEARTBEAT [seq] to a worker (READY's answer is [0], §3.4.1).
 TEST(ProtocolTest, BrokerHeartbeatRoundTripsInBothForms) {
   const SessionId sid = NewSessionId();
-  Frames to_client = Encode(BrokerBeat{sid, 12, 1ull << 36});
+  Frames to_client = Encode(BrokerBeat{sid, 12, 1ull << 36, 70000});
   EXPECT_EQ(CommandOf(to_client), Command::kHeartbeat);
   BrokerBeat c = Must(DecodeBrokerHeartbeat(to_client));
   EXPECT_EQ(c.session, sid);
   EXPECT_EQ(c.seq, 12u);
   EXPECT_EQ(c.next_index, 1ull << 36);
-  Frames to_worker = Encode(BrokerBeat{std::nullopt, 99, 0});
+  EXPECT_EQ(c.workers, 70000u);
+  EXPECT_EQ(Must(DecodeBrokerHeartbeat(Encode(BrokerBeat{sid, 0, 0, 0}))).workers, 0u);
+  Frames to_worker = Encode(BrokerBeat{std::nullopt, 99, 0, 0});
   EXPECT_EQ(CommandOf(to_worker), Command::kHeartbeat);
   BrokerBeat w = Must(DecodeBrokerHeartbeat(to_worker));
   EXPECT_FALSE(w.session.has_value());
   EXPECT_EQ(w.seq, 99u);
   // READY's answer: exactly [0].
-  Frames ready_answer = Encode(BrokerBeat{std::nullopt, 0, 0});
+  Frames ready_answer = Encode(BrokerBeat{std::nullopt, 0, 0, 0});
   auto h = msgpack::unpack(static_cast<const char*>(ready_answer[2].data()), ready_answer[2].size());
   ASSERT_EQ(h->type, msgpack::type::ARRAY);
   ASSERT_EQ(h->via.array.size, 1u);
   EXPECT_EQ(h->via.array.ptr[0].as<std::uint64_t>(), 0u);
-  // Malformed: [], [session, seq] without next_index, a negative seq.
+  // Malformed: [], [session, seq] without next_index, [session, seq,
+  // next_index] without workers, workers over uint32, a negative seq.
   EXPECT_FALSE(DecodeBrokerHeartbeat(EncodeHeartbeat()).has_value());
   EXPECT_FALSE(DecodeBrokerHeartbeat(WithHeader(Command::kHeartbeat, [&](auto& pk) {
                  pk.pack_array(2);
                  pk.pack_bin(16);
                  pk.pack_bin_body(sid.raw().data(), 16);
                  pk.pack(1);
+               })).has_value());
+  EXPECT_FALSE(DecodeBrokerHeartbeat(WithHeader(Command::kHeartbeat, [&](auto& pk) {
+                 pk.pack_array(3);
+                 pk.pack_bin(16);
+                 pk.pack_bin_body(sid.raw().data(), 16);
+                 pk.pack(1);
+                 pk.pack(2);
+               })).has_value());
+  EXPECT_FALSE(DecodeBrokerHeartbeat(WithHeader(Command::kHeartbeat, [&](auto& pk) {
+                 pk.pack_array(4);
+                 pk.pack_bin(16);
+                 pk.pack_bin_body(sid.raw().data(), 16);
+                 pk.pack(1);
+                 pk.pack(2);
+                 pk.pack(std::uint64_t{1} << 32);
                })).has_value());
   EXPECT_FALSE(DecodeBrokerHeartbeat(WithHeader(Command::kHeartbeat, [](auto& pk) {
                  pk.pack_array(1);
@@ -805,6 +835,110 @@ TEST(ProtocolTest, RejectsResultsWhoseBodyCountDoesNotMatch) {
   }
 }
 
+// §4.3: a RESULTS the broker forwards untouched must be one its client can
+// decode, so the index-only decoder checks every field as the full one does.
+TEST(ProtocolTest, ResultsIndexRejectsWhatDecodeResultsRejects) {
+  const SessionId sid = NewSessionId();
+  auto with_result = [&](const std::function<void(msgpack::packer<msgpack::sbuffer>&)>& result) {
+    Frames f = Encode(Results{sid, 1, std::vector<WireResult>(1)});
+    msgpack::sbuffer buf;
+    msgpack::packer<msgpack::sbuffer> pk(buf);
+    pk.pack_array(1);
+    result(pk);
+    f[3] = zmq::message_t(buf.data(), buf.size());
+    return f;
+  };
+  // Field k of an otherwise valid result replaced by `bad`.
+  auto result_with = [&](int k, const std::function<void(msgpack::packer<msgpack::sbuffer>&)>& bad) {
+    return with_result([&](auto& pk) {
+      pk.pack_array(8);
+      if (k == 0) bad(pk); else pk.pack(3);
+      if (k == 1) bad(pk); else pk.pack(200);
+      if (k == 2) bad(pk); else pk.pack_array(0);
+      if (k == 3) bad(pk); else pk.pack(0);
+      if (k == 4) bad(pk); else pk.pack(std::string(""));
+      if (k == 5) bad(pk); else pk.pack(1);
+      if (k == 6) bad(pk); else pk.pack(10);
+      if (k == 7) bad(pk); else pk.pack(std::string("w"));
+    });
+  };
+  Frames good = result_with(-1, {});
+  EXPECT_TRUE(DecodeResults(good).has_value());
+  EXPECT_EQ(Must(DecodeResultsIndex(good)).indices, (std::vector<std::uint64_t>{3}));
+  std::vector<std::pair<const char*, Frames>> bad;
+  bad.emplace_back("index negative", result_with(0, [](auto& pk) { pk.pack(-1); }));
+  bad.emplace_back("status over uint16", result_with(1, [](auto& pk) { pk.pack(70000); }));
+  bad.emplace_back("headers a map", result_with(2, [](auto& pk) { pk.pack_map(0); }));
+  bad.emplace_back("header not a pair", result_with(2, [](auto& pk) {
+                     pk.pack_array(1);
+                     pk.pack_array(1);
+                     pk.pack(std::string("X"));
+                   }));
+  bad.emplace_back("header value not str", result_with(2, [](auto& pk) {
+                     pk.pack_array(1);
+                     pk.pack_array(2);
+                     pk.pack(std::string("X"));
+                     pk.pack(1);
+                   }));
+  bad.emplace_back("error code over uint8", result_with(3, [](auto& pk) { pk.pack(300); }));
+  bad.emplace_back("error message not str", result_with(4, [](auto& pk) { pk.pack_nil(); }));
+  bad.emplace_back("attempts negative", result_with(5, [](auto& pk) { pk.pack(-2); }));
+  bad.emplace_back("elapsed_us a string", result_with(6, [](auto& pk) { pk.pack(std::string("1")); }));
+  bad.emplace_back("worker not str", result_with(7, [](auto& pk) { pk.pack(7); }));
+  bad.emplace_back("a 7-array", with_result([](auto& pk) {
+                     pk.pack_array(7);
+                     for (int i = 0; i < 7; ++i) pk.pack(0);
+                   }));
+  for (const auto& [what, f] : bad) {
+    EXPECT_FALSE(DecodeResults(f).has_value()) << what;
+    EXPECT_FALSE(DecodeResultsIndex(f).has_value()) << what;
+  }
+}
+
+// §2.4: the broker answers a malformed message whose header starts with a
+// session id, naming it; PeekSession finds that id in any command's header.
+TEST(ProtocolTest, PeekSessionFindsTheSessionAHeaderStartsWith) {
+  const SessionId sid = NewSessionId();
+  EXPECT_EQ(PeekSession(Encode(Open{sid, SampleSettings(), 0})), sid);
+  EXPECT_EQ(PeekSession(EncodeSubmit(sid, 0, std::vector<Statement>{Get("http://a/")})), sid);
+  EXPECT_EQ(PeekSession(Encode(Command::kCancel, SessionRef{sid})), sid);
+  EXPECT_EQ(PeekSession(Encode(Sync{sid, 0, {}})), sid);
+  EXPECT_EQ(PeekSession(Encode(Ack{sid, 1})), sid);
+  EXPECT_EQ(PeekSession(Encode(Results{sid, 1, std::vector<WireResult>(1)})), sid);
+  EXPECT_EQ(PeekSession(EncodeHeartbeat(sid)), sid);
+  // Malformed otherwise, but the header still starts with the session.
+  auto bad_open = WithHeader(Command::kOpen, [&](auto& pk) {
+    pk.pack_array(3);
+    pk.pack_bin(16);
+    pk.pack_bin_body(sid.raw().data(), 16);
+    pk.pack_map(0);
+    pk.pack(-1);
+  });
+  EXPECT_FALSE(DecodeOpen(bad_open).has_value());
+  EXPECT_EQ(PeekSession(bad_open), sid);
+  Frames extra = Encode(Command::kClose, SessionRef{sid});
+  extra.emplace_back("x", 1);
+  EXPECT_EQ(PeekSession(extra), sid);
+  // No session to find.
+  EXPECT_EQ(PeekSession(Encode(Ready{"w", "h", 1})), std::nullopt);
+  EXPECT_EQ(PeekSession(Encode(Holding{1, {{sid, {0}}}})), std::nullopt);
+  EXPECT_EQ(PeekSession(Encode(Ack{std::nullopt, 1})), std::nullopt);
+  EXPECT_EQ(PeekSession(EncodeHeartbeat()), std::nullopt);
+  Frames short_one = Encode(Command::kClose, SessionRef{sid});
+  short_one.pop_back();
+  EXPECT_EQ(PeekSession(short_one), std::nullopt);
+  EXPECT_EQ(PeekSession(WithHeader(Command::kClose, [](auto& pk) { pk.pack_map(0); })), std::nullopt);
+  EXPECT_EQ(PeekSession(WithHeader(Command::kClose, [](auto& pk) {
+              pk.pack_array(1);
+              pk.pack_bin(15);
+              pk.pack_bin_body("123456789012345", 15);
+            })),
+            std::nullopt);
+  Frames garbage = Encode(Command::kClose, SessionRef{sid});
+  garbage[2] = zmq::message_t("\xc1", 1);  // never used in msgpack
+  EXPECT_EQ(PeekSession(garbage), std::nullopt);
+}
+
 TEST(ProtocolTest, RejectsExtraFramesOnSingleFrameCommands) {
   Frames f = Encode(Command::kClose, SessionRef{NewSessionId()});
   f.emplace_back("x", 1);
@@ -924,6 +1058,7 @@ TEST(ProtocolTest, RandomBytesNeverCrashDecoders) {
     (void)DecodeHeartbeat(f);
     (void)DecodeBrokerHeartbeat(f);
     (void)DecodeEmpty(f);
+    (void)PeekSession(f);
     // The same junk as frame 3 of a RESULTS with a valid frame 2.
     Frames r = Encode(Results{NewSessionId(), 1, {}});
     r[3] = zmq::message_t(junk.data(), junk.size());
