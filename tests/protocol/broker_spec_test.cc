@@ -436,7 +436,10 @@ TEST_P(BrokerSpec, Clause_2_3_UnlistedCommandIsMalformed) {
 // the wrong type or with fields of the wrong type; more frames than the
 // command allows. A malformed message SHALL be dropped, counted and logged
 // (...). It MUST NOT crash the receiver, and MUST NOT change any session's
-// state."
+// state (...). The broker SHALL answer a malformed message from a peer it
+// can attribute — a registered worker, or any peer whose header starts with
+// a session id — with ERROR invalid_argument saying what was wrong (and
+// naming that session)"
 TEST_P(BrokerSpec, Clause_2_4_MalformedMessagesAreDroppedLeavingSessionsAlone) {
   start();
   Peer client(ctx_, endpoint_);
@@ -485,13 +488,26 @@ TEST_P(BrokerSpec, Clause_2_4_MalformedMessagesAreDroppedLeavingSessionsAlone) {
     pk.pack(0);
     pk.pack_nil();
   }));
+  // The first three have no header to read a session from (none, one with
+  // trailing bytes, a map); the others do.
+  constexpr std::size_t kAttributable = 4;
   const std::size_t count = bad.size();
   for (auto& f : bad) client.send(std::move(f));
-  // Replies come in order: the first one must answer this probe, and the
-  // session must still be there.
+  // Replies come in order: an ERROR for each attributable one, then the
+  // answer to this probe, and the session must still be there.
   client.send(proto::EncodeHeartbeat(sid));
+  for (std::size_t i = 0; i < kAttributable; ++i) {
+    auto error = client.recv_any();
+    ASSERT_EQ(CommandOf(error), proto::Command::kError) << "malformed message " << i << " of " << kAttributable
+                                                          << " naming the session was not answered";
+    auto e = proto::DecodeError(error);
+    EXPECT_EQ(e->code, StatusCode::kInvalidArgument);
+    EXPECT_EQ(e->session, sid);
+    EXPECT_NE(e->message.find("malformed"), std::string::npos) << e->message;
+  }
   auto reply = client.recv_any();
-  ASSERT_EQ(CommandOf(reply), proto::Command::kHeartbeat) << "a malformed message was answered or ended the session";
+  ASSERT_EQ(CommandOf(reply), proto::Command::kHeartbeat)
+      << "a malformed message without a session was answered, or one ended the session";
   EXPECT_EQ(stats().malformed.load(), count);
   EXPECT_EQ(stats().sessions.load(), 1u);
   EXPECT_EQ(stats().queued.load(), 3u);
@@ -759,27 +775,109 @@ TEST_P(BrokerSpec, Clause_3_3_1_OpenBeyondMaxSessionsIsResourceExhausted) {
 
 // 3.4.2 "The number of body frames SHALL equal the number of results;
 // otherwise the message is malformed."
+// 2.4 "The exception: the results of a malformed RESULTS from a registered
+// worker cannot be told apart, so the broker SHALL treat that worker as
+// having left (§3.4.7: what it held goes back, non-idempotent statements
+// fail as unknown) and answer ERROR not_found, and the worker registers
+// again (§3.4.4)."
+// One body frame short, then (registered again) one too many: neither
+// settles a lease or reaches the client; each sends what the worker held
+// back. Its third registration answers them well.
 TEST_P(BrokerSpec, Clause_3_4_2_ResultsWithWrongBodyCountAreMalformed) {
   start();
   Peer client(ctx_, endpoint_), worker(ctx_, endpoint_);
   ready(worker, 100);
   const SessionId sid = open(client, 10);
-  client.send(proto::EncodeSubmit(sid, 0, Urls(2)));
-  ASSERT_EQ(expect_session_and_dispatch(worker, sid, 2), (std::vector<std::uint64_t>{0, 1}));
-  proto::Frames short_one = ResultsFor(sid, 1, {0, 1}, "bad");
+  client.send(proto::EncodeSubmit(sid, 0, Mixed(3, [](int i) { return i == 2; })));
+  ASSERT_EQ(expect_session_and_dispatch(worker, sid, 3), (std::vector<std::uint64_t>{0, 1, 2}));
+  proto::Frames short_one = ResultsFor(sid, 1, {0, 1, 2}, "bad");
   short_one.pop_back();
+  worker.send(std::move(short_one));
+  auto gone = worker.recv();
+  ASSERT_EQ(CommandOf(gone), proto::Command::kError) << "a malformed RESULTS was not answered";
+  EXPECT_EQ(proto::DecodeError(gone)->code, StatusCode::kNotFound);
+  EXPECT_EQ(proto::DecodeError(gone)->session, std::nullopt);
+  // The POST it held fails as outcome unknown: the only RESULTS the client gets.
+  auto unknown = AsResults(client.recv());
+  ASSERT_TRUE(unknown.has_value());
+  ASSERT_EQ(unknown->results.size(), 1u) << "a result of the malformed RESULTS reached the client";
+  ASSERT_EQ(unknown->results.count(2), 1u);
+  EXPECT_EQ(unknown->results[2].error.value_or(ResponseError{}).code, StatusCode::kUnknown);
+  EXPECT_EQ(stats().malformed.load(), 1u);
+  EXPECT_EQ(stats().workers.load(), 0u);
+  // Registered again, it gets the others back; one body frame too many.
+  ready(worker, 100);
+  ASSERT_EQ(expect_session_and_dispatch(worker, sid, 2), (std::vector<std::uint64_t>{0, 1}));
   proto::Frames long_one = ResultsFor(sid, 1, {0, 1}, "bad");
   long_one.emplace_back("extra", 5);
-  worker.send(std::move(short_one));
   worker.send(std::move(long_one));
-  ASSERT_TRUE(WaitFor([&] { return stats().malformed.load() == 2; }, 5s));
-  // Dropped without settling a lease: the well-formed answer is forwarded whole.
+  auto again = worker.recv();
+  ASSERT_EQ(CommandOf(again), proto::Command::kError);
+  EXPECT_EQ(proto::DecodeError(again)->code, StatusCode::kNotFound);
+  EXPECT_EQ(stats().malformed.load(), 2u);
+  ready(worker, 100);
+  ASSERT_EQ(expect_session_and_dispatch(worker, sid, 2), (std::vector<std::uint64_t>{0, 1}));
   worker.send_results(sid, {0, 1});
   auto forwarded = proto::DecodeResults(client.recv());
   ASSERT_TRUE(forwarded.has_value());
   ASSERT_EQ(forwarded->results.size(), 2u);
   EXPECT_EQ(forwarded->results[0].response.body, "body0");
   EXPECT_EQ(forwarded->results[1].response.body, "body1");
+  EXPECT_EQ(forwarded->seq, 2u);
+}
+
+// 2.4 "The broker SHALL answer a malformed message from a peer it can
+// attribute — a registered worker, or any peer whose header starts with a
+// session id — with ERROR invalid_argument saying what was wrong (and
+// naming that session), so that a client never waits on silence"
+// A registered worker's malformed HOLDING, DRAINING and HEARTBEAT are
+// answered (session nil) and change nothing; a stranger's malformed READY,
+// whose header names no session, is not answered.
+TEST_P(BrokerSpec, Clause_2_4_MalformedMessageFromAnAttributablePeerIsAnsweredInvalidArgument) {
+  start();
+  Peer client(ctx_, endpoint_), worker(ctx_, endpoint_), stranger(ctx_, endpoint_);
+  ready(worker, 100);
+  const SessionId sid = open(client, 10);
+  client.send(proto::EncodeSubmit(sid, 0, Urls(1)));
+  ASSERT_EQ(expect_session_and_dispatch(worker, sid, 1), (std::vector<std::uint64_t>{0}));
+  std::vector<proto::Frames> bad;
+  bad.push_back(testing::Raw(proto::Command::kHolding, [](Packer& pk) {  // no session list
+    pk.pack_array(1);
+    pk.pack(2);
+  }));
+  bad.push_back(proto::EncodeEmpty(proto::Command::kDraining));
+  bad.back().emplace_back("extra", 5);
+  bad.push_back(testing::Raw(proto::Command::kHeartbeat, [](Packer& pk) { pk.pack_map(0); }));
+  const std::size_t count = bad.size();
+  for (auto& f : bad) worker.send(std::move(f));
+  for (std::size_t i = 0; i < count; ++i) {
+    auto error = worker.recv();
+    ASSERT_EQ(CommandOf(error), proto::Command::kError) << "malformed message " << i << " not answered";
+    auto e = proto::DecodeError(error);
+    EXPECT_EQ(e->code, StatusCode::kInvalidArgument);
+    EXPECT_EQ(e->session, std::nullopt);
+    EXPECT_NE(e->message.find("malformed"), std::string::npos) << e->message;
+  }
+  EXPECT_EQ(stats().malformed.load(), count);
+  // Nothing changed: not draining (it still gets work), its lease is its own.
+  client.send(proto::EncodeSubmit(sid, 1, Urls(1)));
+  auto dispatch = worker.recv();
+  ASSERT_EQ(CommandOf(dispatch), proto::Command::kDispatch) << "a malformed DRAINING was taken";
+  worker.send_results(sid, {0, 1});
+  EXPECT_EQ(AsResults(client.recv()).value_or(Delivered{}).results.size(), 2u);
+  // A stranger's READY with slots 0: nothing to attribute it to.
+  stranger.send(testing::Raw(proto::Command::kReady, [](Packer& pk) {
+    pk.pack_array(3);
+    testing::PackStr(pk, "w");
+    testing::PackStr(pk, "h");
+    pk.pack(0);
+  }));
+  const SessionId probe = NewSessionId();
+  stranger.send(proto::EncodeHeartbeat(probe));
+  auto reply = stranger.recv_any();
+  ASSERT_EQ(CommandOf(reply), proto::Command::kError);
+  EXPECT_EQ(proto::DecodeError(reply)->session, probe) << "a malformed READY was answered";
+  EXPECT_EQ(stats().malformed.load(), count + 1);
 }
 
 // 3.4.4 "A broker that receives RESULTS from a peer that is not a registered
@@ -1137,19 +1235,20 @@ TEST_P(BrokerSpec, Clause_2_2_ErrorToAPeerOfAnotherVersionKeepsItsLayout) {
   EXPECT_EQ(stats().workers.load(), 0u);
 }
 
-// 2.4 "A malformed message SHALL be dropped, counted and logged (...)."
-// Also one from a peer that is not a registered worker: a malformed RESULTS
-// or HOLDING is malformed before it is a message from a stranger, so it is
-// counted and gets no answer (a well-formed one gets ERROR not_found,
-// §3.4.4, §3.7.5 — as a malformed HEARTBEAT gets none, §2.4).
-TEST_P(BrokerSpec, Clause_2_4_MalformedResultsOrHoldingFromAStrangerIsCountedNotAnswered) {
-  GTEST_SKIP() << "product bug: on_results and on_holding answer an unregistered peer with ERROR not_found "
-                  "before decoding, so its malformed RESULTS or HOLDING is answered and not counted (§2.4)";
+// 2.4 "A malformed message SHALL be dropped, counted and logged (...). The
+// broker SHALL answer a malformed message from a peer it can attribute — a
+// registered worker, or any peer whose header starts with a session id —
+// with ERROR invalid_argument (...)"
+// Also from a peer that is not a registered worker: its malformed HOLDING
+// (header [seq, ...]: nothing to attribute) is counted and not answered; its
+// malformed RESULTS (header [session, seq]) is counted and answered with an
+// ERROR (invalid_argument naming the session, §2.4, or not_found, §3.4.4).
+TEST_P(BrokerSpec, Clause_2_4_MalformedResultsOrHoldingFromAStrangerIsCounted) {
+  GTEST_SKIP() << "product bug: on_results and on_holding answer a peer that is not a registered worker with "
+                  "ERROR not_found before decoding, so its malformed RESULTS or HOLDING is not counted and a "
+                  "HOLDING is answered (§2.4)";
   start();
   Peer stranger(ctx_, endpoint_);
-  proto::Frames short_results = ResultsFor(NewSessionId(), 1, {0, 1});
-  short_results.pop_back();  // a body frame missing
-  stranger.send(std::move(short_results));
   stranger.send(testing::Raw(proto::Command::kHolding, [](Packer& pk) {  // sessions missing
     pk.pack_array(1);
     pk.pack(3);
@@ -1159,7 +1258,13 @@ TEST_P(BrokerSpec, Clause_2_4_MalformedResultsOrHoldingFromAStrangerIsCountedNot
   stranger.send(proto::EncodeHeartbeat(probe));
   auto reply = stranger.recv_any();
   ASSERT_EQ(CommandOf(reply), proto::Command::kError);
-  EXPECT_EQ(proto::DecodeError(reply)->session, probe) << "a malformed message was answered";
+  EXPECT_EQ(proto::DecodeError(reply)->session, probe) << "a malformed HOLDING without a session was answered";
+  const SessionId sid = NewSessionId();
+  proto::Frames short_results = ResultsFor(sid, 1, {0, 1});
+  short_results.pop_back();  // a body frame missing
+  stranger.send(std::move(short_results));
+  auto error = stranger.recv_any();
+  ASSERT_EQ(CommandOf(error), proto::Command::kError);
   EXPECT_EQ(stats().malformed.load(), 2u);
 }
 
@@ -1201,18 +1306,21 @@ TEST_P(BrokerSpec, Clause_3_4_1_ReadyIsAnsweredWithHeartbeatZero) {
 }
 
 // 3.2.7 "A broker that has the session SHALL (...) answer HEARTBEAT
-// [session, seq, next_index] (§3.3, §3.6)"; 3.6.3: seq is the last RESULTS
-// the broker sent for the session, next_index "one past the highest index
-// the broker has received".
-TEST_P(BrokerSpec, Clause_3_2_7_HeartbeatAnswerNamesTheLastSeqAndTheNextIndex) {
+// [session, seq, next_index, workers] (§3.3, §3.6), where workers is the
+// number of registered workers"; 3.6.3: seq is the last RESULTS the broker
+// sent for the session, next_index "one past the highest index the broker
+// has received".
+TEST_P(BrokerSpec, Clause_3_2_7_HeartbeatAnswerNamesTheLastSeqTheNextIndexAndTheWorkers) {
   start();
-  Peer client(ctx_, endpoint_), worker(ctx_, endpoint_);
-  ready(worker, 10);
+  Peer client(ctx_, endpoint_), worker(ctx_, endpoint_), second(ctx_, endpoint_);
   const SessionId sid = open(client, 2);
   auto b = beat(client, sid);
   EXPECT_EQ(b.session, sid);
   EXPECT_EQ(b.seq, 0u);
   EXPECT_EQ(b.next_index, 0u);
+  EXPECT_EQ(b.workers, 0u);
+  ready(worker, 10);
+  EXPECT_EQ(beat(client, sid).workers, 1u);
   client.send(proto::EncodeSubmit(sid, 0, Urls(3)));  // a window of 2: one stays queued
   b = beat(client, sid);
   EXPECT_EQ(b.seq, 0u);
@@ -1234,6 +1342,10 @@ TEST_P(BrokerSpec, Clause_3_2_7_HeartbeatAnswerNamesTheLastSeqAndTheNextIndex) {
   b = beat(client, sid);
   EXPECT_EQ(b.next_index, 9u);
   EXPECT_EQ(b.seq, 2u);
+  ready(second, 10);
+  EXPECT_EQ(beat(client, sid).workers, 2u);
+  second.send(proto::EncodeEmpty(proto::Command::kDisconnect));
+  EXPECT_TRUE(WaitFor([&] { return beat(client, sid).workers == 1; }, 5s));
 }
 
 // 3.6.1 "The broker SHALL number the RESULTS it sends for a session (frame 2
@@ -1278,6 +1390,7 @@ TEST_P(BrokerSpec, Clause_3_6_1_ResultsAreNumberedFromOnePerSessionTheBrokersOwn
   auto synced = a.recv();
   ASSERT_EQ(CommandOf(synced), proto::Command::kSynced);
   EXPECT_TRUE(proto::DecodeSynced(synced)->missing.empty());
+  EXPECT_EQ(proto::DecodeSynced(synced)->seq, 3u);
 }
 
 // 3.6.1 "A result sent to a client whose connection is gone is kept all the
@@ -1310,16 +1423,17 @@ TEST_P(BrokerSpec, Clause_3_6_1_ResultsForAClientWhoseConnectionIsGoneAreKept) {
   auto synced = second.recv();
   ASSERT_EQ(CommandOf(synced), proto::Command::kSynced);
   EXPECT_TRUE(proto::DecodeSynced(synced)->missing.empty());
+  EXPECT_EQ(proto::DecodeSynced(synced)->seq, 1u);
 }
 
-// 3.6.1 "(...) and SHALL keep each until the client acknowledges it."
-// CANCEL (§3.2.5) drops queued statements and leases, not RESULTS the
-// client has not acknowledged: the session stays open and its seqs go on,
-// so a client that lost one before it cancelled must still be able to get
-// it, or its ack could never pass the hole.
-TEST_P(BrokerSpec, Clause_3_6_1_KeptResultsOutliveACancel) {
-  GTEST_SKIP() << "product bug: CANCEL forgets the session's unacknowledged RESULTS (Broker::Impl::end_session "
-                  "clears retained), against §3.6.1";
+// 3.2.5 "CANCEL SHALL drop the session's queued statements and leases and
+// the RESULTS it keeps for the client (§3.6.1)"
+// 3.6.4 "(...) and then answer SYNCED with the listed indices it has no trace
+// of (...) and the seq of the last RESULTS it sent."
+// A RESULTS the client never acknowledged is not sent again after a CANCEL;
+// SYNCED's seq tells the client it will get nothing up to there, and the
+// session's numbering goes on.
+TEST_P(BrokerSpec, Clause_3_2_5_CancelDropsKeptResultsAndSyncedSaysWhereTheyEnded) {
   start();
   Peer client(ctx_, endpoint_), worker(ctx_, endpoint_);
   ready(worker, 10);
@@ -1327,12 +1441,20 @@ TEST_P(BrokerSpec, Clause_3_6_1_KeptResultsOutliveACancel) {
   client.send(proto::EncodeSubmit(sid, 0, Urls(2)));
   ASSERT_EQ(expect_session_and_dispatch(worker, sid, 2), (std::vector<std::uint64_t>{0, 1}));
   worker.send_results(sid, {0});
-  const auto lost = FramesText(client.recv());  // say it never arrived: not acknowledged
+  ASSERT_EQ(AsResults(client.recv()).value_or(Delivered{}).seq, 1u);  // never acknowledged
   client.send(proto::Encode(proto::Command::kCancel, proto::SessionRef{sid}));
   ASSERT_EQ(CommandOf(worker.recv()), proto::Command::kEndSession);
-  client.send(proto::Encode(proto::Sync{sid, 0, {}}));
-  EXPECT_EQ(FramesText(client.recv()), lost) << "RESULTS 1 was not kept until acknowledged";
-  EXPECT_EQ(CommandOf(client.recv()), proto::Command::kSynced);
+  client.send(proto::Encode(proto::Sync{sid, 0, {{1, 1}}}));
+  auto synced = client.recv();
+  ASSERT_EQ(CommandOf(synced), proto::Command::kSynced) << "a RESULTS kept before the CANCEL was sent again";
+  auto m = proto::DecodeSynced(synced);
+  ASSERT_TRUE(m.has_value());
+  EXPECT_EQ(m->seq, 1u);
+  EXPECT_EQ(m->missing, (std::vector<proto::IndexRange>{{1, 1}})) << "the cancelled lease left a trace";
+  client.send(proto::EncodeSubmit(sid, 2, Urls(1)));
+  ASSERT_EQ(expect_session_and_dispatch(worker, sid, 1), (std::vector<std::uint64_t>{2}));
+  worker.send_results(sid, {2});
+  EXPECT_EQ(AsResults(client.recv()).value_or(Delivered{}).seq, 2u);
 }
 
 // 3.6.2 "A client SHALL acknowledge with ACK [session, ack] (...). The broker
@@ -1359,7 +1481,9 @@ TEST_P(BrokerSpec, Clause_3_6_2_AckForgetsKeptResultsUpToIt) {
   auto fourth = AsResults(client.recv());
   ASSERT_TRUE(fourth.has_value());
   EXPECT_EQ(fourth->seq, 4u);
-  ASSERT_EQ(CommandOf(client.recv()), proto::Command::kSynced);
+  auto synced = client.recv();
+  ASSERT_EQ(CommandOf(synced), proto::Command::kSynced);
+  EXPECT_EQ(proto::DecodeSynced(synced)->seq, 4u);
   client.send(proto::Encode(proto::Ack{sid, 4}));
   client.send(proto::Encode(proto::Sync{sid, 0, {}}));
   EXPECT_EQ(CommandOf(client.recv()), proto::Command::kSynced) << "a RESULTS up to the ACK was sent again";
@@ -1397,6 +1521,7 @@ TEST_P(BrokerSpec, Clause_3_6_4_SyncResendsKeptResultsInOrderThenListsWhatNeverA
   ASSERT_TRUE(missing.has_value());
   EXPECT_EQ(missing->session, sid);
   EXPECT_EQ(missing->missing, (std::vector<proto::IndexRange>{{7, 2}, {10, 1}}));
+  EXPECT_EQ(missing->seq, 2u) << "SYNCED does not name the last RESULTS sent";
   // A SYNC's ack forgets too: with ack 1, only RESULTS 2 comes again, and
   // then never RESULTS 1, even to a SYNC with ack 0.
   for (std::uint64_t ack : {1, 0}) {
@@ -1405,6 +1530,7 @@ TEST_P(BrokerSpec, Clause_3_6_4_SyncResendsKeptResultsInOrderThenListsWhatNeverA
     auto again = client.recv();
     ASSERT_EQ(CommandOf(again), proto::Command::kSynced) << "ack " << ack;
     // Index 0 has no trace any more: its RESULTS was acknowledged.
+    EXPECT_EQ(proto::DecodeSynced(again)->seq, 2u);
     EXPECT_EQ(proto::DecodeSynced(again)->missing, (std::vector<proto::IndexRange>{{0, 1}, {7, 2}, {10, 1}}))
         << "ack " << ack;
   }
@@ -1433,6 +1559,7 @@ TEST_P(BrokerSpec, Clause_3_6_4_SyncedDoesNotListQuarantinedStatements) {
   auto synced = client.recv();
   ASSERT_EQ(CommandOf(synced), proto::Command::kSynced);
   EXPECT_EQ(proto::DecodeSynced(synced)->missing, (std::vector<proto::IndexRange>{{2, 1}}));
+  EXPECT_EQ(proto::DecodeSynced(synced)->seq, 0u);
 }
 
 // 3.6.4 "A SYNC listing more statements than the session may have (workers
@@ -1452,6 +1579,7 @@ TEST_P(BrokerSpec, Clause_3_6_4_SyncListingMoreThanTheSessionMayHaveIsInvalidArg
   auto synced = client.recv();
   ASSERT_EQ(CommandOf(synced), proto::Command::kSynced);
   EXPECT_EQ(proto::DecodeSynced(synced)->missing, (std::vector<proto::IndexRange>{{0, 10}, {100, 5}}));
+  EXPECT_EQ(proto::DecodeSynced(synced)->seq, 0u);
 }
 
 // 3.6.4 "(a SYNC) naming a session the broker does not have, (SHALL be
