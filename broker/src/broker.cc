@@ -561,7 +561,7 @@ void Broker::Impl::on_results(const std::string& peer, std::span<zmq::message_t>
     // A malformed one is counted like any other (§2.4); a well-formed one
     // comes from a worker the broker does not know (it restarted, or presumed
     // the worker dead): ask it to register.
-    if (auto index = proto::DecodeResultsIndex(body); !index) return malformed(peer, index.error());
+    if (auto index = proto::DecodeResultsIndex(body); !index) return malformed(peer, index.error(), body);
     send_error(peer, StatusCode::kNotFound, "unknown worker; send READY", std::nullopt);
     return;
   }
