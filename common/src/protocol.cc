@@ -48,7 +48,7 @@ void PackHeaders(Packer& pk, const Headers& headers) {
 }
 
 void PackSettings(Packer& pk, const SessionSettings& s) {
-  pk.pack_map(12);
+  pk.pack_map(13);
   PackStr(pk, "workers"); pk.pack(s.workers);
   PackStr(pk, "base_url"); PackStr(pk, s.base_url);
   PackStr(pk, "headers"); PackHeaders(pk, s.headers);
@@ -57,6 +57,7 @@ void PackSettings(Packer& pk, const SessionSettings& s) {
   PackStr(pk, "max_attempts"); pk.pack(s.max_attempts);
   PackStr(pk, "backoff_base_ms"); pk.pack(s.backoff_base_ms);
   PackStr(pk, "backoff_max_ms"); pk.pack(s.backoff_max_ms);
+  PackStr(pk, "retry_after_max_ms"); pk.pack(s.retry_after_max_ms);
   PackStr(pk, "max_body_bytes"); pk.pack(s.max_body_bytes);
   PackStr(pk, "max_redirects"); pk.pack(s.max_redirects);
   PackStr(pk, "accept_min"); pk.pack(s.accept_min);
@@ -128,6 +129,7 @@ SessionSettings AsSettings(const msgpack::object& o) {
     else if (key == "max_attempts") s.max_attempts = AsUint<std::uint32_t>(v, "max_attempts");
     else if (key == "backoff_base_ms") s.backoff_base_ms = AsUint<std::uint32_t>(v, "backoff_base_ms");
     else if (key == "backoff_max_ms") s.backoff_max_ms = AsUint<std::uint32_t>(v, "backoff_max_ms");
+    else if (key == "retry_after_max_ms") s.retry_after_max_ms = AsUint<std::uint32_t>(v, "retry_after_max_ms");
     else if (key == "max_body_bytes") s.max_body_bytes = AsUint<std::uint64_t>(v, "max_body_bytes");
     else if (key == "max_redirects") s.max_redirects = AsUint<std::uint32_t>(v, "max_redirects");
     else if (key == "accept_min") s.accept_min = AsUint<std::uint16_t>(v, "accept_min");

@@ -28,10 +28,13 @@ struct SessionSettings {
   std::uint32_t connect_timeout_ms = 10'000;
   // Attempts per statement including the first; 1 disables retries.
   std::uint32_t max_attempts = 4;
-  // Exponential backoff between attempts: base * 2^(attempt-1), capped, with
-  // full jitter; a Retry-After header overrides it (capped at backoff_max_ms).
+  // Exponential backoff between attempts: base * 2^(attempt-1), capped at
+  // backoff_max_ms, with full jitter.
   std::uint32_t backoff_base_ms = 100;
   std::uint32_t backoff_max_ms = 10'000;
+  // A Retry-After header (seconds or an HTTP date) replaces the backoff, up
+  // to this long, in ms; a longer one is waited this long.
+  std::uint32_t retry_after_max_ms = 60'000;
   // Response bodies larger than this fail with resource_exhausted; at most
   // kMaxResponseBody.
   std::uint64_t max_body_bytes = 64ull << 20;
