@@ -25,6 +25,9 @@ constexpr std::chrono::milliseconds kSayWaiting{3000};
 // Statements per SUBMIT at most: big enough to amortise a message, small
 // enough that the first statements start before the whole window is encoded.
 constexpr std::size_t kSubmitChunk = 1024;
+// Statement bodies up to this size keep their buffer in the lazy source's
+// ring for reuse; bigger ones are freed as soon as they are answered.
+constexpr std::size_t kKeepBodyBytes = 64 * 1024;
 }  // namespace
 
 struct Gatherer::Impl {
@@ -87,7 +90,17 @@ Gatherer::Gatherer(Options options) : impl_(std::make_unique<Impl>()) {
     throw Error("workers must be between 1 and 100000, got " + std::to_string(options.workers), -1,
                 StatusCode::kInvalidArgument);
   }
-  if (options.prefetch < 0) throw Error("prefetch must not be negative", -1, StatusCode::kInvalidArgument);
+  if (options.prefetch < 0 || options.prefetch > 100'000) {
+    throw Error("prefetch must be between 0 and 100000, got " + std::to_string(options.prefetch), -1,
+                StatusCode::kInvalidArgument);
+  }
+  // One window, set in one place: settings.workers is filled in from it.
+  if (options.settings.workers != SessionSettings{}.workers &&
+      options.settings.workers != static_cast<std::uint32_t>(options.workers)) {
+    throw Error("settings.workers (" + std::to_string(options.settings.workers) + ") differs from workers (" +
+                    std::to_string(options.workers) + "); the window is Options::workers, leave settings.workers alone",
+                -1, StatusCode::kInvalidArgument);
+  }
   m.logger = NewLogger(options.log_level);
   m.options = std::move(options);
   m.settings = m.options.settings;
@@ -420,6 +433,14 @@ void Stream::Run::accept(proto::WireResult& r) {
     return;
   }
   slot = kDone;
+  // An answered statement of a lazy source is never sent again: a big body
+  // is freed now rather than when its slot is reused, so what is held stays
+  // bounded by the window, not by the span (small ones keep their buffers
+  // for the next statement).
+  if (source) {
+    std::string& body = held[pos % span].body;
+    if (body.capacity() > kKeepBodyBytes) std::string().swap(body);
+  }
   if (order == Order::kInput) {
     reorder[pos % span] = std::move(r.response);
   } else {

@@ -41,6 +41,12 @@ TEST(GathererTest, RejectsBadOptions) {
   Options big;
   big.settings.max_body_bytes = kMaxResponseBody + 1;
   EXPECT_THROW(Gatherer{big}, Error);
+  // One window: Options::workers; a different settings.workers is refused.
+  Options two;
+  two.workers = 10;
+  two.settings.workers = 50;
+  EXPECT_THROW(Gatherer{two}, Error);
+  EXPECT_THROW(Gatherer({.prefetch = 100'001}), Error);
 }
 
 TEST(GathererTest, BaseUrlDefaultHeadersAndPost) {

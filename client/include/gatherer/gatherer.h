@@ -40,12 +40,13 @@ struct Options {
   // the session and gather() throws gatherer::Error naming the index.
   bool cancel_on_raise = false;
   // Fetch settings of the session (base URL, default headers, timeouts,
-  // retries, body cap, accepted statuses). settings.workers is ignored:
-  // `workers` above is the window.
+  // retries, body cap, accepted statuses). The window is `workers` above:
+  // settings.workers is filled in from it, and a different value set here
+  // is refused (Error invalid_argument).
   SessionSettings settings;
   // Statements queued at the broker beyond the window, so no worker waits on
   // a round trip to the client. 0 = same as `workers` (Pyot's Queue used
-  // maxsize = 2 x workers).
+  // maxsize = 2 x workers). At most 100000.
   int prefetch = 0;
   // Responses a stream may hold while it waits for an earlier one (the
   // reorder buffer), and so the span of statements in flight past the oldest
