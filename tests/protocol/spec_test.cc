@@ -24,6 +24,7 @@
 #include "http_server.h"
 #include "raw_peer.h"
 #include "socket_monitor.h"
+#include "spec_util.h"  // PrintTo(Command): gtest prints commands by name
 #include "wait_for.h"
 
 namespace gatherer {
@@ -489,6 +490,38 @@ TEST_P(WorkerSpec, Clause_3_4_1_BeforeTheAnswerToReadyNotFoundAndOrdersAreIgnore
   EXPECT_EQ(worker_->stats().registrations.load(), 1u) << "READY again on a not_found sent before the answer";
   EXPECT_EQ(worker_->sessions(), 1u) << "a SESSION sent before the answer to READY was taken";
   EXPECT_EQ(server.requests(), 1u) << "a DISPATCH sent before the answer to READY was fetched";
+}
+
+// 3.4.1 "(...) The broker SHALL answer READY with HEARTBEAT `[0]`; until that
+// answer arrives a worker SHALL ignore (...) SESSION, DISPATCH and
+// END_SESSION (sent before the broker took the READY; §3.4.5 returns their
+// leases)."
+// A HEARTBEAT [7] is not that answer: it is the broker's periodic one to
+// the worker's previous registration (it carries the last order sent,
+// §3.7.3), sent before the broker read the READY, as the orders after it.
+// (A worker that registers again on a new socket while its broker still
+// knows it, §3.4.3, meets exactly this: ROUTER_HANDOVER routes the broker's
+// messages to the new connection at once.)
+TEST_P(WorkerSpec, Clause_3_4_1_OnlyHeartbeatZeroAnswersReady) {
+  testing::HttpServer server;
+  ASSERT_EQ(command(recv()), proto::Command::kReady);  // not answered yet
+  const SessionId stale = NewSessionId();
+  send(proto::Encode(proto::BrokerBeat{std::nullopt, 7, 0}));
+  send(proto::Encode(proto::Session{stale, SessionSettings{}, 8}));
+  send(proto::Encode(proto::Command::kDispatch, proto::Statements{stale, {{0, Get(server.url("/stale"))}}, 9}));
+  register_worker();  // HEARTBEAT [0]: the answer
+  const SessionId sid = NewSessionId();
+  send_session(sid);
+  send_dispatch(chunk(sid, {server.url("/fresh")}));
+  auto f = recv();
+  ASSERT_EQ(command(f), proto::Command::kResults)
+      << "expected the fresh session's RESULTS first, got " << proto::CommandName(command(f))
+      << " (HOLDING: the HEARTBEAT [7] was taken for the answer to READY)";
+  auto r = proto::DecodeResults(f);
+  ASSERT_TRUE(r.has_value());
+  EXPECT_EQ(r->session, sid) << "the stale session's DISPATCH was fetched";
+  EXPECT_EQ(r->seq, 1u);
+  EXPECT_EQ(worker_->sessions(), 1u) << "a SESSION sent before the answer to READY was taken";
 }
 
 // 3.4.3 "A worker that has heard nothing from the broker for `liveness`
