@@ -142,13 +142,14 @@ void ProtocolSeeds(const fs::path& dir) {
   // to a client.
   put("heartbeat_broker_ready", Encode(BrokerBeat{std::nullopt, 0, 0}));
   put("heartbeat_broker_worker", Encode(BrokerBeat{std::nullopt, 77, 0}));
-  put("heartbeat_broker_client", Encode(BrokerBeat{b, 12, 4096}));
+  put("heartbeat_broker_client", Encode(BrokerBeat{b, 12, 4096, 3}));
+  put("heartbeat_broker_no_workers", Encode(BrokerBeat{a, 0, 0, 0}));
   put("ack_client", Encode(Ack{a, 5}));
   put("ack_worker", Encode(Ack{std::nullopt, 1ull << 33}));
   put("sync", Encode(Sync{a, 2, {{3, 4}, {10, 1}, {1ull << 40, 65536}}}));
   put("sync_empty", Encode(Sync{b, 0, {}}));
-  put("synced", Encode(Synced{a, {{3, 2}}}));
-  put("synced_empty", Encode(Synced{b, {}}));
+  put("synced", Encode(Synced{a, {{3, 2}}, 7}));
+  put("synced_empty", Encode(Synced{b, {}, 0}));
   put("holding", Encode(Holding{6, {{a, {1, 5, 9}}, {b, {}}}}));
   put("holding_empty", Encode(Holding{0, {}}));
 

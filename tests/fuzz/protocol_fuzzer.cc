@@ -218,7 +218,7 @@ void CheckSynced(const Frames& frames) {
   Frames again = Encode(*m);
   CheckCommand(again, Command::kSynced);
   auto back = DecodeSynced(again);
-  FUZZ_CHECK(back && back->session == m->session && back->missing == m->missing);
+  FUZZ_CHECK(back && back->session == m->session && back->missing == m->missing && back->seq == m->seq);
 }
 
 void CheckHolding(const Frames& frames) {
@@ -269,15 +269,16 @@ void CheckHeartbeat(const Frames& frames) {
 }
 
 // At a client or worker: the broker's HEARTBEAT [seq] or [session, seq,
-// next_index].
+// next_index, workers].
 void CheckBrokerHeartbeat(const Frames& frames) {
   auto m = DecodeBrokerHeartbeat(frames);
   if (!m) return;
-  FUZZ_CHECK(m->session || m->next_index == 0);
+  FUZZ_CHECK(m->session || (m->next_index == 0 && m->workers == 0));
   Frames again = Encode(*m);
   CheckCommand(again, Command::kHeartbeat);
   auto back = DecodeBrokerHeartbeat(again);
-  FUZZ_CHECK(back && back->session == m->session && back->seq == m->seq && back->next_index == m->next_index);
+  FUZZ_CHECK(back && back->session == m->session && back->seq == m->seq && back->next_index == m->next_index &&
+             back->workers == m->workers);
 }
 
 void CheckEmpty(const Frames& frames) {
