@@ -28,6 +28,7 @@
 #include "http_server.h"
 #include "proc_net.h"
 #include "process.h"
+#include "raw_peer.h"
 #include "socket_monitor.h"
 #include "wait_for.h"
 
@@ -321,7 +322,7 @@ TEST(ChaosTest, GarbageAtAWorkerDuringAJobIsDropped) {
   HttpServer server(DelayHandler);
   zmq::context_t ctx(1);
   zmq::socket_t router(ctx, zmq::socket_type::router);
-  router.set(zmq::sockopt::linger, 0);
+  testing::ConfigureFakeBroker(router);
   router.bind("tcp://127.0.0.1:*");
   WorkerOptions wo;
   wo.broker = router.get(zmq::sockopt::last_endpoint);
@@ -329,14 +330,19 @@ TEST(ChaosTest, GarbageAtAWorkerDuringAJobIsDropped) {
   wo.heartbeat_interval = 10s;  // no re-registration in this test
   Worker worker(wo);
   ASSERT_TRUE(worker.start().ok());
-  proto::Frames ready;
-  ASSERT_TRUE(zmq::recv_multipart(router, std::back_inserter(ready)));
-  const std::string id = ready[0].to_string();
+  // This fake broker speaks GTR/2 as the real one does: it answers READY
+  // with HEARTBEAT [0], numbers its orders from 1 and acknowledges RESULTS.
+  auto ready = testing::RecvRouted(router, 10s);
+  ASSERT_TRUE(ready.has_value());
+  ASSERT_EQ(ready->command, proto::Command::kReady);
+  const std::string id = ready->peer;
   auto send = [&](proto::Frames&& f) {
     proto::SendMessage(router, id, f, /*block=*/true);
   };
+  send(proto::Encode(proto::BrokerBeat{std::nullopt, 0, 0}));
+  std::uint64_t order = 0;
   const SessionId session = NewSessionId();
-  send(proto::Encode(proto::Session{session, SessionSettings{}}));
+  send(proto::Encode(proto::Session{session, SessionSettings{}, ++order}));
   std::mt19937 rng(std::random_device{}());
   std::uint64_t bad = 0;
   for (std::uint64_t first = 0; first < kCount; first += 100) {
@@ -344,7 +350,7 @@ TEST(ChaosTest, GarbageAtAWorkerDuringAJobIsDropped) {
       send(std::move(f));
       ++bad;
     }
-    proto::Statements chunk{session, {}};
+    proto::Statements chunk{session, {}, ++order};
     for (std::uint64_t i = first; i < first + 100; ++i) {
       chunk.statements.push_back({i, Get(server.url("/d/" + std::to_string(i) + "/1"))});
     }
@@ -352,17 +358,16 @@ TEST(ChaosTest, GarbageAtAWorkerDuringAJobIsDropped) {
   }
   std::vector<int> seen(kCount, 0);
   std::uint64_t results = 0;
+  std::uint64_t acked = 0;  // RESULTS seqs arrive one after the other from 1 (§3.7.1)
   const auto deadline = Clock::now() + 60s;
   while (results < kCount && Clock::now() < deadline) {
-    zmq::pollitem_t item{router.handle(), 0, ZMQ_POLLIN, 0};
-    zmq::poll(&item, 1, 100ms);
-    proto::Frames f;
-    if (!zmq::recv_multipart(router, std::back_inserter(f), zmq::recv_flags::dontwait)) continue;
-    std::span<zmq::message_t> body(f.data() + 1, f.size() - 1);
-    auto c = proto::PeekCommand(body);
-    if (!c || *c != proto::Command::kResults) continue;
-    auto r = proto::DecodeResults(body);
+    auto m = testing::RecvRouted(router, 100ms);
+    if (!m || m->command != proto::Command::kResults) continue;
+    auto r = proto::DecodeResults(m->frames);
     ASSERT_TRUE(r.has_value());
+    ASSERT_EQ(r->seq, acked + 1) << "RESULTS out of sequence";
+    acked = r->seq;
+    send(proto::Encode(proto::Ack{std::nullopt, acked}));
     for (const auto& one : r->results) {
       ASSERT_LT(one.index, kCount);
       ++seen[one.index];

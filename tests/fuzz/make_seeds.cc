@@ -1,4 +1,6 @@
-// Writes the seed corpus of tests/fuzz/corpus from real encoded messages:
+// Writes the seed corpus of tests/fuzz/corpus from real encoded GTR/2
+// messages, one of every command and layout (PROTOCOL.md §3), plus a few
+// malformed ones each one edit away from a valid message:
 //
 //   gatherer_fuzz_seeds <corpus dir>
 //
@@ -79,9 +81,9 @@ void ProtocolSeeds(const fs::path& dir) {
 
   put("open", Encode(Open{a, SampleSettings(), 100}));
   put("open_defaults", Encode(Open{b, SessionSettings{}, 0}));
-  put("session", Encode(Session{a, SampleSettings()}));
+  put("session", Encode(Session{a, SampleSettings(), 1}));
 
-  Statements statements{a, {}};
+  Statements statements{a, {}, 0};
   for (std::uint64_t i = 0; i < 3; ++i) {
     WireStatement ws;
     ws.index = 7 + i;
@@ -96,10 +98,12 @@ void ProtocolSeeds(const fs::path& dir) {
   }
   put("submit", Encode(Command::kSubmit, statements));
   statements.statements.resize(1);
+  statements.seq = 2;
   put("dispatch", Encode(Command::kDispatch, statements));
-  put("submit_empty", Encode(Command::kSubmit, Statements{b, {}}));
+  put("submit_empty", Encode(Command::kSubmit, Statements{b, {}, 0}));
+  put("dispatch_empty", Encode(Command::kDispatch, Statements{b, {}, 0xfffffffffull}));
 
-  Results results{a, {}};
+  Results results{a, 3, {}};
   for (std::uint64_t i = 0; i < 2; ++i) {
     WireResult wr;
     wr.index = 7 + i;
@@ -113,36 +117,99 @@ void ProtocolSeeds(const fs::path& dir) {
     results.results.push_back(wr);
   }
   put("results", Encode(std::move(results)));
-  put("results_empty", Encode(Results{b, {}}));
+  put("results_empty", Encode(Results{b, 1, {}}));
+  // As the broker forwards a worker's RESULTS: frame 2 written anew.
+  Results forwarded{b, 9, {}};
+  forwarded.results.push_back(WireResult{0, Response{.status = 201, .body = "x"}});
+  Frames restamped = Encode(std::move(forwarded));
+  RestampResults(restamped, a, 1ull << 40);
+  put("results_restamped", restamped);
 
   put("cancel", Encode(Command::kCancel, SessionRef{a}));
   put("close", Encode(Command::kClose, SessionRef{a}));
   put("opened", Encode(Command::kOpened, SessionRef{b}));
   put("closed", Encode(Command::kClosed, SessionRef{b}));
-  put("end_session", Encode(Command::kEndSession, SessionRef{a}));
+  put("end_session", Encode(EndSession{a, 4}));
   put("ready", Encode(Ready{"host-42-1", "host", 64}));
   put("error", Encode(ErrorReply{StatusCode::kNotFound, "no such session", a}));
-  put("error_no_session", Encode(ErrorReply{StatusCode::kFailedPrecondition, "version 2", std::nullopt}));
+  put("error_no_session", Encode(ErrorReply{StatusCode::kFailedPrecondition,
+                                             "unsupported protocol version 1, this peer speaks 2", std::nullopt}));
   put("heartbeat", EncodeHeartbeat());
   put("draining", EncodeEmpty(Command::kDraining));
   put("disconnect", EncodeEmpty(Command::kDisconnect));
   put("heartbeat_session", EncodeHeartbeat(b));
+  // The broker's HEARTBEAT: to a worker (the answer to READY is [0]), and
+  // to a client.
+  put("heartbeat_broker_ready", Encode(BrokerBeat{std::nullopt, 0, 0}));
+  put("heartbeat_broker_worker", Encode(BrokerBeat{std::nullopt, 77, 0}));
+  put("heartbeat_broker_client", Encode(BrokerBeat{b, 12, 4096, 3}));
+  put("heartbeat_broker_no_workers", Encode(BrokerBeat{a, 0, 0, 0}));
+  put("ack_client", Encode(Ack{a, 5}));
+  put("ack_worker", Encode(Ack{std::nullopt, 1ull << 33}));
+  put("sync", Encode(Sync{a, 2, {{3, 4}, {10, 1}, {1ull << 40, 65536}}}));
+  put("sync_empty", Encode(Sync{b, 0, {}}));
+  put("synced", Encode(Synced{a, {{3, 2}}, 7}));
+  put("synced_empty", Encode(Synced{b, {}, 0}));
+  put("holding", Encode(Holding{6, {{a, {1, 5, 9}}, {b, {}}}}));
+  put("holding_empty", Encode(Holding{0, {}}));
 
   // Malformed on purpose: each is one edit away from a valid message.
+  // A GTR/1 peer's HEARTBEAT (§2.2), and the ERROR every version decodes.
   Frames f = EncodeHeartbeat();
-  static_cast<std::uint8_t*>(f[0].data())[3] = 2;
+  static_cast<std::uint8_t*>(f[0].data())[3] = 1;
   put("bad_version", f);
+  f = Encode(ErrorReply{StatusCode::kFailedPrecondition, "unsupported protocol version 2, this peer speaks 1",
+                        std::nullopt});
+  static_cast<std::uint8_t*>(f[0].data())[3] = 1;
+  put("error_v1", f);
   f = Encode(Command::kCancel, SessionRef{a});
   static_cast<std::uint8_t*>(f[1].data())[0] = 0x99;
   put("bad_command", f);
   f = Encode(Command::kClose, SessionRef{a});
   f[2] = zmq::message_t(std::string(static_cast<const char*>(f[2].data()), f[2].size()) + '\xc0');
   put("trailing_byte", f);
-  Results one{a, {}};
+  Results one{a, 2, {}};
   one.results.push_back(WireResult{3, Response{.status = 204}});
   f = Encode(std::move(one));
   f.pop_back();
   put("results_missing_body", f);
+  // GTR/1's RESULTS layout: header [session, [result, ...]], bodies from
+  // frame 3.
+  one = Results{a, 2, {}};
+  one.results.push_back(WireResult{3, Response{.status = 204, .body = "b"}});
+  f = Encode(std::move(one));
+  {
+    msgpack::sbuffer buf;
+    msgpack::packer<msgpack::sbuffer> pk(buf);
+    pk.pack_array(2);
+    pk.pack_bin(16);
+    pk.pack_bin_body(a.raw().data(), 16);
+    buf.write(static_cast<const char*>(f[3].data()), f[3].size());
+    Frames v1;
+    v1.push_back(std::move(f[0]));
+    v1.push_back(std::move(f[1]));
+    v1.emplace_back(buf.data(), buf.size());
+    v1.push_back(std::move(f[4]));
+    put("results_v1_layout", v1);
+  }
+  // GTR/1's END_SESSION [session] and DISPATCH without a seq.
+  put("end_session_without_seq", Encode(Command::kEndSession, SessionRef{a}));
+  {
+    Frames d = Encode(Command::kSubmit, statements);
+    const std::uint8_t dispatch = static_cast<std::uint8_t>(Command::kDispatch);
+    d[1] = zmq::message_t(&dispatch, 1);
+    put("dispatch_without_seq", d);
+  }
+  put("sync_zero_count", Raw(Command::kSync, [&](auto& pk) {
+        pk.pack_array(3);
+        pk.pack_bin(16);
+        pk.pack_bin_body(a.raw().data(), 16);
+        pk.pack(0);
+        pk.pack_array(1);
+        pk.pack_array(2);
+        pk.pack(5);
+        pk.pack(0);
+      }));
   put("settings_unknown_key", Raw(Command::kOpen, [&](auto& pk) {
         pk.pack_array(3);
         pk.pack_bin(16);

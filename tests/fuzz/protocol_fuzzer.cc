@@ -1,7 +1,8 @@
-// libFuzzer target for every GTR/1 decoder of common/include/gatherer/protocol.h:
+// libFuzzer target for every GTR/2 decoder of common/include/gatherer/protocol.h:
 // PeekCommand, DecodeSessionRef, DecodeOpen, DecodeStatements, DecodeResults,
-// DecodeResultsIndex, DecodeSession, DecodeReady, DecodeError, DecodeHeartbeat,
-// DecodeEmpty.
+// DecodeResultsIndex, DecodeSession, DecodeEndSession, DecodeReady,
+// DecodeError, DecodeHeartbeat, DecodeBrokerHeartbeat, DecodeAck, DecodeSync,
+// DecodeSynced, DecodeHolding, DecodeEmpty (and RestampResults).
 //
 // The input is split into frames (framing.h) and every decoder runs on every
 // input, whatever frames 0 and 1 say: a receiver calls a decoder only after
@@ -9,11 +10,15 @@
 // Beyond "no crash, no leak, no UB" (ASan, UBSan, libFuzzer's leak check;
 // an exception escaping a decoder terminates the process), it checks:
 //   - round trip: a decoded value, encoded again, carries the command its
-//     encoder names and decodes to an equal value;
+//     encoder names and decodes to an equal value (seqs included);
 //   - DecodeResultsIndex agrees with DecodeResults whenever both succeed,
 //     and succeeds whenever DecodeResults does (it checks a subset);
-//   - PeekCommand accepts only the signature, version 1 and a known command.
+//   - RestampResults changes frame 2 only: the results decode unchanged
+//     under the new session and seq (the broker's forwarding, §3.6.1);
+//   - decoded ranges have 1 ≤ count ≤ 65,536 (§3.1);
+//   - PeekCommand accepts only the signature, version 2 and a known command.
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -72,13 +77,14 @@ void CheckPeek(const Frames& frames) {
   FUZZ_CHECK(frames[1].size() == 1);
   FUZZ_CHECK(*static_cast<const std::uint8_t*>(frames[1].data()) == static_cast<std::uint8_t>(*c));
   FUZZ_CHECK(std::string_view(CommandName(*c)) != "UNKNOWN");
+  FUZZ_CHECK(static_cast<const std::uint8_t*>(frames[0].data())[3] == kVersion);
 }
 
 void CheckSessionRef(const Frames& frames) {
   auto m = DecodeSessionRef(frames);
   if (!m) return;
-  for (Command c : {Command::kCancel, Command::kClose, Command::kOpened, Command::kClosed,
-                    Command::kEndSession}) {
+  // END_SESSION carries an order seq in GTR/2: DecodeEndSession's.
+  for (Command c : {Command::kCancel, Command::kClose, Command::kOpened, Command::kClosed}) {
     Frames again = Encode(c, *m);
     CheckCommand(again, c);
     auto back = DecodeSessionRef(again);
@@ -99,11 +105,16 @@ void CheckOpen(const Frames& frames) {
 void CheckStatements(const Frames& frames) {
   auto m = DecodeStatements(frames);
   if (!m) return;
+  // Only a DISPATCH carries a seq (§3.5); SUBMIT's is 0.
+  const bool dispatch = frames[1].size() == 1 &&
+                        *static_cast<const std::uint8_t*>(frames[1].data()) == static_cast<std::uint8_t>(Command::kDispatch);
+  FUZZ_CHECK(dispatch || m->seq == 0);
   for (Command c : {Command::kSubmit, Command::kDispatch}) {
     Frames again = Encode(c, *m);
     CheckCommand(again, c);
     auto back = DecodeStatements(again);
     FUZZ_CHECK(back && back->session == m->session && back->statements.size() == m->statements.size());
+    FUZZ_CHECK(back->seq == (c == Command::kDispatch ? m->seq : 0));
     for (std::size_t i = 0; i < m->statements.size(); ++i) {
       FUZZ_CHECK(back->statements[i].index == m->statements[i].index);
       FUZZ_CHECK(Same(back->statements[i].statement, m->statements[i].statement));
@@ -128,17 +139,33 @@ void CheckResults(const Frames& frames) {
   auto index = DecodeResultsIndex(frames);
   auto m = DecodeResults(frames);
   if (!m) return;
-  FUZZ_CHECK(index && index->session == m->session && index->indices.size() == m->results.size());
+  FUZZ_CHECK(index && index->session == m->session && index->seq == m->seq &&
+             index->indices.size() == m->results.size());
   for (std::size_t i = 0; i < m->results.size(); ++i) FUZZ_CHECK(index->indices[i] == m->results[i].index);
 
   Results copy = *m;  // Encode(Results&&) moves the bodies out
   Frames again = Encode(std::move(copy));
   CheckCommand(again, Command::kResults);
   auto back = DecodeResults(again);
-  FUZZ_CHECK(back && back->session == m->session && back->results.size() == m->results.size());
+  FUZZ_CHECK(back && back->session == m->session && back->seq == m->seq &&
+             back->results.size() == m->results.size());
   for (std::size_t i = 0; i < m->results.size(); ++i) {
     FUZZ_CHECK(back->results[i].index == m->results[i].index);
     FUZZ_CHECK(Same(back->results[i].response, m->results[i].response));
+  }
+
+  // The broker's forwarding: a frame 2 of its own, frames 3 on untouched.
+  Frames forwarded(frames.size());
+  for (std::size_t i = 0; i < frames.size(); ++i) forwarded[i].copy(const_cast<zmq::message_t&>(frames[i]));
+  SessionId other = m->session;
+  other.bytes[0] ^= 0xff;
+  RestampResults(forwarded, other, m->seq + 1);
+  auto restamped = DecodeResults(forwarded);
+  FUZZ_CHECK(restamped && restamped->session == other && restamped->seq == m->seq + 1 &&
+             restamped->results.size() == m->results.size());
+  for (std::size_t i = 0; i < m->results.size(); ++i) {
+    FUZZ_CHECK(restamped->results[i].index == m->results[i].index);
+    FUZZ_CHECK(Same(restamped->results[i].response, m->results[i].response));
   }
 }
 
@@ -148,7 +175,60 @@ void CheckSession(const Frames& frames) {
   Frames again = Encode(*m);
   CheckCommand(again, Command::kSession);
   auto back = DecodeSession(again);
-  FUZZ_CHECK(back && back->session == m->session && Same(back->settings, m->settings));
+  FUZZ_CHECK(back && back->session == m->session && Same(back->settings, m->settings) && back->seq == m->seq);
+}
+
+void CheckEndSession(const Frames& frames) {
+  auto m = DecodeEndSession(frames);
+  if (!m) return;
+  Frames again = Encode(*m);
+  CheckCommand(again, Command::kEndSession);
+  auto back = DecodeEndSession(again);
+  FUZZ_CHECK(back && back->session == m->session && back->seq == m->seq);
+}
+
+void CheckAck(const Frames& frames) {
+  auto m = DecodeAck(frames);
+  if (!m) return;
+  Frames again = Encode(*m);
+  CheckCommand(again, Command::kAck);
+  auto back = DecodeAck(again);
+  FUZZ_CHECK(back && back->session == m->session && back->seq == m->seq);
+}
+
+void CheckRanges(const std::vector<IndexRange>& ranges) {
+  FUZZ_CHECK(ranges.size() <= kMaxBatch);
+  for (const auto& r : ranges) FUZZ_CHECK(r.count >= 1 && r.count <= kMaxBatch);  // §3.1
+}
+
+void CheckSync(const Frames& frames) {
+  auto m = DecodeSync(frames);
+  if (!m) return;
+  CheckRanges(m->unanswered);
+  Frames again = Encode(*m);
+  CheckCommand(again, Command::kSync);
+  auto back = DecodeSync(again);
+  FUZZ_CHECK(back && back->session == m->session && back->ack == m->ack && back->unanswered == m->unanswered);
+}
+
+void CheckSynced(const Frames& frames) {
+  auto m = DecodeSynced(frames);
+  if (!m) return;
+  CheckRanges(m->missing);
+  Frames again = Encode(*m);
+  CheckCommand(again, Command::kSynced);
+  auto back = DecodeSynced(again);
+  FUZZ_CHECK(back && back->session == m->session && back->missing == m->missing && back->seq == m->seq);
+}
+
+void CheckHolding(const Frames& frames) {
+  auto m = DecodeHolding(frames);
+  if (!m) return;
+  FUZZ_CHECK(m->sessions.size() <= kMaxBatch);
+  Frames again = Encode(*m);
+  CheckCommand(again, Command::kHolding);
+  auto back = DecodeHolding(again);
+  FUZZ_CHECK(back && back->seq == m->seq && back->sessions == m->sessions);
 }
 
 void CheckReady(const Frames& frames) {
@@ -172,13 +252,33 @@ void CheckError(const Frames& frames) {
              back->session == m->session);
 }
 
+// At the broker: a client's HEARTBEAT [session] or a worker's [].
 void CheckHeartbeat(const Frames& frames) {
   auto m = DecodeHeartbeat(frames);
   if (!m) return;
-  Frames again = *m ? EncodeHeartbeat(**m) : EncodeHeartbeat();
+  Frames again = *m ? Encode(**m) : EncodeHeartbeat();
   CheckCommand(again, Command::kHeartbeat);
   auto back = DecodeHeartbeat(again);
-  FUZZ_CHECK(back && *back == *m);
+  FUZZ_CHECK(back && back->has_value() == m->has_value());
+  FUZZ_CHECK(!*m || (*back)->session == (*m)->session);
+  if (*m) {
+    Frames plain = EncodeHeartbeat((*m)->session);
+    auto same = DecodeHeartbeat(plain);
+    FUZZ_CHECK(same && *same && (**same).session == (*m)->session);
+  }
+}
+
+// At a client or worker: the broker's HEARTBEAT [seq] or [session, seq,
+// next_index, workers].
+void CheckBrokerHeartbeat(const Frames& frames) {
+  auto m = DecodeBrokerHeartbeat(frames);
+  if (!m) return;
+  FUZZ_CHECK(m->session || (m->next_index == 0 && m->workers == 0));
+  Frames again = Encode(*m);
+  CheckCommand(again, Command::kHeartbeat);
+  auto back = DecodeBrokerHeartbeat(again);
+  FUZZ_CHECK(back && back->session == m->session && back->seq == m->seq && back->next_index == m->next_index &&
+             back->workers == m->workers);
 }
 
 void CheckEmpty(const Frames& frames) {
@@ -202,9 +302,15 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   CheckStatements(frames);
   CheckResults(frames);  // DecodeResults and DecodeResultsIndex
   CheckSession(frames);
+  CheckEndSession(frames);
   CheckReady(frames);
   CheckError(frames);
   CheckHeartbeat(frames);
+  CheckBrokerHeartbeat(frames);
+  CheckAck(frames);
+  CheckSync(frames);
+  CheckSynced(frames);
+  CheckHolding(frames);
   CheckEmpty(frames);  // DRAINING, DISCONNECT
   return 0;
 }
