@@ -812,7 +812,8 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
     s.last_seen = Clock::now();
     s.settings = open->settings;
     s.prefetch = open->prefetch;
-    send(peer, proto::Encode(Command::kOpened, proto::SessionRef{s.id}));
+    send(peer, proto::Encode(proto::Opened{s.id, static_cast<std::uint32_t>(options.heartbeat_interval.count()),
+                                           static_cast<std::uint32_t>(options.session_ttl.count())}));
     return;
   }
   if (command == Command::kSubmit) {

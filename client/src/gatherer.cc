@@ -18,6 +18,7 @@ namespace {
 namespace proto = protocol;
 using Clock = std::chrono::steady_clock;
 
+// Heartbeat period until OPENED says the broker's (§3.3.1).
 constexpr std::chrono::milliseconds kHeartbeat{1000};
 // A run waiting this long on an unreachable broker, or on a broker with no
 // worker, says so once (PROTOCOL.md §3.2.7).
@@ -53,6 +54,9 @@ struct Gatherer::Impl {
   // results_seq has arrived, and acked_seq is what the broker was told.
   std::uint64_t results_seq = 0;
   std::uint64_t acked_seq = 0;
+  // Heartbeat period: the broker's (OPENED), at most a third of its session
+  // TTL so that two lost heartbeats do not expire a live session.
+  std::chrono::milliseconds heartbeat = kHeartbeat;
   Clock::time_point last_heard;
   // Malformed messages from the broker: dropped, counted, logged at most
   // once a second (PROTOCOL.md §2.4).
@@ -82,6 +86,13 @@ struct Gatherer::Impl {
     return true;
   }
   void close_session();
+  // §3.3.1: heartbeat at the broker's period, and at least three times per
+  // session TTL.
+  void adopt(const proto::Opened& opened) {
+    auto period = std::chrono::milliseconds(opened.heartbeat_ms);
+    period = std::min(period, std::chrono::milliseconds(opened.session_ttl_ms / 3));
+    heartbeat = std::clamp(period, std::chrono::milliseconds(50), std::chrono::milliseconds(10'000));
+  }
 };
 
 Gatherer::Gatherer(Options options) : impl_(std::make_unique<Impl>()) {
@@ -300,7 +311,7 @@ void Stream::Run::start(std::size_t span_positions) {
   // Indices are session-wide, so late results of an earlier, cancelled run
   // fall below `base` and are dropped.
   base = m.next_index;
-  next_heartbeat = Clock::now() + kHeartbeat;
+  next_heartbeat = Clock::now() + m.heartbeat;
   started = Clock::now();
   m.last_heard = Clock::now();  // idle time before this run does not count
   m.watch->reconnected();  // a reconnect between runs lost nothing of this one
@@ -571,11 +582,12 @@ void Stream::Run::pump() {
         }
       }
     } else if (*command == proto::Command::kOpened) {
-      auto opened = proto::DecodeSessionRef(frames);
+      auto opened = proto::DecodeOpened(frames);
       if (!opened) {
         m.bad("OPENED", opened.error());
         continue;
       }
+      if (opened->session == m.session) m.adopt(*opened);
       if (opened->session == m.session && awaiting_opened) {
         // A new session at the broker numbers its RESULTS from 1.
         awaiting_opened = false;
@@ -632,7 +644,7 @@ void Stream::Run::pump() {
   }
   const auto now = Clock::now();
   if (now >= next_heartbeat) {
-    next_heartbeat = now + kHeartbeat;
+    next_heartbeat = now + m.heartbeat;
     if (now - m.last_heard > m.options.broker_timeout) {
       const auto silent = std::chrono::duration_cast<std::chrono::milliseconds>(now - m.last_heard);
       fail("broker " + m.endpoint + " unreachable for " + std::to_string(silent.count() / 1000) + " s (timeout " +
@@ -646,7 +658,7 @@ void Stream::Run::pump() {
                     m.options.broker_timeout.count() / 1000);
     }
     // A SYNC whose answer was lost with a connection is asked again.
-    if (sync_pending && now - sync_sent > 2 * kHeartbeat) {
+    if (sync_pending && now - sync_sent > 2 * m.heartbeat) {
       sync_pending = false;
       sync("no answer to the last SYNC");
     }

@@ -359,6 +359,16 @@ Frames Encode(const Session& m) {
   return Start(Command::kSession, buf);
 }
 
+Frames Encode(const Opened& m) {
+  msgpack::sbuffer buf(40);
+  Packer pk(buf);
+  pk.pack_array(3);
+  PackBin(pk, m.session.raw());
+  pk.pack(m.heartbeat_ms);
+  pk.pack(m.session_ttl_ms);
+  return Start(Command::kOpened, buf);
+}
+
 Frames Encode(const EndSession& m) {
   msgpack::sbuffer buf(40);
   Packer pk(buf);
@@ -712,6 +722,17 @@ Result<Session> DecodeSession(std::span<const zmq::message_t> frames) {
     auto h = Header(frames, 3);
     const auto& a = AsArray(h.get(), 3, "header is not [session, settings, seq]");
     return Session{AsSession(a.ptr[0]), AsSettings(a.ptr[1]), AsUint<std::uint64_t>(a.ptr[2], "seq")};
+  });
+}
+
+Result<Opened> DecodeOpened(std::span<const zmq::message_t> frames) {
+  return Guard([&] {
+    auto h = Header(frames, 3);
+    const auto& a = AsArray(h.get(), 3, "header is not [session, heartbeat_ms, session_ttl_ms]");
+    Opened m{AsSession(a.ptr[0]), AsUint<std::uint32_t>(a.ptr[1], "heartbeat_ms"),
+             AsUint<std::uint32_t>(a.ptr[2], "session_ttl_ms")};
+    if (m.heartbeat_ms == 0 || m.session_ttl_ms == 0) Fail("heartbeat_ms and session_ttl_ms must be positive");
+    return m;
   });
 }
 

@@ -127,7 +127,7 @@ void ProtocolSeeds(const fs::path& dir) {
 
   put("cancel", Encode(Command::kCancel, SessionRef{a}));
   put("close", Encode(Command::kClose, SessionRef{a}));
-  put("opened", Encode(Command::kOpened, SessionRef{b}));
+  put("opened", Encode(Opened{b, 1000, 10000}));
   put("closed", Encode(Command::kClosed, SessionRef{b}));
   put("end_session", Encode(EndSession{a, 4}));
   put("ready", Encode(Ready{"host-42-1", "host", 64}));

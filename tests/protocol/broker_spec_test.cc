@@ -585,7 +585,7 @@ TEST_P(BrokerSpec, Clause_2_5_UnknownSettingsKeysAreIgnored) {
   }));
   auto opened = client.recv();
   ASSERT_EQ(CommandOf(opened), proto::Command::kOpened);
-  EXPECT_EQ(proto::DecodeSessionRef(opened)->session, sid);
+  EXPECT_EQ(proto::DecodeOpened(opened)->session, sid);
   // The known key still counts: a window of 3.
   client.send(proto::EncodeSubmit(sid, 0, Urls(5)));
   Peer worker(ctx_, endpoint_);
@@ -612,7 +612,7 @@ TEST_P(BrokerSpec, Clause_2_6_StrIsAcceptedForBin) {
   }));
   auto opened = client.recv();
   ASSERT_EQ(CommandOf(opened), proto::Command::kOpened);
-  EXPECT_EQ(proto::DecodeSessionRef(opened)->session, sid);
+  EXPECT_EQ(proto::DecodeOpened(opened)->session, sid);
   client.send(testing::Raw(proto::Command::kSubmit, [&](Packer& pk) {
     pk.pack_array(2);
     testing::PackStr(pk, sid.raw());
@@ -648,7 +648,7 @@ TEST_P(BrokerSpec, Clause_3_2_1_OpenAgainUpdatesSettingsAndOwnerKeepingTheQueue)
   new_client.send(proto::Encode(proto::Open{sid, wider, 0}));
   auto opened = new_client.recv();
   ASSERT_EQ(CommandOf(opened), proto::Command::kOpened);
-  EXPECT_EQ(proto::DecodeSessionRef(opened)->session, sid);
+  EXPECT_EQ(proto::DecodeOpened(opened)->session, sid);
   EXPECT_EQ(stats().queued.load(), 3u) << "re-opening dropped the queue";
   // New settings: the worker is told a window of 3 and gets all 3.
   Peer worker(ctx_, endpoint_);
@@ -770,7 +770,7 @@ TEST_P(BrokerSpec, Clause_3_3_1_OpenBeyondMaxSessionsIsResourceExhausted) {
   client.send(proto::Encode(proto::Open{c, SessionSettings{}, 0}));
   auto opened = client.recv();
   ASSERT_EQ(CommandOf(opened), proto::Command::kOpened);
-  EXPECT_EQ(proto::DecodeSessionRef(opened)->session, c);
+  EXPECT_EQ(proto::DecodeOpened(opened)->session, c);
 }
 
 // 3.4.2 "The number of body frames SHALL equal the number of results;

@@ -288,7 +288,7 @@ class ClientSpec : public ::testing::TestWithParam<std::string> {
     // ZeroMQ's I/O thread (libzmq is not instrumented).
     proto::SendMessage(router_, peer, frames, /*block=*/true);
   }
-  void send_opened() { send(peer_, proto::Encode(proto::Command::kOpened, proto::SessionRef{session_})); }
+  void send_opened() { send(peer_, proto::Encode(proto::Opened{session_, 1000, 10000})); }
 
   // A RESULTS of this session numbered `seq`, not counted as sent.
   proto::Frames encode_wire(std::vector<proto::WireResult> results, std::uint64_t seq) {
@@ -513,11 +513,11 @@ TEST_P(ClientSpec, Clause_2_4_MalformedOpenedLeavesTheReopenPending) {
   send_not_found();
   expect(proto::Command::kOpen);
   ASSERT_EQ(IndicesOf(recv_statements(2)), (std::vector<std::uint64_t>{0, 1}));
-  proto::Frames trailing = proto::Encode(proto::Command::kOpened, proto::SessionRef{session_});
+  proto::Frames trailing = proto::Encode(proto::Opened{session_, 1000, 10000});
   testing::AppendToHeader(trailing, std::string("\xc0", 1));
   send(peer_, std::move(trailing));
   send(peer_, testing::Raw(proto::Command::kOpened, [](Packer& pk) { pk.pack_map(0); }));
-  proto::Frames extra = proto::Encode(proto::Command::kOpened, proto::SessionRef{session_});
+  proto::Frames extra = proto::Encode(proto::Opened{session_, 1000, 10000});
   extra.emplace_back("extra", 5);
   send(peer_, std::move(extra));
   send_not_found();  // answers the SUBMIT before the re-open: stale
@@ -684,7 +684,7 @@ TEST_P(ClientSpec, Clause_3_2_8_ReopenAndResubmitTheUnansweredOnNotFound) {
   const std::vector<Statement> statements = Urls(4);
   start_gather(statements);
   expect(proto::Command::kOpen);
-  send(peer_, proto::Encode(proto::Command::kOpened, proto::SessionRef{session_}));
+  send(peer_, proto::Encode(proto::Opened{session_, 1000, 10000}));
   ASSERT_EQ(IndicesOf(recv_statements(4)), (std::vector<std::uint64_t>{0, 1, 2, 3}));
   send_results({{0, "r0"}, {2, "r2"}});
   send_not_found();

@@ -105,6 +105,13 @@ struct Results {
 struct SessionRef {
   SessionId session;
 };
+// OPENED: the broker's heartbeat period and session TTL, so a client
+// heartbeats often enough for its session to live (§3.3.1).
+struct Opened {
+  SessionId session;
+  std::uint32_t heartbeat_ms = 0;
+  std::uint32_t session_ttl_ms = 0;
+};
 struct Session {
   SessionId session;
   SessionSettings settings;
@@ -194,6 +201,7 @@ Frames Encode(Results&& m);
 // Replaces frame 2 of an encoded or received RESULTS with [session, seq]:
 // how the broker numbers what it forwards without touching the results.
 void RestampResults(Frames& frames, const SessionId& session, std::uint64_t seq);
+Frames Encode(const Opened& m);
 Frames Encode(const Session& m);
 Frames Encode(const EndSession& m);
 Frames Encode(const Ready& m);
@@ -215,6 +223,7 @@ Result<Open> DecodeOpen(std::span<const zmq::message_t> frames);
 Result<Statements> DecodeStatements(std::span<const zmq::message_t> frames);
 Result<Results> DecodeResults(std::span<const zmq::message_t> frames);
 Result<Session> DecodeSession(std::span<const zmq::message_t> frames);
+Result<Opened> DecodeOpened(std::span<const zmq::message_t> frames);
 Result<EndSession> DecodeEndSession(std::span<const zmq::message_t> frames);
 Result<Ack> DecodeAck(std::span<const zmq::message_t> frames);
 Result<Sync> DecodeSync(std::span<const zmq::message_t> frames);
