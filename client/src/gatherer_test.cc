@@ -7,6 +7,7 @@
 
 #include <gtest/gtest.h>
 
+#include "gatherer/log.h"
 #include "http_server.h"
 
 namespace gatherer {
@@ -121,6 +122,17 @@ TEST(GathererTest, CancelBetweenRunsDoesNotMakeTheNextRunSpin) {
   EXPECT_EQ(r[0].body, "late");
   const double cpu = static_cast<double>(b.tv_sec - a.tv_sec) + static_cast<double>(b.tv_nsec - a.tv_nsec) / 1e9;
   EXPECT_LT(cpu, 0.4) << "a run waiting 1 s on one statement used " << cpu << " s of CPU";
+}
+
+// A Gatherer's log_level is its own: constructing one at 10 (debug) leaves
+// the process-wide level, and another Gatherer's, as they were.
+TEST(GathererTest, LogLevelIsPerGathererNotProcessWide) {
+  SetLogLevel(40);
+  {
+    Gatherer chatty({.log_level = 10});
+    EXPECT_EQ(Logger().level(), spdlog::level::err);
+  }
+  SetLogLevel(10);
 }
 
 }  // namespace
