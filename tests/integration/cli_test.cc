@@ -699,7 +699,9 @@ TEST(CliTest, BlankLinesAreSkippedAndIndexCountsStatements) {
     EXPECT_TRUE(Contains(lines[i], std::string("\"body\":\"ok:") + paths[i] + "\"")) << lines[i];
   }
   const CliResult help = RunCli({"fetch", "--help"});
-  EXPECT_TRUE(Contains(help.out, "blank lines are skipped")) << help.out;
+  EXPECT_TRUE(Contains(help.out, "Blank lines (empty or only whitespace) are skipped: \"index\" counts statements,\n"
+                                 "  not lines."))
+      << help.out;
 }
 
 // --- JSON bodies, repeated headers --------------------------------------------
