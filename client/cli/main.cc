@@ -259,6 +259,11 @@ class Output {
       const ssize_t n = ::write(fd_, buffer_.data() + pos, buffer_.size() - pos);
       if (n < 0) {
         if (errno == EINTR) continue;
+        if (errno == EAGAIN) {
+          // A non-blocking stdout inherited from the parent: wait for room.
+          pollfd p{fd_, POLLOUT, 0};
+          if (::poll(&p, 1, -1) >= 0 || errno == EINTR) continue;
+        }
         error_ = errno;
         buffer_.clear();
         return false;
