@@ -140,7 +140,47 @@ Status ParseTimeout(od::value& value, std::uint32_t& out) {
   return Status::Ok();
 }
 
-Result<Statement> ParseJsonObject(std::string_view json) {
+bool HasHeader(const Headers& headers, std::string_view name) {
+  for (const auto& header : headers) {
+    if (EqualsIgnoreCase(header.first, name)) return true;
+  }
+  return false;
+}
+
+// Reads a "body": a string as is, an object or an array as its JSON text.
+// The ondemand parser skips a value it is not asked to read without checking
+// its numbers and literals, so the text is parsed in full once more (in
+// place: the line's padded copy is readable past it) before it is sent as
+// JSON. Sets `json` when the body is JSON text.
+Status ParseBody(od::value& value, std::string& out, bool& json) {
+  od::json_type type;
+  if (const auto error = value.type().get(type)) return JsonError(error);
+  std::string_view text;
+  if (type == od::json_type::string) return GetString(value, "body", out);
+  if (type == od::json_type::object) {
+    od::object object;
+    if (const auto error = value.get_object().get(object)) return JsonError(error);
+    if (const auto error = object.raw_json().get(text)) return JsonError(error);
+  } else if (type == od::json_type::array) {
+    od::array array;
+    if (const auto error = value.get_array().get(array)) return JsonError(error);
+    if (const auto error = array.raw_json().get(text)) return JsonError(error);
+  } else {
+    return TypeError("body", "a string, an object or an array");
+  }
+  // raw_json() runs up to the next token: the whitespace after the value too.
+  text = Trim(text);
+  thread_local simdjson::dom::parser full;
+  simdjson::dom::element ignored;
+  if (const auto error = full.parse(text.data(), text.size(), false).get(ignored)) {
+    return InvalidArgument(std::string("invalid JSON in 'body': ") + simdjson::error_message(error));
+  }
+  out.assign(text);
+  json = true;
+  return Status::Ok();
+}
+
+Result<Statement> ParseJsonObject(std::string_view json, const ParseOptions& options) {
   LineParser& lp = ThreadLineParser();
   if (lp.padded.size() < json.size() + simdjson::SIMDJSON_PADDING) {
     lp.padded.resize(json.size() + simdjson::SIMDJSON_PADDING);
@@ -156,6 +196,7 @@ Result<Statement> ParseJsonObject(std::string_view json) {
 
   Statement statement;
   bool has_url = false;
+  bool json_body = false;
   // One bit per known key, to reject a key given twice.
   unsigned seen = 0;
   for (auto field_result : object) {
@@ -189,7 +230,7 @@ Result<Statement> ParseJsonObject(std::string_view json) {
     switch (bit) {
       case 2: s = GetString(value, key, statement.method); break;
       case 4: s = ParseHeaders(value, statement.headers); break;
-      case 8: s = GetString(value, key, statement.body); break;
+      case 8: s = ParseBody(value, statement.body, json_body); break;
       case 16: s = ParseTimeout(value, statement.timeout_ms); break;
       case 32: {
         bool b = false;
@@ -211,6 +252,9 @@ Result<Statement> ParseJsonObject(std::string_view json) {
     return Unexpected(InvalidArgument("trailing content after the JSON object"));
   }
   if (!has_url) return Unexpected(InvalidArgument("missing 'url'"));
+  if (json_body && options.json_content_type && !HasHeader(statement.headers, "Content-Type")) {
+    statement.headers.emplace_back("Content-Type", "application/json");
+  }
   return statement;
 }
 
@@ -286,6 +330,8 @@ void AppendInt(std::string& out, Int value) {
   out.append(buf, result.ptr);
 }
 
+// A name received once maps to its value, a repeated one to the list of its
+// values (jsonl.h).
 void AppendHeaders(std::string& out, const Headers& headers) {
   out += '{';
   bool first = true;
@@ -298,18 +344,26 @@ void AppendHeaders(std::string& out, const Headers& headers) {
       seen_before = EqualsIgnoreCase(headers[j].first, name);
     }
     if (seen_before) continue;
+    bool repeated = false;
+    for (std::size_t j = i + 1; j < headers.size() && !repeated; ++j) {
+      repeated = EqualsIgnoreCase(headers[j].first, name);
+    }
     if (!first) out += ',';
     first = false;
     AppendString(out, name);
-    out += ":\"";
-    const std::string& value = headers[i].second;
-    AppendEscaped(out, value, !IsUtf8(value));
+    out += ':';
+    if (!repeated) {
+      AppendString(out, headers[i].second);
+      continue;
+    }
+    out += '[';
+    AppendString(out, headers[i].second);
     for (std::size_t j = i + 1; j < headers.size(); ++j) {
       if (!EqualsIgnoreCase(headers[j].first, name)) continue;
-      out += ", ";
-      AppendEscaped(out, headers[j].second, !IsUtf8(headers[j].second));
+      out += ',';
+      AppendString(out, headers[j].second);
     }
-    out += '"';
+    out += ']';
   }
   out += '}';
 }
@@ -345,12 +399,12 @@ Result<std::FILE*> OpenSpoolFile() {
 
 }  // namespace
 
-Result<Statement> ParseStatementLine(std::string_view line) {
+Result<Statement> ParseStatementLine(std::string_view line, const ParseOptions& options) {
   if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
   const std::string_view trimmed = Trim(line);
   if (trimmed.empty()) return Unexpected(InvalidArgument("empty line"));
   if (trimmed.front() != '{') return Get(std::string(trimmed));
-  return ParseJsonObject(trimmed);
+  return ParseJsonObject(trimmed, options);
 }
 
 void AppendResponseJson(std::string& out, std::uint64_t index, const Response& response) {
@@ -426,22 +480,23 @@ Result<bool> LineReader::next(std::string_view& line) {
   }
 }
 
-Result<bool> ReadStatement(LineReader& reader, Statement& out) {
+Result<bool> ReadStatement(LineReader& reader, Statement& out, const ParseOptions& options) {
   std::string_view line;
   auto got = reader.next(line);
   if (!got) return Unexpected(got.error());
   if (!*got) return false;
-  auto parsed = ParseStatementLine(line);
+  auto parsed = ParseStatementLine(line, options);
   if (!parsed) return Unexpected(LineError(reader.line_number(), parsed.error()));
   out = std::move(*parsed);
   return true;
 }
 
-Result<std::uint64_t> CountValidStatements(LineReader& reader, const SessionSettings& settings) {
+Result<std::uint64_t> CountValidStatements(LineReader& reader, const SessionSettings& settings,
+                                           const ParseOptions& options) {
   std::uint64_t count = 0;
   Statement statement;
   for (;;) {
-    auto got = ReadStatement(reader, statement);
+    auto got = ReadStatement(reader, statement, options);
     if (!got) return Unexpected(got.error());
     if (!*got) return count;
     if (Status s = ValidateStatement(statement, settings); !s.ok()) {

@@ -21,29 +21,42 @@
 
 namespace gatherer::cli {
 
+// How input lines become statements.
+struct ParseOptions {
+  // A JSON "body" (object or array) gets "Content-Type: application/json"
+  // unless the line's headers name a Content-Type. The CLI turns this off
+  // when a --header sets Content-Type for every statement: a statement's own
+  // header would replace that default.
+  bool json_content_type = true;
+};
+
 // Parses one input line into a statement, without validating it (see
 // ValidateStatement). A line whose first non-space character is not '{' is a
 // bare URL (surrounding whitespace trimmed); otherwise it is a JSON object:
 //   url         string, required
 //   method      string, default "GET"
 //   headers     {"Name": "value", ...} or [["Name", "value"], ...]
-//   body        string
+//   body        string (sent as is), or an object or array (sent as its JSON
+//               text, as written in the line, with Content-Type:
+//               application/json, see ParseOptions)
 //   timeout_ms  number (milliseconds, 0 .. 2^32-1)
 //   idempotent  bool
 // Optional keys may be null (= absent). Unknown or repeated keys are errors
 // so that a typo ("heders") does not silently drop a field. A trailing '\r'
 // is ignored. Errors are InvalidArgument with a short message, no line number.
-[[nodiscard]] Result<Statement> ParseStatementLine(std::string_view line);
+[[nodiscard]] Result<Statement> ParseStatementLine(std::string_view line, const ParseOptions& options = {});
 
 // Appends exactly one line (ending in '\n') to `out`:
 //   {"index":N,"status":200,"headers":{"Name":"v",...},"body":"...",
 //    "error":null,"attempts":1,"elapsed_ms":12.345,"worker":"..."}
 // The body goes in "body_base64" instead of "body" when it is not valid
-// UTF-8. Repeated header names (compared case-insensitively) become one key
-// whose values are joined with ", ", spelled as first received. "error" is
-// null or {"kind":"<StatusCodeName>","message":"..."}. Other strings that
-// are not valid UTF-8 (a header value in Latin-1) are read as Latin-1 so the
-// line stays valid JSON.
+// UTF-8. A header name received once has its value as a string; a name
+// received more than once (compared case-insensitively, spelled as first
+// received, e.g. two Set-Cookie) has the list of its values in the order
+// received: {"Set-Cookie":["a=1","b=2"],"Content-Type":"text/html"}.
+// "error" is null or {"kind":"<StatusCodeName>","message":"..."}. Other
+// strings that are not valid UTF-8 (a header value in Latin-1) are read as
+// Latin-1 so the line stays valid JSON.
 void AppendResponseJson(std::string& out, std::uint64_t index, const Response& response);
 
 // LineReader: the lines of a FILE*, one at a time in one reused buffer, so
@@ -80,7 +93,7 @@ class LineReader {
 // Reads the next statement from `reader` into `out` (ParseStatementLine,
 // not validated) and returns true, or false at the end of the input. A bad
 // line is InvalidArgument "line N: <why>"; a read error DataLoss.
-[[nodiscard]] Result<bool> ReadStatement(LineReader& reader, Statement& out);
+[[nodiscard]] Result<bool> ReadStatement(LineReader& reader, Statement& out, const ParseOptions& options = {});
 
 // The first pass of the CLI: reads every statement from `reader`, parses it
 // and validates it with ValidateStatement against `settings`, keeping
@@ -88,7 +101,8 @@ class LineReader {
 // with InvalidArgument "line N: <why>" (N 1-based, blank lines counted). A
 // read error is DataLoss.
 [[nodiscard]] Result<std::uint64_t> CountValidStatements(LineReader& reader,
-                                                         const SessionSettings& settings);
+                                                         const SessionSettings& settings,
+                                                         const ParseOptions& options = {});
 
 // TwoPassInput: the CLI's input read twice, once to validate every line and
 // once to fetch, without holding it in memory. A regular file is sought back

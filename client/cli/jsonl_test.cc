@@ -1,9 +1,12 @@
 // Tests of the CLI's JSON Lines input and output (jsonl.h).
 
 #include "jsonl.h"
+#include "flags.h"
+#include "summary.h"
 
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -124,7 +127,8 @@ TEST(ParseStatementLineTest, WrongTypes) {
   EXPECT_EQ(ParseError(R"({"url":5})"), "'url' must be a string");
   EXPECT_EQ(ParseError(R"({"url":null})"), "'url' must be a string");
   EXPECT_EQ(ParseError(R"({"url":"u","method":1})"), "'method' must be a string");
-  EXPECT_EQ(ParseError(R"({"url":"u","body":[]})"), "'body' must be a string");
+  EXPECT_EQ(ParseError(R"({"url":"u","body":5})"), "'body' must be a string, an object or an array");
+  EXPECT_EQ(ParseError(R"({"url":"u","body":false})"), "'body' must be a string, an object or an array");
   EXPECT_EQ(ParseError(R"({"url":"u","timeout_ms":"5"})"), "'timeout_ms' must be a number");
   EXPECT_TRUE(Contains(ParseError(R"({"url":"u","timeout_ms":-1})"), "between"));
   EXPECT_TRUE(Contains(ParseError(R"({"url":"u","timeout_ms":5e12})"), "between"));
@@ -141,6 +145,53 @@ TEST(ParseStatementLineTest, ParserIsReusedAcrossLinesOfDifferentSizes) {
     ASSERT_TRUE(b);
     EXPECT_EQ(b->url, "http://h/s");
     EXPECT_TRUE(b->body.empty());
+  }
+}
+
+TEST(ParseStatementLineTest, JsonBodyIsSentAsItsJsonTextWithAJsonContentType) {
+  auto r = ParseStatementLine(R"({"url":"http://h/","method":"POST","body":{"a": [1, 2.5e3, "x\"y"], "b":{}} })");
+  ASSERT_TRUE(r) << r.error().ToString();
+  EXPECT_EQ(r->body, R"({"a": [1, 2.5e3, "x\"y"], "b":{}})");
+  ASSERT_EQ(r->headers.size(), 1u);
+  EXPECT_EQ(r->headers[0], (std::pair<std::string, std::string>{"Content-Type", "application/json"}));
+
+  r = ParseStatementLine(R"({"body":[1,{"k":null}],"url":"http://h/","method":"PUT"})");
+  ASSERT_TRUE(r) << r.error().ToString();
+  EXPECT_EQ(r->body, R"([1,{"k":null}])");
+  ASSERT_EQ(r->headers.size(), 1u);
+  EXPECT_EQ(r->headers[0].second, "application/json");
+}
+
+TEST(ParseStatementLineTest, JsonBodyKeepsTheLinesContentType) {
+  // Headers after the body, name in another case: still the line's choice.
+  auto r = ParseStatementLine(
+      R"({"url":"http://h/","method":"POST","body":{"a":1},"headers":[["content-TYPE","application/x+json"]]})");
+  ASSERT_TRUE(r) << r.error().ToString();
+  ASSERT_EQ(r->headers.size(), 1u);
+  EXPECT_EQ(r->headers[0].second, "application/x+json");
+  EXPECT_EQ(r->body, R"({"a":1})");
+}
+
+TEST(ParseStatementLineTest, JsonBodyWithoutContentTypeWhenTurnedOff) {
+  ParseOptions options;
+  options.json_content_type = false;
+  auto r = ParseStatementLine(R"({"url":"http://h/","method":"POST","body":{"a":1}})", options);
+  ASSERT_TRUE(r) << r.error().ToString();
+  EXPECT_TRUE(r->headers.empty());
+  EXPECT_EQ(r->body, R"({"a":1})");
+}
+
+TEST(ParseStatementLineTest, StringBodyIsSentAsIsWithoutAContentType) {
+  auto r = ParseStatementLine(R"({"url":"http://h/","method":"POST","body":"{\"a\":1}"})");
+  ASSERT_TRUE(r) << r.error().ToString();
+  EXPECT_EQ(r->body, R"({"a":1})");
+  EXPECT_TRUE(r->headers.empty());
+}
+
+TEST(ParseStatementLineTest, InvalidJsonInsideABodyIsAnError) {
+  for (const char* line : {R"({"url":"u","body":{"a":tru}})", R"({"url":"u","body":[1,,2]})",
+                           R"({"url":"u","body":{"a":01}})", R"({"url":"u","body":{"a" 1}})"}) {
+    EXPECT_TRUE(Contains(ParseError(line), "JSON")) << line;
   }
 }
 
@@ -230,14 +281,23 @@ TEST(AppendResponseJsonTest, ErrorObject) {
   EXPECT_TRUE(Contains(out, R"({"index":3,"status":404,"headers":{},"body":"",)")) << out;
 }
 
-TEST(AppendResponseJsonTest, DuplicateHeadersJoined) {
+TEST(AppendResponseJsonTest, RepeatedHeaderKeepsEveryValueInAList) {
   Response r = OkResponse();
-  r.headers = {{"Set-Cookie", "a=1"}, {"Content-Type", "text/plain"}, {"set-cookie", "b=2"},
-               {"SET-COOKIE", "c=3"}};
+  r.headers = {{"Set-Cookie", "a=1"}, {"Content-Type", "text/plain"}, {"set-cookie", "b=2, c"},
+               {"SET-COOKIE", "d=\"4\""}};
   std::string out;
   AppendResponseJson(out, 0, r);
-  EXPECT_TRUE(Contains(out, R"("headers":{"Set-Cookie":"a=1, b=2, c=3","Content-Type":"text/plain"},)"))
+  EXPECT_TRUE(Contains(
+      out, R"("headers":{"Set-Cookie":["a=1","b=2, c","d=\"4\""],"Content-Type":"text/plain"},)"))
       << out;
+}
+
+TEST(AppendResponseJsonTest, RepeatedNonUtf8HeaderValuesReadAsLatin1) {
+  Response r = OkResponse();
+  r.headers = {{"X", "caf\xe9"}, {"X", "ok"}};
+  std::string out;
+  AppendResponseJson(out, 0, r);
+  EXPECT_TRUE(Contains(out, R"("headers":{"X":["caf\u00e9","ok"]},)")) << out;
 }
 
 TEST(AppendResponseJsonTest, NonUtf8HeaderValueReadAsLatin1) {
@@ -553,5 +613,90 @@ TEST(ParseHeaderArgTest, Malformed) {
   EXPECT_FALSE(ParseHeaderArg("Bad Name: v"));
   EXPECT_FALSE(ParseHeaderArg("X: a\r\nY: b"));
 }
+// --- CheckBrokerEndpoint, ParseByteSize ---------------------------------------
+
+TEST(CheckBrokerEndpointTest, Accepted) {
+  for (const char* ep : {"tcp://127.0.0.1:5555", "tcp://broker.example:1", "tcp://my_host-2.lan:65535",
+                         "tcp://[::1]:5555", "tcp://[::ffff:10.0.0.1]:80", "ipc:///tmp/gatherer.sock",
+                         "ipc://@abstract"}) {
+    EXPECT_TRUE(CheckBrokerEndpoint(ep).ok()) << ep << ": " << CheckBrokerEndpoint(ep).message();
+  }
+}
+
+TEST(CheckBrokerEndpointTest, Refused) {
+  for (const char* ep : {"localhost:5555", "tcp://host", "http://x", "tcp://host:0", "tcp://host:65536",
+                         "tcp://host:55x", "tcp://:5555", "tcp://host:-1", "tcp://host:5555/x", "ipc://", "5555",
+                         "tcp://host:", "tcp://ho st:1", "tcp://[::1:5555", "tcp://[]:1", "tcp://[fe80::1%eth0]:1",
+                         "inproc://x", "", "TCP://host:1", "tcp://host:+1", "tcp://a;b:1"}) {
+    const Status s = CheckBrokerEndpoint(ep);
+    EXPECT_FALSE(s.ok()) << ep;
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << ep;
+  }
+  EXPECT_TRUE(Contains(CheckBrokerEndpoint("tcp://host:0").message(), "1 to 65535"));
+  EXPECT_TRUE(Contains(CheckBrokerEndpoint("localhost:5555").message(), "tcp://HOST:PORT or ipc://PATH"));
+}
+
+TEST(ParseByteSizeTest, Units) {
+  const std::pair<const char*, std::uint64_t> cases[] = {
+      {"0", 0},           {"4096", 4096},       {"4K", 4096},         {"4k", 4096},    {"4KiB", 4096},
+      {"4KB", 4096},      {"64M", 64ull << 20}, {"64mib", 64ull << 20}, {"1G", 1ull << 30}, {"12B", 12},
+      {"256M", 256ull << 20}};
+  for (const auto& [text, value] : cases) {
+    auto r = ParseByteSize(text);
+    ASSERT_TRUE(r) << text << ": " << r.error().message();
+    EXPECT_EQ(*r, value) << text;
+  }
+}
+
+TEST(ParseByteSizeTest, Refused) {
+  for (const char* text : {"", "x", "12x", "-1", "1.5M", " 1", "1 M", "1T", "99999999999999999999",
+                           "17179869184G"}) {
+    EXPECT_FALSE(ParseByteSize(text)) << text;
+  }
+}
+
+// --- RunSummary ---------------------------------------------------------------
+
+Response Failed(StatusCode code, int status = 0, std::uint32_t attempts = 1) {
+  Response r;
+  r.status = status;
+  r.error = ResponseError{code, "x"};
+  r.attempts = attempts;
+  return r;
+}
+
+TEST(RunSummaryTest, AllOk) {
+  RunSummary s;
+  Response ok = OkResponse();
+  for (int i = 0; i < 3; ++i) s.Add(ok);
+  EXPECT_EQ(s.written(), 3u);
+  EXPECT_EQ(s.Format(3, std::chrono::milliseconds(1500)), "3 statements: 3 ok, 0 failed, 0 retried; 1.50 s, 2.0 req/s");
+  EXPECT_EQ(RunSummary().Format(0, std::chrono::nanoseconds(0)), "0 statements: 0 ok, 0 failed, 0 retried; 0.00 s, 0.0 req/s");
+}
+
+TEST(RunSummaryTest, FailuresByKindMostFrequentFirstWithHttpStatuses) {
+  RunSummary s;
+  Response ok = OkResponse();
+  ok.attempts = 3;
+  s.Add(ok);
+  s.Add(Failed(StatusCode::kDeadlineExceeded, 0, 4));
+  s.Add(Failed(StatusCode::kFailedPrecondition, 503, 4));
+  s.Add(Failed(StatusCode::kFailedPrecondition, 404));
+  s.Add(Failed(StatusCode::kFailedPrecondition, 404));
+  s.Add(Failed(StatusCode::kUnavailable));
+  s.Add(Failed(StatusCode::kUnavailable));
+  EXPECT_EQ(s.failed(), 6u);
+  EXPECT_EQ(s.Format(10, std::chrono::seconds(2)),
+            "10 statements: 1 ok, 6 failed (3 failed_precondition [HTTP 404: 2, HTTP 503: 1], 2 unavailable, "
+            "1 deadline_exceeded), 3 not answered, 3 retried; 2.00 s, 3.5 req/s");
+}
+
+TEST(RunSummaryTest, AtMostFiveStatusesListed) {
+  RunSummary s;
+  for (int status = 400; status < 407; ++status) s.Add(Failed(StatusCode::kFailedPrecondition, status));
+  EXPECT_TRUE(Contains(s.Format(7, std::chrono::seconds(1)),
+                       "(7 failed_precondition [HTTP 400: 1, HTTP 401: 1, HTTP 402: 1, HTTP 403: 1, HTTP 404: 1, ...])"));
+}
+
 }  // namespace
 }  // namespace gatherer::cli

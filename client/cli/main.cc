@@ -3,46 +3,84 @@
 //
 //   gatherer fetch [FILE|-] [--workers N] [--broker tcp://host:port] ...
 //
-// Exit status: 0 all statements succeeded, 1 some failed (or the stream threw:
-// --cancel-on-raise, broker unavailable), 2 usage error or invalid input
-// (nothing fetched). Thin by design: reading, parsing and formatting live in
-// jsonl.cc.
+// Exit status: 0 every statement succeeded; 1 some failed, or the run
+// stopped early (--cancel-on-raise, a broker that stopped answering, an
+// input that changed); 2 usage error or invalid input (nothing fetched);
+// 130 / 143 interrupted by SIGINT / SIGTERM. Thin by design: reading,
+// parsing and formatting live in jsonl.cc, flag checks in flags.h, the
+// summary line in summary.h.
 //
 // Big jobs run in bounded memory (DESIGN §2): neither the input nor the
 // output is ever held whole. A first pass reads and validates every line,
 // keeping only a count, so an invalid line 900,000 still costs no request;
 // a second pass over the same bytes (the file sought back, or a temporary
 // copy of a pipe) feeds Gatherer::stream, and each response is written as
-// soon as all earlier ones are.
+// soon as all earlier ones are. The window is min(--workers, statements):
+// the stream's buffers scale with it, so a huge --workers on a small job
+// costs nothing.
+//
+// Output: lines are appended to one buffer, written in 1 MiB chunks while
+// responses come fast, and whenever the stream is about to wait
+// (Stream::on_wait), so a slow run's lines reach the reader as they come.
+//
+// Signals: SIGINT and SIGTERM are blocked in every thread from the start and
+// read from a signalfd by one watcher thread, which never runs in a signal
+// handler. The first one cancels the run (Gatherer::cancel()); next() then
+// hands out every response that was complete and throws, and the main thread
+// writes them, says how far it got and exits 128 + the signal. A second one
+// exits at once (even if the output is stuck).
 
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/signalfd.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <string_view>
+#include <thread>
 #include <vector>
 
 #include <CLI/CLI.hpp>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include "flags.h"
 #include "gatherer/gatherer.h"
 #include "gatherer/log.h"
+#include "gatherer/strings.h"
 #include "jsonl.h"
+#include "summary.h"
 
 namespace {
 
 constexpr int kExitOk = 0;
 constexpr int kExitFailed = 1;
 constexpr int kExitUsage = 2;
+// What a shell reports for a process killed by SIGPIPE: a reader that went
+// away (`gatherer fetch ... | head`) ends the run quietly.
+constexpr int kExitBrokenPipe = 128 + SIGPIPE;
 
-// Output is flushed in chunks this big: one fwrite per MiB keeps syscalls
-// rare while a reader downstream still sees lines as they come.
+// Output is written in chunks this big while lines come fast: one write per
+// MiB keeps syscalls rare; Stream::on_wait flushes what is there whenever the
+// stream would wait, so nothing sits in the buffer while nothing happens.
 constexpr std::size_t kFlushBytes = 1u << 20;
+
+// Limits of the flags that tune fetching (README "CLI").
+constexpr long long kMaxRedirects = 100;
+constexpr long long kMaxDelayMs = 3'600'000;  // backoff and Retry-After caps: 1 h
 
 struct FetchFlags {
   std::string file;
@@ -58,12 +96,232 @@ struct FetchFlags {
   std::string log_level = "30";
   unsigned io_threads = 0;
   double broker_timeout_s = 60;
+  bool quiet = false;
+  long long max_redirects = 5;
+  std::string max_body_bytes = "64M";
+  long long backoff_base_ms = 100;
+  long long backoff_max_ms = 10'000;
+  long long retry_after_max_ms = 60'000;
+  bool backoff_bounds_given = false;  // both --backoff-base-ms and --backoff-max-ms
 };
 
 void PrintError(const std::string& message) { std::fprintf(stderr, "gatherer: %s\n", message.c_str()); }
 
+const char* SignalName(int signal) {
+  switch (signal) {
+    case SIGINT: return "SIGINT";
+    case SIGTERM: return "SIGTERM";
+    default: return "a signal";
+  }
+}
+
+// --- signals ------------------------------------------------------------------
+
+// The one thread that sees SIGINT and SIGTERM. What a signal does depends on
+// the phase of the run:
+//   reading   (validating the input): nothing fetched yet; exit at once.
+//   fetching  the run attached with attach() is cancelled; the main thread
+//             reports it once Stream::next() throws.
+//   closing   (everything written, the Gatherer closing its session, which
+//             may wait up to 5 s for the broker): exit at once.
+// A second signal in any phase exits at once.
+//
+// Thread-safety: every method may be called from any thread.
+class SignalWatcher {
+ public:
+  enum class Phase { kReading, kFetching, kClosing };
+
+  // Blocks SIGINT and SIGTERM in the calling thread and every thread it
+  // starts later (the mask is inherited): call first thing in main.
+  static void BlockSignals() {
+    const sigset_t set = Set();
+    pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  }
+
+  SignalWatcher() {
+    const sigset_t set = Set();
+    signal_fd_ = ::signalfd(-1, &set, SFD_CLOEXEC);
+    stop_fd_ = ::eventfd(0, EFD_CLOEXEC);
+    if (signal_fd_ < 0 || stop_fd_ < 0) throw std::runtime_error(std::string("signalfd: ") + std::strerror(errno));
+    thread_ = std::thread([this] { Loop(); });
+  }
+  ~SignalWatcher() {
+    const std::uint64_t one = 1;
+    [[maybe_unused]] const ssize_t n = ::write(stop_fd_, &one, sizeof one);
+    thread_.join();
+    ::close(signal_fd_);
+    ::close(stop_fd_);
+  }
+  SignalWatcher(const SignalWatcher&) = delete;
+  SignalWatcher& operator=(const SignalWatcher&) = delete;
+
+  void set_phase(Phase phase) {
+    std::lock_guard lock(mu_);
+    phase_ = phase;
+  }
+
+  // The run the first signal cancels; a signal that came before (while the
+  // Gatherer was starting) cancels it now. `g` must stay alive until detach().
+  void attach(gatherer::Gatherer* g) {
+    std::lock_guard lock(mu_);
+    run_ = g;
+    if (first_ != 0) g->cancel();
+  }
+  void detach() {
+    std::lock_guard lock(mu_);
+    run_ = nullptr;
+  }
+
+  // The first signal received, or 0.
+  int received() const {
+    std::lock_guard lock(mu_);
+    return first_;
+  }
+
+ private:
+  static sigset_t Set() {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    return set;
+  }
+
+  // Writes `text` to stderr unless that would block: a second Ctrl-C must
+  // exit even when nobody reads the terminal any more.
+  static void Say(const std::string& text) {
+    pollfd p{STDERR_FILENO, POLLOUT, 0};
+    if (::poll(&p, 1, 0) == 1 && (p.revents & POLLOUT) != 0) {
+      [[maybe_unused]] const ssize_t n = ::write(STDERR_FILENO, text.data(), text.size());
+    }
+  }
+
+  void Loop() {
+    for (;;) {
+      pollfd fds[2] = {{signal_fd_, POLLIN, 0}, {stop_fd_, POLLIN, 0}};
+      if (::poll(fds, 2, -1) < 0) {
+        if (errno == EINTR) continue;
+        return;
+      }
+      if (fds[1].revents != 0) return;
+      signalfd_siginfo info{};
+      if (::read(signal_fd_, &info, sizeof info) != static_cast<ssize_t>(sizeof info)) continue;
+      OnSignal(static_cast<int>(info.ssi_signo));
+    }
+  }
+
+  void OnSignal(int signal) {
+    std::lock_guard lock(mu_);
+    const std::string name = SignalName(signal);
+    if (first_ != 0) {
+      Say("gatherer: second " + name + ": exiting at once\n");
+      ::_exit(128 + signal);
+    }
+    first_ = signal;
+    switch (phase_) {
+      case Phase::kReading:
+        Say("gatherer: interrupted by " + name + " while reading the input; nothing fetched\n");
+        ::_exit(128 + signal);
+      case Phase::kFetching:
+        if (run_ != nullptr) run_->cancel();
+        return;
+      case Phase::kClosing:
+        Say("gatherer: " + name + ": not waiting for the broker to confirm the end of the session\n");
+        ::_exit(128 + signal);
+    }
+  }
+
+  int signal_fd_ = -1;
+  int stop_fd_ = -1;
+  std::thread thread_;
+  mutable std::mutex mu_;
+  Phase phase_ = Phase::kReading;  // guarded by mu_
+  gatherer::Gatherer* run_ = nullptr;  // guarded by mu_
+  int first_ = 0;                      // guarded by mu_
+};
+
+// --- output -------------------------------------------------------------------
+
+// The output lines, appended to one buffer and written to a file descriptor
+// with write(2) (no stdio buffer in between, so what flush() wrote is out).
+class Output {
+ public:
+  explicit Output(int fd) : fd_(fd) { buffer_.reserve(kFlushBytes + (kFlushBytes >> 2)); }
+
+  std::string& buffer() { return buffer_; }
+
+  // Writes everything buffered. False once a write failed (error() says why);
+  // the rest is dropped then.
+  bool flush() {
+    if (error_ != 0) return false;
+    std::size_t pos = 0;
+    while (pos < buffer_.size()) {
+      const ssize_t n = ::write(fd_, buffer_.data() + pos, buffer_.size() - pos);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN) {
+          // A non-blocking stdout inherited from the parent: wait for room.
+          pollfd p{fd_, POLLOUT, 0};
+          if (::poll(&p, 1, -1) >= 0 || errno == EINTR) continue;
+        }
+        error_ = errno;
+        buffer_.clear();
+        return false;
+      }
+      pos += static_cast<std::size_t>(n);
+    }
+    buffer_.clear();
+    // One huge body grew the buffer: give the memory back.
+    if (buffer_.capacity() > 8 * kFlushBytes) {
+      std::string().swap(buffer_);
+      buffer_.reserve(kFlushBytes + (kFlushBytes >> 2));
+    }
+    return true;
+  }
+  bool flush_if_full() { return buffer_.size() < kFlushBytes || flush(); }
+  int error() const { return error_; }
+
+ private:
+  int fd_;
+  std::string buffer_;
+  int error_ = 0;
+};
+
+// --- options ------------------------------------------------------------------
+
 // Builds Options from flags; on failure prints why and returns false.
 bool BuildOptions(const FetchFlags& flags, gatherer::Options& options) {
+  if (!flags.broker.empty()) {
+    if (gatherer::Status s = gatherer::cli::CheckBrokerEndpoint(flags.broker); !s.ok()) {
+      PrintError("--broker '" + flags.broker + "': " + s.message());
+      return false;
+    }
+  }
+  if (flags.timeout_s > 0 && flags.timeout_s < 0.001) {
+    char value[32];
+    std::snprintf(value, sizeof value, "%g", flags.timeout_s);
+    PrintError(std::string("--timeout ") + value +
+               ": below the 1 ms resolution (0 means no timeout; the smallest timeout is 0.001)");
+    return false;
+  }
+  // Given alone, either bound just moves (a base above the cap: every
+  // backoff is the cap); both given the wrong way round is a mistake.
+  if (flags.backoff_bounds_given && flags.backoff_base_ms > flags.backoff_max_ms) {
+    PrintError("--backoff-base-ms (" + std::to_string(flags.backoff_base_ms) + ") must not exceed --backoff-max-ms (" +
+               std::to_string(flags.backoff_max_ms) + ")");
+    return false;
+  }
+  auto body_cap = gatherer::cli::ParseByteSize(flags.max_body_bytes);
+  if (!body_cap) {
+    PrintError("--max-body-bytes " + body_cap.error().message());
+    return false;
+  }
+  if (*body_cap < 1 || *body_cap > gatherer::kMaxResponseBody) {
+    PrintError("--max-body-bytes '" + flags.max_body_bytes + "' must be from 1 to " +
+               std::to_string(gatherer::kMaxResponseBody) + " (256M)");
+    return false;
+  }
+
   options.broker = flags.broker;
   options.workers = flags.workers;
   options.cancel_on_raise = flags.cancel_on_raise;
@@ -80,6 +338,11 @@ bool BuildOptions(const FetchFlags& flags, gatherer::Options& options) {
   settings.workers = static_cast<std::uint32_t>(flags.workers);
   settings.max_attempts = static_cast<std::uint32_t>(flags.retries) + 1;
   settings.timeout_ms = static_cast<std::uint32_t>(std::llround(flags.timeout_s * 1000));
+  settings.max_redirects = static_cast<std::uint32_t>(flags.max_redirects);
+  settings.max_body_bytes = *body_cap;
+  settings.backoff_base_ms = static_cast<std::uint32_t>(flags.backoff_base_ms);
+  settings.backoff_max_ms = static_cast<std::uint32_t>(flags.backoff_max_ms);
+  settings.retry_after_max_ms = static_cast<std::uint32_t>(flags.retry_after_max_ms);
   for (const std::string& arg : flags.headers) {
     auto header = gatherer::cli::ParseHeaderArg(arg);
     if (!header) {
@@ -98,8 +361,9 @@ bool BuildOptions(const FetchFlags& flags, gatherer::Options& options) {
   return true;
 }
 
-bool WriteAll(const std::string& data) {
-  return std::fwrite(data.data(), 1, data.size(), stdout) == data.size();
+bool HasHeader(const gatherer::Headers& headers, std::string_view name) {
+  return std::any_of(headers.begin(), headers.end(),
+                     [name](const auto& h) { return gatherer::EqualsIgnoreCase(h.first, name); });
 }
 
 // Thrown from the statement source when the second pass cannot read what the
@@ -110,7 +374,9 @@ class InputError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-int RunFetch(const FetchFlags& flags) {
+// --- the run ------------------------------------------------------------------
+
+int RunFetch(const FetchFlags& flags, SignalWatcher& watcher) {
   gatherer::Options options;
   if (!BuildOptions(flags, options)) return kExitUsage;
 
@@ -126,83 +392,151 @@ int RunFetch(const FetchFlags& flags) {
     }
     in = owned.get();
   }
+  // fopen() opens a directory for reading; only the first read fails.
+  struct stat st {};
+  if (::fstat(::fileno(in), &st) == 0 && S_ISDIR(st.st_mode)) {
+    PrintError(input_name + " is a directory; give a file of statements, '-' or nothing for stdin");
+    return kExitUsage;
+  }
   auto input = gatherer::cli::TwoPassInput::Open(in);
   if (!input) {
     PrintError(input.error().message());
     return kExitFailed;
   }
 
+  // A Content-Type set with --header is the user's for every statement; a
+  // JSON body must not replace it with its own.
+  gatherer::cli::ParseOptions parse;
+  parse.json_content_type = !HasHeader(options.settings.headers, "Content-Type");
+
   // Pass 1, before a Gatherer exists: a bad line costs no request and no session.
-  auto count = gatherer::cli::CountValidStatements((*input)->reader(), options.settings);
+  auto count = gatherer::cli::CountValidStatements((*input)->reader(), options.settings, parse);
   if (!count) {
     PrintError(input_name + ": " + count.error().message());
     return count.error().code() == gatherer::StatusCode::kInvalidArgument ? kExitUsage : kExitFailed;
   }
-  if (*count == 0) return kExitOk;
+  const std::uint64_t statements = *count;
+  gatherer::cli::RunSummary summary;
+  if (statements == 0) {
+    if (!flags.quiet) PrintError(summary.Format(0, std::chrono::nanoseconds(0)));
+    return kExitOk;
+  }
   if (gatherer::Status s = (*input)->rewind(); !s.ok()) {
     PrintError(input_name + ": " + s.message());
     return kExitFailed;
   }
+
+  // The stream's buffers (reorder ring, held statements, prefetch) scale with
+  // the window: a window wider than the job only costs memory.
+  const int window = static_cast<int>(std::min<std::uint64_t>(static_cast<std::uint64_t>(flags.workers), statements));
+  options.workers = window;
+  options.settings.workers = static_cast<std::uint32_t>(window);
 
   // Pass 2. Lines appended to a file since pass 1 were never validated, so
   // the source stops at the count; fewer lines means the input changed.
   std::uint64_t fed = 0;
   gatherer::cli::LineReader& reader = (*input)->reader();
   auto source = [&](gatherer::Statement& out) {
-    if (fed == *count) return false;
-    auto got = gatherer::cli::ReadStatement(reader, out);
+    if (fed == statements) return false;
+    auto got = gatherer::cli::ReadStatement(reader, out, parse);
     if (!got) throw InputError(input_name + " changed after validation: " + got.error().message());
-    if (*got) ++fed;
-    return *got;
+    if (!*got) throw InputError(input_name + " changed after validation: " + std::to_string(statements) +
+                                " statements validated, " + std::to_string(fed) + " read back");
+    ++fed;
+    return true;
   };
 
-  // Holds at most one chunk: what was written before an error stays written
-  // (the exit status says the run failed); the unflushed rest is dropped, so
-  // a run that fails early, like --cancel-on-raise on a bad first few
-  // statements, prints nothing.
-  std::string out;
-  out.reserve(kFlushBytes + (kFlushBytes >> 2));
-  bool any_failed = false;
+  Output out(STDOUT_FILENO);
+  std::optional<std::string> stopped;  // why the run ended before its last response
+  std::optional<gatherer::StatusCode> stop_code;
+  bool started = false;
+  const auto start = std::chrono::steady_clock::now();
+  watcher.set_phase(SignalWatcher::Phase::kFetching);
+  // Declared before the stream's scope and destroyed last, after the
+  // summary: closing the session may wait for the broker.
+  std::optional<gatherer::Gatherer> gatherer;
   try {
-    gatherer::Gatherer gatherer(std::move(options));
-    gatherer::Stream stream = gatherer.stream(source, gatherer::Order::kInput);
+    gatherer.emplace(std::move(options));
+    gatherer::Stream stream = gatherer->stream(source, gatherer::Order::kInput);
+    started = true;
+    stream.on_wait([&out] {
+      if (!out.buffer().empty()) out.flush();
+    });
+    watcher.attach(&*gatherer);
     while (std::optional<gatherer::Indexed> item = stream.next()) {
-      any_failed = any_failed || !item->response.ok();
-      gatherer::cli::AppendResponseJson(out, item->index, item->response);
-      if (out.size() >= kFlushBytes) {
-        if (!WriteAll(out)) {
-          PrintError(std::string("writing stdout: ") + std::strerror(errno));
-          return kExitFailed;
-        }
-        out.clear();
-      }
+      summary.Add(item->response);
+      gatherer::cli::AppendResponseJson(out.buffer(), item->index, item->response);
+      // A failed write (also one from on_wait) ends the run: destroying the
+      // stream cancels the rest.
+      if (!out.flush_if_full() || out.error() != 0) break;
     }
   } catch (const gatherer::Error& e) {
-    if (e.index() >= 0) {
-      PrintError(std::string(e.what()) + " (statement index " + std::to_string(e.index()) + ")");
-    } else {
-      PrintError(e.what());
-    }
-    return kExitFailed;
+    stopped = e.what();
+    stop_code = e.code();
   } catch (const std::exception& e) {
-    PrintError(e.what());
-    return kExitFailed;
+    stopped = e.what();
   }
-  if (!WriteAll(out) || std::fflush(stdout) != 0) {
-    PrintError(std::string("writing stdout: ") + std::strerror(errno));
-    return kExitFailed;
+  watcher.detach();
+  const auto wall = std::chrono::steady_clock::now() - start;
+
+  int exit_code = kExitOk;
+  if (!started) {
+    // The Gatherer or its stream refused to start: nothing was fetched.
+    PrintError(stopped.value_or("the run did not start"));
+    exit_code = stop_code == gatherer::StatusCode::kInvalidArgument ? kExitUsage : kExitFailed;
+  } else {
+    out.flush();
+    if (out.error() == EPIPE) {
+      watcher.set_phase(SignalWatcher::Phase::kClosing);
+      return kExitBrokenPipe;
+    }
+    const int signal = watcher.received();
+    const std::uint64_t written = summary.written();
+    const std::string counts = "; " + std::to_string(written) + (written == 1 ? " response" : " responses") +
+                               " written, " + std::to_string(statements - written) + " statements not answered";
+    if (out.error() != 0) {
+      PrintError(std::string("writing stdout: ") + std::strerror(out.error()) + counts);
+      exit_code = kExitFailed;
+    } else if (stopped && signal != 0 && stop_code == gatherer::StatusCode::kCancelled) {
+      PrintError(std::string("interrupted by ") + SignalName(signal) + counts);
+    } else if (stopped) {
+      PrintError("stopped: " + *stopped + counts);
+      exit_code = kExitFailed;
+    } else if (summary.failed() > 0) {
+      exit_code = kExitFailed;
+    }
+    if (!flags.quiet) PrintError(summary.Format(statements, wall));
+    if (signal != 0) exit_code = 128 + signal;
   }
-  if (fed != *count) {
-    PrintError(input_name + " changed after validation: " + std::to_string(*count) +
-               " statements validated, " + std::to_string(fed) + " read back");
-    return kExitFailed;
-  }
-  return any_failed ? kExitFailed : kExitOk;
+  watcher.set_phase(SignalWatcher::Phase::kClosing);
+  gatherer.reset();
+  return exit_code;
 }
+
+constexpr char kFetchFooter[] = R"(Input: one statement per line, a bare URL or a JSON object
+  {"url": ..., "method": "GET", "headers": {"Name": "value"} or [["Name", "value"], ...],
+   "body": "text" or a JSON object or array, "timeout_ms": N, "idempotent": true|false}.
+  A body given as a JSON object or array is sent as its JSON text with
+  Content-Type: application/json (unless the line or a --header sets Content-Type).
+  Blank lines (empty or only whitespace) are skipped: "index" counts statements,
+  not lines.
+Output: one JSON object per statement, in input order, written as soon as it is next:
+  {"index", "status", "headers", "body" | "body_base64", "error": null | {"kind", "message"},
+   "attempts", "elapsed_ms", "worker"}. A header received more than once has the list of
+  its values ("Set-Cookie": ["a=1", "b=2"]), any other its value as a string.
+Stderr: one summary line at the end (statements, ok, failed by kind, retried, time, req/s)
+  unless --quiet; a run that stops early also says how many responses were written.
+Exit status: 0 all statements succeeded, 1 some failed or the run stopped early,
+  2 usage error or invalid input (nothing fetched), 130 SIGINT, 143 SIGTERM
+  (responses already complete are written first; a second signal exits at once).)";
 
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Before any thread exists (the library's, spdlog's): every thread inherits
+  // the mask, so SIGINT and SIGTERM reach only the watcher's signalfd.
+  SignalWatcher::BlockSignals();
+
   // stdout carries the JSON Lines; every log line must go to stderr.
   spdlog::set_default_logger(
       std::make_shared<spdlog::logger>("gatherer-cli", std::make_shared<spdlog::sinks::stderr_color_sink_mt>()));
@@ -215,24 +549,46 @@ int main(int argc, char** argv) {
   CLI::App* fetch = app.add_subcommand(
       "fetch", "Read statements (JSON Lines or bare URLs) from FILE or stdin, write responses "
                "as JSON Lines to stdout in input order");
+  fetch->footer(kFetchFooter);
   fetch->add_option("FILE", flags.file, "Input file; '-' or none = stdin");
-  fetch->add_option("--workers", flags.workers, "Statements in flight across the cluster")
+  fetch->add_option("--workers", flags.workers,
+                    "Statements in flight across the cluster (capped at the number of statements)")
       ->capture_default_str()
       ->check(CLI::Range(1, 100000));
-  fetch->add_option("--broker", flags.broker, "Broker endpoint (tcp://host:port); empty = embedded");
+  fetch->add_option("--broker", flags.broker, "Broker endpoint tcp://HOST:PORT or ipc://PATH; none = embedded");
   fetch->add_flag("--cancel-on-raise", flags.cancel_on_raise,
-                  "Stop at the first failed statement and exit 1 naming it");
+                  "Stop at the first failed statement and exit 1 naming it (earlier responses are written)");
   // allow_extra_args(false): one value per --header, so a following FILE is
   // not swallowed as another header.
   fetch->add_option("--header", flags.headers, "Default header 'Name: value' (repeatable)")
       ->allow_extra_args(false);
   fetch->add_option("--base-url", flags.base_url, "Prefix for statements whose url is a path");
-  fetch->add_option("--timeout", flags.timeout_s, "Per-attempt timeout in seconds (0 = none)")
+  fetch->add_option("--timeout", flags.timeout_s, "Per-attempt timeout in seconds, at least 0.001 (0 = none)")
       ->capture_default_str()
       ->check(CLI::Range(0.0, 4294967.0));
   fetch->add_option("--retries", flags.retries, "Retries per statement (attempts = retries + 1)")
       ->capture_default_str()
       ->check(CLI::Range(0, 1000));
+  fetch->add_option("--max-redirects", flags.max_redirects, "Redirects followed per attempt, 0..100 (0 = none)")
+      ->capture_default_str()
+      ->check(CLI::Range(0LL, kMaxRedirects));
+  fetch->add_option("--max-body-bytes", flags.max_body_bytes,
+                    "Largest response body, 1 .. 256M (K, M, G = powers of 1024); a bigger one fails "
+                    "with resource_exhausted")
+      ->capture_default_str();
+  CLI::Option* backoff_base = fetch->add_option("--backoff-base-ms", flags.backoff_base_ms,
+                    "Backoff before retry n: random up to base * 2^(n-1) ms, 0..3600000")
+      ->capture_default_str()
+      ->check(CLI::Range(0LL, kMaxDelayMs));
+  CLI::Option* backoff_max = fetch->add_option("--backoff-max-ms", flags.backoff_max_ms,
+                                               "Cap of the backoff, ms, 0..3600000 (not below an explicit --backoff-base-ms)")
+      ->capture_default_str()
+      ->check(CLI::Range(0LL, kMaxDelayMs));
+  fetch->add_option("--retry-after-max-ms", flags.retry_after_max_ms,
+                    "Longest Retry-After (429/503) waited before a retry, ms, 0..3600000")
+      ->capture_default_str()
+      ->check(CLI::Range(0LL, kMaxDelayMs));
+  fetch->add_flag("-q,--quiet", flags.quiet, "No summary line on stderr (errors are still printed)");
   fetch->add_option("--log-level", flags.log_level,
                     "10..50 or debug, info, warning, error, critical")
       ->capture_default_str();
@@ -251,5 +607,12 @@ int main(int argc, char** argv) {
     // --help and --version are "errors" with exit code 0 in CLI11.
     return app.exit(e) == 0 ? kExitOk : kExitUsage;
   }
-  return RunFetch(flags);
+  flags.backoff_bounds_given = backoff_base->count() > 0 && backoff_max->count() > 0;
+  try {
+    SignalWatcher watcher;
+    return RunFetch(flags, watcher);
+  } catch (const std::exception& e) {
+    PrintError(e.what());
+    return kExitFailed;
+  }
 }

@@ -3,22 +3,37 @@
 // user would: exit status, the JSON Lines on stdout, the message on stderr,
 // and what the server received.
 
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <atomic>
 #include <chrono>
+#include <csignal>
+#include <cstdlib>
 #include <cstdio>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <gtest/gtest.h>
 
+#include "free_port.h"
+#include "handlers.h"
 #include "http_server.h"
 #include "process.h"
+#include "pty_process.h"
+#include "wait_for.h"
 
 namespace gatherer::testing {
 namespace {
 
+using namespace std::chrono_literals;
+
 constexpr auto kRunTimeout = std::chrono::seconds(90);
+const std::string kGatherer = GATHERER_BIN_DIR "/client/gatherer";
 
 struct CliResult {
   int exit_code = -1;
@@ -28,7 +43,7 @@ struct CliResult {
 };
 
 CliResult RunCli(std::vector<std::string> args, std::string input = {}) {
-  args.insert(args.begin(), GATHERER_BIN_DIR "/client/gatherer");
+  args.insert(args.begin(), kGatherer);
   Process process(std::move(args), std::move(input));
   CliResult result;
   const auto code = process.wait(kRunTimeout);
@@ -62,6 +77,25 @@ bool StartsWith(const std::string& s, const std::string& prefix) {
 
 bool Contains(const std::string& s, const std::string& part) {
   return s.find(part) != std::string::npos;
+}
+
+std::size_t CountLines(const std::string& text) {
+  return static_cast<std::size_t>(std::count(text.begin(), text.end(), '\n'));
+}
+
+// Occurrences of `part` in `s`.
+std::size_t Count(const std::string& s, const std::string& part) {
+  std::size_t n = 0;
+  for (auto pos = s.find(part); pos != std::string::npos; pos = s.find(part, pos + part.size())) ++n;
+  return n;
+}
+
+// The number after "key": in a JSON line (keys are unique and never nested
+// in the CLI's output, except inside strings, which tests avoid).
+double NumberAfter(const std::string& line, const std::string& key) {
+  const auto at = line.find("\"" + key + "\":");
+  if (at == std::string::npos) return -1;
+  return std::strtod(line.c_str() + at + key.size() + 3, nullptr);
 }
 
 // The CLI writes the keys in a fixed order starting with index and status
@@ -228,15 +262,26 @@ TEST(CliTest, OneNotFoundFailsOnlyItsLineAndExitsOne) {
   }
 }
 
-TEST(CliTest, CancelOnRaiseNamesTheFailedIndex) {
-  HttpServer server([](const HttpRequest& request) { return NotFoundAt("/n/17", request); });
+// Statement 17 fails after 500 ms, by when 0..16 (and a few after it) are
+// done: all 17 are written, then the error, and stderr counts both sides.
+TEST(CliTest, CancelOnRaiseWritesEveryEarlierResponseThenTheError) {
+  HttpServer server([](const HttpRequest& request) {
+    HttpReply reply = NotFoundAt("/n/17", request);
+    if (reply.status == 404) reply.delay = 500ms;
+    return reply;
+  });
   std::string input;
   for (int i = 0; i < 40; ++i) input += server.url("/n/" + std::to_string(i)) + "\n";
 
   const CliResult r = RunCli({"fetch", "--cancel-on-raise", "--retries", "0", "--workers", "4"}, input);
   EXPECT_EQ(r.exit_code, 1) << r.err;
-  EXPECT_TRUE(Contains(r.err, "index 17")) << r.err;
-  EXPECT_TRUE(r.out.empty()) << r.out;
+  const auto lines = Lines(r.out);
+  ASSERT_EQ(lines.size(), 17u) << r.out;
+  for (std::size_t i = 0; i < lines.size(); ++i) {
+    EXPECT_TRUE(StartsWith(lines[i], LinePrefix(i, 200))) << lines[i];
+  }
+  EXPECT_TRUE(Contains(r.err, "gatherer: stopped: statement 17 failed: failed_precondition: HTTP 404")) << r.err;
+  EXPECT_TRUE(Contains(r.err, "; 17 responses written, 23 statements not answered\n")) << r.err;
 }
 
 struct Seen {
@@ -341,6 +386,403 @@ TEST(CliTest, TwoHundredThousandStatementsInBoundedMemory) {
               static_cast<double>(*r.max_rss_kb) / 1024.0);
   if (kCheckRss) {
     EXPECT_LT(*r.max_rss_kb, kPeakRssBoundKb);
+  }
+}
+
+
+// --- streaming --------------------------------------------------------------
+
+// Statements "/d/<i>/<delay_ms(i)>" for DelayHandler, one per line.
+template <typename DelayOf>
+std::string DelayInput(const HttpServer& server, int count, DelayOf delay_of) {
+  std::string input;
+  for (int i = 0; i < count; ++i) {
+    input += server.url("/d/" + std::to_string(i) + "/" + std::to_string(delay_of(i))) + "\n";
+  }
+  return input;
+}
+
+void ExpectDelayLines(const std::string& out, std::size_t count) {
+  const auto lines = Lines(out);
+  ASSERT_EQ(lines.size(), count) << out;
+  for (std::size_t i = 0; i < count; ++i) {
+    EXPECT_TRUE(StartsWith(lines[i], LinePrefix(i, 200))) << lines[i];
+    EXPECT_TRUE(Contains(lines[i], "\"body\":\"body-" + std::to_string(i) + "\",")) << lines[i];
+  }
+}
+
+// One statement at a time, each answered after 300 ms: the run takes 6 s,
+// and a reader of the pipe must see the first line within about a second,
+// the next ones as they come, not everything at the end.
+TEST(CliTest, EachLineReachesAPipeAsSoonAsItIsNextInOrder) {
+  HttpServer server(DelayHandler);
+  const std::string input = DelayInput(server, 20, [](int) { return 300; });
+  Process cli({kGatherer, "fetch", "--workers", "1"}, input);
+  EXPECT_TRUE(WaitFor([&] { return CountLines(cli.stdout_text()) >= 1; }, 1500ms))
+      << "no line within 1.5 s; stderr: " << cli.stderr_text();
+  EXPECT_TRUE(cli.running()) << "the run ended before its first line was seen";
+  EXPECT_TRUE(WaitFor([&] { return CountLines(cli.stdout_text()) >= 5; }, 3000ms)) << cli.stdout_text();
+  EXPECT_LT(CountLines(cli.stdout_text()), 20u);
+  ASSERT_EQ(cli.wait(30s), std::optional<int>(0)) << cli.stderr_text();
+  ExpectDelayLines(cli.stdout_text(), 20);
+}
+
+// A file of statements written to a terminal: the same, as a user sees it.
+TEST(CliTest, EachLineReachesATerminalAsSoonAsItIsNextInOrder) {
+  HttpServer server(DelayHandler);
+  const TempFile file("gatherer_cli_test_tty.txt", DelayInput(server, 20, [](int) { return 300; }));
+  PtyProcess tty({kGatherer, "fetch", "--workers", "1", file.path()});
+  EXPECT_TRUE(tty.read_until("{\"index\":0,", 1500ms)) << tty.text();
+  EXPECT_FALSE(tty.wait(0ms).has_value()) << "the run ended before its first line was seen";
+  ASSERT_EQ(tty.wait(30s), std::optional<int>(0)) << tty.text();
+  EXPECT_EQ(Count(tty.text(), "{\"index\":"), 20u) << tty.text();
+}
+
+// --- stops: nothing finished is lost -----------------------------------------
+
+// A broker killed mid-run: what was done is written, then the error, and the
+// run ends after --broker-timeout instead of waiting for ever.
+TEST(CliTest, BrokerLostMidRunWritesWhatWasDoneThenTheError) {
+  HttpServer server(DelayHandler);
+  const std::string ep = FreeTcpEndpoint();
+  Process broker({GATHERER_BIN_DIR "/broker/gatherer-broker", "--bind", ep, "--log-level", "warning"});
+  Process worker({GATHERER_BIN_DIR "/worker/gatherer-worker", "--broker", ep, "--io-threads", "1", "--log-level",
+                  "warning"});
+  const std::string input = DelayInput(server, 20, [](int i) { return i < 10 ? 0 : 60'000; });
+  Process cli({kGatherer, "fetch", "--broker", ep, "--workers", "20", "--broker-timeout", "1"}, input);
+  ASSERT_TRUE(WaitFor([&] { return CountLines(cli.stdout_text()) >= 10; }, 20s))
+      << cli.stdout_text() << cli.stderr_text();
+  broker.kill(SIGKILL);
+  ASSERT_TRUE(broker.wait(5s).has_value());
+
+  const auto code = cli.wait(30s);
+  ASSERT_TRUE(code.has_value()) << "still running 30 s after its broker died";
+  EXPECT_EQ(*code, 1);
+  const std::string err = cli.stderr_text();
+  ExpectDelayLines(cli.stdout_text(), 10);
+  EXPECT_TRUE(Contains(err, "gatherer: stopped: broker " + ep + " unreachable")) << err;
+  EXPECT_TRUE(Contains(err, "; 10 responses written, 10 statements not answered\n")) << err;
+}
+
+// Five statements answered at once, fifteen after a minute: `signal` sent
+// once the five are written stops the run with them written.
+void ExpectSignalStopsTheRun(int signal, const std::string& name) {
+  HttpServer server(DelayHandler);
+  const std::string input = DelayInput(server, 20, [](int i) { return i < 5 ? 0 : 60'000; });
+  Process cli({kGatherer, "fetch", "--workers", "20"}, input);
+  ASSERT_TRUE(WaitFor([&] { return CountLines(cli.stdout_text()) >= 5; }, 20s))
+      << cli.stdout_text() << cli.stderr_text();
+  cli.kill(signal);
+  const auto code = cli.wait(10s);
+  ASSERT_TRUE(code.has_value()) << "still running 10 s after " << name;
+  EXPECT_EQ(*code, 128 + signal);
+  const std::string err = cli.stderr_text();
+  ExpectDelayLines(cli.stdout_text(), 5);
+  EXPECT_TRUE(Contains(err, "gatherer: interrupted by " + name + "; 5 responses written, 15 statements not answered\n"))
+      << err;
+  EXPECT_EQ(Count(err, "interrupted"), 1u) << err;
+  EXPECT_TRUE(Contains(err, "gatherer: 20 statements: 5 ok, 0 failed, 15 not answered, 0 retried; ")) << err;
+}
+
+TEST(CliTest, SigintWritesWhatWasDoneAndExits130) { ExpectSignalStopsTheRun(SIGINT, "SIGINT"); }
+
+TEST(CliTest, SigtermWritesWhatWasDoneAndExits143) { ExpectSignalStopsTheRun(SIGTERM, "SIGTERM"); }
+
+// Ctrl-C typed at the terminal the CLI writes to.
+TEST(CliTest, CtrlCAtATerminalWritesWhatWasDoneAndExits130) {
+  HttpServer server(DelayHandler);
+  const TempFile file("gatherer_cli_test_ctrl_c.txt", DelayInput(server, 10, [](int i) { return i < 3 ? 0 : 60'000; }));
+  PtyProcess tty({kGatherer, "fetch", "--workers", "10", file.path()});
+  ASSERT_TRUE(tty.read_until("{\"index\":2,", 20s)) << tty.text();
+  tty.read_for(100ms);
+  tty.type("\x03");
+  EXPECT_EQ(tty.wait(10s), std::optional<int>(130)) << tty.text();
+  EXPECT_EQ(Count(tty.text(), "{\"index\":"), 3u) << tty.text();
+  EXPECT_TRUE(Contains(tty.text(), "gatherer: interrupted by SIGINT; 3 responses written, 7 statements not answered\n"))
+      << tty.text();
+}
+
+// Ctrl-C while the statements are still being typed: nothing was fetched.
+TEST(CliTest, CtrlCWhileReadingStatementsFromATerminalExits130) {
+  PtyProcess tty({kGatherer, "fetch"});
+  tty.type("http://127.0.0.1:1/a\n");
+  tty.read_for(300ms);
+  tty.type("\x03");
+  EXPECT_EQ(tty.wait(10s), std::optional<int>(130)) << tty.text();
+  EXPECT_TRUE(Contains(tty.text(), "gatherer: interrupted by SIGINT while reading the input; nothing fetched\n"))
+      << tty.text();
+}
+
+// The output stuck (a terminal nobody reads: the CLI's write blocks) leaves
+// the first SIGINT unable to finish the run; a second one exits at once.
+TEST(CliTest, SecondSigintExitsAtOnce) {
+  HttpServer server([](const HttpRequest&) {
+    HttpReply reply;
+    reply.body = std::string(16 * 1024, 'x');
+    return reply;
+  });
+  std::string input;
+  for (int i = 0; i < 200; ++i) input += server.url("/" + std::to_string(i)) + "\n";
+  const TempFile file("gatherer_cli_test_second_sigint.txt", input);
+  PtyProcess tty({kGatherer, "fetch", "--workers", "4", file.path()});
+  // Not read: the terminal's buffer fills and the CLI blocks writing to it.
+  ASSERT_TRUE(WaitFor([&] { return server.requests() >= 8; }, 20s));
+  std::this_thread::sleep_for(500ms);
+  ASSERT_FALSE(tty.wait(0ms, /*keep_reading=*/false).has_value()) << "the run finished with its output unread";
+  tty.kill(SIGINT);
+  EXPECT_FALSE(tty.wait(500ms, /*keep_reading=*/false).has_value()) << "exited with its output stuck";
+  const auto before = std::chrono::steady_clock::now();
+  tty.kill(SIGINT);
+  EXPECT_EQ(tty.wait(2s, /*keep_reading=*/false), std::optional<int>(130));
+  EXPECT_LT(std::chrono::steady_clock::now() - before, 1s);
+}
+
+// --- usage errors -------------------------------------------------------------
+
+TEST(CliTest, MalformedBrokerIsAUsageError) {
+  for (const std::string broker :
+       {"localhost:5555", "tcp://host", "http://x", "tcp://host:0", "tcp://host:65536", "tcp://host:55x",
+        "tcp://:5555", "tcp://host:-1", "tcp://host:5555/x", "ipc://", "5555", "tcp://host:"}) {
+    const CliResult r = RunCli({"fetch", "--broker", broker, "--broker-timeout", "1"}, "http://127.0.0.1:1/\n");
+    EXPECT_EQ(r.exit_code, 2) << broker << ": " << r.err;
+    EXPECT_TRUE(Contains(r.err, "--broker")) << broker << ": " << r.err;
+  }
+}
+
+TEST(CliTest, DirectoryAsInputIsAUsageError) {
+  const CliResult r = RunCli({"fetch", ::testing::TempDir()});
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_TRUE(Contains(r.err, "is a directory")) << r.err;
+}
+
+// 0 means no timeout; 0.0005 s would round to 0 ms and silently mean the same.
+TEST(CliTest, TimeoutBelowOneMillisecondIsRefused) {
+  HttpServer server;
+  for (const std::string t : {"0.0005", "0.0001", "1e-9"}) {
+    const CliResult r = RunCli({"fetch", "--timeout", t}, server.url("/a") + "\n");
+    EXPECT_EQ(r.exit_code, 2) << t << ": " << r.err;
+    EXPECT_TRUE(Contains(r.err, "--timeout")) << r.err;
+  }
+  for (const std::string t : {"0", "0.001", "2.5"}) {
+    const CliResult r = RunCli({"fetch", "--timeout", t}, server.url("/a") + "\n");
+    EXPECT_EQ(r.exit_code, 0) << t << ": " << r.err;
+  }
+}
+
+// --- summary ------------------------------------------------------------------
+
+TEST(CliTest, SummaryLineAfterASuccessfulRun) {
+  HttpServer server;
+  const CliResult r = RunCli({"fetch"}, server.url("/a") + "\n" + server.url("/b") + "\n" + server.url("/c") + "\n");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(StartsWith(r.err, "gatherer: 3 statements: 3 ok, 0 failed, 0 retried; ")) << r.err;
+  EXPECT_TRUE(Contains(r.err, " s, ")) << r.err;
+  EXPECT_EQ(Count(r.err, "\n"), 1u) << r.err;
+  EXPECT_TRUE(Contains(r.err, " req/s\n")) << r.err;
+}
+
+TEST(CliTest, SummaryLineSaysWhyStatementsFailed) {
+  std::atomic<int> flaky{0};
+  HttpServer server([&flaky](const HttpRequest& request) {
+    HttpReply reply;
+    reply.body = "ok";
+    if (StartsWith(request.target, "/nf/")) reply.status = 404;
+    if (request.target == "/flaky" && flaky++ == 0) reply.status = 503;
+    if (request.target == "/slow") reply.delay = 3s;
+    return reply;
+  });
+  std::string input;
+  for (int i = 0; i < 6; ++i) input += server.url("/ok/" + std::to_string(i)) + "\n";
+  input += server.url("/flaky") + "\n" + server.url("/nf/1") + "\n" + server.url("/nf/2") + "\n" +
+           server.url("/slow") + "\n";
+  const CliResult r = RunCli({"fetch", "--retries", "1", "--timeout", "0.3"}, input);
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_EQ(CountLines(r.out), 10u);
+  EXPECT_TRUE(Contains(r.err, "gatherer: 10 statements: 7 ok, 3 failed (2 failed_precondition [HTTP 404: 2], "
+                              "1 deadline_exceeded), 2 retried; "))
+      << r.err;
+}
+
+TEST(CliTest, QuietSuppressesTheSummary) {
+  HttpServer server;
+  const CliResult r = RunCli({"fetch", "--quiet"}, server.url("/a") + "\n");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.err, "");
+  EXPECT_EQ(CountLines(r.out), 1u);
+}
+
+// --- limits -------------------------------------------------------------------
+
+TEST(CliTest, LimitFlagsOutOfRangeAreUsageErrors) {
+  const std::vector<std::vector<std::string>> cases = {
+      {"--max-redirects", "-1"},          {"--max-redirects", "101"},
+      {"--max-body-bytes", "0"},          {"--max-body-bytes", "268435457"},
+      {"--max-body-bytes", "257MiB"},     {"--max-body-bytes", "12x"},
+      {"--backoff-base-ms", "-1"},        {"--backoff-base-ms", "3600001"},
+      {"--backoff-max-ms", "3600001"},    {"--backoff-base-ms", "500", "--backoff-max-ms", "100"},
+      {"--retry-after-max-ms", "-5"},     {"--retry-after-max-ms", "3600001"},
+  };
+  for (const auto& flags : cases) {
+    std::vector<std::string> args = {"fetch"};
+    args.insert(args.end(), flags.begin(), flags.end());
+    const CliResult r = RunCli(args, "http://127.0.0.1:1/\n");
+    EXPECT_EQ(r.exit_code, 2) << flags[0] << " " << flags[1] << ": " << r.err;
+    EXPECT_TRUE(Contains(r.err, flags[0])) << r.err;
+    EXPECT_FALSE(Contains(r.err, "not expected")) << r.err;
+  }
+}
+
+HttpReply RedirectsAndBigBody(const HttpRequest& request) {
+  HttpReply reply;
+  int n = 0;
+  if (std::sscanf(request.target.c_str(), "/r/%d", &n) == 1 && n > 0) {
+    reply.status = 302;
+    reply.headers = {{"Location", "/r/" + std::to_string(n - 1)}};
+  } else if (request.target == "/big") {
+    reply.body = std::string(4096, 'b');
+  } else {
+    reply.body = "end";
+  }
+  return reply;
+}
+
+TEST(CliTest, MaxRedirectsAndMaxBodyBytesAreApplied) {
+  HttpServer server(RedirectsAndBigBody);
+  const std::string input = server.url("/r/2") + "\n" + server.url("/r/3") + "\n" + server.url("/big") + "\n";
+  const CliResult tight = RunCli({"fetch", "--retries", "0", "--max-redirects", "2", "--max-body-bytes", "4095"}, input);
+  EXPECT_EQ(tight.exit_code, 1) << tight.err;
+  auto lines = Lines(tight.out);
+  ASSERT_EQ(lines.size(), 3u) << tight.out;
+  EXPECT_TRUE(StartsWith(lines[0], LinePrefix(0, 200))) << lines[0];
+  EXPECT_TRUE(Contains(lines[0], "\"body\":\"end\"")) << lines[0];
+  EXPECT_FALSE(Contains(lines[1], "\"error\":null")) << lines[1];
+  EXPECT_TRUE(Contains(lines[2], "\"error\":{\"kind\":\"resource_exhausted\"")) << lines[2];
+
+  const CliResult roomy = RunCli({"fetch", "--retries", "0", "--max-redirects", "3", "--max-body-bytes", "4K"}, input);
+  EXPECT_EQ(roomy.exit_code, 0) << roomy.err;
+  lines = Lines(roomy.out);
+  ASSERT_EQ(lines.size(), 3u) << roomy.out;
+  for (const auto& line : lines) EXPECT_TRUE(Contains(line, "\"error\":null")) << line;
+}
+
+// A 503 asking to come back in 2 s is retried after at most the cap.
+TEST(CliTest, RetryAfterIsCapped) {
+  std::atomic<int> calls{0};
+  HttpServer server([&calls](const HttpRequest&) {
+    HttpReply reply;
+    if (calls++ == 0) {
+      reply.status = 503;
+      reply.headers = {{"Retry-After", "2"}};
+    }
+    return reply;
+  });
+  const CliResult r =
+      RunCli({"fetch", "--retries", "1", "--retry-after-max-ms", "50", "--backoff-max-ms", "50"}, server.url("/") + "\n");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(NumberAfter(r.out, "attempts"), 2) << r.out;
+  EXPECT_LT(NumberAfter(r.out, "elapsed_ms"), 1500) << r.out;
+}
+
+// JSON Lines readers (jq, pandas, ...) skip blank lines; so does the CLI, and
+// `index` counts statements, not lines.
+TEST(CliTest, BlankLinesAreSkippedAndIndexCountsStatements) {
+  HttpServer server;
+  const std::string input = "\n" + server.url("/a") + "\n\n   \n\t\n" + server.url("/b") + "\r\n\n" +
+                            server.url("/c") + "\n\n";
+  const CliResult r = RunCli({"fetch"}, input);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto lines = Lines(r.out);
+  ASSERT_EQ(lines.size(), 3u) << r.out;
+  const char* paths[] = {"/a", "/b", "/c"};
+  for (std::size_t i = 0; i < 3; ++i) {
+    EXPECT_TRUE(StartsWith(lines[i], LinePrefix(i, 200))) << lines[i];
+    EXPECT_TRUE(Contains(lines[i], std::string("\"body\":\"ok:") + paths[i] + "\"")) << lines[i];
+  }
+  const CliResult help = RunCli({"fetch", "--help"});
+  EXPECT_TRUE(Contains(help.out, "Blank lines (empty or only whitespace) are skipped: \"index\" counts statements,\n"
+                                 "  not lines."))
+      << help.out;
+}
+
+// --- JSON bodies, repeated headers --------------------------------------------
+
+TEST(CliTest, JsonBodyIsSentAsJsonText) {
+  Seen seen;
+  HttpServer server([&seen](const HttpRequest& request) {
+    std::lock_guard<std::mutex> lock(seen.mu);
+    seen.requests.push_back(request);
+    return HttpReply{};
+  });
+  const std::string u = server.url("");
+  const std::string input =
+      R"({"url":")" + u + R"(/1","method":"POST","body":{"a":[1,2.5,"x\"y"],"b":{"c":null}}})" "\n" +
+      R"({"url":")" + u + R"(/2","method":"PUT","body":[1, 2]})" "\n" +
+      R"({"url":")" + u + R"(/3","method":"POST","headers":{"content-type":"application/merge-patch+json"},"body":{"a":1}})" "\n" +
+      R"({"url":")" + u + R"(/4","method":"POST","body":"{\"raw\":true}"})" "\n";
+  const CliResult r = RunCli({"fetch"}, input);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  std::map<std::string, HttpRequest> by_target;
+  {
+    std::lock_guard<std::mutex> lock(seen.mu);
+    for (const auto& request : seen.requests) by_target[request.target] = request;
+  }
+  ASSERT_EQ(by_target.size(), 4u);
+  EXPECT_EQ(by_target["/1"].body, R"({"a":[1,2.5,"x\"y"],"b":{"c":null}})");
+  EXPECT_EQ(by_target["/1"].header("Content-Type"), "application/json");
+  EXPECT_EQ(by_target["/2"].body, "[1, 2]");
+  EXPECT_EQ(by_target["/2"].header("Content-Type"), "application/json");
+  EXPECT_EQ(by_target["/3"].body, R"({"a":1})");
+  EXPECT_EQ(by_target["/3"].header("Content-Type"), "application/merge-patch+json");
+  EXPECT_EQ(by_target["/4"].body, R"({"raw":true})");
+  EXPECT_NE(by_target["/4"].header("Content-Type"), "application/json");
+
+  // A Content-Type given with --header is the user's choice for every statement.
+  seen.requests.clear();
+  const CliResult with_default = RunCli({"fetch", "--header", "Content-Type: application/vnd.api+json"},
+                                        R"({"url":")" + u + R"(/5","method":"POST","body":{"a":1}})" "\n");
+  ASSERT_EQ(with_default.exit_code, 0) << with_default.err;
+  std::lock_guard<std::mutex> lock(seen.mu);
+  ASSERT_EQ(seen.requests.size(), 1u);
+  EXPECT_EQ(seen.requests[0].header("Content-Type"), "application/vnd.api+json");
+  EXPECT_EQ(seen.requests[0].body, R"({"a":1})");
+}
+
+TEST(CliTest, BodyOfAnotherJsonTypeIsAnInvalidLine) {
+  HttpServer server;
+  for (const std::string body : {"1", "true", R"({"a":tru})"}) {
+    const CliResult r = RunCli({"fetch"}, R"({"url":")" + server.url("/") + R"(","method":"POST","body":)" + body + "}\n");
+    EXPECT_EQ(r.exit_code, 2) << body << ": " << r.err;
+    EXPECT_TRUE(Contains(r.err, "line 1: ")) << r.err;
+  }
+  EXPECT_EQ(server.requests(), 0u);
+}
+
+TEST(CliTest, RepeatedResponseHeadersKeepEveryValue) {
+  HttpServer server([](const HttpRequest&) {
+    HttpReply reply;
+    reply.headers = {{"Set-Cookie", "a=1; Path=/"}, {"X-One", "1"}, {"Set-Cookie", "b=2"}};
+    return reply;
+  });
+  const CliResult r = RunCli({"fetch"}, server.url("/") + "\n");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(Contains(r.out, R"("Set-Cookie":["a=1; Path=/","b=2"])")) << r.out;
+  EXPECT_TRUE(Contains(r.out, R"("X-One":"1")")) << r.out;
+}
+
+// --workers far above the number of statements: the window is the job's,
+// not the flag's, so 200 statements cost what 200 workers do.
+TEST(CliTest, WorkersFlagFarAboveTheJobCostsNoMemory) {
+  HttpServer server;
+  std::string input;
+  for (int i = 0; i < 200; ++i) input += server.url("/w/" + std::to_string(i)) + "\n";
+  const CliResult r = RunCli({"fetch", "--workers", "100000"}, input);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(CountLines(r.out), 200u);
+  ASSERT_TRUE(r.max_rss_kb.has_value());
+  std::printf("gatherer fetch --workers 100000 of 200 statements: peak RSS %.1f MB\n",
+              static_cast<double>(*r.max_rss_kb) / 1024.0);
+  if (kCheckRss) {
+    EXPECT_LT(*r.max_rss_kb, 64 * 1024);
   }
 }
 
