@@ -58,6 +58,7 @@ struct Gatherer::Impl {
   // TTL so that two lost heartbeats do not expire a live session.
   std::chrono::milliseconds heartbeat = kHeartbeat;
   Clock::time_point last_heard;
+  bool heard_once = false;  // any message from the broker, ever
   // Malformed messages from the broker: dropped, counted, logged at most
   // once a second (PROTOCOL.md §2.4).
   std::uint64_t malformed = 0;
@@ -83,6 +84,7 @@ struct Gatherer::Impl {
   bool recv(std::vector<zmq::message_t>& frames) {
     if (!proto::ReceiveMessage(*dealer, frames)) return false;
     last_heard = Clock::now();
+    heard_once = true;
     return true;
   }
   void close_session();
@@ -167,19 +169,28 @@ void Gatherer::Impl::close_session() {
     send(proto::Encode(proto::Command::kClose, proto::SessionRef{session}));
     // Wait for CLOSED so that, when the destructor returns, the broker has
     // forgotten the session and told the workers holding it. Not for a
-    // broker that has been unreachable for the broker timeout: the session
-    // expires there by its TTL if the broker comes back.
+    // broker that has been unreachable for the broker timeout, and only 1 s
+    // for one never heard from (its OPENED comes first, in milliseconds, if
+    // it is there at all): a session left behind expires by its TTL.
     auto wait = std::min<std::chrono::milliseconds>(options.connect_timeout, std::chrono::seconds(5));
-    if (Clock::now() - last_heard > options.broker_timeout) {
+    if (heard_once && Clock::now() - last_heard > options.broker_timeout) {
       log().debug("gatherer: not waiting for broker {} to confirm closing session {}: unreachable", endpoint,
-                     session_text);
+                  session_text);
       return;
     }
     const auto deadline = Clock::now() + wait;
+    const auto silent_deadline = Clock::now() + std::chrono::seconds(1);
     std::vector<zmq::message_t> frames;
     zmq::pollitem_t item{dealer->handle(), 0, ZMQ_POLLIN, 0};
     while (Clock::now() < deadline) {
-      zmq::poll(&item, 1, std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()));
+      if (!heard_once && Clock::now() >= silent_deadline) {
+        log().debug("gatherer: broker {} never answered; not waiting to close session {}", endpoint, session_text);
+        return;
+      }
+      const auto until = heard_once ? deadline : std::min(deadline, silent_deadline);
+      zmq::poll(&item, 1,
+                std::max(std::chrono::milliseconds(0),
+                         std::chrono::duration_cast<std::chrono::milliseconds>(until - Clock::now())));
       while (recv(frames)) {
         auto c = proto::PeekCommand(frames);
         if (!c) {
@@ -291,7 +302,7 @@ struct Stream::Run {
   void accept(proto::WireResult& result);
   void raise_if_failed() {
     if (!raised) return;
-    m.log().warn("gatherer: statement {} failed, cancelling session {} (cancel_on_raise)", raised->index(),
+    m.log().info("gatherer: statement {} failed, cancelling session {} (cancel_on_raise)", raised->index(),
                  m.session_text);
     fail(raised->what(), raised->index(), raised->code());
   }
@@ -554,7 +565,7 @@ void Stream::Run::pump() {
   if (ready_now == 0) zmq::poll(items, 3, wait);
   if (m.cancel_requested.exchange(false, std::memory_order_acq_rel)) {
     m.cancel_fd.drain();
-    m.log().warn("gatherer: session {} cancelled by the caller", m.session_text);
+    m.log().info("gatherer: session {} cancelled by the caller", m.session_text);
     fail("gather cancelled", -1, StatusCode::kCancelled);
   }
   // §3.6: a new connection: what was in flight on the old one may be lost.
