@@ -54,6 +54,18 @@ constexpr std::size_t kMaxResponseHeaderBytes = 1 << 20;
 constexpr std::size_t kMaxFreeEasyHandles = 1024;
 constexpr int kMaxEpollEvents = 256;
 
+#ifndef GATHERER_VERSION
+#error "GATHERER_VERSION must be defined (worker/CMakeLists.txt)"
+#endif
+// Sent with every request unless the session or the statement names a
+// User-Agent of its own (then libcurl sends theirs: one custom header wins).
+constexpr char kUserAgentLine[] = "User-Agent: gatherer/" GATHERER_VERSION;
+// libcurl adds "Content-Type: application/x-www-form-urlencoded" to every
+// request whose body goes through CURLOPT_POSTFIELDS; a custom header with
+// nothing after the colon removes it. A body is sent with the Content-Type
+// its statement or session names, or none: the fetcher does not guess.
+constexpr char kNoContentTypeLine[] = "Content-Type:";
+
 void GlobalInit() {
   static std::once_flag once;
   // curl_global_init is not thread-safe and must run once before any handle.
@@ -120,6 +132,72 @@ std::optional<std::uint64_t> RetryAfterMs(const Headers& headers) {
   return std::nullopt;
 }
 
+// Appends "name: value" to `list` through `line` (a reused buffer);
+// "Name;" is libcurl's spelling of an empty header ("Name:" would delete it).
+// False when out of memory (then `list` is unchanged).
+bool AppendHeader(curl_slist*& list, std::string& line, std::string_view name, std::string_view value) {
+  line.assign(name);
+  line += value.empty() ? ";" : ": ";
+  line += value;
+  curl_slist* next = curl_slist_append(list, line.c_str());
+  if (next == nullptr) return false;
+  list = next;
+  return true;
+}
+
+bool NamesHeader(const Headers& headers, std::string_view name) {
+  return std::any_of(headers.begin(), headers.end(), [&](const auto& h) { return EqualsIgnoreCase(h.first, name); });
+}
+
+// The session's header list as libcurl takes it, built once per session so
+// that a statement without headers of its own costs no allocation for them.
+// libcurl only reads a list, so every I/O thread may hand the same one to its
+// easy handles.
+struct SessionHeaders {
+  explicit SessionHeaders(const Headers& headers) {
+    for (const auto& [name, value] : headers) {
+      if (!IsToken(name) || !IsFieldValue(value)) {
+        error = ResponseError{StatusCode::kInvalidArgument, "invalid header '" + name + "'"};
+        return;
+      }
+    }
+    names_user_agent = NamesHeader(headers, "User-Agent");
+    names_content_type = NamesHeader(headers, "Content-Type");
+    std::string line;
+    bool ok = true;
+    for (const auto& [name, value] : headers) ok = ok && AppendHeader(list, line, name, value);
+    if (ok && !names_user_agent) {
+      curl_slist* next = curl_slist_append(list, kUserAgentLine);
+      if (next != nullptr) list = next;
+      ok = next != nullptr;
+    }
+    if (!ok) {
+      error = ResponseError{StatusCode::kInternal, "out of memory"};
+      return;
+    }
+    // The removal of libcurl's Content-Type goes in front of the shared list
+    // (order does not matter to it), so both lists share their nodes.
+    no_content_type.data = const_cast<char*>(kNoContentTypeLine);
+    no_content_type.next = list;
+  }
+  ~SessionHeaders() { curl_slist_free_all(list); }
+  SessionHeaders(const SessionHeaders&) = delete;
+  SessionHeaders& operator=(const SessionHeaders&) = delete;
+
+  // For a request without a body, and for one with a body.
+  const curl_slist* plain() const { return list; }
+  const curl_slist* with_body() const { return names_content_type ? list : &no_content_type; }
+
+  // Set when a session header is invalid: every statement fails with it.
+  std::optional<ResponseError> error;
+  bool names_user_agent = false;
+  bool names_content_type = false;
+
+ private:
+  curl_slist* list = nullptr;
+  curl_slist no_content_type{};  // not libcurl's: never freed with curl_slist_free_all
+};
+
 // One open session as every I/O thread sees it: immutable settings and the
 // CURLSH sharing DNS and TLS sessions. libcurl serialises access to the share
 // through the lock callbacks, one mutex per curl_lock_data kind so a DNS
@@ -129,7 +207,7 @@ std::optional<std::uint64_t> RetryAfterMs(const Headers& headers) {
 // easy handles.
 struct SharedSession {
   SharedSession(const SessionId& session_id, const SessionSettings& session_settings)
-      : id(session_id), settings(session_settings), share(curl_share_init()) {
+      : id(session_id), settings(session_settings), headers(settings.headers), share(curl_share_init()) {
     // Without a share the session still works, only without cross-thread
     // DNS/TLS reuse, so a failed init is not fatal.
     if (share == nullptr) return;
@@ -154,6 +232,7 @@ struct SharedSession {
 
   const SessionId id;
   const SessionSettings settings;
+  const SessionHeaders headers;
   CURLSH* const share;
   // Indexed by curl_lock_data; CURL_LOCK_DATA_SHARE is used by libcurl itself
   // when handles attach and detach.
@@ -181,6 +260,9 @@ struct Transfer {
   Response response;
   std::string reason;  // reason phrase of the last status line
   std::size_t header_bytes = 0;
+  // The final response names a Content-Encoding other than identity, so
+  // libcurl decodes its body (CURLOPT_ACCEPT_ENCODING).
+  bool encoded = false;
   Overflow overflow = Overflow::kNone;
   char error_buffer[CURL_ERROR_SIZE] = {};
 };
@@ -472,47 +554,60 @@ class IoThread {
     const Statement& statement = transfer->statement;
     const SessionSettings& settings = transfer->session->shared->settings;
 
-    std::string url;
+    // A path is joined to base_url; an absolute url goes to libcurl as it is
+    // (libcurl copies it either way).
+    const std::string* url = &statement.url;
     if (!statement.url.empty() && statement.url.front() == '/') {
       if (settings.base_url.empty()) {
         return ResponseError{StatusCode::kInvalidArgument, "url is a path and the session has no base_url"};
       }
       std::string_view base = settings.base_url;
       while (!base.empty() && base.back() == '/') base.remove_suffix(1);
-      url.reserve(base.size() + statement.url.size());
-      url.append(base).append(statement.url);
-    } else {
-      url = statement.url;
+      joined_url_.assign(base).append(statement.url);
+      url = &joined_url_;
     }
     if (!IsToken(statement.method)) {
       return ResponseError{StatusCode::kInvalidArgument, "method is not an HTTP token"};
     }
+    const SessionHeaders& session_headers = transfer->session->shared->headers;
+    if (session_headers.error) return session_headers.error;
+    const std::string& method = statement.method;
+    const bool has_body = !statement.body.empty();
+    const bool posts = method != "HEAD" && (method == "POST" || has_body);
 
-    // Session defaults first, minus those the statement names; then the statement's.
-    auto append = [transfer](const std::string& name, const std::string& value) -> bool {
-      std::string line = name;
-      // "Name;" is libcurl's spelling of an empty header ("Name:" would delete it).
-      line += value.empty() ? ";" : ": ";
-      line += value;
-      curl_slist* next = curl_slist_append(transfer->header_list, line.c_str());
-      if (next == nullptr) return false;
-      transfer->header_list = next;
-      return true;
-    };
-    for (const Headers* list : {&settings.headers, &statement.headers}) {
-      for (const auto& [name, value] : *list) {
+    // Without headers of its own a statement takes the session's list as it
+    // is; otherwise it gets a list of its own: the session's defaults minus
+    // those it names, then its own, then the defaults of the fetcher.
+    const curl_slist* header_list = posts ? session_headers.with_body() : session_headers.plain();
+    if (!statement.headers.empty()) {
+      for (const auto& [name, value] : statement.headers) {
         if (!IsToken(name) || !IsFieldValue(value)) {
           return ResponseError{StatusCode::kInvalidArgument, "invalid header '" + name + "'"};
         }
       }
-    }
-    for (const auto& [name, value] : settings.headers) {
-      const bool replaced = std::any_of(statement.headers.begin(), statement.headers.end(),
-                                        [&](const auto& h) { return EqualsIgnoreCase(h.first, name); });
-      if (!replaced && !append(name, value)) return ResponseError{StatusCode::kInternal, "out of memory"};
-    }
-    for (const auto& [name, value] : statement.headers) {
-      if (!append(name, value)) return ResponseError{StatusCode::kInternal, "out of memory"};
+      const ResponseError out_of_memory{StatusCode::kInternal, "out of memory"};
+      for (const auto& [name, value] : settings.headers) {
+        if (!NamesHeader(statement.headers, name) && !AppendHeader(transfer->header_list, header_line_, name, value)) {
+          return out_of_memory;
+        }
+      }
+      for (const auto& [name, value] : statement.headers) {
+        if (!AppendHeader(transfer->header_list, header_line_, name, value)) return out_of_memory;
+      }
+      auto append_line = [transfer](const char* line) {
+        curl_slist* next = curl_slist_append(transfer->header_list, line);
+        if (next != nullptr) transfer->header_list = next;
+        return next != nullptr;
+      };
+      if (!session_headers.names_user_agent && !NamesHeader(statement.headers, "User-Agent") &&
+          !append_line(kUserAgentLine)) {
+        return out_of_memory;
+      }
+      if (posts && !session_headers.names_content_type && !NamesHeader(statement.headers, "Content-Type") &&
+          !append_line(kNoContentTypeLine)) {
+        return out_of_memory;
+      }
+      header_list = transfer->header_list;
     }
 
     transfer->easy = acquire_easy();
@@ -522,7 +617,7 @@ class IoThread {
     auto set = [&](CURLoption option, auto value) {
       if (rc == CURLE_OK) rc = curl_easy_setopt(easy, option, value);
     };
-    set(CURLOPT_URL, url.c_str());
+    set(CURLOPT_URL, url->c_str());
     set(CURLOPT_PRIVATE, static_cast<void*>(transfer));
     set(CURLOPT_ERRORBUFFER, transfer->error_buffer);
     set(CURLOPT_NOSIGNAL, 1L);
@@ -537,7 +632,7 @@ class IoThread {
     set(CURLOPT_TIMEOUT_MS, static_cast<long>(timeout_ms));
     set(CURLOPT_CONNECTTIMEOUT_MS, static_cast<long>(settings.connect_timeout_ms));
     set(CURLOPT_HTTP_VERSION, static_cast<long>(CURL_HTTP_VERSION_2TLS));
-    if (url.size() >= 8 && EqualsIgnoreCase(std::string_view(url).substr(0, 8), "https://")) {
+    if (url->size() >= 8 && EqualsIgnoreCase(std::string_view(*url).substr(0, 8), "https://")) {
       // Wait for a connection being set up that may multiplex (h2) instead of
       // opening another; plain http never multiplexes here, so it would only
       // serialise connection set-up.
@@ -554,13 +649,12 @@ class IoThread {
       set(CURLOPT_MAXFILESIZE_LARGE, static_cast<curl_off_t>(settings.max_body_bytes));
     }
     if (transfer->session->shared->share != nullptr) set(CURLOPT_SHARE, transfer->session->shared->share);
-    if (transfer->header_list != nullptr) set(CURLOPT_HTTPHEADER, transfer->header_list);
+    // libcurl never writes to the list: the session's may be shared.
+    if (header_list != nullptr) set(CURLOPT_HTTPHEADER, const_cast<curl_slist*>(header_list));
 
-    const std::string& method = statement.method;
-    const bool has_body = !statement.body.empty();
     if (method == "HEAD") {
       set(CURLOPT_NOBODY, 1L);
-    } else if (method == "POST" || has_body) {
+    } else if (posts) {
       set(CURLOPT_POSTFIELDSIZE_LARGE, static_cast<curl_off_t>(statement.body.size()));
       // Not copied: the statement lives in the transfer until it ends.
       set(CURLOPT_POSTFIELDS, statement.body.data());
@@ -581,6 +675,7 @@ class IoThread {
     transfer->response.body.clear();
     transfer->reason.clear();
     transfer->header_bytes = 0;
+    transfer->encoded = false;
     transfer->overflow = Transfer::Overflow::kNone;
     transfer->error_buffer[0] = '\0';
     const CURLMcode rc = curl_multi_add_handle(transfer->session->multi, transfer->easy);
@@ -634,6 +729,7 @@ class IoThread {
     long status = 0;
     curl_easy_getinfo(transfer->easy, CURLINFO_RESPONSE_CODE, &status);
     transfer->response.status = static_cast<int>(status);
+    if (transfer->encoded) DropEncodingHeaders(transfer);
     const bool attempts_left = transfer->attempts < std::max<std::uint32_t>(settings.max_attempts, 1);
 
     if (code == CURLE_OK) {
@@ -685,6 +781,21 @@ class IoThread {
       }
     }
     finish(transfer, ResponseError{status_code, std::move(message)});
+  }
+
+  // libcurl decodes a compressed body (CURLOPT_ACCEPT_ENCODING), after which
+  // the response's Content-Encoding and Content-Length describe bytes that
+  // are not the body returned: both are dropped, as Go's http.Transport does
+  // when it decompresses. Only when a body was received (CURLINFO_SIZE_DOWNLOAD
+  // counts bytes as they came off the wire, before decoding): the headers of
+  // a HEAD, 204 or 304 describe the resource and stay.
+  static void DropEncodingHeaders(Transfer* transfer) {
+    curl_off_t received = 0;
+    curl_easy_getinfo(transfer->easy, CURLINFO_SIZE_DOWNLOAD_T, &received);
+    if (received <= 0) return;
+    std::erase_if(transfer->response.headers, [](const auto& h) {
+      return EqualsIgnoreCase(h.first, "Content-Encoding") || EqualsIgnoreCase(h.first, "Content-Length");
+    });
   }
 
   void schedule_retry(Transfer* transfer, std::optional<std::uint64_t> retry_after_ms) {
@@ -834,6 +945,7 @@ class IoThread {
       // A new response begins (redirect, 100-continue): keep only the final one's.
       headers.clear();
       transfer->reason.clear();
+      transfer->encoded = false;
       const std::size_t code_at = line.find(' ');
       if (code_at != std::string_view::npos) {
         const std::size_t reason_at = line.find(' ', code_at + 1);
@@ -850,7 +962,12 @@ class IoThread {
     }
     const std::size_t colon = line.find(':');
     if (colon == std::string_view::npos || colon == 0) return bytes;  // not a header; ignored
-    headers.emplace_back(std::string(Trim(line.substr(0, colon))), std::string(Trim(line.substr(colon + 1))));
+    const std::string_view name = Trim(line.substr(0, colon));
+    const std::string_view value = Trim(line.substr(colon + 1));
+    if (EqualsIgnoreCase(name, "Content-Encoding") && !value.empty() && !EqualsIgnoreCase(value, "identity")) {
+      transfer->encoded = true;
+    }
+    headers.emplace_back(std::string(name), std::string(value));
     return bytes;
   }
 
@@ -888,6 +1005,10 @@ class IoThread {
   std::vector<std::pair<SessionId, std::vector<FetchResult>>> rejected_;
   std::vector<SocketEntry*> graveyard_;
   std::mt19937_64 rng_;
+  // Reused by configure() so building a request allocates only what libcurl
+  // keeps (its copies of the url and header lines).
+  std::string joined_url_;
+  std::string header_line_;
 };
 
 }  // namespace

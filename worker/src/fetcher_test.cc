@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "gatherer/strings.h"
 #include "http_server.h"
 #include "wait_for.h"
 
@@ -259,6 +260,143 @@ TEST(FetcherTest, MethodsAndBodiesReachTheServer) {
   const auto r = FetchOne(fetcher, collector, SessionSettings{}, bad, n++);
   ASSERT_FALSE(r.response.ok());
   EXPECT_EQ(r.response.error->code, StatusCode::kInvalidArgument);
+}
+
+bool HasHeader(const Headers& headers, std::string_view name) {
+  return std::any_of(headers.begin(), headers.end(), [&](const auto& h) { return EqualsIgnoreCase(h.first, name); });
+}
+
+int CountHeader(const Headers& headers, std::string_view name) {
+  return static_cast<int>(
+      std::count_if(headers.begin(), headers.end(), [&](const auto& h) { return EqualsIgnoreCase(h.first, name); }));
+}
+
+TEST(FetcherTest, UserAgentIsGathererUnlessSessionOrStatementSetsOne) {
+  HttpServer server([](const HttpRequest& request) {
+    HttpReply reply;
+    reply.body = std::to_string(CountHeader(request.headers, "User-Agent")) + "|" + request.header("User-Agent");
+    return reply;
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  const std::string ours = std::string("1|gatherer/") + GATHERER_VERSION;
+
+  // GET without headers, POST with a body, a statement with headers of its own.
+  auto r = FetchOne(fetcher, collector, SessionSettings{}, Get(server.url("/")));
+  ASSERT_TRUE(r.response.ok());
+  EXPECT_EQ(r.response.body, ours);
+  Statement post = Get(server.url("/"));
+  post.method = "POST";
+  post.body = "x";
+  post.headers = {{"X-Other", "1"}};
+  r = FetchOne(fetcher, collector, SessionSettings{}, post, 2);
+  EXPECT_EQ(r.response.body, ours);
+
+  // The session's User-Agent replaces ours, in any case.
+  SessionSettings session;
+  session.headers = {{"user-agent", "session-agent/2"}};
+  r = FetchOne(fetcher, collector, session, Get(server.url("/")), 3);
+  EXPECT_EQ(r.response.body, "1|session-agent/2");
+
+  // The statement's replaces both.
+  Statement mine = Get(server.url("/"));
+  mine.headers = {{"USER-AGENT", "statement-agent/3"}};
+  r = FetchOne(fetcher, collector, session, mine, 4);
+  EXPECT_EQ(r.response.body, "1|statement-agent/3");
+  r = FetchOne(fetcher, collector, SessionSettings{}, mine, 5);
+  EXPECT_EQ(r.response.body, "1|statement-agent/3");
+}
+
+TEST(FetcherTest, BodyWithoutContentTypeIsSentWithoutOne) {
+  HttpServer server([](const HttpRequest& request) {
+    HttpReply reply;
+    reply.body = request.method + "|" + std::to_string(CountHeader(request.headers, "Content-Type")) + "|" +
+                 request.header("Content-Type") + "|" + request.body;
+    return reply;
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  std::uint8_t n = 1;
+  auto fetch = [&](std::string method, std::string body, Headers headers, SessionSettings settings = {}) {
+    Statement s = Get(server.url("/"));
+    s.method = std::move(method);
+    s.body = std::move(body);
+    s.headers = std::move(headers);
+    const auto r = FetchOne(fetcher, collector, settings, s, n++);
+    EXPECT_TRUE(r.response.ok());
+    return r.response.body;
+  };
+  // libcurl would add "application/x-www-form-urlencoded" to each of these.
+  EXPECT_EQ(fetch("POST", "a=1", {}), "POST|0||a=1");
+  EXPECT_EQ(fetch("POST", "", {}), "POST|0||");
+  EXPECT_EQ(fetch("PUT", "{}", {}), "PUT|0||{}");
+  EXPECT_EQ(fetch("PATCH", "{}", {{"X-Other", "1"}}), "PATCH|0||{}");
+  // A Content-Type the statement or the session names is sent as given.
+  EXPECT_EQ(fetch("POST", "{}", {{"content-type", "application/json"}}), "POST|1|application/json|{}");
+  SessionSettings json;
+  json.headers = {{"Content-Type", "application/json"}};
+  EXPECT_EQ(fetch("POST", "{}", {}, json), "POST|1|application/json|{}");
+  EXPECT_EQ(fetch("POST", "a", {{"Content-Type", "text/plain"}}, json), "POST|1|text/plain|a");
+}
+
+// 100,000 'a' gzip-compressed to 133 bytes.
+const char kGzip100kA[] =
+    "\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\x03\xed\xc1\x31\x01\x00\x00\x00\xc2\xa0\xac\xeb\x5f\xc2\x1a\x1e\x40"
+    "\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+    "\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+    "\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+    "\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\xaf\x06\x87\xfa\xe2\x1b\xa0"
+    "\x86\x01\x00";
+
+TEST(FetcherTest, DecodedBodyDropsContentEncodingAndContentLength) {
+  HttpServer server([](const HttpRequest& request) {
+    if (request.target == "/plain") return HttpReply{200, {{"X-Before", "1"}}, "plain"};
+    if (request.target == "/identity") return HttpReply{200, {{"Content-Encoding", "identity"}}, "same"};
+    // Content-Length (added by the server) is the compressed size, 133.
+    return HttpReply{200, {{"X-Before", "1"}, {"content-encoding", "gzip"}, {"X-After", "2"}},
+                     std::string(kGzip100kA, sizeof kGzip100kA - 1)};
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  auto r = FetchOne(fetcher, collector, SessionSettings{}, Get(server.url("/gzip")));
+  ASSERT_TRUE(r.response.ok()) << r.response.error->message;
+  EXPECT_EQ(r.response.body, std::string(100'000, 'a'));
+  EXPECT_FALSE(HasHeader(r.response.headers, "Content-Encoding"));
+  EXPECT_FALSE(HasHeader(r.response.headers, "Content-Length"));
+  ASSERT_EQ(r.response.headers.size(), 2u);  // the others stay, in order
+  EXPECT_EQ(r.response.headers[0].first, "X-Before");
+  EXPECT_EQ(r.response.headers[1].first, "X-After");
+
+  // Nothing decoded: the headers describe what is returned and stay.
+  r = FetchOne(fetcher, collector, SessionSettings{}, Get(server.url("/plain")), 2);
+  EXPECT_EQ(Header(r.response.headers, "Content-Length"), "5");
+  r = FetchOne(fetcher, collector, SessionSettings{}, Get(server.url("/identity")), 3);
+  EXPECT_EQ(r.response.body, "same");
+  EXPECT_EQ(Header(r.response.headers, "Content-Length"), "4");
+  EXPECT_EQ(Header(r.response.headers, "Content-Encoding"), "identity");
+  Statement head = Get(server.url("/gzip"));
+  head.method = "HEAD";
+  r = FetchOne(fetcher, collector, SessionSettings{}, head, 4);
+  ASSERT_TRUE(r.response.ok()) << r.response.error->message;
+  EXPECT_EQ(Header(r.response.headers, "Content-Encoding"), "gzip");
+  EXPECT_EQ(Header(r.response.headers, "Content-Length"), "133");
+}
+
+TEST(FetcherTest, RepeatedResponseHeadersAreAllKeptInOrder) {
+  HttpServer server([](const HttpRequest&) {
+    return HttpReply{200, {{"Set-Cookie", "a=1; Path=/"}, {"X-Between", "x"}, {"Set-Cookie", "b=2; HttpOnly"}}, ""};
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  const auto r = FetchOne(fetcher, collector, SessionSettings{}, Get(server.url("/")));
+  ASSERT_TRUE(r.response.ok());
+  std::vector<std::pair<std::string, std::string>> seen;
+  for (const auto& h : r.response.headers) {
+    if (h.first == "Set-Cookie" || h.first == "X-Between") seen.push_back(h);
+  }
+  const std::vector<std::pair<std::string, std::string>> want = {
+      {"Set-Cookie", "a=1; Path=/"}, {"X-Between", "x"}, {"Set-Cookie", "b=2; HttpOnly"}};
+  EXPECT_EQ(seen, want);
 }
 
 TEST(FetcherTest, LargePostGoesThrough100Continue) {
