@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cctype>
 #include <cerrno>
+#include <charconv>
 #include <chrono>
 #include <climits>
 #include <iterator>
@@ -53,6 +54,11 @@ constexpr std::size_t kMaxResponseHeaderBytes = 1 << 20;
 // burst does not pin its peak memory forever.
 constexpr std::size_t kMaxFreeEasyHandles = 1024;
 constexpr int kMaxEpollEvents = 256;
+// Backoff base after a 429 without Retry-After (unless backoff_base_ms is
+// larger): the server said "too many", and another try 100 ms later, from
+// every statement of a burst, only says it again. Doubles per attempt and is
+// capped at backoff_max_ms like the ordinary backoff.
+constexpr std::uint64_t kThrottledBackoffBaseMs = 1000;
 
 #ifndef GATHERER_VERSION
 #error "GATHERER_VERSION must be defined (worker/CMakeLists.txt)"
@@ -113,7 +119,7 @@ bool IsBeforeSend(CURLcode code) {
 }
 
 // Retry-After (RFC 9110 §10.2.3): delta-seconds or an HTTP-date; nullopt when
-// absent or unparsable.
+// absent or unparsable. Read only when an attempt is about to be retried.
 std::optional<std::uint64_t> RetryAfterMs(const Headers& headers) {
   for (const auto& [name, raw] : headers) {
     if (!EqualsIgnoreCase(name, "Retry-After")) continue;
@@ -121,7 +127,9 @@ std::optional<std::uint64_t> RetryAfterMs(const Headers& headers) {
     if (value.empty()) return std::nullopt;
     if (std::all_of(value.begin(), value.end(), [](char c) { return c >= '0' && c <= '9'; })) {
       if (value.size() > 9) return std::uint64_t{999'999'999} * 1000;  // absurd; the cap applies
-      return std::stoull(std::string(value)) * 1000;
+      std::uint64_t seconds = 0;
+      std::from_chars(value.data(), value.data() + value.size(), seconds);
+      return seconds * 1000;
     }
     const std::string text(value);
     const time_t when = curl_getdate(text.c_str(), nullptr);
@@ -741,13 +749,16 @@ class IoThread {
       const bool retry =
           transfer->idempotent ? IsRetryableHttpStatus(status) : IsUnprocessedHttpStatus(status);
       if (retry && attempts_left) {
-        schedule_retry(transfer, RetryAfterMs(transfer->response.headers));
+        const std::uint64_t base = status == 429 ? std::max<std::uint64_t>(settings.backoff_base_ms,
+                                                                            kThrottledBackoffBaseMs)
+                                                 : settings.backoff_base_ms;
+        schedule_retry(transfer, RetryAfterMs(transfer->response.headers), base);
         return;
       }
       std::string message = "HTTP " + std::to_string(status);
       if (!transfer->reason.empty()) message += " " + transfer->reason;
       if (retry) message += " after " + std::to_string(transfer->attempts) + " attempts";
-      finish(transfer, ResponseError{StatusCode::kFailedPrecondition, std::move(message)});
+      finish(transfer, ResponseError{StatusCode::kHttpStatus, std::move(message)});
       return;
     }
 
@@ -774,7 +785,7 @@ class IoThread {
         // The request may have reached the server and been acted on.
         message += " (outcome unknown, not retried (non-idempotent))";
       } else if (attempts_left) {
-        schedule_retry(transfer, std::nullopt);
+        schedule_retry(transfer, std::nullopt, settings.backoff_base_ms);
         return;
       } else if (transfer->attempts > 1) {
         message += " (after " + std::to_string(transfer->attempts) + " attempts)";
@@ -798,18 +809,20 @@ class IoThread {
     });
   }
 
-  void schedule_retry(Transfer* transfer, std::optional<std::uint64_t> retry_after_ms) {
+  // Waits before the next attempt. A Retry-After the server sent is waited
+  // as it says, up to retry_after_max_ms. Otherwise exponential backoff with
+  // full jitter (AWS architecture blog, "Exponential Backoff and Jitter"),
+  // which spreads the retries of a burst that failed together: uniform in
+  // [0, min(backoff_max_ms, base * 2^(attempts - 1))].
+  void schedule_retry(Transfer* transfer, std::optional<std::uint64_t> retry_after_ms, std::uint64_t base_ms) {
     const SessionSettings& settings = transfer->session->shared->settings;
-    const std::uint64_t cap = settings.backoff_max_ms;
     std::uint64_t delay_ms;
     if (retry_after_ms) {
-      delay_ms = std::min(*retry_after_ms, cap);
+      delay_ms = std::min<std::uint64_t>(*retry_after_ms, settings.retry_after_max_ms);
     } else {
-      // Full jitter (AWS architecture blog, "Exponential Backoff and Jitter"):
-      // spreads retries of a burst that failed together.
+      const std::uint64_t cap = settings.backoff_max_ms;
       const std::uint32_t shift = transfer->attempts - 1;
-      const std::uint64_t ceiling =
-          shift >= 32 ? cap : std::min(cap, std::uint64_t{settings.backoff_base_ms} << shift);
+      const std::uint64_t ceiling = shift >= 32 ? cap : std::min(cap, base_ms << shift);
       delay_ms = std::uniform_int_distribution<std::uint64_t>(0, ceiling)(rng_);
     }
     backoff_.push_back({Clock::now() + std::chrono::milliseconds(delay_ms), transfer});

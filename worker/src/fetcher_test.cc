@@ -417,14 +417,14 @@ TEST(FetcherTest, LargePostGoesThrough100Continue) {
   EXPECT_EQ(r.response.body, "100-continue");
 }
 
-TEST(FetcherTest, NotFoundFailsPreconditionAndKeepsTheResponse) {
+TEST(FetcherTest, NotFoundIsHttpStatusAndKeepsTheResponse) {
   HttpServer server([](const HttpRequest&) { return HttpReply{404, {{"X-Why", "gone"}}, "no such thing"}; });
   Collector collector;
   Fetcher fetcher(TwoThreads(), collector.sink());
   const auto r = FetchOne(fetcher, collector, SessionSettings{}, Get(server.url("/missing")));
   ASSERT_FALSE(r.response.ok());
-  EXPECT_EQ(r.response.error->code, StatusCode::kFailedPrecondition);
-  EXPECT_NE(r.response.error->message.find("HTTP 404"), std::string::npos) << r.response.error->message;
+  EXPECT_EQ(r.response.error->code, StatusCode::kHttpStatus);
+  EXPECT_EQ(r.response.error->message, "HTTP 404 Not Found");
   EXPECT_EQ(r.response.status, 404);
   EXPECT_EQ(r.response.body, "no such thing");
   EXPECT_EQ(Header(r.response.headers, "X-Why"), "gone");
@@ -468,7 +468,8 @@ TEST(FetcherTest, RetriesStopAtMaxAttempts) {
   Fetcher fetcher(TwoThreads(), collector.sink());
   const auto r = FetchOne(fetcher, collector, FastRetry(), Get(server.url("/")));
   ASSERT_FALSE(r.response.ok());
-  EXPECT_EQ(r.response.error->code, StatusCode::kFailedPrecondition);
+  EXPECT_EQ(r.response.error->code, StatusCode::kHttpStatus);
+  EXPECT_EQ(r.response.error->message, "HTTP 502 Bad Gateway after 3 attempts");
   EXPECT_EQ(r.response.status, 502);
   EXPECT_EQ(r.response.body, "bad gateway");
   EXPECT_EQ(r.response.attempts, 3u);
@@ -491,7 +492,22 @@ TEST(FetcherTest, RetryAfterIsHonoured) {
   EXPECT_GE(r.response.elapsed_us, 950'000u);
 }
 
-TEST(FetcherTest, RetryAfterIsCappedByBackoffMax) {
+TEST(FetcherTest, RetryAfterIsNotCappedByBackoffMax) {
+  std::atomic<int> calls{0};
+  HttpServer server([&](const HttpRequest&) {
+    if (calls.fetch_add(1) == 0) return HttpReply{503, {{"Retry-After", "1"}}, ""};
+    return HttpReply{200, {}, "ok"};
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  SessionSettings settings = FastRetry();  // backoff_max_ms 10
+  const auto r = FetchOne(fetcher, collector, settings, Get(server.url("/")));
+  ASSERT_TRUE(r.response.ok());
+  EXPECT_EQ(r.response.attempts, 2u);
+  EXPECT_GE(r.response.elapsed_us, 950'000u) << "Retry-After: 1 cut to backoff_max_ms";
+}
+
+TEST(FetcherTest, RetryAfterIsCappedByRetryAfterMax) {
   std::atomic<int> calls{0};
   HttpServer server([&](const HttpRequest&) {
     if (calls.fetch_add(1) == 0) return HttpReply{503, {{"Retry-After", "30"}}, ""};
@@ -500,13 +516,63 @@ TEST(FetcherTest, RetryAfterIsCappedByBackoffMax) {
   Collector collector;
   Fetcher fetcher(TwoThreads(), collector.sink());
   SessionSettings settings = FastRetry();
-  settings.backoff_max_ms = 50;
+  settings.retry_after_max_ms = 300;
   const auto started = std::chrono::steady_clock::now();
   const auto r = FetchOne(fetcher, collector, settings, Get(server.url("/")));
   ASSERT_TRUE(r.response.ok());
   EXPECT_EQ(r.response.attempts, 2u);
-  EXPECT_GE(r.response.elapsed_us, 45'000u);
+  EXPECT_GE(r.response.elapsed_us, 290'000u);
   EXPECT_LT(std::chrono::steady_clock::now() - started, seconds(5));
+  EXPECT_EQ(SessionSettings{}.retry_after_max_ms, 60'000u);
+}
+
+TEST(FetcherTest, TooManyRequestsWithoutRetryAfterBacksOffLonger) {
+  // Each statement is refused once (429 or 503, no Retry-After), then served:
+  // one backoff per statement. The server counts attempts per target.
+  std::mutex mu;
+  std::map<std::string, int> seen;
+  HttpServer flaky([&](const HttpRequest& request) {
+    std::lock_guard lock(mu);
+    const int n = seen[request.target]++;
+    if (n == 0) return HttpReply{request.target.starts_with("/429") ? 429 : 503, {}, ""};
+    return HttpReply{200, {}, "ok"};
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  constexpr std::size_t kCount = 20;
+  SessionSettings settings;  // backoff_base_ms 100, backoff_max_ms 10 s
+  settings.max_attempts = 2;
+  auto run = [&](const std::string& prefix, std::uint8_t session) {
+    const SessionId id = MakeSessionId(session);
+    fetcher.open_session(id, settings);
+    const std::size_t before = collector.count();
+    std::vector<FetchItem> items;
+    for (std::size_t i = 0; i < kCount; ++i) {
+      items.push_back(Item(1000 * session + i, flaky.url(prefix + std::to_string(i))));
+    }
+    fetcher.submit(id, std::move(items));
+    EXPECT_TRUE(collector.wait(before + kCount, seconds(30)));
+    fetcher.close_session(id);
+    std::uint64_t longest = 0;
+    for (const auto& r : collector.results()) {
+      if (r.index / 1000 != session) continue;
+      EXPECT_TRUE(r.response.ok()) << r.index;
+      EXPECT_EQ(r.response.attempts, 2u);
+      longest = std::max(longest, r.response.elapsed_us);
+    }
+    return longest;
+  };
+  // 503: full jitter on [0, 100 ms]. 429 without Retry-After: on [0, 1 s];
+  // the longest of 20 waits is under 300 ms with probability 0.3^20.
+  const std::uint64_t after_503 = run("/503/", 1);
+  const std::uint64_t after_429 = run("/429/", 2);
+  EXPECT_LT(after_503, 600'000u);
+  EXPECT_GT(after_429, 300'000u) << "429 retried as fast as a 503";
+  EXPECT_LT(after_429, 3'000'000u);
+
+  // backoff_max_ms caps the 429 backoff too.
+  settings.backoff_max_ms = 50;
+  EXPECT_LT(run("/429-capped/", 3), 600'000u);
 }
 
 TEST(FetcherTest, RetryAfterHttpDate) {
@@ -535,7 +601,7 @@ TEST(FetcherTest, PostIsNotRetriedOnServerError) {
   s.body = "buy=1";
   const auto r = FetchOne(fetcher, collector, FastRetry(), s);
   ASSERT_FALSE(r.response.ok());
-  EXPECT_EQ(r.response.error->code, StatusCode::kFailedPrecondition);
+  EXPECT_EQ(r.response.error->code, StatusCode::kHttpStatus);
   EXPECT_EQ(r.response.status, 500);
   EXPECT_EQ(r.response.attempts, 1u);
   EXPECT_EQ(server.requests(), 1u);
