@@ -103,20 +103,16 @@ bool IsFieldValue(std::string_view s) {
   return s.find_first_of(std::string_view("\r\n\0", 3)) == std::string_view::npos;
 }
 
+// Statuses an idempotent statement is tried again after: the request timed
+// out at the server, was throttled, or met a failing or overloaded server.
 bool IsRetryableHttpStatus(long status) {
   return status == 408 || status == 429 || status == 500 || status == 502 || status == 503 ||
          status == 504;
 }
 
-// 429 and 503 say the server refused the request before acting on it, so even a
-// non-idempotent statement may be sent again.
-bool IsUnprocessedHttpStatus(long status) { return status == 429 || status == 503; }
-
-// Failures where the request never left this host, so it cannot have been processed.
-bool IsBeforeSend(CURLcode code) {
-  return code == CURLE_COULDNT_CONNECT || code == CURLE_COULDNT_RESOLVE_HOST ||
-         code == CURLE_COULDNT_RESOLVE_PROXY;
-}
+// Said of a non-idempotent statement that may have been acted on.
+constexpr std::string_view kOutcomeUnknown =
+    "outcome unknown: the request may have reached the server, and a non-idempotent statement is not sent again";
 
 // Retry-After (RFC 9110 §10.2.3): delta-seconds or an HTTP-date; nullopt when
 // absent or unparsable. Read only when an attempt is about to be retried.
@@ -271,6 +267,12 @@ struct Transfer {
   // The final response names a Content-Encoding other than identity, so
   // libcurl decodes its body (CURLOPT_ACCEPT_ENCODING).
   bool encoded = false;
+  // Non-idempotent statements only (PrereqCallback), per attempt: requests
+  // handed to a connection, the redirect count at the last one, and whether
+  // a re-send of libcurl's own was refused.
+  std::uint32_t requests_sent = 0;
+  long redirects_at_send = 0;
+  bool resend_refused = false;
   Overflow overflow = Overflow::kNone;
   char error_buffer[CURL_ERROR_SIZE] = {};
 };
@@ -656,6 +658,10 @@ class IoThread {
       // callback enforces the cap on decoded bytes.
       set(CURLOPT_MAXFILESIZE_LARGE, static_cast<curl_off_t>(settings.max_body_bytes));
     }
+    if (!transfer->idempotent) {
+      set(CURLOPT_PREREQFUNCTION, &IoThread::PrereqCallback);
+      set(CURLOPT_PREREQDATA, static_cast<void*>(transfer));
+    }
     if (transfer->session->shared->share != nullptr) set(CURLOPT_SHARE, transfer->session->shared->share);
     // libcurl never writes to the list: the session's may be shared.
     if (header_list != nullptr) set(CURLOPT_HTTPHEADER, const_cast<curl_slist*>(header_list));
@@ -684,6 +690,9 @@ class IoThread {
     transfer->reason.clear();
     transfer->header_bytes = 0;
     transfer->encoded = false;
+    transfer->requests_sent = 0;
+    transfer->redirects_at_send = 0;
+    transfer->resend_refused = false;
     transfer->overflow = Transfer::Overflow::kNone;
     transfer->error_buffer[0] = '\0';
     const CURLMcode rc = curl_multi_add_handle(transfer->session->multi, transfer->easy);
@@ -745,19 +754,29 @@ class IoThread {
         finish(transfer, std::nullopt);
         return;
       }
-      // Any HTTP answer is a known outcome; only 429/503 also say "not processed".
-      const bool retry =
-          transfer->idempotent ? IsRetryableHttpStatus(status) : IsUnprocessedHttpStatus(status);
+      // Any HTTP answer is a known outcome. A non-idempotent statement is sent
+      // again only when the answer says it was not acted on: 429, or 503 with
+      // a Retry-After (a deliberate "come back later", RFC 9110 §15.6.4).
+      std::optional<std::uint64_t> retry_after;
+      bool retry = false;
+      if (IsRetryableHttpStatus(status)) {
+        if (status == 429 || status == 503) retry_after = RetryAfterMs(transfer->response.headers);
+        retry = transfer->idempotent || status == 429 || (status == 503 && retry_after);
+      }
       if (retry && attempts_left) {
         const std::uint64_t base = status == 429 ? std::max<std::uint64_t>(settings.backoff_base_ms,
                                                                             kThrottledBackoffBaseMs)
                                                  : settings.backoff_base_ms;
-        schedule_retry(transfer, RetryAfterMs(transfer->response.headers), base);
+        schedule_retry(transfer, retry_after, base);
         return;
       }
       std::string message = "HTTP " + std::to_string(status);
       if (!transfer->reason.empty()) message += " " + transfer->reason;
-      if (retry) message += " after " + std::to_string(transfer->attempts) + " attempts";
+      if (retry) {
+        message += " after " + std::to_string(transfer->attempts) + " attempts";
+      } else if (IsRetryableHttpStatus(status) && !transfer->idempotent && transfer->attempts < settings.max_attempts) {
+        message += " (not retried: a non-idempotent statement is sent again only after 429, or 503 with Retry-After)";
+      }
       finish(transfer, ResponseError{StatusCode::kHttpStatus, std::move(message)});
       return;
     }
@@ -774,16 +793,27 @@ class IoThread {
                                          " bytes"});
       return;
     }
-    const StatusCode status_code = StatusCodeFromCurl(code);
+    if (transfer->resend_refused) {
+      finish(transfer, ResponseError{StatusCode::kUnknown,
+                                     "the connection closed without a response after the request was sent; " +
+                                         std::string(kOutcomeUnknown)});
+      return;
+    }
+    StatusCode status_code = StatusCodeFromCurl(code);
     std::string message = curl_easy_strerror(code);
     if (transfer->error_buffer[0] != '\0') {
       message += ": ";
       message += transfer->error_buffer;
     }
     if (IsRetryable(status_code)) {
-      if (!transfer->idempotent && !IsBeforeSend(code)) {
-        // The request may have reached the server and been acted on.
-        message += " (outcome unknown, not retried (non-idempotent))";
+      // A failure before any request was handed to a connection (DNS, refused
+      // or timed-out connect, TLS handshake) sent nothing: even a POST is
+      // tried again. After that (a timeout waiting for the answer, a
+      // connection that broke) the server may have acted on it.
+      if (!transfer->idempotent && transfer->requests_sent > 0) {
+        status_code = StatusCode::kUnknown;
+        message += "; ";
+        message += kOutcomeUnknown;
       } else if (attempts_left) {
         schedule_retry(transfer, std::nullopt, settings.backoff_base_ms);
         return;
@@ -941,6 +971,27 @@ class IoThread {
     }
     body.append(data, bytes);
     return bytes;
+  }
+
+  // Set for non-idempotent statements only. libcurl calls it right before it
+  // sends a request on a connection, new or reused, after any TLS handshake;
+  // so an attempt that failed before it ran sent nothing. It also catches a
+  // re-send of libcurl's own: when a reused keep-alive connection closes
+  // before any byte of the response, libcurl sends the request again on a
+  // new connection (Curl_retry_request), a POST included. A second call for
+  // the same request (the redirect count unchanged) is that re-send, and is
+  // refused: the server may have acted on the first.
+  static int PrereqCallback(void* user, char*, char*, int, int) {
+    auto* transfer = static_cast<Transfer*>(user);
+    long redirects = 0;
+    curl_easy_getinfo(transfer->easy, CURLINFO_REDIRECT_COUNT, &redirects);
+    if (transfer->requests_sent > 0 && redirects == transfer->redirects_at_send) {
+      transfer->resend_refused = true;
+      return CURL_PREREQFUNC_ABORT;
+    }
+    ++transfer->requests_sent;
+    transfer->redirects_at_send = redirects;
+    return CURL_PREREQFUNC_OK;
   }
 
   static size_t HeaderCallback(char* data, size_t size, size_t count, void* user) {

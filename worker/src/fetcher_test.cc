@@ -2,6 +2,11 @@
 
 #include <curl/curl.h>
 #include <gtest/gtest.h>
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -592,37 +597,66 @@ TEST(FetcherTest, RetryAfterHttpDate) {
   EXPECT_LT(r.response.elapsed_us, 5'000'000u);
 }
 
+Statement Post(std::string url, std::string body = "buy=1") {
+  Statement s = Get(std::move(url));
+  s.method = "POST";
+  s.body = std::move(body);
+  return s;
+}
+
 TEST(FetcherTest, PostIsNotRetriedOnServerError) {
-  HttpServer server([](const HttpRequest&) { return HttpReply{500, {}, "oops"}; });
+  // None of these says the request was not acted on.
+  for (const int status : {500, 502, 503, 504, 408}) {
+    HttpServer server([status](const HttpRequest&) { return HttpReply{status, {}, "oops"}; });
+    Collector collector;
+    Fetcher fetcher(TwoThreads(), collector.sink());
+    const auto r = FetchOne(fetcher, collector, FastRetry(), Post(server.url("/order")));
+    ASSERT_FALSE(r.response.ok()) << status;
+    EXPECT_EQ(r.response.error->code, StatusCode::kHttpStatus) << status;
+    EXPECT_EQ(r.response.status, status);
+    EXPECT_EQ(r.response.body, "oops");
+    EXPECT_EQ(r.response.attempts, 1u) << status;
+    EXPECT_EQ(server.requests(), 1u) << status;
+    EXPECT_NE(r.response.error->message.find("not retried"), std::string::npos) << r.response.error->message;
+  }
+  // PATCH and a statement marked idempotent = false are treated alike.
+  HttpServer server([](const HttpRequest&) { return HttpReply{503, {}, "busy"}; });
   Collector collector;
   Fetcher fetcher(TwoThreads(), collector.sink());
-  Statement s = Get(server.url("/order"));
-  s.method = "POST";
-  s.body = "buy=1";
-  const auto r = FetchOne(fetcher, collector, FastRetry(), s);
-  ASSERT_FALSE(r.response.ok());
-  EXPECT_EQ(r.response.error->code, StatusCode::kHttpStatus);
-  EXPECT_EQ(r.response.status, 500);
-  EXPECT_EQ(r.response.attempts, 1u);
-  EXPECT_EQ(server.requests(), 1u);
+  Statement patch = Post(server.url("/"));
+  patch.method = "PATCH";
+  Statement put = Get(server.url("/"));
+  put.method = "PUT";
+  put.idempotent = false;
+  std::uint8_t n = 1;
+  for (const Statement& s : {patch, put}) {
+    const auto r = FetchOne(fetcher, collector, FastRetry(), s, n++);
+    EXPECT_EQ(r.response.error->code, StatusCode::kHttpStatus);
+    EXPECT_EQ(r.response.attempts, 1u) << s.method;
+  }
+  EXPECT_EQ(server.requests(), 2u);
 }
 
 TEST(FetcherTest, PostIsRetriedWhenTheServerSaysNotProcessed) {
-  std::atomic<int> calls{0};
-  HttpServer server([&](const HttpRequest& request) {
-    if (calls.fetch_add(1) == 0) return HttpReply{503, {}, ""};
-    return HttpReply{201, {}, request.body};
-  });
-  Collector collector;
-  Fetcher fetcher(TwoThreads(), collector.sink());
-  Statement s = Get(server.url("/order"));
-  s.method = "POST";
-  s.body = "buy=1";
-  const auto r = FetchOne(fetcher, collector, FastRetry(), s);
-  ASSERT_TRUE(r.response.ok());
-  EXPECT_EQ(r.response.status, 201);
-  EXPECT_EQ(r.response.body, "buy=1");
-  EXPECT_EQ(r.response.attempts, 2u);
+  // 429 (with or without Retry-After) and 503 with Retry-After say the
+  // request was refused before it was acted on.
+  const std::vector<HttpReply> refusals = {
+      {429, {}, ""}, {429, {{"Retry-After", "0"}}, ""}, {503, {{"Retry-After", "0"}}, ""}};
+  for (const HttpReply& refusal : refusals) {
+    std::atomic<int> calls{0};
+    HttpServer server([&](const HttpRequest& request) {
+      if (calls.fetch_add(1) == 0) return refusal;
+      return HttpReply{201, {}, request.body};
+    });
+    Collector collector;
+    Fetcher fetcher(TwoThreads(), collector.sink());
+    const auto r = FetchOne(fetcher, collector, FastRetry(), Post(server.url("/order")));
+    ASSERT_TRUE(r.response.ok()) << refusal.status << " " << r.response.error->message;
+    EXPECT_EQ(r.response.status, 201);
+    EXPECT_EQ(r.response.body, "buy=1");
+    EXPECT_EQ(r.response.attempts, 2u);
+    EXPECT_EQ(server.requests(), 2u);
+  }
 }
 
 TEST(FetcherTest, ExplicitlyIdempotentPostIsRetried) {
@@ -654,15 +688,122 @@ TEST(FetcherTest, DroppedConnectionIsRetriedForGetNotForPost) {
   EXPECT_EQ(r.response.error->code, StatusCode::kUnavailable);
   EXPECT_EQ(r.response.attempts, 3u);
 
-  Statement post = Get(server.url("/"));
-  post.method = "POST";
-  post.body = "x";
-  r = FetchOne(fetcher, collector, FastRetry(), post, 2);
+  // The connection broke after the request was sent: the server may have
+  // acted on it, so a POST fails as outcome unknown and is not sent again.
+  const std::uint64_t before = server.requests();
+  r = FetchOne(fetcher, collector, FastRetry(), Post(server.url("/"), "x"), 2);
   ASSERT_FALSE(r.response.ok());
-  EXPECT_EQ(r.response.error->code, StatusCode::kUnavailable);
-  EXPECT_NE(r.response.error->message.find("outcome unknown, not retried (non-idempotent)"), std::string::npos)
+  EXPECT_EQ(r.response.error->code, StatusCode::kUnknown);
+  EXPECT_NE(r.response.error->message.find("may have reached the server"), std::string::npos)
       << r.response.error->message;
   EXPECT_EQ(r.response.attempts, 1u);
+  EXPECT_EQ(server.requests(), before + 1);
+}
+
+TEST(FetcherTest, PostTimeoutIsOutcomeUnknown) {
+  HttpServer server([](const HttpRequest&) {
+    HttpReply reply;
+    reply.delay = seconds(2);
+    return reply;
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  Statement post = Post(server.url("/slow"));
+  post.timeout_ms = 200;
+  const auto r = FetchOne(fetcher, collector, FastRetry(), post);
+  ASSERT_FALSE(r.response.ok());
+  EXPECT_EQ(r.response.error->code, StatusCode::kUnknown);
+  EXPECT_NE(r.response.error->message.find("may have reached the server"), std::string::npos)
+      << r.response.error->message;
+  EXPECT_NE(r.response.error->message.find("timed out"), std::string::npos) << r.response.error->message;
+  EXPECT_EQ(r.response.attempts, 1u);
+  EXPECT_EQ(server.requests(), 1u);
+}
+
+TEST(FetcherTest, PostOnAReusedConnectionIsNotResentByLibcurl) {
+  // libcurl re-sends a request by itself, on a new connection, when a reused
+  // keep-alive connection closes before any byte of the response: a POST the
+  // server acted on before it went away would run twice.
+  std::atomic<int> posts{0};
+  HttpServer server([&](const HttpRequest& request) {
+    HttpReply reply;
+    if (request.method == "POST") {
+      posts.fetch_add(1);
+      reply.drop = true;
+    }
+    return reply;
+  });
+  Collector collector;
+  Fetcher::Options options = TwoThreads();
+  options.io_threads = 1;  // one multi, so the POST takes the GET's connection
+  Fetcher fetcher(options, collector.sink());
+  const SessionId id = MakeSessionId(1);
+  fetcher.open_session(id, FastRetry());
+  std::vector<FetchItem> items;
+  items.push_back(Item(1, server.url("/warm")));
+  fetcher.submit(id, std::move(items));
+  ASSERT_TRUE(collector.wait(1));
+  ASSERT_EQ(server.connections(), 1u);
+  items.clear();
+  items.push_back(FetchItem{});
+  items[0].index = 2;
+  items[0].statement = Post(server.url("/order"));
+  fetcher.submit(id, std::move(items));
+  ASSERT_TRUE(collector.wait(2));
+  fetcher.close_session(id);
+  const FetchResult r = collector.last();
+  ASSERT_EQ(r.index, 2u);
+  ASSERT_FALSE(r.response.ok());
+  EXPECT_EQ(r.response.error->code, StatusCode::kUnknown) << r.response.error->message;
+  EXPECT_NE(r.response.error->message.find("may have reached the server"), std::string::npos)
+      << r.response.error->message;
+  EXPECT_EQ(r.response.attempts, 1u);
+  EXPECT_EQ(posts.load(), 1) << "the POST was sent twice";
+}
+
+TEST(FetcherTest, PostIsRetriedWhenNothingWasSent) {
+  // A connect that times out sends nothing, just as a refused one.
+  const int listener = socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(listener, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  ASSERT_EQ(bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  ASSERT_EQ(listen(listener, 0), 0);
+  ASSERT_EQ(getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+  // Fills the accept queue, which is never read: later SYNs are dropped.
+  const int filler = socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_EQ(connect(filler, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  const std::string url = "http://127.0.0.1:" + std::to_string(ntohs(addr.sin_port)) + "/";
+
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  SessionSettings settings = FastRetry();
+  settings.connect_timeout_ms = 150;
+  auto r = FetchOne(fetcher, collector, settings, Post(url));
+  ASSERT_FALSE(r.response.ok());
+  EXPECT_EQ(r.response.error->code, StatusCode::kDeadlineExceeded) << r.response.error->message;
+  EXPECT_EQ(r.response.attempts, 3u) << r.response.error->message;
+  close(filler);
+  close(listener);
+}
+
+TEST(FetcherTest, PostIsRetriedAfterADnsFailure) {
+  const char* host = "gatherer-test.invalid";  // RFC 6761: never resolves
+  const auto started = std::chrono::steady_clock::now();
+  addrinfo* found = nullptr;
+  const int rc = getaddrinfo(host, "80", nullptr, &found);
+  if (found != nullptr) freeaddrinfo(found);
+  if (rc == 0 || std::chrono::steady_clock::now() - started > milliseconds(500)) {
+    GTEST_SKIP() << "the resolver here does not fail fast on .invalid";
+  }
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  const auto r = FetchOne(fetcher, collector, FastRetry(), Post(std::string("http://") + host + "/"));
+  ASSERT_FALSE(r.response.ok());
+  EXPECT_EQ(r.response.error->code, StatusCode::kUnavailable) << r.response.error->message;
+  EXPECT_EQ(r.response.attempts, 3u);
 }
 
 TEST(FetcherTest, ConnectionRefusedIsUnavailableAfterMaxAttempts) {
