@@ -761,6 +761,21 @@ TEST(FetcherTest, PostOnAReusedConnectionIsNotResentByLibcurl) {
   EXPECT_EQ(posts.load(), 1) << "the POST was sent twice";
 }
 
+TEST(FetcherTest, PostFollowsRedirects) {
+  // Each request of a redirect chain is sent once; none is taken for a re-send.
+  HttpServer server([](const HttpRequest& request) {
+    if (request.target == "/307") return HttpReply{307, {{"Location", "/303"}}, ""};
+    if (request.target == "/303") return HttpReply{303, {{"Location", "/done"}}, ""};
+    return HttpReply{200, {}, request.method + ":" + request.body};
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  const auto r = FetchOne(fetcher, collector, FastRetry(), Post(server.url("/307")));
+  ASSERT_TRUE(r.response.ok()) << r.response.error->message;
+  EXPECT_EQ(r.response.body, "GET:");  // 307 keeps the POST, 303 makes it a GET
+  EXPECT_EQ(server.requests(), 3u);
+}
+
 TEST(FetcherTest, PostIsRetriedWhenNothingWasSent) {
   // A connect that times out sends nothing, just as a refused one.
   const int listener = socket(AF_INET, SOCK_STREAM, 0);
