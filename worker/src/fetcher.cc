@@ -812,6 +812,7 @@ class IoThread {
       // connection that broke) the server may have acted on it.
       if (!transfer->idempotent && transfer->requests_sent > 0) {
         status_code = StatusCode::kUnknown;
+        if (status != 0) message += " (the server had begun to answer: HTTP " + std::to_string(status) + ")";
         message += "; ";
         message += kOutcomeUnknown;
       } else if (attempts_left) {

@@ -700,6 +700,22 @@ TEST(FetcherTest, DroppedConnectionIsRetriedForGetNotForPost) {
   EXPECT_EQ(server.requests(), before + 1);
 }
 
+TEST(FetcherTest, PostCutShortIsOutcomeUnknown) {
+  // The status line arrived, then the connection closed mid-body (the
+  // server closes after its reply when asked to).
+  HttpServer server([](const HttpRequest&) { return HttpReply{200, {{"Content-Length", "100"}}, "only part"}; });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  Statement post = Post(server.url("/"));
+  post.headers = {{"Connection", "close"}};
+  auto r = FetchOne(fetcher, collector, FastRetry(), post);
+  ASSERT_FALSE(r.response.ok());
+  EXPECT_EQ(r.response.error->code, StatusCode::kUnknown) << r.response.error->message;
+  EXPECT_NE(r.response.error->message.find("HTTP 200"), std::string::npos) << r.response.error->message;
+  EXPECT_EQ(r.response.attempts, 1u);
+  EXPECT_EQ(server.requests(), 1u);
+}
+
 TEST(FetcherTest, PostTimeoutIsOutcomeUnknown) {
   HttpServer server([](const HttpRequest&) {
     HttpReply reply;
