@@ -963,6 +963,7 @@ TEST(FetcherTest, RedirectsKeepOnlyTheFinalResponse) {
   // A redirect may not leave http(s).
   r = FetchOne(fetcher, collector, SessionSettings{}, Get(server.url("/file")), 3);
   ASSERT_FALSE(r.response.ok());
+  EXPECT_EQ(r.response.error->code, StatusCode::kInvalidArgument) << r.response.error->message;
   EXPECT_NE(r.response.body, "landed");
 }
 
