@@ -774,7 +774,7 @@ class IoThread {
       if (!transfer->reason.empty()) message += " " + transfer->reason;
       if (retry) {
         message += " after " + std::to_string(transfer->attempts) + " attempts";
-      } else if (IsRetryableHttpStatus(status) && !transfer->idempotent && transfer->attempts < settings.max_attempts) {
+      } else if (IsRetryableHttpStatus(status) && attempts_left) {  // a non-idempotent statement
         message += " (not retried: a non-idempotent statement is sent again only after 429, or 503 with Retry-After)";
       }
       finish(transfer, ResponseError{StatusCode::kHttpStatus, std::move(message)});
