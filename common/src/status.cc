@@ -16,6 +16,7 @@ std::string_view StatusCodeName(StatusCode code) {
     case StatusCode::kInternal: return "internal";
     case StatusCode::kUnavailable: return "unavailable";
     case StatusCode::kDataLoss: return "data_loss";
+    case StatusCode::kHttpStatus: return "http_status";
   }
   return "unknown";
 }
@@ -34,6 +35,7 @@ StatusCode StatusCodeFromWire(std::uint8_t value) {
     case StatusCode::kInternal:
     case StatusCode::kUnavailable:
     case StatusCode::kDataLoss:
+    case StatusCode::kHttpStatus:
       return static_cast<StatusCode>(value);
   }
   return StatusCode::kInternal;

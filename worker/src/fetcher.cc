@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cctype>
 #include <cerrno>
+#include <charconv>
 #include <chrono>
 #include <climits>
 #include <iterator>
@@ -53,6 +54,23 @@ constexpr std::size_t kMaxResponseHeaderBytes = 1 << 20;
 // burst does not pin its peak memory forever.
 constexpr std::size_t kMaxFreeEasyHandles = 1024;
 constexpr int kMaxEpollEvents = 256;
+// Backoff base after a 429 without Retry-After (unless backoff_base_ms is
+// larger): the server said "too many", and another try 100 ms later, from
+// every statement of a burst, only says it again. Doubles per attempt and is
+// capped at backoff_max_ms like the ordinary backoff.
+constexpr std::uint64_t kThrottledBackoffBaseMs = 1000;
+
+#ifndef GATHERER_VERSION
+#error "GATHERER_VERSION must be defined (worker/CMakeLists.txt)"
+#endif
+// Sent with every request unless the session or the statement names a
+// User-Agent of its own (then libcurl sends theirs: one custom header wins).
+constexpr char kUserAgentLine[] = "User-Agent: gatherer/" GATHERER_VERSION;
+// libcurl adds "Content-Type: application/x-www-form-urlencoded" to every
+// request whose body goes through CURLOPT_POSTFIELDS; a custom header with
+// nothing after the colon removes it. A body is sent with the Content-Type
+// its statement or session names, or none: the fetcher does not guess.
+constexpr char kNoContentTypeLine[] = "Content-Type:";
 
 void GlobalInit() {
   static std::once_flag once;
@@ -85,23 +103,19 @@ bool IsFieldValue(std::string_view s) {
   return s.find_first_of(std::string_view("\r\n\0", 3)) == std::string_view::npos;
 }
 
+// Statuses an idempotent statement is tried again after: the request timed
+// out at the server, was throttled, or met a failing or overloaded server.
 bool IsRetryableHttpStatus(long status) {
   return status == 408 || status == 429 || status == 500 || status == 502 || status == 503 ||
          status == 504;
 }
 
-// 429 and 503 say the server refused the request before acting on it, so even a
-// non-idempotent statement may be sent again.
-bool IsUnprocessedHttpStatus(long status) { return status == 429 || status == 503; }
-
-// Failures where the request never left this host, so it cannot have been processed.
-bool IsBeforeSend(CURLcode code) {
-  return code == CURLE_COULDNT_CONNECT || code == CURLE_COULDNT_RESOLVE_HOST ||
-         code == CURLE_COULDNT_RESOLVE_PROXY;
-}
+// Said of a non-idempotent statement that may have been acted on.
+constexpr std::string_view kOutcomeUnknown =
+    "outcome unknown: the request may have reached the server, and a non-idempotent statement is not sent again";
 
 // Retry-After (RFC 9110 §10.2.3): delta-seconds or an HTTP-date; nullopt when
-// absent or unparsable.
+// absent or unparsable. Read only when an attempt is about to be retried.
 std::optional<std::uint64_t> RetryAfterMs(const Headers& headers) {
   for (const auto& [name, raw] : headers) {
     if (!EqualsIgnoreCase(name, "Retry-After")) continue;
@@ -109,7 +123,9 @@ std::optional<std::uint64_t> RetryAfterMs(const Headers& headers) {
     if (value.empty()) return std::nullopt;
     if (std::all_of(value.begin(), value.end(), [](char c) { return c >= '0' && c <= '9'; })) {
       if (value.size() > 9) return std::uint64_t{999'999'999} * 1000;  // absurd; the cap applies
-      return std::stoull(std::string(value)) * 1000;
+      std::uint64_t seconds = 0;
+      std::from_chars(value.data(), value.data() + value.size(), seconds);
+      return seconds * 1000;
     }
     const std::string text(value);
     const time_t when = curl_getdate(text.c_str(), nullptr);
@@ -120,6 +136,72 @@ std::optional<std::uint64_t> RetryAfterMs(const Headers& headers) {
   return std::nullopt;
 }
 
+// Appends "name: value" to `list` through `line` (a reused buffer);
+// "Name;" is libcurl's spelling of an empty header ("Name:" would delete it).
+// False when out of memory (then `list` is unchanged).
+bool AppendHeader(curl_slist*& list, std::string& line, std::string_view name, std::string_view value) {
+  line.assign(name);
+  line += value.empty() ? ";" : ": ";
+  line += value;
+  curl_slist* next = curl_slist_append(list, line.c_str());
+  if (next == nullptr) return false;
+  list = next;
+  return true;
+}
+
+bool NamesHeader(const Headers& headers, std::string_view name) {
+  return std::any_of(headers.begin(), headers.end(), [&](const auto& h) { return EqualsIgnoreCase(h.first, name); });
+}
+
+// The session's header list as libcurl takes it, built once per session so
+// that a statement without headers of its own costs no allocation for them.
+// libcurl only reads a list, so every I/O thread may hand the same one to its
+// easy handles.
+struct SessionHeaders {
+  explicit SessionHeaders(const Headers& headers) {
+    for (const auto& [name, value] : headers) {
+      if (!IsToken(name) || !IsFieldValue(value)) {
+        error = ResponseError{StatusCode::kInvalidArgument, "invalid header '" + name + "'"};
+        return;
+      }
+    }
+    names_user_agent = NamesHeader(headers, "User-Agent");
+    names_content_type = NamesHeader(headers, "Content-Type");
+    std::string line;
+    bool ok = true;
+    for (const auto& [name, value] : headers) ok = ok && AppendHeader(list, line, name, value);
+    if (ok && !names_user_agent) {
+      curl_slist* next = curl_slist_append(list, kUserAgentLine);
+      if (next != nullptr) list = next;
+      ok = next != nullptr;
+    }
+    if (!ok) {
+      error = ResponseError{StatusCode::kInternal, "out of memory"};
+      return;
+    }
+    // The removal of libcurl's Content-Type goes in front of the shared list
+    // (order does not matter to it), so both lists share their nodes.
+    no_content_type.data = const_cast<char*>(kNoContentTypeLine);
+    no_content_type.next = list;
+  }
+  ~SessionHeaders() { curl_slist_free_all(list); }
+  SessionHeaders(const SessionHeaders&) = delete;
+  SessionHeaders& operator=(const SessionHeaders&) = delete;
+
+  // For a request without a body, and for one with a body.
+  const curl_slist* plain() const { return list; }
+  const curl_slist* with_body() const { return names_content_type ? list : &no_content_type; }
+
+  // Set when a session header is invalid: every statement fails with it.
+  std::optional<ResponseError> error;
+  bool names_user_agent = false;
+  bool names_content_type = false;
+
+ private:
+  curl_slist* list = nullptr;
+  curl_slist no_content_type{};  // not libcurl's: never freed with curl_slist_free_all
+};
+
 // One open session as every I/O thread sees it: immutable settings and the
 // CURLSH sharing DNS and TLS sessions. libcurl serialises access to the share
 // through the lock callbacks, one mutex per curl_lock_data kind so a DNS
@@ -129,7 +211,7 @@ std::optional<std::uint64_t> RetryAfterMs(const Headers& headers) {
 // easy handles.
 struct SharedSession {
   SharedSession(const SessionId& session_id, const SessionSettings& session_settings)
-      : id(session_id), settings(session_settings), share(curl_share_init()) {
+      : id(session_id), settings(session_settings), headers(settings.headers), share(curl_share_init()) {
     // Without a share the session still works, only without cross-thread
     // DNS/TLS reuse, so a failed init is not fatal.
     if (share == nullptr) return;
@@ -154,6 +236,7 @@ struct SharedSession {
 
   const SessionId id;
   const SessionSettings settings;
+  const SessionHeaders headers;
   CURLSH* const share;
   // Indexed by curl_lock_data; CURL_LOCK_DATA_SHARE is used by libcurl itself
   // when handles attach and detach.
@@ -181,6 +264,15 @@ struct Transfer {
   Response response;
   std::string reason;  // reason phrase of the last status line
   std::size_t header_bytes = 0;
+  // The final response names a Content-Encoding other than identity, so
+  // libcurl decodes its body (CURLOPT_ACCEPT_ENCODING).
+  bool encoded = false;
+  // Non-idempotent statements only (PrereqCallback), per attempt: requests
+  // handed to a connection, the redirect count at the last one, and whether
+  // a re-send of libcurl's own was refused.
+  std::uint32_t requests_sent = 0;
+  long redirects_at_send = 0;
+  bool resend_refused = false;
   Overflow overflow = Overflow::kNone;
   char error_buffer[CURL_ERROR_SIZE] = {};
 };
@@ -472,47 +564,60 @@ class IoThread {
     const Statement& statement = transfer->statement;
     const SessionSettings& settings = transfer->session->shared->settings;
 
-    std::string url;
+    // A path is joined to base_url; an absolute url goes to libcurl as it is
+    // (libcurl copies it either way).
+    const std::string* url = &statement.url;
     if (!statement.url.empty() && statement.url.front() == '/') {
       if (settings.base_url.empty()) {
         return ResponseError{StatusCode::kInvalidArgument, "url is a path and the session has no base_url"};
       }
       std::string_view base = settings.base_url;
       while (!base.empty() && base.back() == '/') base.remove_suffix(1);
-      url.reserve(base.size() + statement.url.size());
-      url.append(base).append(statement.url);
-    } else {
-      url = statement.url;
+      joined_url_.assign(base).append(statement.url);
+      url = &joined_url_;
     }
     if (!IsToken(statement.method)) {
       return ResponseError{StatusCode::kInvalidArgument, "method is not an HTTP token"};
     }
+    const SessionHeaders& session_headers = transfer->session->shared->headers;
+    if (session_headers.error) return session_headers.error;
+    const std::string& method = statement.method;
+    const bool has_body = !statement.body.empty();
+    const bool posts = method != "HEAD" && (method == "POST" || has_body);
 
-    // Session defaults first, minus those the statement names; then the statement's.
-    auto append = [transfer](const std::string& name, const std::string& value) -> bool {
-      std::string line = name;
-      // "Name;" is libcurl's spelling of an empty header ("Name:" would delete it).
-      line += value.empty() ? ";" : ": ";
-      line += value;
-      curl_slist* next = curl_slist_append(transfer->header_list, line.c_str());
-      if (next == nullptr) return false;
-      transfer->header_list = next;
-      return true;
-    };
-    for (const Headers* list : {&settings.headers, &statement.headers}) {
-      for (const auto& [name, value] : *list) {
+    // Without headers of its own a statement takes the session's list as it
+    // is; otherwise it gets a list of its own: the session's defaults minus
+    // those it names, then its own, then the defaults of the fetcher.
+    const curl_slist* header_list = posts ? session_headers.with_body() : session_headers.plain();
+    if (!statement.headers.empty()) {
+      for (const auto& [name, value] : statement.headers) {
         if (!IsToken(name) || !IsFieldValue(value)) {
           return ResponseError{StatusCode::kInvalidArgument, "invalid header '" + name + "'"};
         }
       }
-    }
-    for (const auto& [name, value] : settings.headers) {
-      const bool replaced = std::any_of(statement.headers.begin(), statement.headers.end(),
-                                        [&](const auto& h) { return EqualsIgnoreCase(h.first, name); });
-      if (!replaced && !append(name, value)) return ResponseError{StatusCode::kInternal, "out of memory"};
-    }
-    for (const auto& [name, value] : statement.headers) {
-      if (!append(name, value)) return ResponseError{StatusCode::kInternal, "out of memory"};
+      const ResponseError out_of_memory{StatusCode::kInternal, "out of memory"};
+      for (const auto& [name, value] : settings.headers) {
+        if (!NamesHeader(statement.headers, name) && !AppendHeader(transfer->header_list, header_line_, name, value)) {
+          return out_of_memory;
+        }
+      }
+      for (const auto& [name, value] : statement.headers) {
+        if (!AppendHeader(transfer->header_list, header_line_, name, value)) return out_of_memory;
+      }
+      auto append_line = [transfer](const char* line) {
+        curl_slist* next = curl_slist_append(transfer->header_list, line);
+        if (next != nullptr) transfer->header_list = next;
+        return next != nullptr;
+      };
+      if (!session_headers.names_user_agent && !NamesHeader(statement.headers, "User-Agent") &&
+          !append_line(kUserAgentLine)) {
+        return out_of_memory;
+      }
+      if (posts && !session_headers.names_content_type && !NamesHeader(statement.headers, "Content-Type") &&
+          !append_line(kNoContentTypeLine)) {
+        return out_of_memory;
+      }
+      header_list = transfer->header_list;
     }
 
     transfer->easy = acquire_easy();
@@ -522,7 +627,7 @@ class IoThread {
     auto set = [&](CURLoption option, auto value) {
       if (rc == CURLE_OK) rc = curl_easy_setopt(easy, option, value);
     };
-    set(CURLOPT_URL, url.c_str());
+    set(CURLOPT_URL, url->c_str());
     set(CURLOPT_PRIVATE, static_cast<void*>(transfer));
     set(CURLOPT_ERRORBUFFER, transfer->error_buffer);
     set(CURLOPT_NOSIGNAL, 1L);
@@ -537,7 +642,7 @@ class IoThread {
     set(CURLOPT_TIMEOUT_MS, static_cast<long>(timeout_ms));
     set(CURLOPT_CONNECTTIMEOUT_MS, static_cast<long>(settings.connect_timeout_ms));
     set(CURLOPT_HTTP_VERSION, static_cast<long>(CURL_HTTP_VERSION_2TLS));
-    if (url.size() >= 8 && EqualsIgnoreCase(std::string_view(url).substr(0, 8), "https://")) {
+    if (url->size() >= 8 && EqualsIgnoreCase(std::string_view(*url).substr(0, 8), "https://")) {
       // Wait for a connection being set up that may multiplex (h2) instead of
       // opening another; plain http never multiplexes here, so it would only
       // serialise connection set-up.
@@ -553,14 +658,17 @@ class IoThread {
       // callback enforces the cap on decoded bytes.
       set(CURLOPT_MAXFILESIZE_LARGE, static_cast<curl_off_t>(settings.max_body_bytes));
     }
+    if (!transfer->idempotent) {
+      set(CURLOPT_PREREQFUNCTION, &IoThread::PrereqCallback);
+      set(CURLOPT_PREREQDATA, static_cast<void*>(transfer));
+    }
     if (transfer->session->shared->share != nullptr) set(CURLOPT_SHARE, transfer->session->shared->share);
-    if (transfer->header_list != nullptr) set(CURLOPT_HTTPHEADER, transfer->header_list);
+    // libcurl never writes to the list: the session's may be shared.
+    if (header_list != nullptr) set(CURLOPT_HTTPHEADER, const_cast<curl_slist*>(header_list));
 
-    const std::string& method = statement.method;
-    const bool has_body = !statement.body.empty();
     if (method == "HEAD") {
       set(CURLOPT_NOBODY, 1L);
-    } else if (method == "POST" || has_body) {
+    } else if (posts) {
       set(CURLOPT_POSTFIELDSIZE_LARGE, static_cast<curl_off_t>(statement.body.size()));
       // Not copied: the statement lives in the transfer until it ends.
       set(CURLOPT_POSTFIELDS, statement.body.data());
@@ -581,6 +689,10 @@ class IoThread {
     transfer->response.body.clear();
     transfer->reason.clear();
     transfer->header_bytes = 0;
+    transfer->encoded = false;
+    transfer->requests_sent = 0;
+    transfer->redirects_at_send = 0;
+    transfer->resend_refused = false;
     transfer->overflow = Transfer::Overflow::kNone;
     transfer->error_buffer[0] = '\0';
     const CURLMcode rc = curl_multi_add_handle(transfer->session->multi, transfer->easy);
@@ -634,6 +746,7 @@ class IoThread {
     long status = 0;
     curl_easy_getinfo(transfer->easy, CURLINFO_RESPONSE_CODE, &status);
     transfer->response.status = static_cast<int>(status);
+    if (transfer->encoded) DropEncodingHeaders(transfer);
     const bool attempts_left = transfer->attempts < std::max<std::uint32_t>(settings.max_attempts, 1);
 
     if (code == CURLE_OK) {
@@ -641,17 +754,30 @@ class IoThread {
         finish(transfer, std::nullopt);
         return;
       }
-      // Any HTTP answer is a known outcome; only 429/503 also say "not processed".
-      const bool retry =
-          transfer->idempotent ? IsRetryableHttpStatus(status) : IsUnprocessedHttpStatus(status);
+      // Any HTTP answer is a known outcome. A non-idempotent statement is sent
+      // again only when the answer says it was not acted on: 429, or 503 with
+      // a Retry-After (a deliberate "come back later", RFC 9110 §15.6.4).
+      std::optional<std::uint64_t> retry_after;
+      bool retry = false;
+      if (IsRetryableHttpStatus(status)) {
+        if (status == 429 || status == 503) retry_after = RetryAfterMs(transfer->response.headers);
+        retry = transfer->idempotent || status == 429 || (status == 503 && retry_after);
+      }
       if (retry && attempts_left) {
-        schedule_retry(transfer, RetryAfterMs(transfer->response.headers));
+        const std::uint64_t base = status == 429 ? std::max<std::uint64_t>(settings.backoff_base_ms,
+                                                                            kThrottledBackoffBaseMs)
+                                                 : settings.backoff_base_ms;
+        schedule_retry(transfer, retry_after, base);
         return;
       }
       std::string message = "HTTP " + std::to_string(status);
       if (!transfer->reason.empty()) message += " " + transfer->reason;
-      if (retry) message += " after " + std::to_string(transfer->attempts) + " attempts";
-      finish(transfer, ResponseError{StatusCode::kFailedPrecondition, std::move(message)});
+      if (retry) {
+        message += " after " + std::to_string(transfer->attempts) + " attempts";
+      } else if (IsRetryableHttpStatus(status) && attempts_left) {  // a non-idempotent statement
+        message += " (not retried: a non-idempotent statement is sent again only after 429, or 503 with Retry-After)";
+      }
+      finish(transfer, ResponseError{StatusCode::kHttpStatus, std::move(message)});
       return;
     }
 
@@ -667,18 +793,30 @@ class IoThread {
                                          " bytes"});
       return;
     }
-    const StatusCode status_code = StatusCodeFromCurl(code);
+    if (transfer->resend_refused) {
+      finish(transfer, ResponseError{StatusCode::kUnknown,
+                                     "the connection closed without a response after the request was sent; " +
+                                         std::string(kOutcomeUnknown)});
+      return;
+    }
+    StatusCode status_code = StatusCodeFromCurl(code);
     std::string message = curl_easy_strerror(code);
     if (transfer->error_buffer[0] != '\0') {
       message += ": ";
       message += transfer->error_buffer;
     }
     if (IsRetryable(status_code)) {
-      if (!transfer->idempotent && !IsBeforeSend(code)) {
-        // The request may have reached the server and been acted on.
-        message += " (outcome unknown, not retried (non-idempotent))";
+      // A failure before any request was handed to a connection (DNS, refused
+      // or timed-out connect, TLS handshake) sent nothing: even a POST is
+      // tried again. After that (a timeout waiting for the answer, a
+      // connection that broke) the server may have acted on it.
+      if (!transfer->idempotent && transfer->requests_sent > 0) {
+        status_code = StatusCode::kUnknown;
+        if (status != 0) message += " (the server had begun to answer: HTTP " + std::to_string(status) + ")";
+        message += "; ";
+        message += kOutcomeUnknown;
       } else if (attempts_left) {
-        schedule_retry(transfer, std::nullopt);
+        schedule_retry(transfer, std::nullopt, settings.backoff_base_ms);
         return;
       } else if (transfer->attempts > 1) {
         message += " (after " + std::to_string(transfer->attempts) + " attempts)";
@@ -687,18 +825,35 @@ class IoThread {
     finish(transfer, ResponseError{status_code, std::move(message)});
   }
 
-  void schedule_retry(Transfer* transfer, std::optional<std::uint64_t> retry_after_ms) {
+  // libcurl decodes a compressed body (CURLOPT_ACCEPT_ENCODING), after which
+  // the response's Content-Encoding and Content-Length describe bytes that
+  // are not the body returned: both are dropped, as Go's http.Transport does
+  // when it decompresses. Only when a body was received (CURLINFO_SIZE_DOWNLOAD
+  // counts bytes as they came off the wire, before decoding): the headers of
+  // a HEAD, 204 or 304 describe the resource and stay.
+  static void DropEncodingHeaders(Transfer* transfer) {
+    curl_off_t received = 0;
+    curl_easy_getinfo(transfer->easy, CURLINFO_SIZE_DOWNLOAD_T, &received);
+    if (received <= 0) return;
+    std::erase_if(transfer->response.headers, [](const auto& h) {
+      return EqualsIgnoreCase(h.first, "Content-Encoding") || EqualsIgnoreCase(h.first, "Content-Length");
+    });
+  }
+
+  // Waits before the next attempt. A Retry-After the server sent is waited
+  // as it says, up to retry_after_max_ms. Otherwise exponential backoff with
+  // full jitter (AWS architecture blog, "Exponential Backoff and Jitter"),
+  // which spreads the retries of a burst that failed together: uniform in
+  // [0, min(backoff_max_ms, base * 2^(attempts - 1))].
+  void schedule_retry(Transfer* transfer, std::optional<std::uint64_t> retry_after_ms, std::uint64_t base_ms) {
     const SessionSettings& settings = transfer->session->shared->settings;
-    const std::uint64_t cap = settings.backoff_max_ms;
     std::uint64_t delay_ms;
     if (retry_after_ms) {
-      delay_ms = std::min(*retry_after_ms, cap);
+      delay_ms = std::min<std::uint64_t>(*retry_after_ms, settings.retry_after_max_ms);
     } else {
-      // Full jitter (AWS architecture blog, "Exponential Backoff and Jitter"):
-      // spreads retries of a burst that failed together.
+      const std::uint64_t cap = settings.backoff_max_ms;
       const std::uint32_t shift = transfer->attempts - 1;
-      const std::uint64_t ceiling =
-          shift >= 32 ? cap : std::min(cap, std::uint64_t{settings.backoff_base_ms} << shift);
+      const std::uint64_t ceiling = shift >= 32 ? cap : std::min(cap, base_ms << shift);
       delay_ms = std::uniform_int_distribution<std::uint64_t>(0, ceiling)(rng_);
     }
     backoff_.push_back({Clock::now() + std::chrono::milliseconds(delay_ms), transfer});
@@ -819,6 +974,27 @@ class IoThread {
     return bytes;
   }
 
+  // Set for non-idempotent statements only. libcurl calls it right before it
+  // sends a request on a connection, new or reused, after any TLS handshake;
+  // so an attempt that failed before it ran sent nothing. It also catches a
+  // re-send of libcurl's own: when a reused keep-alive connection closes
+  // before any byte of the response, libcurl sends the request again on a
+  // new connection (Curl_retry_request), a POST included. A second call for
+  // the same request (the redirect count unchanged) is that re-send, and is
+  // refused: the server may have acted on the first.
+  static int PrereqCallback(void* user, char*, char*, int, int) {
+    auto* transfer = static_cast<Transfer*>(user);
+    long redirects = 0;
+    curl_easy_getinfo(transfer->easy, CURLINFO_REDIRECT_COUNT, &redirects);
+    if (transfer->requests_sent > 0 && redirects == transfer->redirects_at_send) {
+      transfer->resend_refused = true;
+      return CURL_PREREQFUNC_ABORT;
+    }
+    ++transfer->requests_sent;
+    transfer->redirects_at_send = redirects;
+    return CURL_PREREQFUNC_OK;
+  }
+
   static size_t HeaderCallback(char* data, size_t size, size_t count, void* user) {
     auto* transfer = static_cast<Transfer*>(user);
     const std::size_t bytes = size * count;
@@ -834,6 +1010,7 @@ class IoThread {
       // A new response begins (redirect, 100-continue): keep only the final one's.
       headers.clear();
       transfer->reason.clear();
+      transfer->encoded = false;
       const std::size_t code_at = line.find(' ');
       if (code_at != std::string_view::npos) {
         const std::size_t reason_at = line.find(' ', code_at + 1);
@@ -850,7 +1027,12 @@ class IoThread {
     }
     const std::size_t colon = line.find(':');
     if (colon == std::string_view::npos || colon == 0) return bytes;  // not a header; ignored
-    headers.emplace_back(std::string(Trim(line.substr(0, colon))), std::string(Trim(line.substr(colon + 1))));
+    const std::string_view name = Trim(line.substr(0, colon));
+    const std::string_view value = Trim(line.substr(colon + 1));
+    if (EqualsIgnoreCase(name, "Content-Encoding") && !value.empty() && !EqualsIgnoreCase(value, "identity")) {
+      transfer->encoded = true;
+    }
+    headers.emplace_back(std::string(name), std::string(value));
     return bytes;
   }
 
@@ -888,6 +1070,10 @@ class IoThread {
   std::vector<std::pair<SessionId, std::vector<FetchResult>>> rejected_;
   std::vector<SocketEntry*> graveyard_;
   std::mt19937_64 rng_;
+  // Reused by configure() so building a request allocates only what libcurl
+  // keeps (its copies of the url and header lines).
+  std::string joined_url_;
+  std::string header_line_;
 };
 
 }  // namespace

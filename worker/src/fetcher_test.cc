@@ -2,6 +2,11 @@
 
 #include <curl/curl.h>
 #include <gtest/gtest.h>
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -12,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "gatherer/strings.h"
 #include "http_server.h"
 #include "wait_for.h"
 
@@ -261,6 +267,143 @@ TEST(FetcherTest, MethodsAndBodiesReachTheServer) {
   EXPECT_EQ(r.response.error->code, StatusCode::kInvalidArgument);
 }
 
+bool HasHeader(const Headers& headers, std::string_view name) {
+  return std::any_of(headers.begin(), headers.end(), [&](const auto& h) { return EqualsIgnoreCase(h.first, name); });
+}
+
+int CountHeader(const Headers& headers, std::string_view name) {
+  return static_cast<int>(
+      std::count_if(headers.begin(), headers.end(), [&](const auto& h) { return EqualsIgnoreCase(h.first, name); }));
+}
+
+TEST(FetcherTest, UserAgentIsGathererUnlessSessionOrStatementSetsOne) {
+  HttpServer server([](const HttpRequest& request) {
+    HttpReply reply;
+    reply.body = std::to_string(CountHeader(request.headers, "User-Agent")) + "|" + request.header("User-Agent");
+    return reply;
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  const std::string ours = std::string("1|gatherer/") + GATHERER_VERSION;
+
+  // GET without headers, POST with a body, a statement with headers of its own.
+  auto r = FetchOne(fetcher, collector, SessionSettings{}, Get(server.url("/")));
+  ASSERT_TRUE(r.response.ok());
+  EXPECT_EQ(r.response.body, ours);
+  Statement post = Get(server.url("/"));
+  post.method = "POST";
+  post.body = "x";
+  post.headers = {{"X-Other", "1"}};
+  r = FetchOne(fetcher, collector, SessionSettings{}, post, 2);
+  EXPECT_EQ(r.response.body, ours);
+
+  // The session's User-Agent replaces ours, in any case.
+  SessionSettings session;
+  session.headers = {{"user-agent", "session-agent/2"}};
+  r = FetchOne(fetcher, collector, session, Get(server.url("/")), 3);
+  EXPECT_EQ(r.response.body, "1|session-agent/2");
+
+  // The statement's replaces both.
+  Statement mine = Get(server.url("/"));
+  mine.headers = {{"USER-AGENT", "statement-agent/3"}};
+  r = FetchOne(fetcher, collector, session, mine, 4);
+  EXPECT_EQ(r.response.body, "1|statement-agent/3");
+  r = FetchOne(fetcher, collector, SessionSettings{}, mine, 5);
+  EXPECT_EQ(r.response.body, "1|statement-agent/3");
+}
+
+TEST(FetcherTest, BodyWithoutContentTypeIsSentWithoutOne) {
+  HttpServer server([](const HttpRequest& request) {
+    HttpReply reply;
+    reply.body = request.method + "|" + std::to_string(CountHeader(request.headers, "Content-Type")) + "|" +
+                 request.header("Content-Type") + "|" + request.body;
+    return reply;
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  std::uint8_t n = 1;
+  auto fetch = [&](std::string method, std::string body, Headers headers, SessionSettings settings = {}) {
+    Statement s = Get(server.url("/"));
+    s.method = std::move(method);
+    s.body = std::move(body);
+    s.headers = std::move(headers);
+    const auto r = FetchOne(fetcher, collector, settings, s, n++);
+    EXPECT_TRUE(r.response.ok());
+    return r.response.body;
+  };
+  // libcurl would add "application/x-www-form-urlencoded" to each of these.
+  EXPECT_EQ(fetch("POST", "a=1", {}), "POST|0||a=1");
+  EXPECT_EQ(fetch("POST", "", {}), "POST|0||");
+  EXPECT_EQ(fetch("PUT", "{}", {}), "PUT|0||{}");
+  EXPECT_EQ(fetch("PATCH", "{}", {{"X-Other", "1"}}), "PATCH|0||{}");
+  // A Content-Type the statement or the session names is sent as given.
+  EXPECT_EQ(fetch("POST", "{}", {{"content-type", "application/json"}}), "POST|1|application/json|{}");
+  SessionSettings json;
+  json.headers = {{"Content-Type", "application/json"}};
+  EXPECT_EQ(fetch("POST", "{}", {}, json), "POST|1|application/json|{}");
+  EXPECT_EQ(fetch("POST", "a", {{"Content-Type", "text/plain"}}, json), "POST|1|text/plain|a");
+}
+
+// 100,000 'a' gzip-compressed to 133 bytes.
+const char kGzip100kA[] =
+    "\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\x03\xed\xc1\x31\x01\x00\x00\x00\xc2\xa0\xac\xeb\x5f\xc2\x1a\x1e\x40"
+    "\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+    "\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+    "\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+    "\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\xaf\x06\x87\xfa\xe2\x1b\xa0"
+    "\x86\x01\x00";
+
+TEST(FetcherTest, DecodedBodyDropsContentEncodingAndContentLength) {
+  HttpServer server([](const HttpRequest& request) {
+    if (request.target == "/plain") return HttpReply{200, {{"X-Before", "1"}}, "plain"};
+    if (request.target == "/identity") return HttpReply{200, {{"Content-Encoding", "identity"}}, "same"};
+    // Content-Length (added by the server) is the compressed size, 133.
+    return HttpReply{200, {{"X-Before", "1"}, {"content-encoding", "gzip"}, {"X-After", "2"}},
+                     std::string(kGzip100kA, sizeof kGzip100kA - 1)};
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  auto r = FetchOne(fetcher, collector, SessionSettings{}, Get(server.url("/gzip")));
+  ASSERT_TRUE(r.response.ok()) << r.response.error->message;
+  EXPECT_EQ(r.response.body, std::string(100'000, 'a'));
+  EXPECT_FALSE(HasHeader(r.response.headers, "Content-Encoding"));
+  EXPECT_FALSE(HasHeader(r.response.headers, "Content-Length"));
+  ASSERT_EQ(r.response.headers.size(), 2u);  // the others stay, in order
+  EXPECT_EQ(r.response.headers[0].first, "X-Before");
+  EXPECT_EQ(r.response.headers[1].first, "X-After");
+
+  // Nothing decoded: the headers describe what is returned and stay.
+  r = FetchOne(fetcher, collector, SessionSettings{}, Get(server.url("/plain")), 2);
+  EXPECT_EQ(Header(r.response.headers, "Content-Length"), "5");
+  r = FetchOne(fetcher, collector, SessionSettings{}, Get(server.url("/identity")), 3);
+  EXPECT_EQ(r.response.body, "same");
+  EXPECT_EQ(Header(r.response.headers, "Content-Length"), "4");
+  EXPECT_EQ(Header(r.response.headers, "Content-Encoding"), "identity");
+  Statement head = Get(server.url("/gzip"));
+  head.method = "HEAD";
+  r = FetchOne(fetcher, collector, SessionSettings{}, head, 4);
+  ASSERT_TRUE(r.response.ok()) << r.response.error->message;
+  EXPECT_EQ(Header(r.response.headers, "Content-Encoding"), "gzip");
+  EXPECT_EQ(Header(r.response.headers, "Content-Length"), "133");
+}
+
+TEST(FetcherTest, RepeatedResponseHeadersAreAllKeptInOrder) {
+  HttpServer server([](const HttpRequest&) {
+    return HttpReply{200, {{"Set-Cookie", "a=1; Path=/"}, {"X-Between", "x"}, {"Set-Cookie", "b=2; HttpOnly"}}, ""};
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  const auto r = FetchOne(fetcher, collector, SessionSettings{}, Get(server.url("/")));
+  ASSERT_TRUE(r.response.ok());
+  std::vector<std::pair<std::string, std::string>> seen;
+  for (const auto& h : r.response.headers) {
+    if (h.first == "Set-Cookie" || h.first == "X-Between") seen.push_back(h);
+  }
+  const std::vector<std::pair<std::string, std::string>> want = {
+      {"Set-Cookie", "a=1; Path=/"}, {"X-Between", "x"}, {"Set-Cookie", "b=2; HttpOnly"}};
+  EXPECT_EQ(seen, want);
+}
+
 TEST(FetcherTest, LargePostGoesThrough100Continue) {
   // libcurl sends "Expect: 100-continue" for bodies over 1 MiB; the interim
   // 100 response must not leak into the result.
@@ -279,14 +422,14 @@ TEST(FetcherTest, LargePostGoesThrough100Continue) {
   EXPECT_EQ(r.response.body, "100-continue");
 }
 
-TEST(FetcherTest, NotFoundFailsPreconditionAndKeepsTheResponse) {
+TEST(FetcherTest, NotFoundIsHttpStatusAndKeepsTheResponse) {
   HttpServer server([](const HttpRequest&) { return HttpReply{404, {{"X-Why", "gone"}}, "no such thing"}; });
   Collector collector;
   Fetcher fetcher(TwoThreads(), collector.sink());
   const auto r = FetchOne(fetcher, collector, SessionSettings{}, Get(server.url("/missing")));
   ASSERT_FALSE(r.response.ok());
-  EXPECT_EQ(r.response.error->code, StatusCode::kFailedPrecondition);
-  EXPECT_NE(r.response.error->message.find("HTTP 404"), std::string::npos) << r.response.error->message;
+  EXPECT_EQ(r.response.error->code, StatusCode::kHttpStatus);
+  EXPECT_EQ(r.response.error->message, "HTTP 404 Not Found");
   EXPECT_EQ(r.response.status, 404);
   EXPECT_EQ(r.response.body, "no such thing");
   EXPECT_EQ(Header(r.response.headers, "X-Why"), "gone");
@@ -330,7 +473,8 @@ TEST(FetcherTest, RetriesStopAtMaxAttempts) {
   Fetcher fetcher(TwoThreads(), collector.sink());
   const auto r = FetchOne(fetcher, collector, FastRetry(), Get(server.url("/")));
   ASSERT_FALSE(r.response.ok());
-  EXPECT_EQ(r.response.error->code, StatusCode::kFailedPrecondition);
+  EXPECT_EQ(r.response.error->code, StatusCode::kHttpStatus);
+  EXPECT_EQ(r.response.error->message, "HTTP 502 Bad Gateway after 3 attempts");
   EXPECT_EQ(r.response.status, 502);
   EXPECT_EQ(r.response.body, "bad gateway");
   EXPECT_EQ(r.response.attempts, 3u);
@@ -353,7 +497,22 @@ TEST(FetcherTest, RetryAfterIsHonoured) {
   EXPECT_GE(r.response.elapsed_us, 950'000u);
 }
 
-TEST(FetcherTest, RetryAfterIsCappedByBackoffMax) {
+TEST(FetcherTest, RetryAfterIsNotCappedByBackoffMax) {
+  std::atomic<int> calls{0};
+  HttpServer server([&](const HttpRequest&) {
+    if (calls.fetch_add(1) == 0) return HttpReply{503, {{"Retry-After", "1"}}, ""};
+    return HttpReply{200, {}, "ok"};
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  SessionSettings settings = FastRetry();  // backoff_max_ms 10
+  const auto r = FetchOne(fetcher, collector, settings, Get(server.url("/")));
+  ASSERT_TRUE(r.response.ok());
+  EXPECT_EQ(r.response.attempts, 2u);
+  EXPECT_GE(r.response.elapsed_us, 950'000u) << "Retry-After: 1 cut to backoff_max_ms";
+}
+
+TEST(FetcherTest, RetryAfterIsCappedByRetryAfterMax) {
   std::atomic<int> calls{0};
   HttpServer server([&](const HttpRequest&) {
     if (calls.fetch_add(1) == 0) return HttpReply{503, {{"Retry-After", "30"}}, ""};
@@ -362,13 +521,63 @@ TEST(FetcherTest, RetryAfterIsCappedByBackoffMax) {
   Collector collector;
   Fetcher fetcher(TwoThreads(), collector.sink());
   SessionSettings settings = FastRetry();
-  settings.backoff_max_ms = 50;
+  settings.retry_after_max_ms = 300;
   const auto started = std::chrono::steady_clock::now();
   const auto r = FetchOne(fetcher, collector, settings, Get(server.url("/")));
   ASSERT_TRUE(r.response.ok());
   EXPECT_EQ(r.response.attempts, 2u);
-  EXPECT_GE(r.response.elapsed_us, 45'000u);
+  EXPECT_GE(r.response.elapsed_us, 290'000u);
   EXPECT_LT(std::chrono::steady_clock::now() - started, seconds(5));
+  EXPECT_EQ(SessionSettings{}.retry_after_max_ms, 60'000u);
+}
+
+TEST(FetcherTest, TooManyRequestsWithoutRetryAfterBacksOffLonger) {
+  // Each statement is refused once (429 or 503, no Retry-After), then served:
+  // one backoff per statement. The server counts attempts per target.
+  std::mutex mu;
+  std::map<std::string, int> seen;
+  HttpServer flaky([&](const HttpRequest& request) {
+    std::lock_guard lock(mu);
+    const int n = seen[request.target]++;
+    if (n == 0) return HttpReply{request.target.starts_with("/429") ? 429 : 503, {}, ""};
+    return HttpReply{200, {}, "ok"};
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  constexpr std::size_t kCount = 20;
+  SessionSettings settings;  // backoff_base_ms 100, backoff_max_ms 10 s
+  settings.max_attempts = 2;
+  auto run = [&](const std::string& prefix, std::uint8_t session) {
+    const SessionId id = MakeSessionId(session);
+    fetcher.open_session(id, settings);
+    const std::size_t before = collector.count();
+    std::vector<FetchItem> items;
+    for (std::size_t i = 0; i < kCount; ++i) {
+      items.push_back(Item(1000 * session + i, flaky.url(prefix + std::to_string(i))));
+    }
+    fetcher.submit(id, std::move(items));
+    EXPECT_TRUE(collector.wait(before + kCount, seconds(30)));
+    fetcher.close_session(id);
+    std::uint64_t longest = 0;
+    for (const auto& r : collector.results()) {
+      if (r.index / 1000 != session) continue;
+      EXPECT_TRUE(r.response.ok()) << r.index;
+      EXPECT_EQ(r.response.attempts, 2u);
+      longest = std::max(longest, r.response.elapsed_us);
+    }
+    return longest;
+  };
+  // 503: full jitter on [0, 100 ms]. 429 without Retry-After: on [0, 1 s];
+  // the longest of 20 waits is under 300 ms with probability 0.3^20.
+  const std::uint64_t after_503 = run("/503/", 1);
+  const std::uint64_t after_429 = run("/429/", 2);
+  EXPECT_LT(after_503, 600'000u);
+  EXPECT_GT(after_429, 300'000u) << "429 retried as fast as a 503";
+  EXPECT_LT(after_429, 3'000'000u);
+
+  // backoff_max_ms caps the 429 backoff too.
+  settings.backoff_max_ms = 50;
+  EXPECT_LT(run("/429-capped/", 3), 600'000u);
 }
 
 TEST(FetcherTest, RetryAfterHttpDate) {
@@ -388,37 +597,66 @@ TEST(FetcherTest, RetryAfterHttpDate) {
   EXPECT_LT(r.response.elapsed_us, 5'000'000u);
 }
 
+Statement Post(std::string url, std::string body = "buy=1") {
+  Statement s = Get(std::move(url));
+  s.method = "POST";
+  s.body = std::move(body);
+  return s;
+}
+
 TEST(FetcherTest, PostIsNotRetriedOnServerError) {
-  HttpServer server([](const HttpRequest&) { return HttpReply{500, {}, "oops"}; });
+  // None of these says the request was not acted on.
+  for (const int status : {500, 502, 503, 504, 408}) {
+    HttpServer server([status](const HttpRequest&) { return HttpReply{status, {}, "oops"}; });
+    Collector collector;
+    Fetcher fetcher(TwoThreads(), collector.sink());
+    const auto r = FetchOne(fetcher, collector, FastRetry(), Post(server.url("/order")));
+    ASSERT_FALSE(r.response.ok()) << status;
+    EXPECT_EQ(r.response.error->code, StatusCode::kHttpStatus) << status;
+    EXPECT_EQ(r.response.status, status);
+    EXPECT_EQ(r.response.body, "oops");
+    EXPECT_EQ(r.response.attempts, 1u) << status;
+    EXPECT_EQ(server.requests(), 1u) << status;
+    EXPECT_NE(r.response.error->message.find("not retried"), std::string::npos) << r.response.error->message;
+  }
+  // PATCH and a statement marked idempotent = false are treated alike.
+  HttpServer server([](const HttpRequest&) { return HttpReply{503, {}, "busy"}; });
   Collector collector;
   Fetcher fetcher(TwoThreads(), collector.sink());
-  Statement s = Get(server.url("/order"));
-  s.method = "POST";
-  s.body = "buy=1";
-  const auto r = FetchOne(fetcher, collector, FastRetry(), s);
-  ASSERT_FALSE(r.response.ok());
-  EXPECT_EQ(r.response.error->code, StatusCode::kFailedPrecondition);
-  EXPECT_EQ(r.response.status, 500);
-  EXPECT_EQ(r.response.attempts, 1u);
-  EXPECT_EQ(server.requests(), 1u);
+  Statement patch = Post(server.url("/"));
+  patch.method = "PATCH";
+  Statement put = Get(server.url("/"));
+  put.method = "PUT";
+  put.idempotent = false;
+  std::uint8_t n = 1;
+  for (const Statement& s : {patch, put}) {
+    const auto r = FetchOne(fetcher, collector, FastRetry(), s, n++);
+    EXPECT_EQ(r.response.error->code, StatusCode::kHttpStatus);
+    EXPECT_EQ(r.response.attempts, 1u) << s.method;
+  }
+  EXPECT_EQ(server.requests(), 2u);
 }
 
 TEST(FetcherTest, PostIsRetriedWhenTheServerSaysNotProcessed) {
-  std::atomic<int> calls{0};
-  HttpServer server([&](const HttpRequest& request) {
-    if (calls.fetch_add(1) == 0) return HttpReply{503, {}, ""};
-    return HttpReply{201, {}, request.body};
-  });
-  Collector collector;
-  Fetcher fetcher(TwoThreads(), collector.sink());
-  Statement s = Get(server.url("/order"));
-  s.method = "POST";
-  s.body = "buy=1";
-  const auto r = FetchOne(fetcher, collector, FastRetry(), s);
-  ASSERT_TRUE(r.response.ok());
-  EXPECT_EQ(r.response.status, 201);
-  EXPECT_EQ(r.response.body, "buy=1");
-  EXPECT_EQ(r.response.attempts, 2u);
+  // 429 (with or without Retry-After) and 503 with Retry-After say the
+  // request was refused before it was acted on.
+  const std::vector<HttpReply> refusals = {
+      {429, {}, ""}, {429, {{"Retry-After", "0"}}, ""}, {503, {{"Retry-After", "0"}}, ""}};
+  for (const HttpReply& refusal : refusals) {
+    std::atomic<int> calls{0};
+    HttpServer server([&](const HttpRequest& request) {
+      if (calls.fetch_add(1) == 0) return refusal;
+      return HttpReply{201, {}, request.body};
+    });
+    Collector collector;
+    Fetcher fetcher(TwoThreads(), collector.sink());
+    const auto r = FetchOne(fetcher, collector, FastRetry(), Post(server.url("/order")));
+    ASSERT_TRUE(r.response.ok()) << refusal.status << " " << r.response.error->message;
+    EXPECT_EQ(r.response.status, 201);
+    EXPECT_EQ(r.response.body, "buy=1");
+    EXPECT_EQ(r.response.attempts, 2u);
+    EXPECT_EQ(server.requests(), 2u);
+  }
 }
 
 TEST(FetcherTest, ExplicitlyIdempotentPostIsRetried) {
@@ -450,15 +688,153 @@ TEST(FetcherTest, DroppedConnectionIsRetriedForGetNotForPost) {
   EXPECT_EQ(r.response.error->code, StatusCode::kUnavailable);
   EXPECT_EQ(r.response.attempts, 3u);
 
-  Statement post = Get(server.url("/"));
-  post.method = "POST";
-  post.body = "x";
-  r = FetchOne(fetcher, collector, FastRetry(), post, 2);
+  // The connection broke after the request was sent: the server may have
+  // acted on it, so a POST fails as outcome unknown and is not sent again.
+  const std::uint64_t before = server.requests();
+  r = FetchOne(fetcher, collector, FastRetry(), Post(server.url("/"), "x"), 2);
   ASSERT_FALSE(r.response.ok());
-  EXPECT_EQ(r.response.error->code, StatusCode::kUnavailable);
-  EXPECT_NE(r.response.error->message.find("outcome unknown, not retried (non-idempotent)"), std::string::npos)
+  EXPECT_EQ(r.response.error->code, StatusCode::kUnknown);
+  EXPECT_NE(r.response.error->message.find("may have reached the server"), std::string::npos)
       << r.response.error->message;
   EXPECT_EQ(r.response.attempts, 1u);
+  EXPECT_EQ(server.requests(), before + 1);
+}
+
+TEST(FetcherTest, PostCutShortIsOutcomeUnknown) {
+  // The status line arrived, then the connection closed mid-body (the
+  // server closes after its reply when asked to).
+  HttpServer server([](const HttpRequest&) { return HttpReply{200, {{"Content-Length", "100"}}, "only part"}; });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  Statement post = Post(server.url("/"));
+  post.headers = {{"Connection", "close"}};
+  auto r = FetchOne(fetcher, collector, FastRetry(), post);
+  ASSERT_FALSE(r.response.ok());
+  EXPECT_EQ(r.response.error->code, StatusCode::kUnknown) << r.response.error->message;
+  EXPECT_NE(r.response.error->message.find("HTTP 200"), std::string::npos) << r.response.error->message;
+  EXPECT_EQ(r.response.attempts, 1u);
+  EXPECT_EQ(server.requests(), 1u);
+}
+
+TEST(FetcherTest, PostTimeoutIsOutcomeUnknown) {
+  HttpServer server([](const HttpRequest&) {
+    HttpReply reply;
+    reply.delay = seconds(2);
+    return reply;
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  Statement post = Post(server.url("/slow"));
+  post.timeout_ms = 200;
+  const auto r = FetchOne(fetcher, collector, FastRetry(), post);
+  ASSERT_FALSE(r.response.ok());
+  EXPECT_EQ(r.response.error->code, StatusCode::kUnknown);
+  EXPECT_NE(r.response.error->message.find("may have reached the server"), std::string::npos)
+      << r.response.error->message;
+  EXPECT_NE(r.response.error->message.find("timed out"), std::string::npos) << r.response.error->message;
+  EXPECT_EQ(r.response.attempts, 1u);
+  EXPECT_EQ(server.requests(), 1u);
+}
+
+TEST(FetcherTest, PostOnAReusedConnectionIsNotResentByLibcurl) {
+  // libcurl re-sends a request by itself, on a new connection, when a reused
+  // keep-alive connection closes before any byte of the response: a POST the
+  // server acted on before it went away would run twice.
+  std::atomic<int> posts{0};
+  HttpServer server([&](const HttpRequest& request) {
+    HttpReply reply;
+    if (request.method == "POST") {
+      posts.fetch_add(1);
+      reply.drop = true;
+    }
+    return reply;
+  });
+  Collector collector;
+  Fetcher::Options options = TwoThreads();
+  options.io_threads = 1;  // one multi, so the POST takes the GET's connection
+  Fetcher fetcher(options, collector.sink());
+  const SessionId id = MakeSessionId(1);
+  fetcher.open_session(id, FastRetry());
+  std::vector<FetchItem> items;
+  items.push_back(Item(1, server.url("/warm")));
+  fetcher.submit(id, std::move(items));
+  ASSERT_TRUE(collector.wait(1));
+  ASSERT_EQ(server.connections(), 1u);
+  items.clear();
+  items.push_back(FetchItem{});
+  items[0].index = 2;
+  items[0].statement = Post(server.url("/order"));
+  fetcher.submit(id, std::move(items));
+  ASSERT_TRUE(collector.wait(2));
+  fetcher.close_session(id);
+  const FetchResult r = collector.last();
+  ASSERT_EQ(r.index, 2u);
+  ASSERT_FALSE(r.response.ok());
+  EXPECT_EQ(r.response.error->code, StatusCode::kUnknown) << r.response.error->message;
+  EXPECT_NE(r.response.error->message.find("may have reached the server"), std::string::npos)
+      << r.response.error->message;
+  EXPECT_EQ(r.response.attempts, 1u);
+  EXPECT_EQ(posts.load(), 1) << "the POST was sent twice";
+}
+
+TEST(FetcherTest, PostFollowsRedirects) {
+  // Each request of a redirect chain is sent once; none is taken for a re-send.
+  HttpServer server([](const HttpRequest& request) {
+    if (request.target == "/307") return HttpReply{307, {{"Location", "/303"}}, ""};
+    if (request.target == "/303") return HttpReply{303, {{"Location", "/done"}}, ""};
+    return HttpReply{200, {}, request.method + ":" + request.body};
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  const auto r = FetchOne(fetcher, collector, FastRetry(), Post(server.url("/307")));
+  ASSERT_TRUE(r.response.ok()) << r.response.error->message;
+  EXPECT_EQ(r.response.body, "GET:");  // 307 keeps the POST, 303 makes it a GET
+  EXPECT_EQ(server.requests(), 3u);
+}
+
+TEST(FetcherTest, PostIsRetriedWhenNothingWasSent) {
+  // A connect that times out sends nothing, just as a refused one.
+  const int listener = socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(listener, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  ASSERT_EQ(bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  ASSERT_EQ(listen(listener, 0), 0);
+  ASSERT_EQ(getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+  // Fills the accept queue, which is never read: later SYNs are dropped.
+  const int filler = socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_EQ(connect(filler, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  const std::string url = "http://127.0.0.1:" + std::to_string(ntohs(addr.sin_port)) + "/";
+
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  SessionSettings settings = FastRetry();
+  settings.connect_timeout_ms = 150;
+  auto r = FetchOne(fetcher, collector, settings, Post(url));
+  ASSERT_FALSE(r.response.ok());
+  EXPECT_EQ(r.response.error->code, StatusCode::kDeadlineExceeded) << r.response.error->message;
+  EXPECT_EQ(r.response.attempts, 3u) << r.response.error->message;
+  close(filler);
+  close(listener);
+}
+
+TEST(FetcherTest, PostIsRetriedAfterADnsFailure) {
+  const char* host = "gatherer-test.invalid";  // RFC 6761: never resolves
+  const auto started = std::chrono::steady_clock::now();
+  addrinfo* found = nullptr;
+  const int rc = getaddrinfo(host, "80", nullptr, &found);
+  if (found != nullptr) freeaddrinfo(found);
+  if (rc == 0 || std::chrono::steady_clock::now() - started > milliseconds(500)) {
+    GTEST_SKIP() << "the resolver here does not fail fast on .invalid";
+  }
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  const auto r = FetchOne(fetcher, collector, FastRetry(), Post(std::string("http://") + host + "/"));
+  ASSERT_FALSE(r.response.ok());
+  EXPECT_EQ(r.response.error->code, StatusCode::kUnavailable) << r.response.error->message;
+  EXPECT_EQ(r.response.attempts, 3u);
 }
 
 TEST(FetcherTest, ConnectionRefusedIsUnavailableAfterMaxAttempts) {
@@ -587,6 +963,7 @@ TEST(FetcherTest, RedirectsKeepOnlyTheFinalResponse) {
   // A redirect may not leave http(s).
   r = FetchOne(fetcher, collector, SessionSettings{}, Get(server.url("/file")), 3);
   ASSERT_FALSE(r.response.ok());
+  EXPECT_EQ(r.response.error->code, StatusCode::kInvalidArgument) << r.response.error->message;
   EXPECT_NE(r.response.body, "landed");
 }
 

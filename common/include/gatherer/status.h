@@ -18,8 +18,13 @@
 
 namespace gatherer {
 
+// The numbers are wire values (PROTOCOL.md §3.1) and never change. 1-15 are
+// absl's; 6 (already_exists), 7 (permission_denied), 11 (out_of_range) and
+// 12 (unimplemented) are not used by Gatherer and read as kInternal, as does
+// any value past the last one. docs/errors.md says when each code happens.
 enum class StatusCode : std::uint8_t {
   kOk = 0,
+  kCancelled = 1,
   // The outcome is not known: a non-idempotent statement may or may not have
   // reached the server, and is not sent again (DESIGN §5.2).
   kUnknown = 2,
@@ -30,10 +35,13 @@ enum class StatusCode : std::uint8_t {
   kFailedPrecondition = 9,
   // Given up on purpose: a poison statement that workers died running.
   kAborted = 10,
-  kCancelled = 1,
   kInternal = 13,
   kUnavailable = 14,
   kDataLoss = 15,
+  // Gatherer's own: the server answered, with a final HTTP status outside the
+  // session's accepted range [accept_min, accept_max] (after any retries).
+  // The response's status, headers and body are those of that answer.
+  kHttpStatus = 16,
 };
 
 // Stable lower-case name of a code ("unavailable"), used in logs, JSON output
