@@ -271,12 +271,12 @@ TEST(AppendResponseJsonTest, EmptyBodyIsAnEmptyString) {
 TEST(AppendResponseJsonTest, ErrorObject) {
   Response r;
   r.status = 404;
-  r.error = ResponseError{StatusCode::kFailedPrecondition, "status 404 \"Not Found\""};
+  r.error = ResponseError{StatusCode::kHttpStatus, "status 404 \"Not Found\""};
   r.attempts = 1;
   std::string out;
   AppendResponseJson(out, 3, r);
   EXPECT_TRUE(Contains(
-      out, R"("error":{"kind":"failed_precondition","message":"status 404 \"Not Found\""},)"))
+      out, R"("error":{"kind":"http_status","message":"status 404 \"Not Found\""},)"))
       << out;
   EXPECT_TRUE(Contains(out, R"({"index":3,"status":404,"headers":{},"body":"",)")) << out;
 }
@@ -680,22 +680,22 @@ TEST(RunSummaryTest, FailuresByKindMostFrequentFirstWithHttpStatuses) {
   ok.attempts = 3;
   s.Add(ok);
   s.Add(Failed(StatusCode::kDeadlineExceeded, 0, 4));
-  s.Add(Failed(StatusCode::kFailedPrecondition, 503, 4));
-  s.Add(Failed(StatusCode::kFailedPrecondition, 404));
-  s.Add(Failed(StatusCode::kFailedPrecondition, 404));
+  s.Add(Failed(StatusCode::kHttpStatus, 503, 4));
+  s.Add(Failed(StatusCode::kHttpStatus, 404));
+  s.Add(Failed(StatusCode::kHttpStatus, 404));
   s.Add(Failed(StatusCode::kUnavailable));
   s.Add(Failed(StatusCode::kUnavailable));
   EXPECT_EQ(s.failed(), 6u);
   EXPECT_EQ(s.Format(10, std::chrono::seconds(2)),
-            "10 statements: 1 ok, 6 failed (3 failed_precondition [HTTP 404: 2, HTTP 503: 1], 2 unavailable, "
+            "10 statements: 1 ok, 6 failed (3 http_status [HTTP 404: 2, HTTP 503: 1], 2 unavailable, "
             "1 deadline_exceeded), 3 not answered, 3 retried; 2.00 s, 3.5 req/s");
 }
 
 TEST(RunSummaryTest, AtMostFiveStatusesListed) {
   RunSummary s;
-  for (int status = 400; status < 407; ++status) s.Add(Failed(StatusCode::kFailedPrecondition, status));
+  for (int status = 400; status < 407; ++status) s.Add(Failed(StatusCode::kHttpStatus, status));
   EXPECT_TRUE(Contains(s.Format(7, std::chrono::seconds(1)),
-                       "(7 failed_precondition [HTTP 400: 1, HTTP 401: 1, HTTP 402: 1, HTTP 403: 1, HTTP 404: 1, ...])"));
+                       "(7 http_status [HTTP 400: 1, HTTP 401: 1, HTTP 402: 1, HTTP 403: 1, HTTP 404: 1, ...])"));
 }
 
 }  // namespace

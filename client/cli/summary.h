@@ -2,7 +2,7 @@
 // RunSummary: the counts behind the line `gatherer fetch` prints on stderr at
 // the end of a run, e.g.
 //
-//   gatherer: 1000 statements: 996 ok, 4 failed (3 failed_precondition
+//   gatherer: 1000 statements: 996 ok, 4 failed (3 http_status
 //   [HTTP 404: 2, HTTP 503: 1], 1 deadline_exceeded), 12 retried; 2.35 s,
 //   425.5 req/s
 //
@@ -36,7 +36,7 @@ class RunSummary {
     }
     ++failed_;
     ++by_code_[static_cast<std::uint8_t>(response.error->code)];
-    if (response.error->code == StatusCode::kFailedPrecondition && response.status > 0 &&
+    if (response.error->code == StatusCode::kHttpStatus && response.status > 0 &&
         response.status < static_cast<int>(kStatuses)) {
       ++by_status_[static_cast<std::size_t>(response.status)];
     }
@@ -48,7 +48,7 @@ class RunSummary {
   // "<statements> statements: <ok> ok, <failed> failed (<kinds>)[, <n> not
   // answered], <retried> retried; <wall> s, <rate> req/s", without
   // "gatherer: " or a newline. Kinds are the error kinds of the output
-  // lines, most frequent first; HTTP statuses of failed_precondition (a final
+  // lines, most frequent first; HTTP statuses of http_status (a final
   // status not accepted) follow in brackets, at most kMaxStatuses of them.
   // "not answered" appears when the run stopped before every statement had
   // its line. The rate is lines written per second of `wall`.
@@ -83,7 +83,7 @@ class RunSummary {
     for (const auto& [count, code] : kinds) {
       if (!s.empty()) s += ", ";
       s += std::to_string(count) + " " + std::string(StatusCodeName(static_cast<StatusCode>(code)));
-      if (static_cast<StatusCode>(code) == StatusCode::kFailedPrecondition) s += Statuses();
+      if (static_cast<StatusCode>(code) == StatusCode::kHttpStatus) s += Statuses();
     }
     return s;
   }

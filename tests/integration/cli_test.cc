@@ -254,7 +254,7 @@ TEST(CliTest, OneNotFoundFailsOnlyItsLineAndExitsOne) {
     const std::string& line = lines[static_cast<std::size_t>(i)];
     if (i == 3) {
       EXPECT_TRUE(StartsWith(line, LinePrefix(3, 404))) << line;
-      EXPECT_TRUE(Contains(line, "\"error\":{\"kind\":\"failed_precondition\"")) << line;
+      EXPECT_TRUE(Contains(line, "\"error\":{\"kind\":\"http_status\"")) << line;
     } else {
       EXPECT_TRUE(StartsWith(line, LinePrefix(static_cast<std::size_t>(i), 200))) << line;
       EXPECT_TRUE(Contains(line, "\"error\":null,")) << line;
@@ -280,7 +280,7 @@ TEST(CliTest, CancelOnRaiseWritesEveryEarlierResponseThenTheError) {
   for (std::size_t i = 0; i < lines.size(); ++i) {
     EXPECT_TRUE(StartsWith(lines[i], LinePrefix(i, 200))) << lines[i];
   }
-  EXPECT_TRUE(Contains(r.err, "gatherer: stopped: statement 17 failed: failed_precondition: HTTP 404")) << r.err;
+  EXPECT_TRUE(Contains(r.err, "gatherer: stopped: statement 17 failed: http_status: HTTP 404")) << r.err;
   EXPECT_TRUE(Contains(r.err, "; 17 responses written, 23 statements not answered\n")) << r.err;
 }
 
@@ -598,7 +598,7 @@ TEST(CliTest, SummaryLineSaysWhyStatementsFailed) {
   const CliResult r = RunCli({"fetch", "--retries", "1", "--timeout", "0.3"}, input);
   EXPECT_EQ(r.exit_code, 1) << r.err;
   EXPECT_EQ(CountLines(r.out), 10u);
-  EXPECT_TRUE(Contains(r.err, "gatherer: 10 statements: 7 ok, 3 failed (2 failed_precondition [HTTP 404: 2], "
+  EXPECT_TRUE(Contains(r.err, "gatherer: 10 statements: 7 ok, 3 failed (2 http_status [HTTP 404: 2], "
                               "1 deadline_exceeded), 2 retried; "))
       << r.err;
 }

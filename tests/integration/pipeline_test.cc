@@ -118,7 +118,7 @@ TEST(PipelineTest, FailureSitsAtItsIndexWithoutCancelOnRaise) {
     if (i == 17) {
       ASSERT_FALSE(r[i].ok());
       EXPECT_EQ(r[i].status, 404);
-      EXPECT_EQ(r[i].error->code, StatusCode::kFailedPrecondition);
+      EXPECT_EQ(r[i].error->code, StatusCode::kHttpStatus);
       EXPECT_EQ(r[i].attempts, 1u) << "404 is not retried";
     } else {
       EXPECT_TRUE(r[i].ok()) << i;

@@ -52,7 +52,7 @@ inline Statement Get(std::string url) {
 }
 
 // How a statement failed, when it did: `code` says the class (unavailable =
-// connection failed, deadline_exceeded = timed out, failed_precondition = the
+// connection failed, deadline_exceeded = timed out, http_status = the
 // final status was not accepted, resource_exhausted = body over the cap,
 // cancelled, ...) and `message` says what happened, in words.
 struct ResponseError {
