@@ -322,6 +322,7 @@ TEST_P(BrokerTest, SubmitBeyondBrokerWideCapIsRefused) {
   auto e = proto::DecodeError(reply);
   EXPECT_EQ(e->code, StatusCode::kResourceExhausted);
   EXPECT_NE(e->message.find("broker queue cap"), std::string::npos) << e->message;
+  EXPECT_NE(e->message.find("the SUBMIT of 3 statements from index 0"), std::string::npos) << e->message;
   b.send(proto::EncodeSubmit(sb, 0, Urls(2)));  // fits: 5 in all
   ASSERT_TRUE(testing::WaitFor([&] { return broker_->stats().queued.load() == 5; }));
 }

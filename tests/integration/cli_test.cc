@@ -786,5 +786,50 @@ TEST(CliTest, WorkersFlagFarAboveTheJobCostsNoMemory) {
   }
 }
 
+// A broker with no worker: the CLI says so once on stderr within a few
+// seconds, and keeps waiting (a worker may come) until --broker-timeout.
+TEST(CliTest, ABrokerWithNoWorkerIsSaidOnceAndWaitedFor) {
+  const std::string ep = testing::FreeTcpEndpoint();
+  Process broker({std::string(GATHERER_BIN_DIR) + "/broker/gatherer-broker", "--bind", ep, "--log-level", "error"});
+  Process cli({kGatherer, "fetch", "--broker", ep, "--broker-timeout", "60"}, "http://127.0.0.1:1/a\n");
+  ASSERT_TRUE(WaitFor([&] { return Contains(cli.stderr_text(), "has no worker connected; waiting"); }, 10s))
+      << cli.stderr_text();
+  EXPECT_TRUE(cli.running()) << "gave up instead of waiting for a worker";
+  cli.kill(SIGTERM);
+  EXPECT_TRUE(cli.wait(10s).has_value());
+  const std::string err = cli.stderr_text();
+  EXPECT_EQ(err.find("has no worker connected"), err.rfind("has no worker connected")) << "said more than once: " << err;
+}
+
+// A broker that is not there: said once within a few seconds, then the run
+// fails after --broker-timeout naming the broker, not before.
+TEST(CliTest, AnUnreachableBrokerIsSaidThenTimesOut) {
+  const std::string ep = testing::FreeTcpEndpoint();
+  const auto start = std::chrono::steady_clock::now();
+  const CliResult r = RunCli({"fetch", "--broker", ep, "--broker-timeout", "4"}, "http://127.0.0.1:1/a\n");
+  const auto took = std::chrono::steady_clock::now() - start;
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_TRUE(Contains(r.err, "not reachable yet; waiting up to 4 s")) << r.err;
+  EXPECT_TRUE(Contains(r.err, "broker " + ep + " unreachable")) << r.err;
+  EXPECT_GE(took, 4s);
+  EXPECT_LT(took, 20s);
+}
+
+// log_level debug does not print a line per failed statement: the failure
+// is in each output line already.
+TEST(CliTest, DebugLogLevelPrintsNoLinePerFailedStatement) {
+  HttpServer server([](const HttpRequest&) {
+    HttpReply r;
+    r.status = 404;
+    return r;
+  });
+  std::string input;
+  for (int i = 0; i < 50; ++i) input += server.url("/missing/" + std::to_string(i)) + "\n";
+  const CliResult r = RunCli({"fetch", "--log-level", "debug", "--retries", "0"}, input);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_EQ(std::count(r.out.begin(), r.out.end(), '\n'), 50);
+  EXPECT_LT(std::count(r.err.begin(), r.err.end(), '\n'), 25) << r.err;
+}
+
 }  // namespace
 }  // namespace gatherer::testing

@@ -773,6 +773,23 @@ TEST_P(BrokerSpec, Clause_3_3_1_OpenBeyondMaxSessionsIsResourceExhausted) {
   EXPECT_EQ(proto::DecodeOpened(opened)->session, c);
 }
 
+// 3.3.1 "OPENED carries the broker's heartbeat period and session TTL,
+// both positive"
+TEST_P(BrokerSpec, Clause_3_3_1_OpenedCarriesTheHeartbeatPeriodAndSessionTtl) {
+  start([](BrokerOptions& o) {
+    o.heartbeat_interval = 250ms;
+    o.session_ttl = 7s;
+  });
+  Peer client(ctx_, endpoint_);
+  const SessionId sid = NewSessionId();
+  client.send(proto::Encode(proto::Open{sid, SessionSettings{}, 0}));
+  auto opened = proto::DecodeOpened(client.recv());
+  ASSERT_TRUE(opened.has_value()) << opened.error().ToString();
+  EXPECT_EQ(opened->session, sid);
+  EXPECT_EQ(opened->heartbeat_ms, 250u);
+  EXPECT_EQ(opened->session_ttl_ms, 7000u);
+}
+
 // 3.4.2 "The number of body frames SHALL equal the number of results;
 // otherwise the message is malformed."
 // 2.4 "The exception: the results of a malformed RESULTS from a registered
