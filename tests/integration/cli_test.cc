@@ -522,7 +522,7 @@ TEST(CliTest, SecondSigintExitsAtOnce) {
     return reply;
   });
   std::string input;
-  for (int i = 0; i < 200; ++i) input += server.url("/" + std::to_string(i)) + "\n";
+  for (int i = 0; i < 200; ++i) input += server.url(std::string(1, '/').append(std::to_string(i))) + "\n";
   const TempFile file("gatherer_cli_test_second_sigint.txt", input);
   PtyProcess tty({kGatherer, "fetch", "--workers", "4", file.path()});
   // Not read: the terminal's buffer fills and the CLI blocks writing to it.
