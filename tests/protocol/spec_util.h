@@ -27,6 +27,7 @@
 #include "gatherer/ids.h"
 #include "gatherer/log.h"
 #include "gatherer/protocol.h"
+#include "proc_net.h"
 
 namespace gatherer::protocol {
 
@@ -146,19 +147,11 @@ inline int AcceptedConnections(const std::string& endpoint) {
   int n = 0;
   std::string line;
   if (endpoint.rfind("tcp://", 0) == 0) {
-    const unsigned long port = std::stoul(endpoint.substr(endpoint.rfind(':') + 1));
-    std::ifstream tcp("/proc/net/tcp");
-    std::getline(tcp, line);  // header
-    while (std::getline(tcp, line)) {
-      // "sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode"
-      std::istringstream in(line);
-      std::string sl, local, remote, st, queues, timer, retr, uid, timeout, inode;
-      if (!(in >> sl >> local >> remote >> st >> queues >> timer >> retr >> uid >> timeout >> inode)) continue;
-      const auto colon = local.find(':');
-      if (colon == std::string::npos) continue;
-      // 0A is LISTEN; inode 0 is a socket no process holds any more.
-      if (std::stoul(local.substr(colon + 1), nullptr, 16) == port && st != "0A" && inode != "0") ++n;
-    }
+    const auto port = static_cast<std::uint16_t>(std::stoul(endpoint.substr(endpoint.rfind(':') + 1)));
+    ForEachTcpSocket([&](std::uint16_t local, const std::string& st, const std::string& inode) {
+      if (local == port && st != "0A" && inode != "0") ++n;  // not the listener, still held
+      return true;
+    });
     return n;
   }
   if (endpoint.rfind("ipc://", 0) == 0) {

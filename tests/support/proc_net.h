@@ -14,28 +14,37 @@
 
 namespace gatherer::testing {
 
-// The inode of the IPv4 TCP socket bound to local `port`, or "" when one
-// read of /proc/net/tcp does not show it.
-inline std::string TcpSocketInode(std::uint16_t port) {
+// Calls f(local_port, state, inode) for each IPv4 TCP socket in one read of
+// /proc/net/tcp until f returns false. `state` is the kernel's hex code
+// ("0A" LISTEN, "01" ESTABLISHED); inode "0" is a socket no process holds
+// any more (TIME_WAIT).
+template <typename F>
+void ForEachTcpSocket(F&& f) {
   std::ifstream tcp("/proc/net/tcp");
   std::string line;
   std::getline(tcp, line);  // header
-  std::string inode;
   while (std::getline(tcp, line)) {
     // "  sl  local_address rem_address   st tx:rx tr:when retrnsmt   uid  timeout inode"
     std::istringstream in(line);
-    std::string sl, local, remote, st, queues, timer, retr, uid, timeout, node;
-    if (!(in >> sl >> local >> remote >> st >> queues >> timer >> retr >> uid >> timeout >> node)) continue;
+    std::string sl, local, remote, st, queues, timer, retr, uid, timeout, inode;
+    if (!(in >> sl >> local >> remote >> st >> queues >> timer >> retr >> uid >> timeout >> inode)) continue;
     const auto colon = local.find(':');
     if (colon == std::string::npos) continue;
-    // Inode 0: a socket no process holds any more (TIME_WAIT), whose port
-    // a new connection may already reuse; keep looking.
-    if (node != "0" && std::stoul(local.substr(colon + 1), nullptr, 16) == port) {
-      inode = node;
-      break;
-    }
+    if (!f(static_cast<std::uint16_t>(std::stoul(local.substr(colon + 1), nullptr, 16)), st, inode)) return;
   }
-  return inode;
+}
+
+// The inode of the IPv4 TCP socket bound to local `port`, or "" when one
+// read of /proc/net/tcp does not show it.
+inline std::string TcpSocketInode(std::uint16_t port) {
+  std::string found;
+  ForEachTcpSocket([&](std::uint16_t local, const std::string&, const std::string& inode) {
+    // Inode 0: its port a new connection may already reuse; keep looking.
+    if (inode == "0" || local != port) return true;
+    found = inode;
+    return false;
+  });
+  return found;
 }
 
 // The pid in `candidates` whose open files include socket `inode`, or 0.
