@@ -99,6 +99,7 @@ struct FetchFlags {
   bool quiet = false;
   long long max_redirects = 5;
   std::string max_body_bytes = "64M";
+  std::string max_in_flight_bytes = "8M";
   long long backoff_base_ms = 100;
   long long backoff_max_ms = 10'000;
   long long retry_after_max_ms = 60'000;
@@ -321,6 +322,13 @@ bool BuildOptions(const FetchFlags& flags, gatherer::Options& options) {
                std::to_string(gatherer::kMaxResponseBody) + " (256M)");
     return false;
   }
+
+  auto in_flight = gatherer::cli::ParseByteSize(flags.max_in_flight_bytes);
+  if (!in_flight) {
+    PrintError("--max-in-flight-bytes " + in_flight.error().message());
+    return false;
+  }
+  options.max_in_flight_bytes = *in_flight;
 
   options.broker = flags.broker;
   options.workers = flags.workers;
@@ -572,6 +580,10 @@ int main(int argc, char** argv) {
   fetch->add_option("--max-redirects", flags.max_redirects, "Redirects followed per attempt, 0..100 (0 = none)")
       ->capture_default_str()
       ->check(CLI::Range(0LL, kMaxRedirects));
+  fetch->add_option("--max-in-flight-bytes", flags.max_in_flight_bytes,
+                    "Statement bodies sent and not yet answered, at most (K, M, G = powers of 1024; 0 = no "
+                    "limit); bounds what big POST bodies cost on every hop")
+      ->capture_default_str();
   fetch->add_option("--max-body-bytes", flags.max_body_bytes,
                     "Largest response body, 1 .. 256M (K, M, G = powers of 1024); a bigger one fails "
                     "with resource_exhausted")

@@ -280,6 +280,7 @@ struct Stream::Run {
   std::vector<Response> reorder;  // input order only, `span` long
   std::deque<Indexed> ready;      // completion order only
   std::uint64_t pulled = 0;       // positions taken from the source and sent
+  std::uint64_t body_bytes = 0;   // bodies of the statements sent and unanswered
   std::uint64_t received = 0;     // results accepted
   std::uint64_t delivered = 0;    // handed to the reader (input order)
   std::uint64_t low = 0;          // lowest position not yet done
@@ -354,10 +355,16 @@ void Stream::Run::top_up() {
     const std::size_t room_span = span - static_cast<std::size_t>(pulled - low);
     const std::size_t k = std::min({room_window, room_span, kSubmitChunk});
     if (k == 0) return;
+    // Options::max_in_flight_bytes: stop once the bodies in flight reach it
+    // (at most one statement past it, and always one when none is in flight).
+    const std::uint64_t budget = m.options.max_in_flight_bytes;
+    auto over_budget = [&](std::size_t taken) {
+      return budget != 0 && body_bytes >= budget && (pulled + taken > received);
+    };
     std::size_t got = 0;
     if (source) {
       if (held.empty()) held.resize(span);
-      while (got < k) {
+      while (got < k && !over_budget(got)) {
         Statement& out = held[(pulled + got) % span];
         if (!source(out)) {
           source_done = true;
@@ -370,11 +377,13 @@ void Stream::Run::top_up() {
           fail("statement " + std::to_string(index) + " is invalid: " + st.message(),
                static_cast<std::int64_t>(index), st.code());
         }
+        body_bytes += out.body.size();
         ++got;
       }
     } else {
       const std::size_t left = fixed.size() - static_cast<std::size_t>(pulled);
-      got = std::min(k, left);
+      const std::size_t most = std::min(k, left);
+      while (got < most && !over_budget(got)) body_bytes += fixed[static_cast<std::size_t>(pulled + got++)].body.size();
       if (got == left) source_done = true;
     }
     if (got == 0) return;
@@ -455,6 +464,7 @@ void Stream::Run::accept(proto::WireResult& r) {
     return;
   }
   slot = kDone;
+  body_bytes -= std::min<std::uint64_t>(body_bytes, statement_at(pos).body.size());
   // An answered statement of a lazy source is never sent again: a big body
   // is freed now rather than when its slot is reused, so what is held stays
   // bounded by the window, not by the span (small ones keep their buffers

@@ -786,6 +786,33 @@ TEST(CliTest, WorkersFlagFarAboveTheJobCostsNoMemory) {
   }
 }
 
+// Big POST bodies cost what is in flight, not what the window allows: 50
+// POSTs of 1 MiB at the default window (25 + 25 prefetch) peaked at 228 MB
+// when every body sat in the client, the broker and the worker at once;
+// --max-in-flight-bytes (default 8M) bounds them. Every POST is sent once.
+TEST(CliTest, BigPostBodiesCostWhatIsInFlightNotTheWindow) {
+  HttpServer server;
+  const std::string body(1 << 20, 'x');
+  std::string input;
+  for (int i = 0; i < 50; ++i) {
+    std::string path = "/p/";
+    path += std::to_string(i);
+    input += "{\"method\":\"POST\",\"url\":\"" + server.url(path) + "\",\"body\":\"" + body + "\"}\n";
+  }
+  const TempFile file("gatherer_cli_test_big_posts.jsonl", input);
+  input.clear();
+  input.shrink_to_fit();
+  const CliResult r = RunCli({"fetch", file.path()});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(CountLines(r.out), 50u);
+  EXPECT_EQ(server.requests(), 50u);
+  ASSERT_TRUE(r.max_rss_kb.has_value());
+  std::printf("gatherer fetch of 50 POSTs of 1 MiB: peak RSS %.1f MB\n", static_cast<double>(*r.max_rss_kb) / 1024.0);
+  if (kCheckRss) {
+    EXPECT_LT(*r.max_rss_kb, 140 * 1024);
+  }
+}
+
 // A broker with no worker: the CLI says so once on stderr within a few
 // seconds, and keeps waiting (a worker may come) until --broker-timeout.
 TEST(CliTest, ABrokerWithNoWorkerIsSaidOnceAndWaitedFor) {

@@ -53,6 +53,12 @@ struct Options {
   // unfinished one. Bounds a stream's memory whatever the number of
   // statements. 0 = 4 x (workers + prefetch). gather() is not bounded by it.
   int reorder_buffer = 0;
+  // Statement body bytes submitted and not yet answered, at most (one
+  // statement is always let through, whatever its size). A body in flight is
+  // held by the client, the broker and a worker, each in its own copy, so
+  // this bounds what big POST bodies cost on every hop; the window still
+  // bounds the count. 0 = no limit.
+  std::uint64_t max_in_flight_bytes = 8ull << 20;
   // Embedded mode only: I/O threads of the in-process worker (0 = one per core).
   unsigned embedded_io_threads = 0;
   // How long the destructor waits (at most 5 s) for the broker to confirm
