@@ -959,7 +959,7 @@ void Broker::Impl::heartbeat() {
     }
   }
   for (const auto& rid : dead) remove_worker(rid, Departure::kDied, "missed heartbeats");
-  // DESIGN §5.5: a silent client's session is cancelled everywhere.
+  // A silent client's session is cancelled everywhere.
   for (auto it = sessions.begin(); it != sessions.end();) {
     if (now - it->second.last_seen > options.session_ttl) {
       log().warn("broker: session {} expired: its client was silent for {} ms", it->first.ToString(),

@@ -1,5 +1,5 @@
 #pragma once
-// JSON Lines in and out for the `gatherer` CLI (DESIGN §2 "CLI"): statements
+// JSON Lines in and out for the `gatherer` CLI (README, "CLI"): statements
 // are read one per line (a bare URL or a JSON object), responses are written
 // one JSON object per line in input order. Kept out of main.cc so it can be
 // unit-tested.
@@ -61,7 +61,7 @@ void AppendResponseJson(std::string& out, std::uint64_t index, const Response& r
 
 // LineReader: the lines of a FILE*, one at a time in one reused buffer, so
 // memory stays at the longest line whatever the size of the input (the CLI
-// must stream a million statements, DESIGN §2 "Big jobs in bounded memory").
+// must stream a million statements, docs/architecture.md §1).
 // Blank (whitespace-only) lines are skipped but counted; a UTF-8 byte order
 // mark on line 1 (editors on Windows add one) is dropped. With a `spool`,
 // every byte read is also written there, blank lines included, so a second

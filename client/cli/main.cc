@@ -1,5 +1,5 @@
 // gatherer: fetch statements read as JSON Lines (or bare URLs) and write the
-// responses as JSON Lines in input order (DESIGN §2 "CLI").
+// responses as JSON Lines in input order (README, "CLI").
 //
 //   gatherer fetch [FILE|-] [--workers N] [--broker tcp://host:port] ...
 //
@@ -10,7 +10,7 @@
 // parsing and formatting live in jsonl.cc, flag checks in flags.h, the
 // summary line in summary.h.
 //
-// Big jobs run in bounded memory (DESIGN §2): neither the input nor the
+// Big jobs run in bounded memory (docs/architecture.md §1): neither the input nor the
 // output is ever held whole. A first pass reads and validates every line,
 // keeping only a count, so an invalid line 900,000 still costs no request;
 // a second pass over the same bytes (the file sought back, or a temporary

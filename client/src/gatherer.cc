@@ -42,7 +42,7 @@ struct Gatherer::Impl {
   std::shared_ptr<spdlog::logger> logger;
   spdlog::logger& log() const { return *logger; }
   std::unique_ptr<zmq::context_t> context;
-  // Embedded mode only: the in-process cluster (DESIGN §2, "Embedded default").
+  // Embedded mode only: the in-process cluster (docs/architecture.md §2).
   std::unique_ptr<Broker> broker;
   std::unique_ptr<Worker> worker;
   std::unique_ptr<zmq::socket_t> dealer;
@@ -237,7 +237,7 @@ void Gatherer::cancel() {
 }
 
 // One gather() or stream: pulls statements, keeps window + prefetch of them
-// unanswered at the broker (a sliding window, DESIGN §3), and hands results
+// unanswered at the broker (a sliding window, docs/architecture.md §3), and hands results
 // out in input or completion order. Positions are tracked in a ring of
 // `span` slots (state, and in input order the buffered response), so memory
 // is bounded by the span, not by the number of statements.
@@ -416,7 +416,7 @@ void Stream::Run::send_range(std::uint64_t from, std::size_t count) {
 // §3.2.8). Duplicates from the old broker's workers are dropped by index.
 // A non-idempotent statement may have reached its server before the broker
 // was lost: it fails as "outcome unknown" instead of being sent again
-// (DESIGN §5.2).
+// (docs/architecture.md §1).
 void Stream::Run::reopen() {
   m.log().warn("gatherer: broker lost session {}; re-opening it and resubmitting {} statements", m.session_text,
                 pulled - received);
@@ -450,7 +450,7 @@ void Stream::Run::accept(proto::WireResult& r) {
   const std::uint64_t pos = r.index - base;
   if (pos >= pulled || pos < low) return;  // never sent, or done already
   std::uint8_t& slot = slots[pos % span];
-  if (slot != kSent) return;  // duplicate: exactly-once delivery (DESIGN §5.2)
+  if (slot != kSent) return;  // duplicate: exactly-once delivery (docs/architecture.md §1)
   ++received;
   const Response& got = r.response;
   if (!got.ok() && m.options.cancel_on_raise) {
@@ -748,7 +748,7 @@ void Stream::on_wait(std::function<void()> callback) {
 
 namespace {
 void ValidateAll(const std::vector<Statement>& list, const SessionSettings& settings) {
-  // DESIGN §2: every statement is checked before anything is sent.
+  // Every statement is checked before anything is sent.
   for (std::size_t i = 0; i < list.size(); ++i) {
     if (Status s = ValidateStatement(list[i], settings); !s.ok()) {
       throw Error("statement " + std::to_string(i) + " is invalid: " + s.message(), static_cast<std::int64_t>(i),

@@ -1,5 +1,5 @@
 // ValidateStatement: the checks gather() and the CLI run on every statement
-// before anything is sent (DESIGN §2 "Validation before sending"). A bad
+// before anything is sent (README, "Library"). A bad
 // statement must fail here, with a message a user can act on, rather than
 // reach a worker and fail there (or worse, smuggle a header via CR/LF).
 //

@@ -1,4 +1,4 @@
-// One test per ValidateStatement rule (DESIGN §2 "Validation before sending").
+// One test per ValidateStatement rule (README, "Library").
 
 #include <string>
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The Python peer of DESIGN §7: aiohttp `gather` over every URL with one
+"""The Python peer of the benchmarks: aiohttp `gather` over every URL with one
 ClientSession and an asyncio.Semaphore(C), the approach Gatherer replaces.
 
     python3 tests/bench/aiohttp_gather.py URL_FILE [--concurrency 256] [--print]

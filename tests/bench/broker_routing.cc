@@ -1,5 +1,5 @@
 // broker-routing: statements per second through client + broker alone
-// (DESIGN §7 "broker routing alone"). Starts gatherer-broker and K
+// (README, "Benchmarks"). Starts gatherer-broker and K
 // `gatherer-worker --echo` processes on tcp loopback, then streams N
 // statements from a lazy source through one Gatherer (completion order) and
 // prints the rate; repeats `runs` times and prints the median.

@@ -1,5 +1,5 @@
 // curl-multi-baseline: the floor of per-request cost that Gatherer is compared
-// with (DESIGN §7). One thread, one CURLM, `concurrency` easy handles recycled
+// with (README, "Benchmarks"). One thread, one CURLM, `concurrency` easy handles recycled
 // (each keeps its options; only the URL and body target change per transfer),
 // connections reused through the multi's connection cache, bodies kept in
 // input order. Reads URLs one per line from stdin; prints

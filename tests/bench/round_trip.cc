@@ -1,6 +1,6 @@
 // round-trip: latency one statement at a time, through a tcp broker and one
 // worker process, next to a direct libcurl fetch of the same URL (a reused
-// easy handle, keep-alive), alternating, on loopback (DESIGN §7 "one
+// easy handle, keep-alive), alternating, on loopback (README, "Benchmarks": "one
 // statement round trip via broker"). Prints p50/p99 of each and the added
 // latency.
 //   round-trip BUILD_DIR [count=10000]

@@ -1,6 +1,5 @@
 #!/usr/bin/env python3
-"""Peak memory of a streamed `gatherer fetch` as the job grows (DESIGN §2 "Big
-jobs in bounded memory"): N URLs, generated on the fly into a pipe, go through
+"""Peak memory of a streamed `gatherer fetch` as the job grows (docs/architecture.md §1): N URLs, generated on the fly into a pipe, go through
 the CLI (a) embedded and (b) via a tcp broker plus one worker process; the
 output goes through a pipe to a counter that checks every line is 200 and in
 input order.

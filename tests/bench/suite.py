@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Gatherer's benchmark suite (DESIGN §7): one command that starts its own
+"""Gatherer's benchmark suite (README, "Benchmarks"): one command that starts its own
 servers on 127.0.0.1 and measures, side by side in one invocation, Gatherer
 and its peers fetching the same URLs.
 
@@ -49,7 +49,7 @@ carries across fork and exec, does not inflate it; VmHWM for broker and
 workers); p50/p99 per-request latency (libcurl: per-transfer time; aiohttp:
 per request; gatherer: the worker-side elapsed_ms of each output line). The
 servers are never counted. For delay cases it also prints the ceiling C/delay
-and each row's fraction of it, then which DESIGN §7 targets hold.
+and each row's fraction of it, then which performance targets hold.
 
 Needs nginx (with stub_status), python3-aiohttp and /usr/bin/time; when run
 as root and one is missing it runs tests/bench/install-deps. Every wait has a
@@ -671,8 +671,8 @@ def report(a, results, nginx_version, started):
 
 
 def targets(a, results):
-    """DESIGN §7's throughput targets that this run can judge."""
-    lines = ["DESIGN §7 targets (this run):", ""]
+    """The throughput targets that this run can judge."""
+    lines = ["Performance targets (this run):", ""]
 
     def verdict(ok):
         return "holds" if ok else "misses"

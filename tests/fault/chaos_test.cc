@@ -1,4 +1,4 @@
-// Chaos tests (DESIGN §5): real worker processes SIGKILLed mid-job and
+// Chaos tests (docs/architecture.md §1): real worker processes SIGKILLed mid-job and
 // restarted, a server that kills whichever worker fetches one statement,
 // garbage thrown at the broker and at a worker during a job. Each asserts
 // what a user checks: every response once, in order, with the right body;

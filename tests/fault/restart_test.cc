@@ -1,4 +1,4 @@
-// Fault tests with real processes killed by SIGKILL (DESIGN §5.4, §5.5):
+// Fault tests with real processes killed by SIGKILL (docs/architecture.md §1):
 // the broker dies mid-run and comes back; a client dies mid-run.
 
 #include <future>
@@ -36,7 +36,7 @@ std::unique_ptr<Process> StartBroker(const std::string& ep) {
                                                             "--heartbeat-ms", "200", "--log-level", "error"});
 }
 
-// DESIGN §5.4: SIGKILL of the broker while a client waits loses nothing:
+// SIGKILL of the broker while a client waits loses nothing:
 // the worker registers again, the client re-opens its session under the
 // same id and resubmits what is unanswered; each response arrives once, in
 // order.
@@ -98,7 +98,7 @@ TEST(FaultTest, IdleWorkerRegistersWithARestartedBroker) {
   for (int i = 0; i < 100; ++i) ASSERT_EQ(responses[i].body, "body-" + std::to_string(i));
 }
 
-// DESIGN §5.2 across a broker restart: a POST that was submitted and not
+// Across a broker restart: a POST that was submitted and not
 // answered may have reached its server, so it fails as "outcome unknown"
 // instead of being sent again; GETs are resubmitted. No POST reaches the
 // server twice.
@@ -146,7 +146,7 @@ TEST(FaultTest, BrokerRestartNeverSendsAPostTwice) {
   for (const auto& [target, n] : posts) EXPECT_EQ(n, 1) << target << " reached the server " << n << " times";
 }
 
-// DESIGN §5.5: a session whose client stops heartbeating is cancelled after
+// A session whose client stops heartbeating is cancelled after
 // the TTL; its queued and in-flight work is dropped everywhere.
 TEST(FaultTest, KilledClientSessionIsCancelledAfterTtl) {
   HttpServer server(DelayHandler);

@@ -1,4 +1,4 @@
-// End-to-end tests of the `gatherer` CLI binary (DESIGN §2 "CLI"): it runs as
+// End-to-end tests of the `gatherer` CLI binary (README, "CLI"): it runs as
 // a subprocess against a real local HTTP server, and the tests check what a
 // user would: exit status, the JSON Lines on stdout, the message on stderr,
 // and what the server received.

@@ -75,7 +75,7 @@ TEST(PipelineTest, TenThousandStatements) {
   EXPECT_LE(server.max_in_flight(), 256) << "the window caps concurrency across the cluster";
 }
 
-// DESIGN §2 sliding window: one slow statement must not hold back the others
+// The sliding window (docs/architecture.md §1): one slow statement must not hold back the others
 // (a lockstep-chunk design would make statements 1..24 wait 2 s).
 TEST(PipelineTest, SlidingWindowIsNotLockstep) {
   std::mutex mu;
@@ -225,7 +225,7 @@ TEST(PipelineTest, CancelFromAnotherThread) {
   EXPECT_LT(server.requests(), 200u);
 }
 
-// DESIGN §2: destroying the Gatherer closes the session on the broker and
+// Destroying the Gatherer closes the session on the broker and
 // on every worker holding it.
 TEST(PipelineTest, SessionIsForgottenAfterDestruction) {
   HttpServer server(DelayHandler);

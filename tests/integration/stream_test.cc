@@ -1,4 +1,4 @@
-// Streams of responses (DESIGN §2 "Big jobs in bounded memory"): input-order
+// Streams of responses (docs/architecture.md §1): input-order
 // and completion-order streams, lazy sources, back-pressure from a slow
 // reader, against a real HTTP server on 127.0.0.1 and the embedded cluster.
 

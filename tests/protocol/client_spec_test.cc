@@ -719,7 +719,7 @@ TEST_P(ClientSpec, Clause_3_2_8_ReopenAndResubmitTheUnansweredOnNotFound) {
 // 3.3.2 "Results MAY arrive in any order and in batches of any size. A client
 // SHALL place each result at its index and SHALL drop a result whose index it
 // already has or that is outside the batch it is gathering (exactly-once
-// delivery, DESIGN §5.2)."
+// delivery: a result may arrive twice after §3.6, and is used once)."
 TEST_P(ClientSpec, Clause_3_3_2_DuplicateAndOutOfBatchResultsAreDropped) {
   connect(10);
   start_gather(Urls(2));

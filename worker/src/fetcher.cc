@@ -48,7 +48,7 @@ using Clock = std::chrono::steady_clock;
 
 // Response headers beyond this fail the attempt with resource_exhausted:
 // libcurl 7.88 caps one header line, not the sum, and peers are untrusted
-// (STYLE §3).
+// (errors are values inside the system).
 constexpr std::size_t kMaxResponseHeaderBytes = 1 << 20;
 // Easy handles kept for reuse per I/O thread; more are freed on release so a
 // burst does not pin its peak memory forever.
@@ -631,7 +631,7 @@ class IoThread {
     set(CURLOPT_PRIVATE, static_cast<void*>(transfer));
     set(CURLOPT_ERRORBUFFER, transfer->error_buffer);
     set(CURLOPT_NOSIGNAL, 1L);
-    // DESIGN §4: never file://, gopher://, ..., not even through a redirect.
+    // Never file://, gopher://, ..., not even through a redirect.
     set(CURLOPT_PROTOCOLS_STR, "http,https");
     set(CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
     if (settings.max_redirects > 0) {

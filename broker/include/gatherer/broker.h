@@ -1,6 +1,6 @@
 #pragma once
 // gatherer::Broker: the ZeroMQ ROUTER that owns sessions, their queues, the
-// leases of dispatched statements and the worker registry (DESIGN §3).
+// leases of dispatched statements and the worker registry (docs/architecture.md §3).
 // Clients and workers connect DEALER sockets to it; the embedded mode runs
 // it inside the client process over inproc://.
 //
@@ -26,7 +26,7 @@ class logger;
 namespace gatherer {
 
 struct BrokerOptions {
-  // Endpoints to bind. Binds 127.0.0.1 unless told otherwise (DESIGN §5.7).
+  // Endpoints to bind. Binds 127.0.0.1 unless told otherwise.
   std::vector<std::string> endpoints = {"tcp://127.0.0.1:5555"};
   // Context to create the socket in; required for inproc:// endpoints shared
   // with a client. nullptr = the broker creates its own.
@@ -37,7 +37,7 @@ struct BrokerOptions {
   std::chrono::milliseconds heartbeat_interval{1000};
   int heartbeat_liveness = 3;
   // A session whose client has sent nothing (not even a HEARTBEAT naming it)
-  // for this long is cancelled everywhere and forgotten (DESIGN §5.5). A
+  // for this long is cancelled everywhere and forgotten (docs/architecture.md §1). A
   // live client that was idle re-opens it on its next run (PROTOCOL §3.2.8).
   std::chrono::milliseconds session_ttl{10'000};
   // Statements per DISPATCH message at most (PROTOCOL.md §5). Bigger chunks

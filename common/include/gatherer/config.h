@@ -1,7 +1,7 @@
 #pragma once
 // Session settings: everything that shapes how a session's statements are
 // fetched. They travel once per session (client -> broker -> each worker),
-// never per statement (DESIGN §1).
+// never per statement (docs/architecture.md §3).
 //
 // Plain value; not synchronised.
 

@@ -37,7 +37,7 @@ std::shared_ptr<spdlog::logger> NewLogger(int python_level);
 
 // Lets through at most one message per interval per instance, counting the
 // ones held back, so a peer flooding bad frames cannot flood the log
-// (DESIGN §5.6). Thread-safe.
+// (docs/architecture.md §1). Thread-safe.
 class RateLimitedLog {
  public:
   explicit RateLimitedLog(std::chrono::milliseconds interval = std::chrono::seconds(1))

@@ -26,7 +26,7 @@ enum class StatusCode : std::uint8_t {
   kOk = 0,
   kCancelled = 1,
   // The outcome is not known: a non-idempotent statement may or may not have
-  // reached the server, and is not sent again (DESIGN §5.2).
+  // reached the server, and is not sent again (docs/architecture.md §1).
   kUnknown = 2,
   kInvalidArgument = 3,
   kDeadlineExceeded = 4,

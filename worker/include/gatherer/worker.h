@@ -1,7 +1,7 @@
 #pragma once
 // gatherer::Worker: connects a DEALER to the broker, registers its slots,
 // takes DISPATCHed statements and fetches them on the Fetcher's I/O threads,
-// returning results batched per session (DESIGN §4).
+// returning results batched per session (docs/architecture.md §3).
 //
 // Thread-safety: start()/stop() for the owning thread; stats() from any
 // thread. The DEALER socket is owned by the worker's socket thread; the I/O
