@@ -533,8 +533,13 @@ TEST(CliTest, SecondSigintExitsAtOnce) {
   EXPECT_FALSE(tty.wait(500ms, /*keep_reading=*/false).has_value()) << "exited with its output stuck";
   const auto before = std::chrono::steady_clock::now();
   tty.kill(SIGINT);
-  EXPECT_EQ(tty.wait(2s, /*keep_reading=*/false), std::optional<int>(130));
+  EXPECT_EQ(tty.wait(5s, /*keep_reading=*/false), std::optional<int>(130));
+  // "At once": _exit; a sanitizer's runtime still takes its time to end a process.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  EXPECT_LT(std::chrono::steady_clock::now() - before, 3s);
+#else
   EXPECT_LT(std::chrono::steady_clock::now() - before, 1s);
+#endif
 }
 
 // --- usage errors -------------------------------------------------------------
@@ -737,7 +742,10 @@ TEST(CliTest, JsonBodyIsSentAsJsonText) {
   EXPECT_NE(by_target["/4"].header("Content-Type"), "application/json");
 
   // A Content-Type given with --header is the user's choice for every statement.
-  seen.requests.clear();
+  {
+    std::lock_guard<std::mutex> clear_lock(seen.mu);
+    seen.requests.clear();
+  }
   const CliResult with_default = RunCli({"fetch", "--header", "Content-Type: application/vnd.api+json"},
                                         R"({"url":")" + u + R"(/5","method":"POST","body":{"a":1}})" "\n");
   ASSERT_EQ(with_default.exit_code, 0) << with_default.err;
