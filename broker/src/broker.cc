@@ -55,6 +55,10 @@ struct SessionState {
   // client submits more only as it receives results, and acknowledges them.
   std::deque<Retained> retained;
   std::uint64_t results_seq = 0;
+  // The client has every RESULTS up to `ack` (§3.6.2).
+  void forget_acknowledged(std::uint64_t ack) {
+    while (!retained.empty() && retained.front().seq <= ack) retained.pop_front();
+  }
   // One past the highest index submitted (§3.6: tells a client whether a
   // SUBMIT of its was lost).
   std::uint64_t next_index = 0;
@@ -331,10 +335,7 @@ void Broker::Impl::requeue_front(SessionState& s, std::vector<proto::WireStateme
 // on the way loses nothing: SYNC sends it again.
 void Broker::Impl::deliver(SessionState& s, proto::Frames&& frames, std::vector<std::uint64_t>&& indices) {
   proto::RestampResults(frames, s.id, ++s.results_seq);
-  Retained kept{s.results_seq, std::move(indices), {}};
-  kept.frames.resize(frames.size());
-  for (std::size_t i = 0; i < frames.size(); ++i) kept.frames[i].copy(frames[i]);
-  s.retained.push_back(std::move(kept));
+  s.retained.push_back(Retained{s.results_seq, std::move(indices), proto::CopyFrames(frames)});
   send(s.client, std::move(frames));
 }
 
@@ -722,13 +723,11 @@ void Broker::Impl::on_sync(const std::string& peer, std::span<zmq::message_t> bo
     return send_error(peer, StatusCode::kInvalidArgument,
                       fmt::format("SYNC lists {} unanswered statements; a session has at most {}", listed, cap), s.id);
   }
-  while (!s.retained.empty() && s.retained.front().seq <= sync->ack) s.retained.pop_front();
+  s.forget_acknowledged(sync->ack);
   std::unordered_set<std::uint64_t> known;
   known.reserve(s.pending.size() + 64);
   for (Retained& r : s.retained) {
-    proto::Frames again(r.frames.size());
-    for (std::size_t i = 0; i < r.frames.size(); ++i) again[i].copy(r.frames[i]);
-    send(peer, std::move(again));
+    send(peer, proto::CopyFrames(r.frames));
     known.insert(r.indices.begin(), r.indices.end());
   }
   for (const auto& ws : s.pending) known.insert(ws.index);
@@ -738,13 +737,7 @@ void Broker::Impl::on_sync(const std::string& peer, std::span<zmq::message_t> bo
   proto::Synced synced{s.id, {}, s.results_seq};
   for (const auto& r : sync->unanswered) {
     for (std::uint64_t i = r.first; i < r.first + r.count; ++i) {
-      if (known.contains(i) || s.leases.contains(i)) continue;
-      if (!synced.missing.empty() && synced.missing.back().first + synced.missing.back().count == i &&
-          synced.missing.back().count < proto::kMaxBatch) {
-        ++synced.missing.back().count;
-      } else {
-        synced.missing.push_back(proto::IndexRange{i, 1});
-      }
+      if (!known.contains(i) && !s.leases.contains(i)) proto::AppendIndex(synced.missing, i);
     }
   }
   std::uint64_t missing = 0;
@@ -864,7 +857,7 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
     if (it == sessions.end()) return send_error(peer, StatusCode::kNotFound, "session not open", *ack->session);
     SessionState& s = it->second;
     s.last_seen = Clock::now();
-    while (!s.retained.empty() && s.retained.front().seq <= ack->seq) s.retained.pop_front();
+    s.forget_acknowledged(ack->seq);
     return;
   }
   if (command == Command::kSync) return on_sync(peer, body);

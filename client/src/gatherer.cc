@@ -490,13 +490,7 @@ void Stream::Run::sync(const char* why) {
   std::uint64_t listed = 0;
   for (std::uint64_t p = low; p < pulled; ++p) {
     if (slots[p % span] != kSent) continue;
-    const std::uint64_t index = base + p;
-    auto& ranges = msg.unanswered;
-    if (!ranges.empty() && ranges.back().first + ranges.back().count == index && ranges.back().count < proto::kMaxBatch) {
-      ++ranges.back().count;
-    } else {
-      ranges.push_back(proto::IndexRange{index, 1});
-    }
+    proto::AppendIndex(msg.unanswered, base + p);
     ++listed;
   }
   m.log().info("gatherer: session {}: resynchronising with broker {} ({}; {} statements unanswered)", m.session_text,

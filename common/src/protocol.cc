@@ -402,6 +402,14 @@ void PackRanges(Packer& pk, const std::vector<IndexRange>& ranges) {
 }
 }  // namespace
 
+void AppendIndex(std::vector<IndexRange>& ranges, std::uint64_t index) {
+  if (!ranges.empty() && ranges.back().first + ranges.back().count == index && ranges.back().count < kMaxBatch) {
+    ++ranges.back().count;
+  } else {
+    ranges.push_back(IndexRange{index, 1});
+  }
+}
+
 Frames Encode(const Sync& m) {
   msgpack::sbuffer buf(48 + 20 * m.unanswered.size());
   Packer pk(buf);

@@ -73,6 +73,12 @@ SendResult SendMessage(zmq::socket_t& socket, std::string_view routing_id, Frame
   }
 }
 
+Frames CopyFrames(Frames& frames) {
+  Frames copy(frames.size());
+  for (std::size_t i = 0; i < frames.size(); ++i) copy[i].copy(frames[i]);
+  return copy;
+}
+
 std::string ClientRoutingId(const SessionId& session) { return "c" + std::string(session.raw()); }
 
 std::string WorkerRoutingId(const SessionId& instance) { return "w" + std::string(instance.raw()); }

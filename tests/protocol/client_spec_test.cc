@@ -310,26 +310,26 @@ class ClientSpec : public ::testing::TestWithParam<std::string> {
   proto::Frames results_of(std::vector<proto::WireResult> results) {
     const std::uint64_t seq = next_seq_++;
     proto::Frames frames = encode_wire(std::move(results), seq);
-    kept_[seq] = testing::CopyFrames(frames);
+    kept_[seq] = proto::CopyFrames(frames);
     sent_.insert(seq);
     return frames;
   }
   proto::Frames results(const Bodies& bodies) {
     proto::Frames frames = encode_results(bodies, next_seq_);
-    kept_[next_seq_] = testing::CopyFrames(frames);
+    kept_[next_seq_] = proto::CopyFrames(frames);
     sent_.insert(next_seq_++);
     return frames;
   }
   void send_results(const Bodies& bodies) { send(peer_, results(bodies)); }
   // Sends again the kept RESULTS numbered `seq`.
-  void send_again(std::uint64_t seq) { send(peer_, testing::CopyFrames(kept_.at(seq))); }
+  void send_again(std::uint64_t seq) { send(peer_, proto::CopyFrames(kept_.at(seq))); }
   // Answers a SYNC as the broker does (§3.6.4): forgets the kept RESULTS up
   // to its ack, sends the others again in order, then SYNCED naming
   // `missing` (the listed statements this broker never received) and the
   // seq of the last RESULTS it sent.
   void answer_sync(const proto::Sync& sync, std::vector<proto::IndexRange> missing) {
     kept_.erase(kept_.begin(), kept_.upper_bound(sync.ack));
-    for (const auto& [seq, frames] : kept_) send(peer_, testing::CopyFrames(frames));
+    for (auto& [seq, frames] : kept_) send(peer_, proto::CopyFrames(frames));
     send(peer_, proto::Encode(proto::Synced{session_, std::move(missing), next_seq_ - 1}));
   }
   // The broker's session is new (a re-open after not_found, §3.2.8): its

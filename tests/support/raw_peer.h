@@ -58,12 +58,7 @@ inline std::optional<Routed> RecvRouted(zmq::socket_t& router, std::chrono::mill
   return m;
 }
 
-// A deep copy of a message (zmq::message_t is move-only).
-inline protocol::Frames CopyFrames(const protocol::Frames& frames) {
-  protocol::Frames out(frames.size());
-  for (std::size_t i = 0; i < frames.size(); ++i) out[i].copy(const_cast<zmq::message_t&>(frames[i]));
-  return out;
-}
+
 
 // Stops listening on `endpoint` ("tcp://127.0.0.1:port" or "ipc://path"),
 // waits until ZeroMQ, which does it asynchronously, has closed the

@@ -120,9 +120,7 @@ struct Worker::Impl {
   void send_results(proto::Results&& results) {
     results.seq = ++results_seq;
     proto::Frames frames = proto::Encode(std::move(results));
-    Unacked kept{results_seq, Clock::now(), proto::Frames(frames.size())};
-    for (std::size_t i = 0; i < frames.size(); ++i) kept.frames[i].copy(frames[i]);
-    unacked.push_back(std::move(kept));
+    unacked.push_back(Unacked{results_seq, Clock::now(), proto::CopyFrames(frames)});
     if (!send(std::move(frames))) resend_due = true;
   }
   // Sends again every unacknowledged RESULTS sent before `before`.
@@ -130,10 +128,8 @@ struct Worker::Impl {
     const auto now = Clock::now();
     for (Unacked& u : unacked) {
       if (u.sent >= before) break;
-      proto::Frames again(u.frames.size());
-      for (std::size_t i = 0; i < u.frames.size(); ++i) again[i].copy(u.frames[i]);
       u.sent = now;
-      if (!send(std::move(again))) resend_due = true;
+      if (!send(proto::CopyFrames(u.frames))) resend_due = true;
     }
   }
   // §3.7: after a reconnect or a gap in the order seqs, RESULTS not yet

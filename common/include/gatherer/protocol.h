@@ -149,6 +149,9 @@ struct IndexRange {
   std::uint32_t count = 0;
   bool operator==(const IndexRange&) const = default;
 };
+// Adds `index` to `ranges`, extending the last range when it follows it
+// (and the range is below the per-range limit of kMaxBatch).
+void AppendIndex(std::vector<IndexRange>& ranges, std::uint64_t index);
 // SYNC (client -> broker): what the client has received (`ack`, as in ACK)
 // and the statements it submitted and has not been answered (§3.6).
 struct Sync {

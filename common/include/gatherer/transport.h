@@ -73,6 +73,11 @@ enum class SendResult { kSent, kWouldBlock, kUnreachable, kFailed };
 // ROUTER peer is kUnreachable (ROUTER_MANDATORY). Frames are consumed.
 SendResult SendMessage(zmq::socket_t& socket, std::string_view routing_id, Frames& frames, bool block = false);
 
+// A copy of every frame of `frames` sharing their buffers (zmq_msg_copy:
+// bodies are reference-counted, not copied): what a sender keeps of a
+// message until it is acknowledged, and sends again (PROTOCOL.md §3.6, §3.7).
+Frames CopyFrames(Frames& frames);
+
 // Receives one whole message without blocking into `frames` (cleared first).
 // False when none is waiting; throws zmq::error_t only for ETERM.
 bool ReceiveMessage(zmq::socket_t& socket, Frames& frames);
