@@ -20,7 +20,10 @@ namespace proto = protocol;
 using Clock = std::chrono::steady_clock;
 
 struct Lease {
-  std::string worker;  // routing id
+  // WorkerState::serial of the worker holding it: a number, not the routing
+  // id, so that leasing a statement allocates nothing (a worker's routing id
+  // is longer than a short string's inline buffer).
+  std::uint64_t worker = 0;
   proto::WireStatement statement;
   std::uint64_t seq = 0;  // order seq of the DISPATCH that carried it (§3.7)
 };
@@ -69,6 +72,7 @@ struct SessionState {
 // Owned by the loop thread.
 struct WorkerState {
   std::string routing_id;
+  std::uint64_t serial = 0;  // unique per registration, never reused (Lease::worker)
   std::string worker_id;
   std::string host;
   std::uint32_t slots = 0;
@@ -143,6 +147,7 @@ struct Broker::Impl {
   std::uint64_t total_leased = 0;
   Clock::time_point next_heartbeat;
   std::vector<std::string> acks_due;  // workers owed an ACK this pass
+  std::uint64_t worker_serials = 0;   // the last WorkerState::serial given
 
   explicit Impl(BrokerOptions o) : options(std::move(o)) {}
   spdlog::logger& log() const { return options.logger ? *options.logger : Logger(); }
@@ -263,7 +268,7 @@ void Broker::Impl::dispatch() {
       ++popped;
       // A client that re-opened its session resubmits what it has not been
       // answered (§3.2.8): an index already leased is not sent twice.
-      if (!s.leases.try_emplace(ws.index, Lease{best->routing_id, {}}).second) continue;
+      if (!s.leases.try_emplace(ws.index, Lease{best->serial, {}}).second) continue;
       chunk.statements.push_back(std::move(ws));
     }
     total_pending -= popped;
@@ -364,9 +369,13 @@ void Broker::Impl::send_acks() {
 // END_SESSION so they abort its transfers (§4.4). The session itself stays
 // unless it is being closed.
 void Broker::Impl::end_session(SessionState& s) {
-  for (const auto& [index, lease] : s.leases) {
-    auto w = workers.find(lease.worker);
-    if (w != workers.end() && w->second.leased > 0) --w->second.leased;
+  if (!s.leases.empty()) {
+    std::unordered_map<std::uint64_t, WorkerState*> by_serial;
+    for (auto& [rid, w] : workers) by_serial.emplace(w.serial, &w);
+    for (const auto& [index, lease] : s.leases) {
+      auto w = by_serial.find(lease.worker);
+      if (w != by_serial.end() && w->second->leased > 0) --w->second->leased;
+    }
   }
   total_leased -= s.leases.size();
   total_pending -= s.pending.size();
@@ -410,7 +419,7 @@ void Broker::Impl::remove_worker(const std::string& routing_id, Departure how, c
     session.workers.erase(routing_id);
     std::vector<proto::WireStatement> held;
     for (auto l = session.leases.begin(); l != session.leases.end();) {
-      if (l->second.worker == routing_id) {
+      if (l->second.worker == w.serial) {
         held.push_back(std::move(l->second.statement));
         l = session.leases.erase(l);
       } else {
@@ -536,7 +545,7 @@ void Broker::Impl::dispatch_quarantine() {
     quarantined.pop_front();
     if (!s.quarantine.empty()) quarantined.push_back(sid);
     std::erase_if(chunk.statements, [&](const proto::WireStatement& ws) {
-      return !s.leases.try_emplace(ws.index, Lease{worker.routing_id, {}}).second;
+      return !s.leases.try_emplace(ws.index, Lease{worker.serial, {}}).second;
     });
     if (!chunk.statements.empty()) {
       if (ensure_session(s, worker) && send_dispatch(s, worker, chunk)) {
@@ -611,7 +620,7 @@ void Broker::Impl::on_results(const std::string& peer, std::span<zmq::message_t>
   std::size_t kept = 0;
   for (std::size_t i = 0; i < index->indices.size(); ++i) {
     auto l = session.leases.find(index->indices[i]);
-    if (l == session.leases.end() || l->second.worker != peer) {
+    if (l == session.leases.end() || l->second.worker != worker.serial) {
       keep[i] = false;
       continue;
     }
@@ -685,7 +694,7 @@ void Broker::Impl::on_holding(const std::string& peer, std::span<zmq::message_t>
     std::vector<proto::WireStatement> lost;
     for (auto l = session.leases.begin(); l != session.leases.end();) {
       const Lease& lease = l->second;
-      if (lease.worker == peer && lease.seq <= holding->seq &&
+      if (lease.worker == worker.serial && lease.seq <= holding->seq &&
           (in_hand == held.end() || !in_hand->second.contains(l->first))) {
         lost.push_back(std::move(l->second.statement));
         l = session.leases.erase(l);
@@ -757,6 +766,7 @@ void Broker::Impl::on_worker(const std::string& peer, proto::Command command, st
     auto [it, inserted] = workers.try_emplace(peer);
     WorkerState& w = it->second;
     w.routing_id = peer;
+    w.serial = ++worker_serials;
     w.worker_id = ready_msg->worker_id;
     w.host = ready_msg->host;
     w.slots = ready_msg->slots;
