@@ -1,0 +1,305 @@
+"""The Python package over Gatherer's C++ client: the Pyot Gatherer's API and
+what it adds (streams, sync calls), against real HTTP servers on 127.0.0.1,
+the embedded cluster and a tcp gatherer-broker with a gatherer-worker."""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import gatherer
+from gatherer import Gatherer, GathererError, Statement
+
+from conftest import ENTRIES, bin_dir, summoner
+
+QUIET = 40  # log_level: errors only, so the test output stays readable
+
+
+def run(coro, timeout_s=30):
+    """Runs a coroutine on a fresh event loop, bounded."""
+    return asyncio.run(asyncio.wait_for(coro, timeout_s))
+
+
+async def league_then_summoners(g, api):
+    """The Pyot example's shape: a league lists entries, each entry's summoner is fetched."""
+    g.statements = [api.url("/league/gold")]
+    (league,) = await g.gather()
+    assert league.status == 200 and league.error is None
+    entries = league.json()["entries"]
+    assert len(entries) == ENTRIES
+    g.statements = [api.url(f"/summoner/{e['summonerId']}") for e in entries]
+    responses = await g.gather()
+    assert responses is g.responses
+    assert [r.json() for r in responses] == [summoner(e["summonerId"]) for e in entries]
+    return responses
+
+
+def test_league_entries_summoners(api):
+    async def main():
+        async with Gatherer(workers=8, log_level=QUIET) as g:
+            await league_then_summoners(g, api)
+            # The same Gatherer gathers again (reuse), here a bigger batch.
+            g.statements = [api.url(f"/n/{i}") for i in range(300)]
+            responses = await g.gather()
+            assert [r.text for r in responses] == [str(i) for i in range(300)]
+
+    run(main())
+
+
+def test_statement_forms_and_response_fields(api):
+    async def main():
+        async with Gatherer(workers=4, log_level=QUIET, headers={"X-Default": "d"}) as g:
+            g.statements = [
+                api.url("/n/7"),
+                {"method": "POST", "url": api.url("/echo"), "headers": {"X-A": "1"}, "body": b"\x00bin",
+                 "timeout_ms": 5000},
+                {"method": "PUT", "url": api.url("/echo"), "headers": [("X-B", "2")], "body": "text é",
+                 "idempotent": True, "timeout_ms": None},
+                Statement(api.url("/echo"), method="DELETE", headers={"X-C": "3"}),
+            ]
+            r = await g.gather()
+        assert r[0].status == 200 and r[0].body == b"7" and r[0].text == "7"
+        assert r[0].headers["X-Index"] == "7"
+        assert r[0].headers["Set-Cookie"] == "a=1, b=2"  # repeated names joined
+        assert [v for k, v in r[0].raw_headers if k == "Set-Cookie"] == ["a=1", "b=2"]
+        assert r[0].attempts == 1 and r[0].elapsed > 0 and r[0].ok and r[0].worker
+        echo = [x.json() for x in r[1:]]
+        assert [e["method"] for e in echo] == ["POST", "PUT", "DELETE"]
+        assert echo[0]["body"] == "\x00bin" and echo[0]["headers"]["X-A"] == "1"
+        assert echo[1]["body"].encode("latin-1").decode() == "text é" and echo[1]["headers"]["X-B"] == "2"
+        assert echo[2]["headers"]["X-C"] == "3"
+        assert all(e["headers"]["X-Default"] == "d" for e in echo)
+
+    run(main())
+
+
+def test_errors_in_place(api, bench_server):
+    async def main():
+        async with Gatherer(workers=4, log_level=QUIET, max_attempts=1) as g:
+            g.statements = [api.url("/n/0"), api.url("/status/404"), api.url("/n/2"),
+                            "http://127.0.0.1:1/refused", api.url("/status/500"), bench_server + "/x"]
+            r = await g.gather()
+        assert [x.ok for x in r] == [True, False, True, False, False, True]
+        assert r[1].status == 404 and r[1].error.code == "http_status" and r[1].text == "status 404"
+        assert r[3].status == 0 and r[3].error.code == "unavailable" and r[3].error.message
+        assert r[4].status == 500 and r[4].error.code == "http_status"
+        assert r[5].json()["id"] == 1
+
+    run(main())
+
+
+def test_cancel_on_raise(api):
+    async def main():
+        async with Gatherer(workers=2, log_level=QUIET, cancel_on_raise=True, max_attempts=1) as g:
+            g.statements = [api.url(f"/n/{i}") for i in range(5)] + [api.url("/status/404")] + \
+                           [api.url(f"/n/{i}") for i in range(6, 40)]
+            with pytest.raises(GathererError) as e:
+                await g.gather()
+            assert isinstance(e.value, RuntimeError)
+            assert e.value.index == 5 and e.value.code == "http_status" and "5" in str(e.value)
+            assert len(e.value.responses) == 40 and g.responses is e.value.responses
+            assert [r.text for r in e.value.responses[:5]] == ["0", "1", "2", "3", "4"]
+            # Still usable after the error.
+            g.statements = [api.url("/n/1")]
+            assert (await g.gather())[0].text == "1"
+
+    run(main())
+
+
+@pytest.mark.parametrize("bad, why", [
+    ({"method": "GET"}, "no url"),
+    ({"url": "/relative"}, "invalid"),
+    ({"url": "ftp://127.0.0.1/x"}, "invalid"),
+    (42, "a statement is"),
+    ({"url": "http://127.0.0.1/", "colour": "red"}, "unknown key"),
+    ({"url": "http://127.0.0.1/", "headers": {"X": "a\r\nb"}}, "invalid"),
+])
+def test_invalid_statement_raises_before_anything_is_sent(api, bad, why):
+    async def main():
+        async with Gatherer(workers=4, log_level=QUIET) as g:
+            before = api.httpd.count
+            g.statements = [api.url("/n/0"), api.url("/n/1"), bad, api.url("/n/3")]
+            with pytest.raises(RuntimeError, match=r"statement 2\b") as e:
+                await g.gather()
+            assert why in str(e.value) and e.value.index == 2
+            assert api.httpd.count == before  # nothing was sent
+            g.statements = [api.url("/n/5")]
+            assert (await g.gather())[0].text == "5"
+
+    run(main())
+
+
+def test_task_cancellation_is_prompt_and_the_gatherer_reusable(api):
+    async def main():
+        loop = asyncio.get_running_loop()
+        async with Gatherer(workers=4, log_level=QUIET, max_attempts=1) as g:
+            held = api.httpd.held
+            g.statements = [api.url("/hold")] * 4 + [api.url(f"/n/{i}") for i in range(100)]
+            task = asyncio.create_task(g.gather())
+            # The loop is free while the C++ client fetches: this await runs.
+            assert await loop.run_in_executor(None, api.wait_held, held + 4, 10)
+            start = time.monotonic()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert time.monotonic() - start < 2.0
+            g.statements = [api.url("/n/9")]
+            assert (await g.gather())[0].text == "9"
+
+    run(main())
+
+
+def test_sync_gather_and_cancel_from_another_thread(api):
+    with Gatherer(workers=2, log_level=QUIET, max_attempts=1) as g:
+        g.statements = [api.url(f"/n/{i}") for i in range(50)]
+        assert [r.text for r in g.gather_sync()] == [str(i) for i in range(50)]
+        held = api.httpd.held
+        g.statements = [api.url("/hold")] * 2
+        canceller = threading.Thread(target=lambda: api.wait_held(held + 2, 10) and g.cancel())
+        canceller.start()
+        start = time.monotonic()
+        with pytest.raises(GathererError) as e:
+            g.gather_sync()
+        canceller.join(10)
+        assert e.value.code == "cancelled" and time.monotonic() - start < 10
+    # Module-level one-shot gather.
+    r = gatherer.gather([api.url("/n/3"), api.url("/n/4")], workers=2, log_level=QUIET)
+    assert [x.text for x in r] == ["3", "4"]
+
+
+def test_stream_in_order_and_completion_order_from_a_generator(api):
+    n = 600
+    pulled = []
+
+    def statements():
+        for i in range(n):
+            pulled.append(i)
+            yield api.url(f"/n/{i}")
+
+    async def main():
+        async with Gatherer(workers=16, log_level=QUIET, reorder_buffer=64) as g:
+            got = []
+            async for index, response in g.stream(statements()):
+                # Lazy: the source is never far ahead of what was handed out.
+                assert len(pulled) <= index + 1 + 64 + 4 * 256
+                got.append((index, response.text))
+            assert got == [(i, str(i)) for i in range(n)]
+            got = [(i, r.text) async for i, r in g.stream((api.url(f"/n/{i}") for i in range(n)),
+                                                             order=gatherer.COMPLETION)]
+            assert sorted(got) == [(i, str(i)) for i in range(n)]
+            # An early exit cancels the rest; the Gatherer goes on.
+            async with g.stream(api.url(f"/n/{i}") for i in range(10_000)) as s:
+                async for index, response in s:
+                    if index == 20:
+                        break
+            g.statements = [api.url("/n/2")]
+            assert (await g.gather())[0].text == "2"
+        # Synchronous stream.
+        with Gatherer(workers=4, log_level=QUIET) as g:
+            assert [(i, r.text) for i, r in g.stream_sync([api.url(f"/n/{i}") for i in range(30)])] == \
+                   [(i, str(i)) for i in range(30)]
+
+    run(main())
+
+
+def test_stream_errors(api):
+    def broken():
+        yield api.url("/n/0")
+        raise ValueError("source broke")
+
+    async def main():
+        async with Gatherer(workers=4, log_level=QUIET) as g:
+            with pytest.raises(ValueError, match="source broke"):
+                async for _ in g.stream(broken()):
+                    pass
+            with pytest.raises(RuntimeError, match=r"statement 1\b"):
+                async for _ in g.stream([api.url("/n/0"), {"url": "nope"}]):
+                    pass
+            g.statements = [api.url("/n/1")]
+            assert (await g.gather())[0].text == "1"
+
+    run(main())
+
+
+def test_the_event_loop_is_never_blocked(bench_server):
+    async def main():
+        gaps = []
+        stop = asyncio.Event()
+
+        async def ticker():
+            last = time.monotonic()
+            while not stop.is_set():
+                await asyncio.sleep(0.002)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        t = asyncio.create_task(ticker())
+        async with Gatherer(workers=64, log_level=QUIET) as g:
+            g.statements = [bench_server + f"/p/{i}" for i in range(20_000)]
+            responses = await g.gather()
+        stop.set()
+        await t
+        assert len(responses) == 20_000 and all(r.ok for r in responses)
+        assert len(gaps) > 10 and max(gaps) < 0.5, max(gaps)
+
+    run(main(), 60)
+
+
+RSS_SCRIPT = textwrap.dedent("""
+    import asyncio, sys
+    from gatherer import Gatherer
+
+    def hwm_mb():
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+
+    async def main(base, n):
+        marks = {}
+        async with Gatherer(workers=256, log_level=40) as g:
+            count = 0
+            async for index, response in g.stream(f"{base}/m/{i}" for i in range(n)):
+                assert index == count and response.status == 200, (index, count, response)
+                count += 1
+                if count == 10_000:
+                    marks["at_10k"] = hwm_mb()
+        assert count == n
+        print(marks["at_10k"], hwm_mb())
+
+    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+""")
+
+
+def test_stream_100k_in_bounded_memory(bench_server):
+    """100k statements streamed from a generator: peak RSS after the first 10k
+    and at the end barely differ (gather() of 100k ~600-byte bodies would hold
+    far more than the bound)."""
+    env = dict(os.environ)
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, bench_server, "100000"], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    at_10k, at_end = map(float, out.stdout.split())
+    assert at_end - at_10k < 16, (at_10k, at_end)
+    assert at_end < 200, at_end
+
+
+def test_through_a_tcp_broker_and_worker_process(api, tcp_cluster):
+    endpoint, broker, worker = tcp_cluster
+
+    async def main():
+        async with Gatherer(workers=8, log_level=QUIET, broker=endpoint) as g:
+            responses = await league_then_summoners(g, api)
+            assert len({r.worker for r in responses}) == 1  # the one gatherer-worker process
+            got = [(i, r.text) async for i, r in g.stream(api.url(f"/n/{i}") for i in range(200))]
+            assert got == [(i, str(i)) for i in range(200)]
+
+    run(main())
+    assert broker.p.poll() is None and worker.p.poll() is None
