@@ -192,9 +192,19 @@ class Gatherer:
         self.responses = []
         self._core = None
         self._streams = set()
-        self._running = None  # the call of the gather() in progress
+        self._busy = False  # a gather() or stream is running (one at a time)
 
     # --- session ---------------------------------------------------------------
+
+    def _claim(self):
+        """The open session, for one gather() or stream at a time."""
+        if self._busy:
+            raise GathererError("a gather() or stream is already running on this Gatherer", -1,
+                                "failed_precondition")
+        core = self._open()
+        core.reset()
+        self._busy = True
+        return core
 
     def _open(self):
         if self._core is None or self._core.closed:
@@ -252,26 +262,29 @@ class Gatherer:
         order. Raises GathererError (a RuntimeError) naming the index of an
         invalid statement before anything is sent, and under cancel_on_raise
         the first failure. Cancelling the awaiting task cancels the session."""
-        core = self._open()
-        core.reset()
-        call, future = _async_call(asyncio.get_running_loop(), core.gather, list(self.statements))
+        statements = list(self.statements)
+        core = self._claim()
         try:
+            call, future = _async_call(asyncio.get_running_loop(), core.gather, statements)
             self.responses = await _await(call, future, core)
         except GathererError as e:
             e.responses = self.responses = core.partial() or []
             raise
+        finally:
+            self._busy = False
         return self.responses
 
     def gather_sync(self):
         """gather() for scripts, without an event loop. Ctrl-C cancels."""
-        core = self._open()
-        core.reset()
-        call = _Call(core.gather, (list(self.statements),))
+        statements = list(self.statements)
+        core = self._claim()
         try:
-            self.responses = _wait_sync(call, core)
+            self.responses = _wait_sync(_Call(core.gather, (statements,)), core)
         except GathererError as e:
             e.responses = self.responses = core.partial() or []
             raise
+        finally:
+            self._busy = False
         return self.responses
 
     # --- stream -----------------------------------------------------------------
@@ -305,8 +318,7 @@ class _StreamBase:
         self._finished = False
 
     def _start(self, notify):
-        self._core = self._gatherer._open()
-        self._core.reset()
+        self._core = self._gatherer._claim()
         self._gatherer._streams.add(self)
         self._call = _Call(self._core.stream, (self._statements, self._completion, self._sink, _BATCH), notify)
 
@@ -325,6 +337,8 @@ class _StreamBase:
             self._credits.release()
 
     def _finish(self):
+        if self._call is not None and not self._finished:
+            self._gatherer._busy = False
         self._finished = True
         self._gatherer._streams.discard(self)
 

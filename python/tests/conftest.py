@@ -40,6 +40,9 @@ class Api(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = "GathererTestApi/1"
+    # Headers and body leave in two writes: without TCP_NODELAY, Nagle and
+    # delayed ACKs hold each keep-alive response back ~40 ms.
+    disable_nagle_algorithm = True
 
     def log_message(self, *args):
         pass
@@ -55,7 +58,10 @@ class Api(BaseHTTPRequestHandler):
         for k, v in headers:
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (a cancelled statement)
+            self.close_connection = True
 
     def handle_any(self):
         length = int(self.headers.get("Content-Length") or 0)

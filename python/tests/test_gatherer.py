@@ -104,7 +104,11 @@ def test_cancel_on_raise(api):
             assert isinstance(e.value, RuntimeError)
             assert e.value.index == 5 and e.value.code == "http_status" and "5" in str(e.value)
             assert len(e.value.responses) == 40 and g.responses is e.value.responses
-            assert [r.text for r in e.value.responses[:5]] == ["0", "1", "2", "3", "4"]
+            # Completed ones are in place. With a window of 2, statement 5 started once all
+            # of 0-4 but at most one had completed; the cancel dropped that one.
+            done = [i for i, r in enumerate(e.value.responses) if r.ok and r.status == 200]
+            assert all(e.value.responses[i].text == str(i) for i in done)
+            assert len([i for i in done if i < 5]) >= 4
             # Still usable after the error.
             g.statements = [api.url("/n/1")]
             assert (await g.gather())[0].text == "1"
@@ -288,7 +292,7 @@ def test_stream_100k_in_bounded_memory(bench_server):
     assert out.returncode == 0, out.stderr[-3000:]
     at_10k, at_end = map(float, out.stdout.split())
     assert at_end - at_10k < 16, (at_10k, at_end)
-    assert at_end < 200, at_end
+    assert at_end < 100, at_end  # gather() of the same 100k: ~170 MB
 
 
 def test_through_a_tcp_broker_and_worker_process(api, tcp_cluster):
@@ -303,3 +307,48 @@ def test_through_a_tcp_broker_and_worker_process(api, tcp_cluster):
 
     run(main())
     assert broker.p.poll() is None and worker.p.poll() is None
+
+
+CTRL_C_SCRIPT = textwrap.dedent("""
+    import asyncio, sys
+    from gatherer import Gatherer
+
+    url, mode = sys.argv[1], sys.argv[2]
+    with Gatherer(workers=4, log_level=40, max_attempts=1) as g:
+        g.statements = [url] * 4
+        if mode == "async":
+            asyncio.run(g.gather())
+        else:
+            g.gather_sync()
+""")
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_ctrl_c_cancels_at_once(api, mode):
+    held = api.httpd.held
+    p = subprocess.Popen([sys.executable, "-c", CTRL_C_SCRIPT, api.url("/hold"), mode], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        assert api.wait_held(held + 4, 15), "the statements never reached the server"
+        start = time.monotonic()
+        p.send_signal(subprocess.signal.SIGINT)
+        _, err = p.communicate(timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+    assert time.monotonic() - start < 3.0
+    assert p.returncode != 0 and "KeyboardInterrupt" in err, err[-2000:]
+
+
+def test_one_run_at_a_time(api):
+    async def main():
+        async with Gatherer(workers=2, log_level=QUIET) as g:
+            g.statements = [api.url(f"/n/{i}") for i in range(50)]
+            first = asyncio.create_task(g.gather())
+            await asyncio.sleep(0)  # let it start
+            with pytest.raises(GathererError, match="already running"):
+                await g.gather()
+            assert len(await first) == 50
+
+    run(main())
