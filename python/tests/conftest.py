@@ -216,7 +216,7 @@ def tcp_cluster(procs):
     """A gatherer-broker on tcp://127.0.0.1:<port> with one gatherer-worker."""
     d = bin_dir()
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    broker = procs([os.path.join(d, "broker", "gatherer-broker"), "--bind", endpoint])
+    broker = procs([os.path.join(d, "broker", "gatherer-broker"), "--bind", endpoint, "--log-level", "debug"])
     worker = procs([os.path.join(d, "worker", "gatherer-worker"), "--broker", endpoint, "--io-threads", "1"])
     broker.wait_line(r" ready with ")
     return endpoint, broker, worker

@@ -308,6 +308,30 @@ def test_through_a_tcp_broker_and_worker_process(api, tcp_cluster):
     run(main())
     assert broker.p.poll() is None and worker.p.poll() is None
 
+    # The session is closed on exit, also when leaving on an error.
+    class Boom(Exception):
+        pass
+
+    async def fails():
+        async with Gatherer(workers=2, log_level=QUIET, broker=endpoint) as g:
+            g.statements = [api.url("/n/1")]
+            await g.gather()
+            sessions.append(g.session_id)
+            raise Boom()
+
+    sessions = []
+    with pytest.raises(Boom):
+        run(fails())
+    broker.wait_line(rf"session {sessions[0]} closed", timeout_s=10)
+    with Gatherer(workers=2, log_level=QUIET, broker=endpoint) as g:
+        g.statements = [api.url("/n/2")]
+        assert g.gather_sync()[0].text == "2"
+        sid = g.session_id
+        with pytest.raises(Boom):
+            with g:
+                raise Boom()
+    broker.wait_line(rf"session {sid} closed", timeout_s=10)
+
 
 CTRL_C_SCRIPT = textwrap.dedent("""
     import asyncio, sys
