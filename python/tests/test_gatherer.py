@@ -376,3 +376,14 @@ def test_one_run_at_a_time(api):
             assert len(await first) == 50
 
     run(main())
+
+
+def test_invalid_options():
+    with pytest.raises(TypeError, match="colour"):
+        Gatherer(colour="red").gather_sync()
+    with pytest.raises(GathererError) as e:
+        with Gatherer(workers=0, log_level=QUIET):
+            pass
+    assert e.value.code == "invalid_argument"
+    with pytest.raises(ValueError, match="order"):
+        Gatherer().stream([], order="random")
