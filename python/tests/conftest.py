@@ -86,10 +86,11 @@ class Api(BaseHTTPRequestHandler):
             return self.reply(200, m.group(1), "text/plain", [("X-Index", m.group(1)), ("Set-Cookie", "a=1"),
                                                               ("Set-Cookie", "b=2")])
         if path == "/hold":
+            release = self.server.release
             with self.server.cond:
                 self.server.held += 1
                 self.server.cond.notify_all()
-            self.server.release.wait(HOLD_DEADLINE_S)
+            release.wait(HOLD_DEADLINE_S)
             return self.reply(200, "released", "text/plain")
         return self.reply(404, "not found", "text/plain")
 
@@ -115,6 +116,11 @@ class ApiServer:
         """Waits until n requests sit in /hold."""
         with self.httpd.cond:
             return self.httpd.cond.wait_for(lambda: self.httpd.held >= n, timeout_s)
+
+    def release_held(self):
+        """Answers every request waiting in /hold; later ones wait again."""
+        event, self.httpd.release = self.httpd.release, threading.Event()
+        event.set()
 
     def stop(self):
         self.httpd.release.set()
