@@ -40,7 +40,7 @@ _BATCHES_AHEAD = 4
 # _RECANCEL_S meanwhile, since one that falls just before the run started is
 # cleared by it.
 _CANCEL_DEADLINE_S = 30.0
-_RECANCEL_S = 0.1
+_RECANCEL_S = 0.05
 
 
 class GathererError(RuntimeError):
