@@ -15,6 +15,7 @@
 
 #include "gatherer/curve.h"
 #include "gatherer/gatherer.h"
+#include "gatherer/log.h"
 #include "gatherer/protocol.h"
 #include "gatherer/transport.h"
 #include "free_port.h"
@@ -212,6 +213,28 @@ TEST_F(CurveTest, AnotherClientKeyCannotTouchASessionItDidNotOpen) {
   ASSERT_EQ(results->results.size(), 1u);
   EXPECT_EQ(results->results[0].response.body, "ok:/mine");
   EXPECT_EQ(server.requests(), 1u);
+}
+
+// §1.7: with CURVE a client's route is not derived from its session id.
+TEST_F(CurveTest, AClientRoutingIdIsRandomNotItsSessionId) {
+  ZapHandler zap(ctx_, {client_.public_key}, Logger());
+  ASSERT_TRUE(zap.start().ok());
+  zmq::socket_t router(ctx_, zmq::socket_type::router);
+  router.set(zmq::sockopt::linger, 0);
+  MakeCurveServer(router, broker_);
+  router.bind(endpoint_);
+  Options o = ClientOptions(client_);
+  o.connect_timeout = 100ms;  // nobody answers its CLOSE
+  Gatherer g(o);  // sends OPEN at once
+  proto::Frames frames = Receive(router);
+  ASSERT_GE(frames.size(), 2u);
+  const std::string peer = frames[0].to_string();
+  EXPECT_EQ(PeerCurveKey(frames[1]), client_.public_key);
+  auto open = proto::DecodeOpen(std::span<const zmq::message_t>(frames.data() + 1, frames.size() - 1));
+  ASSERT_TRUE(open.has_value());
+  ASSERT_EQ(peer.size(), 17u);
+  EXPECT_EQ(peer[0], 'c');
+  EXPECT_NE(peer.substr(1), std::string(open->session.raw()));
 }
 
 TEST_F(CurveTest, APlaintextBrokerBoundOffLoopbackWarnsAndALoopbackOneDoesNot) {
