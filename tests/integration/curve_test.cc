@@ -251,3 +251,30 @@ TEST_F(CurveTest, APlaintextBrokerBoundOffLoopbackWarnsAndALoopbackOneDoesNot) {
 
 }  // namespace
 }  // namespace gatherer
+
+namespace gatherer {
+namespace {
+
+// compose.yml configures the binaries through GATHERER_* variables: they are
+// read, and a flag on the command line wins over them.
+TEST(DeploymentTest, EnvironmentVariablesSetWhatFlagsDoAndAFlagWins) {
+  const std::string env_ep = testing::FreeTcpEndpoint(), flag_ep = testing::FreeTcpEndpoint();
+  Process from_env({"/usr/bin/env", "GATHERER_BIND=" + env_ep, "GATHERER_LOG_LEVEL=info",
+                    kBin + "/broker/gatherer-broker"});
+  Process flag_wins({"/usr/bin/env", "GATHERER_BIND=" + env_ep, "GATHERER_LOG_LEVEL=info",
+                     kBin + "/broker/gatherer-broker", "--bind", flag_ep});
+  for (Process* p : {&from_env, &flag_wins}) {
+    ASSERT_TRUE(testing::WaitFor([&] { return p->stderr_text().find("listening") != std::string::npos; }, 10s))
+        << p->stderr_text();
+  }
+  EXPECT_NE(from_env.stderr_text().find("listening on " + env_ep), std::string::npos) << from_env.stderr_text();
+  EXPECT_NE(flag_wins.stderr_text().find("listening on " + flag_ep), std::string::npos) << flag_wins.stderr_text();
+  // A worker finds its broker through GATHERER_BROKER.
+  Process worker({"/usr/bin/env", "GATHERER_BROKER=" + env_ep, "GATHERER_LOG_LEVEL=info",
+                  kBin + "/worker/gatherer-worker"});
+  EXPECT_TRUE(testing::WaitFor([&] { return from_env.stderr_text().find("ready with") != std::string::npos; }, 10s))
+      << from_env.stderr_text();
+}
+
+}  // namespace
+}  // namespace gatherer
