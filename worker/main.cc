@@ -26,6 +26,17 @@ int main(int argc, char** argv) {
       ->envname("GATHERER_HEARTBEAT_MS");
   app.add_option("--id", options.worker_id, "Worker id shown in logs and responses (default host-pid-n)")
       ->envname("GATHERER_WORKER_ID");
+  std::string refuse;
+  app.add_option("--refuse-destinations", refuse,
+                 "Never fetch from these addresses, checked after DNS and at every redirect: comma-separated "
+                 "loopback, private, link-local, or all (against requests aimed at cloud metadata services such as "
+                 "169.254.169.254 or at the worker's own network)")
+      ->envname("GATHERER_REFUSE_DESTINATIONS");
+  app.add_option("--allow-hosts", options.destinations.allowed_hosts,
+                 "Fetch only from these hosts (comma-separated; *.example.com allows its subdomains), checked at "
+                 "every redirect too; default: any host")
+      ->delimiter(',')
+      ->envname("GATHERER_ALLOW_HOSTS");
   std::string curve_broker_key, curve_key;
   app.add_option("--curve-broker-key", curve_broker_key,
                  "CURVE: the broker's public key (40 Z85 characters or a .pub file); needs --curve-key")
@@ -50,6 +61,10 @@ int main(int argc, char** argv) {
   }
   gatherer::SetLogLevel(*level);
   options.heartbeat_interval = std::chrono::milliseconds(heartbeat_ms);
+  if (gatherer::Status s = gatherer::ParseRefusedDestinations(refuse, options.destinations); !s.ok()) {
+    std::fprintf(stderr, "gatherer-worker: --refuse-destinations: %s\n", s.message().c_str());
+    return 2;
+  }
   if (!curve_broker_key.empty() || !curve_key.empty()) {
     if (curve_broker_key.empty() || curve_key.empty()) {
       std::fprintf(stderr, "gatherer-worker: CURVE needs --curve-broker-key and --curve-key together\n");

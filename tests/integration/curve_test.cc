@@ -278,3 +278,40 @@ TEST(DeploymentTest, EnvironmentVariablesSetWhatFlagsDoAndAFlagWins) {
 
 }  // namespace
 }  // namespace gatherer
+
+namespace gatherer {
+namespace {
+
+// The guard through the real binaries: a worker started with
+// --refuse-destinations answers a statement redirected to the cloud metadata
+// address with permission_denied, and the statement next to it is served.
+TEST(DeploymentTest, AGuardedWorkerRefusesARedirectToTheMetadataAddress) {
+  HttpServer server([](const testing::HttpRequest& request) {
+    if (request.target == "/metadata") {
+      return testing::HttpReply{302, {{"Location", "http://169.254.169.254/latest/meta-data/iam/"}}, ""};
+    }
+    return testing::HttpReply{200, {}, "fine"};
+  });
+  const std::string ep = testing::FreeTcpEndpoint();
+  Process broker({kBin + "/broker/gatherer-broker", "--bind", ep, "--log-level", "warning"});
+  Process worker({kBin + "/worker/gatherer-worker", "--broker", ep, "--refuse-destinations", "link-local,private",
+                  "--io-threads", "1", "--log-level", "warning"});
+  Options o;
+  o.broker = ep;
+  o.log_level = 40;
+  Gatherer g(o);
+  g.statements = {Statement{.url = server.url("/metadata")}, Statement{.url = server.url("/other")}};
+  g.gather();
+  ASSERT_EQ(g.responses.size(), 2u);
+  ASSERT_TRUE(g.responses[0].error.has_value());
+  EXPECT_EQ(g.responses[0].error->code, StatusCode::kPermissionDenied);
+  EXPECT_NE(g.responses[0].error->message.find("169.254.169.254 is link-local"), std::string::npos)
+      << g.responses[0].error->message;
+  EXPECT_EQ(g.responses[1].body, "fine");
+  Process bad({kBin + "/worker/gatherer-worker", "--refuse-destinations", "intranet"});
+  ASSERT_EQ(bad.wait(10s), std::optional<int>(2));
+  EXPECT_NE(bad.stderr_text().find("intranet"), std::string::npos) << bad.stderr_text();
+}
+
+}  // namespace
+}  // namespace gatherer

@@ -436,6 +436,7 @@ Status Worker::start() {
   worker::Fetcher::Options fo;
   fo.io_threads = io;
   fo.worker_id = m.id;
+  fo.destinations = m.options.destinations;
   m.fetcher = std::make_unique<worker::Fetcher>(
       fo, [&m](const SessionId& session, std::vector<worker::FetchResult>&& results) {
         m.done.push(ResultBatch{session, std::move(results)});

@@ -16,6 +16,7 @@
 #include <zmq.hpp>
 
 #include "gatherer/curve.h"
+#include "gatherer/destinations.h"
 #include "gatherer/status.h"
 
 namespace spdlog {
@@ -45,6 +46,9 @@ struct WorkerOptions {
   // without HTTP, so the cost of client + broker is measured alone (the
   // routing benchmark). Never for real work.
   bool echo = false;
+  // Destinations this worker refuses to fetch from, whatever a statement
+  // asks (private, loopback, link-local addresses; hosts off an allow-list).
+  DestinationPolicy destinations;
   // CURVE (PROTOCOL.md §1.7), for a broker that requires it: the broker's
   // public key (Z85) and this worker's key pair, which the broker must list
   // among its workers. Empty = plaintext.
