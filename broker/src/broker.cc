@@ -41,6 +41,7 @@ struct Retained {
 struct SessionState {
   SessionId id;
   std::string client;  // routing id of the client that opened it
+  std::string owner;   // CURVE: the public key that opened it (§1.7)
   SessionSettings settings;
   std::uint32_t prefetch = 0;
   std::deque<proto::WireStatement> pending;
@@ -126,6 +127,7 @@ struct Broker::Impl {
   std::unique_ptr<zmq::context_t> own_context;
   zmq::context_t* context = nullptr;
   std::unique_ptr<zmq::socket_t> router;
+  std::unique_ptr<ZapHandler> zap;  // CURVE only; destroyed before the context
   std::vector<std::string> bound;
   std::unique_ptr<WakeFd> wake;
   std::atomic<bool> stopping{false};
@@ -147,6 +149,8 @@ struct Broker::Impl {
   std::uint64_t total_leased = 0;
   Clock::time_point next_heartbeat;
   std::vector<std::string> acks_due;  // workers owed an ACK this pass
+  // CURVE: the public key of the message being handled (empty without).
+  std::string_view peer_key;
   std::uint64_t worker_serials = 0;   // the last WorkerState::serial given
 
   explicit Impl(BrokerOptions o) : options(std::move(o)) {}
@@ -163,6 +167,8 @@ struct Broker::Impl {
   void deliver_failures(SessionState& s, proto::Results&& results);
   void requeue_front(SessionState& s, std::vector<proto::WireStatement>&& statements);
   void send_acks();
+  bool curve() const { return !options.curve_key.secret_key.empty(); }
+  bool may_touch(const std::string& peer, const SessionState& s);
   bool send_order(WorkerState& w, proto::Frames&& frames);
   void dispatch();
   void dispatch_quarantine();
@@ -723,6 +729,7 @@ void Broker::Impl::on_sync(const std::string& peer, std::span<zmq::message_t> bo
   auto it = sessions.find(sync->session);
   if (it == sessions.end()) return send_error(peer, StatusCode::kNotFound, "session not open", sync->session);
   SessionState& s = it->second;
+  if (!may_touch(peer, s)) return;
   s.last_seen = Clock::now();
   s.client = peer;
   std::uint64_t listed = 0;
@@ -810,7 +817,9 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
       log().debug("broker: session {} opened (window {})", open->session.ToString(), open->settings.workers);
     }
     SessionState& s = it->second;
+    if (!s.owner.empty() && !may_touch(peer, s)) return;
     s.id = open->session;
+    s.owner = std::string(peer_key);
     s.client = peer;
     s.last_seen = Clock::now();
     s.settings = open->settings;
@@ -827,6 +836,7 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
       return send_error(peer, StatusCode::kNotFound, "session not open", submit->session);
     }
     SessionState& s = it->second;
+    if (!may_touch(peer, s)) return;
     s.last_seen = Clock::now();
     s.client = peer;  // a reconnected client has a new routing id
     const std::size_t cap = std::size_t{s.settings.workers} + s.prefetch + options.queue_slack;
@@ -866,6 +876,7 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
     auto it = sessions.find(*ack->session);
     if (it == sessions.end()) return send_error(peer, StatusCode::kNotFound, "session not open", *ack->session);
     SessionState& s = it->second;
+    if (!may_touch(peer, s)) return;
     s.last_seen = Clock::now();
     s.forget_acknowledged(ack->seq);
     return;
@@ -876,6 +887,7 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
     if (!ref) return malformed(peer, ref.error(), body);
     auto it = sessions.find(ref->session);
     if (it != sessions.end()) {
+      if (!may_touch(peer, it->second)) return;
       end_session(it->second);
       if (command == Command::kClose) {
         sessions.erase(it);
@@ -885,6 +897,14 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
     if (command == Command::kClose) send(peer, proto::Encode(Command::kClosed, *ref));
     return;
   }
+}
+
+// §1.7: with CURVE a session answers only to the key that opened it.
+bool Broker::Impl::may_touch(const std::string& peer, const SessionState& s) {
+  if (!curve() || s.owner == peer_key) return true;
+  stats.denied.fetch_add(1, std::memory_order_relaxed);
+  send_error(peer, StatusCode::kPermissionDenied, "session belongs to another key", s.id);
+  return false;
 }
 
 void Broker::Impl::handle(std::vector<zmq::message_t>& frames) {
@@ -901,14 +921,26 @@ void Broker::Impl::handle(std::vector<zmq::message_t>& frames) {
     return;
   }
   using proto::Command;
+  // The routing id frame is the ROUTER's own; the peer's frames carry the
+  // connection's metadata.
+  if (curve()) peer_key = PeerCurveKey(frames[1]);
+  // §1.7: with CURVE, only a listed client key speaks as a client and only a
+  // listed worker key as a worker.
+  const auto allowed = [&](const std::unordered_set<std::string>& keys, const char* role) {
+    if (!curve() || keys.contains(std::string(peer_key))) return true;
+    stats.denied.fetch_add(1, std::memory_order_relaxed);
+    send_error(peer, StatusCode::kPermissionDenied,
+               fmt::format("this key is not allowed to act as a {} here", role), std::nullopt);
+    return false;
+  };
   switch (*command) {
     case Command::kOpen: case Command::kSubmit: case Command::kCancel: case Command::kClose:
     case Command::kAck: case Command::kSync:
-      on_client(peer, *command, body);
+      if (allowed(options.curve_clients, "client")) on_client(peer, *command, body);
       break;
     case Command::kReady: case Command::kResults: case Command::kDraining: case Command::kDisconnect:
     case Command::kHolding:
-      on_worker(peer, *command, body);
+      if (allowed(options.curve_workers, "worker")) on_worker(peer, *command, body);
       break;
     case Command::kHeartbeat: {
       // Decoded first: a malformed heartbeat proves nothing (§2.4).
@@ -934,6 +966,7 @@ void Broker::Impl::handle(std::vector<zmq::message_t>& frames) {
         return send_error(peer, StatusCode::kNotFound, "session not open", (*named)->session);
       }
       SessionState& session = s->second;
+      if (!may_touch(peer, session)) return;
       session.last_seen = Clock::now();
       session.client = peer;
       // §3.6: the answer tells the client the last RESULTS sent and how far
@@ -1022,7 +1055,20 @@ Status Broker::start() {
     m.own_context = std::make_unique<zmq::context_t>(1);
     m.context = m.own_context.get();
   }
+  if (m.curve()) {
+    if (m.options.curve_clients.empty() || m.options.curve_workers.empty()) {
+      return InvalidArgument("CURVE needs the public keys of the clients and of the workers to admit");
+    }
+    std::unordered_set<std::string> admitted = m.options.curve_clients;
+    admitted.insert(m.options.curve_workers.begin(), m.options.curve_workers.end());
+    m.zap = std::make_unique<ZapHandler>(*m.context, std::move(admitted), m.log());
+    if (Status s = m.zap->start(); !s.ok()) {
+      m.zap.reset();
+      return s;
+    }
+  }
   m.router = std::make_unique<zmq::socket_t>(*m.context, zmq::socket_type::router);
+  if (m.curve()) MakeCurveServer(*m.router, m.options.curve_key);
   m.router->set(zmq::sockopt::router_mandatory, 1);
   // §1.5: a peer that reconnects under its routing id takes its route over
   // from the connection it left behind (which may not have noticed yet).
@@ -1037,6 +1083,12 @@ Status Broker::start() {
       return Unavailable("cannot bind " + ep + ": " + e.what());
     }
     m.bound.push_back(m.router->get(zmq::sockopt::last_endpoint));
+    if (!m.curve() && !protocol::IsLoopbackEndpoint(m.bound.back())) {
+      m.log().warn("broker: {} is reachable from other machines and CURVE is off: anyone who can connect can "
+                   "submit work, register as a worker (and read the requests it is given) or take results; "
+                   "use --curve-key with --curve-clients and --curve-workers",
+                   m.bound.back());
+    }
   }
   m.wake = std::make_unique<WakeFd>();
   m.stopping.store(false);
@@ -1052,6 +1104,7 @@ void Broker::stop() {
   m.wake->signal();
   m.thread.join();
   m.router.reset();
+  m.zap.reset();
   m.wake.reset();
 }
 

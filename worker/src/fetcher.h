@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "gatherer/config.h"
+#include "gatherer/destinations.h"
 #include "gatherer/ids.h"
 #include "gatherer/protocol.h"
 #include "gatherer/statement.h"
@@ -48,6 +49,9 @@ class Fetcher {
     // already bounds concurrency in the cluster, so the default adds none: a
     // cap below the window would silently shrink it on HTTP/1.1.
     long max_host_connections = 0;
+    // Destinations refused whatever a statement asks (addresses after DNS,
+    // hosts; redirects included): permission_denied, not retried.
+    DestinationPolicy destinations;
   };
 
   // Results of one session, batched: called on an I/O thread with all the
