@@ -175,7 +175,9 @@ class Gatherer:
                      retry_after_max_ms, max_body_bytes, max_redirects,
                      accept_min, accept_max, prefetch, reorder_buffer,
                      max_in_flight_bytes, embedded_io_threads,
-                     connect_timeout_ms, broker_timeout_ms
+                     connect_timeout_ms, broker_timeout_ms, and for a broker
+                     that requires CURVE curve_broker_key, curve_public_key,
+                     curve_secret_key (Z85, from `gatherer keygen`)
 
     Use it as ``async with`` (or ``with``): the session is closed on exit, also
     on error. It opens on first use and may gather() many times; the options

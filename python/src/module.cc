@@ -167,7 +167,8 @@ class Core {
                                   "max_in_flight_bytes", "embedded_io_threads", "connect_timeout_ms",
                                   "broker_timeout_ms", "base_url", "headers", "timeout_ms", "session_connect_timeout_ms",
                                   "max_attempts", "backoff_base_ms", "backoff_max_ms", "retry_after_max_ms",
-                                  "max_body_bytes", "max_redirects", "accept_min", "accept_max"};
+                                  "max_body_bytes", "max_redirects", "accept_min", "accept_max",
+                                  "curve_broker_key", "curve_public_key", "curve_secret_key"};
     for (auto [key, value] : o) {
       const std::string k = key.cast<std::string>();
       bool ok = false;
@@ -185,6 +186,9 @@ class Core {
     opt.embedded_io_threads = Get<unsigned>(o, "embedded_io_threads", 0);
     opt.connect_timeout = std::chrono::milliseconds(Get<std::int64_t>(o, "connect_timeout_ms", 30'000));
     opt.broker_timeout = std::chrono::milliseconds(Get<std::int64_t>(o, "broker_timeout_ms", 60'000));
+    opt.curve_broker_key = Get<std::string>(o, "curve_broker_key", "");
+    opt.curve_public_key = Get<std::string>(o, "curve_public_key", "");
+    opt.curve_secret_key = Get<std::string>(o, "curve_secret_key", "");
     gatherer::SessionSettings& s = opt.settings;
     s.base_url = Get<std::string>(o, "base_url", "");
     if (o.contains("headers")) s.headers = ToHeaders(o["headers"], 0);

@@ -389,3 +389,41 @@ def test_invalid_options():
     assert e.value.code == "invalid_argument"
     with pytest.raises(ValueError, match="order"):
         Gatherer().stream([], order="random")
+
+
+def test_through_a_curve_broker(api, procs, tmp_path):
+    """CURVE options pass through: a listed client key gathers, an unlisted one is refused."""
+    import re
+
+    d = bin_dir()
+    keys = {}
+    for name in ("broker", "client", "worker", "stranger"):
+        subprocess.run([os.path.join(d, "client", "gatherer"), "keygen", str(tmp_path / name)], capture_output=True,
+                       timeout=10, check=True)
+        text = (tmp_path / f"{name}.key").read_text()
+        keys[name] = {"curve_public_key": re.search(r'public-key = "(.{40})"', text).group(1),
+                      "curve_secret_key": re.search(r'secret-key = "(.{40})"', text).group(1),
+                      "curve_broker_key": None}
+    from conftest import free_port
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    broker = procs([os.path.join(d, "broker", "gatherer-broker"), "--bind", endpoint,
+                    "--curve-key", str(tmp_path / "broker.key"), "--curve-clients", str(tmp_path / "client.pub"),
+                    "--curve-workers", str(tmp_path / "worker.pub")])
+    procs([os.path.join(d, "worker", "gatherer-worker"), "--broker", endpoint, "--io-threads", "1",
+           "--curve-broker-key", str(tmp_path / "broker.pub"), "--curve-key", str(tmp_path / "worker.key")])
+    broker.wait_line(r" ready with ")
+    broker_key = keys["broker"]["curve_public_key"]
+    for k in keys.values():
+        k["curve_broker_key"] = broker_key
+    with Gatherer(workers=4, log_level=QUIET, broker=endpoint, broker_timeout_ms=20_000, **keys["client"]) as g:
+        g.statements = [api.url(f"/n/{i}") for i in range(20)]
+        assert [r.text for r in g.gather_sync()] == [str(i) for i in range(20)]
+    with Gatherer(workers=4, log_level=QUIET, broker=endpoint, broker_timeout_ms=20_000, **keys["stranger"]) as g:
+        g.statements = [api.url("/n/1")]
+        with pytest.raises(GathererError) as e:
+            g.gather_sync()
+        assert e.value.code == "permission_denied", e.value
+    with pytest.raises(GathererError, match="CURVE"):
+        with Gatherer(broker=endpoint, curve_broker_key="too short", log_level=QUIET):
+            pass
