@@ -29,6 +29,7 @@
 
 #include <tbb/concurrent_queue.h>
 
+#include "gatherer/rate_limit.h"
 #include "gatherer/strings.h"
 #include "gatherer/wake_fd.h"
 
@@ -274,6 +275,8 @@ struct Transfer {
   long redirects_at_send = 0;
   bool resend_refused = false;
   Overflow overflow = Overflow::kNone;
+  // What the last response said about rate limits (rate-aware sessions, §3.8).
+  std::optional<RateReport> rate;
   char error_buffer[CURL_ERROR_SIZE] = {};
 };
 
@@ -749,6 +752,16 @@ class IoThread {
     if (transfer->encoded) DropEncodingHeaders(transfer);
     const bool attempts_left = transfer->attempts < std::max<std::uint32_t>(settings.max_attempts, 1);
 
+    if (code == CURLE_OK && settings.rate_aware()) {
+      // §3.8: the limits a response advertises go to the broker with the
+      // result; a 429 is not retried here but handed back, so that the
+      // broker pauses its key for the whole cluster and runs it again.
+      transfer->rate = ParseRateHeaders(static_cast<int>(status), transfer->response.headers, std::time(nullptr));
+      if (status == 429) {
+        finish(transfer, ResponseError{StatusCode::kHttpStatus, "HTTP 429 Too Many Requests"});
+        return;
+      }
+    }
     if (code == CURLE_OK) {
       if (status >= settings.accept_min && status <= settings.accept_max) {
         finish(transfer, std::nullopt);
@@ -871,6 +884,7 @@ class IoThread {
     result.response.elapsed_us = static_cast<std::uint64_t>(
         std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - transfer->started).count());
     result.response.worker = context_.options->worker_id;
+    result.rate = std::move(transfer->rate);
     if (session->results.size() == 1) with_results_.push_back(session);
     release_handles(transfer);
     session->transfers.erase(transfer);

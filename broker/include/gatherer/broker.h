@@ -17,6 +17,7 @@
 
 #include <zmq.hpp>
 
+#include "gatherer/rate_limit.h"
 #include "gatherer/status.h"
 
 namespace spdlog {
@@ -58,6 +59,9 @@ struct BrokerOptions {
   // Where the broker logs; nullptr = the process-wide Logger(). An embedded
   // broker logs through its Gatherer's logger, at that Gatherer's level.
   std::shared_ptr<spdlog::logger> logger;
+  // Rate limits for every session that declares none (PROTOCOL.md §3.8):
+  // host rules ("20:1,100:120" per destination host) and named rules.
+  std::vector<RateRule> rate_limits;
 };
 
 // Counters, readable from any thread (relaxed; for tests and metrics).
@@ -75,6 +79,7 @@ struct BrokerStats {
   std::atomic<std::uint64_t> poisoned{0};
   std::atomic<std::uint64_t> malformed{0};
   std::atomic<std::uint64_t> sessions_expired{0};
+  std::atomic<std::uint64_t> throttled{0};  // 429s reported by workers (§3.8)
 };
 
 class Broker {

@@ -23,6 +23,7 @@
 
 #include "gatherer/config.h"
 #include "gatherer/ids.h"
+#include "gatherer/rate_limit.h"
 #include "gatherer/statement.h"
 #include "gatherer/status.h"
 
@@ -78,6 +79,9 @@ struct WireStatement {
 struct WireResult {
   std::uint64_t index = 0;
   Response response;
+  // What the response said about rate limits, for a rate-aware session
+  // (§3.8); travels as the result's optional 9th element.
+  std::optional<RateReport> rate;
 };
 
 struct Open {
@@ -249,6 +253,9 @@ struct ResultsIndex {
   SessionId session;
   std::uint64_t seq = 0;
   std::vector<std::uint64_t> indices;
+  // Rate reports (§3.8) by position in `indices`; empty (no allocation) when
+  // no result carries one.
+  std::vector<std::pair<std::uint32_t, RateReport>> rates;
 };
 // Checks every field of every result, copying none of them.
 Result<ResultsIndex> DecodeResultsIndex(std::span<const zmq::message_t> frames);
