@@ -10,6 +10,9 @@ using std::chrono::nanoseconds;
 
 constexpr nanoseconds kBackoffFirst = std::chrono::seconds(1);
 constexpr nanoseconds kBackoffMax = std::chrono::seconds(60);
+// Grants logged even before a key has windows, so that limits learned
+// later count what was already sent.
+constexpr std::size_t kMinLog = 64;
 
 // An endpoint's learned key ignores the parts of its path that look like
 // ids (a segment holding a digit, or 16 characters or more), so that
@@ -74,9 +77,11 @@ bool RateLimiter::declare(Key* k, const RateWindows& windows) {
             [](const RateWindow& a, const RateWindow& b) { return a.window_ms < b.window_ms; });
   const RateWindow& shortest = k->windows.front();
   k->gap = (milliseconds(shortest.window_ms) + Margin(shortest.window_ms)) / shortest.count;
+  // What went before the windows were known is paced from too.
+  if (k->filled > 0) k->tat = std::max(k->tat, k->recent(0) + k->gap);
   // The log holds as many grants as the largest count; the latest are kept.
-  std::uint32_t capacity = 0;
-  for (const auto& w : k->windows) capacity = std::max(capacity, w.count);
+  std::size_t capacity = kMinLog;
+  for (const auto& w : k->windows) capacity = std::max<std::size_t>(capacity, w.count);
   if (capacity != k->log.size()) {
     std::vector<RateTime> log(capacity);
     const std::size_t keep = std::min<std::size_t>(k->filled, capacity);
@@ -106,7 +111,7 @@ RateTime RateLimiter::ready_at(const Key* k, RateTime now) const {
 void RateLimiter::record(Key* k, RateTime now) {
   ++k->used;
   k->last_used = now;
-  if (k->windows.empty()) return;
+  if (k->log.empty()) k->log.resize(kMinLog);
   // A grant up to a little late keeps the schedule (the loop wakes on whole
   // milliseconds); after an idle spell the schedule starts again from now.
   const auto slack = std::min<nanoseconds>(milliseconds(2), k->gap / 4);
