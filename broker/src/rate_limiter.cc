@@ -239,10 +239,23 @@ RateTime SessionRate::take(std::deque<protocol::WireStatement>& pending, std::si
       for (std::size_t i = 0; i < keys.size; ++i) at = std::max(at, limiter_->ready_at(keys.keys[i], now));
       if (at > now) {  // waits; the statements behind it are looked at all the same
         wake = std::min(wake, at);
+        Wait& w = waits_[it->index];
+        if (!w.waiting) {
+          w.waiting = true;
+          w.since = now;
+        }
         ++it;
         continue;
       }
       for (std::size_t i = 0; i < keys.size; ++i) limiter_->record(keys.keys[i], now);
+      // What it waited and met so far travels with it (§3.8.8).
+      if (auto w = waits_.find(it->index); w != waits_.end()) {
+        if (w->second.waiting) w->second.total += now - w->second.since;
+        w->second.waiting = false;
+        it->rate_wait_us = static_cast<std::uint64_t>(
+            std::chrono::duration_cast<std::chrono::microseconds>(w->second.total).count());
+      }
+      if (auto t = throttles_.find(it->index); t != throttles_.end()) it->throttled = t->second;
     }
     out.push_back(std::move(*it));
     it = pending.erase(it);

@@ -119,9 +119,10 @@ class SessionRate {
   // the result should run again rather than be forwarded: a 429 while the
   // statement has attempts left.
   bool learn(const protocol::WireStatement& ws, const RateReport& report, RateTime now);
-  // Forgets a statement's 429 count (its result was forwarded).
+  // Forgets a statement's 429 count and wait (its result was forwarded).
   void settled(std::uint64_t index) {
     if (!throttles_.empty()) throttles_.erase(index);
+    if (!waits_.empty()) waits_.erase(index);
   }
 
   RateLimiter& limiter() { return *limiter_; }
@@ -152,6 +153,14 @@ class SessionRate {
   std::vector<RateRule> named_;
   std::unordered_map<std::string, RateLimiter::Key*> cache_;
   std::unordered_map<std::uint64_t, std::uint32_t> throttles_;  // 429s per index
+  // Statements that waited on a key: since when, and how long in all (a
+  // statement granted at once has no entry).
+  struct Wait {
+    RateTime since{};
+    std::chrono::nanoseconds total{0};
+    bool waiting = false;
+  };
+  std::unordered_map<std::uint64_t, Wait> waits_;
   std::string scratch_, name_, host_;  // reused: no allocation per statement once warm
 };
 

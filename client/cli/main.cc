@@ -436,6 +436,16 @@ int RunFetch(const FetchFlags& flags, SignalWatcher& watcher) {
   }
   const std::uint64_t statements = *count;
   gatherer::cli::RunSummary summary;
+  {
+    std::string rules;
+    for (const auto& r : options.settings.rate_limits) {
+      if (!rules.empty()) rules += "; ";
+      rules += r.path.empty() ? gatherer::FormatRateWindows(r.windows) + " per host"
+                              : r.name + " " + gatherer::FormatRateWindows(r.windows);
+    }
+    if (rules.empty() && options.settings.learn_rate_limits) rules = "learned";
+    summary.SetRateLimits(std::move(rules));
+  }
   if (statements == 0) {
     if (!flags.quiet) PrintError(summary.Format(0, std::chrono::nanoseconds(0)));
     return kExitOk;

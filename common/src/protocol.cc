@@ -351,8 +351,10 @@ Frames Encode(const Open& m) {
 }
 
 namespace {
-void PackStatement(Packer& pk, std::uint64_t index, const Statement& s) {
-  pk.pack_array(7);
+void PackStatement(Packer& pk, std::uint64_t index, const Statement& s, std::uint64_t rate_wait_us = 0,
+                   std::uint32_t throttled = 0) {
+  const bool waited = rate_wait_us != 0 || throttled != 0;
+  pk.pack_array(waited ? 8 : 7);
   pk.pack(index);
   PackStr(pk, s.method);
   PackStr(pk, s.url);
@@ -360,6 +362,18 @@ void PackStatement(Packer& pk, std::uint64_t index, const Statement& s) {
   PackBin(pk, s.body);
   pk.pack(s.timeout_ms);
   if (s.idempotent) pk.pack(*s.idempotent); else pk.pack_nil();
+  if (waited) {
+    pk.pack_array(2);
+    pk.pack(rate_wait_us);
+    pk.pack(throttled);
+  }
+}
+
+// [rate_wait_us, throttled] (§3.8.8), in a statement and a result.
+void AsRateWait(const msgpack::object& o, std::uint64_t& wait_us, std::uint32_t& throttled) {
+  const auto& a = AsArray(o, 2, "rate wait is not [rate_wait_us, throttled]");
+  wait_us = AsUint<std::uint64_t>(a.ptr[0], "rate_wait_us");
+  throttled = AsUint<std::uint32_t>(a.ptr[1], "throttled");
 }
 
 std::size_t SizeHint(const Statement& s) { return 32 + s.url.size() + s.body.size() + 16 * s.headers.size(); }
@@ -374,7 +388,7 @@ Frames Encode(Command command, const Statements& m) {
   pk.pack_array(dispatch ? 3 : 2);
   PackBin(pk, m.session.raw());
   pk.pack_array(static_cast<std::uint32_t>(m.statements.size()));
-  for (const auto& ws : m.statements) PackStatement(pk, ws.index, ws.statement);
+  for (const auto& ws : m.statements) PackStatement(pk, ws.index, ws.statement, ws.rate_wait_us, ws.throttled);
   if (dispatch) pk.pack(m.seq);
   return Start(command, buf);
 }
@@ -412,7 +426,8 @@ Frames Encode(Results&& m) {
   pk.pack_array(static_cast<std::uint32_t>(m.results.size()));
   for (const auto& wr : m.results) {
     const Response& r = wr.response;
-    pk.pack_array(wr.rate ? 9 : 8);
+    const bool waited = r.rate_wait_us != 0 || r.throttled != 0;
+    pk.pack_array(waited ? 10 : wr.rate ? 9 : 8);
     pk.pack(wr.index);
     pk.pack(static_cast<std::uint32_t>(r.status < 0 ? 0 : r.status));
     PackHeaders(pk, r.headers);
@@ -422,6 +437,12 @@ Frames Encode(Results&& m) {
     pk.pack(r.elapsed_us);
     PackStr(pk, r.worker);
     if (wr.rate) PackRateReport(pk, *wr.rate);
+    else if (waited) pk.pack_nil();
+    if (waited) {
+      pk.pack_array(2);
+      pk.pack(r.rate_wait_us);
+      pk.pack(r.throttled);
+    }
   }
   Frames frames;
   frames.reserve(4 + m.results.size());
@@ -726,6 +747,7 @@ Result<Statements> DecodeStatements(std::span<const zmq::message_t> frames) {
       ws.statement.timeout_ms = AsUint<std::uint32_t>(f.ptr[5], "timeout_ms");
       if (f.ptr[6].type == msgpack::type::BOOLEAN) ws.statement.idempotent = f.ptr[6].via.boolean;
       else if (f.ptr[6].type != msgpack::type::NIL) Fail("idempotent is not bool or nil");
+      if (f.size > 7 && f.ptr[7].type != msgpack::type::NIL) AsRateWait(f.ptr[7], ws.rate_wait_us, ws.throttled);
     }
     return m;
   });
@@ -770,6 +792,7 @@ Result<Results> DecodeResults(std::span<const zmq::message_t> frames) {
       r.elapsed_us = AsUint<std::uint64_t>(f.ptr[6], "elapsed_us");
       r.worker = AsStr(f.ptr[7], "worker");
       if (f.size > 8 && f.ptr[8].type != msgpack::type::NIL) wr.rate = AsRateReport(f.ptr[8]);
+      if (f.size > 9 && f.ptr[9].type != msgpack::type::NIL) AsRateWait(f.ptr[9], r.rate_wait_us, r.throttled);
       const auto& data = frames[4 + i];
       r.body.assign(static_cast<const char*>(data.data()), data.size());
     }
@@ -801,6 +824,11 @@ Result<ResultsIndex> DecodeResultsIndex(std::span<const zmq::message_t> frames) 
       AsUint<std::uint64_t>(f.ptr[6], "elapsed_us");
       AsStr(f.ptr[7], "worker");
       if (f.size > 8 && f.ptr[8].type != msgpack::type::NIL) m.rates.emplace_back(i, AsRateReport(f.ptr[8]));
+      if (f.size > 9 && f.ptr[9].type != msgpack::type::NIL) {
+        std::uint64_t wait_us = 0;
+        std::uint32_t throttled = 0;
+        AsRateWait(f.ptr[9], wait_us, throttled);
+      }
     }
     return m;
   });

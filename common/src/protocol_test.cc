@@ -1214,5 +1214,37 @@ TEST(ProtocolTest, Clause_3_8_6_MalformedRateReportsAreMalformed) {
   }
 }
 
+// 3.8.8: what a statement waited travels as the 8th element of a
+// statement and comes back as the 10th of its result; absent when zero.
+TEST(ProtocolTest, Clause_3_8_8_RateWaitTravelsWithTheStatementAndItsResult) {
+  const SessionId sid = NewSessionId();
+  Statements d{sid, std::vector<WireStatement>(2), 5};
+  d.statements[0].statement.url = "http://h/0";
+  d.statements[1].index = 1;
+  d.statements[1].statement.url = "http://h/1";
+  d.statements[1].rate_wait_us = 1'234'567;
+  d.statements[1].throttled = 2;
+  Statements back = Must(DecodeStatements(Encode(Command::kDispatch, d)));
+  EXPECT_EQ(back.statements[0].rate_wait_us, 0u);
+  EXPECT_EQ(back.statements[1].rate_wait_us, 1'234'567u);
+  EXPECT_EQ(back.statements[1].throttled, 2u);
+  Results r{sid, 1, std::vector<WireResult>(2)};
+  r.results[1].index = 1;
+  r.results[1].response.rate_wait_us = 99;
+  r.results[1].response.throttled = 1;
+  Frames f = Encode(std::move(r));
+  {
+    auto list = msgpack::unpack(static_cast<const char*>(f[3].data()), f[3].size());
+    EXPECT_EQ(list->via.array.ptr[0].via.array.size, 8u);
+    EXPECT_EQ(list->via.array.ptr[1].via.array.size, 10u);
+    EXPECT_EQ(list->via.array.ptr[1].via.array.ptr[8].type, msgpack::type::NIL);
+  }
+  Results rb = Must(DecodeResults(f));
+  EXPECT_EQ(rb.results[1].response.rate_wait_us, 99u);
+  EXPECT_EQ(rb.results[1].response.throttled, 1u);
+  EXPECT_FALSE(rb.results[1].rate.has_value());
+  EXPECT_TRUE(DecodeResultsIndex(f).has_value());
+}
+
 }  // namespace
 }  // namespace gatherer::protocol

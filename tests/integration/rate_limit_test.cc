@@ -172,6 +172,11 @@ TEST(RateLimitTest, DeclaredLimitsNeverSee429AndUseTheAllowance) {
   const auto& responses = g.gather();
   const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
   ExpectAllOk(responses);
+  // The wait for the limit is told apart from the fetch (§3.8.8): the last
+  // statement waited about 3 s at the broker, and fetched in milliseconds.
+  EXPECT_GT(responses.back().rate_wait_us, 2'500'000u);
+  EXPECT_LT(responses.back().elapsed_us, 1'000'000u);
+  EXPECT_EQ(responses.front().rate_wait_us, 0u);
   const std::string stats = api.stats();
   EXPECT_EQ(JsonNumber(stats, "throttled"), 0) << stats;
   EXPECT_EQ(JsonNumber(stats, std::to_string(per_second) + ":1"), per_second) << stats;
@@ -201,9 +206,13 @@ TEST(RateLimitTest, LearnedLimitsCostOneWaveOf429AtMost) {
   o.settings.learn_rate_limits = true;
   Gatherer g(o);
   g.statements = Summoners(3 * per_second);
-  ExpectAllOk(g.gather());
+  const auto& responses = g.gather();
+  ExpectAllOk(responses);
   const std::string stats = api.stats();
   const long throttled = JsonNumber(stats, "throttled");
+  long met = 0;
+  for (const auto& r : responses) met += r.throttled;
+  EXPECT_EQ(met, throttled) << "each 429 is told in the response that met it";
   EXPECT_LE(throttled, window - per_second) << stats;
   EXPECT_EQ(JsonNumber(stats, std::to_string(per_second) + ":1"), per_second) << stats;
   // Every 429 came in the first wave: none after the first 200 came back and

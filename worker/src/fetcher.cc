@@ -494,6 +494,8 @@ class IoThread {
       transfer->session = session;
       transfer->index = item.index;
       transfer->statement = std::move(item.statement);
+      transfer->response.rate_wait_us = item.rate_wait_us;
+      transfer->response.throttled = item.throttled;
       transfer->idempotent = IsIdempotent(transfer->statement);
       transfer->started = Clock::now();
       session->transfers.emplace(transfer, std::move(owned));

@@ -73,6 +73,10 @@ const char* CommandName(Command command);
 struct WireStatement {
   std::uint64_t index = 0;
   Statement statement;
+  // DISPATCH of a rate-limited statement (§3.8.8): how long it waited for
+  // its keys and its 429s so far, echoed in its result.
+  std::uint64_t rate_wait_us = 0;
+  std::uint32_t throttled = 0;
 };
 
 // One outcome on the wire; the body travels in its own frame (§3.4).
