@@ -34,7 +34,7 @@ void AppendTemplate(std::string& out, std::string_view path) {
 }  // namespace
 
 nanoseconds RateLimiter::Margin(std::uint32_t window_ms) {
-  return milliseconds(2) + std::chrono::microseconds(static_cast<std::int64_t>(window_ms) * 5);
+  return milliseconds(5) + std::chrono::microseconds(static_cast<std::int64_t>(window_ms) * 10);
 }
 
 RateTime RateLimiter::Key::recent(std::size_t i) const {

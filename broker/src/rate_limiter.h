@@ -70,7 +70,7 @@ class RateLimiter {
   void collect(RateTime now);
 
   // Added to each window, so that a request delayed on its way by up to
-  // this much still falls outside the server's window: W/200 + 2 ms.
+  // this much still falls outside the server's window: W/100 + 5 ms.
   static std::chrono::nanoseconds Margin(std::uint32_t window_ms);
 
  private:

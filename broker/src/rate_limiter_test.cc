@@ -69,7 +69,7 @@ TEST(RateLimiterTest, UsesNearlyAllTheAllowance) {
   auto* k = l.key("host a");
   l.declare(k, {{10, 1000}});
   const auto grants = Drive(l, k, 201, kT0);
-  // 200 gaps at 10/s = 20 s; the margin costs W/200 + 2 ms per window.
+  // 200 gaps at 10/s = 20 s; the margin costs W/100 + 5 ms per window.
   const auto span = grants.back() - grants.front();
   EXPECT_GE(span, milliseconds(20'000));
   EXPECT_LE(span, milliseconds(20'000 * 103 / 100));
