@@ -136,6 +136,9 @@ struct Broker::Impl {
   RateLimitedLog bad_frame_log;
 
   // ---- loop-thread state ----
+  // Rate keys shared by every session (§3.8); declared before the sessions,
+  // whose rate state releases its keys when they go.
+  broker::RateLimiter limiter;
   std::unordered_map<SessionId, SessionState> sessions;
   std::unordered_map<std::string, WorkerState> workers;
   std::deque<SessionId> ready;  // sessions with pending work and window room
@@ -148,9 +151,8 @@ struct Broker::Impl {
   std::uint64_t total_leased = 0;
   Clock::time_point next_heartbeat;
   std::vector<std::string> acks_due;  // workers owed an ACK this pass
-  // Rate limits shared by every session (§3.8), the sessions waiting for a
-  // key to allow their next statement, and the earliest of their wake times.
-  broker::RateLimiter limiter;
+  // Sessions waiting for a rate key to allow their next statement (§3.8),
+  // and the earliest of their wake times.
   std::vector<std::pair<Clock::time_point, SessionId>> rate_waiting;
   Clock::time_point rate_wake = broker::kNever;
 
