@@ -154,11 +154,20 @@ void ExpectAllOk(const std::vector<Response>& responses) {
 
 // Warms the cluster (both workers registered, connections made) on an
 // unlimited path, so the timed job measures the limit, not the start.
+// Returns once both workers have answered (a worker process may take a
+// while to start on a loaded machine).
 void Warm(const Cluster& c, const ApiServer& api) {
   Gatherer g(c.options(4));
-  g.statements = {Get(api.url("/players/1")), Get(api.url("/players/2")), Get(api.url("/players/3")),
-                  Get(api.url("/players/4"))};
-  ExpectAllOk(g.gather());
+  std::set<std::string> workers;
+  for (int round = 0; round < 100 && workers.size() < c.workers.size(); ++round) {
+    g.statements = {Get(api.url("/players/1")), Get(api.url("/players/2")), Get(api.url("/players/3")),
+                    Get(api.url("/players/4"))};
+    for (const auto& r : g.gather()) {
+      ASSERT_TRUE(r.ok()) << r.error->message;
+      workers.insert(r.worker);
+    }
+  }
+  ASSERT_EQ(workers.size(), c.workers.size()) << "a worker never answered";
 }
 
 // (a) Limits declared equal to the server's: no 429 at all, and the job
