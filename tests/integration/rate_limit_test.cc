@@ -333,5 +333,27 @@ TEST(RateLimitTest, A429PausesTheKeyOnEveryWorker) {
   EXPECT_EQ(workers.size(), 2u);
 }
 
+// The CLI declares limits with --rate-limit (embedded broker and worker):
+// lines that waited say how long, and the summary line tells the limits,
+// the waits and the 429s.
+TEST(RateLimitTest, CliShowsWaitsAndThrottlesInLinesAndSummary) {
+  ApiServer api({"--app-limit", "5:1"});
+  std::string input;
+  for (int i = 0; i < 7; ++i) input += api.url("/lol/summoner/v4/summoners/C" + std::to_string(i)) + "\n";
+  Process cli({kBin + "/client/gatherer", "fetch", "--rate-limit", "5:1", "--workers", "10", "--io-threads", "1"}, input);
+  const auto exit = cli.wait(30s);
+  ASSERT_TRUE(exit.has_value());
+  EXPECT_EQ(*exit, 0) << cli.stderr_text();
+  const std::string out = cli.stdout_text(), err = cli.stderr_text();
+  std::size_t waited = 0;
+  for (auto at = out.find("\"rate_wait_ms\":"); at != std::string::npos; at = out.find("\"rate_wait_ms\":", at + 1)) {
+    ++waited;
+  }
+  EXPECT_GE(waited, 5u) << out;  // 1 request per 0.2 s: all but the first wait
+  EXPECT_NE(err.find("rate limits 5:1 per host: "), std::string::npos) << err;
+  EXPECT_NE(err.find(" 0 throttled (429)"), std::string::npos) << err;
+  EXPECT_EQ(JsonNumber(api.stats(), "throttled"), 0);
+}
+
 }  // namespace
 }  // namespace gatherer
