@@ -1,6 +1,10 @@
 // gatherer-broker: parse flags, build BrokerOptions, run until SIGINT/SIGTERM,
 // then drain: refuse new sessions and exit once the open ones have ended or
 // --drain-timeout-ms passed. A second signal stops at once.
+#include <csignal>
+
+#include <unistd.h>
+
 #include <CLI/CLI.hpp>
 
 #include "gatherer/broker.h"
@@ -45,6 +49,8 @@ int main(int argc, char** argv) {
   options.heartbeat_interval = std::chrono::milliseconds(heartbeat_ms);
   options.session_ttl = std::chrono::milliseconds(session_ttl_ms);
 
+  // gatherer-ctl shutdown (PROTOCOL.md §3.9.6): the same drain as SIGTERM.
+  options.on_shutdown = [] { ::kill(::getpid(), SIGTERM); };
   gatherer::BlockTerminationSignals();
   gatherer::Broker broker(options);
   if (gatherer::Status s = broker.start(); !s.ok()) {

@@ -33,6 +33,7 @@ int main(int argc, char** argv) {
   }
   gatherer::SetLogLevel(*level);
   options.heartbeat_interval = std::chrono::milliseconds(heartbeat_ms);
+  options.drain_timeout = std::chrono::milliseconds(drain_ms);
 
   gatherer::BlockTerminationSignals();
   gatherer::Worker worker(options);
@@ -40,14 +41,19 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "gatherer-worker: %s\n", s.ToString().c_str());
     return 1;
   }
-  const int sig = gatherer::WaitForTerminationSignal();
-  gatherer::Logger().info("worker {}: signal {}, draining (a second signal stops at once)", worker.id(), sig);
-  worker.drain(std::chrono::milliseconds(drain_ms));
+  // Until a signal, or until the broker asked this worker to drain
+  // (gatherer-ctl drain, PROTOCOL.md §3.9.5) and it has.
+  bool signalled = false;
   while (!worker.drained()) {
-    if (const int again = gatherer::WaitForTerminationSignal(std::chrono::milliseconds(50)); again != 0) {
-      gatherer::Logger().warn("worker {}: signal {} during drain, stopping now", worker.id(), again);
+    const int sig = gatherer::WaitForTerminationSignal(std::chrono::milliseconds(50));
+    if (sig == 0) continue;
+    if (signalled) {
+      gatherer::Logger().warn("worker {}: signal {} during drain, stopping now", worker.id(), sig);
       break;
     }
+    signalled = true;
+    gatherer::Logger().info("worker {}: signal {}, draining (a second signal stops at once)", worker.id(), sig);
+    worker.drain(std::chrono::milliseconds(drain_ms));
   }
   worker.stop();
   return 0;

@@ -78,6 +78,7 @@ struct Worker::Impl {
   bool resend_due = false;
   Clock::time_point next_heartbeat;
   bool draining = false;
+  bool remote_drain = false;  // the broker sent DRAIN (§3.9.5)
   Clock::time_point drain_deadline;
 
   explicit Impl(WorkerOptions o) : options(std::move(o)) {}
@@ -111,7 +112,7 @@ struct Worker::Impl {
     unacked.clear();
     order_seq = 0;
     results_seq = 0;
-    send(proto::Encode(proto::Ready{id, host, slots}));
+    send(proto::Encode(proto::Ready{id, host, slots, static_cast<std::uint32_t>(::getpid())}));
     awaiting_registration = true;
     // A drain outlives a re-registration: the new broker is told too.
     if (draining) send(proto::EncodeEmpty(proto::Command::kDraining));
@@ -261,6 +262,12 @@ void Worker::Impl::handle(std::vector<zmq::message_t>& frames) {
       }
       return;
     }
+    case proto::Command::kDrain: {
+      // §3.9.5: an operator asked for this worker to drain, as on SIGTERM.
+      if (Status st = proto::DecodeEmpty(frames); !st.ok()) return bad(st);
+      remote_drain = true;
+      return;
+    }
     case proto::Command::kAck: {
       auto m = proto::DecodeAck(frames);
       if (!m) return bad(m.error());
@@ -317,11 +324,14 @@ void Worker::Impl::flush_results() {
 // hand or the deadline passed. True when the worker is done.
 bool Worker::Impl::drain_step(Clock::time_point now) {
   if (!draining) {
-    if (!drain_requested.load(std::memory_order_acquire)) return false;
+    const bool local = drain_requested.load(std::memory_order_acquire);
+    if (!local && !remote_drain) return false;
     draining = true;
-    drain_deadline = now + drain_timeout;
-    log().info("worker {}: draining: no new work; {} statements in hand, {} ms to finish them", id, in_hand,
-                  drain_timeout.count());
+    // drain_timeout is written before drain_requested, so read only after it.
+    const auto timeout = local ? drain_timeout : options.drain_timeout;
+    drain_deadline = now + timeout;
+    log().info("worker {}: draining ({}): no new work; {} statements in hand, {} ms to finish them", id,
+               local ? "signal" : "asked by the broker", in_hand, timeout.count());
     send(proto::EncodeEmpty(proto::Command::kDraining));
   }
   if (in_hand > 0 && now < drain_deadline) return false;

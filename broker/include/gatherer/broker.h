@@ -11,6 +11,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -58,6 +59,10 @@ struct BrokerOptions {
   // Where the broker logs; nullptr = the process-wide Logger(). An embedded
   // broker logs through its Gatherer's logger, at that Gatherer's level.
   std::shared_ptr<spdlog::logger> logger;
+  // Called on the loop thread when an operator asks for a shutdown
+  // (gatherer-ctl shutdown, PROTOCOL.md §3.9.6); gatherer-broker raises its
+  // own SIGTERM there. Unset: the broker drains (drain()).
+  std::function<void()> on_shutdown;
 };
 
 // Counters, readable from any thread (relaxed; for tests and metrics).
@@ -75,6 +80,13 @@ struct BrokerStats {
   std::atomic<std::uint64_t> poisoned{0};
   std::atomic<std::uint64_t> malformed{0};
   std::atomic<std::uint64_t> sessions_expired{0};
+  // Statements answered to clients (forwarded results and the broker's own
+  // failures), of them with an error, and attempts beyond the first that
+  // workers reported (PROTOCOL.md §3.9.2).
+  std::atomic<std::uint64_t> done{0};
+  std::atomic<std::uint64_t> failed{0};
+  std::atomic<std::uint64_t> retried{0};
+  std::atomic<std::uint64_t> sessions_cancelled{0};  // by an operator
 };
 
 class Broker {

@@ -44,6 +44,9 @@ struct WorkerOptions {
   // without HTTP, so the cost of client + broker is measured alone (the
   // routing benchmark). Never for real work.
   bool echo = false;
+  // Time to finish what it holds when the broker asks it to drain
+  // (gatherer-ctl drain, PROTOCOL.md §3.9.5), as drain() takes on SIGTERM.
+  std::chrono::milliseconds drain_timeout{30'000};
   // Where the worker logs; nullptr = the process-wide Logger(). An embedded
   // worker logs through its Gatherer's logger, at that Gatherer's level.
   std::shared_ptr<spdlog::logger> logger;
