@@ -10,6 +10,7 @@
 #include "gatherer/broker.h"
 #include "gatherer/log.h"
 #include "gatherer/signals.h"
+#include "metrics_http.h"
 
 int main(int argc, char** argv) {
   gatherer::BrokerOptions options;
@@ -38,6 +39,9 @@ int main(int argc, char** argv) {
                  "On SIGTERM/SIGINT, time open sessions get to end before the broker exits (0 = exit at once)")
       ->check(CLI::Range(0, 86'400'000));
   app.add_option("--log-level", log_level, "debug, info, warning, error, critical or 10..50");
+  std::string metrics_address;
+  app.add_option("--metrics", metrics_address,
+                 "Serve Prometheus metrics at http://ADDR:PORT/metrics (ADDR:PORT, IPv4; off by default)");
   CLI11_PARSE(app, argc, argv);
   const auto level = gatherer::ParseLogLevel(log_level);
   if (!level) {
@@ -46,6 +50,7 @@ int main(int argc, char** argv) {
   }
   gatherer::SetLogLevel(*level);
   if (!binds.empty()) options.endpoints = binds;
+  options.metrics = !metrics_address.empty();
   options.heartbeat_interval = std::chrono::milliseconds(heartbeat_ms);
   options.session_ttl = std::chrono::milliseconds(session_ttl_ms);
 
@@ -56,6 +61,14 @@ int main(int argc, char** argv) {
   if (gatherer::Status s = broker.start(); !s.ok()) {
     std::fprintf(stderr, "gatherer-broker: %s\n", s.ToString().c_str());
     return 1;
+  }
+  gatherer::MetricsHttpServer metrics([&broker] { return broker.metrics_text(); });
+  if (!metrics_address.empty()) {
+    if (gatherer::Status s = metrics.start(metrics_address); !s.ok()) {
+      std::fprintf(stderr, "gatherer-broker: --metrics: %s\n", s.ToString().c_str());
+      return 1;
+    }
+    gatherer::Logger().info("broker: metrics at http://{}/metrics", metrics_address);
   }
   const int sig = gatherer::WaitForTerminationSignal();
   gatherer::Logger().info("broker: signal {}, draining: no new sessions; {} open (a second signal stops at once)", sig,

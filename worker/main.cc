@@ -6,6 +6,7 @@
 #include "gatherer/log.h"
 #include "gatherer/signals.h"
 #include "gatherer/worker.h"
+#include "metrics_http.h"
 
 int main(int argc, char** argv) {
   gatherer::WorkerOptions options;
@@ -25,6 +26,9 @@ int main(int argc, char** argv) {
                  "On SIGTERM/SIGINT, time to finish statements in hand before aborting them (0 = abort at once)")
       ->check(CLI::Range(0, 86'400'000));
   app.add_option("--log-level", log_level, "debug, info, warning, error, critical or 10..50");
+  std::string metrics_address;
+  app.add_option("--metrics", metrics_address,
+                 "Serve Prometheus metrics at http://ADDR:PORT/metrics (ADDR:PORT, IPv4; off by default)");
   CLI11_PARSE(app, argc, argv);
   const auto level = gatherer::ParseLogLevel(log_level);
   if (!level) {
@@ -34,12 +38,22 @@ int main(int argc, char** argv) {
   gatherer::SetLogLevel(*level);
   options.heartbeat_interval = std::chrono::milliseconds(heartbeat_ms);
   options.drain_timeout = std::chrono::milliseconds(drain_ms);
+  options.metrics = !metrics_address.empty();
 
   gatherer::BlockTerminationSignals();
   gatherer::Worker worker(options);
   if (gatherer::Status s = worker.start(); !s.ok()) {
     std::fprintf(stderr, "gatherer-worker: %s\n", s.ToString().c_str());
     return 1;
+  }
+  gatherer::MetricsHttpServer metrics([&worker] { return worker.metrics_text(); });
+  if (!metrics_address.empty()) {
+    if (gatherer::Status s = metrics.start(metrics_address); !s.ok()) {
+      std::fprintf(stderr, "gatherer-worker: --metrics: %s\n", s.ToString().c_str());
+      worker.stop();
+      return 1;
+    }
+    gatherer::Logger().info("worker {}: metrics at http://{}/metrics", worker.id(), metrics_address);
   }
   // Until a signal, or until the broker asked this worker to drain
   // (gatherer-ctl drain, PROTOCOL.md §3.9.5) and it has.

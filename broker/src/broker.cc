@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <deque>
 #include <iterator>
+#include <mutex>
 #include <set>
 #include <thread>
 #include <unordered_map>
@@ -147,6 +148,10 @@ struct Broker::Impl {
   Clock::time_point next_heartbeat;
   std::vector<std::string> acks_due;  // workers owed an ACK this pass
   broker_ops::BrokerFigures figures;  // for operators (§3.9)
+  // Per-worker and per-session metrics, rendered by the loop once per
+  // heartbeat when options.metrics is set, read by the metrics thread.
+  mutable std::mutex metrics_mutex;
+  std::string metrics_snapshot;
 
   explicit Impl(BrokerOptions o) : options(std::move(o)) {}
   spdlog::logger& log() const { return options.logger ? *options.logger : Logger(); }
@@ -180,6 +185,7 @@ struct Broker::Impl {
   // Operations (control.cc, PROTOCOL.md §3.9).
   void answered(SessionState& s, WorkerState* w, std::uint64_t n, std::uint64_t failed, std::uint64_t retries);
   void on_control(const std::string& peer, proto::Command command, std::span<zmq::message_t> body);
+  void publish_metrics();
 };
 
 bool Broker::Impl::send(const std::string& peer, proto::Frames&& frames) {
@@ -980,6 +986,7 @@ void Broker::Impl::heartbeat() {
     }
   }
   for (const auto& rid : dead) remove_worker(rid, Departure::kDied, "missed heartbeats");
+  if (options.metrics) publish_metrics();
   // A silent client's session is cancelled everywhere.
   for (auto it = sessions.begin(); it != sessions.end();) {
     if (now - it->second.last_seen > options.session_ttl) {
@@ -1142,6 +1149,38 @@ void Broker::Impl::on_control(const std::string& peer, proto::Command command, s
   }
   std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.age_ms > b.age_ms; });
   send(peer, proto::Encode(rows));
+}
+
+// Once per heartbeat (options.metrics): O(workers + sessions), off the
+// per-statement path.
+void Broker::Impl::publish_metrics() {
+  const auto now = Clock::now();
+  std::vector<broker_ops::WorkerMetric> ws;
+  ws.reserve(workers.size());
+  for (const auto& [rid, w] : workers) {
+    const auto silent = std::chrono::duration_cast<std::chrono::milliseconds>(now - w.last_seen);
+    ws.push_back({w.worker_id, w.host, w.slots, w.leased, w.figures.done, w.figures.failed,
+                  static_cast<double>(silent.count()) / 1000.0,
+                  broker_ops::WorkerStateName(w.draining, silent, options.heartbeat_interval, w.leased)});
+  }
+  std::vector<broker_ops::SessionMetric> ss;
+  ss.reserve(sessions.size());
+  for (const auto& [sid, s] : sessions) {
+    ss.push_back({sid.ToString(), s.settings.workers, s.pending.size(), s.leases.size(), s.figures.done,
+                  s.figures.failed});
+  }
+  std::string text = broker_ops::RenderDetail(ws, ss);
+  std::lock_guard lock(metrics_mutex);
+  metrics_snapshot.swap(text);
+}
+
+std::string Broker::metrics_text() const {
+  std::string detail;
+  {
+    std::lock_guard lock(impl_->metrics_mutex);
+    detail = impl_->metrics_snapshot;
+  }
+  return broker_ops::RenderBrokerMetrics(impl_->stats, impl_->figures.started, detail);
 }
 
 Broker::Broker(BrokerOptions options) : impl_(std::make_unique<Impl>(std::move(options))) {}

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "gatherer/broker.h"
 #include "gatherer/protocol.h"
 
 namespace gatherer::broker_ops {
@@ -81,6 +82,29 @@ const char* WorkerStateName(bool draining, std::chrono::milliseconds silent, std
 // The client's address for SESSIONS: ZeroMQ's Peer-Address of the message
 // (tcp), or "local" when the transport has none (inproc, ipc).
 std::string PeerHost(const zmq::message_t& frame);
+
+// Per-worker and per-session figures for /metrics, copied by the loop.
+struct WorkerMetric {
+  std::string worker_id;
+  std::string host;
+  std::uint32_t slots = 0;
+  std::uint32_t in_flight = 0;
+  std::uint64_t done = 0;
+  std::uint64_t failed = 0;
+  double heartbeat_age_s = 0;
+  const char* state = "";
+};
+struct SessionMetric {
+  std::string session;
+  std::uint32_t window = 0;
+  std::uint64_t queued = 0;
+  std::uint64_t in_flight = 0;
+  std::uint64_t done = 0;
+  std::uint64_t failed = 0;
+};
+std::string RenderDetail(const std::vector<WorkerMetric>& workers, const std::vector<SessionMetric>& sessions);
+// The whole exposition: broker-wide counters (relaxed loads) then `detail`.
+std::string RenderBrokerMetrics(const BrokerStats& stats, Clock::time_point started, const std::string& detail);
 
 // The version string this broker reports.
 const char* Version();

@@ -58,6 +58,7 @@ struct Worker::Impl {
   std::chrono::milliseconds drain_timeout{0};  // written before drain_requested
   std::thread thread;
   WorkerStats stats;
+  worker::FetchMetrics fetch_metrics;  // for metrics_text(), when options.metrics
   RateLimitedLog bad_frame_log;
   Clock::time_point last_heard;
   // Sessions opened by SESSION, with the indices in hand for each (taken
@@ -439,6 +440,7 @@ Status Worker::start() {
   worker::Fetcher::Options fo;
   fo.io_threads = io;
   fo.worker_id = m.id;
+  fo.metrics = m.options.metrics ? &m.fetch_metrics : nullptr;
   m.fetcher = std::make_unique<worker::Fetcher>(
       fo, [&m](const SessionId& session, std::vector<worker::FetchResult>&& results) {
         m.done.push(ResultBatch{session, std::move(results)});
@@ -474,6 +476,31 @@ void Worker::stop() {
 }
 
 const WorkerStats& Worker::stats() const { return impl_->stats; }
+
+std::string Worker::metrics_text() const {
+  const Impl& m = *impl_;
+  const auto load = [](const std::atomic<std::uint64_t>& a) { return a.load(std::memory_order_relaxed); };
+  std::string out = fmt::format(
+      "# HELP gatherer_worker_build_info Always 1; the version and worker id in labels.\n"
+      "# TYPE gatherer_worker_build_info gauge\n"
+      "gatherer_worker_build_info{{version=\"{}\",worker=\"{}\"}} 1\n"
+      "# HELP gatherer_worker_slots Statements this worker takes at once.\n# TYPE gatherer_worker_slots gauge\n"
+      "gatherer_worker_slots {}\n"
+      "# HELP gatherer_worker_statements_received_total Statements dispatched to this worker.\n"
+      "# TYPE gatherer_worker_statements_received_total counter\ngatherer_worker_statements_received_total {}\n"
+      "# HELP gatherer_worker_statements_done_total Statements answered to the broker.\n"
+      "# TYPE gatherer_worker_statements_done_total counter\ngatherer_worker_statements_done_total {}\n"
+      "# HELP gatherer_worker_statements_in_flight Statements in hand.\n"
+      "# TYPE gatherer_worker_statements_in_flight gauge\ngatherer_worker_statements_in_flight {}\n"
+      "# HELP gatherer_worker_malformed_frames_total Malformed messages dropped.\n"
+      "# TYPE gatherer_worker_malformed_frames_total counter\ngatherer_worker_malformed_frames_total {}\n"
+      "# HELP gatherer_worker_registrations_total READY messages sent (registrations with the broker).\n"
+      "# TYPE gatherer_worker_registrations_total counter\ngatherer_worker_registrations_total {}\n",
+      GATHERER_VERSION, m.id, m.slots, load(m.stats.received), load(m.stats.completed), load(m.stats.in_hand),
+      load(m.stats.malformed), load(m.stats.registrations));
+  if (m.options.metrics) out += m.fetch_metrics.render();
+  return out;
+}
 const std::string& Worker::id() const { return impl_->id; }
 std::size_t Worker::sessions() const { return impl_->fetcher ? impl_->fetcher->sessions() : 0; }
 

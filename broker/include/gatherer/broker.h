@@ -63,6 +63,10 @@ struct BrokerOptions {
   // (gatherer-ctl shutdown, PROTOCOL.md §3.9.6); gatherer-broker raises its
   // own SIGTERM there. Unset: the broker drains (drain()).
   std::function<void()> on_shutdown;
+  // Publish per-worker and per-session figures for metrics_text(), once per
+  // heartbeat period (gatherer-broker --metrics). Off: metrics_text() has
+  // the broker-wide counters only.
+  bool metrics = false;
 };
 
 // Counters, readable from any thread (relaxed; for tests and metrics).
@@ -110,6 +114,9 @@ class Broker {
   // The bound endpoints with wildcards resolved (tcp://127.0.0.1:41234).
   const std::vector<std::string>& endpoints() const;
   const BrokerStats& stats() const;
+  // Prometheus text exposition of stats() and, with BrokerOptions::metrics,
+  // of each worker and session as of the last heartbeat. Any thread.
+  std::string metrics_text() const;
 
  private:
   struct Impl;

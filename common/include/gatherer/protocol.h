@@ -63,7 +63,7 @@ enum class Command : std::uint8_t {
   kSession = 0x40,
   kDispatch = 0x41,
   kEndSession = 0x42,
-  kDrain = 0x43,  // broker -> worker: drain as on SIGTERM (asked by gatherer-ctl, §3.9)
+  kDrain = 0x5C,  // broker -> worker: drain as on SIGTERM (asked by gatherer-ctl, §3.9)
 
   // control (gatherer-ctl <-> broker, §3.9)
   kStatus = 0x50,

@@ -47,6 +47,10 @@ struct WorkerOptions {
   // Time to finish what it holds when the broker asks it to drain
   // (gatherer-ctl drain, PROTOCOL.md §3.9.5), as drain() takes on SIGTERM.
   std::chrono::milliseconds drain_timeout{30'000};
+  // Count retries by cause, 429s by host, latency and body sizes for
+  // metrics_text() (gatherer-worker --metrics): a few relaxed atomic
+  // increments per statement. Off: metrics_text() has WorkerStats only.
+  bool metrics = false;
   // Where the worker logs; nullptr = the process-wide Logger(). An embedded
   // worker logs through its Gatherer's logger, at that Gatherer's level.
   std::shared_ptr<spdlog::logger> logger;
@@ -81,6 +85,9 @@ class Worker {
   // Stops taking work, aborts in-flight transfers, closes the socket; idempotent.
   void stop();
   const WorkerStats& stats() const;
+  // Prometheus text exposition of stats() and, with WorkerOptions::metrics,
+  // of retries, 429s, latency and body sizes. Any thread.
+  std::string metrics_text() const;
   const std::string& id() const;
   // Sessions the worker currently holds (for tests: forgotten after close).
   std::size_t sessions() const;
