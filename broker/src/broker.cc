@@ -1123,8 +1123,8 @@ void Broker::Impl::on_control(const std::string& peer, proto::Command command, s
     r.retried = stats.retried.load(std::memory_order_relaxed);
     r.redispatched =
         stats.requeued.load(std::memory_order_relaxed) + stats.quarantined.load(std::memory_order_relaxed);
-    r.rate_10s_milli = figures.rate.rate_milli(now, 10);
-    r.rate_1m_milli = figures.rate.rate_milli(now, 60);
+    r.rate_10s_milli = figures.rate.rate_milli(now, 10, figures.started);
+    r.rate_1m_milli = figures.rate.rate_milli(now, 60, figures.started);
     return (void)send(peer, proto::Encode(r));
   }
   if (command == Command::kListWorkers) {
@@ -1145,7 +1145,7 @@ void Broker::Impl::on_control(const std::string& peer, proto::Command command, s
     std::uint64_t quarantined = 0;
     for (const auto& g : s.quarantine) quarantined += g.size();
     rows.push_back({sid, s.figures.client_host, s.settings.workers, s.pending.size() + quarantined, s.leases.size(),
-                    s.figures.done, s.figures.failed, ms(now - s.figures.opened), s.figures.rate.rate_milli(now, 10)});
+                    s.figures.done, s.figures.failed, ms(now - s.figures.opened), s.figures.rate.rate_milli(now, 10, s.figures.opened)});
   }
   std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.age_ms > b.age_ms; });
   send(peer, proto::Encode(rows));

@@ -5,6 +5,7 @@
 // other threads read goes through BrokerStats' relaxed atomics or the
 // metrics text the loop publishes once per heartbeat.
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cstdint>
@@ -28,8 +29,9 @@ class RateMeter {
     buckets_[static_cast<std::size_t>(second_) % N] += n;
   }
   // Events per second over the last `seconds` (≤ N - 1) complete seconds
-  // plus the current partial one, times 1,000.
-  std::uint64_t rate_milli(Clock::time_point now, std::size_t seconds) {
+  // plus the current partial one, times 1,000; over the time since `since`
+  // when that is shorter (a broker or session younger than the window).
+  std::uint64_t rate_milli(Clock::time_point now, std::size_t seconds, Clock::time_point since) {
     advance(now);
     if (seconds >= N) seconds = N - 1;
     std::uint64_t sum = 0;
@@ -37,7 +39,10 @@ class RateMeter {
       sum += buckets_[static_cast<std::size_t>(second_ - static_cast<std::int64_t>(i) + static_cast<std::int64_t>(N)) % N];
     }
     const auto into = std::chrono::duration_cast<std::chrono::milliseconds>(now.time_since_epoch()).count() % 1000;
-    const std::uint64_t span_ms = seconds * 1000 + static_cast<std::uint64_t>(into) + 1;
+    const auto age_ms = std::chrono::duration_cast<std::chrono::milliseconds>(now - since).count();
+    const std::uint64_t span_ms = std::max<std::uint64_t>(
+        1, std::min<std::uint64_t>(seconds * 1000 + static_cast<std::uint64_t>(into),
+                                   static_cast<std::uint64_t>(std::max<std::int64_t>(age_ms, 0))));
     return sum * 1'000'000 / span_ms;
   }
 

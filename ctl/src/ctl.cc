@@ -101,7 +101,12 @@ std::string Table(const std::vector<std::string>& header, const std::vector<std:
   for (const auto& row : rows) {
     for (std::size_t c = 0; c < row.size() && c < width.size(); ++c) {
       width[c] = std::max(width[c], row[c].size());
-      if (row[c].empty() || row[c].find_first_not_of("0123456789.") != std::string::npos) numeric[c] = false;
+      // Numbers (one '.' at most) are right-aligned; addresses and names are not.
+      const std::string& v = row[c];
+      if (v.empty() || v.find_first_not_of("0123456789.") != std::string::npos ||
+          std::count(v.begin(), v.end(), '.') > 1) {
+        numeric[c] = false;
+      }
     }
   }
   std::string out;

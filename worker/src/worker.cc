@@ -60,6 +60,8 @@ struct Worker::Impl {
   WorkerStats stats;
   worker::FetchMetrics fetch_metrics;  // for metrics_text(), when options.metrics
   RateLimitedLog bad_frame_log;
+  RateLimitedLog send_failed_log;
+  RateLimitedLog broker_error_log;  // ERRORs from the broker, one line a second  // a gone broker fails every send: one line a second
   Clock::time_point last_heard;
   // Sessions opened by SESSION, with the indices in hand for each (taken
   // and not yet answered: what HOLDING reports, §3.7); owned by the socket
@@ -92,7 +94,10 @@ struct Worker::Impl {
   // whole send timeout): whatever it carried must be sent again.
   bool send(proto::Frames&& frames) {
     if (proto::SendMessage(*dealer, {}, frames, /*block=*/true) != proto::SendResult::kSent) {
-      log().warn("worker {}: send to broker failed", id);
+      std::uint64_t suppressed = 0;
+      if (send_failed_log.allow(suppressed)) {
+        log().warn("worker {}: send to broker failed ({} more suppressed)", id, suppressed);
+      }
       return false;
     }
     return true;
@@ -279,7 +284,11 @@ void Worker::Impl::handle(std::vector<zmq::message_t>& frames) {
       auto m = proto::DecodeError(frames);
       if (!m) return bad(m.error());
       if (m->code == StatusCode::kNotFound && awaiting_registration) return;  // answers a message sent before READY
-      log().warn("worker {}: broker says {}: {}", id, StatusCodeName(m->code), m->message);
+      std::uint64_t suppressed = 0;
+      if (broker_error_log.allow(suppressed)) {
+        log().warn("worker {}: broker says {}: {} ({} more suppressed)", id, StatusCodeName(m->code), m->message,
+                   suppressed);
+      }
       // The broker does not know us (it restarted): register again.
       if (m->code == StatusCode::kNotFound) register_with_broker(/*resend_unacked=*/false);
       return;
