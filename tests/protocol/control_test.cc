@@ -129,7 +129,7 @@ TEST(ControlTest, Clause_3_9_StatusWorkersAndSessionsOfALiveCluster) {
       EXPECT_GT(w["pid"].get<int>(), 0);
       EXPECT_EQ(w["pid"].get<int>(), w["id"] == "w1" ? c.workers[0]->pid() : c.workers[1]->pid());
       EXPECT_FALSE(w["host"].get<std::string>().empty());
-      EXPECT_LE(w["heartbeat_age_ms"].get<int>(), 400);
+      EXPECT_LE(w["heartbeat_age_ms"].get<int>(), 1000);  // heartbeats every 200 ms
     }
     const json sessions = CtlJson(c.endpoint, "sessions");
     ASSERT_TRUE(sessions.is_array());
