@@ -1,6 +1,8 @@
 // gatherer-broker: parse flags, build BrokerOptions, run until SIGINT/SIGTERM,
 // then drain: refuse new sessions and exit once the open ones have ended or
-// --drain-timeout-ms passed. A second signal stops at once.
+// --drain-timeout-ms passed. A second signal stops at once. Every flag can
+// also be set by an environment variable (GATHERER_BIND, ...; shown in
+// --help); a flag given on the command line wins.
 #include <csignal>
 
 #include <unistd.h>
@@ -18,30 +20,55 @@ int main(int argc, char** argv) {
   std::string log_level = "info";
   int heartbeat_ms = static_cast<int>(options.heartbeat_interval.count());
   CLI::App app{"gatherer-broker: owns Gatherer sessions and queues and dispatches statements to workers"};
-  app.add_option("--bind", binds, "Endpoint to bind; repeatable (default tcp://127.0.0.1:5555)");
-  app.add_option("--heartbeat-ms", heartbeat_ms, "Heartbeat period in ms")->check(CLI::Range(10, 60'000));
+  app.add_option("--bind", binds,
+                 "Endpoint to bind; repeatable, or comma-separated (default tcp://127.0.0.1:5555: this machine only)")
+      ->delimiter(',')
+      ->envname("GATHERER_BIND");
+  app.add_option("--heartbeat-ms", heartbeat_ms, "Heartbeat period in ms")
+      ->check(CLI::Range(10, 60'000))
+      ->envname("GATHERER_HEARTBEAT_MS");
   app.add_option("--liveness", options.heartbeat_liveness, "Missed heartbeats before a worker is presumed dead")
-      ->check(CLI::Range(1, 100));
+      ->check(CLI::Range(1, 100))
+      ->envname("GATHERER_LIVENESS");
+  std::string curve_key, curve_clients, curve_workers;
+  app.add_option("--curve-key", curve_key,
+                 "CURVE: this broker's key pair file (gatherer keygen); encrypts every connection and admits only "
+                 "the keys listed by --curve-clients and --curve-workers")
+      ->envname("GATHERER_CURVE_KEY");
+  app.add_option("--curve-clients", curve_clients,
+                 "CURVE: public keys of the clients to admit: a file (one key per line) or a directory of .pub files")
+      ->envname("GATHERER_CURVE_CLIENTS");
+  app.add_option("--curve-workers", curve_workers,
+                 "CURVE: public keys of the workers to admit (they are handed users' requests)")
+      ->envname("GATHERER_CURVE_WORKERS");
   int session_ttl_ms = static_cast<int>(options.session_ttl.count());
   app.add_option("--session-ttl-ms", session_ttl_ms,
                  "A session whose client is silent this long is cancelled and forgotten")
-      ->check(CLI::Range(100, 86'400'000));
-  app.add_option("--max-chunk", options.max_chunk, "Statements per DISPATCH at most")->check(CLI::Range(1, 65536));
-  app.add_option("--max-sessions", options.max_sessions, "Open sessions at most");
+      ->check(CLI::Range(100, 86'400'000))
+      ->envname("GATHERER_SESSION_TTL_MS");
+  app.add_option("--max-chunk", options.max_chunk, "Statements per DISPATCH at most")
+      ->check(CLI::Range(1, 65536))
+      ->envname("GATHERER_MAX_CHUNK");
+  app.add_option("--max-sessions", options.max_sessions, "Open sessions at most")->envname("GATHERER_MAX_SESSIONS");
   app.add_option("--max-queued", options.max_queued,
                  "Statements queued and in flight over all sessions at most (SUBMIT past it is refused)")
-      ->check(CLI::Range(1ull, 1'000'000'000ull));
+      ->check(CLI::Range(1ull, 1'000'000'000ull))
+      ->envname("GATHERER_MAX_QUEUED");
   app.add_option("--poison-after", options.poison_after,
                  "Workers that may die running a statement alone before it fails as poison")
-      ->check(CLI::Range(1, 1000));
+      ->check(CLI::Range(1, 1000))
+      ->envname("GATHERER_POISON_AFTER");
   int drain_ms = 30'000;
   app.add_option("--drain-timeout-ms", drain_ms,
                  "On SIGTERM/SIGINT, time open sessions get to end before the broker exits (0 = exit at once)")
-      ->check(CLI::Range(0, 86'400'000));
-  app.add_option("--log-level", log_level, "debug, info, warning, error, critical or 10..50");
+      ->check(CLI::Range(0, 86'400'000))
+      ->envname("GATHERER_DRAIN_TIMEOUT_MS");
+  app.add_option("--log-level", log_level, "debug, info, warning, error, critical or 10..50")
+      ->envname("GATHERER_LOG_LEVEL");
   std::string metrics_address;
   app.add_option("--metrics", metrics_address,
-                 "Serve Prometheus metrics at http://ADDR:PORT/metrics (ADDR:PORT, IPv4; off by default)");
+                 "Serve Prometheus metrics at http://ADDR:PORT/metrics (ADDR:PORT, IPv4; off by default)")
+      ->envname("GATHERER_METRICS");
   CLI11_PARSE(app, argc, argv);
   const auto level = gatherer::ParseLogLevel(log_level);
   if (!level) {
@@ -53,6 +80,25 @@ int main(int argc, char** argv) {
   options.metrics = !metrics_address.empty();
   options.heartbeat_interval = std::chrono::milliseconds(heartbeat_ms);
   options.session_ttl = std::chrono::milliseconds(session_ttl_ms);
+  if (!curve_key.empty() || !curve_clients.empty() || !curve_workers.empty()) {
+    if (curve_key.empty() || curve_clients.empty() || curve_workers.empty()) {
+      std::fprintf(stderr, "gatherer-broker: CURVE needs --curve-key, --curve-clients and --curve-workers together\n");
+      return 2;
+    }
+    auto pair = gatherer::ReadCurveKeyPair(curve_key);
+    auto clients = gatherer::ReadCurveAllowList(curve_clients);
+    auto workers = gatherer::ReadCurveAllowList(curve_workers);
+    for (const gatherer::Status* bad : {pair ? nullptr : &pair.error(), clients ? nullptr : &clients.error(),
+                                        workers ? nullptr : &workers.error()}) {
+      if (bad) {
+        std::fprintf(stderr, "gatherer-broker: %s\n", bad->message().c_str());
+        return 2;
+      }
+    }
+    options.curve_key = std::move(*pair);
+    options.curve_clients = std::move(*clients);
+    options.curve_workers = std::move(*workers);
+  }
 
   // gatherer-ctl shutdown (PROTOCOL.md §3.9.6): the same drain as SIGTERM.
   options.on_shutdown = [] { ::kill(::getpid(), SIGTERM); };

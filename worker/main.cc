@@ -1,6 +1,8 @@
 // gatherer-worker: parse flags, build WorkerOptions, run until SIGINT/SIGTERM,
 // then drain: finish what is in hand (up to --drain-timeout-ms), return it,
-// exit 0. A second signal stops at once.
+// exit 0. A second signal stops at once. Every flag can also be set by an
+// environment variable (GATHERER_BROKER, ...; shown in --help); a flag given
+// on the command line wins.
 #include <CLI/CLI.hpp>
 
 #include "gatherer/log.h"
@@ -13,22 +15,49 @@ int main(int argc, char** argv) {
   std::string log_level = "info";
   int heartbeat_ms = static_cast<int>(options.heartbeat_interval.count());
   CLI::App app{"gatherer-worker: fetches the statements a Gatherer broker dispatches, with libcurl"};
-  app.add_option("--broker", options.broker, "Broker endpoint (default tcp://127.0.0.1:5555)");
+  app.add_option("--broker", options.broker, "Broker endpoint (default tcp://127.0.0.1:5555)")
+      ->envname("GATHERER_BROKER");
   app.add_option("--io-threads", options.io_threads, "libcurl I/O threads (0 = one per core)")
-      ->check(CLI::Range(0, 256));
-  app.add_option("--slots", options.slots, "Statements taken at once (0 = 1024 per I/O thread)");
-  app.add_option("--heartbeat-ms", heartbeat_ms, "Heartbeat period in ms")->check(CLI::Range(10, 60'000));
-  app.add_option("--id", options.worker_id, "Worker id shown in logs and responses (default host-pid-n)");
+      ->check(CLI::Range(0, 256))
+      ->envname("GATHERER_IO_THREADS");
+  app.add_option("--slots", options.slots, "Statements taken at once (0 = 1024 per I/O thread)")
+      ->envname("GATHERER_SLOTS");
+  app.add_option("--heartbeat-ms", heartbeat_ms, "Heartbeat period in ms")
+      ->check(CLI::Range(10, 60'000))
+      ->envname("GATHERER_HEARTBEAT_MS");
+  app.add_option("--id", options.worker_id, "Worker id shown in logs and responses (default host-pid-n)")
+      ->envname("GATHERER_WORKER_ID");
+  std::string refuse;
+  app.add_option("--refuse-destinations", refuse,
+                 "Never fetch from these addresses, checked after DNS and at every redirect: comma-separated "
+                 "loopback, private, link-local, or all (against requests aimed at cloud metadata services such as "
+                 "169.254.169.254 or at the worker's own network)")
+      ->envname("GATHERER_REFUSE_DESTINATIONS");
+  app.add_option("--allow-hosts", options.destinations.allowed_hosts,
+                 "Fetch only from these hosts (comma-separated; *.example.com allows its subdomains), checked at "
+                 "every redirect too; default: any host")
+      ->delimiter(',')
+      ->envname("GATHERER_ALLOW_HOSTS");
+  std::string curve_broker_key, curve_key;
+  app.add_option("--curve-broker-key", curve_broker_key,
+                 "CURVE: the broker's public key (40 Z85 characters or a .pub file); needs --curve-key")
+      ->envname("GATHERER_CURVE_BROKER_KEY");
+  app.add_option("--curve-key", curve_key,
+                 "CURVE: this worker's key pair file (gatherer keygen); the broker must list its public key")
+      ->envname("GATHERER_CURVE_KEY");
   app.add_flag("--echo", options.echo,
                "Diagnostic: answer every statement with an empty 200 without HTTP (measures client + broker alone)");
   int drain_ms = 30'000;
   app.add_option("--drain-timeout-ms", drain_ms,
                  "On SIGTERM/SIGINT, time to finish statements in hand before aborting them (0 = abort at once)")
-      ->check(CLI::Range(0, 86'400'000));
-  app.add_option("--log-level", log_level, "debug, info, warning, error, critical or 10..50");
+      ->check(CLI::Range(0, 86'400'000))
+      ->envname("GATHERER_DRAIN_TIMEOUT_MS");
+  app.add_option("--log-level", log_level, "debug, info, warning, error, critical or 10..50")
+      ->envname("GATHERER_LOG_LEVEL");
   std::string metrics_address;
   app.add_option("--metrics", metrics_address,
-                 "Serve Prometheus metrics at http://ADDR:PORT/metrics (ADDR:PORT, IPv4; off by default)");
+                 "Serve Prometheus metrics at http://ADDR:PORT/metrics (ADDR:PORT, IPv4; off by default)")
+      ->envname("GATHERER_METRICS");
   CLI11_PARSE(app, argc, argv);
   const auto level = gatherer::ParseLogLevel(log_level);
   if (!level) {
@@ -39,6 +68,25 @@ int main(int argc, char** argv) {
   options.heartbeat_interval = std::chrono::milliseconds(heartbeat_ms);
   options.drain_timeout = std::chrono::milliseconds(drain_ms);
   options.metrics = !metrics_address.empty();
+  if (gatherer::Status s = gatherer::ParseRefusedDestinations(refuse, options.destinations); !s.ok()) {
+    std::fprintf(stderr, "gatherer-worker: --refuse-destinations: %s\n", s.message().c_str());
+    return 2;
+  }
+  if (!curve_broker_key.empty() || !curve_key.empty()) {
+    if (curve_broker_key.empty() || curve_key.empty()) {
+      std::fprintf(stderr, "gatherer-worker: CURVE needs --curve-broker-key and --curve-key together\n");
+      return 2;
+    }
+    auto broker_key = gatherer::ReadCurvePublicKey(curve_broker_key);
+    auto pair = gatherer::ReadCurveKeyPair(curve_key);
+    if (!broker_key || !pair) {
+      std::fprintf(stderr, "gatherer-worker: %s\n",
+                   (broker_key ? pair.error() : broker_key.error()).message().c_str());
+      return 2;
+    }
+    options.curve_broker_key = std::move(*broker_key);
+    options.curve_key = std::move(*pair);
+  }
 
   gatherer::BlockTerminationSignals();
   gatherer::Worker worker(options);

@@ -22,7 +22,10 @@ namespace proto = protocol;
 using Clock = std::chrono::steady_clock;
 
 struct Lease {
-  std::string worker;  // routing id
+  // WorkerState::serial of the worker holding it: a number, not the routing
+  // id, so that leasing a statement allocates nothing (a worker's routing id
+  // is longer than a short string's inline buffer).
+  std::uint64_t worker = 0;
   proto::WireStatement statement;
   std::uint64_t seq = 0;  // order seq of the DISPATCH that carried it (§3.7)
 };
@@ -40,6 +43,7 @@ struct Retained {
 struct SessionState {
   SessionId id;
   std::string client;  // routing id of the client that opened it
+  std::string owner;   // CURVE: the public key that opened it (§1.7)
   SessionSettings settings;
   std::uint32_t prefetch = 0;
   std::deque<proto::WireStatement> pending;
@@ -72,6 +76,7 @@ struct SessionState {
 // Owned by the loop thread.
 struct WorkerState {
   std::string routing_id;
+  std::uint64_t serial = 0;  // unique per registration, never reused (Lease::worker)
   std::string worker_id;
   std::string host;
   std::uint32_t slots = 0;
@@ -126,6 +131,7 @@ struct Broker::Impl {
   std::unique_ptr<zmq::context_t> own_context;
   zmq::context_t* context = nullptr;
   std::unique_ptr<zmq::socket_t> router;
+  std::unique_ptr<ZapHandler> zap;  // CURVE only; destroyed before the context
   std::vector<std::string> bound;
   std::unique_ptr<WakeFd> wake;
   std::atomic<bool> stopping{false};
@@ -152,6 +158,9 @@ struct Broker::Impl {
   // heartbeat when options.metrics is set, read by the metrics thread.
   mutable std::mutex metrics_mutex;
   std::string metrics_snapshot;
+  // CURVE: the public key of the message being handled (empty without).
+  std::string_view peer_key;
+  std::uint64_t worker_serials = 0;   // the last WorkerState::serial given
 
   explicit Impl(BrokerOptions o) : options(std::move(o)) {}
   spdlog::logger& log() const { return options.logger ? *options.logger : Logger(); }
@@ -167,6 +176,8 @@ struct Broker::Impl {
   void deliver_failures(SessionState& s, proto::Results&& results);
   void requeue_front(SessionState& s, std::vector<proto::WireStatement>&& statements);
   void send_acks();
+  bool curve() const { return !options.curve_key.secret_key.empty(); }
+  bool may_touch(const std::string& peer, const SessionState& s);
   bool send_order(WorkerState& w, proto::Frames&& frames);
   void dispatch();
   void dispatch_quarantine();
@@ -276,7 +287,7 @@ void Broker::Impl::dispatch() {
       ++popped;
       // A client that re-opened its session resubmits what it has not been
       // answered (§3.2.8): an index already leased is not sent twice.
-      if (!s.leases.try_emplace(ws.index, Lease{best->routing_id, {}}).second) continue;
+      if (!s.leases.try_emplace(ws.index, Lease{best->serial, {}}).second) continue;
       chunk.statements.push_back(std::move(ws));
     }
     total_pending -= popped;
@@ -380,9 +391,13 @@ void Broker::Impl::send_acks() {
 // END_SESSION so they abort its transfers (§4.4). The session itself stays
 // unless it is being closed.
 void Broker::Impl::end_session(SessionState& s) {
-  for (const auto& [index, lease] : s.leases) {
-    auto w = workers.find(lease.worker);
-    if (w != workers.end() && w->second.leased > 0) --w->second.leased;
+  if (!s.leases.empty()) {
+    std::unordered_map<std::uint64_t, WorkerState*> by_serial;
+    for (auto& [rid, w] : workers) by_serial.emplace(w.serial, &w);
+    for (const auto& [index, lease] : s.leases) {
+      auto w = by_serial.find(lease.worker);
+      if (w != by_serial.end() && w->second->leased > 0) --w->second->leased;
+    }
   }
   total_leased -= s.leases.size();
   total_pending -= s.pending.size();
@@ -426,7 +441,7 @@ void Broker::Impl::remove_worker(const std::string& routing_id, Departure how, c
     session.workers.erase(routing_id);
     std::vector<proto::WireStatement> held;
     for (auto l = session.leases.begin(); l != session.leases.end();) {
-      if (l->second.worker == routing_id) {
+      if (l->second.worker == w.serial) {
         held.push_back(std::move(l->second.statement));
         l = session.leases.erase(l);
       } else {
@@ -552,7 +567,7 @@ void Broker::Impl::dispatch_quarantine() {
     quarantined.pop_front();
     if (!s.quarantine.empty()) quarantined.push_back(sid);
     std::erase_if(chunk.statements, [&](const proto::WireStatement& ws) {
-      return !s.leases.try_emplace(ws.index, Lease{worker.routing_id, {}}).second;
+      return !s.leases.try_emplace(ws.index, Lease{worker.serial, {}}).second;
     });
     if (!chunk.statements.empty()) {
       if (ensure_session(s, worker) && send_dispatch(s, worker, chunk)) {
@@ -627,7 +642,7 @@ void Broker::Impl::on_results(const std::string& peer, std::span<zmq::message_t>
   std::size_t kept = 0;
   for (std::size_t i = 0; i < index->indices.size(); ++i) {
     auto l = session.leases.find(index->indices[i]);
-    if (l == session.leases.end() || l->second.worker != peer) {
+    if (l == session.leases.end() || l->second.worker != worker.serial) {
       keep[i] = false;
       continue;
     }
@@ -710,7 +725,7 @@ void Broker::Impl::on_holding(const std::string& peer, std::span<zmq::message_t>
     std::vector<proto::WireStatement> lost;
     for (auto l = session.leases.begin(); l != session.leases.end();) {
       const Lease& lease = l->second;
-      if (lease.worker == peer && lease.seq <= holding->seq &&
+      if (lease.worker == worker.serial && lease.seq <= holding->seq &&
           (in_hand == held.end() || !in_hand->second.contains(l->first))) {
         lost.push_back(std::move(l->second.statement));
         l = session.leases.erase(l);
@@ -739,6 +754,7 @@ void Broker::Impl::on_sync(const std::string& peer, std::span<zmq::message_t> bo
   auto it = sessions.find(sync->session);
   if (it == sessions.end()) return send_error(peer, StatusCode::kNotFound, "session not open", sync->session);
   SessionState& s = it->second;
+  if (!may_touch(peer, s)) return;
   s.last_seen = Clock::now();
   s.client = peer;
   std::uint64_t listed = 0;
@@ -782,13 +798,14 @@ void Broker::Impl::on_worker(const std::string& peer, proto::Command command, st
     auto [it, inserted] = workers.try_emplace(peer);
     WorkerState& w = it->second;
     w.routing_id = peer;
+    w.serial = ++worker_serials;
     w.worker_id = ready_msg->worker_id;
     w.host = ready_msg->host;
     w.slots = ready_msg->slots;
     w.figures.pid = ready_msg->pid;
     w.last_seen = Clock::now();
-    log().info("broker: worker {} joined: host {} pid {} slots {}{}", w.worker_id, w.host, w.figures.pid, w.slots,
-                  again ? " (registered again)" : "");
+    log().info("broker: worker {} joined: ready with {} slots, host {} pid {}{}", w.worker_id, w.slots, w.host,
+               w.figures.pid, again ? " (registered again)" : "");
     // §3.4.1: READY is answered, so the worker can tell errors about what it
     // sent before READY from errors about itself.
     send(peer, proto::Encode(proto::BrokerBeat{std::nullopt, 0, 0, 0}));
@@ -829,7 +846,9 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
                  it->second.figures.client_host, open->settings.workers);
     }
     SessionState& s = it->second;
+    if (!s.owner.empty() && !may_touch(peer, s)) return;
     s.id = open->session;
+    s.owner = std::string(peer_key);
     s.client = peer;
     s.last_seen = Clock::now();
     s.settings = open->settings;
@@ -846,6 +865,7 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
       return send_error(peer, StatusCode::kNotFound, "session not open", submit->session);
     }
     SessionState& s = it->second;
+    if (!may_touch(peer, s)) return;
     s.last_seen = Clock::now();
     s.client = peer;  // a reconnected client has a new routing id
     const std::size_t cap = std::size_t{s.settings.workers} + s.prefetch + options.queue_slack;
@@ -885,6 +905,7 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
     auto it = sessions.find(*ack->session);
     if (it == sessions.end()) return send_error(peer, StatusCode::kNotFound, "session not open", *ack->session);
     SessionState& s = it->second;
+    if (!may_touch(peer, s)) return;
     s.last_seen = Clock::now();
     s.forget_acknowledged(ack->seq);
     return;
@@ -895,6 +916,7 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
     if (!ref) return malformed(peer, ref.error(), body);
     auto it = sessions.find(ref->session);
     if (it != sessions.end()) {
+      if (!may_touch(peer, it->second)) return;
       end_session(it->second);
       if (command == Command::kClose) {
         log().info("broker: session {} closed: {} answered, {} failed", ref->session.ToString(),
@@ -905,6 +927,14 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
     if (command == Command::kClose) send(peer, proto::Encode(Command::kClosed, *ref));
     return;
   }
+}
+
+// §1.7: with CURVE a session answers only to the key that opened it.
+bool Broker::Impl::may_touch(const std::string& peer, const SessionState& s) {
+  if (!curve() || s.owner == peer_key) return true;
+  stats.denied.fetch_add(1, std::memory_order_relaxed);
+  send_error(peer, StatusCode::kPermissionDenied, "session belongs to another key", s.id);
+  return false;
 }
 
 void Broker::Impl::handle(std::vector<zmq::message_t>& frames) {
@@ -921,14 +951,26 @@ void Broker::Impl::handle(std::vector<zmq::message_t>& frames) {
     return;
   }
   using proto::Command;
+  // The routing id frame is the ROUTER's own; the peer's frames carry the
+  // connection's metadata.
+  if (curve()) peer_key = PeerCurveKey(frames[1]);
+  // §1.7: with CURVE, only a listed client key speaks as a client and only a
+  // listed worker key as a worker.
+  const auto allowed = [&](const std::unordered_set<std::string>& keys, const char* role) {
+    if (!curve() || keys.contains(std::string(peer_key))) return true;
+    stats.denied.fetch_add(1, std::memory_order_relaxed);
+    send_error(peer, StatusCode::kPermissionDenied,
+               fmt::format("this key is not allowed to act as a {} here", role), std::nullopt);
+    return false;
+  };
   switch (*command) {
     case Command::kOpen: case Command::kSubmit: case Command::kCancel: case Command::kClose:
     case Command::kAck: case Command::kSync:
-      on_client(peer, *command, body);
+      if (allowed(options.curve_clients, "client")) on_client(peer, *command, body);
       break;
     case Command::kReady: case Command::kResults: case Command::kDraining: case Command::kDisconnect:
     case Command::kHolding:
-      on_worker(peer, *command, body);
+      if (allowed(options.curve_workers, "worker")) on_worker(peer, *command, body);
       break;
     case Command::kStatus: case Command::kListWorkers: case Command::kListSessions: case Command::kCancelSession:
     case Command::kDrainWorker: case Command::kShutdown:
@@ -958,6 +1000,7 @@ void Broker::Impl::handle(std::vector<zmq::message_t>& frames) {
         return send_error(peer, StatusCode::kNotFound, "session not open", (*named)->session);
       }
       SessionState& session = s->second;
+      if (!may_touch(peer, session)) return;
       session.last_seen = Clock::now();
       session.client = peer;
       // §3.6: the answer tells the client the last RESULTS sent and how far
@@ -1196,7 +1239,20 @@ Status Broker::start() {
     m.own_context = std::make_unique<zmq::context_t>(1);
     m.context = m.own_context.get();
   }
+  if (m.curve()) {
+    if (m.options.curve_clients.empty() || m.options.curve_workers.empty()) {
+      return InvalidArgument("CURVE needs the public keys of the clients and of the workers to admit");
+    }
+    std::unordered_set<std::string> admitted = m.options.curve_clients;
+    admitted.insert(m.options.curve_workers.begin(), m.options.curve_workers.end());
+    m.zap = std::make_unique<ZapHandler>(*m.context, std::move(admitted), m.log());
+    if (Status s = m.zap->start(); !s.ok()) {
+      m.zap.reset();
+      return s;
+    }
+  }
   m.router = std::make_unique<zmq::socket_t>(*m.context, zmq::socket_type::router);
+  if (m.curve()) MakeCurveServer(*m.router, m.options.curve_key);
   m.router->set(zmq::sockopt::router_mandatory, 1);
   // §1.5: a peer that reconnects under its routing id takes its route over
   // from the connection it left behind (which may not have noticed yet).
@@ -1211,6 +1267,12 @@ Status Broker::start() {
       return Unavailable("cannot bind " + ep + ": " + e.what());
     }
     m.bound.push_back(m.router->get(zmq::sockopt::last_endpoint));
+    if (!m.curve() && !protocol::IsLoopbackEndpoint(m.bound.back())) {
+      m.log().warn("broker: {} is reachable from other machines and CURVE is off: anyone who can connect can "
+                   "submit work, register as a worker (and read the requests it is given) or take results; "
+                   "use --curve-key with --curve-clients and --curve-workers",
+                   m.bound.back());
+    }
   }
   m.wake = std::make_unique<WakeFd>();
   m.stopping.store(false);
@@ -1226,6 +1288,7 @@ void Broker::stop() {
   m.wake->signal();
   m.thread.join();
   m.router.reset();
+  m.zap.reset();
   m.wake.reset();
 }
 

@@ -58,6 +58,7 @@
 #include <spdlog/spdlog.h>
 
 #include "flags.h"
+#include "gatherer/curve.h"
 #include "gatherer/gatherer.h"
 #include "gatherer/log.h"
 #include "gatherer/strings.h"
@@ -87,6 +88,8 @@ struct FetchFlags {
   std::string file;
   int workers = 25;
   std::string broker;
+  std::string curve_broker_key;  // Z85 or a key file
+  std::string curve_key;         // key pair file
   bool cancel_on_raise = false;
   std::vector<std::string> headers;
   std::string base_url;
@@ -301,6 +304,25 @@ bool BuildOptions(const FetchFlags& flags, gatherer::Options& options) {
       PrintError("--broker '" + flags.broker + "': " + s.message());
       return false;
     }
+  }
+  if (!flags.curve_broker_key.empty() || !flags.curve_key.empty()) {
+    if (flags.curve_broker_key.empty() || flags.curve_key.empty() || flags.broker.empty()) {
+      PrintError("CURVE needs --broker, --curve-broker-key and --curve-key together");
+      return false;
+    }
+    auto broker_key = gatherer::ReadCurvePublicKey(flags.curve_broker_key);
+    if (!broker_key) {
+      PrintError("--curve-broker-key: " + broker_key.error().message());
+      return false;
+    }
+    auto pair = gatherer::ReadCurveKeyPair(flags.curve_key);
+    if (!pair) {
+      PrintError("--curve-key: " + pair.error().message());
+      return false;
+    }
+    options.curve_broker_key = *broker_key;
+    options.curve_public_key = pair->public_key;
+    options.curve_secret_key = pair->secret_key;
   }
   if (flags.timeout_s > 0 && flags.timeout_s < 0.001) {
     char value[32];
@@ -580,7 +602,13 @@ int main(int argc, char** argv) {
                     "Statements in flight across the cluster (capped at the number of statements)")
       ->capture_default_str()
       ->check(CLI::Range(1, 100000));
-  fetch->add_option("--broker", flags.broker, "Broker endpoint tcp://HOST:PORT or ipc://PATH; none = embedded");
+  fetch->add_option("--broker", flags.broker, "Broker endpoint tcp://HOST:PORT or ipc://PATH; none = embedded")
+      ->envname("GATHERER_BROKER");
+  fetch->add_option("--curve-broker-key", flags.curve_broker_key,
+                    "CURVE: the broker's public key (40 Z85 characters or a .pub file); needs --curve-key")
+      ->envname("GATHERER_CURVE_BROKER_KEY");
+  fetch->add_option("--curve-key", flags.curve_key, "CURVE: this client's key pair file (gatherer keygen)")
+      ->envname("GATHERER_CURVE_KEY");
   fetch->add_flag("--cancel-on-raise", flags.cancel_on_raise,
                   "Stop at the first failed statement and exit 1 naming it (earlier responses are written)");
   // allow_extra_args(false): one value per --header, so a following FILE is
@@ -633,11 +661,28 @@ int main(int argc, char** argv) {
                     "I/O threads of the embedded worker (0 = one per core)")
       ->capture_default_str();
 
+  std::string keygen_prefix;
+  CLI::App* keygen = app.add_subcommand(
+      "keygen", "Write a new CURVE key pair: PREFIX.key (the pair, mode 0600: keep it secret) and PREFIX.pub "
+                "(the public key, for the peers that must trust it)");
+  keygen->add_option("PREFIX", keygen_prefix, "Path and name of the two files, e.g. /etc/gatherer/broker")
+      ->required();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     // --help and --version are "errors" with exit code 0 in CLI11.
     return app.exit(e) == 0 ? kExitOk : kExitUsage;
+  }
+  if (keygen->parsed()) {
+    auto pair = gatherer::GenerateCurveKeyPair();
+    gatherer::Status written = pair ? gatherer::WriteCurveKeyFiles(keygen_prefix, *pair) : pair.error();
+    if (!written.ok()) {
+      PrintError(written.message());
+      return kExitFailed;
+    }
+    std::printf("%s\n", pair->public_key.c_str());
+    return kExitOk;
   }
   flags.backoff_bounds_given = backoff_base->count() > 0 && backoff_max->count() > 0;
   try {

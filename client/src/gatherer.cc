@@ -6,6 +6,7 @@
 #include <span>
 
 #include "gatherer/broker.h"
+#include "gatherer/curve.h"
 #include "gatherer/ids.h"
 #include "gatherer/log.h"
 #include "gatherer/protocol.h"
@@ -129,6 +130,15 @@ Gatherer::Gatherer(Options options) : impl_(std::make_unique<Impl>()) {
                     std::to_string(options.workers) + "); the window is Options::workers, leave settings.workers alone",
                 -1, StatusCode::kInvalidArgument);
   }
+  {
+    const bool any = !options.curve_broker_key.empty() || !options.curve_public_key.empty() ||
+                     !options.curve_secret_key.empty();
+    if (any && !(IsCurveKey(options.curve_broker_key) && IsCurveKey(options.curve_public_key) &&
+                 IsCurveKey(options.curve_secret_key))) {
+      throw Error("CURVE needs curve_broker_key, curve_public_key and curve_secret_key, each 40 Z85 characters", -1,
+                  StatusCode::kInvalidArgument);
+    }
+  }
   m.logger = NewLogger(options.log_level);
   m.options = std::move(options);
   m.settings = m.options.settings;
@@ -163,8 +173,13 @@ Gatherer::Gatherer(Options options) : impl_(std::make_unique<Impl>()) {
   }
   m.dealer = std::make_unique<zmq::socket_t>(*m.context, zmq::socket_type::dealer);
   proto::ConfigureSocket(*m.dealer, kHeartbeat);
-  // §1.5: a reconnect keeps this session's route at the broker.
-  m.dealer->set(zmq::sockopt::routing_id, proto::ClientRoutingId(m.session));
+  const bool curve = !m.options.broker.empty() && !m.options.curve_broker_key.empty();
+  if (curve) MakeCurveClient(*m.dealer, {m.options.curve_public_key, m.options.curve_secret_key}, m.options.curve_broker_key);
+  // §1.5: a reconnect keeps this session's route at the broker. With CURVE
+  // the route is a secret of its own (§1.7), so that a session id seen in a
+  // log does not let another peer take it over.
+  m.dealer->set(zmq::sockopt::routing_id,
+                curve ? proto::ClientRoutingId(NewSessionId()) : proto::ClientRoutingId(m.session));
   m.watch = std::make_unique<proto::ReconnectWatch>(*m.context, *m.dealer);
   try {
     m.dealer->connect(m.endpoint);
@@ -180,6 +195,7 @@ Gatherer::Gatherer(Options options) : impl_(std::make_unique<Impl>()) {
 }
 
 void Gatherer::Impl::close_session() {
+  if (watch && !watch->refused().empty()) return;  // never admitted: nothing to close
   try {
     send(proto::Encode(proto::Command::kClose, proto::SessionRef{session}));
     // Wait for CLOSED so that, when the destructor returns, the broker has
@@ -616,6 +632,11 @@ void Stream::Run::pump() {
   }
   // §3.6: a new connection: what was in flight on the old one may be lost.
   if ((items[2].revents & ZMQ_POLLIN) && m.watch->reconnected()) sync("reconnected");
+  // A refused handshake is not a flaky link: waiting out the broker timeout
+  // would only hide it (PROTOCOL.md §1.7).
+  if (!m.watch->refused().empty()) {
+    fail("cannot connect to broker " + m.endpoint + ": " + m.watch->refused(), -1, StatusCode::kPermissionDenied);
+  }
   while (m.recv(frames)) {
     auto command = proto::PeekCommand(frames);
     if (!command) {
@@ -706,7 +727,10 @@ void Stream::Run::pump() {
       const auto silent = std::chrono::duration_cast<std::chrono::milliseconds>(now - m.last_heard);
       fail("broker " + m.endpoint + " unreachable for " + std::to_string(silent.count() / 1000) + " s (timeout " +
                std::to_string(m.options.broker_timeout.count() / 1000) + " s); " + std::to_string(pulled - received) +
-               " statements submitted and unanswered, " + std::to_string(received) + " answered",
+               " statements submitted and unanswered, " + std::to_string(received) + " answered" +
+               (m.options.curve_broker_key.empty()
+                    ? std::string()
+                    : "; with CURVE, a wrong broker public key looks just like this: check it"),
            -1, StatusCode::kUnavailable);
     }
     if (!said_unreachable && now - m.last_heard > kSayWaiting) {

@@ -12,6 +12,10 @@ namespace {
 
 using Packer = msgpack::packer<msgpack::sbuffer>;
 
+// Response bodies up to this size are copied into their RESULTS frame rather
+// than handed over (Encode(Results&&)).
+constexpr std::size_t kCopiedBodyMax = 256;
+
 zmq::message_t Signature() { return zmq::message_t(kSignature.data(), kSignature.size()); }
 
 zmq::message_t CommandFrame(Command c) {
@@ -354,8 +358,16 @@ Frames Encode(Results&& m) {
   frames.push_back(ResultsHead(m.session, m.seq));
   frames.emplace_back(buf.data(), buf.size());
   for (auto& wr : m.results) {
+    std::string& body = wr.response.body;
+    if (body.size() <= kCopiedBodyMax) {
+      // A short body is copied into the frame: cheaper than the two
+      // allocations of handing its buffer over (none at all when empty or
+      // small enough for ZeroMQ's inline storage).
+      frames.emplace_back(body.data(), body.size());
+      continue;
+    }
     // Zero-copy: the frame takes ownership of the body's heap buffer (§3.4).
-    auto* owned = new std::string(std::move(wr.response.body));
+    auto* owned = new std::string(std::move(body));
     frames.emplace_back(
         owned->data(), owned->size(),
         [](void*, void* hint) { delete static_cast<std::string*>(hint); }, owned);

@@ -10,6 +10,7 @@ std::string_view StatusCodeName(StatusCode code) {
     case StatusCode::kInvalidArgument: return "invalid_argument";
     case StatusCode::kDeadlineExceeded: return "deadline_exceeded";
     case StatusCode::kNotFound: return "not_found";
+    case StatusCode::kPermissionDenied: return "permission_denied";
     case StatusCode::kResourceExhausted: return "resource_exhausted";
     case StatusCode::kFailedPrecondition: return "failed_precondition";
     case StatusCode::kCancelled: return "cancelled";
@@ -29,6 +30,7 @@ StatusCode StatusCodeFromWire(std::uint8_t value) {
     case StatusCode::kInvalidArgument:
     case StatusCode::kDeadlineExceeded:
     case StatusCode::kNotFound:
+    case StatusCode::kPermissionDenied:
     case StatusCode::kResourceExhausted:
     case StatusCode::kFailedPrecondition:
     case StatusCode::kCancelled:

@@ -79,6 +79,18 @@ Frames CopyFrames(Frames& frames) {
   return copy;
 }
 
+bool IsLoopbackEndpoint(std::string_view endpoint) {
+  constexpr std::string_view kTcp = "tcp://";
+  if (!endpoint.starts_with(kTcp)) return true;
+  std::string_view host = endpoint.substr(kTcp.size());
+  if (const auto semicolon = host.find(';'); semicolon != std::string_view::npos) {
+    host = host.substr(semicolon + 1);  // "source;destination": the destination counts
+  }
+  if (host.starts_with('[')) return host.starts_with("[::1]");
+  host = host.substr(0, host.rfind(':'));
+  return host == "localhost" || host.starts_with("127.");
+}
+
 std::string ClientRoutingId(const SessionId& session) { return "c" + std::string(session.raw()); }
 
 std::string WorkerRoutingId(const SessionId& instance) { return "w" + std::string(instance.raw()); }
@@ -87,7 +99,9 @@ ReconnectWatch::ReconnectWatch(zmq::context_t& context, zmq::socket_t& socket)
     : socket_(socket), pair_(context, zmq::socket_type::pair) {
   static std::atomic<std::uint64_t> counter{0};
   const std::string address = "inproc://gatherer-reconnect-watch-" + std::to_string(counter.fetch_add(1));
-  if (zmq_socket_monitor(socket_.handle(), address.c_str(), ZMQ_EVENT_HANDSHAKE_SUCCEEDED) != 0) {
+  if (zmq_socket_monitor(socket_.handle(), address.c_str(),
+                         ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH |
+                             ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL) != 0) {
     throw zmq::error_t();
   }
   pair_.set(zmq::sockopt::linger, 0);
@@ -103,8 +117,22 @@ bool ReconnectWatch::reconnected() {
   while (ReceiveMessage(pair_, frames)) {
     if (frames.empty() || frames[0].size() < 2) continue;
     std::uint16_t event = 0;
+    std::uint32_t value = 0;
     std::memcpy(&event, frames[0].data(), sizeof(event));
-    if (event != ZMQ_EVENT_HANDSHAKE_SUCCEEDED) continue;
+    if (frames[0].size() >= 6) std::memcpy(&value, static_cast<const char*>(frames[0].data()) + 2, sizeof(value));
+    if (event == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) {
+      refused_ = "the broker refused this peer's CURVE key (authentication status " + std::to_string(value) +
+                 "): its public key is not on the broker's allow-list";
+      continue;
+    }
+    if (event == ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL) {
+      refused_ = value == ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+                     ? "security mismatch: the broker uses CURVE and this peer does not, or the other way round"
+                     : "the connection's handshake failed (ZeroMQ protocol error " + std::to_string(value) +
+                           "; with CURVE, check the broker's public key)";
+      continue;
+    }
+    refused_.clear();
     if (++handshakes_ > 1) again = true;
   }
   return again;

@@ -5,7 +5,7 @@ and its peers fetching the same URLs.
 
     python3 tests/bench/suite.py [--build build/release] [--n 20000] [--runs 3]
                                  [--cases nginx-25,nginx-256,delay-25,delay-256,delay-1000]
-                                 [--rows curl,aiohttp,embedded,tcp1,tcp2] [--delay-ms 50]
+                                 [--rows curl,aiohttp,python,embedded,tcp1,tcp2] [--delay-ms 50]
     python3 tests/bench/suite.py --quick      # smoke run: N=2000, 1 run, nginx-256 and delay-1000
 
 Servers, both on 127.0.0.1 and started here:
@@ -23,6 +23,10 @@ Rows (C = the case's concurrency):
             connections reused, bodies kept in order
   aiohttp   aiohttp_gather.py: asyncio.gather, one ClientSession,
             Semaphore(C), connector limit C (Debian's python3-aiohttp)
+  python    python_gather.py: the Python package `gatherer` (built with
+            the CMake option GATHERER_PYTHON, on in the release preset):
+            `async with Gatherer(workers=C) as g`, `await g.gather()`,
+            embedded; the same interpreter as the aiohttp row
   embedded  gatherer fetch --workers C (broker and worker in the process)
   tcp1      gatherer fetch --workers C --broker tcp://... with a
             gatherer-broker and 1 gatherer-worker process
@@ -81,6 +85,7 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 ROWS = {
     "curl": "bare libcurl multi (1 thread)",
     "aiohttp": "aiohttp gather + Semaphore(C)",
+    "python": "gatherer Python package, embedded",
     "embedded": "gatherer embedded",
     "tcp1": "gatherer, tcp broker + 1 worker",
     "tcp2": "gatherer, tcp broker + 2 workers",
@@ -492,6 +497,9 @@ class Runner:
         elif row == "aiohttp":
             cmd, stdin = [a.python, os.path.join(HERE, "aiohttp_gather.py"), url_file, "--concurrency", str(c),
                           "--print"], None
+        elif row == "python":
+            cmd, stdin = [a.python, os.path.join(HERE, "python_gather.py"), url_file, "--concurrency", str(c),
+                          "--print", "--build", a.build], None
         else:
             cmd, stdin = [self.bin["gatherer"], "fetch", url_file, "--workers", str(c), "--log-level", "warning"], None
             if row in ("tcp1", "tcp2"):
@@ -513,7 +521,7 @@ class Runner:
                 self.procs.stop(cluster, "broker and workers")
         if code != 0:
             raise BenchFailure(f"{what}: exit {code}\n{tail(self.err)}")
-        if row in ("curl", "aiohttp"):
+        if row in ("curl", "aiohttp", "python"):
             p50, p99 = check_peer(self.out, self.err, a.n, server.body)
         else:
             p50, p99 = check_gatherer(self.out, a.n, server.body)
@@ -608,7 +616,7 @@ def parse_args():
     ap.add_argument("--keep-temp", action="store_true",
                     help="keep the temporary directory (server, broker and worker logs, last outputs)")
     ap.add_argument("--python", default="/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK)
-                    else sys.executable, help="interpreter for the aiohttp row (Debian's python3-aiohttp)")
+                    else sys.executable, help="interpreter for the aiohttp and python rows (Debian's python3-aiohttp)")
     a = ap.parse_args()
     a.n = a.n or (2000 if a.quick else 20000)
     a.runs = a.runs or (1 if a.quick else 3)
@@ -664,7 +672,7 @@ def report(a, results, nginx_version, started):
     out.append("")
     out.append("CPU s: user+sys of the client, plus broker and workers for tcp rows (servers not counted); "
                "peak RSS MB: summed over the same processes; p50/p99: per-transfer time for libcurl, per request "
-               "for aiohttp, the worker-side elapsed_ms for gatherer; all medians of the runs.")
+               "for aiohttp, the worker-side elapsed_ms for gatherer and its Python package; all medians of the runs.")
     out.append("")
     out.extend(targets(a, results))
     return "\n".join(out)
@@ -688,6 +696,9 @@ def targets(a, results):
     if key in results and "embedded" in a.rows and "aiohttp" in a.rows:
         r = ratio_to(results, key, "embedded", "aiohttp")
         lines.append(f"- nginx C=256, embedded ≥ 6× aiohttp: {r:.1f}× — {verdict(r >= 6)}")
+    if key in results and "python" in a.rows and "aiohttp" in a.rows:
+        r = ratio_to(results, key, "python", "aiohttp")
+        lines.append(f"- nginx C=256, Python package ≥ 5× aiohttp: {r:.1f}× — {verdict(r >= 5)}")
     key = ("delay", 1000)
     if key in results:
         ideal = ideal_rate(a, "delay", 1000)
@@ -717,6 +728,11 @@ def main():
         if not os.access(os.path.join(a.build, "tests/bench", name), os.X_OK):
             sys.exit(f"{a.build} has no tests/bench/{name}: cmake --preset release && cmake --build --preset release")
     ensure_deps(a, "nginx" in kinds, "aiohttp" in a.rows)
+    if "python" in a.rows and not os.path.isfile(os.path.join(a.build, "python/gatherer/__init__.py")):
+        probe = subprocess.run([a.python, "-c", "import gatherer._gatherer"], capture_output=True, timeout=60)
+        if probe.returncode != 0:
+            sys.exit(f"the python row needs the package: {a.build}/python (cmake -DGATHERER_PYTHON=ON, on in the "
+                     f"release preset) or `pip install .` for {a.python}")
     fds = raise_fd_limit()
     if fds < 4 * max(c for _, c in a.cases) + 256:
         log(f"warning: RLIMIT_NOFILE is {fds}; C={max(c for _, c in a.cases)} may run out of descriptors")

@@ -7,6 +7,12 @@ execute_process(COMMAND "${CMAKE_COMMAND}" --install "${BUILD_DIR}" --prefix "${
 if(NOT rc EQUAL 0)
   message(FATAL_ERROR "cmake --install failed: ${rc}")
 endif()
+# Only the public API is installed.
+foreach(private protocol.h transport.h wake_fd.h signals.h strings.h curve.h broker.h worker.h)
+  if(EXISTS "${WORK_DIR}/prefix/include/gatherer/${private}")
+    message(FATAL_ERROR "private header installed: include/gatherer/${private}")
+  endif()
+endforeach()
 execute_process(COMMAND "${CMAKE_COMMAND}" -S "${SOURCE_DIR}/tests/packaging/consumer" -B "${WORK_DIR}/build"
                         -G Ninja "-DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix" -DCMAKE_BUILD_TYPE=Release
                 RESULT_VARIABLE rc)

@@ -78,14 +78,6 @@ void GlobalInit() {
   std::call_once(once, [] { curl_global_init(CURL_GLOBAL_DEFAULT); });
 }
 
-std::string_view Trim(std::string_view s) {
-  while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
-  while (!s.empty() && (s.back() == ' ' || s.back() == '\t' || s.back() == '\r' || s.back() == '\n')) {
-    s.remove_suffix(1);
-  }
-  return s;
-}
-
 // RFC 9110 §5.6.2 token: what a method and a header name may contain. Checked
 // because both reach the request line / header block verbatim.
 bool IsToken(std::string_view s) {
@@ -298,6 +290,8 @@ struct Transfer {
   std::uint32_t requests_sent = 0;
   long redirects_at_send = 0;
   bool resend_refused = false;
+  // Why the worker's destination policy refused this attempt, if it did.
+  std::string refused;
   Overflow overflow = Overflow::kNone;
   char error_buffer[CURL_ERROR_SIZE] = {};
 };
@@ -604,6 +598,12 @@ class IoThread {
     if (!IsToken(statement.method)) {
       return ResponseError{StatusCode::kInvalidArgument, "method is not an HTTP token"};
     }
+    const DestinationPolicy& destinations = context_.options->destinations;
+    if (!destinations.allowed_hosts.empty()) {
+      if (std::string why = RefusedHost(url->c_str(), destinations); !why.empty()) {
+        return ResponseError{StatusCode::kPermissionDenied, "destination refused: " + why};
+      }
+    }
     const SessionHeaders& session_headers = transfer->session->shared->headers;
     if (session_headers.error) return session_headers.error;
     const std::string& method = statement.method;
@@ -683,9 +683,15 @@ class IoThread {
       // callback enforces the cap on decoded bytes.
       set(CURLOPT_MAXFILESIZE_LARGE, static_cast<curl_off_t>(settings.max_body_bytes));
     }
-    if (!transfer->idempotent) {
+    if (!transfer->idempotent || !destinations.allowed_hosts.empty()) {
       set(CURLOPT_PREREQFUNCTION, &IoThread::PrereqCallback);
       set(CURLOPT_PREREQDATA, static_cast<void*>(transfer));
+    }
+    if (destinations.refuses_addresses()) {
+      // Every connection's address, after DNS and at each redirect, is
+      // checked before the socket exists; a reused one was checked when made.
+      set(CURLOPT_OPENSOCKETFUNCTION, &IoThread::OpenSocketCallback);
+      set(CURLOPT_OPENSOCKETDATA, static_cast<void*>(transfer));
     }
     if (transfer->session->shared->share != nullptr) set(CURLOPT_SHARE, transfer->session->shared->share);
     // libcurl never writes to the list: the session's may be shared.
@@ -774,6 +780,11 @@ class IoThread {
     if (transfer->encoded) DropEncodingHeaders(transfer);
     const bool attempts_left = transfer->attempts < std::max<std::uint32_t>(settings.max_attempts, 1);
 
+    if (!transfer->refused.empty()) {
+      // Nothing reached the refused destination: no retry could change it.
+      finish(transfer, ResponseError{StatusCode::kPermissionDenied, "destination refused: " + transfer->refused});
+      return;
+    }
     FetchMetrics* metrics = context_.options->metrics;
     if (metrics && code == CURLE_OK && status == 429) metrics->note_429(HostOf(transfer->easy));
     if (code == CURLE_OK) {
@@ -1014,8 +1025,45 @@ class IoThread {
   // new connection (Curl_retry_request), a POST included. A second call for
   // the same request (the redirect count unchanged) is that re-send, and is
   // refused: the server may have acted on the first.
+  // The host of `url` when this worker's allow-list refuses it, else "".
+  static std::string RefusedHost(const char* url, const DestinationPolicy& destinations) {
+    CURLU* parsed = curl_url();
+    char* host = nullptr;
+    std::string why;
+    if (parsed == nullptr || curl_url_set(parsed, CURLUPART_URL, url, 0) != CURLUE_OK ||
+        curl_url_get(parsed, CURLUPART_HOST, &host, 0) != CURLUE_OK) {
+      why = "cannot tell the host of " + std::string(url) + " to check it against the allowed hosts";
+    } else if (!HostAllowed(host, destinations)) {
+      why = "host " + std::string(host) + " is not among this worker's allowed hosts";
+    }
+    curl_free(host);
+    curl_url_cleanup(parsed);
+    return why;
+  }
+
+  static curl_socket_t OpenSocketCallback(void* user, curlsocktype, curl_sockaddr* address) {
+    auto* transfer = static_cast<Transfer*>(user);
+    std::string why = RefusedAddress(&address->addr, transfer->session->thread->context_.options->destinations);
+    if (!why.empty()) {
+      transfer->refused = std::move(why) + " (this worker refuses such destinations)";
+      return CURL_SOCKET_BAD;
+    }
+    return ::socket(address->family, address->socktype | SOCK_CLOEXEC, address->protocol);
+  }
+
   static int PrereqCallback(void* user, char*, char*, int, int) {
     auto* transfer = static_cast<Transfer*>(user);
+    const DestinationPolicy& destinations = transfer->session->thread->context_.options->destinations;
+    if (!destinations.allowed_hosts.empty()) {
+      // Before each request, redirects included.
+      char* effective = nullptr;
+      curl_easy_getinfo(transfer->easy, CURLINFO_EFFECTIVE_URL, &effective);
+      if (std::string why = RefusedHost(effective ? effective : "", destinations); !why.empty()) {
+        transfer->refused = std::move(why);
+        return CURL_PREREQFUNC_ABORT;
+      }
+    }
+    if (transfer->idempotent) return CURL_PREREQFUNC_OK;
     long redirects = 0;
     curl_easy_getinfo(transfer->easy, CURLINFO_REDIRECT_COUNT, &redirects);
     if (transfer->requests_sent > 0 && redirects == transfer->redirects_at_send) {

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "gatherer/config.h"
+#include "gatherer/destinations.h"
 #include "gatherer/ids.h"
 #include "fetch_metrics.h"
 #include "gatherer/protocol.h"
@@ -52,6 +53,9 @@ class Fetcher {
     // Counters for /metrics (retries by cause, 429s by host, latency and
     // body size histograms); nullptr = not counted. Outlives the Fetcher.
     FetchMetrics* metrics = nullptr;
+    // Destinations refused whatever a statement asks (addresses after DNS,
+    // hosts; redirects included): permission_denied, not retried.
+    DestinationPolicy destinations;
   };
 
   // Results of one session, batched: called on an I/O thread with all the

@@ -1098,3 +1098,119 @@ TEST(FetcherTest, StatusCodeFromCurlMapping) {
 
 }  // namespace
 }  // namespace gatherer::worker
+
+namespace gatherer::worker {
+namespace {
+
+// A guarded worker refuses a redirect to a cloud metadata address before any
+// socket to it exists: permission_denied, one attempt, never retried.
+TEST(FetcherTest, ARedirectToTheMetadataAddressIsRefusedByAGuardedWorker) {
+  HttpServer server([](const HttpRequest& request) {
+    if (request.target == "/go") return HttpReply{302, {{"Location", "http://169.254.169.254/latest/meta-data/"}}, ""};
+    return HttpReply{200, {}, "ok"};
+  });
+  Collector collector;
+  Fetcher::Options options = TwoThreads();
+  ASSERT_TRUE(ParseRefusedDestinations("link-local,private", options.destinations).ok());
+  Fetcher fetcher(options, collector.sink());
+  auto r = FetchOne(fetcher, collector, FastRetry(), Get(server.url("/go")));
+  ASSERT_FALSE(r.response.ok());
+  EXPECT_EQ(r.response.error->code, StatusCode::kPermissionDenied);
+  EXPECT_NE(r.response.error->message.find("169.254.169.254 is link-local"), std::string::npos)
+      << r.response.error->message;
+  EXPECT_EQ(r.response.attempts, 1u);
+  EXPECT_EQ(server.requests(), 1u);
+  // Loopback itself was not refused: the first hop was served.
+  r = FetchOne(fetcher, collector, FastRetry(), Get(server.url("/plain")), 2);
+  EXPECT_TRUE(r.response.ok());
+}
+
+TEST(FetcherTest, RefusedLoopbackIsCheckedAfterDns) {
+  HttpServer server;
+  Collector collector;
+  Fetcher::Options options = TwoThreads();
+  ASSERT_TRUE(ParseRefusedDestinations("all", options.destinations).ok());
+  Fetcher fetcher(options, collector.sink());
+  // "localhost" is a name: the address it resolves to is what is refused.
+  auto r = FetchOne(fetcher, collector, FastRetry(),
+                    Get("http://localhost:" + std::to_string(server.port()) + "/x"));
+  ASSERT_FALSE(r.response.ok());
+  EXPECT_EQ(r.response.error->code, StatusCode::kPermissionDenied);
+  EXPECT_NE(r.response.error->message.find("is loopback"), std::string::npos) << r.response.error->message;
+  EXPECT_EQ(server.requests(), 0u);
+}
+
+TEST(FetcherTest, HostsOffTheAllowListAreRefusedAlsoAtARedirect) {
+  HttpServer server([&](const HttpRequest& request) {
+    if (request.target == "/hop") return HttpReply{302, {{"Location", "/elsewhere"}}, ""};
+    return HttpReply{200, {}, "ok:" + request.target};
+  });
+  const std::string port = std::to_string(server.port());
+  Collector collector;
+  Fetcher::Options options = TwoThreads();
+  options.destinations.allowed_hosts = {"localhost"};
+  Fetcher fetcher(options, collector.sink());
+  auto r = FetchOne(fetcher, collector, FastRetry(), Get("http://localhost:" + port + "/fine"));
+  EXPECT_TRUE(r.response.ok()) << (r.response.error ? r.response.error->message : "");
+  // Another name for the same server is another host.
+  r = FetchOne(fetcher, collector, FastRetry(), Get("http://127.0.0.1:" + port + "/no"), 2);
+  ASSERT_FALSE(r.response.ok());
+  EXPECT_EQ(r.response.error->code, StatusCode::kPermissionDenied);
+  EXPECT_NE(r.response.error->message.find("127.0.0.1"), std::string::npos) << r.response.error->message;
+  EXPECT_EQ(r.response.attempts, 0u);
+  const std::uint64_t served = server.requests();
+  // A redirect to an absolute URL on a host off the list is refused before it is requested.
+  options.destinations.allowed_hosts = {"*.localhost", "localhost"};
+  Fetcher narrow(options, collector.sink());
+  HttpServer bouncer([&](const HttpRequest&) {
+    return HttpReply{302, {{"Location", "http://127.0.0.1:" + port + "/stolen"}}, ""};
+  });
+  r = FetchOne(narrow, collector, FastRetry(), Get("http://localhost:" + std::to_string(bouncer.port()) + "/"), 3);
+  ASSERT_FALSE(r.response.ok());
+  EXPECT_EQ(r.response.error->code, StatusCode::kPermissionDenied) << r.response.error->message;
+  EXPECT_EQ(server.requests(), served);
+}
+
+TEST(DestinationsTest, ClassesAndHosts) {
+  DestinationPolicy p;
+  EXPECT_FALSE(ParseRefusedDestinations("loopback,nonsense", p).ok());
+  DestinationPolicy all;
+  ASSERT_TRUE(ParseRefusedDestinations("all", all).ok());
+  const auto v4 = [&](const char* text) {
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    inet_pton(AF_INET, text, &a.sin_addr);
+    return RefusedAddress(reinterpret_cast<sockaddr*>(&a), all);
+  };
+  const auto v6 = [&](const char* text) {
+    sockaddr_in6 a{};
+    a.sin6_family = AF_INET6;
+    inet_pton(AF_INET6, text, &a.sin6_addr);
+    return RefusedAddress(reinterpret_cast<sockaddr*>(&a), all);
+  };
+  EXPECT_EQ(v4("169.254.169.254"), "169.254.169.254 is link-local");
+  EXPECT_EQ(v4("127.0.0.1"), "127.0.0.1 is loopback");
+  EXPECT_EQ(v4("10.1.2.3"), "10.1.2.3 is private");
+  EXPECT_EQ(v4("172.31.255.1"), "172.31.255.1 is private");
+  EXPECT_EQ(v4("172.32.0.1"), "");
+  EXPECT_EQ(v4("192.168.0.1"), "192.168.0.1 is private");
+  EXPECT_EQ(v4("100.100.100.200"), "100.100.100.200 is private");
+  EXPECT_EQ(v4("93.184.216.34"), "");
+  EXPECT_EQ(v6("::1"), "::1 is loopback");
+  EXPECT_EQ(v6("fe80::1"), "fe80::1 is link-local");
+  EXPECT_EQ(v6("fd00:ec2::254"), "fd00:ec2::254 is private");
+  EXPECT_EQ(v6("::ffff:169.254.169.254"), "169.254.169.254 is link-local");
+  EXPECT_EQ(v6("2606:2800:220:1::"), "");
+  DestinationPolicy hosts;
+  hosts.allowed_hosts = {"api.example.com", "*.cdn.example.com"};
+  EXPECT_TRUE(HostAllowed("API.example.com", hosts));
+  EXPECT_TRUE(HostAllowed("api.example.com.", hosts));
+  EXPECT_TRUE(HostAllowed("a.b.cdn.example.com", hosts));
+  EXPECT_FALSE(HostAllowed("cdn.example.com", hosts));
+  EXPECT_FALSE(HostAllowed("evil-api.example.com", hosts));
+  EXPECT_FALSE(HostAllowed("api.example.com.evil", hosts));
+  EXPECT_TRUE(HostAllowed("anything", DestinationPolicy{}));
+}
+
+}  // namespace
+}  // namespace gatherer::worker

@@ -79,6 +79,7 @@ struct Worker::Impl {
   // A RESULTS could not be handed to ZeroMQ: send the unacknowledged again
   // at the next heartbeat.
   bool resend_due = false;
+  std::string refusal;  // why the broker refused the last handshake, if it did
   Clock::time_point next_heartbeat;
   bool draining = false;
   bool remote_drain = false;  // the broker sent DRAIN (§3.9.5)
@@ -178,6 +179,7 @@ struct Worker::Impl {
     watch.reset();
     dealer = std::make_unique<zmq::socket_t>(*context, zmq::socket_type::dealer);
     protocol::ConfigureSocket(*dealer, options.heartbeat_interval);
+    if (!options.curve_broker_key.empty()) MakeCurveClient(*dealer, options.curve_key, options.curve_broker_key);
     dealer->set(zmq::sockopt::routing_id, routing_id);
     watch = std::make_unique<proto::ReconnectWatch>(*context, *dealer);
     try {
@@ -387,6 +389,11 @@ void Worker::Impl::run() {
     if ((items[2].revents & ZMQ_POLLIN) && watch->reconnected() && !awaiting_registration) {
       resynchronise("reconnected");
     }
+    // A refused handshake (CURVE) is said once, not at every retry.
+    if (watch->refused() != refusal) {
+      refusal = watch->refused();
+      if (!refusal.empty()) log().error("worker {}: cannot connect to broker {}: {}", id, options.broker, refusal);
+    }
     const auto now = Clock::now();
     if (drain_step(now)) {
       drained.store(true, std::memory_order_release);
@@ -450,6 +457,7 @@ Status Worker::start() {
   fo.io_threads = io;
   fo.worker_id = m.id;
   fo.metrics = m.options.metrics ? &m.fetch_metrics : nullptr;
+  fo.destinations = m.options.destinations;
   m.fetcher = std::make_unique<worker::Fetcher>(
       fo, [&m](const SessionId& session, std::vector<worker::FetchResult>&& results) {
         m.done.push(ResultBatch{session, std::move(results)});

@@ -16,8 +16,11 @@
 #include <string>
 #include <vector>
 
+#include <unordered_set>
+
 #include <zmq.hpp>
 
+#include "gatherer/curve.h"
 #include "gatherer/status.h"
 
 namespace spdlog {
@@ -56,6 +59,13 @@ struct BrokerOptions {
   // A statement that this many workers died running alone fails as poison
   // (error code aborted) instead of killing more (PROTOCOL.md §4.5).
   std::uint32_t poison_after = 3;
+  // CURVE (PROTOCOL.md §1.7), on when curve_key is set: every connection is
+  // encrypted and must present a listed public key; a client key may open
+  // sessions (each then belongs to that key alone), a worker key may
+  // register as a worker. Both lists are required with a key.
+  CurveKeyPair curve_key;
+  std::unordered_set<std::string> curve_clients;
+  std::unordered_set<std::string> curve_workers;
   // Where the broker logs; nullptr = the process-wide Logger(). An embedded
   // broker logs through its Gatherer's logger, at that Gatherer's level.
   std::shared_ptr<spdlog::logger> logger;
@@ -91,6 +101,9 @@ struct BrokerStats {
   std::atomic<std::uint64_t> failed{0};
   std::atomic<std::uint64_t> retried{0};
   std::atomic<std::uint64_t> sessions_cancelled{0};  // by an operator
+  // CURVE: messages refused because their key may not send them (a client
+  // key acting as a worker, another key naming a session).
+  std::atomic<std::uint64_t> denied{0};
 };
 
 class Broker {

@@ -71,6 +71,13 @@ struct Options {
   // reconnects, and the session resynchronises), and the broker may start
   // after the client.
   std::chrono::milliseconds broker_timeout{60'000};
+  // CURVE (PROTOCOL.md §1.7), for a broker that requires it: the broker's
+  // public key and this client's key pair, each 40 Z85 characters (made by
+  // `gatherer keygen`). All empty = plaintext. Not used in embedded mode
+  // (inproc:// never leaves the process).
+  std::string curve_broker_key;
+  std::string curve_public_key;
+  std::string curve_secret_key;
 };
 
 // Thrown by the public API only: invalid statements (before anything is

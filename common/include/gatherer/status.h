@@ -31,6 +31,8 @@ enum class StatusCode : std::uint8_t {
   kInvalidArgument = 3,
   kDeadlineExceeded = 4,
   kNotFound = 5,
+  // CURVE: the peer's key may not do this (PROTOCOL.md §1.7).
+  kPermissionDenied = 7,
   kResourceExhausted = 8,
   kFailedPrecondition = 9,
   // Given up on purpose: a poison statement that workers died running.
@@ -89,6 +91,7 @@ inline Status ResourceExhausted(std::string_view m) { return {StatusCode::kResou
 inline Status Unavailable(std::string_view m) { return {StatusCode::kUnavailable, m}; }
 inline Status Cancelled(std::string_view m) { return {StatusCode::kCancelled, m}; }
 inline Status FailedPrecondition(std::string_view m) { return {StatusCode::kFailedPrecondition, m}; }
+inline Status PermissionDenied(std::string_view m) { return {StatusCode::kPermissionDenied, m}; }
 inline Status DataLoss(std::string_view m) { return {StatusCode::kDataLoss, m}; }
 inline Status Internal(std::string_view m) { return {StatusCode::kInternal, m}; }
 

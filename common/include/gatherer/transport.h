@@ -58,12 +58,23 @@ class ReconnectWatch {
   // Reads every pending event; true if a handshake succeeded on a
   // connection after an earlier one (a reconnect) since the last call.
   bool reconnected();
+  // Why the last handshake was refused (CURVE: a key the broker does not
+  // list, or one side using CURVE and the other not), once read by
+  // reconnected(); empty after a handshake succeeded. ZeroMQ keeps retrying,
+  // so the owner decides when to give up.
+  const std::string& refused() const { return refused_; }
 
  private:
   zmq::socket_t& socket_;
   zmq::socket_t pair_;
   int handshakes_ = 0;
+  std::string refused_;
 };
+
+// False for a tcp:// endpoint that other machines can reach: any address
+// but 127.0.0.0/8, ::1 and localhost (wildcards included). ipc:// and
+// inproc:// are local.
+bool IsLoopbackEndpoint(std::string_view endpoint);
 
 enum class SendResult { kSent, kWouldBlock, kUnreachable, kFailed };
 

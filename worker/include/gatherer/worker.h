@@ -15,6 +15,8 @@
 
 #include <zmq.hpp>
 
+#include "gatherer/curve.h"
+#include "gatherer/destinations.h"
 #include "gatherer/status.h"
 
 namespace spdlog {
@@ -51,6 +53,14 @@ struct WorkerOptions {
   // metrics_text() (gatherer-worker --metrics): a few relaxed atomic
   // increments per statement. Off: metrics_text() has WorkerStats only.
   bool metrics = false;
+  // Destinations this worker refuses to fetch from, whatever a statement
+  // asks (private, loopback, link-local addresses; hosts off an allow-list).
+  DestinationPolicy destinations;
+  // CURVE (PROTOCOL.md §1.7), for a broker that requires it: the broker's
+  // public key (Z85) and this worker's key pair, which the broker must list
+  // among its workers. Empty = plaintext.
+  std::string curve_broker_key;
+  CurveKeyPair curve_key;
   // Where the worker logs; nullptr = the process-wide Logger(). An embedded
   // worker logs through its Gatherer's logger, at that Gatherer's level.
   std::shared_ptr<spdlog::logger> logger;
