@@ -65,11 +65,24 @@ int main(int argc, char** argv) {
       ->envname("GATHERER_DRAIN_TIMEOUT_MS");
   app.add_option("--log-level", log_level, "debug, info, warning, error, critical or 10..50")
       ->envname("GATHERER_LOG_LEVEL");
+  std::vector<std::string> rate_limits;
+  app.add_option("--rate-limit", rate_limits,
+                 "Rate limit for sessions that declare none (repeatable): 'COUNT:SECONDS,...' per destination host, "
+                 "or '[NAME=][METHOD ]PATH COUNT:SECONDS,...' per endpoint (PROTOCOL.md 3.8)")
+      ->envname("GATHERER_RATE_LIMIT");
   std::string metrics_address;
   app.add_option("--metrics", metrics_address,
                  "Serve Prometheus metrics at http://ADDR:PORT/metrics (ADDR:PORT, IPv4; off by default)")
       ->envname("GATHERER_METRICS");
   CLI11_PARSE(app, argc, argv);
+  for (const auto& spec : rate_limits) {
+    auto rule = gatherer::ParseRateRule(spec);
+    if (!rule) {
+      std::fprintf(stderr, "gatherer-broker: --rate-limit: malformed '%s' (e.g. 20:1,100:120)\n", spec.c_str());
+      return 2;
+    }
+    options.rate_limits.push_back(std::move(*rule));
+  }
   const auto level = gatherer::ParseLogLevel(log_level);
   if (!level) {
     std::fprintf(stderr, "gatherer-broker: --log-level: %s\n", level.error().message().c_str());

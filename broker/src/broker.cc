@@ -13,6 +13,7 @@
 #include "gatherer/protocol.h"
 #include "gatherer/transport.h"
 #include "gatherer/wake_fd.h"
+#include "rate_limiter.h"
 #include "stats.h"
 
 namespace gatherer {
@@ -70,6 +71,10 @@ struct SessionState {
   std::uint64_t next_index = 0;
   Clock::time_point last_seen;  // last message from its client
   bool in_ready = false;  // in Impl::ready_ (round-robin of dispatchable sessions)
+  // Rate limits (§3.8); null for a session without any, which routes as
+  // if they did not exist.
+  std::unique_ptr<broker::SessionRate> rate;
+  bool rate_waiting = false;  // in Impl::rate_waiting
   broker_ops::SessionFigures figures;  // for operators (§3.9)
 };
 
@@ -141,6 +146,9 @@ struct Broker::Impl {
   RateLimitedLog bad_frame_log;
 
   // ---- loop-thread state ----
+  // Rate keys shared by every session (§3.8); declared before the sessions,
+  // whose rate state releases its keys when they go.
+  broker::RateLimiter limiter;
   std::unordered_map<SessionId, SessionState> sessions;
   std::unordered_map<std::string, WorkerState> workers;
   std::deque<SessionId> ready;  // sessions with pending work and window room
@@ -161,6 +169,10 @@ struct Broker::Impl {
   // CURVE: the public key of the message being handled (empty without).
   std::string_view peer_key;
   std::uint64_t worker_serials = 0;   // the last WorkerState::serial given
+  // Sessions waiting for a rate key to allow their next statement (§3.8),
+  // and the earliest of their wake times.
+  std::vector<std::pair<Clock::time_point, SessionId>> rate_waiting;
+  Clock::time_point rate_wake = broker::kNever;
 
   explicit Impl(BrokerOptions o) : options(std::move(o)) {}
   spdlog::logger& log() const { return options.logger ? *options.logger : Logger(); }
@@ -188,6 +200,9 @@ struct Broker::Impl {
   void remove_worker(const std::string& routing_id, Departure how, const char* why);
   void heartbeat();
   void mark_ready(SessionState& s);
+  void open_rate(SessionState& s);
+  std::size_t take_limited(SessionState& s, std::size_t n, std::vector<proto::WireStatement>& out);
+  void wake_rate_waiting();
   void update_gauges();
   bool send(const std::string& peer, proto::Frames&& frames);
   void send_error(const std::string& peer, StatusCode code, std::string message,
@@ -242,6 +257,54 @@ void Broker::Impl::mark_ready(SessionState& s) {
   }
 }
 
+// §3.8: a session gets rate state when it declares limits or learns them
+// (the broker's default rules stand in for undeclared ones); workers see
+// the rules in its settings and hand 429s back instead of retrying them.
+void Broker::Impl::open_rate(SessionState& s) {
+  if (s.settings.rate_limits.empty() && !options.rate_limits.empty()) s.settings.rate_limits = options.rate_limits;
+  if (s.rate || !s.settings.rate_aware()) return;
+  s.rate = std::make_unique<broker::SessionRate>(s.settings, options.rate_limits);
+  broker::SessionRate::Bind(*s.rate, limiter);
+}
+
+// Takes what the session's keys allow now; when something is left waiting
+// on a key, the session sleeps until that key allows it.
+std::size_t Broker::Impl::take_limited(SessionState& s, std::size_t n, std::vector<proto::WireStatement>& out) {
+  const auto now = Clock::now();
+  const std::size_t before = out.size();
+  const auto wake = s.rate->take(s.pending, n, now, out);
+  if (wake != broker::kNever) {
+    if (!s.rate_waiting) {
+      s.rate_waiting = true;
+      rate_waiting.emplace_back(wake, s.id);
+    } else {
+      for (auto& entry : rate_waiting) {
+        if (entry.second == s.id) entry.first = std::min(entry.first, wake);
+      }
+    }
+    rate_wake = std::min(rate_wake, wake);
+  }
+  return out.size() - before;
+}
+
+void Broker::Impl::wake_rate_waiting() {
+  if (rate_waiting.empty()) return;
+  const auto now = Clock::now();
+  if (now < rate_wake) return;
+  rate_wake = broker::kNever;
+  std::erase_if(rate_waiting, [&](const auto& entry) {
+    auto it = sessions.find(entry.second);
+    if (it == sessions.end()) return true;
+    if (entry.first > now) {
+      rate_wake = std::min(rate_wake, entry.first);
+      return false;
+    }
+    it->second.rate_waiting = false;
+    mark_ready(it->second);
+    return true;
+  });
+}
+
 // O(1): the totals are kept up to date where statements move, so the loop
 // can publish them on every pass.
 void Broker::Impl::update_gauges() {
@@ -281,7 +344,14 @@ void Broker::Impl::dispatch() {
     proto::Statements chunk{sid, {}, 0};
     chunk.statements.reserve(n);
     std::size_t popped = 0;
-    while (chunk.statements.size() < n && !s.pending.empty()) {
+    if (s.rate) {
+      // §3.8: only what every key allows now, from anywhere in the queue.
+      popped = take_limited(s, n, chunk.statements);
+      std::erase_if(chunk.statements, [&](const proto::WireStatement& ws) {
+        return !s.leases.try_emplace(ws.index, Lease{best->serial, {}}).second;
+      });
+    }
+    while (!s.rate && chunk.statements.size() < n && !s.pending.empty()) {
       proto::WireStatement ws = std::move(s.pending.front());
       s.pending.pop_front();
       ++popped;
@@ -292,7 +362,7 @@ void Broker::Impl::dispatch() {
     }
     total_pending -= popped;
     if (chunk.statements.empty()) {
-      mark_ready(s);
+      if (!s.rate || popped > 0) mark_ready(s);  // a rate-limited one waits for its wake time
       continue;
     }
     if (!send_dispatch(s, *best, chunk)) requeue_front(s, std::move(chunk.statements));
@@ -640,12 +710,27 @@ void Broker::Impl::on_results(const std::string& peer, std::span<zmq::message_t>
   // duplicate or belongs to a cancelled batch; it is dropped here (§4.3).
   std::vector<bool> keep(index->indices.size(), true);
   std::size_t kept = 0;
+  std::vector<proto::WireStatement> throttled;  // 429s to run again (§3.8)
+  auto report = index->rates.begin();
   for (std::size_t i = 0; i < index->indices.size(); ++i) {
     auto l = session.leases.find(index->indices[i]);
     if (l == session.leases.end() || l->second.worker != worker.serial) {
       keep[i] = false;
       continue;
     }
+    while (report != index->rates.end() && report->first < i) ++report;
+    if (session.rate && report != index->rates.end() && report->first == i) {
+      if (report->second.throttled) stats.throttled.fetch_add(1, std::memory_order_relaxed);
+      if (session.rate->learn(l->second.statement, report->second, Clock::now())) {
+        keep[i] = false;  // not forwarded: it runs again once its key allows
+        throttled.push_back(std::move(l->second.statement));
+        session.leases.erase(l);
+        --total_leased;
+        if (worker.leased > 0) --worker.leased;
+        continue;
+      }
+    }
+    if (session.rate) session.rate->settled(index->indices[i]);
     session.leases.erase(l);
     --total_leased;
     if (worker.leased > 0) --worker.leased;
@@ -653,7 +738,8 @@ void Broker::Impl::on_results(const std::string& peer, std::span<zmq::message_t>
     ++kept;
   }
   stats.results.fetch_add(kept, std::memory_order_relaxed);
-  stats.duplicates_dropped.fetch_add(index->indices.size() - kept, std::memory_order_relaxed);
+  stats.duplicates_dropped.fetch_add(index->indices.size() - kept - throttled.size(), std::memory_order_relaxed);
+  requeue_front(session, std::move(throttled));
   if (kept == index->indices.size()) {
     // Fast path: the worker's results and bodies go on untouched; only the
     // [session, seq] frame is the broker's own (§3.6).
@@ -853,6 +939,7 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
     s.last_seen = Clock::now();
     s.settings = open->settings;
     s.prefetch = open->prefetch;
+    open_rate(s);
     send(peer, proto::Encode(proto::Opened{s.id, static_cast<std::uint32_t>(options.heartbeat_interval.count()),
                                            static_cast<std::uint32_t>(options.session_ttl.count())}));
     return;
@@ -1019,6 +1106,7 @@ void Broker::Impl::heartbeat() {
   const auto now = Clock::now();
   if (now < next_heartbeat) return;
   next_heartbeat = now + options.heartbeat_interval;
+  limiter.collect(now);  // rate keys no session uses and long idle (§3.8)
   const auto dead_after = options.heartbeat_interval * options.heartbeat_liveness;
   std::vector<std::string> dead;
   for (auto& [rid, w] : workers) {
@@ -1049,7 +1137,10 @@ void Broker::Impl::run() {
   zmq::pollitem_t items[] = {{router->handle(), 0, ZMQ_POLLIN, 0}, {nullptr, wake->fd(), ZMQ_POLLIN, 0}};
   std::vector<zmq::message_t> frames;
   while (!stopping.load(std::memory_order_acquire)) {
-    const auto wait = std::chrono::duration_cast<std::chrono::milliseconds>(next_heartbeat - Clock::now());
+    // Up to the next heartbeat, or the next time a rate key allows a waiting
+    // statement (rounded up: the key allows it then, not a moment before).
+    const auto until = std::min(next_heartbeat, rate_wake);
+    const auto wait = std::chrono::ceil<std::chrono::milliseconds>(until - Clock::now());
     try {
       zmq::poll(items, 2, std::max(wait, std::chrono::milliseconds(0)));
     } catch (const zmq::error_t& e) {
@@ -1069,6 +1160,7 @@ void Broker::Impl::run() {
       }
     }
     heartbeat();
+    wake_rate_waiting();
     // Once per pass, after messages and expiries changed credit and queues.
     dispatch_quarantine();
     dispatch();

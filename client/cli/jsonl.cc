@@ -448,6 +448,13 @@ void AppendResponseJson(std::string& out, std::uint64_t index, const Response& r
   out.append(decimals, sizeof decimals);
   out += ",\"worker\":";
   AppendString(out, response.worker);
+  // Only for rate-limited statements that waited or met a 429 (§3.8).
+  if (response.rate_wait_us > 0 || response.throttled > 0) {
+    out += ",\"rate_wait_ms\":";
+    AppendInt(out, response.rate_wait_us / 1000);
+    out += ",\"throttled\":";
+    AppendInt(out, response.throttled);
+  }
   out += "}\n";
 }
 

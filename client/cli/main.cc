@@ -111,6 +111,8 @@ struct FetchFlags {
   long long backoff_max_ms = 10'000;
   long long retry_after_max_ms = 60'000;
   bool backoff_bounds_given = false;  // both --backoff-base-ms and --backoff-max-ms
+  std::vector<std::string> rate_limits;
+  bool learn_rate_limits = false;
 };
 
 void PrintError(const std::string& message) { std::fprintf(stderr, "gatherer: %s\n", message.c_str()); }
@@ -377,6 +379,15 @@ bool BuildOptions(const FetchFlags& flags, gatherer::Options& options) {
   settings.backoff_base_ms = static_cast<std::uint32_t>(flags.backoff_base_ms);
   settings.backoff_max_ms = static_cast<std::uint32_t>(flags.backoff_max_ms);
   settings.retry_after_max_ms = static_cast<std::uint32_t>(flags.retry_after_max_ms);
+  for (const std::string& arg : flags.rate_limits) {
+    auto rule = gatherer::ParseRateRule(arg);
+    if (!rule) {
+      PrintError("--rate-limit '" + arg + "': expected COUNT:SECONDS[,...] or [NAME=][METHOD ]PATH COUNT:SECONDS[,...]");
+      return false;
+    }
+    settings.rate_limits.push_back(std::move(*rule));
+  }
+  settings.learn_rate_limits = flags.learn_rate_limits;
   for (const std::string& arg : flags.headers) {
     auto header = gatherer::cli::ParseHeaderArg(arg);
     if (!header) {
@@ -459,6 +470,16 @@ int RunFetch(const FetchFlags& flags, SignalWatcher& watcher) {
   }
   const std::uint64_t statements = *count;
   gatherer::cli::RunSummary summary;
+  {
+    std::string rules;
+    for (const auto& r : options.settings.rate_limits) {
+      if (!rules.empty()) rules += "; ";
+      rules += r.path.empty() ? gatherer::FormatRateWindows(r.windows) + " per host"
+                              : r.name + " " + gatherer::FormatRateWindows(r.windows);
+    }
+    if (rules.empty() && options.settings.learn_rate_limits) rules = "learned";
+    summary.SetRateLimits(std::move(rules));
+  }
   if (statements == 0) {
     if (!flags.quiet) PrintError(summary.Format(0, std::chrono::nanoseconds(0)));
     return kExitOk;
@@ -645,6 +666,13 @@ int main(int argc, char** argv) {
                     "Longest Retry-After (429/503) waited before a retry, ms, 0..3600000")
       ->capture_default_str()
       ->check(CLI::Range(0LL, kMaxDelayMs));
+  fetch->add_option("--rate-limit", flags.rate_limits,
+                    "Rate limit held across the cluster (repeatable): 'COUNT:SECONDS,...' per destination host "
+                    "(e.g. 20:1,100:120), or '[NAME=][METHOD ]PATH COUNT:SECONDS,...' per endpoint "
+                    "(e.g. 'match=GET /matches/{id} 250:10'); learns limits from responses too");
+  fetch->add_flag("--learn-rate-limits", flags.learn_rate_limits,
+                  "Learn rate limits from responses (Retry-After, X-App-Rate-Limit, RateLimit, ...): a 429 "
+                  "pauses its key for the whole cluster and the statement runs again");
   fetch->add_flag("-q,--quiet", flags.quiet, "No summary line or progress bar on stderr (errors are still printed)");
   fetch->add_flag("--progress", flags.progress,
                   "Progress bar on stderr even when it is not a terminal (default: only on a terminal that stdout "

@@ -30,6 +30,11 @@ class RunSummary {
   // Counts one response written to the output.
   void Add(const Response& response) {
     if (response.attempts > 1) ++retried_;
+    if (response.rate_wait_us > 0) {
+      ++rate_waited_;
+      rate_wait_us_ += response.rate_wait_us;
+    }
+    throttled_ += response.throttled;
     if (response.ok()) {
       ++ok_;
       return;
@@ -63,8 +68,21 @@ class RunSummary {
     std::snprintf(tail, sizeof tail, "%.2f s, %.1f req/s", seconds,
                   seconds > 0 ? static_cast<double>(written()) / seconds : 0.0);
     s += tail;
+    // Rate limits (PROTOCOL.md §3.8): what was declared, how many statements
+    // waited for their keys and how long in all, the 429s met.
+    if (!rate_limits_.empty() || rate_waited_ > 0 || throttled_ > 0) {
+      s += "; rate limits";
+      if (!rate_limits_.empty()) s += " " + rate_limits_;
+      std::snprintf(tail, sizeof tail, ": %llu waited %.2f s in all, %llu throttled (429)",
+                    static_cast<unsigned long long>(rate_waited_), static_cast<double>(rate_wait_us_) / 1e6,
+                    static_cast<unsigned long long>(throttled_));
+      s += tail;
+    }
     return s;
   }
+
+  // The declared limits, as the summary names them ("20:1,100:120 per host").
+  void SetRateLimits(std::string text) { rate_limits_ = std::move(text); }
 
  private:
   static constexpr std::size_t kStatuses = 1000;
@@ -109,6 +127,10 @@ class RunSummary {
   std::uint64_t ok_ = 0;
   std::uint64_t failed_ = 0;
   std::uint64_t retried_ = 0;
+  std::uint64_t rate_waited_ = 0;
+  std::uint64_t rate_wait_us_ = 0;
+  std::uint64_t throttled_ = 0;
+  std::string rate_limits_;
   std::array<std::uint64_t, 256> by_code_{};
   std::array<std::uint64_t, kStatuses> by_status_{};
 };

@@ -51,8 +51,44 @@ void PackHeaders(Packer& pk, const Headers& headers) {
   }
 }
 
+void PackWindows(Packer& pk, const RateWindows& windows) {
+  pk.pack_array(static_cast<std::uint32_t>(windows.size()));
+  for (const auto& w : windows) {
+    pk.pack_array(2);
+    pk.pack(w.count);
+    pk.pack(w.window_ms);
+  }
+}
+
+// [flags (1 = throttled), type, retry_after_ms, app windows, method windows] (§3.8).
+void PackRateReport(Packer& pk, const RateReport& r) {
+  pk.pack_array(5);
+  pk.pack(static_cast<std::uint8_t>(r.throttled ? 1 : 0));
+  pk.pack(static_cast<std::uint8_t>(r.type));
+  pk.pack(r.retry_after_ms);
+  PackWindows(pk, r.app);
+  PackWindows(pk, r.method);
+}
+
 void PackSettings(Packer& pk, const SessionSettings& s) {
-  pk.pack_map(13);
+  // The rate keys are written only when set, so a session without them
+  // encodes as before (§3.8).
+  pk.pack_map(13 + (s.rate_limits.empty() ? 0 : 1) + (s.learn_rate_limits ? 1 : 0));
+  if (!s.rate_limits.empty()) {
+    PackStr(pk, "rate_limits");
+    pk.pack_array(static_cast<std::uint32_t>(s.rate_limits.size()));
+    for (const RateRule& r : s.rate_limits) {
+      pk.pack_array(4);
+      PackStr(pk, r.name);
+      PackStr(pk, r.method);
+      PackStr(pk, r.path);
+      PackWindows(pk, r.windows);
+    }
+  }
+  if (s.learn_rate_limits) {
+    PackStr(pk, "learn_rate_limits");
+    pk.pack(true);
+  }
   PackStr(pk, "workers"); pk.pack(s.workers);
   PackStr(pk, "base_url"); PackStr(pk, s.base_url);
   PackStr(pk, "headers"); PackHeaders(pk, s.headers);
@@ -117,6 +153,54 @@ Headers AsHeaders(const msgpack::object& o) {
   return headers;
 }
 
+RateWindows AsWindows(const msgpack::object& o, bool allow_empty) {
+  const auto& arr = AsArray(o, 0, "rate windows is not an array");
+  if ((!allow_empty && arr.size == 0) || arr.size > kMaxRateWindows) Fail("rate windows: wrong number of windows");
+  RateWindows windows(arr.size);
+  for (std::uint32_t i = 0; i < arr.size; ++i) {
+    const auto& pair = AsArray(arr.ptr[i], 2, "rate window is not [count, window_ms]");
+    windows[i].count = AsUint<std::uint32_t>(pair.ptr[0], "rate window count");
+    windows[i].window_ms = AsUint<std::uint32_t>(pair.ptr[1], "rate window window_ms");
+    if (windows[i].count == 0 || windows[i].count > kMaxRateCount || windows[i].window_ms == 0 ||
+        windows[i].window_ms > kMaxRateWindowMs) {
+      Fail("rate window out of range");
+    }
+  }
+  return windows;
+}
+
+std::vector<RateRule> AsRateRules(const msgpack::object& o) {
+  const auto& arr = AsArray(o, 0, "rate_limits is not an array");
+  if (arr.size > kMaxRateRules) Fail("rate_limits: too many rules");
+  std::vector<RateRule> rules(arr.size);
+  for (std::uint32_t i = 0; i < arr.size; ++i) {
+    const auto& r = AsArray(arr.ptr[i], 4, "rate rule is not [name, method, path, windows]");
+    rules[i].name = AsStr(r.ptr[0], "rate rule name");
+    rules[i].method = AsStr(r.ptr[1], "rate rule method");
+    rules[i].path = AsStr(r.ptr[2], "rate rule path");
+    rules[i].windows = AsWindows(r.ptr[3], false);
+    if (!rules[i].path.empty() && (rules[i].path.front() != '/' || rules[i].name.empty())) {
+      Fail("rate rule path must start with '/' and be named");
+    }
+  }
+  return rules;
+}
+
+RateReport AsRateReport(const msgpack::object& o) {
+  const auto& a = AsArray(o, 5, "rate report is not [flags, type, retry_after_ms, app, method]");
+  RateReport r;
+  const auto flags = AsUint<std::uint8_t>(a.ptr[0], "rate report flags");
+  if (flags > 1) Fail("rate report flags out of range");
+  r.throttled = flags == 1;
+  const auto type = AsUint<std::uint8_t>(a.ptr[1], "rate report type");
+  if (type > 3) Fail("rate report type out of range");
+  r.type = static_cast<RateLimitType>(type);
+  r.retry_after_ms = AsUint<std::uint32_t>(a.ptr[2], "rate report retry_after_ms");
+  r.app = AsWindows(a.ptr[3], true);
+  r.method = AsWindows(a.ptr[4], true);
+  return r;
+}
+
 SessionSettings AsSettings(const msgpack::object& o) {
   if (o.type != msgpack::type::MAP) Fail("settings is not a map");
   SessionSettings s;
@@ -138,6 +222,11 @@ SessionSettings AsSettings(const msgpack::object& o) {
     else if (key == "max_redirects") s.max_redirects = AsUint<std::uint32_t>(v, "max_redirects");
     else if (key == "accept_min") s.accept_min = AsUint<std::uint16_t>(v, "accept_min");
     else if (key == "accept_max") s.accept_max = AsUint<std::uint16_t>(v, "accept_max");
+    else if (key == "rate_limits") s.rate_limits = AsRateRules(v);
+    else if (key == "learn_rate_limits") {
+      if (v.type != msgpack::type::BOOLEAN) Fail("learn_rate_limits is not a boolean");
+      s.learn_rate_limits = v.via.boolean;
+    }
   }
   if (s.workers == 0 || s.max_attempts == 0 || s.accept_min > s.accept_max || s.max_body_bytes > kMaxResponseBody) {
     Fail("settings out of range");
@@ -280,8 +369,10 @@ Frames Encode(const Open& m) {
 }
 
 namespace {
-void PackStatement(Packer& pk, std::uint64_t index, const Statement& s) {
-  pk.pack_array(7);
+void PackStatement(Packer& pk, std::uint64_t index, const Statement& s, std::uint64_t rate_wait_us = 0,
+                   std::uint32_t throttled = 0) {
+  const bool waited = rate_wait_us != 0 || throttled != 0;
+  pk.pack_array(waited ? 8 : 7);
   pk.pack(index);
   PackStr(pk, s.method);
   PackStr(pk, s.url);
@@ -289,6 +380,18 @@ void PackStatement(Packer& pk, std::uint64_t index, const Statement& s) {
   PackBin(pk, s.body);
   pk.pack(s.timeout_ms);
   if (s.idempotent) pk.pack(*s.idempotent); else pk.pack_nil();
+  if (waited) {
+    pk.pack_array(2);
+    pk.pack(rate_wait_us);
+    pk.pack(throttled);
+  }
+}
+
+// [rate_wait_us, throttled] (§3.8.8), in a statement and a result.
+void AsRateWait(const msgpack::object& o, std::uint64_t& wait_us, std::uint32_t& throttled) {
+  const auto& a = AsArray(o, 2, "rate wait is not [rate_wait_us, throttled]");
+  wait_us = AsUint<std::uint64_t>(a.ptr[0], "rate_wait_us");
+  throttled = AsUint<std::uint32_t>(a.ptr[1], "throttled");
 }
 
 std::size_t SizeHint(const Statement& s) { return 32 + s.url.size() + s.body.size() + 16 * s.headers.size(); }
@@ -303,7 +406,7 @@ Frames Encode(Command command, const Statements& m) {
   pk.pack_array(dispatch ? 3 : 2);
   PackBin(pk, m.session.raw());
   pk.pack_array(static_cast<std::uint32_t>(m.statements.size()));
-  for (const auto& ws : m.statements) PackStatement(pk, ws.index, ws.statement);
+  for (const auto& ws : m.statements) PackStatement(pk, ws.index, ws.statement, ws.rate_wait_us, ws.throttled);
   if (dispatch) pk.pack(m.seq);
   return Start(command, buf);
 }
@@ -341,7 +444,8 @@ Frames Encode(Results&& m) {
   pk.pack_array(static_cast<std::uint32_t>(m.results.size()));
   for (const auto& wr : m.results) {
     const Response& r = wr.response;
-    pk.pack_array(8);
+    const bool waited = r.rate_wait_us != 0 || r.throttled != 0;
+    pk.pack_array(waited ? 10 : wr.rate ? 9 : 8);
     pk.pack(wr.index);
     pk.pack(static_cast<std::uint32_t>(r.status < 0 ? 0 : r.status));
     PackHeaders(pk, r.headers);
@@ -350,6 +454,13 @@ Frames Encode(Results&& m) {
     pk.pack(r.attempts);
     pk.pack(r.elapsed_us);
     PackStr(pk, r.worker);
+    if (wr.rate) PackRateReport(pk, *wr.rate);
+    else if (waited) pk.pack_nil();
+    if (waited) {
+      pk.pack_array(2);
+      pk.pack(r.rate_wait_us);
+      pk.pack(r.throttled);
+    }
   }
   Frames frames;
   frames.reserve(4 + m.results.size());
@@ -729,6 +840,7 @@ Result<Statements> DecodeStatements(std::span<const zmq::message_t> frames) {
       ws.statement.timeout_ms = AsUint<std::uint32_t>(f.ptr[5], "timeout_ms");
       if (f.ptr[6].type == msgpack::type::BOOLEAN) ws.statement.idempotent = f.ptr[6].via.boolean;
       else if (f.ptr[6].type != msgpack::type::NIL) Fail("idempotent is not bool or nil");
+      if (f.size > 7 && f.ptr[7].type != msgpack::type::NIL) AsRateWait(f.ptr[7], ws.rate_wait_us, ws.throttled);
     }
     return m;
   });
@@ -772,6 +884,8 @@ Result<Results> DecodeResults(std::span<const zmq::message_t> frames) {
       r.attempts = AsUint<std::uint32_t>(f.ptr[5], "attempts");
       r.elapsed_us = AsUint<std::uint64_t>(f.ptr[6], "elapsed_us");
       r.worker = AsStr(f.ptr[7], "worker");
+      if (f.size > 8 && f.ptr[8].type != msgpack::type::NIL) wr.rate = AsRateReport(f.ptr[8]);
+      if (f.size > 9 && f.ptr[9].type != msgpack::type::NIL) AsRateWait(f.ptr[9], r.rate_wait_us, r.throttled);
       const auto& data = frames[4 + i];
       r.body.assign(static_cast<const char*>(data.data()), data.size());
     }
@@ -802,6 +916,12 @@ Result<ResultsIndex> DecodeResultsIndex(std::span<const zmq::message_t> frames) 
       if (const auto attempts = AsUint<std::uint32_t>(f.ptr[5], "attempts"); attempts > 1) m.retries += attempts - 1;
       AsUint<std::uint64_t>(f.ptr[6], "elapsed_us");
       AsStr(f.ptr[7], "worker");
+      if (f.size > 8 && f.ptr[8].type != msgpack::type::NIL) m.rates.emplace_back(i, AsRateReport(f.ptr[8]));
+      if (f.size > 9 && f.ptr[9].type != msgpack::type::NIL) {
+        std::uint64_t wait_us = 0;
+        std::uint32_t throttled = 0;
+        AsRateWait(f.ptr[9], wait_us, throttled);
+      }
     }
     return m;
   });

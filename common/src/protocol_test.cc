@@ -1215,3 +1215,181 @@ TEST(ProtocolTest, RandomBytesNeverCrashDecoders) {
 
 }  // namespace
 }  // namespace gatherer::protocol
+
+// ---- §3.8 Rate limits -------------------------------------------------------
+
+namespace gatherer::protocol {
+namespace {
+
+Frames OpenWithRawSettings(const std::function<void(msgpack::packer<msgpack::sbuffer>&)>& settings) {
+  Frames f = Encode(Open{NewSessionId(), SessionSettings{}, 0});
+  msgpack::sbuffer buf;
+  msgpack::packer<msgpack::sbuffer> pk(buf);
+  pk.pack_array(3);
+  const SessionId sid = NewSessionId();
+  pk.pack_bin(16);
+  pk.pack_bin_body(reinterpret_cast<const char*>(sid.raw().data()), 16);
+  settings(pk);
+  pk.pack(std::uint32_t{0});
+  f[2] = zmq::message_t(buf.data(), buf.size());
+  return f;
+}
+
+// 3.8.1: the rate keys round-trip, and are left out when unset, so that a
+// session without limits encodes exactly as before.
+TEST(ProtocolTest, Clause_3_8_1_RateSettingsRoundTripAndAreOmittedWhenUnset) {
+  SessionSettings s;
+  s.rate_limits = {*ParseRateRule("20:1,100:120"), *ParseRateRule("match=GET /matches/{id} 250:10")};
+  s.learn_rate_limits = true;
+  Open back = Must(DecodeOpen(Encode(Open{NewSessionId(), s, 0})));
+  EXPECT_EQ(back.settings.rate_limits, s.rate_limits);
+  EXPECT_TRUE(back.settings.learn_rate_limits);
+  EXPECT_TRUE(back.settings.rate_aware());
+  const Frames plain = Encode(Open{NewSessionId(), SessionSettings{}, 0});
+  const std::string header = plain[2].to_string();
+  EXPECT_EQ(header.find("rate_limits"), std::string::npos);
+  EXPECT_EQ(header.find("learn_rate_limits"), std::string::npos);
+  EXPECT_FALSE(Must(DecodeOpen(plain)).settings.rate_aware());
+}
+
+TEST(ProtocolTest, Clause_3_8_1_OutOfRangeRateSettingsAreMalformed) {
+  auto with_rules = [](const std::function<void(msgpack::packer<msgpack::sbuffer>&)>& rules) {
+    return OpenWithRawSettings([&](auto& pk) {
+      pk.pack_map(1);
+      pk.pack_str(11);
+      pk.pack_str_body("rate_limits", 11);
+      rules(pk);
+    });
+  };
+  auto rule = [](std::string_view name, std::string_view path, std::uint32_t count, std::uint32_t window_ms) {
+    return [=](msgpack::packer<msgpack::sbuffer>& pk) {
+      pk.pack_array(1);
+      pk.pack_array(4);
+      pk.pack(std::string(name));
+      pk.pack(std::string());
+      pk.pack(std::string(path));
+      pk.pack_array(1);
+      pk.pack_array(2);
+      pk.pack(count);
+      pk.pack(window_ms);
+    };
+  };
+  EXPECT_TRUE(DecodeOpen(with_rules(rule("", "", 20, 1000))).has_value());
+  EXPECT_TRUE(DecodeOpen(with_rules(rule("m", "/a/{id}", 20, 1000))).has_value());
+  EXPECT_FALSE(DecodeOpen(with_rules(rule("", "", 0, 1000))).has_value());
+  EXPECT_FALSE(DecodeOpen(with_rules(rule("", "", 20, 0))).has_value());
+  EXPECT_FALSE(DecodeOpen(with_rules(rule("", "", kMaxRateCount + 1, 1000))).has_value());
+  EXPECT_FALSE(DecodeOpen(with_rules(rule("", "", 20, kMaxRateWindowMs + 1))).has_value());
+  EXPECT_FALSE(DecodeOpen(with_rules(rule("m", "a/b", 20, 1000))).has_value()) << "path without '/'";
+  EXPECT_FALSE(DecodeOpen(with_rules(rule("", "/a", 20, 1000))).has_value()) << "unnamed endpoint rule";
+  EXPECT_FALSE(DecodeOpen(with_rules([](auto& pk) { pk.pack(7); })).has_value());
+  EXPECT_FALSE(DecodeOpen(OpenWithRawSettings([](auto& pk) {
+                 pk.pack_map(1);
+                 pk.pack(std::string("learn_rate_limits"));
+                 pk.pack(1);
+               })).has_value())
+      << "learn_rate_limits must be a boolean";
+}
+
+// 3.8.6: a result's rate report travels as its 9th element, in both
+// decoders; a result without one stays an 8-array.
+TEST(ProtocolTest, Clause_3_8_6_RateReportsRoundTripInBothDecoders) {
+  const SessionId sid = NewSessionId();
+  Results m{sid, 3, std::vector<WireResult>(3)};
+  for (std::uint64_t i = 0; i < 3; ++i) m.results[i].index = i;
+  const RateReport report{.throttled = true, .type = RateLimitType::kMethod, .retry_after_ms = 2000,
+                          .app = {{20, 1000}, {100, 120'000}}, .method = {{250, 10'000}}};
+  m.results[1].rate = report;
+  Frames f = Encode(std::move(m));
+  {
+    auto list = msgpack::unpack(static_cast<const char*>(f[3].data()), f[3].size());
+    EXPECT_EQ(list->via.array.ptr[0].via.array.size, 8u);
+    EXPECT_EQ(list->via.array.ptr[1].via.array.size, 9u);
+  }
+  Results back = Must(DecodeResults(f));
+  EXPECT_FALSE(back.results[0].rate.has_value());
+  ASSERT_TRUE(back.results[1].rate.has_value());
+  EXPECT_EQ(*back.results[1].rate, report);
+  ResultsIndex index = Must(DecodeResultsIndex(f));
+  ASSERT_EQ(index.rates.size(), 1u);
+  EXPECT_EQ(index.rates[0].first, 1u);
+  EXPECT_EQ(index.rates[0].second, report);
+}
+
+TEST(ProtocolTest, Clause_3_8_6_MalformedRateReportsAreMalformed) {
+  const SessionId sid = NewSessionId();
+  auto with_report = [&](const std::function<void(msgpack::packer<msgpack::sbuffer>&)>& report) {
+    Frames f = Encode(Results{sid, 1, std::vector<WireResult>(1)});
+    msgpack::sbuffer buf;
+    msgpack::packer<msgpack::sbuffer> pk(buf);
+    pk.pack_array(1);
+    pk.pack_array(9);
+    pk.pack(std::uint64_t{0});
+    pk.pack(std::uint32_t{429});
+    pk.pack_array(0);
+    pk.pack(std::uint8_t{0});
+    pk.pack(std::string());
+    pk.pack(std::uint32_t{1});
+    pk.pack(std::uint64_t{1});
+    pk.pack(std::string("w"));
+    report(pk);
+    f[3] = zmq::message_t(buf.data(), buf.size());
+    return f;
+  };
+  auto report = [](std::uint8_t flags, std::uint8_t type, std::uint32_t count) {
+    return [=](msgpack::packer<msgpack::sbuffer>& pk) {
+      pk.pack_array(5);
+      pk.pack(flags);
+      pk.pack(type);
+      pk.pack(std::uint32_t{0});
+      pk.pack_array(1);
+      pk.pack_array(2);
+      pk.pack(count);
+      pk.pack(std::uint32_t{1000});
+      pk.pack_array(0);
+    };
+  };
+  EXPECT_TRUE(DecodeResults(with_report(report(1, 2, 20))).has_value());
+  EXPECT_TRUE(DecodeResults(with_report([](auto& pk) { pk.pack_nil(); })).has_value());
+  for (const auto& bad : {with_report(report(2, 0, 20)), with_report(report(0, 4, 20)),
+                          with_report(report(0, 0, 0)), with_report([](auto& pk) { pk.pack(1); }),
+                          with_report([](auto& pk) { pk.pack_array(2); pk.pack(0); pk.pack(0); })}) {
+    EXPECT_FALSE(DecodeResults(bad).has_value());
+    EXPECT_FALSE(DecodeResultsIndex(bad).has_value());
+  }
+}
+
+// 3.8.8: what a statement waited travels as the 8th element of a
+// statement and comes back as the 10th of its result; absent when zero.
+TEST(ProtocolTest, Clause_3_8_8_RateWaitTravelsWithTheStatementAndItsResult) {
+  const SessionId sid = NewSessionId();
+  Statements d{sid, std::vector<WireStatement>(2), 5};
+  d.statements[0].statement.url = "http://h/0";
+  d.statements[1].index = 1;
+  d.statements[1].statement.url = "http://h/1";
+  d.statements[1].rate_wait_us = 1'234'567;
+  d.statements[1].throttled = 2;
+  Statements back = Must(DecodeStatements(Encode(Command::kDispatch, d)));
+  EXPECT_EQ(back.statements[0].rate_wait_us, 0u);
+  EXPECT_EQ(back.statements[1].rate_wait_us, 1'234'567u);
+  EXPECT_EQ(back.statements[1].throttled, 2u);
+  Results r{sid, 1, std::vector<WireResult>(2)};
+  r.results[1].index = 1;
+  r.results[1].response.rate_wait_us = 99;
+  r.results[1].response.throttled = 1;
+  Frames f = Encode(std::move(r));
+  {
+    auto list = msgpack::unpack(static_cast<const char*>(f[3].data()), f[3].size());
+    EXPECT_EQ(list->via.array.ptr[0].via.array.size, 8u);
+    EXPECT_EQ(list->via.array.ptr[1].via.array.size, 10u);
+    EXPECT_EQ(list->via.array.ptr[1].via.array.ptr[8].type, msgpack::type::NIL);
+  }
+  Results rb = Must(DecodeResults(f));
+  EXPECT_EQ(rb.results[1].response.rate_wait_us, 99u);
+  EXPECT_EQ(rb.results[1].response.throttled, 1u);
+  EXPECT_FALSE(rb.results[1].rate.has_value());
+  EXPECT_TRUE(DecodeResultsIndex(f).has_value());
+}
+
+}  // namespace
+}  // namespace gatherer::protocol

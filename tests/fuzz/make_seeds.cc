@@ -82,6 +82,11 @@ void ProtocolSeeds(const fs::path& dir) {
   put("open", Encode(Open{a, SampleSettings(), 100}));
   put("open_defaults", Encode(Open{b, SessionSettings{}, 0}));
   put("session", Encode(Session{a, SampleSettings(), 1}));
+  SessionSettings limited = SampleSettings();
+  limited.rate_limits = {RateRule{"", "", "", {{20, 1000}, {100, 120'000}}},
+                         RateRule{"match", "GET", "/matches/{id}", {{250, 10'000}}}};
+  limited.learn_rate_limits = true;
+  put("open_rate_limits", Encode(Open{a, limited, 10}));
 
   Statements statements{a, {}, 0};
   for (std::uint64_t i = 0; i < 3; ++i) {
@@ -117,6 +122,14 @@ void ProtocolSeeds(const fs::path& dir) {
     results.results.push_back(wr);
   }
   put("results", Encode(std::move(results)));
+  // §3.8: a 429 handed back with its rate report, beside a plain result.
+  Results throttled{a, 4, {}};
+  throttled.results.push_back(WireResult{7, Response{.status = 200, .body = "ok"}});
+  throttled.results.push_back(WireResult{8, Response{.status = 429, .error = ResponseError{StatusCode::kHttpStatus, "HTTP 429"}},
+                                         RateReport{.throttled = true, .type = RateLimitType::kMethod,
+                                                    .retry_after_ms = 2000, .app = {{20, 1000}, {100, 120'000}},
+                                                    .method = {{250, 10'000}}}});
+  put("results_rate_report", Encode(std::move(throttled)));
   put("results_empty", Encode(Results{b, 1, {}}));
   // As the broker forwards a worker's RESULTS: frame 2 written anew.
   Results forwarded{b, 9, {}};

@@ -50,7 +50,8 @@ bool Same(const SessionSettings& a, const SessionSettings& b) {
          a.max_attempts == b.max_attempts && a.backoff_base_ms == b.backoff_base_ms &&
          a.backoff_max_ms == b.backoff_max_ms && a.max_body_bytes == b.max_body_bytes &&
          a.max_redirects == b.max_redirects && a.accept_min == b.accept_min &&
-         a.accept_max == b.accept_max;
+         a.accept_max == b.accept_max && a.rate_limits == b.rate_limits &&
+         a.learn_rate_limits == b.learn_rate_limits;
 }
 
 bool Same(const Statement& a, const Statement& b) {
@@ -154,7 +155,12 @@ void CheckResults(const Frames& frames) {
   for (std::size_t i = 0; i < m->results.size(); ++i) {
     FUZZ_CHECK(back->results[i].index == m->results[i].index);
     FUZZ_CHECK(Same(back->results[i].response, m->results[i].response));
+    FUZZ_CHECK(back->results[i].rate == m->results[i].rate);
   }
+  // Both decoders see the same rate reports (§3.8.6).
+  std::size_t reports = 0;
+  for (const auto& r : m->results) reports += r.rate.has_value() ? 1 : 0;
+  FUZZ_CHECK(index->rates.size() == reports);
 
   // The broker's forwarding: a frame 2 of its own, frames 3 on untouched.
   Frames forwarded(frames.size());

@@ -60,12 +60,12 @@ class CurveTest : public ::testing::Test {
     return std::make_unique<Process>(std::vector<std::string>{
         kBin + "/broker/gatherer-broker", "--bind", endpoint_, "--curve-key", (dir_ / "broker.key").string(),
         "--curve-clients", (dir_ / "clients").string(), "--curve-workers", (dir_ / "worker.pub").string(),
-        "--heartbeat-ms", "200", "--log-level", "warning"});
+        "--log-level", "warning"});
   }
   std::unique_ptr<Process> StartWorker() {
     return std::make_unique<Process>(std::vector<std::string>{
         kBin + "/worker/gatherer-worker", "--broker", endpoint_, "--curve-broker-key", (dir_ / "broker.pub").string(),
-        "--curve-key", (dir_ / "worker.key").string(), "--heartbeat-ms", "200", "--io-threads", "1", "--log-level",
+        "--curve-key", (dir_ / "worker.key").string(), "--io-threads", "1", "--log-level",
         "warning"});
   }
   Options ClientOptions(const CurveKeyPair& own) const {

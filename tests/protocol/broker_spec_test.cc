@@ -1984,6 +1984,189 @@ TEST_P(BrokerSpec, Clause_3_7_5_HoldingFromAnUnknownPeerIsNotFound) {
   EXPECT_EQ(stats().workers.load(), 0u);
 }
 
+// ---- §3.8 Rate limits -------------------------------------------------------
+
+// Opens a session with the given settings (rate rules, learning).
+SessionId OpenWith(Peer& client, const SessionSettings& s) {
+  const SessionId sid = NewSessionId();
+  client.send(proto::Encode(proto::Open{sid, s, 0}));
+  EXPECT_EQ(CommandOf(client.recv()), proto::Command::kOpened);
+  return sid;
+}
+
+SessionSettings Limited(const std::string& rule, std::uint32_t window = 100) {
+  SessionSettings s;
+  s.workers = window;
+  s.rate_limits = {*ParseRateRule(rule)};
+  return s;
+}
+
+// Dispatched indices and when each DISPATCH arrived, until `n` came or
+// `timeout` passed.
+std::vector<std::pair<std::uint64_t, std::chrono::steady_clock::time_point>> Collect(
+    Peer& worker, std::size_t n, std::chrono::milliseconds timeout) {
+  std::vector<std::pair<std::uint64_t, std::chrono::steady_clock::time_point>> out;
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (out.size() < n) {
+    const auto left =
+        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    if (left <= 0ms) break;
+    auto f = worker.recv(left);
+    if (f.empty()) break;
+    if (CommandOf(f) != proto::Command::kDispatch) continue;
+    const auto now = std::chrono::steady_clock::now();
+    for (auto i : IndicesOf(f)) out.emplace_back(i, now);
+  }
+  return out;
+}
+
+// 3.8.1 "A session with either key is rate-aware ... the broker SHALL send
+// a session's rules in its SESSION settings, its own default rules when the
+// session declares none."
+TEST_P(BrokerSpec, Clause_3_8_1_SessionCarriesTheRulesBrokerDefaultsIncluded) {
+  start([](BrokerOptions& o) { o.rate_limits = {*ParseRateRule("7:1")}; });
+  Peer client(ctx_, endpoint_), worker(ctx_, endpoint_);
+  ready(worker, 10);
+  SessionSettings plain;
+  const SessionId sid = OpenWith(client, plain);
+  client.send(proto::EncodeSubmit(sid, 0, Urls(1)));
+  auto session = proto::DecodeSession(worker.recv());
+  ASSERT_TRUE(session.has_value());
+  ASSERT_EQ(session->settings.rate_limits.size(), 1u);
+  EXPECT_EQ(session->settings.rate_limits[0].windows, (RateWindows{{7, 1000}}));
+}
+
+// 3.8.3 "The broker SHALL dispatch a statement of a rate-aware session only
+// when every key allows it ... consecutive grants on a key SHALL be at least
+// (W + margin) / count apart ... Keys are shared by every session."
+// Two sessions on one host, 5 per 0.5 s declared: the 8 statements leave
+// one by one, at least 100 ms apart, whichever session they belong to.
+TEST_P(BrokerSpec, Clause_3_8_3_GrantsArePacedAndSharedAcrossSessions) {
+  start();
+  Peer a(ctx_, endpoint_), b(ctx_, endpoint_), worker(ctx_, endpoint_);
+  ready(worker, 100);
+  const SessionId sa = OpenWith(a, Limited("5:0.5"));
+  const SessionId sb = OpenWith(b, Limited("5:0.5"));
+  a.send(proto::EncodeSubmit(sa, 0, Urls(4)));
+  b.send(proto::EncodeSubmit(sb, 0, Urls(4)));
+  const auto got = Collect(worker, 8, 5s);
+  ASSERT_EQ(got.size(), 8u);
+  for (std::size_t i = 1; i < got.size(); ++i) {
+    EXPECT_GE(got[i].second - got[i - 1].second, 95ms) << "grants " << i - 1 << " and " << i << " too close";
+  }
+}
+
+// 3.8.4 "A statement waiting on a key SHALL NOT hold back the statements
+// behind it whose keys allow them, nor other sessions."
+TEST_P(BrokerSpec, Clause_3_8_4_AWaitingKeyHoldsBackNothingElse) {
+  start();
+  Peer client(ctx_, endpoint_), other(ctx_, endpoint_), worker(ctx_, endpoint_);
+  ready(worker, 100);
+  const SessionId sid = OpenWith(client, Limited("1:10"));
+  std::vector<Statement> list = {Get("http://a.test/1"), Get("http://a.test/2"), Get("http://b.test/1")};
+  client.send(proto::EncodeSubmit(sid, 0, list));
+  const SessionId free = open(other, 10);
+  other.send(proto::EncodeSubmit(free, 0, Urls(2)));
+  auto got = Collect(worker, 4, 3s);
+  // Collect does not say which session; count per index instead: 0 and 2 of
+  // the limited one, 0 and 1 of the free one, and never index 1 of a.test.
+  ASSERT_EQ(got.size(), 4u);
+  std::multiset<std::uint64_t> indices;
+  for (auto& [i, t] : got) indices.insert(i);
+  EXPECT_EQ(indices, (std::multiset<std::uint64_t>{0, 0, 1, 2}));
+  // a.test/2 (index 1 of the limited session) waits its 10 s: nothing more.
+  EXPECT_TRUE(Collect(worker, 1, 300ms).empty());
+}
+
+// 3.8.7 "On a throttled report the broker SHALL pause the key ... until
+// retry_after_ms after receipt, SHALL NOT forward that result, and SHALL
+// queue the statement again at the front of its session."
+TEST_P(BrokerSpec, Clause_3_8_7_A429PausesItsKeyAndRunsTheStatementAgain) {
+  start();
+  Peer client(ctx_, endpoint_), w1(ctx_, endpoint_), w2(ctx_, endpoint_);
+  ready(w1, 1);
+  SessionSettings s;
+  s.workers = 10;
+  s.learn_rate_limits = true;
+  const SessionId sid = OpenWith(client, s);
+  client.send(proto::EncodeSubmit(sid, 0, Urls(1)));
+  ASSERT_EQ(expect_session_and_dispatch(w1, sid, 1), (std::vector<std::uint64_t>{0}));
+  ready(w2, 1);
+  proto::Results r{sid, w1.results_seq() + 1, {}};
+  proto::WireResult wr;
+  wr.index = 0;
+  wr.response.status = 429;
+  wr.response.error = ResponseError{StatusCode::kHttpStatus, "HTTP 429"};
+  wr.rate = RateReport{.throttled = true, .type = RateLimitType::kApplication, .retry_after_ms = 600};
+  r.results.push_back(std::move(wr));
+  const auto sent = std::chrono::steady_clock::now();
+  w1.send(proto::Encode(std::move(r)));
+  // Not forwarded; both workers are free, and neither gets it before the pause ends.
+  EXPECT_TRUE(client.recv(300ms).empty()) << "a throttled result was forwarded";
+  for (Peer* w : {&w1, &w2}) {
+    auto f = w->recv(100ms);
+    while (!f.empty() && CommandOf(f) == proto::Command::kSession) f = w->recv(100ms);
+    if (!f.empty()) ADD_FAILURE() << "dispatched during the pause";
+  }
+  // Then one of them gets it again, once the pause is over.
+  proto::Frames f;
+  const auto deadline = std::chrono::steady_clock::now() + 3s;
+  while (f.empty() && std::chrono::steady_clock::now() < deadline) {
+    for (Peer* w : {&w1, &w2}) {
+      auto got = w->recv(10ms);
+      if (!got.empty() && CommandOf(got) == proto::Command::kDispatch) f = std::move(got);
+    }
+  }
+  ASSERT_EQ(CommandOf(f), proto::Command::kDispatch);
+  EXPECT_GE(std::chrono::steady_clock::now() - sent, 590ms);
+  EXPECT_EQ(IndicesOf(f), (std::vector<std::uint64_t>{0}));
+  EXPECT_EQ(stats().throttled.load(), 1u);
+}
+
+// 3.8.6 "A report that is not [flags, type, retry_after_ms, app, method]
+// ... makes the RESULTS malformed."
+TEST_P(BrokerSpec, Clause_3_8_6_AMalformedRateReportMakesTheResultsMalformed) {
+  start();
+  Peer client(ctx_, endpoint_), worker(ctx_, endpoint_);
+  ready(worker, 10);
+  SessionSettings s;
+  s.learn_rate_limits = true;
+  const SessionId sid = OpenWith(client, s);
+  client.send(proto::EncodeSubmit(sid, 0, Urls(1)));
+  ASSERT_EQ(expect_session_and_dispatch(worker, sid, 1), (std::vector<std::uint64_t>{0}));
+  // A result whose 9th element is [9, 0, 0, [], []]: flags out of range.
+  auto frames = testing::Raw(proto::Command::kResults, [&](testing::Packer& pk) {
+    pk.pack_array(2);
+    testing::PackBin(pk, sid.raw());
+    pk.pack(std::uint64_t{1});
+  });
+  msgpack::sbuffer list;
+  testing::Packer pk(list);
+  pk.pack_array(1);
+  pk.pack_array(9);
+  pk.pack(std::uint64_t{0});
+  pk.pack(std::uint32_t{200});
+  pk.pack_array(0);
+  pk.pack(std::uint8_t{0});
+  testing::PackStr(pk, "");
+  pk.pack(std::uint32_t{1});
+  pk.pack(std::uint64_t{1});
+  testing::PackStr(pk, "w");
+  pk.pack_array(5);
+  pk.pack(std::uint8_t{9});
+  pk.pack(std::uint8_t{0});
+  pk.pack(std::uint32_t{0});
+  pk.pack_array(0);
+  pk.pack_array(0);
+  frames.emplace_back(list.data(), list.size());
+  frames.emplace_back("", 0);
+  worker.send(std::move(frames));
+  ASSERT_TRUE(WaitFor([&] { return stats().malformed.load() == 1; }, 5s));
+  auto reply = worker.recv();
+  ASSERT_EQ(CommandOf(reply), proto::Command::kError);
+  EXPECT_EQ(proto::DecodeError(reply)->code, StatusCode::kNotFound);
+}
+
 INSTANTIATE_TEST_SUITE_P(Transports, BrokerSpec, ::testing::Values("tcp", "ipc"),
                          [](const auto& info) { return info.param; });
 

@@ -29,6 +29,7 @@
 
 #include <tbb/concurrent_queue.h>
 
+#include "gatherer/rate_limit.h"
 #include "gatherer/strings.h"
 #include "gatherer/wake_fd.h"
 
@@ -293,6 +294,8 @@ struct Transfer {
   // Why the worker's destination policy refused this attempt, if it did.
   std::string refused;
   Overflow overflow = Overflow::kNone;
+  // What the last response said about rate limits (rate-aware sessions, §3.8).
+  std::optional<RateReport> rate;
   char error_buffer[CURL_ERROR_SIZE] = {};
 };
 
@@ -510,6 +513,8 @@ class IoThread {
       transfer->session = session;
       transfer->index = item.index;
       transfer->statement = std::move(item.statement);
+      transfer->response.rate_wait_us = item.rate_wait_us;
+      transfer->response.throttled = item.throttled;
       transfer->idempotent = IsIdempotent(transfer->statement);
       transfer->started = Clock::now();
       session->transfers.emplace(transfer, std::move(owned));
@@ -785,6 +790,16 @@ class IoThread {
       finish(transfer, ResponseError{StatusCode::kPermissionDenied, "destination refused: " + transfer->refused});
       return;
     }
+    if (code == CURLE_OK && settings.rate_aware()) {
+      // §3.8: the limits a response advertises go to the broker with the
+      // result; a 429 is not retried here but handed back, so that the
+      // broker pauses its key for the whole cluster and runs it again.
+      transfer->rate = ParseRateHeaders(static_cast<int>(status), transfer->response.headers, std::time(nullptr));
+      if (status == 429) {
+        finish(transfer, ResponseError{StatusCode::kHttpStatus, "HTTP 429 Too Many Requests"});
+        return;
+      }
+    }
     FetchMetrics* metrics = context_.options->metrics;
     if (metrics && code == CURLE_OK && status == 429) metrics->note_429(HostOf(transfer->easy));
     if (code == CURLE_OK) {
@@ -911,6 +926,7 @@ class IoThread {
     result.response.elapsed_us = static_cast<std::uint64_t>(
         std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - transfer->started).count());
     result.response.worker = context_.options->worker_id;
+    result.rate = std::move(transfer->rate);
     if (FetchMetrics* metrics = context_.options->metrics) {
       metrics->note_finished(result.response.elapsed_us, result.response.body.size(), result.response.error.has_value());
     }

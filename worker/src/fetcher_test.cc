@@ -497,6 +497,40 @@ TEST(FetcherTest, RetryAfterIsHonoured) {
   EXPECT_GE(r.response.elapsed_us, 950'000u);
 }
 
+// PROTOCOL §3.8.6: in a rate-aware session a 429 is not retried by the
+// worker but handed back at once with a throttled report, and what any
+// response advertises about limits goes with its result.
+TEST(FetcherTest, Clause_3_8_6_RateAwareSessionHandsA429BackWithItsReport) {
+  HttpServer server([&](const HttpRequest& request) {
+    if (request.target == "/limited") {
+      return HttpReply{429, {{"Retry-After", "3"}, {"X-App-Rate-Limit", "20:1,100:120"}, {"X-Rate-Limit-Type", "application"}}, ""};
+    }
+    return HttpReply{200, {{"X-Method-Rate-Limit", "5:10"}}, "ok"};
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  SessionSettings settings = FastRetry();
+  settings.learn_rate_limits = true;
+  const auto limited = FetchOne(fetcher, collector, settings, Get(server.url("/limited")));
+  EXPECT_EQ(limited.response.status, 429);
+  EXPECT_EQ(limited.response.attempts, 1u) << "a rate-aware 429 was retried by the worker";
+  ASSERT_TRUE(limited.rate.has_value());
+  EXPECT_TRUE(limited.rate->throttled);
+  EXPECT_EQ(limited.rate->type, RateLimitType::kApplication);
+  EXPECT_EQ(limited.rate->retry_after_ms, 3000u);
+  EXPECT_EQ(limited.rate->app, (RateWindows{{20, 1000}, {100, 120'000}}));
+  const auto ok = FetchOne(fetcher, collector, settings, Get(server.url("/ok")));
+  ASSERT_TRUE(ok.response.ok());
+  ASSERT_TRUE(ok.rate.has_value());
+  EXPECT_FALSE(ok.rate->throttled);
+  EXPECT_EQ(ok.rate->method, (RateWindows{{5, 10'000}}));
+  // Not rate-aware: no report, and the worker retries the 429 itself.
+  settings.learn_rate_limits = false;
+  settings.max_attempts = 1;
+  const auto plain = FetchOne(fetcher, collector, settings, Get(server.url("/ok")));
+  EXPECT_FALSE(plain.rate.has_value());
+}
+
 TEST(FetcherTest, RetryAfterIsNotCappedByBackoffMax) {
   std::atomic<int> calls{0};
   HttpServer server([&](const HttpRequest&) {

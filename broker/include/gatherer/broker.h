@@ -21,6 +21,7 @@
 #include <zmq.hpp>
 
 #include "gatherer/curve.h"
+#include "gatherer/rate_limit.h"
 #include "gatherer/status.h"
 
 namespace spdlog {
@@ -69,6 +70,9 @@ struct BrokerOptions {
   // Where the broker logs; nullptr = the process-wide Logger(). An embedded
   // broker logs through its Gatherer's logger, at that Gatherer's level.
   std::shared_ptr<spdlog::logger> logger;
+  // Rate limits for every session that declares none (PROTOCOL.md §3.8):
+  // host rules ("20:1,100:120" per destination host) and named rules.
+  std::vector<RateRule> rate_limits;
   // Called on the loop thread when an operator asks for a shutdown
   // (gatherer-ctl shutdown, PROTOCOL.md §3.9.6); gatherer-broker raises its
   // own SIGTERM there. Unset: the broker drains (drain()).
@@ -104,6 +108,7 @@ struct BrokerStats {
   // CURVE: messages refused because their key may not send them (a client
   // key acting as a worker, another key naming a session).
   std::atomic<std::uint64_t> denied{0};
+  std::atomic<std::uint64_t> throttled{0};  // 429s reported by workers (§3.8)
 };
 
 class Broker {

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "gatherer/rate_limit.h"
 #include "gatherer/statement.h"
 
 namespace gatherer {
@@ -43,6 +44,17 @@ struct SessionSettings {
   // Final statuses accepted as success: [accept_min, accept_max]. Default 2xx-3xx.
   std::uint16_t accept_min = 200;
   std::uint16_t accept_max = 399;
+  // Declared rate limits (PROTOCOL.md §3.8), enforced across the cluster by
+  // the broker: host rules (no path) key each destination host; named rules
+  // key a method + path pattern on a host. Empty = the broker's defaults.
+  std::vector<RateRule> rate_limits;
+  // Learn limits from responses (Retry-After, X-App-Rate-Limit, RateLimit,
+  // ...): a 429 pauses its key for the whole cluster and the statement runs
+  // again; advertised limits are enforced from then on. Implied by
+  // rate_limits.
+  bool learn_rate_limits = false;
+  // Is the session subject to rate limiting at all?
+  bool rate_aware() const { return learn_rate_limits || !rate_limits.empty(); }
 };
 
 // Largest statement body a client accepts (and a broker forwards), in bytes.

@@ -23,6 +23,7 @@
 
 #include "gatherer/config.h"
 #include "gatherer/ids.h"
+#include "gatherer/rate_limit.h"
 #include "gatherer/statement.h"
 #include "gatherer/status.h"
 
@@ -85,12 +86,19 @@ const char* CommandName(Command command);
 struct WireStatement {
   std::uint64_t index = 0;
   Statement statement;
+  // DISPATCH of a rate-limited statement (§3.8.8): how long it waited for
+  // its keys and its 429s so far, echoed in its result.
+  std::uint64_t rate_wait_us = 0;
+  std::uint32_t throttled = 0;
 };
 
 // One outcome on the wire; the body travels in its own frame (§3.4).
 struct WireResult {
   std::uint64_t index = 0;
   Response response;
+  // What the response said about rate limits, for a rate-aware session
+  // (§3.8); travels as the result's optional 9th element.
+  std::optional<RateReport> rate;
 };
 
 struct Open {
@@ -326,6 +334,9 @@ struct ResultsIndex {
   SessionId session;
   std::uint64_t seq = 0;
   std::vector<std::uint64_t> indices;
+  // Rate reports (§3.8) by position in `indices`; empty (no allocation) when
+  // no result carries one.
+  std::vector<std::pair<std::uint32_t, RateReport>> rates;
   // Over all of them: results with an error, and attempts beyond the first
   // (for the broker's counters, §3.9).
   std::uint64_t failed = 0;

@@ -75,6 +75,11 @@ struct Response {
   std::uint64_t elapsed_us = 0;
   // Id of the worker that produced this response.
   std::string worker;
+  // Rate limits (PROTOCOL.md §3.8): time the statement waited at the broker
+  // for its keys to allow it, in microseconds (not part of elapsed_us), and
+  // the 429s it met and ran again after.
+  std::uint64_t rate_wait_us = 0;
+  std::uint32_t throttled = 0;
 
   bool ok() const { return !error.has_value(); }
 };

@@ -1,0 +1,167 @@
+#pragma once
+// Cluster-wide rate limits at the broker (PROTOCOL.md §3.8).
+//
+// RateLimiter holds one state per key (a destination host, or a named rule
+// on a host, or a learned per-endpoint key): its windows, the send times of
+// its last requests, a pacing schedule and a pause. It never reads a clock:
+// every call takes `now`, so tests drive it in simulated time.
+//
+// SessionRate is one session's view: its rules, the keys of each statement,
+// and the selection of the queued statements every key allows now, skipping
+// the blocked ones (no head-of-line blocking across keys).
+//
+// Owned by the broker's loop thread; not synchronised.
+
+#include <array>
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <limits>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+#include "gatherer/config.h"
+#include "gatherer/protocol.h"
+#include "gatherer/rate_limit.h"
+
+namespace gatherer::broker {
+
+using RateTime = std::chrono::steady_clock::time_point;
+inline constexpr RateTime kNever = RateTime::max();
+
+// What a key says about itself (BrokerStats, logs, tests).
+struct RateKeyStats {
+  std::string key;
+  RateWindows windows;
+  std::uint64_t used = 0;       // requests granted
+  std::uint64_t throttled = 0;  // 429s seen
+  RateTime paused_until{};
+};
+
+class RateLimiter {
+ public:
+  struct Key;
+  // The key named `name`, created without windows when new. The pointer
+  // stays valid while the key is referenced (acquire/release).
+  Key* key(std::string_view name);
+  void acquire(Key* k);
+  void release(Key* k);
+
+  // Adds windows to the key; for a window length it already has, the lower
+  // count wins. True when something changed.
+  bool declare(Key* k, const RateWindows& windows);
+  // Earliest time the key allows one more request (<= now: allowed now).
+  RateTime ready_at(const Key* k, RateTime now) const;
+  // Counts a request granted at `now`.
+  void record(Key* k, RateTime now);
+  // No request until `until` (a later pause extends an earlier one).
+  void pause(Key* k, RateTime until);
+  // A 429 naming no wait: pauses for an exponential backoff (1 s, doubling
+  // per 429 within the last backoff, at most 60 s). Returns the pause end.
+  RateTime backoff(Key* k, RateTime now);
+  void count_throttled(Key* k);
+
+  RateKeyStats stats(const Key* k) const;
+  std::vector<RateKeyStats> all_stats() const;
+  std::size_t size() const { return keys_.size(); }
+  // Forgets unreferenced keys idle for longer than their longest window.
+  void collect(RateTime now);
+
+  // Added to each window, so that a request delayed on its way by up to
+  // this much still falls outside the server's window: W/100 + 5 ms.
+  static std::chrono::nanoseconds Margin(std::uint32_t window_ms);
+
+ private:
+  std::unordered_map<std::string, Key> keys_;
+};
+
+struct RateLimiter::Key {
+  std::string name;
+  RateWindows windows;  // sorted by window length
+  // Times of the last `capacity` grants (the largest count of a window), a ring.
+  std::vector<RateTime> log;
+  std::size_t head = 0;  // index of the oldest when full
+  std::size_t filled = 0;
+  // Pacing (GCRA): the theoretical time of the next grant, and the spacing:
+  // the shortest window's length (plus margin) over its count.
+  RateTime tat{};
+  std::chrono::nanoseconds gap{0};
+  RateTime paused_until{};
+  RateTime last_used{};
+  std::chrono::nanoseconds backoff{0};
+  std::uint64_t used = 0;
+  std::uint64_t throttled = 0;
+  std::uint32_t refs = 0;
+  // The i-th most recent grant (0 = latest); requires i < filled.
+  RateTime recent(std::size_t i) const;
+};
+
+// One session's rate state. Exists only for a session that declares rules,
+// or learns limits, or that the broker's default rules apply to: an
+// unlimited session has none and routes as before.
+class SessionRate {
+ public:
+  SessionRate(const SessionSettings& settings, const std::vector<RateRule>& broker_defaults);
+  ~SessionRate();
+  SessionRate(const SessionRate&) = delete;
+  SessionRate& operator=(const SessionRate&) = delete;
+
+  // Moves into `out`, from anywhere in `pending`, up to `n` statements whose
+  // keys all allow a request at `now`, in queue order, and counts them.
+  // Returns when the first statement left behind may be allowed (kNever
+  // when none is left, or none waits on a limit).
+  RateTime take(std::deque<protocol::WireStatement>& pending, std::size_t n, RateTime now,
+                std::vector<protocol::WireStatement>& out);
+  // Applies what a response said (§3.8): advertised limits are declared on
+  // the statement's keys, a 429 pauses the key it names. Returns whether
+  // the result should run again rather than be forwarded: a 429 while the
+  // statement has attempts left.
+  bool learn(const protocol::WireStatement& ws, const RateReport& report, RateTime now);
+  // Forgets a statement's 429 count and wait (its result was forwarded).
+  void settled(std::uint64_t index) {
+    if (!throttles_.empty()) throttles_.erase(index);
+    if (!waits_.empty()) waits_.erase(index);
+  }
+
+  RateLimiter& limiter() { return *limiter_; }
+  // Keys this session used, for stats.
+  std::vector<RateKeyStats> stats() const;
+
+  // The limiter all sessions share (one per broker). Set once before use.
+  static void Bind(SessionRate& s, RateLimiter& limiter) { s.limiter_ = &limiter; }
+
+ private:
+  // A statement's keys: its host's, then each named rule it matches (or,
+  // when it matches none and the session learns, its learned endpoint key).
+  struct Keys {
+    std::array<RateLimiter::Key*, 4> keys{};
+    std::size_t size = 0;
+    RateLimiter::Key* host() const { return keys[0]; }
+    RateLimiter::Key* method() const { return size > 1 ? keys[1] : nullptr; }
+  };
+  // The keys of `s`; false when its URL names no host (never limited).
+  bool keys_of(const Statement& s, Keys& out);
+  RateLimiter::Key* cached(const std::string& name, const RateWindows* declare);
+
+  RateLimiter* limiter_ = nullptr;
+  std::string base_url_;
+  std::uint32_t max_attempts_ = 1;
+  bool learn_ = false;
+  RateWindows host_windows_;
+  std::vector<RateRule> named_;
+  std::unordered_map<std::string, RateLimiter::Key*> cache_;
+  std::unordered_map<std::uint64_t, std::uint32_t> throttles_;  // 429s per index
+  // Statements that waited on a key: since when, and how long in all (a
+  // statement granted at once has no entry).
+  struct Wait {
+    RateTime since{};
+    std::chrono::nanoseconds total{0};
+    bool waiting = false;
+  };
+  std::unordered_map<std::uint64_t, Wait> waits_;
+  std::string scratch_, name_, host_;  // reused: no allocation per statement once warm
+};
+
+}  // namespace gatherer::broker

@@ -1,0 +1,244 @@
+// The broker's rate limiter in simulated time: every call is given `now`.
+#include "rate_limiter.h"
+
+#include <gtest/gtest.h>
+
+namespace gatherer::broker {
+namespace {
+
+using std::chrono::milliseconds;
+namespace proto = protocol;
+
+const RateTime kT0 = RateTime() + std::chrono::hours(1);
+
+// Grants requests on `k` as early as the limiter allows, stepping simulated
+// time by 1 ms; returns the grant times.
+std::vector<RateTime> Drive(RateLimiter& l, RateLimiter::Key* k, std::size_t n, RateTime start) {
+  std::vector<RateTime> grants;
+  RateTime now = start;
+  for (int steps = 0; grants.size() < n && steps < 10'000'000; ++steps) {
+    const RateTime at = l.ready_at(k, now);
+    if (at <= now) {
+      l.record(k, now);
+      grants.push_back(now);
+    } else {
+      now = std::max(now + milliseconds(1), std::chrono::ceil<milliseconds>(at - RateTime()) + RateTime());
+    }
+  }
+  return grants;
+}
+
+// The most grants in any span of `window` (closed on both ends).
+std::size_t MaxInWindow(const std::vector<RateTime>& grants, milliseconds window) {
+  std::size_t best = 0, lo = 0;
+  for (std::size_t hi = 0; hi < grants.size(); ++hi) {
+    while (grants[hi] - grants[lo] > window) ++lo;
+    best = std::max(best, hi - lo + 1);
+  }
+  return best;
+}
+
+TEST(RateLimiterTest, UnknownKeyIsUnlimited) {
+  RateLimiter l;
+  auto* k = l.key("host a");
+  EXPECT_LE(l.ready_at(k, kT0), kT0);
+  l.record(k, kT0);
+  EXPECT_LE(l.ready_at(k, kT0), kT0);
+  EXPECT_EQ(l.stats(k).used, 1u);
+}
+
+TEST(RateLimiterTest, PacesAndNeverExceedsAnyWindow) {
+  RateLimiter l;
+  auto* k = l.key("host a");
+  ASSERT_TRUE(l.declare(k, {{20, 1000}, {100, 120'000}}));
+  const auto grants = Drive(l, k, 220, kT0);
+  ASSERT_EQ(grants.size(), 220u);
+  // Spread over the short window, never a burst at its start.
+  EXPECT_LE(MaxInWindow(grants, milliseconds(1000)), 20u);
+  EXPECT_LE(MaxInWindow(grants, milliseconds(120'000)), 100u);
+  EXPECT_LE(MaxInWindow(grants, milliseconds(90)), 2u);
+  // The first 100 take about 5 s (paced at 20/s), the next 100 wait for the
+  // 120 s window: the 101st goes just after the 1st left it.
+  EXPECT_LT(grants[99] - grants[0], milliseconds(5200));
+  EXPECT_GE(grants[100] - grants[0], milliseconds(120'000));
+  EXPECT_LE(grants[100] - grants[0], milliseconds(120'000) + RateLimiter::Margin(120'000) + milliseconds(1));
+}
+
+TEST(RateLimiterTest, UsesNearlyAllTheAllowance) {
+  RateLimiter l;
+  auto* k = l.key("host a");
+  l.declare(k, {{10, 1000}});
+  const auto grants = Drive(l, k, 201, kT0);
+  // 200 gaps at 10/s = 20 s; the margin costs W/100 + 5 ms per window.
+  const auto span = grants.back() - grants.front();
+  EXPECT_GE(span, milliseconds(20'000));
+  EXPECT_LE(span, milliseconds(20'000 * 103 / 100));
+}
+
+TEST(RateLimiterTest, StricterDeclarationWins) {
+  RateLimiter l;
+  auto* k = l.key("host a");
+  EXPECT_TRUE(l.declare(k, {{20, 1000}}));
+  EXPECT_FALSE(l.declare(k, {{30, 1000}}));
+  EXPECT_TRUE(l.declare(k, {{10, 1000}}));
+  EXPECT_EQ(l.stats(k).windows, (RateWindows{{10, 1000}}));
+}
+
+TEST(RateLimiterTest, PauseAndServiceBackoff) {
+  RateLimiter l;
+  auto* k = l.key("host a");
+  l.pause(k, kT0 + milliseconds(500));
+  EXPECT_EQ(l.ready_at(k, kT0), kT0 + milliseconds(500));
+  // An earlier pause does not shorten it.
+  l.pause(k, kT0 + milliseconds(100));
+  EXPECT_EQ(l.ready_at(k, kT0), kT0 + milliseconds(500));
+  const RateTime first = l.backoff(k, kT0 + milliseconds(600));
+  EXPECT_EQ(first, kT0 + milliseconds(1600));
+  const RateTime second = l.backoff(k, first);
+  EXPECT_EQ(second, first + milliseconds(2000));
+  // Long after, it starts over from 1 s.
+  const RateTime later = second + std::chrono::minutes(10);
+  EXPECT_EQ(l.backoff(k, later), later + milliseconds(1000));
+}
+
+TEST(RateLimiterTest, CollectsOnlyUnreferencedIdleKeys) {
+  RateLimiter l;
+  auto* a = l.key("host a");
+  auto* b = l.key("host b");
+  l.declare(a, {{1, 1000}});
+  l.record(a, kT0);
+  l.record(b, kT0);
+  l.acquire(b);
+  l.collect(kT0 + std::chrono::minutes(5));
+  EXPECT_EQ(l.size(), 1u);
+  l.release(b);
+  l.collect(kT0 + std::chrono::minutes(5));
+  EXPECT_EQ(l.size(), 0u);
+}
+
+proto::WireStatement At(std::uint64_t index, std::string url, std::string method = "GET") {
+  proto::WireStatement ws;
+  ws.index = index;
+  ws.statement.url = std::move(url);
+  ws.statement.method = std::move(method);
+  return ws;
+}
+
+TEST(SessionRateTest, BlockedHostDoesNotHoldBackOthers) {
+  RateLimiter l;
+  SessionSettings settings;
+  settings.rate_limits = {*ParseRateRule("1:1")};
+  SessionRate s(settings, {});
+  SessionRate::Bind(s, l);
+  std::deque<proto::WireStatement> pending = {At(0, "http://a/x"), At(1, "http://a/y"), At(2, "http://b/x"),
+                                              At(3, "http://a/z"), At(4, "http://c/x")};
+  std::vector<proto::WireStatement> out;
+  const RateTime wake = s.take(pending, 10, kT0, out);
+  ASSERT_EQ(out.size(), 3u);
+  EXPECT_EQ(out[0].index, 0u);
+  EXPECT_EQ(out[1].index, 2u);
+  EXPECT_EQ(out[2].index, 4u);
+  ASSERT_EQ(pending.size(), 2u);
+  EXPECT_GT(wake, kT0);
+  EXPECT_LE(wake, kT0 + milliseconds(1000) + RateLimiter::Margin(1000));
+  out.clear();
+  EXPECT_EQ(s.take(pending, 10, wake - milliseconds(1), out), wake);
+  EXPECT_TRUE(out.empty());
+  s.take(pending, 10, wake, out);
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0].index, 1u);
+}
+
+// §3.8.8: a statement that waited carries how long, and its 429s so far; one
+// granted at once carries nothing (and costs no entry).
+TEST(SessionRateTest, GrantsCarryTheWaitAndThe429s) {
+  RateLimiter l;
+  SessionSettings settings;
+  settings.rate_limits = {*ParseRateRule("1:1")};
+  settings.max_attempts = 5;
+  SessionRate s(settings, {});
+  SessionRate::Bind(s, l);
+  std::deque<proto::WireStatement> pending = {At(0, "http://a/x"), At(1, "http://a/y")};
+  std::vector<proto::WireStatement> out;
+  const RateTime wake = s.take(pending, 10, kT0, out);
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0].rate_wait_us, 0u);
+  out.clear();
+  s.take(pending, 10, wake, out);
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0].index, 1u);
+  EXPECT_EQ(std::chrono::microseconds(out[0].rate_wait_us), std::chrono::duration_cast<std::chrono::microseconds>(wake - kT0));
+  // A 429 on it: it runs again later and says so.
+  RateReport hit;
+  hit.throttled = true;
+  hit.retry_after_ms = 100;
+  ASSERT_TRUE(s.learn(out[0], hit, wake));
+  pending.push_front(out[0]);
+  out.clear();
+  const RateTime again = s.take(pending, 10, wake, out);
+  s.take(pending, 10, again, out);
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0].throttled, 1u);
+  EXPECT_GT(out[0].rate_wait_us, 1'000'000u);
+}
+
+TEST(SessionRateTest, NamedRulesAndHostRuleBothApply) {
+  RateLimiter l;
+  SessionSettings settings;
+  settings.base_url = "http://api";
+  settings.rate_limits = {*ParseRateRule("match=GET /matches/{id} 1:1")};
+  SessionRate s(settings, {});
+  SessionRate::Bind(s, l);
+  std::deque<proto::WireStatement> pending = {At(0, "/matches/1"), At(1, "/matches/2"), At(2, "/players/1"),
+                                              At(3, "/matches/3", "POST")};
+  std::vector<proto::WireStatement> out;
+  s.take(pending, 10, kT0, out);
+  ASSERT_EQ(out.size(), 3u);  // the second GET /matches waits on the rule
+  EXPECT_EQ(pending.front().index, 1u);
+  EXPECT_EQ(l.stats(l.key("host api")).used, 3u);
+  EXPECT_EQ(l.stats(l.key("rule match api")).used, 1u);
+  // Every key must allow: a paused host holds the rule's statements too.
+  l.pause(l.key("host api"), kT0 + std::chrono::seconds(5));
+  out.clear();
+  EXPECT_EQ(s.take(pending, 10, kT0 + std::chrono::seconds(2), out), kT0 + std::chrono::seconds(5));
+  EXPECT_TRUE(out.empty());
+}
+
+TEST(SessionRateTest, LearnsAdvertisedLimitsAndPausesOn429) {
+  RateLimiter l;
+  SessionSettings settings;
+  settings.learn_rate_limits = true;
+  settings.max_attempts = 3;
+  SessionRate s(settings, {});
+  SessionRate::Bind(s, l);
+  const auto ws = At(7, "http://api/matches/EUW1_123");
+  RateReport ok;
+  ok.app = {{20, 1000}};
+  ok.method = {{5, 1000}};
+  EXPECT_FALSE(s.learn(ws, ok, kT0));
+  EXPECT_EQ(l.stats(l.key("host api")).windows, (RateWindows{{20, 1000}}));
+  EXPECT_EQ(l.stats(l.key("endpoint GET /matches/{} api")).windows, (RateWindows{{5, 1000}}));
+  // A method 429 pauses the endpoint, not the host; it runs again.
+  RateReport hit;
+  hit.throttled = true;
+  hit.type = RateLimitType::kMethod;
+  hit.retry_after_ms = 2000;
+  EXPECT_TRUE(s.learn(ws, hit, kT0));
+  EXPECT_EQ(l.ready_at(l.key("endpoint GET /matches/{} api"), kT0), kT0 + milliseconds(2000));
+  EXPECT_LE(l.ready_at(l.key("host api"), kT0), kT0 + milliseconds(60));
+  // Application type pauses the host; the third 429 (max_attempts) is final.
+  hit.type = RateLimitType::kApplication;
+  EXPECT_TRUE(s.learn(ws, hit, kT0));
+  EXPECT_EQ(l.ready_at(l.key("host api"), kT0), kT0 + milliseconds(2000));
+  EXPECT_FALSE(s.learn(ws, hit, kT0));
+  EXPECT_EQ(l.stats(l.key("host api")).throttled, 2u);
+  // Service type without Retry-After: exponential backoff on the host.
+  RateReport service;
+  service.throttled = true;
+  service.type = RateLimitType::kService;
+  s.learn(At(8, "http://svc/x"), service, kT0);
+  EXPECT_EQ(l.ready_at(l.key("host svc"), kT0), kT0 + milliseconds(1000));
+}
+
+}  // namespace
+}  // namespace gatherer::broker
