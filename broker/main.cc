@@ -3,11 +3,16 @@
 // --drain-timeout-ms passed. A second signal stops at once. Every flag can
 // also be set by an environment variable (GATHERER_BIND, ...; shown in
 // --help); a flag given on the command line wins.
+#include <csignal>
+
+#include <unistd.h>
+
 #include <CLI/CLI.hpp>
 
 #include "gatherer/broker.h"
 #include "gatherer/log.h"
 #include "gatherer/signals.h"
+#include "metrics_http.h"
 
 int main(int argc, char** argv) {
   gatherer::BrokerOptions options;
@@ -65,6 +70,10 @@ int main(int argc, char** argv) {
                  "Rate limit for sessions that declare none (repeatable): 'COUNT:SECONDS,...' per destination host, "
                  "or '[NAME=][METHOD ]PATH COUNT:SECONDS,...' per endpoint (PROTOCOL.md 3.8)")
       ->envname("GATHERER_RATE_LIMIT");
+  std::string metrics_address;
+  app.add_option("--metrics", metrics_address,
+                 "Serve Prometheus metrics at http://ADDR:PORT/metrics (ADDR:PORT, IPv4; off by default)")
+      ->envname("GATHERER_METRICS");
   CLI11_PARSE(app, argc, argv);
   for (const auto& spec : rate_limits) {
     auto rule = gatherer::ParseRateRule(spec);
@@ -81,6 +90,7 @@ int main(int argc, char** argv) {
   }
   gatherer::SetLogLevel(*level);
   if (!binds.empty()) options.endpoints = binds;
+  options.metrics = !metrics_address.empty();
   options.heartbeat_interval = std::chrono::milliseconds(heartbeat_ms);
   options.session_ttl = std::chrono::milliseconds(session_ttl_ms);
   if (!curve_key.empty() || !curve_clients.empty() || !curve_workers.empty()) {
@@ -103,11 +113,21 @@ int main(int argc, char** argv) {
     options.curve_workers = std::move(*workers);
   }
 
+  // gatherer-ctl shutdown (PROTOCOL.md §3.9.6): the same drain as SIGTERM.
+  options.on_shutdown = [] { ::kill(::getpid(), SIGTERM); };
   gatherer::BlockTerminationSignals();
   gatherer::Broker broker(options);
   if (gatherer::Status s = broker.start(); !s.ok()) {
     std::fprintf(stderr, "gatherer-broker: %s\n", s.ToString().c_str());
     return 1;
+  }
+  gatherer::MetricsHttpServer metrics([&broker] { return broker.metrics_text(); });
+  if (!metrics_address.empty()) {
+    if (gatherer::Status s = metrics.start(metrics_address); !s.ok()) {
+      std::fprintf(stderr, "gatherer-broker: --metrics: %s\n", s.ToString().c_str());
+      return 1;
+    }
+    gatherer::Logger().info("broker: metrics at http://{}/metrics", metrics_address);
   }
   const int sig = gatherer::WaitForTerminationSignal();
   gatherer::Logger().info("broker: signal {}, draining: no new sessions; {} open (a second signal stops at once)", sig,

@@ -8,6 +8,7 @@
 #include "gatherer/log.h"
 #include "gatherer/signals.h"
 #include "gatherer/worker.h"
+#include "metrics_http.h"
 
 int main(int argc, char** argv) {
   gatherer::WorkerOptions options;
@@ -53,6 +54,10 @@ int main(int argc, char** argv) {
       ->envname("GATHERER_DRAIN_TIMEOUT_MS");
   app.add_option("--log-level", log_level, "debug, info, warning, error, critical or 10..50")
       ->envname("GATHERER_LOG_LEVEL");
+  std::string metrics_address;
+  app.add_option("--metrics", metrics_address,
+                 "Serve Prometheus metrics at http://ADDR:PORT/metrics (ADDR:PORT, IPv4; off by default)")
+      ->envname("GATHERER_METRICS");
   CLI11_PARSE(app, argc, argv);
   const auto level = gatherer::ParseLogLevel(log_level);
   if (!level) {
@@ -61,6 +66,8 @@ int main(int argc, char** argv) {
   }
   gatherer::SetLogLevel(*level);
   options.heartbeat_interval = std::chrono::milliseconds(heartbeat_ms);
+  options.drain_timeout = std::chrono::milliseconds(drain_ms);
+  options.metrics = !metrics_address.empty();
   if (gatherer::Status s = gatherer::ParseRefusedDestinations(refuse, options.destinations); !s.ok()) {
     std::fprintf(stderr, "gatherer-worker: --refuse-destinations: %s\n", s.message().c_str());
     return 2;
@@ -87,14 +94,28 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "gatherer-worker: %s\n", s.ToString().c_str());
     return 1;
   }
-  const int sig = gatherer::WaitForTerminationSignal();
-  gatherer::Logger().info("worker {}: signal {}, draining (a second signal stops at once)", worker.id(), sig);
-  worker.drain(std::chrono::milliseconds(drain_ms));
+  gatherer::MetricsHttpServer metrics([&worker] { return worker.metrics_text(); });
+  if (!metrics_address.empty()) {
+    if (gatherer::Status s = metrics.start(metrics_address); !s.ok()) {
+      std::fprintf(stderr, "gatherer-worker: --metrics: %s\n", s.ToString().c_str());
+      worker.stop();
+      return 1;
+    }
+    gatherer::Logger().info("worker {}: metrics at http://{}/metrics", worker.id(), metrics_address);
+  }
+  // Until a signal, or until the broker asked this worker to drain
+  // (gatherer-ctl drain, PROTOCOL.md §3.9.5) and it has.
+  bool signalled = false;
   while (!worker.drained()) {
-    if (const int again = gatherer::WaitForTerminationSignal(std::chrono::milliseconds(50)); again != 0) {
-      gatherer::Logger().warn("worker {}: signal {} during drain, stopping now", worker.id(), again);
+    const int sig = gatherer::WaitForTerminationSignal(std::chrono::milliseconds(50));
+    if (sig == 0) continue;
+    if (signalled) {
+      gatherer::Logger().warn("worker {}: signal {} during drain, stopping now", worker.id(), sig);
       break;
     }
+    signalled = true;
+    gatherer::Logger().info("worker {}: signal {}, draining (a second signal stops at once)", worker.id(), sig);
+    worker.drain(std::chrono::milliseconds(drain_ms));
   }
   worker.stop();
   return 0;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <deque>
 #include <iterator>
+#include <mutex>
 #include <set>
 #include <thread>
 #include <unordered_map>
@@ -13,6 +14,7 @@
 #include "gatherer/transport.h"
 #include "gatherer/wake_fd.h"
 #include "rate_limiter.h"
+#include "stats.h"
 
 namespace gatherer {
 namespace {
@@ -73,6 +75,7 @@ struct SessionState {
   // if they did not exist.
   std::unique_ptr<broker::SessionRate> rate;
   bool rate_waiting = false;  // in Impl::rate_waiting
+  broker_ops::SessionFigures figures;  // for operators (§3.9)
 };
 
 // Owned by the loop thread.
@@ -96,6 +99,7 @@ struct WorkerState {
   bool draining = false;  // sent DRAINING: leases nothing more (§3.4.7)
   bool reserved = false;  // set aside to run quarantine groups (§4.5)
   bool isolated = false;  // runs a quarantine group and nothing else
+  broker_ops::WorkerFigures figures;  // for operators (§3.9)
   // Free slots for ordinary dispatch.
   std::uint32_t credit() const {
     return draining || reserved || !reachable || leased >= slots ? 0 : slots - leased;
@@ -157,6 +161,11 @@ struct Broker::Impl {
   std::uint64_t total_leased = 0;
   Clock::time_point next_heartbeat;
   std::vector<std::string> acks_due;  // workers owed an ACK this pass
+  broker_ops::BrokerFigures figures;  // for operators (§3.9)
+  // Per-worker and per-session metrics, rendered by the loop once per
+  // heartbeat when options.metrics is set, read by the metrics thread.
+  mutable std::mutex metrics_mutex;
+  std::string metrics_snapshot;
   // CURVE: the public key of the message being handled (empty without).
   std::string_view peer_key;
   std::uint64_t worker_serials = 0;   // the last WorkerState::serial given
@@ -199,6 +208,10 @@ struct Broker::Impl {
   void send_error(const std::string& peer, StatusCode code, std::string message,
                   std::optional<SessionId> session);
   void malformed(const std::string& peer, const Status& status, std::span<const zmq::message_t> body = {});
+  // Operations (control.cc, PROTOCOL.md §3.9).
+  void answered(SessionState& s, WorkerState* w, std::uint64_t n, std::uint64_t failed, std::uint64_t retries);
+  void on_control(const std::string& peer, proto::Command command, std::span<zmq::message_t> body);
+  void publish_metrics();
 };
 
 bool Broker::Impl::send(const std::string& peer, proto::Frames&& frames) {
@@ -423,6 +436,9 @@ void Broker::Impl::deliver(SessionState& s, proto::Frames&& frames, std::vector<
 // Results the broker itself answers (outcome unknown, poison).
 void Broker::Impl::deliver_failures(SessionState& s, proto::Results&& results) {
   if (results.results.empty()) return;
+  std::uint64_t failed = 0;
+  for (const auto& r : results.results) failed += r.response.error ? 1 : 0;
+  answered(s, nullptr, results.results.size(), failed, 0);
   std::vector<std::uint64_t> indices;
   indices.reserve(results.results.size());
   for (const auto& r : results.results) indices.push_back(r.index);
@@ -730,14 +746,23 @@ void Broker::Impl::on_results(const std::string& peer, std::span<zmq::message_t>
     proto::Frames frames;
     frames.reserve(body.size());
     for (auto& f : body) frames.push_back(std::move(f));
+    answered(session, &worker, kept, index->failed, index->retries);
     deliver(session, std::move(frames), std::move(index->indices));
   } else if (kept > 0) {
     auto full = proto::DecodeResults(body);
     if (!full) return malformed(peer, full.error());
     proto::Results filtered{full->session, 0, {}};
+    std::uint64_t failed = 0, retries = 0;
     for (std::size_t i = 0; i < full->results.size(); ++i) {
-      if (keep[i]) filtered.results.push_back(std::move(full->results[i]));
+      if (!keep[i]) continue;
+      failed += full->results[i].response.error ? 1 : 0;
+      retries += full->results[i].response.attempts > 1 ? full->results[i].response.attempts - 1 : 0;
+      filtered.results.push_back(std::move(full->results[i]));
     }
+    // Counted here for the worker; deliver_failures counts the session.
+    worker.figures.done += filtered.results.size();
+    worker.figures.failed += failed;
+    stats.retried.fetch_add(retries, std::memory_order_relaxed);
     deliver_failures(session, std::move(filtered));
   }
   mark_ready(session);
@@ -863,9 +888,10 @@ void Broker::Impl::on_worker(const std::string& peer, proto::Command command, st
     w.worker_id = ready_msg->worker_id;
     w.host = ready_msg->host;
     w.slots = ready_msg->slots;
+    w.figures.pid = ready_msg->pid;
     w.last_seen = Clock::now();
-    log().info("broker: worker {} on {} ready with {} slots{}", w.worker_id, w.host, w.slots,
-                  again ? " (registered again)" : "");
+    log().info("broker: worker {} joined: ready with {} slots, host {} pid {}{}", w.worker_id, w.slots, w.host,
+               w.figures.pid, again ? " (registered again)" : "");
     // §3.4.1: READY is answered, so the worker can tell errors about what it
     // sent before READY from errors about itself.
     send(peer, proto::Encode(proto::BrokerBeat{std::nullopt, 0, 0, 0}));
@@ -900,7 +926,10 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
         return send_error(peer, StatusCode::kResourceExhausted, "broker session limit reached", open->session);
       }
       it = sessions.try_emplace(open->session).first;
-      log().debug("broker: session {} opened (window {})", open->session.ToString(), open->settings.workers);
+      it->second.figures.opened = Clock::now();
+      it->second.figures.client_host = broker_ops::PeerHost(body[0]);
+      log().info("broker: session {} opened: client {} window {}", open->session.ToString(),
+                 it->second.figures.client_host, open->settings.workers);
     }
     SessionState& s = it->second;
     if (!s.owner.empty() && !may_touch(peer, s)) return;
@@ -977,8 +1006,9 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
       if (!may_touch(peer, it->second)) return;
       end_session(it->second);
       if (command == Command::kClose) {
+        log().info("broker: session {} closed: {} answered, {} failed", ref->session.ToString(),
+                   it->second.figures.done, it->second.figures.failed);
         sessions.erase(it);
-        log().debug("broker: session {} closed", ref->session.ToString());
       }
     }
     if (command == Command::kClose) send(peer, proto::Encode(Command::kClosed, *ref));
@@ -1028,6 +1058,10 @@ void Broker::Impl::handle(std::vector<zmq::message_t>& frames) {
     case Command::kReady: case Command::kResults: case Command::kDraining: case Command::kDisconnect:
     case Command::kHolding:
       if (allowed(options.curve_workers, "worker")) on_worker(peer, *command, body);
+      break;
+    case Command::kStatus: case Command::kListWorkers: case Command::kListSessions: case Command::kCancelSession:
+    case Command::kDrainWorker: case Command::kShutdown:
+      on_control(peer, *command, body);
       break;
     case Command::kHeartbeat: {
       // Decoded first: a malformed heartbeat proves nothing (§2.4).
@@ -1083,6 +1117,7 @@ void Broker::Impl::heartbeat() {
     }
   }
   for (const auto& rid : dead) remove_worker(rid, Departure::kDied, "missed heartbeats");
+  if (options.metrics) publish_metrics();
   // A silent client's session is cancelled everywhere.
   for (auto it = sessions.begin(); it != sessions.end();) {
     if (now - it->second.last_seen > options.session_ttl) {
@@ -1132,6 +1167,155 @@ void Broker::Impl::run() {
     send_acks();
     update_gauges();
   }
+}
+
+// ---- Operations (PROTOCOL.md §3.9): figures and control requests ----
+
+// `n` statements of `s` answered to its client, `failed` of them with an
+// error; `w` is the worker that answered them (nullptr: the broker did).
+// Plain loop-thread counters plus relaxed atomics: no lock, no allocation.
+void Broker::Impl::answered(SessionState& s, WorkerState* w, std::uint64_t n, std::uint64_t failed,
+                            std::uint64_t retries) {
+  if (n == 0) return;
+  const auto now = Clock::now();
+  s.figures.done += n;
+  s.figures.failed += failed;
+  s.figures.rate.add(now, n);
+  if (w) {
+    w->figures.done += n;
+    w->figures.failed += failed;
+  }
+  figures.rate.add(now, n);
+  stats.done.fetch_add(n, std::memory_order_relaxed);
+  if (failed) stats.failed.fetch_add(failed, std::memory_order_relaxed);
+  if (retries) stats.retried.fetch_add(retries, std::memory_order_relaxed);
+}
+
+void Broker::Impl::on_control(const std::string& peer, proto::Command command, std::span<zmq::message_t> body) {
+  using proto::Command;
+  const auto now = Clock::now();
+  // §3.9.1: an operator is always answered, a malformed request included.
+  const auto bad = [&](const Status& st) {
+    malformed(peer, st);
+    send_error(peer, StatusCode::kInvalidArgument,
+               std::string("malformed ") + proto::CommandName(command) + ": " + st.message(), std::nullopt);
+  };
+  const auto ms = [](Clock::duration d) {
+    return static_cast<std::uint64_t>(std::max<std::int64_t>(
+        0, std::chrono::duration_cast<std::chrono::milliseconds>(d).count()));
+  };
+  if (command == Command::kCancelSession) {
+    auto ref = proto::DecodeSessionRef(body);
+    if (!ref) return bad(ref.error());
+    auto it = sessions.find(ref->session);
+    if (it == sessions.end()) return send_error(peer, StatusCode::kNotFound, "no such session", std::nullopt);
+    SessionState& s = it->second;
+    const std::uint64_t dropped = s.pending.size() + s.leases.size();
+    end_session(s);
+    // §3.9.4: the client ends its run with this error instead of re-opening.
+    send_error(s.client, StatusCode::kCancelled, "session cancelled by an operator", s.id);
+    log().info("broker: session {} cancelled by an operator: {} statements dropped", s.id.ToString(), dropped);
+    sessions.erase(it);
+    stats.sessions_cancelled.fetch_add(1, std::memory_order_relaxed);
+    return (void)send(peer, proto::Encode(proto::Done{fmt::format("session {} cancelled ({} statements dropped)",
+                                                                    ref->session.ToString(), dropped)}));
+  }
+  if (command == Command::kDrainWorker) {
+    auto name = proto::DecodeWorkerName(body);
+    if (!name) return bad(name.error());
+    std::size_t asked = 0;
+    for (auto& [rid, w] : workers) {
+      if (w.worker_id != name->worker_id) continue;
+      w.draining = true;  // §3.9.5: nothing more is leased to it
+      send(rid, proto::EncodeEmpty(Command::kDrain));
+      ++asked;
+      log().info("broker: worker {} asked to drain by an operator, holding {} statements", w.worker_id, w.leased);
+    }
+    if (asked == 0) return send_error(peer, StatusCode::kNotFound, "no such worker: " + name->worker_id, std::nullopt);
+    return (void)send(peer, proto::Encode(proto::Done{fmt::format("worker {} draining", name->worker_id)}));
+  }
+  if (Status st = proto::DecodeEmpty(body); !st.ok()) return bad(st);
+  if (command == Command::kShutdown) {
+    send(peer, proto::Encode(proto::Done{fmt::format("broker shutting down: {} sessions open", sessions.size())}));
+    log().info("broker: shutdown asked by an operator");
+    if (options.on_shutdown) {
+      options.on_shutdown();
+    } else {
+      drain_requested.store(true, std::memory_order_release);
+    }
+    return;
+  }
+  if (command == Command::kStatus) {
+    proto::StatusReport r;
+    r.version = broker_ops::Version();
+    r.uptime_ms = ms(now - figures.started);
+    r.sessions = sessions.size();
+    r.workers = workers.size();
+    r.queued = total_pending;
+    r.in_flight = total_leased;
+    r.done = stats.done.load(std::memory_order_relaxed);
+    r.failed = stats.failed.load(std::memory_order_relaxed);
+    r.retried = stats.retried.load(std::memory_order_relaxed);
+    r.redispatched =
+        stats.requeued.load(std::memory_order_relaxed) + stats.quarantined.load(std::memory_order_relaxed);
+    r.rate_10s_milli = figures.rate.rate_milli(now, 10, figures.started);
+    r.rate_1m_milli = figures.rate.rate_milli(now, 60, figures.started);
+    return (void)send(peer, proto::Encode(r));
+  }
+  if (command == Command::kListWorkers) {
+    std::vector<proto::WorkerRow> rows;
+    rows.reserve(workers.size());
+    for (const auto& [rid, w] : workers) {
+      const auto silent = std::chrono::duration_cast<std::chrono::milliseconds>(now - w.last_seen);
+      rows.push_back({w.worker_id, w.host, w.figures.pid, w.slots, w.leased, w.figures.done, w.figures.failed,
+                      ms(now - w.last_seen),
+                      broker_ops::WorkerStateName(w.draining, silent, options.heartbeat_interval, w.leased)});
+    }
+    std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.worker_id < b.worker_id; });
+    return (void)send(peer, proto::Encode(rows));
+  }
+  std::vector<proto::SessionRow> rows;
+  rows.reserve(sessions.size());
+  for (auto& [sid, s] : sessions) {
+    std::uint64_t quarantined = 0;
+    for (const auto& g : s.quarantine) quarantined += g.size();
+    rows.push_back({sid, s.figures.client_host, s.settings.workers, s.pending.size() + quarantined, s.leases.size(),
+                    s.figures.done, s.figures.failed, ms(now - s.figures.opened), s.figures.rate.rate_milli(now, 10, s.figures.opened)});
+  }
+  std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.age_ms > b.age_ms; });
+  send(peer, proto::Encode(rows));
+}
+
+// Once per heartbeat (options.metrics): O(workers + sessions), off the
+// per-statement path.
+void Broker::Impl::publish_metrics() {
+  const auto now = Clock::now();
+  std::vector<broker_ops::WorkerMetric> ws;
+  ws.reserve(workers.size());
+  for (const auto& [rid, w] : workers) {
+    const auto silent = std::chrono::duration_cast<std::chrono::milliseconds>(now - w.last_seen);
+    ws.push_back({w.worker_id, w.host, w.slots, w.leased, w.figures.done, w.figures.failed,
+                  static_cast<double>(silent.count()) / 1000.0,
+                  broker_ops::WorkerStateName(w.draining, silent, options.heartbeat_interval, w.leased)});
+  }
+  std::vector<broker_ops::SessionMetric> ss;
+  ss.reserve(sessions.size());
+  for (const auto& [sid, s] : sessions) {
+    ss.push_back({sid.ToString(), s.settings.workers, s.pending.size(), s.leases.size(), s.figures.done,
+                  s.figures.failed});
+  }
+  std::string text = broker_ops::RenderDetail(ws, ss);
+  std::lock_guard lock(metrics_mutex);
+  metrics_snapshot.swap(text);
+}
+
+std::string Broker::metrics_text() const {
+  std::string detail;
+  {
+    std::lock_guard lock(impl_->metrics_mutex);
+    detail = impl_->metrics_snapshot;
+  }
+  return broker_ops::RenderBrokerMetrics(impl_->stats, impl_->figures.started, detail);
 }
 
 Broker::Broker(BrokerOptions options) : impl_(std::make_unique<Impl>(std::move(options))) {}

@@ -63,6 +63,7 @@
 #include "gatherer/log.h"
 #include "gatherer/strings.h"
 #include "jsonl.h"
+#include "progress.h"
 #include "summary.h"
 
 namespace {
@@ -100,6 +101,9 @@ struct FetchFlags {
   unsigned io_threads = 0;
   double broker_timeout_s = 60;
   bool quiet = false;
+  // Progress bar on stderr: when stderr is a terminal that stdout is not
+  // (responses written to the same terminal would tear it), or when asked.
+  bool progress = false;
   long long max_redirects = 5;
   std::string max_body_bytes = "64M";
   std::string max_in_flight_bytes = "8M";
@@ -417,6 +421,14 @@ class InputError : public std::runtime_error {
 
 // --- the run ------------------------------------------------------------------
 
+// stdout and stderr are one terminal: a progress bar would tear the
+// responses written there.
+bool SameTerminal() {
+  struct stat out {}, err {};
+  return ::isatty(STDOUT_FILENO) && ::fstat(STDOUT_FILENO, &out) == 0 && ::fstat(STDERR_FILENO, &err) == 0 &&
+         out.st_rdev == err.st_rdev;
+}
+
 int RunFetch(const FetchFlags& flags, SignalWatcher& watcher) {
   gatherer::Options options;
   if (!BuildOptions(flags, options)) return kExitUsage;
@@ -506,6 +518,9 @@ int RunFetch(const FetchFlags& flags, SignalWatcher& watcher) {
   // Declared before the stream's scope and destroyed last, after the
   // summary: closing the session may wait for the broker.
   std::optional<gatherer::Gatherer> gatherer;
+  // Drawn while the stream runs; erased before anything else is said.
+  const bool show_progress = !flags.quiet && (flags.progress || (::isatty(STDERR_FILENO) && !SameTerminal()));
+  std::optional<gatherer::cli::ProgressBar> bar;
   try {
     gatherer.emplace(std::move(options));
     gatherer::Stream stream = gatherer->stream(source, gatherer::Order::kInput);
@@ -514,6 +529,7 @@ int RunFetch(const FetchFlags& flags, SignalWatcher& watcher) {
       if (!out.buffer().empty()) out.flush();
     });
     watcher.attach(&*gatherer);
+    if (show_progress) bar.emplace(*gatherer, statements);
     while (std::optional<gatherer::Indexed> item = stream.next()) {
       summary.Add(item->response);
       gatherer::cli::AppendResponseJson(out.buffer(), item->index, item->response);
@@ -527,6 +543,7 @@ int RunFetch(const FetchFlags& flags, SignalWatcher& watcher) {
   } catch (const std::exception& e) {
     stopped = e.what();
   }
+  if (bar) bar->stop();
   watcher.detach();
   const auto wall = std::chrono::steady_clock::now() - start;
 
@@ -656,7 +673,10 @@ int main(int argc, char** argv) {
   fetch->add_flag("--learn-rate-limits", flags.learn_rate_limits,
                   "Learn rate limits from responses (Retry-After, X-App-Rate-Limit, RateLimit, ...): a 429 "
                   "pauses its key for the whole cluster and the statement runs again");
-  fetch->add_flag("-q,--quiet", flags.quiet, "No summary line on stderr (errors are still printed)");
+  fetch->add_flag("-q,--quiet", flags.quiet, "No summary line or progress bar on stderr (errors are still printed)");
+  fetch->add_flag("--progress", flags.progress,
+                  "Progress bar on stderr even when it is not a terminal (default: only on a terminal that stdout "
+                  "is not)");
   fetch->add_option("--log-level", flags.log_level,
                     "10..50 or debug, info, warning, error, critical")
       ->capture_default_str();

@@ -74,6 +74,21 @@ struct Gatherer::Impl {
   }
   std::uint32_t prefetch = 0;  // statements queued at the broker beyond the window
   bool running = false;  // a gather() or stream is in progress
+  // What progress() reports: written by the run's thread, read from any.
+  struct ProgressCounters {
+    std::atomic<std::uint64_t> total{0}, done{0}, failed{0};
+    std::atomic<std::int64_t> started_ns{0}, ended_ns{0};
+    std::atomic<bool> running{false};
+  } progress;
+  static std::int64_t NowNs() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
+  }
+  // The run ended (finished, failed or abandoned).
+  void end_progress() {
+    if (progress.running.exchange(false, std::memory_order_relaxed)) {
+      progress.ended_ns.store(NowNs(), std::memory_order_relaxed);
+    }
+  }
 
   void send(proto::Frames&& frames) {
     if (proto::SendMessage(*dealer, {}, frames, /*block=*/true) != proto::SendResult::kSent) {
@@ -247,6 +262,24 @@ const std::string& Gatherer::session_id() const { return impl_->session_text; }
 
 std::uint64_t Gatherer::malformed_messages() const { return impl_->malformed; }
 
+Progress Gatherer::progress() const {
+  const auto& c = impl_->progress;
+  Progress p;
+  p.total = c.total.load(std::memory_order_relaxed);
+  p.done = c.done.load(std::memory_order_relaxed);
+  p.failed = c.failed.load(std::memory_order_relaxed);
+  p.running = c.running.load(std::memory_order_relaxed);
+  const std::int64_t started = c.started_ns.load(std::memory_order_relaxed);
+  const std::int64_t ended = c.ended_ns.load(std::memory_order_relaxed);
+  if (started != 0) {
+    const std::int64_t until = p.running || ended == 0 ? Impl::NowNs() : ended;
+    p.elapsed_s = static_cast<double>(std::max<std::int64_t>(0, until - started)) / 1e9;
+  }
+  if (p.elapsed_s > 0) p.rate = static_cast<double>(p.done) / p.elapsed_s;
+  if (p.total > 0 && p.rate > 0 && p.done <= p.total) p.eta_s = static_cast<double>(p.total - p.done) / p.rate;
+  return p;
+}
+
 void Gatherer::cancel() {
   impl_->cancel_requested.store(true, std::memory_order_release);
   impl_->cancel_fd.signal();
@@ -331,6 +364,12 @@ void Stream::Run::start(std::size_t span_positions) {
   if (m.running) throw Error("a gather() or stream is already running on this Gatherer", -1,
                              StatusCode::kFailedPrecondition);
   m.running = true;
+  m.progress.total.store(source ? 0 : fixed.size(), std::memory_order_relaxed);
+  m.progress.done.store(0, std::memory_order_relaxed);
+  m.progress.failed.store(0, std::memory_order_relaxed);
+  m.progress.started_ns.store(Gatherer::Impl::NowNs(), std::memory_order_relaxed);
+  m.progress.ended_ns.store(0, std::memory_order_relaxed);
+  m.progress.running.store(true, std::memory_order_relaxed);
   const std::size_t window = static_cast<std::size_t>(m.options.workers);
   limit = window + m.prefetch;
   span = std::max<std::size_t>(span_positions, 1);
@@ -358,6 +397,7 @@ void Stream::Run::fail(const std::string& what, std::int64_t index, StatusCode c
     }
   }
   m.running = false;
+  m.end_progress();
   // next() hands out what was complete (and next in order) first, then
   // throws this: a stop loses no finished response.
   error.emplace(what, index, code);
@@ -469,6 +509,8 @@ void Stream::Run::accept(proto::WireResult& r) {
   if (slot != kSent) return;  // duplicate: exactly-once delivery (docs/architecture.md §1)
   ++received;
   const Response& got = r.response;
+  m.progress.done.fetch_add(1, std::memory_order_relaxed);
+  if (!got.ok()) m.progress.failed.fetch_add(1, std::memory_order_relaxed);
   if (!got.ok() && m.options.cancel_on_raise) {
     // The other messages waiting are taken first (raise_if_failed() stops
     // the run after them), so results that came with the failure are not lost.
@@ -731,6 +773,7 @@ std::optional<Indexed> Stream::Run::next() {
     if (source_done && received == pulled) {
       finished = true;
       m.running = false;
+      m.end_progress();
       break;
     }
     try {
@@ -750,6 +793,7 @@ Stream::~Stream() {
   if (!run_ || run_->finished || run_->error) return;
   // Abandoned: the rest is cancelled so nothing keeps running for nobody.
   run_->m.running = false;
+  run_->m.end_progress();
   if (run_->pulled > run_->received) {
     try {
       run_->m.cancel_on_broker();
@@ -812,6 +856,7 @@ const std::vector<Response>& Gatherer::gather() {
     while (auto item = run.next()) responses[item->index] = std::move(item->response);
   } catch (...) {
     impl_->running = false;
+    impl_->end_progress();
     throw;
   }
   return responses;

@@ -3,7 +3,9 @@
 
 #include <time.h>
 
+#include <atomic>
 #include <chrono>
+#include <thread>
 
 #include <gtest/gtest.h>
 
@@ -133,6 +135,58 @@ TEST(GathererTest, LogLevelIsPerGathererNotProcessWide) {
     EXPECT_EQ(Logger().level(), spdlog::level::err);
   }
   SetLogLevel(10);
+}
+
+}  // namespace
+}  // namespace gatherer
+
+namespace gatherer {
+namespace {
+
+// progress(): read from another thread while gather() runs (TSan checks the
+// snapshot is race-free), then the run's final figures.
+TEST(GathererTest, ProgressSnapshotWhileRunningAndAfter) {
+  testing::HttpServer server([](const testing::HttpRequest& req) {
+    testing::HttpReply r;
+    r.status = req.target.rfind("/bad", 0) == 0 ? 404 : 200;
+    r.delay = std::chrono::milliseconds(5);
+    return r;
+  });
+  Gatherer g({.workers = 4, .log_level = 40});
+  EXPECT_FALSE(g.progress().running);
+  EXPECT_EQ(g.progress().done, 0u);
+  for (int i = 0; i < 60; ++i) g.statements.push_back(Get(server.url(i % 10 == 0 ? "/bad" : "/ok")));
+  std::atomic<bool> over{false};
+  std::atomic<std::uint64_t> seen_running{0};
+  std::thread reader([&] {
+    std::uint64_t last = 0;
+    while (!over.load()) {
+      const Progress p = g.progress();
+      EXPECT_GE(p.done, last);  // never goes back
+      last = p.done;
+      if (p.running && p.done > 0 && p.done < 60) {
+        seen_running.fetch_add(1);
+        EXPECT_EQ(p.total, 60u);
+        EXPECT_GT(p.rate, 0.0);
+        EXPECT_GE(p.eta_s, 0.0);
+      }
+      std::this_thread::yield();
+    }
+  });
+  g.gather();
+  over.store(true);
+  reader.join();
+  EXPECT_GT(seen_running.load(), 0u) << "no snapshot taken mid-run";
+  const Progress p = g.progress();
+  EXPECT_FALSE(p.running);
+  EXPECT_EQ(p.total, 60u);
+  EXPECT_EQ(p.done, 60u);
+  EXPECT_EQ(p.failed, 6u);
+  EXPECT_GT(p.elapsed_s, 0.0);
+  EXPECT_GT(p.rate, 0.0);
+  EXPECT_EQ(p.eta_s, 0.0);
+  const double elapsed = p.elapsed_s;
+  EXPECT_EQ(g.progress().elapsed_s, elapsed) << "the clock goes on after the run ended";
 }
 
 }  // namespace

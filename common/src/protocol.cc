@@ -308,6 +308,17 @@ const char* CommandName(Command command) {
     case Command::kSession: return "SESSION";
     case Command::kDispatch: return "DISPATCH";
     case Command::kEndSession: return "END_SESSION";
+    case Command::kDrain: return "DRAIN";
+    case Command::kStatus: return "STATUS";
+    case Command::kListWorkers: return "WORKERS";
+    case Command::kListSessions: return "SESSIONS";
+    case Command::kCancelSession: return "CANCEL_SESSION";
+    case Command::kDrainWorker: return "DRAIN_WORKER";
+    case Command::kShutdown: return "SHUTDOWN";
+    case Command::kStatusReport: return "STATUS_REPORT";
+    case Command::kWorkersReport: return "WORKERS_REPORT";
+    case Command::kSessionsReport: return "SESSIONS_REPORT";
+    case Command::kDone: return "DONE";
   }
   return "UNKNOWN";
 }
@@ -330,7 +341,10 @@ Result<Command> PeekCommand(std::span<const zmq::message_t> frames) {
     case Command::kHeartbeat: case Command::kOpened: case Command::kResults: case Command::kClosed:
     case Command::kError: case Command::kReady: case Command::kSession: case Command::kDispatch:
     case Command::kEndSession: case Command::kDraining: case Command::kDisconnect: case Command::kAck:
-    case Command::kSync: case Command::kSynced: case Command::kHolding:
+    case Command::kSync: case Command::kSynced: case Command::kHolding: case Command::kDrain:
+    case Command::kStatus: case Command::kListWorkers: case Command::kListSessions: case Command::kCancelSession:
+    case Command::kDrainWorker: case Command::kShutdown: case Command::kStatusReport: case Command::kWorkersReport:
+    case Command::kSessionsReport: case Command::kDone:
       return c;
   }
   return Unexpected(InvalidArgument("unknown command"));
@@ -573,11 +587,78 @@ Frames Encode(const Holding& m) {
 Frames Encode(const Ready& m) {
   msgpack::sbuffer buf(64);
   Packer pk(buf);
-  pk.pack_array(3);
+  pk.pack_array(4);
   PackStr(pk, m.worker_id);
   PackStr(pk, m.host);
   pk.pack(m.slots);
+  pk.pack(m.pid);
   return Start(Command::kReady, buf);
+}
+
+Frames Encode(const StatusReport& m) {
+  msgpack::sbuffer buf(128);
+  Packer pk(buf);
+  pk.pack_array(12);
+  PackStr(pk, m.version);
+  for (std::uint64_t v : {m.uptime_ms, m.sessions, m.workers, m.queued, m.in_flight, m.done, m.failed, m.retried,
+                          m.redispatched, m.rate_10s_milli, m.rate_1m_milli}) {
+    pk.pack(v);
+  }
+  return Start(Command::kStatusReport, buf);
+}
+
+Frames Encode(const std::vector<WorkerRow>& m) {
+  msgpack::sbuffer buf(64 + 96 * m.size());
+  Packer pk(buf);
+  pk.pack_array(static_cast<std::uint32_t>(m.size()));
+  for (const WorkerRow& w : m) {
+    pk.pack_array(9);
+    PackStr(pk, w.worker_id);
+    PackStr(pk, w.host);
+    pk.pack(w.pid);
+    pk.pack(w.slots);
+    pk.pack(w.in_flight);
+    pk.pack(w.done);
+    pk.pack(w.failed);
+    pk.pack(w.heartbeat_age_ms);
+    PackStr(pk, w.state);
+  }
+  return Start(Command::kWorkersReport, buf);
+}
+
+Frames Encode(const std::vector<SessionRow>& m) {
+  msgpack::sbuffer buf(64 + 96 * m.size());
+  Packer pk(buf);
+  pk.pack_array(static_cast<std::uint32_t>(m.size()));
+  for (const SessionRow& s : m) {
+    pk.pack_array(9);
+    PackBin(pk, s.session.raw());
+    PackStr(pk, s.client_host);
+    pk.pack(s.window);
+    pk.pack(s.queued);
+    pk.pack(s.in_flight);
+    pk.pack(s.done);
+    pk.pack(s.failed);
+    pk.pack(s.age_ms);
+    pk.pack(s.rate_milli);
+  }
+  return Start(Command::kSessionsReport, buf);
+}
+
+Frames Encode(const WorkerName& m) {
+  msgpack::sbuffer buf(32 + m.worker_id.size());
+  Packer pk(buf);
+  pk.pack_array(1);
+  PackStr(pk, m.worker_id);
+  return Start(Command::kDrainWorker, buf);
+}
+
+Frames Encode(const Done& m) {
+  msgpack::sbuffer buf(32 + m.message.size());
+  Packer pk(buf);
+  pk.pack_array(1);
+  PackStr(pk, m.message);
+  return Start(Command::kDone, buf);
 }
 
 Frames Encode(const ErrorReply& m) {
@@ -830,9 +911,9 @@ Result<ResultsIndex> DecodeResultsIndex(std::span<const zmq::message_t> frames) 
         AsStr(pair.ptr[0], "header name is not str");
         AsStr(pair.ptr[1], "header value is not str");
       }
-      AsUint<std::uint8_t>(f.ptr[3], "error code");
+      if (AsUint<std::uint8_t>(f.ptr[3], "error code") != 0) ++m.failed;
       AsStr(f.ptr[4], "error message");
-      AsUint<std::uint32_t>(f.ptr[5], "attempts");
+      if (const auto attempts = AsUint<std::uint32_t>(f.ptr[5], "attempts"); attempts > 1) m.retries += attempts - 1;
       AsUint<std::uint64_t>(f.ptr[6], "elapsed_us");
       AsStr(f.ptr[7], "worker");
       if (f.size > 8 && f.ptr[8].type != msgpack::type::NIL) m.rates.emplace_back(i, AsRateReport(f.ptr[8]));
@@ -887,11 +968,88 @@ Result<EndSession> DecodeEndSession(std::span<const zmq::message_t> frames) {
 Result<Ready> DecodeReady(std::span<const zmq::message_t> frames) {
   return Guard([&] {
     auto h = Header(frames, 3);
-    const auto& a = AsArray(h.get(), 3, "header is not [worker_id, host, slots]");
+    const auto& a = AsArray(h.get(), 3, "header is not [worker_id, host, slots, pid]");
     Ready r{std::string(AsStr(a.ptr[0], "worker_id")), std::string(AsStr(a.ptr[1], "host")),
-            AsUint<std::uint32_t>(a.ptr[2], "slots")};
+            AsUint<std::uint32_t>(a.ptr[2], "slots"), 0};
     if (r.slots == 0) Fail("slots must be positive");
+    // §3.4: pid was appended; a 3-element READY (an older worker) is valid.
+    if (a.size >= 4) r.pid = AsUint<std::uint32_t>(a.ptr[3], "pid");
     return r;
+  });
+}
+
+Result<StatusReport> DecodeStatusReport(std::span<const zmq::message_t> frames) {
+  return Guard([&] {
+    auto h = Header(frames, 3);
+    const auto& a = AsArray(h.get(), 12, "header is not a 12-element status");
+    StatusReport r;
+    r.version = AsStr(a.ptr[0], "version");
+    std::uint64_t* fields[] = {&r.uptime_ms, &r.sessions, &r.workers, &r.queued, &r.in_flight, &r.done,
+                               &r.failed, &r.retried, &r.redispatched, &r.rate_10s_milli, &r.rate_1m_milli};
+    for (std::size_t i = 0; i < std::size(fields); ++i) *fields[i] = AsUint<std::uint64_t>(a.ptr[1 + i], "status field");
+    return r;
+  });
+}
+
+Result<std::vector<WorkerRow>> DecodeWorkersReport(std::span<const zmq::message_t> frames) {
+  return Guard([&] {
+    auto h = Header(frames, 3);
+    const auto& list = AsArray(h.get(), 0, "header is not a list of workers");
+    std::vector<WorkerRow> rows(list.size);
+    for (std::uint32_t i = 0; i < list.size; ++i) {
+      const auto& a = AsArray(list.ptr[i], 9, "worker row is not a 9-array");
+      WorkerRow& w = rows[i];
+      w.worker_id = AsStr(a.ptr[0], "worker_id");
+      w.host = AsStr(a.ptr[1], "host");
+      w.pid = AsUint<std::uint32_t>(a.ptr[2], "pid");
+      w.slots = AsUint<std::uint32_t>(a.ptr[3], "slots");
+      w.in_flight = AsUint<std::uint64_t>(a.ptr[4], "in_flight");
+      w.done = AsUint<std::uint64_t>(a.ptr[5], "done");
+      w.failed = AsUint<std::uint64_t>(a.ptr[6], "failed");
+      w.heartbeat_age_ms = AsUint<std::uint64_t>(a.ptr[7], "heartbeat_age_ms");
+      w.state = AsStr(a.ptr[8], "state");
+    }
+    return rows;
+  });
+}
+
+Result<std::vector<SessionRow>> DecodeSessionsReport(std::span<const zmq::message_t> frames) {
+  return Guard([&] {
+    auto h = Header(frames, 3);
+    const auto& list = AsArray(h.get(), 0, "header is not a list of sessions");
+    std::vector<SessionRow> rows(list.size);
+    for (std::uint32_t i = 0; i < list.size; ++i) {
+      const auto& a = AsArray(list.ptr[i], 9, "session row is not a 9-array");
+      SessionRow& s = rows[i];
+      s.session = AsSession(a.ptr[0]);
+      s.client_host = AsStr(a.ptr[1], "client_host");
+      s.window = AsUint<std::uint32_t>(a.ptr[2], "window");
+      s.queued = AsUint<std::uint64_t>(a.ptr[3], "queued");
+      s.in_flight = AsUint<std::uint64_t>(a.ptr[4], "in_flight");
+      s.done = AsUint<std::uint64_t>(a.ptr[5], "done");
+      s.failed = AsUint<std::uint64_t>(a.ptr[6], "failed");
+      s.age_ms = AsUint<std::uint64_t>(a.ptr[7], "age_ms");
+      s.rate_milli = AsUint<std::uint64_t>(a.ptr[8], "rate_milli");
+    }
+    return rows;
+  });
+}
+
+Result<WorkerName> DecodeWorkerName(std::span<const zmq::message_t> frames) {
+  return Guard([&] {
+    auto h = Header(frames, 3);
+    const auto& a = AsArray(h.get(), 1, "header is not [worker_id]");
+    WorkerName m{std::string(AsStr(a.ptr[0], "worker_id"))};
+    if (m.worker_id.empty()) Fail("worker_id is empty");
+    return m;
+  });
+}
+
+Result<Done> DecodeDone(std::span<const zmq::message_t> frames) {
+  return Guard([&] {
+    auto h = Header(frames, 3);
+    const auto& a = AsArray(h.get(), 1, "header is not [message]");
+    return Done{std::string(AsStr(a.ptr[0], "message"))};
   });
 }
 

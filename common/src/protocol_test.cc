@@ -250,6 +250,8 @@ TEST(ProtocolTest, SessionReadyErrorHeartbeatRoundTrip) {
   EXPECT_EQ(r.worker_id, "w-1");
   EXPECT_EQ(r.host, "host");
   EXPECT_EQ(r.slots, 2048u);
+  EXPECT_EQ(r.pid, 0u);
+  EXPECT_EQ(Must(DecodeReady(Encode(Ready{"w-1", "host", 1, 4242}))).pid, 4242u);
 
   ErrorReply e = Must(DecodeError(Encode(ErrorReply{StatusCode::kNotFound, "no such session", sid})));
   EXPECT_EQ(e.code, StatusCode::kNotFound);
@@ -631,6 +633,121 @@ TEST(ProtocolTest, RejectsBadSignature) {
   EXPECT_EQ(PeekCommand(f).error().code(), StatusCode::kInvalidArgument);
   f[0] = zmq::message_t("GTR", 3);
   EXPECT_EQ(PeekCommand(f).error().code(), StatusCode::kInvalidArgument);
+}
+
+// §3.4: READY's pid was appended; a 3-element READY (pid unknown) is still valid.
+TEST(ProtocolTest, Clause_3_4_1_ReadyWithoutPidIsAccepted) {
+  auto f = WithHeader(Command::kReady, [](auto& pk) {
+    pk.pack_array(3);
+    pk.pack(std::string("w"));
+    pk.pack(std::string("h"));
+    pk.pack(8);
+  });
+  const Ready r = Must(DecodeReady(f));
+  EXPECT_EQ(r.slots, 8u);
+  EXPECT_EQ(r.pid, 0u);
+  auto bad = WithHeader(Command::kReady, [](auto& pk) {
+    pk.pack_array(4);
+    pk.pack(std::string("w"));
+    pk.pack(std::string("h"));
+    pk.pack(8);
+    pk.pack(std::string("pid"));
+  });
+  EXPECT_FALSE(DecodeReady(bad).has_value());
+}
+
+// §3.9: every control message round-trips, with its command byte.
+TEST(ProtocolTest, Clause_3_9_ControlMessagesRoundTrip) {
+  for (Command c : {Command::kStatus, Command::kListWorkers, Command::kListSessions, Command::kShutdown,
+                    Command::kDrain}) {
+    Frames f = EncodeEmpty(c);
+    EXPECT_EQ(CommandOf(f), c);
+    EXPECT_TRUE(DecodeEmpty(f).ok());
+  }
+  const StatusReport st{"0.1.0", 12345, 2, 3, 40, 50, 1000, 7, 9, 11, 250500, 99000};
+  Frames fs = Encode(st);
+  EXPECT_EQ(CommandOf(fs), Command::kStatusReport);
+  EXPECT_EQ(Must(DecodeStatusReport(fs)), st);
+
+  const std::vector<WorkerRow> workers = {{"w-1", "host-a", 4242, 64, 10, 1000, 3, 150, "busy"},
+                                          {"w-2", "host-b", 1, 8, 0, 0, 0, 2500, "unresponsive"}};
+  Frames fw = Encode(workers);
+  EXPECT_EQ(CommandOf(fw), Command::kWorkersReport);
+  EXPECT_EQ(Must(DecodeWorkersReport(fw)), workers);
+  EXPECT_TRUE(Must(DecodeWorkersReport(Encode(std::vector<WorkerRow>{}))).empty());
+
+  const std::vector<SessionRow> sessions = {{NewSessionId(), "127.0.0.1", 25, 5, 25, 100, 1, 60000, 12500}};
+  Frames fr = Encode(sessions);
+  EXPECT_EQ(CommandOf(fr), Command::kSessionsReport);
+  EXPECT_EQ(Must(DecodeSessionsReport(fr)), sessions);
+
+  Frames fn = Encode(WorkerName{"w-1"});
+  EXPECT_EQ(CommandOf(fn), Command::kDrainWorker);
+  EXPECT_EQ(Must(DecodeWorkerName(fn)).worker_id, "w-1");
+
+  Frames fd = Encode(Done{"session cancelled"});
+  EXPECT_EQ(CommandOf(fd), Command::kDone);
+  EXPECT_EQ(Must(DecodeDone(fd)).message, "session cancelled");
+
+  const SessionId sid = NewSessionId();
+  Frames fc = Encode(Command::kCancelSession, SessionRef{sid});
+  EXPECT_EQ(CommandOf(fc), Command::kCancelSession);
+  EXPECT_EQ(Must(DecodeSessionRef(fc)).session, sid);
+}
+
+// §3.9, §2.4: control messages of the wrong shape are malformed.
+TEST(ProtocolTest, Clause_3_9_MalformedControlMessagesAreRejected) {
+  auto short_status = WithHeader(Command::kStatusReport, [](auto& pk) {
+    pk.pack_array(11);
+    pk.pack(std::string("v"));
+    for (int i = 0; i < 10; ++i) pk.pack(i);
+  });
+  EXPECT_EQ(DecodeStatusReport(short_status).error().code(), StatusCode::kInvalidArgument);
+  auto bad_row = WithHeader(Command::kWorkersReport, [](auto& pk) {
+    pk.pack_array(1);
+    pk.pack_array(9);
+    pk.pack(std::string("w"));
+    pk.pack(std::string("h"));
+    pk.pack(-5);  // pid
+    for (int i = 0; i < 5; ++i) pk.pack(i);
+    pk.pack(std::string("busy"));
+  });
+  EXPECT_FALSE(DecodeWorkersReport(bad_row).has_value());
+  auto short_session = WithHeader(Command::kSessionsReport, [](auto& pk) {
+    pk.pack_array(1);
+    pk.pack_array(8);
+    for (int i = 0; i < 8; ++i) pk.pack(i);
+  });
+  EXPECT_FALSE(DecodeSessionsReport(short_session).has_value());
+  auto empty_name = WithHeader(Command::kDrainWorker, [](auto& pk) {
+    pk.pack_array(1);
+    pk.pack(std::string(""));
+  });
+  EXPECT_FALSE(DecodeWorkerName(empty_name).has_value());
+  auto numeric_done = WithHeader(Command::kDone, [](auto& pk) {
+    pk.pack_array(1);
+    pk.pack(3);
+  });
+  EXPECT_FALSE(DecodeDone(numeric_done).has_value());
+  Frames extra = EncodeEmpty(Command::kStatus);
+  extra.emplace_back("x", 1);
+  EXPECT_FALSE(DecodeEmpty(extra).ok());
+}
+
+// DecodeResultsIndex counts failures and retries (for the broker's figures, §3.9.2).
+TEST(ProtocolTest, ResultsIndexCountsFailuresAndRetries) {
+  Results m{NewSessionId(), 1, {}};
+  for (int i = 0; i < 4; ++i) {
+    WireResult r;
+    r.index = static_cast<std::uint64_t>(i);
+    r.response.status = 200;
+    r.response.attempts = static_cast<std::uint32_t>(i + 1);  // 0 + 1 + 2 + 3 retries
+    if (i % 2) r.response.error = ResponseError{StatusCode::kHttpStatus, "503"};
+    m.results.push_back(std::move(r));
+  }
+  const ResultsIndex idx = Must(DecodeResultsIndex(Encode(std::move(m))));
+  EXPECT_EQ(idx.failed, 2u);
+  EXPECT_EQ(idx.retries, 6u);
 }
 
 TEST(ProtocolTest, RejectsUnknownCommand) {
@@ -1061,7 +1178,7 @@ TEST(ProtocolTest, RandomBytesNeverCrashDecoders) {
     for (auto& c : junk) c = static_cast<char>(rng());
     Frames f;
     f.emplace_back(kSignature.data(), kSignature.size());
-    const std::uint8_t c = static_cast<std::uint8_t>(0x10 + rng() % 0x33);
+    const std::uint8_t c = static_cast<std::uint8_t>(0x10 + rng() % 0x4c);
     f.emplace_back(&c, 1);
     f.emplace_back(junk.data(), junk.size());
     (void)PeekCommand(f);
@@ -1081,6 +1198,11 @@ TEST(ProtocolTest, RandomBytesNeverCrashDecoders) {
     (void)DecodeHeartbeat(f);
     (void)DecodeBrokerHeartbeat(f);
     (void)DecodeEmpty(f);
+    (void)DecodeStatusReport(f);
+    (void)DecodeWorkersReport(f);
+    (void)DecodeSessionsReport(f);
+    (void)DecodeWorkerName(f);
+    (void)DecodeDone(f);
     (void)PeekSession(f);
     // The same junk as frame 3 of a RESULTS with a valid frame 2.
     Frames r = Encode(Results{NewSessionId(), 1, {}});

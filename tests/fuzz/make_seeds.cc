@@ -143,7 +143,21 @@ void ProtocolSeeds(const fs::path& dir) {
   put("opened", Encode(Opened{b, 1000, 10000}));
   put("closed", Encode(Command::kClosed, SessionRef{b}));
   put("end_session", Encode(EndSession{a, 4}));
-  put("ready", Encode(Ready{"host-42-1", "host", 64}));
+  put("ready", Encode(Ready{"host-42-1", "host", 64, 4242}));
+  // §3.9 control.
+  put("status", EncodeEmpty(Command::kStatus));
+  put("workers", EncodeEmpty(Command::kListWorkers));
+  put("sessions", EncodeEmpty(Command::kListSessions));
+  put("shutdown", EncodeEmpty(Command::kShutdown));
+  put("drain", EncodeEmpty(Command::kDrain));
+  put("cancel_session", Encode(Command::kCancelSession, SessionRef{a}));
+  put("drain_worker", Encode(WorkerName{"host-42-1"}));
+  put("done", Encode(Done{"worker host-42-1 draining"}));
+  put("status_report", Encode(StatusReport{"0.1.0", 60000, 2, 3, 100, 50, 1ull << 33, 7, 9, 11, 250500, 99000}));
+  put("workers_report", Encode(std::vector<WorkerRow>{{"w-1", "host-a", 4242, 64, 10, 1000, 3, 150, "busy"},
+                                                      {"w-2", "host-b", 7, 8, 0, 0, 0, 2500, "unresponsive"}}));
+  put("workers_report_empty", Encode(std::vector<WorkerRow>{}));
+  put("sessions_report", Encode(std::vector<SessionRow>{{b, "127.0.0.1", 25, 5, 25, 100, 1, 60000, 12500}}));
   put("error", Encode(ErrorReply{StatusCode::kNotFound, "no such session", a}));
   put("error_no_session", Encode(ErrorReply{StatusCode::kFailedPrecondition,
                                              "unsupported protocol version 1, this peer speaks 2", std::nullopt}));

@@ -2,7 +2,9 @@
 // PeekCommand, DecodeSessionRef, DecodeOpen, DecodeStatements, DecodeResults,
 // DecodeResultsIndex, DecodeSession, DecodeEndSession, DecodeReady,
 // DecodeError, DecodeHeartbeat, DecodeBrokerHeartbeat, DecodeAck, DecodeSync,
-// DecodeSynced, DecodeHolding, DecodeEmpty (and RestampResults).
+// DecodeSynced, DecodeHolding, DecodeEmpty, the control decoders of §3.9
+// (DecodeStatusReport, DecodeWorkersReport, DecodeSessionsReport,
+// DecodeWorkerName, DecodeDone) (and RestampResults).
 //
 // The input is split into frames (framing.h) and every decoder runs on every
 // input, whatever frames 0 and 1 say: a receiver calls a decoder only after
@@ -245,7 +247,42 @@ void CheckReady(const Frames& frames) {
   CheckCommand(again, Command::kReady);
   auto back = DecodeReady(again);
   FUZZ_CHECK(back && back->worker_id == m->worker_id && back->host == m->host &&
-             back->slots == m->slots);
+             back->slots == m->slots && back->pid == m->pid);
+}
+
+// §3.9: control reports and requests round-trip.
+void CheckControl(const Frames& frames) {
+  if (auto m = DecodeStatusReport(frames)) {
+    Frames again = Encode(*m);
+    CheckCommand(again, Command::kStatusReport);
+    auto back = DecodeStatusReport(again);
+    FUZZ_CHECK(back && *back == *m);
+  }
+  if (auto m = DecodeWorkersReport(frames)) {
+    Frames again = Encode(*m);
+    CheckCommand(again, Command::kWorkersReport);
+    auto back = DecodeWorkersReport(again);
+    FUZZ_CHECK(back && *back == *m);
+  }
+  if (auto m = DecodeSessionsReport(frames)) {
+    Frames again = Encode(*m);
+    CheckCommand(again, Command::kSessionsReport);
+    auto back = DecodeSessionsReport(again);
+    FUZZ_CHECK(back && *back == *m);
+  }
+  if (auto m = DecodeWorkerName(frames)) {
+    FUZZ_CHECK(!m->worker_id.empty());
+    Frames again = Encode(*m);
+    CheckCommand(again, Command::kDrainWorker);
+    auto back = DecodeWorkerName(again);
+    FUZZ_CHECK(back && back->worker_id == m->worker_id);
+  }
+  if (auto m = DecodeDone(frames)) {
+    Frames again = Encode(*m);
+    CheckCommand(again, Command::kDone);
+    auto back = DecodeDone(again);
+    FUZZ_CHECK(back && back->message == m->message);
+  }
 }
 
 void CheckError(const Frames& frames) {
@@ -289,7 +326,8 @@ void CheckBrokerHeartbeat(const Frames& frames) {
 
 void CheckEmpty(const Frames& frames) {
   if (!DecodeEmpty(frames).ok()) return;
-  for (Command c : {Command::kDraining, Command::kDisconnect}) {
+  for (Command c : {Command::kDraining, Command::kDisconnect, Command::kDrain, Command::kStatus,
+                    Command::kListWorkers, Command::kListSessions, Command::kShutdown}) {
     Frames again = EncodeEmpty(c);
     CheckCommand(again, c);
     FUZZ_CHECK(DecodeEmpty(again).ok());
@@ -310,6 +348,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   CheckSession(frames);
   CheckEndSession(frames);
   CheckReady(frames);
+  CheckControl(frames);
   CheckError(frames);
   CheckHeartbeat(frames);
   CheckBrokerHeartbeat(frames);
@@ -317,6 +356,6 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   CheckSync(frames);
   CheckSynced(frames);
   CheckHolding(frames);
-  CheckEmpty(frames);  // DRAINING, DISCONNECT
+  CheckEmpty(frames);  // DRAINING, DISCONNECT, DRAIN, STATUS, WORKERS, SESSIONS, SHUTDOWN
   return 0;
 }

@@ -868,3 +868,74 @@ TEST(CliTest, DebugLogLevelPrintsNoLinePerFailedStatement) {
 
 }  // namespace
 }  // namespace gatherer::testing
+
+// --- progress -------------------------------------------------------------------
+
+namespace gatherer::testing {
+namespace {
+
+using namespace std::chrono_literals;
+
+std::string ReadFile(const std::string& path) {
+  std::string text;
+  if (std::FILE* f = std::fopen(path.c_str(), "r")) {
+    char buf[4096];
+    std::size_t n;
+    while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) text.append(buf, n);
+    std::fclose(f);
+  }
+  return text;
+}
+
+// stderr a terminal, stdout a file: the bar is drawn while the run goes
+// (done / total, failed, req/s, ETA), erased at the end, and one summary
+// line follows; the responses in the file are untouched by it.
+TEST(CliTest, ProgressBarOnATerminalThenOneSummaryLine) {
+  HttpServer server(DelayHandler);
+  const TempFile file("gatherer_cli_test_progress.txt", DelayInput(server, 40, [](int) { return 100; }));
+  const std::string out_path = ::testing::TempDir() + "gatherer_cli_test_progress.out";
+  PtyProcess tty({"/bin/sh", "-c", "exec " + kGatherer + " fetch --workers 4 " + file.path() + " > " + out_path});
+  ASSERT_TRUE(tty.read_until("/40  ", 10s)) << tty.text();
+  ASSERT_TRUE(tty.read_until("req/s  ETA ", 10s)) << tty.text();
+  EXPECT_FALSE(tty.wait(0ms).has_value()) << "the run ended before its progress was seen";
+  ASSERT_EQ(tty.wait(30s), std::optional<int>(0)) << tty.text();
+  const std::string text = tty.text();
+  EXPECT_TRUE(Contains(text, " failed  ")) << text;
+  EXPECT_TRUE(Contains(text, "]  ")) << text;
+  // Erased (ESC [ K) before the summary, which is the one line that ends it.
+  const auto summary = text.find("gatherer: 40 statements: 40 ok, 0 failed");
+  ASSERT_NE(summary, std::string::npos) << text;
+  EXPECT_GE(summary, 3u);
+  EXPECT_EQ(text.substr(summary - 3, 3), "\x1b[K") << text;
+  EXPECT_EQ(Count(text.substr(summary), "\n"), 1u) << text;
+  ExpectDelayLines(ReadFile(out_path), 40);
+  std::remove(out_path.c_str());
+}
+
+// stderr not a terminal: no bar unless --progress asks for one.
+TEST(CliTest, NoProgressBarOffATerminalUnlessAsked) {
+  HttpServer server(DelayHandler);
+  const std::string input = DelayInput(server, 10, [](int) { return 50; });
+  Process plain({kGatherer, "fetch", "--workers", "2"}, input);
+  ASSERT_EQ(plain.wait(30s), std::optional<int>(0)) << plain.stderr_text();
+  EXPECT_FALSE(Contains(plain.stderr_text(), "\x1b[K")) << plain.stderr_text();
+  EXPECT_EQ(Count(plain.stderr_text(), "\n"), 1u) << plain.stderr_text();
+  Process asked({kGatherer, "fetch", "--workers", "2", "--progress"}, input);
+  ASSERT_EQ(asked.wait(30s), std::optional<int>(0)) << asked.stderr_text();
+  EXPECT_TRUE(Contains(asked.stderr_text(), "/10  ")) << asked.stderr_text();
+  EXPECT_TRUE(Contains(asked.stderr_text(), "\x1b[K")) << asked.stderr_text();
+  ExpectDelayLines(asked.stdout_text(), 10);
+}
+
+// stdout and stderr one terminal: responses are written there, no bar tears them.
+TEST(CliTest, NoProgressBarWhenStdoutIsTheSameTerminal) {
+  HttpServer server(DelayHandler);
+  const TempFile file("gatherer_cli_test_progress_same.txt", DelayInput(server, 10, [](int) { return 50; }));
+  PtyProcess tty({kGatherer, "fetch", "--workers", "2", file.path()});
+  ASSERT_EQ(tty.wait(30s), std::optional<int>(0)) << tty.text();
+  EXPECT_FALSE(Contains(tty.text(), "\x1b[K")) << tty.text();
+  EXPECT_EQ(Count(tty.text(), "{\"index\":"), 10u) << tty.text();
+}
+
+}  // namespace
+}  // namespace gatherer::testing

@@ -98,6 +98,31 @@ bool IsFieldValue(std::string_view s) {
 
 // Statuses an idempotent statement is tried again after: the request timed
 // out at the server, was throttled, or met a failing or overloaded server.
+// /metrics: the cause of an HTTP retry (IsRetryableHttpStatus statuses).
+RetryCause RetryCauseOf(long status) {
+  switch (status) {
+    case 408: return RetryCause::k408;
+    case 429: return RetryCause::k429;
+    case 500: return RetryCause::k500;
+    case 502: return RetryCause::k502;
+    case 503: return RetryCause::k503;
+    default: return RetryCause::k504;
+  }
+}
+
+// /metrics: the host a transfer's last request went to (only for a 429).
+std::string HostOf(CURL* easy) {
+  char* url = nullptr;
+  curl_easy_getinfo(easy, CURLINFO_EFFECTIVE_URL, &url);
+  if (!url) return "unknown";
+  std::string_view u(url);
+  const auto scheme = u.find("://");
+  if (scheme != std::string_view::npos) u.remove_prefix(scheme + 3);
+  u = u.substr(0, u.find_first_of("/?#"));
+  if (const auto at = u.rfind('@'); at != std::string_view::npos) u.remove_prefix(at + 1);
+  return std::string(u);
+}
+
 bool IsRetryableHttpStatus(long status) {
   return status == 408 || status == 429 || status == 500 || status == 502 || status == 503 ||
          status == 504;
@@ -775,6 +800,8 @@ class IoThread {
         return;
       }
     }
+    FetchMetrics* metrics = context_.options->metrics;
+    if (metrics && code == CURLE_OK && status == 429) metrics->note_429(HostOf(transfer->easy));
     if (code == CURLE_OK) {
       if (status >= settings.accept_min && status <= settings.accept_max) {
         finish(transfer, std::nullopt);
@@ -793,6 +820,7 @@ class IoThread {
         const std::uint64_t base = status == 429 ? std::max<std::uint64_t>(settings.backoff_base_ms,
                                                                             kThrottledBackoffBaseMs)
                                                  : settings.backoff_base_ms;
+        if (metrics) metrics->note_retry(RetryCauseOf(status));
         schedule_retry(transfer, retry_after, base);
         return;
       }
@@ -842,6 +870,7 @@ class IoThread {
         message += "; ";
         message += kOutcomeUnknown;
       } else if (attempts_left) {
+        if (metrics) metrics->note_retry(RetryCause::kTransport);
         schedule_retry(transfer, std::nullopt, settings.backoff_base_ms);
         return;
       } else if (transfer->attempts > 1) {
@@ -898,6 +927,9 @@ class IoThread {
         std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - transfer->started).count());
     result.response.worker = context_.options->worker_id;
     result.rate = std::move(transfer->rate);
+    if (FetchMetrics* metrics = context_.options->metrics) {
+      metrics->note_finished(result.response.elapsed_us, result.response.body.size(), result.response.error.has_value());
+    }
     if (session->results.size() == 1) with_results_.push_back(session);
     release_handles(transfer);
     session->transfers.erase(transfer);

@@ -22,6 +22,7 @@
 #include "gatherer/config.h"
 #include "gatherer/destinations.h"
 #include "gatherer/ids.h"
+#include "fetch_metrics.h"
 #include "gatherer/protocol.h"
 #include "gatherer/statement.h"
 
@@ -49,6 +50,9 @@ class Fetcher {
     // already bounds concurrency in the cluster, so the default adds none: a
     // cap below the window would silently shrink it on HTTP/1.1.
     long max_host_connections = 0;
+    // Counters for /metrics (retries by cause, 429s by host, latency and
+    // body size histograms); nullptr = not counted. Outlives the Fetcher.
+    FetchMetrics* metrics = nullptr;
     // Destinations refused whatever a statement asks (addresses after DNS,
     // hosts; redirects included): permission_denied, not retried.
     DestinationPolicy destinations;

@@ -58,7 +58,10 @@ struct Worker::Impl {
   std::chrono::milliseconds drain_timeout{0};  // written before drain_requested
   std::thread thread;
   WorkerStats stats;
+  worker::FetchMetrics fetch_metrics;  // for metrics_text(), when options.metrics
   RateLimitedLog bad_frame_log;
+  RateLimitedLog send_failed_log;
+  RateLimitedLog broker_error_log;  // ERRORs from the broker, one line a second  // a gone broker fails every send: one line a second
   Clock::time_point last_heard;
   // Sessions opened by SESSION, with the indices in hand for each (taken
   // and not yet answered: what HOLDING reports, §3.7); owned by the socket
@@ -79,6 +82,7 @@ struct Worker::Impl {
   std::string refusal;  // why the broker refused the last handshake, if it did
   Clock::time_point next_heartbeat;
   bool draining = false;
+  bool remote_drain = false;  // the broker sent DRAIN (§3.9.5)
   Clock::time_point drain_deadline;
 
   explicit Impl(WorkerOptions o) : options(std::move(o)) {}
@@ -91,7 +95,10 @@ struct Worker::Impl {
   // whole send timeout): whatever it carried must be sent again.
   bool send(proto::Frames&& frames) {
     if (proto::SendMessage(*dealer, {}, frames, /*block=*/true) != proto::SendResult::kSent) {
-      log().warn("worker {}: send to broker failed", id);
+      std::uint64_t suppressed = 0;
+      if (send_failed_log.allow(suppressed)) {
+        log().warn("worker {}: send to broker failed ({} more suppressed)", id, suppressed);
+      }
       return false;
     }
     return true;
@@ -112,7 +119,7 @@ struct Worker::Impl {
     unacked.clear();
     order_seq = 0;
     results_seq = 0;
-    send(proto::Encode(proto::Ready{id, host, slots}));
+    send(proto::Encode(proto::Ready{id, host, slots, static_cast<std::uint32_t>(::getpid())}));
     awaiting_registration = true;
     // A drain outlives a re-registration: the new broker is told too.
     if (draining) send(proto::EncodeEmpty(proto::Command::kDraining));
@@ -263,6 +270,12 @@ void Worker::Impl::handle(std::vector<zmq::message_t>& frames) {
       }
       return;
     }
+    case proto::Command::kDrain: {
+      // §3.9.5: an operator asked for this worker to drain, as on SIGTERM.
+      if (Status st = proto::DecodeEmpty(frames); !st.ok()) return bad(st);
+      remote_drain = true;
+      return;
+    }
     case proto::Command::kAck: {
       auto m = proto::DecodeAck(frames);
       if (!m) return bad(m.error());
@@ -273,7 +286,11 @@ void Worker::Impl::handle(std::vector<zmq::message_t>& frames) {
       auto m = proto::DecodeError(frames);
       if (!m) return bad(m.error());
       if (m->code == StatusCode::kNotFound && awaiting_registration) return;  // answers a message sent before READY
-      log().warn("worker {}: broker says {}: {}", id, StatusCodeName(m->code), m->message);
+      std::uint64_t suppressed = 0;
+      if (broker_error_log.allow(suppressed)) {
+        log().warn("worker {}: broker says {}: {} ({} more suppressed)", id, StatusCodeName(m->code), m->message,
+                   suppressed);
+      }
       // The broker does not know us (it restarted): register again.
       if (m->code == StatusCode::kNotFound) register_with_broker(/*resend_unacked=*/false);
       return;
@@ -319,11 +336,14 @@ void Worker::Impl::flush_results() {
 // hand or the deadline passed. True when the worker is done.
 bool Worker::Impl::drain_step(Clock::time_point now) {
   if (!draining) {
-    if (!drain_requested.load(std::memory_order_acquire)) return false;
+    const bool local = drain_requested.load(std::memory_order_acquire);
+    if (!local && !remote_drain) return false;
     draining = true;
-    drain_deadline = now + drain_timeout;
-    log().info("worker {}: draining: no new work; {} statements in hand, {} ms to finish them", id, in_hand,
-                  drain_timeout.count());
+    // drain_timeout is written before drain_requested, so read only after it.
+    const auto timeout = local ? drain_timeout : options.drain_timeout;
+    drain_deadline = now + timeout;
+    log().info("worker {}: draining ({}): no new work; {} statements in hand, {} ms to finish them", id,
+               local ? "signal" : "asked by the broker", in_hand, timeout.count());
     send(proto::EncodeEmpty(proto::Command::kDraining));
   }
   if (in_hand > 0 && now < drain_deadline) return false;
@@ -436,6 +456,7 @@ Status Worker::start() {
   worker::Fetcher::Options fo;
   fo.io_threads = io;
   fo.worker_id = m.id;
+  fo.metrics = m.options.metrics ? &m.fetch_metrics : nullptr;
   fo.destinations = m.options.destinations;
   m.fetcher = std::make_unique<worker::Fetcher>(
       fo, [&m](const SessionId& session, std::vector<worker::FetchResult>&& results) {
@@ -472,6 +493,31 @@ void Worker::stop() {
 }
 
 const WorkerStats& Worker::stats() const { return impl_->stats; }
+
+std::string Worker::metrics_text() const {
+  const Impl& m = *impl_;
+  const auto load = [](const std::atomic<std::uint64_t>& a) { return a.load(std::memory_order_relaxed); };
+  std::string out = fmt::format(
+      "# HELP gatherer_worker_build_info Always 1; the version and worker id in labels.\n"
+      "# TYPE gatherer_worker_build_info gauge\n"
+      "gatherer_worker_build_info{{version=\"{}\",worker=\"{}\"}} 1\n"
+      "# HELP gatherer_worker_slots Statements this worker takes at once.\n# TYPE gatherer_worker_slots gauge\n"
+      "gatherer_worker_slots {}\n"
+      "# HELP gatherer_worker_statements_received_total Statements dispatched to this worker.\n"
+      "# TYPE gatherer_worker_statements_received_total counter\ngatherer_worker_statements_received_total {}\n"
+      "# HELP gatherer_worker_statements_done_total Statements answered to the broker.\n"
+      "# TYPE gatherer_worker_statements_done_total counter\ngatherer_worker_statements_done_total {}\n"
+      "# HELP gatherer_worker_statements_in_flight Statements in hand.\n"
+      "# TYPE gatherer_worker_statements_in_flight gauge\ngatherer_worker_statements_in_flight {}\n"
+      "# HELP gatherer_worker_malformed_frames_total Malformed messages dropped.\n"
+      "# TYPE gatherer_worker_malformed_frames_total counter\ngatherer_worker_malformed_frames_total {}\n"
+      "# HELP gatherer_worker_registrations_total READY messages sent (registrations with the broker).\n"
+      "# TYPE gatherer_worker_registrations_total counter\ngatherer_worker_registrations_total {}\n",
+      GATHERER_VERSION, m.id, m.slots, load(m.stats.received), load(m.stats.completed), load(m.stats.in_hand),
+      load(m.stats.malformed), load(m.stats.registrations));
+  if (m.options.metrics) out += m.fetch_metrics.render();
+  return out;
+}
 const std::string& Worker::id() const { return impl_->id; }
 std::size_t Worker::sessions() const { return impl_->fetcher ? impl_->fetcher->sessions() : 0; }
 

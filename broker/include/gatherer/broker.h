@@ -11,6 +11,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -72,6 +73,14 @@ struct BrokerOptions {
   // Rate limits for every session that declares none (PROTOCOL.md §3.8):
   // host rules ("20:1,100:120" per destination host) and named rules.
   std::vector<RateRule> rate_limits;
+  // Called on the loop thread when an operator asks for a shutdown
+  // (gatherer-ctl shutdown, PROTOCOL.md §3.9.6); gatherer-broker raises its
+  // own SIGTERM there. Unset: the broker drains (drain()).
+  std::function<void()> on_shutdown;
+  // Publish per-worker and per-session figures for metrics_text(), once per
+  // heartbeat period (gatherer-broker --metrics). Off: metrics_text() has
+  // the broker-wide counters only.
+  bool metrics = false;
 };
 
 // Counters, readable from any thread (relaxed; for tests and metrics).
@@ -89,6 +98,13 @@ struct BrokerStats {
   std::atomic<std::uint64_t> poisoned{0};
   std::atomic<std::uint64_t> malformed{0};
   std::atomic<std::uint64_t> sessions_expired{0};
+  // Statements answered to clients (forwarded results and the broker's own
+  // failures), of them with an error, and attempts beyond the first that
+  // workers reported (PROTOCOL.md §3.9.2).
+  std::atomic<std::uint64_t> done{0};
+  std::atomic<std::uint64_t> failed{0};
+  std::atomic<std::uint64_t> retried{0};
+  std::atomic<std::uint64_t> sessions_cancelled{0};  // by an operator
   // CURVE: messages refused because their key may not send them (a client
   // key acting as a worker, another key naming a session).
   std::atomic<std::uint64_t> denied{0};
@@ -116,6 +132,9 @@ class Broker {
   // The bound endpoints with wildcards resolved (tcp://127.0.0.1:41234).
   const std::vector<std::string>& endpoints() const;
   const BrokerStats& stats() const;
+  // Prometheus text exposition of stats() and, with BrokerOptions::metrics,
+  // of each worker and session as of the last heartbeat. Any thread.
+  std::string metrics_text() const;
 
  private:
   struct Impl;

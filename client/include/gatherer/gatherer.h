@@ -115,6 +115,20 @@ struct Indexed {
 
 class Gatherer;
 
+// How far the current (or last) gather() or stream has got: a snapshot from
+// Gatherer::progress(), cheap enough to take often and to leave on (the run
+// keeps it with a few relaxed atomic increments per response).
+struct Progress {
+  std::uint64_t total = 0;   // statements of the run; 0 = not known (a lazy source)
+  std::uint64_t done = 0;    // answered, failures included
+  std::uint64_t failed = 0;  // answered with an error
+  double elapsed_s = 0;      // since the run started (until it ended)
+  double rate = 0;           // answered per second over elapsed_s
+  // Seconds left at `rate` when total is known and rate > 0; negative otherwise.
+  double eta_s = -1;
+  bool running = false;
+};
+
 // A running stream of responses (see Gatherer::stream). Pull with next() or
 // a range-for. Memory is bounded by the window and the reorder buffer; a slow
 // reader slows the fetching instead of growing memory.
@@ -209,6 +223,9 @@ class Gatherer {
 
   // The session id, uuid4 text.
   const std::string& session_id() const;
+
+  // The run's progress; callable from any thread (e.g. a progress bar's).
+  Progress progress() const;
 
   // Messages from the broker dropped as malformed (PROTOCOL.md §2.4); they
   // are also logged, at most one line per second.

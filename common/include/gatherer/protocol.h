@@ -64,6 +64,19 @@ enum class Command : std::uint8_t {
   kSession = 0x40,
   kDispatch = 0x41,
   kEndSession = 0x42,
+  kDrain = 0x5C,  // broker -> worker: drain as on SIGTERM (asked by gatherer-ctl, §3.9)
+
+  // control (gatherer-ctl <-> broker, §3.9)
+  kStatus = 0x50,
+  kListWorkers = 0x51,
+  kListSessions = 0x52,
+  kCancelSession = 0x53,
+  kDrainWorker = 0x54,
+  kShutdown = 0x55,
+  kStatusReport = 0x58,
+  kWorkersReport = 0x59,
+  kSessionsReport = 0x5A,
+  kDone = 0x5B,
 };
 
 const char* CommandName(Command command);
@@ -109,7 +122,7 @@ struct Results {
   std::uint64_t seq = 0;
   std::vector<WireResult> results;
 };
-// CANCEL, CLOSE, OPENED, CLOSED, END_SESSION carry only a session id.
+// CANCEL, CLOSE, OPENED, CLOSED, END_SESSION, CANCEL_SESSION carry only a session id.
 struct SessionRef {
   SessionId session;
 };
@@ -187,6 +200,59 @@ struct Ready {
   std::string host;
   // Statements this worker will take at once (its credit when idle).
   std::uint32_t slots = 0;
+  // Process id on `host`, for operators (§3.4); 0 = not told (a 3-element READY).
+  std::uint32_t pid = 0;
+};
+
+// ---- Control (§3.9): gatherer-ctl asks, the broker answers ----
+// Rates are in statements per second times 1,000 (msgpack carries unsigned
+// integers only, §2.6).
+struct StatusReport {
+  std::string version;
+  std::uint64_t uptime_ms = 0;
+  std::uint64_t sessions = 0;
+  std::uint64_t workers = 0;
+  std::uint64_t queued = 0;
+  std::uint64_t in_flight = 0;
+  std::uint64_t done = 0;
+  std::uint64_t failed = 0;
+  std::uint64_t retried = 0;
+  std::uint64_t redispatched = 0;
+  std::uint64_t rate_10s_milli = 0;
+  std::uint64_t rate_1m_milli = 0;
+  bool operator==(const StatusReport&) const = default;
+};
+struct WorkerRow {
+  std::string worker_id;
+  std::string host;
+  std::uint32_t pid = 0;
+  std::uint32_t slots = 0;
+  std::uint64_t in_flight = 0;
+  std::uint64_t done = 0;
+  std::uint64_t failed = 0;
+  std::uint64_t heartbeat_age_ms = 0;
+  std::string state;  // busy, idle, draining, unresponsive
+  bool operator==(const WorkerRow&) const = default;
+};
+struct SessionRow {
+  SessionId session;
+  std::string client_host;
+  std::uint32_t window = 0;
+  std::uint64_t queued = 0;
+  std::uint64_t in_flight = 0;
+  std::uint64_t done = 0;
+  std::uint64_t failed = 0;
+  std::uint64_t age_ms = 0;
+  std::uint64_t rate_milli = 0;  // over the last 10 s
+  bool operator==(const SessionRow&) const = default;
+};
+// DRAIN_WORKER names a worker by its worker_id (READY); DONE confirms an
+// action in words.
+struct WorkerName {
+  std::string worker_id;
+};
+struct Done {
+  std::string message;
 };
 struct ErrorReply {
   StatusCode code = StatusCode::kInternal;
@@ -223,6 +289,11 @@ Frames Encode(const Synced& m);
 Frames Encode(const Holding& m);
 // A worker's plain HEARTBEAT [].
 Frames EncodeHeartbeat();
+Frames Encode(const StatusReport& m);
+Frames Encode(const std::vector<WorkerRow>& m);
+Frames Encode(const std::vector<SessionRow>& m);
+Frames Encode(const WorkerName& m);  // DRAIN_WORKER
+Frames Encode(const Done& m);
 Frames Encode(const ClientBeat& m);
 // Same as Encode(ClientBeat{session}).
 Frames EncodeHeartbeat(const SessionId& session);
@@ -242,7 +313,13 @@ Result<Synced> DecodeSynced(std::span<const zmq::message_t> frames);
 Result<Holding> DecodeHolding(std::span<const zmq::message_t> frames);
 Result<Ready> DecodeReady(std::span<const zmq::message_t> frames);
 Result<ErrorReply> DecodeError(std::span<const zmq::message_t> frames);
-// A message whose header is an empty array: DRAINING, DISCONNECT.
+Result<StatusReport> DecodeStatusReport(std::span<const zmq::message_t> frames);
+Result<std::vector<WorkerRow>> DecodeWorkersReport(std::span<const zmq::message_t> frames);
+Result<std::vector<SessionRow>> DecodeSessionsReport(std::span<const zmq::message_t> frames);
+Result<WorkerName> DecodeWorkerName(std::span<const zmq::message_t> frames);
+Result<Done> DecodeDone(std::span<const zmq::message_t> frames);
+// A message whose header is an empty array: DRAINING, DISCONNECT, DRAIN,
+// STATUS, WORKERS, SESSIONS, SHUTDOWN.
 Frames EncodeEmpty(Command command);
 Status DecodeEmpty(std::span<const zmq::message_t> frames);
 
@@ -260,6 +337,10 @@ struct ResultsIndex {
   // Rate reports (§3.8) by position in `indices`; empty (no allocation) when
   // no result carries one.
   std::vector<std::pair<std::uint32_t, RateReport>> rates;
+  // Over all of them: results with an error, and attempts beyond the first
+  // (for the broker's counters, §3.9).
+  std::uint64_t failed = 0;
+  std::uint64_t retries = 0;
 };
 // Checks every field of every result, copying none of them.
 Result<ResultsIndex> DecodeResultsIndex(std::span<const zmq::message_t> frames);

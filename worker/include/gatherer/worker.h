@@ -46,6 +46,13 @@ struct WorkerOptions {
   // without HTTP, so the cost of client + broker is measured alone (the
   // routing benchmark). Never for real work.
   bool echo = false;
+  // Time to finish what it holds when the broker asks it to drain
+  // (gatherer-ctl drain, PROTOCOL.md §3.9.5), as drain() takes on SIGTERM.
+  std::chrono::milliseconds drain_timeout{30'000};
+  // Count retries by cause, 429s by host, latency and body sizes for
+  // metrics_text() (gatherer-worker --metrics): a few relaxed atomic
+  // increments per statement. Off: metrics_text() has WorkerStats only.
+  bool metrics = false;
   // Destinations this worker refuses to fetch from, whatever a statement
   // asks (private, loopback, link-local addresses; hosts off an allow-list).
   DestinationPolicy destinations;
@@ -88,6 +95,9 @@ class Worker {
   // Stops taking work, aborts in-flight transfers, closes the socket; idempotent.
   void stop();
   const WorkerStats& stats() const;
+  // Prometheus text exposition of stats() and, with WorkerOptions::metrics,
+  // of retries, 429s, latency and body sizes. Any thread.
+  std::string metrics_text() const;
   const std::string& id() const;
   // Sessions the worker currently holds (for tests: forgotten after close).
   std::size_t sessions() const;

@@ -1,0 +1,43 @@
+// gatherer-ctl's renderings: aligned tables, ages, rates, JSON field names.
+#include "ctl.h"
+
+#include <gtest/gtest.h>
+
+namespace gatherer::ctl {
+namespace {
+
+TEST(CtlTest, TablePadsColumnsAndRightAlignsNumbers) {
+  const std::string t = Table({"ID", "HOST", "DONE"}, {{"w1", "10.0.0.1", "5"}, {"worker-22", "h", "1234"}});
+  EXPECT_EQ(t,
+            "ID         HOST      DONE\n"
+            "w1         10.0.0.1     5\n"
+            "worker-22  h         1234\n");
+  // No rows: the header alone, no trailing spaces.
+  EXPECT_EQ(Table({"ID", "STATE"}, {}), "ID  STATE\n");
+}
+
+TEST(CtlTest, AgesAndRates) {
+  EXPECT_EQ(Age(0), "0ms");
+  EXPECT_EQ(Age(999), "999ms");
+  EXPECT_EQ(Age(12'400), "12.4s");
+  EXPECT_EQ(Age(185'000), "3m05s");
+  EXPECT_EQ(Age(7'260'000), "2h01m");
+  EXPECT_EQ(Rate(0), "0.0");
+  EXPECT_EQ(Rate(12'345), "12.3");
+}
+
+TEST(CtlTest, JsonNamesTheFields) {
+  const auto s = ToJson(protocol::StatusReport{"0.1.0", 1, 2, 3, 4, 5, 6, 7, 8, 9, 1500, 500});
+  EXPECT_EQ(s["done"], 6);
+  EXPECT_EQ(s["redispatched"], 9);
+  EXPECT_DOUBLE_EQ(s["rate_10s"].get<double>(), 1.5);
+  const auto w = ToJson(std::vector<protocol::WorkerRow>{{"w1", "h", 42, 8, 1, 2, 3, 150, "busy"}});
+  ASSERT_EQ(w.size(), 1u);
+  EXPECT_EQ(w[0]["id"], "w1");
+  EXPECT_EQ(w[0]["pid"], 42);
+  EXPECT_EQ(w[0]["state"], "busy");
+  EXPECT_EQ(ToJson(std::vector<protocol::SessionRow>{}), nlohmann::json::array());
+}
+
+}  // namespace
+}  // namespace gatherer::ctl

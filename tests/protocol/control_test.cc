@@ -1,0 +1,320 @@
+// gatherer-ctl against a live gatherer-broker process with live
+// gatherer-worker processes (PROTOCOL.md §3.9): status, workers, sessions,
+// cancel, drain, shutdown and top; a SIGSTOPped worker is shown as
+// unresponsive and busy again after SIGCONT, a SIGKILLed one disappears; a
+// broker that does not answer makes gatherer-ctl fail within --timeout.
+
+#include <signal.h>
+
+#include <future>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "free_port.h"
+#include "gatherer/gatherer.h"
+#include "handlers.h"
+#include "http_server.h"
+#include "process.h"
+#include "pty_process.h"
+#include "wait_for.h"
+
+namespace gatherer {
+namespace {
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+using nlohmann::json;
+using testing::DelayHandler;
+using testing::HttpServer;
+using testing::Process;
+using testing::WaitFor;
+
+const std::string kBin = GATHERER_BIN_DIR;
+
+struct CtlResult {
+  int exit = -1;
+  std::string out;
+  std::string err;
+};
+
+// One gatherer-ctl run; a hang fails the test (the process is killed).
+CtlResult Ctl(const std::string& broker, std::vector<std::string> args, std::chrono::milliseconds wait = 10s) {
+  std::vector<std::string> argv = {kBin + "/ctl/gatherer-ctl", "--broker", broker};
+  argv.insert(argv.end(), args.begin(), args.end());
+  Process p(std::move(argv));
+  const auto exit = p.wait(wait);
+  EXPECT_TRUE(exit.has_value()) << "gatherer-ctl did not exit";
+  return {exit.value_or(-1), p.stdout_text(), p.stderr_text()};
+}
+
+json CtlJson(const std::string& broker, const std::string& command) {
+  const CtlResult r = Ctl(broker, {"--json", command});
+  if (r.exit != 0) return json();
+  return json::parse(r.out, nullptr, /*allow_exceptions=*/false);
+}
+
+// The state of worker `id` in `gatherer-ctl workers --json`; "" when not listed.
+std::string WorkerState(const std::string& broker, const std::string& id) {
+  const json rows = CtlJson(broker, "workers");
+  if (!rows.is_array()) return "no answer";
+  for (const auto& w : rows) {
+    if (w["id"] == id) return w["state"].get<std::string>();
+  }
+  return "";
+}
+
+class Cluster {
+ public:
+  // heartbeat 200 ms; liveness 10 periods, so a stopped worker stays
+  // listed (unresponsive) for 2 s before it is presumed dead.
+  explicit Cluster(int workers, int slots = 4, const std::string& liveness = "10") : endpoint(testing::FreeTcpEndpoint()) {
+    broker = std::make_unique<Process>(std::vector<std::string>{kBin + "/broker/gatherer-broker", "--bind", endpoint,
+                                                                "--heartbeat-ms", "200", "--liveness", liveness,
+                                                                "--log-level", "error"});
+    for (int i = 1; i <= workers; ++i) {
+      std::string id = std::to_string(i);
+      id.insert(id.begin(), 'w');
+      this->workers.push_back(std::make_unique<Process>(std::vector<std::string>{
+          kBin + "/worker/gatherer-worker", "--broker", endpoint, "--id", id, "--io-threads", "1", "--slots",
+          std::to_string(slots), "--heartbeat-ms", "200", "--log-level", "error"}));
+    }
+    ready = WaitFor(
+        [&] {
+          const json s = CtlJson(endpoint, "status");
+          return s.is_object() && s["workers"] == workers;
+        },
+        10s);
+  }
+  std::string endpoint;
+  std::unique_ptr<Process> broker;
+  std::vector<std::unique_ptr<Process>> workers;
+  bool ready = false;
+};
+
+std::vector<Statement> Delayed(const HttpServer& server, int n, int delay_ms) {
+  std::vector<Statement> list;
+  for (int i = 0; i < n; ++i) list.push_back(Get(server.url("/d/" + std::to_string(i) + "/" + std::to_string(delay_ms))));
+  return list;
+}
+
+void ExpectAllBodies(const std::vector<Response>& responses, std::size_t n) {
+  ASSERT_EQ(responses.size(), n);
+  for (std::size_t i = 0; i < n; ++i) {
+    ASSERT_TRUE(responses[i].ok()) << i << ": " << responses[i].error->message;
+    ASSERT_EQ(responses[i].body, "body-" + std::to_string(i));
+  }
+}
+
+// §3.9: status, workers and sessions while a job runs, as JSON and as
+// aligned tables; done counts every statement once the job has ended.
+TEST(ControlTest, Clause_3_9_StatusWorkersAndSessionsOfALiveCluster) {
+  HttpServer server(DelayHandler);
+  Cluster c(2);
+  ASSERT_TRUE(c.ready);
+  constexpr int kCount = 48;
+  {
+    Gatherer g({.broker = c.endpoint, .workers = 8, .log_level = 40});
+    g.statements = Delayed(server, kCount, 150);
+    auto run = std::async(std::launch::async, [&] { return g.gather(); });
+    // Both workers hold statements: busy.
+    EXPECT_TRUE(WaitFor([&] { return WorkerState(c.endpoint, "w1") == "busy" && WorkerState(c.endpoint, "w2") == "busy"; },
+                        10s));
+    const json workers = CtlJson(c.endpoint, "workers");
+    ASSERT_TRUE(workers.is_array());
+    ASSERT_EQ(workers.size(), 2u);
+    for (const auto& w : workers) {
+      EXPECT_EQ(w["slots"], 4);
+      EXPECT_GT(w["pid"].get<int>(), 0);
+      EXPECT_EQ(w["pid"].get<int>(), w["id"] == "w1" ? c.workers[0]->pid() : c.workers[1]->pid());
+      EXPECT_FALSE(w["host"].get<std::string>().empty());
+      EXPECT_LE(w["heartbeat_age_ms"].get<int>(), 1000);  // heartbeats every 200 ms
+    }
+    const json sessions = CtlJson(c.endpoint, "sessions");
+    ASSERT_TRUE(sessions.is_array());
+    ASSERT_EQ(sessions.size(), 1u);
+    EXPECT_EQ(sessions[0]["window"], 8);
+    EXPECT_EQ(sessions[0]["client"], "127.0.0.1");
+    EXPECT_LE(sessions[0]["in_flight"].get<int>(), 8);
+    EXPECT_EQ(sessions[0]["id"].get<std::string>().size(), 36u);
+    // Tables: a header, one line per row, columns aligned.
+    const CtlResult table = Ctl(c.endpoint, {"workers"});
+    EXPECT_EQ(table.exit, 0);
+    EXPECT_EQ(table.out.rfind("ID  HOST", 0), 0u) << table.out;
+    EXPECT_NE(table.out.find("\nw1  "), std::string::npos) << table.out;
+    EXPECT_NE(table.out.find("\nw2  "), std::string::npos) << table.out;
+    const auto first_nl = table.out.find('\n');
+    const auto state_col = table.out.find("STATE");
+    const auto row = table.out.substr(first_nl + 1, table.out.find('\n', first_nl + 1) - first_nl - 1);
+    EXPECT_EQ(row.find("busy"), state_col) << table.out;
+    const CtlResult st = Ctl(c.endpoint, {"status"});
+    EXPECT_EQ(st.exit, 0);
+    EXPECT_NE(st.out.find("workers       2"), std::string::npos) << st.out;
+    EXPECT_NE(st.out.find("rate 10s"), std::string::npos) << st.out;
+    ExpectAllBodies(run.get(), kCount);
+  }
+  EXPECT_TRUE(WaitFor([&] { return CtlJson(c.endpoint, "sessions") == json::array(); }, 5s));
+  const json status = CtlJson(c.endpoint, "status");
+  ASSERT_TRUE(status.is_object());
+  EXPECT_EQ(status["done"], kCount);
+  EXPECT_EQ(status["failed"], 0);
+  EXPECT_EQ(status["queued"], 0);
+  EXPECT_EQ(status["in_flight"], 0);
+  EXPECT_EQ(status["sessions"], 0);
+  EXPECT_EQ(status["workers"], 2);
+  EXPECT_GT(status["rate_10s"].get<double>(), 0.0);
+  EXPECT_GT(status["rate_1m"].get<double>(), 0.0);
+  EXPECT_FALSE(status["version"].get<std::string>().empty());
+  const json workers = CtlJson(c.endpoint, "workers");
+  int done = 0;
+  for (const auto& w : workers) {
+    done += w["done"].get<int>();
+    EXPECT_EQ(w["state"], "idle");
+  }
+  EXPECT_EQ(done, kCount);
+}
+
+// §3.9.3: a SIGSTOPped worker (connection up, heartbeats late) is shown as
+// unresponsive, busy again after SIGCONT; a SIGKILLed one disappears once
+// presumed dead. The job still ends with every response.
+TEST(ControlTest, Clause_3_9_3_StoppedWorkerIsUnresponsiveKilledWorkerDisappears) {
+  HttpServer server(DelayHandler);
+  Cluster c(2);
+  ASSERT_TRUE(c.ready);
+  constexpr int kCount = 80;
+  Gatherer g({.broker = c.endpoint, .workers = 8, .log_level = 40});
+  g.statements = Delayed(server, kCount, 150);
+  auto run = std::async(std::launch::async, [&] { return g.gather(); });
+  ASSERT_TRUE(WaitFor([&] { return WorkerState(c.endpoint, "w1") == "busy"; }, 10s));
+  c.workers[0]->kill(SIGSTOP);
+  EXPECT_TRUE(WaitFor([&] { return WorkerState(c.endpoint, "w1") == "unresponsive"; }, 3s))
+      << "a stopped worker is not shown as unresponsive";
+  EXPECT_EQ(WorkerState(c.endpoint, "w2"), "busy");
+  c.workers[0]->kill(SIGCONT);
+  EXPECT_TRUE(WaitFor([&] { return WorkerState(c.endpoint, "w1") == "busy"; }, 5s))
+      << "a resumed worker is not busy again";
+  c.workers[0]->kill(SIGKILL);
+  const auto killed = Clock::now();
+  EXPECT_TRUE(WaitFor([&] { return WorkerState(c.endpoint, "w1").empty(); }, 5s))
+      << "a killed worker is still listed";
+  EXPECT_GE(Clock::now() - killed, 1s) << "removed before it was presumed dead";
+  ExpectAllBodies(run.get(), kCount);
+  const json workers = CtlJson(c.endpoint, "workers");
+  ASSERT_EQ(workers.size(), 1u);
+  EXPECT_EQ(workers[0]["id"], "w2");
+}
+
+// §3.9.4: cancel ends a running session: its client's run fails with
+// cancelled, the session is gone; an unknown session is an error (exit 1).
+TEST(ControlTest, Clause_3_9_4_CancelEndsASessionAndItsClientsRun) {
+  HttpServer server(DelayHandler);
+  Cluster c(1);
+  ASSERT_TRUE(c.ready);
+  Gatherer g({.broker = c.endpoint, .workers = 4, .log_level = 50});
+  g.statements = Delayed(server, 400, 300);
+  auto run = std::async(std::launch::async, [&] { return g.gather(); });
+  json sessions;
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        sessions = CtlJson(c.endpoint, "sessions");
+        return sessions.is_array() && sessions.size() == 1 && sessions[0]["in_flight"] == 4;
+      },
+      10s));
+  const std::string id = sessions[0]["id"];
+  const CtlResult cancel = Ctl(c.endpoint, {"cancel", id});
+  EXPECT_EQ(cancel.exit, 0) << cancel.err;
+  EXPECT_NE(cancel.out.find("cancelled"), std::string::npos) << cancel.out;
+  ASSERT_EQ(run.wait_for(5s), std::future_status::ready) << "the client's run did not end";
+  try {
+    run.get();
+    ADD_FAILURE() << "gather() returned after its session was cancelled";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), StatusCode::kCancelled) << e.what();
+  }
+  EXPECT_EQ(CtlJson(c.endpoint, "sessions"), json::array());
+  EXPECT_TRUE(WaitFor([&] { return CtlJson(c.endpoint, "status")["in_flight"] == 0; }, 3s));
+  const CtlResult again = Ctl(c.endpoint, {"cancel", id});
+  EXPECT_EQ(again.exit, 1);
+  EXPECT_NE(again.err.find("not_found"), std::string::npos) << again.err;
+  EXPECT_EQ(Ctl(c.endpoint, {"cancel", "not-a-session"}).exit, 2);
+}
+
+// §3.9.5: drain makes the worker finish what it holds, take nothing new and
+// exit 0; the job ends on the other worker; an unknown worker is an error.
+TEST(ControlTest, Clause_3_9_5_DrainedWorkerFinishesAndExits) {
+  HttpServer server(DelayHandler);
+  Cluster c(2);
+  ASSERT_TRUE(c.ready);
+  constexpr int kCount = 64;
+  Gatherer g({.broker = c.endpoint, .workers = 8, .log_level = 40});
+  g.statements = Delayed(server, kCount, 150);
+  auto run = std::async(std::launch::async, [&] { return g.gather(); });
+  ASSERT_TRUE(WaitFor([&] { return WorkerState(c.endpoint, "w1") == "busy"; }, 10s));
+  const CtlResult drain = Ctl(c.endpoint, {"drain", "w1"});
+  EXPECT_EQ(drain.exit, 0) << drain.err;
+  EXPECT_NE(drain.out.find("w1 draining"), std::string::npos) << drain.out;
+  const std::string state = WorkerState(c.endpoint, "w1");
+  EXPECT_TRUE(state == "draining" || state.empty()) << state;
+  const auto exit = c.workers[0]->wait(10s);
+  ASSERT_TRUE(exit.has_value()) << "the drained worker did not exit";
+  EXPECT_EQ(*exit, 0);
+  ExpectAllBodies(run.get(), kCount);
+  EXPECT_TRUE(WaitFor([&] { return WorkerState(c.endpoint, "w1").empty(); }, 3s));
+  const CtlResult unknown = Ctl(c.endpoint, {"drain", "nobody"});
+  EXPECT_EQ(unknown.exit, 1);
+  EXPECT_NE(unknown.err.find("no such worker"), std::string::npos) << unknown.err;
+}
+
+// §3.9.6: shutdown is confirmed and the broker exits 0 (no session open);
+// afterwards gatherer-ctl fails within --timeout, as it does against a
+// broker that is stopped (SIGSTOP: connection accepted, nothing answered).
+TEST(ControlTest, Clause_3_9_6_ShutdownAndABrokerThatDoesNotAnswer) {
+  Cluster c(0);
+  ASSERT_TRUE(c.ready);
+  c.broker->kill(SIGSTOP);
+  auto start = Clock::now();
+  const CtlResult stopped = Ctl(c.endpoint, {"--timeout", "300", "status"});
+  EXPECT_EQ(stopped.exit, 1);
+  EXPECT_LT(Clock::now() - start, 3s);
+  EXPECT_NE(stopped.err.find("did not answer within 300 ms"), std::string::npos) << stopped.err;
+  EXPECT_NE(stopped.err.find(c.endpoint), std::string::npos) << stopped.err;
+  c.broker->kill(SIGCONT);
+  const CtlResult shutdown = Ctl(c.endpoint, {"shutdown"});
+  EXPECT_EQ(shutdown.exit, 0) << shutdown.err;
+  EXPECT_NE(shutdown.out.find("shutting down"), std::string::npos) << shutdown.out;
+  const auto exit = c.broker->wait(5s);
+  ASSERT_TRUE(exit.has_value()) << "the broker did not exit";
+  EXPECT_EQ(*exit, 0);
+  start = Clock::now();
+  const CtlResult gone = Ctl(c.endpoint, {"--timeout", "300", "--json", "workers"});
+  EXPECT_EQ(gone.exit, 1);
+  EXPECT_TRUE(gone.out.empty());
+  EXPECT_LT(Clock::now() - start, 3s);
+}
+
+// top: a live view in a terminal, refreshed, quitting on q and on Ctrl-C.
+TEST(ControlTest, TopShowsWorkersAndQuitsOnQOrCtrlC) {
+  Cluster c(1);
+  ASSERT_TRUE(c.ready);
+  for (const std::string key : {"q", "\x03"}) {
+    testing::PtyProcess top({kBin + "/ctl/gatherer-ctl", "--broker", c.endpoint, "top", "--interval", "100"});
+    ASSERT_TRUE(top.read_until("STATE", 5s)) << top.text();
+    ASSERT_TRUE(top.read_until("idle", 5s)) << top.text();
+    // Refreshing: a second screen comes.
+    const auto screens = [&] {
+      std::size_t n = 0;
+      for (auto p = top.text().find("gatherer-ctl top"); p != std::string::npos; p = top.text().find("gatherer-ctl top", p + 1)) ++n;
+      return n;
+    };
+    ASSERT_TRUE(WaitFor([&] { top.read_for(50ms); return screens() >= 2; }, 5s)) << top.text();
+    EXPECT_NE(top.text().find("w1"), std::string::npos);
+    top.type(key);
+    const auto exit = top.wait(3s);
+    ASSERT_TRUE(exit.has_value()) << "top did not quit on " << (key == "q" ? "q" : "Ctrl-C");
+    EXPECT_EQ(*exit, 0);
+  }
+}
+
+}  // namespace
+}  // namespace gatherer
