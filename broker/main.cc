@@ -30,7 +30,7 @@ int main(int argc, char** argv) {
   app.add_option("--liveness", options.heartbeat_liveness, "Missed heartbeats before a worker is presumed dead")
       ->check(CLI::Range(1, 100))
       ->envname("GATHERER_LIVENESS");
-  std::string curve_key, curve_clients, curve_workers;
+  std::string curve_key, curve_clients, curve_workers, curve_operators;
   app.add_option("--curve-key", curve_key,
                  "CURVE: this broker's key pair file (gatherer keygen); encrypts every connection and admits only "
                  "the keys listed by --curve-clients and --curve-workers")
@@ -41,6 +41,9 @@ int main(int argc, char** argv) {
   app.add_option("--curve-workers", curve_workers,
                  "CURVE: public keys of the workers to admit (they are handed users' requests)")
       ->envname("GATHERER_CURVE_WORKERS");
+  app.add_option("--curve-operators", curve_operators,
+                 "CURVE: public keys allowed to use gatherer-ctl (status, cancel, drain, shutdown); none = nobody")
+      ->envname("GATHERER_CURVE_OPERATORS");
   int session_ttl_ms = static_cast<int>(options.session_ttl.count());
   app.add_option("--session-ttl-ms", session_ttl_ms,
                  "A session whose client is silent this long is cancelled and forgotten")
@@ -93,7 +96,7 @@ int main(int argc, char** argv) {
   options.metrics = !metrics_address.empty();
   options.heartbeat_interval = std::chrono::milliseconds(heartbeat_ms);
   options.session_ttl = std::chrono::milliseconds(session_ttl_ms);
-  if (!curve_key.empty() || !curve_clients.empty() || !curve_workers.empty()) {
+  if (!curve_key.empty() || !curve_clients.empty() || !curve_workers.empty() || !curve_operators.empty()) {
     if (curve_key.empty() || curve_clients.empty() || curve_workers.empty()) {
       std::fprintf(stderr, "gatherer-broker: CURVE needs --curve-key, --curve-clients and --curve-workers together\n");
       return 2;
@@ -111,6 +114,14 @@ int main(int argc, char** argv) {
     options.curve_key = std::move(*pair);
     options.curve_clients = std::move(*clients);
     options.curve_workers = std::move(*workers);
+    if (!curve_operators.empty()) {
+      auto operators = gatherer::ReadCurveAllowList(curve_operators);
+      if (!operators) {
+        std::fprintf(stderr, "gatherer-broker: %s\n", operators.error().message().c_str());
+        return 2;
+      }
+      options.curve_operators = std::move(*operators);
+    }
   }
 
   // gatherer-ctl shutdown (PROTOCOL.md §3.9.6): the same drain as SIGTERM.

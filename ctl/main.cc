@@ -106,7 +106,14 @@ int main(int argc, char** argv) {
   int timeout_ms = 3000;
   bool json = false;
   CLI::App app{"gatherer-ctl: inspect and steer a running gatherer-broker"};
-  app.add_option("--broker", broker, "Broker endpoint (default tcp://127.0.0.1:5555)");
+  app.add_option("--broker", broker, "Broker endpoint (default tcp://127.0.0.1:5555)")->envname("GATHERER_BROKER");
+  std::string curve_broker_key, curve_key;
+  app.add_option("--curve-broker-key", curve_broker_key,
+                 "CURVE: the broker's public key (40 Z85 characters or a .pub file); needs --curve-key")
+      ->envname("GATHERER_CURVE_BROKER_KEY");
+  app.add_option("--curve-key", curve_key,
+                 "CURVE: this operator's key pair file; the broker must list its public key in --curve-operators")
+      ->envname("GATHERER_CURVE_KEY");
   app.add_option("--timeout", timeout_ms, "Milliseconds to wait for the broker's answer (default 3000)")
       ->check(CLI::Range(1, 3'600'000));
   app.add_flag("--json", json, "JSON output for scripts");
@@ -126,7 +133,22 @@ int main(int argc, char** argv) {
   top->add_option("--interval", interval_ms, "Refresh period in ms (default 1000)")->check(CLI::Range(50, 60'000));
   CLI11_PARSE(app, argc, argv);
 
-  gatherer::ctl::Control control(broker, std::chrono::milliseconds(timeout_ms));
+  std::string broker_key;
+  gatherer::CurveKeyPair own_key;
+  if (!curve_broker_key.empty() || !curve_key.empty()) {
+    auto bk = gatherer::ReadCurvePublicKey(curve_broker_key);
+    auto pair = gatherer::ReadCurveKeyPair(curve_key);
+    if (curve_broker_key.empty() || curve_key.empty() || !bk || !pair) {
+      std::fprintf(stderr, "gatherer-ctl: CURVE needs --curve-broker-key and --curve-key%s%s\n",
+                   bk || curve_broker_key.empty() ? "" : ": ",
+                   bk || curve_broker_key.empty() ? (pair || curve_key.empty() ? "" : pair.error().message().c_str())
+                                                  : bk.error().message().c_str());
+      return 2;
+    }
+    broker_key = std::move(*bk);
+    own_key = std::move(*pair);
+  }
+  gatherer::ctl::Control control(broker, std::chrono::milliseconds(timeout_ms), broker_key, own_key);
   if (top->parsed()) return Top(control, broker, std::chrono::milliseconds(interval_ms));
 
   proto::Frames request;

@@ -1061,7 +1061,7 @@ void Broker::Impl::handle(std::vector<zmq::message_t>& frames) {
       break;
     case Command::kStatus: case Command::kListWorkers: case Command::kListSessions: case Command::kCancelSession:
     case Command::kDrainWorker: case Command::kShutdown:
-      on_control(peer, *command, body);
+      if (allowed(options.curve_operators, "operator")) on_control(peer, *command, body);
       break;
     case Command::kHeartbeat: {
       // Decoded first: a malformed heartbeat proves nothing (§2.4).
@@ -1337,6 +1337,7 @@ Status Broker::start() {
     }
     std::unordered_set<std::string> admitted = m.options.curve_clients;
     admitted.insert(m.options.curve_workers.begin(), m.options.curve_workers.end());
+    admitted.insert(m.options.curve_operators.begin(), m.options.curve_operators.end());
     m.zap = std::make_unique<ZapHandler>(*m.context, std::move(admitted), m.log());
     if (Status s = m.zap->start(); !s.ok()) {
       m.zap.reset();

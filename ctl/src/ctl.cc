@@ -11,8 +11,13 @@ namespace gatherer::ctl {
 
 namespace proto = protocol;
 
-Control::Control(std::string broker, std::chrono::milliseconds timeout)
-    : broker_(std::move(broker)), timeout_(timeout), context_(1) {}
+Control::Control(std::string broker, std::chrono::milliseconds timeout, std::string curve_broker_key,
+                 CurveKeyPair curve_key)
+    : broker_(std::move(broker)),
+      timeout_(timeout),
+      curve_broker_key_(std::move(curve_broker_key)),
+      curve_key_(std::move(curve_key)),
+      context_(1) {}
 
 Control::~Control() { socket_.reset(); }
 
@@ -23,6 +28,7 @@ void Control::reconnect() {
   socket_->set(zmq::sockopt::linger, 0);
   socket_->set(zmq::sockopt::maxmsgsize, proto::kMaxMessageBytes);
   socket_->set(zmq::sockopt::routing_id, "o" + std::string(NewSessionId().raw()));
+  if (!curve_broker_key_.empty()) MakeCurveClient(*socket_, curve_key_, curve_broker_key_);
   socket_->connect(broker_);
 }
 

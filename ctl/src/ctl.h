@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 #include <zmq.hpp>
 
+#include "gatherer/curve.h"
 #include "gatherer/protocol.h"
 #include "gatherer/status.h"
 
@@ -27,7 +28,10 @@ class Control {
  public:
   // Connects (lazily, as ZeroMQ does) to `broker`; every request waits at
   // most `timeout` for its answer.
-  Control(std::string broker, std::chrono::milliseconds timeout);
+  // `curve`: for a broker that requires CURVE (PROTOCOL.md §1.7), the
+  // broker's public key and this operator's key pair; empty = plaintext.
+  Control(std::string broker, std::chrono::milliseconds timeout, std::string curve_broker_key = {},
+          CurveKeyPair curve_key = {});
   ~Control();
   Control(const Control&) = delete;
   Control& operator=(const Control&) = delete;
@@ -42,6 +46,8 @@ class Control {
   void reconnect();
   std::string broker_;
   std::chrono::milliseconds timeout_;
+  std::string curve_broker_key_;
+  CurveKeyPair curve_key_;
   zmq::context_t context_;
   std::unique_ptr<zmq::socket_t> socket_;
 };

@@ -8,6 +8,7 @@
 
 #include <filesystem>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -51,6 +52,7 @@ class CurveTest : public ::testing::Test {
     client_ = MakeKeys(dir_ / "clients" / "client");
     second_ = MakeKeys(dir_ / "clients" / "second");
     worker_ = MakeKeys(dir_ / "worker");
+    operator_ = MakeKeys(dir_ / "operator");
     stranger_ = MakeKeys(dir_ / "stranger");
     endpoint_ = testing::FreeTcpEndpoint();
   }
@@ -60,6 +62,7 @@ class CurveTest : public ::testing::Test {
     return std::make_unique<Process>(std::vector<std::string>{
         kBin + "/broker/gatherer-broker", "--bind", endpoint_, "--curve-key", (dir_ / "broker.key").string(),
         "--curve-clients", (dir_ / "clients").string(), "--curve-workers", (dir_ / "worker.pub").string(),
+        "--curve-operators", (dir_ / "operator.pub").string(),
         "--log-level", "warning"});
   }
   std::unique_ptr<Process> StartWorker() {
@@ -108,7 +111,7 @@ class CurveTest : public ::testing::Test {
   }
 
   std::filesystem::path dir_;
-  CurveKeyPair broker_, client_, second_, worker_, stranger_;
+  CurveKeyPair broker_, client_, second_, worker_, stranger_, operator_;
   std::string endpoint_;
   zmq::context_t ctx_;
 };
@@ -213,6 +216,26 @@ TEST_F(CurveTest, AnotherClientKeyCannotTouchASessionItDidNotOpen) {
   ASSERT_EQ(results->results.size(), 1u);
   EXPECT_EQ(results->results[0].response.body, "ok:/mine");
   EXPECT_EQ(server.requests(), 1u);
+}
+
+// §1.7, §3.9: with CURVE only an operator key may steer the broker; a client
+// key, listed as it is, cannot shut it down or read its sessions.
+TEST_F(CurveTest, OnlyAnOperatorKeyMayUseGathererCtl) {
+  auto broker = StartBroker();
+  auto worker = StartWorker();
+  const auto ctl = [&](const std::string& key, const std::string& command) {
+    Process p({kBin + "/ctl/gatherer-ctl", "--broker", endpoint_, "--curve-broker-key", (dir_ / "broker.pub").string(),
+               "--curve-key", key, "--timeout", "5000", command});
+    const auto rc = p.wait(20s);
+    return std::make_pair(rc.value_or(-1), p.stdout_text() + p.stderr_text());
+  };
+  auto [rc, out] = ctl((dir_ / "operator.key").string(), "workers");
+  EXPECT_EQ(rc, 0) << out;
+  EXPECT_NE(out.find("idle"), std::string::npos) << out;
+  std::tie(rc, out) = ctl((dir_ / "clients" / "client.key").string(), "shutdown");
+  EXPECT_EQ(rc, 1) << out;
+  EXPECT_NE(out.find("permission_denied"), std::string::npos) << out;
+  EXPECT_TRUE(broker->running()) << "a client key shut the broker down";
 }
 
 // §1.7: with CURVE a client's route is not derived from its session id.

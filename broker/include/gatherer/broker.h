@@ -67,6 +67,9 @@ struct BrokerOptions {
   CurveKeyPair curve_key;
   std::unordered_set<std::string> curve_clients;
   std::unordered_set<std::string> curve_workers;
+  // Keys allowed to send control requests (gatherer-ctl, PROTOCOL.md §3.9).
+  // With CURVE and none listed, control is refused to every key.
+  std::unordered_set<std::string> curve_operators;
   // Where the broker logs; nullptr = the process-wide Logger(). An embedded
   // broker logs through its Gatherer's logger, at that Gatherer's level.
   std::shared_ptr<spdlog::logger> logger;
