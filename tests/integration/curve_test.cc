@@ -229,9 +229,13 @@ TEST_F(CurveTest, OnlyAnOperatorKeyMayUseGathererCtl) {
     const auto rc = p.wait(20s);
     return std::make_pair(rc.value_or(-1), p.stdout_text() + p.stderr_text());
   };
-  auto [rc, out] = ctl((dir_ / "operator.key").string(), "workers");
-  EXPECT_EQ(rc, 0) << out;
-  EXPECT_NE(out.find("idle"), std::string::npos) << out;
+  int rc = -1;
+  std::string out;
+  // The worker registers within moments; until then the table is empty.
+  EXPECT_TRUE(testing::WaitFor([&] {
+    std::tie(rc, out) = ctl((dir_ / "operator.key").string(), "workers");
+    return rc == 0 && out.find("idle") != std::string::npos;
+  }, 20s)) << rc << ": " << out;
   std::tie(rc, out) = ctl((dir_ / "clients" / "client.key").string(), "shutdown");
   EXPECT_EQ(rc, 1) << out;
   EXPECT_NE(out.find("permission_denied"), std::string::npos) << out;

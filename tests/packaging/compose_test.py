@@ -17,6 +17,7 @@ BINARIES = {
     "gatherer-broker": "broker/gatherer-broker",
     "gatherer-worker": "worker/gatherer-worker",
     "gatherer": "client/gatherer",
+    "gatherer-ctl": "ctl/gatherer-ctl",
 }
 
 
@@ -49,6 +50,20 @@ def main():
             if var.startswith("GATHERER_") and var not in help_text:
                 failures.append(f"{name}: {command[0]} does not read {var}")
         print(f"{name}: {command[0]} reads {sorted(service.get('environment') or {})}")
+        check = (service.get("healthcheck") or {}).get("test") or []
+        if check and check[0] == "CMD":
+            tool = check[1]
+            if tool not in BINARIES:
+                failures.append(f"{name}: health check runs {tool}, not a Gatherer binary")
+            else:
+                help_text = subprocess.run([os.path.join(build, BINARIES[tool]), "--help"], capture_output=True,
+                                           text=True, timeout=30).stdout
+                for flag in (a for a in check[2:] if a.startswith("--")):
+                    if flag not in help_text:
+                        failures.append(f"{name}: health check flag {flag} unknown to {tool}")
+                if not any(a in help_text for a in check[2:] if not a.startswith("-") and not a[0].isdigit()
+                           and "://" not in a):
+                    failures.append(f"{name}: health check subcommand unknown to {tool}")
     if "broker" not in config["services"] or "worker" not in config["services"]:
         failures.append("compose.yml needs a broker and a worker service")
     for f in failures:

@@ -15,7 +15,7 @@ deb=$(ls "$work"/out/gatherer_*.deb)
 fail=0
 check() { if ! eval "$2"; then echo "FAIL: $1"; fail=1; else echo "ok: $1"; fi; }
 files=$(dpkg-deb -c "$deb" | awk '{print $6}')
-for f in ./usr/bin/gatherer ./usr/bin/gatherer-broker ./usr/bin/gatherer-worker \
+for f in ./usr/bin/gatherer ./usr/bin/gatherer-broker ./usr/bin/gatherer-worker ./usr/bin/gatherer-ctl \
          ./usr/include/gatherer/gatherer.h ./usr/lib/cmake/gatherer/gathererConfig.cmake \
          ./lib/systemd/system/gatherer-broker.service ./lib/systemd/system/gatherer-worker@.service \
          ./etc/default/gatherer-broker ./etc/default/gatherer-worker; do
@@ -25,12 +25,12 @@ for f in protocol.h transport.h wake_fd.h curve.h broker.h worker.h; do
   check "no private header $f" "! grep -q '/include/gatherer/$f\$' <<<\"\$files\""
 done
 info=$(dpkg-deb -I "$deb")
-check "depends on libzmq5" "grep -q 'Depends:.*libzmq5' <<<\"\$info\""
+check "depends on libzmq5 and libmicrohttpd12" "grep -q 'Depends:.*libzmq5.*libmicrohttpd12' <<<\"\$info\""
 dpkg-deb -e "$deb" "$work/control"
 check "/etc/default files are conffiles" "grep -qx /etc/default/gatherer-broker '$work/control/conffiles' && grep -qx /etc/default/gatherer-worker '$work/control/conffiles'"
 check "postinst creates the gatherer user" "grep -q 'adduser --system' '$work/control/postinst'"
 dpkg-deb -x "$deb" "$work/root"
-for b in gatherer gatherer-broker gatherer-worker; do
+for b in gatherer gatherer-broker gatherer-worker gatherer-ctl; do
   check "$b runs" "'$work/root/usr/bin/$b' --help >/dev/null"
 done
 check "the broker unit reads /etc/default/gatherer-broker" "grep -q 'EnvironmentFile=-/etc/default/gatherer-broker' '$work/root/lib/systemd/system/gatherer-broker.service'"
