@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include "gatherer/prometheus.h"
+
 namespace gatherer::broker_ops {
 
 const char* WorkerStateName(bool draining, std::chrono::milliseconds silent, std::chrono::milliseconds heartbeat,
@@ -19,37 +21,13 @@ std::string PeerHost(const zmq::message_t& frame) {
 
 const char* Version() { return GATHERER_VERSION; }
 
-}  // namespace gatherer::broker_ops
-
-namespace gatherer::broker_ops {
-namespace {
-
-std::string Escape(const std::string& v) {
-  std::string out;
-  for (char c : v) {
-    if (c == '\\' || c == '"') out += '\\';
-    if (c == '\n') {
-      out += "\\n";
-      continue;
-    }
-    out += c;
-  }
-  return out;
-}
-
-void Metric(std::string& out, const char* name, const char* type, const char* help) {
-  out += fmt::format("# HELP {} {}\n# TYPE {} {}\n", name, help, name, type);
-}
-
-}  // namespace
-
 std::string RenderDetail(const std::vector<WorkerMetric>& workers, const std::vector<SessionMetric>& sessions) {
   std::string out;
   out.reserve(256 + 600 * workers.size() + 300 * sessions.size());
   const auto per_worker = [&](const char* name, const char* type, const char* help, auto value) {
-    Metric(out, name, type, help);
+    PrometheusHeader(out, name, type, help);
     for (const auto& w : workers) {
-      out += fmt::format("{}{{worker=\"{}\",host=\"{}\"}} {}\n", name, Escape(w.worker_id), Escape(w.host), value(w));
+      out += fmt::format("{}{{worker=\"{}\",host=\"{}\"}} {}\n", name, PrometheusLabel(w.worker_id), PrometheusLabel(w.host), value(w));
     }
   };
   per_worker("gatherer_broker_worker_slots", "gauge", "Statements the worker takes at once.",
@@ -62,15 +40,15 @@ std::string RenderDetail(const std::vector<WorkerMetric>& workers, const std::ve
              [](const WorkerMetric& w) { return std::to_string(w.failed); });
   per_worker("gatherer_broker_worker_heartbeat_age_seconds", "gauge", "Time since the worker was last heard from.",
              [](const WorkerMetric& w) { return fmt::format("{:.3f}", w.heartbeat_age_s); });
-  Metric(out, "gatherer_broker_worker_state", "gauge", "1 for the worker's state (busy, idle, draining, unresponsive).");
+  PrometheusHeader(out, "gatherer_broker_worker_state", "gauge", "1 for the worker's state (busy, idle, draining, unresponsive).");
   for (const auto& w : workers) {
     for (const char* state : {"busy", "idle", "draining", "unresponsive"}) {
-      out += fmt::format("gatherer_broker_worker_state{{worker=\"{}\",state=\"{}\"}} {}\n", Escape(w.worker_id), state,
+      out += fmt::format("gatherer_broker_worker_state{{worker=\"{}\",state=\"{}\"}} {}\n", PrometheusLabel(w.worker_id), state,
                          std::string_view(state) == w.state ? 1 : 0);
     }
   }
   const auto per_session = [&](const char* name, const char* type, const char* help, auto value) {
-    Metric(out, name, type, help);
+    PrometheusHeader(out, name, type, help);
     for (const auto& s : sessions) out += fmt::format("{}{{session=\"{}\"}} {}\n", name, s.session, value(s));
   };
   per_session("gatherer_broker_session_window", "gauge", "The session's window (statements leased at once at most).",
@@ -90,13 +68,13 @@ std::string RenderBrokerMetrics(const BrokerStats& stats, Clock::time_point star
   std::string out;
   out.reserve(4096 + detail.size());
   const auto one = [&](const char* name, const char* type, const char* help, std::uint64_t value) {
-    Metric(out, name, type, help);
+    PrometheusHeader(out, name, type, help);
     out += fmt::format("{} {}\n", name, value);
   };
   const auto load = [](const std::atomic<std::uint64_t>& a) { return a.load(std::memory_order_relaxed); };
-  Metric(out, "gatherer_broker_build_info", "gauge", "Always 1; the version in a label.");
+  PrometheusHeader(out, "gatherer_broker_build_info", "gauge", "Always 1; the version in a label.");
   out += fmt::format("gatherer_broker_build_info{{version=\"{}\"}} 1\n", Version());
-  Metric(out, "gatherer_broker_uptime_seconds", "gauge", "Time since the broker started.");
+  PrometheusHeader(out, "gatherer_broker_uptime_seconds", "gauge", "Time since the broker started.");
   out += fmt::format("gatherer_broker_uptime_seconds {:.3f}\n",
                      std::chrono::duration<double>(Clock::now() - started).count());
   one("gatherer_broker_sessions", "gauge", "Open sessions.", load(stats.sessions));
@@ -109,7 +87,7 @@ std::string RenderBrokerMetrics(const BrokerStats& stats, Clock::time_point star
   one("gatherer_broker_statements_failed_total", "counter", "Statements answered with an error.", load(stats.failed));
   one("gatherer_broker_statements_retried_total", "counter", "Attempts beyond the first that workers reported.",
       load(stats.retried));
-  Metric(out, "gatherer_broker_statements_redispatched_total", "counter",
+  PrometheusHeader(out, "gatherer_broker_statements_redispatched_total", "counter",
          "Statements queued again (their worker left or never got them) or quarantined (their worker died).");
   out += fmt::format("gatherer_broker_statements_redispatched_total{{cause=\"requeued\"}} {}\n", load(stats.requeued));
   out += fmt::format("gatherer_broker_statements_redispatched_total{{cause=\"quarantined\"}} {}\n",

@@ -2,28 +2,17 @@
 
 #include <fmt/format.h>
 
+#include "gatherer/prometheus.h"
+
 namespace gatherer::worker {
 namespace {
 
 constexpr std::size_t kMaxHosts = 1000;  // 429s of further hosts count under "other"
 
-std::string Escape(const std::string& v) {
-  std::string out;
-  for (char c : v) {
-    if (c == '\\' || c == '"') out += '\\';
-    if (c == '\n') {
-      out += "\\n";
-      continue;
-    }
-    out += c;
-  }
-  return out;
-}
-
 template <std::size_t N, typename Buckets>
 void Histogram(std::string& out, const char* name, const char* help, const std::array<double, N>& bounds,
                const Buckets& buckets, double sum) {
-  out += fmt::format("# HELP {} {}\n# TYPE {} histogram\n", name, help, name);
+  PrometheusHeader(out, name, "histogram", help);
   std::uint64_t cumulative = 0;
   for (std::size_t i = 0; i < N; ++i) {
     cumulative += buckets[i].load(std::memory_order_relaxed);
@@ -58,7 +47,7 @@ std::string FetchMetrics::render() const {
   {
     std::lock_guard lock(throttled_mutex_);
     for (const auto& [host, n] : throttled_) {
-      out += fmt::format("gatherer_worker_http_429_total{{host=\"{}\"}} {}\n", Escape(host), n);
+      out += fmt::format("gatherer_worker_http_429_total{{host=\"{}\"}} {}\n", PrometheusLabel(host), n);
     }
   }
   out += fmt::format(
