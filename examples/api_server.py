@@ -288,6 +288,7 @@ def make_handler(state):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8089, help="0 = any free port (printed)")
     parser.add_argument("--app-limit", default="20:1,100:120", help="application limit, count:seconds,...")
     parser.add_argument("--method-limit", action="append", default=[], metavar="NAME=WINDOWS",
@@ -310,9 +311,9 @@ def main():
     # The default listen backlog (5) drops connection bursts: a client opening
     # 25 connections at once would see SYN retries of a second each.
     ThreadingHTTPServer.request_queue_size = 1024
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(state))
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(state))
     server.daemon_threads = True
-    print(f"example API on http://127.0.0.1:{server.server_address[1]}", flush=True)
+    print(f"example API on http://{args.host}:{server.server_address[1]}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -47,8 +48,19 @@ int Usage() {
 
 }  // namespace
 
+int Crawl(int argc, char** argv);
+
 int main(int argc, char** argv) {
-  if (argc < 2) return Usage();
+  if (argc < 2 || std::string_view(argv[1]).starts_with("-")) return Usage();
+  try {
+    return Crawl(argc, argv);
+  } catch (const gatherer::Error& e) {
+    std::fprintf(stderr, "league-crawl: %s\n", e.what());
+    return 1;
+  }
+}
+
+int Crawl(int argc, char** argv) {
   gatherer::Options options;
   options.workers = 50;
   options.log_level = 40;
