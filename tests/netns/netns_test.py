@@ -668,13 +668,26 @@ class Runner:
             rate, recovery = recovery_time(samples, t_fault, t_back or t_up_due, n)
 
         # What the server saw.
+        # A consistent snapshot: the total before and after the per-path read
+        # agree with it. A worker presumed dead may still have requests on
+        # their way when the client ends (its transfers are aborted once it
+        # registers again), so the reads are repeated until they agree.
         stats_ns = topo.ns["srv"]
-        served = int(http_get_in_ns(stats_ns, topo.addr("srv"), port, "/_stats/requests").strip() or "0")
-        per_path = {}
-        for line in http_get_in_ns(stats_ns, topo.addr("srv"), port, "/_stats/paths").splitlines():
-            parts = line.split(" ")
-            if len(parts) == 3:
-                per_path[(parts[0], parts[1])] = int(parts[2])
+        deadline = now() + 10
+
+        def read_stats():
+            before = int(http_get_in_ns(stats_ns, topo.addr("srv"), port, "/_stats/requests").strip() or "0")
+            paths = {}
+            for line in http_get_in_ns(stats_ns, topo.addr("srv"), port, "/_stats/paths").splitlines():
+                parts = line.split(" ")
+                if len(parts) == 3:
+                    paths[(parts[0], parts[1])] = int(parts[2])
+            after = int(http_get_in_ns(stats_ns, topo.addr("srv"), port, "/_stats/requests").strip() or "0")
+            return before, paths, after
+
+        served, per_path, again = read_stats()
+        while not (served == again == sum(per_path.values())) and now() < deadline:
+            served, per_path, again = read_stats()
         refetched = {k: c for k, c in per_path.items() if k[0] == "GET" and c > 1}
         extra_requests = sum(c - 1 for c in refetched.values())
         dead = re.findall(r"worker (\S+) presumed dead", brk.read_err())
