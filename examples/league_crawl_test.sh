@@ -4,6 +4,7 @@
 set -euo pipefail
 crawl=$1
 server=$2
+limit=${3:-40:1}  # what the client declares; the server enforces 40:1
 log=$(mktemp)
 trap 'kill $api 2>/dev/null || true; rm -f "$log"' EXIT
 python3 "$server" --port 0 --app-limit 40:1 --league-size 30 >"$log" 2>&1 &
@@ -15,7 +16,7 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 [ -n "$port" ] || { echo "the example API did not start"; cat "$log"; exit 1; }
-"$crawl" "http://127.0.0.1:$port" --rate-limit 40:1 --matches 3
+"$crawl" "http://127.0.0.1:$port" --rate-limit "$limit" --matches 3
 stats=$(curl -fs "http://127.0.0.1:$port/_stats")
 echo "$stats" | python3 -c '
 import json, sys
