@@ -351,8 +351,11 @@ TEST(RateLimitTest, CliShowsWaitsAndThrottlesInLinesAndSummary) {
   }
   EXPECT_GE(waited, 5u) << out;  // 1 request per 0.2 s: all but the first wait
   EXPECT_NE(err.find("rate limits 5:1 per host: "), std::string::npos) << err;
-  EXPECT_NE(err.find(" 0 throttled (429)"), std::string::npos) << err;
-  EXPECT_EQ(JsonNumber(api.stats(), "throttled"), 0);
+  // Under a sanitizer one request may be delayed past the limiter's margin
+  // (kStray429), as in the tests above; the summary says what the API saw.
+  const long throttled = JsonNumber(api.stats(), "throttled");
+  EXPECT_LE(throttled, kStray429);
+  EXPECT_NE(err.find(" " + std::to_string(throttled) + " throttled (429)"), std::string::npos) << err;
 }
 
 }  // namespace

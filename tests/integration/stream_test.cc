@@ -152,7 +152,10 @@ TEST(StreamTest, AbandonedStreamCancelsItsStatements) {
   EXPECT_LT(after, 1000u);
   g.statements = {Get(server.url("/d/5/0"))};
   EXPECT_EQ(g.gather().at(0).body, "body-5");
-  EXPECT_EQ(server.requests(), after + 1) << "the abandoned stream kept fetching";
+  // Statements the broker had already dispatched when the CANCEL arrived (at
+  // most one window, 10) may still reach the server after a quiet moment
+  // (seen under ThreadSanitizer); nothing beyond them does.
+  EXPECT_LE(server.requests(), after + 1 + 10) << "the abandoned stream kept fetching";
 }
 
 TEST(StreamTest, OneRunAtATime) {
