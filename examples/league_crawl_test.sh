@@ -4,7 +4,7 @@
 set -euo pipefail
 crawl=$1
 server=$2
-limit=${3:-40:1}  # what the client declares; the server enforces 40:1
+stray=${3:-0}  # 429s allowed (under a sanitizer); each must be fetched again
 log=$(mktemp)
 trap 'kill $api 2>/dev/null || true; rm -f "$log"' EXIT
 python3 "$server" --port 0 --app-limit 40:1 --league-size 30 >"$log" 2>&1 &
@@ -16,10 +16,10 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 [ -n "$port" ] || { echo "the example API did not start"; cat "$log"; exit 1; }
-"$crawl" "http://127.0.0.1:$port" --rate-limit "$limit" --matches 3
+"$crawl" "http://127.0.0.1:$port" --rate-limit 40:1 --matches 3
 stats=$(curl -fs "http://127.0.0.1:$port/_stats")
 echo "$stats" | python3 -c '
 import json, sys
-s = json.load(sys.stdin)
+s, stray = json.load(sys.stdin), int(sys.argv[1])
 print("API: %d requests, %d throttled" % (s["requests"], s["throttled"]))
-sys.exit(0 if s["throttled"] == 0 and s["requests"] == 61 else 1)'
+sys.exit(0 if s["throttled"] <= stray and s["requests"] == 61 + s["throttled"] else 1)' "$stray"
