@@ -133,22 +133,12 @@ int main(int argc, char** argv) {
   top->add_option("--interval", interval_ms, "Refresh period in ms (default 1000)")->check(CLI::Range(50, 60'000));
   CLI11_PARSE(app, argc, argv);
 
-  std::string broker_key;
-  gatherer::CurveKeyPair own_key;
-  if (!curve_broker_key.empty() || !curve_key.empty()) {
-    auto bk = gatherer::ReadCurvePublicKey(curve_broker_key);
-    auto pair = gatherer::ReadCurveKeyPair(curve_key);
-    if (curve_broker_key.empty() || curve_key.empty() || !bk || !pair) {
-      std::fprintf(stderr, "gatherer-ctl: CURVE needs --curve-broker-key and --curve-key%s%s\n",
-                   bk || curve_broker_key.empty() ? "" : ": ",
-                   bk || curve_broker_key.empty() ? (pair || curve_key.empty() ? "" : pair.error().message().c_str())
-                                                  : bk.error().message().c_str());
-      return 2;
-    }
-    broker_key = std::move(*bk);
-    own_key = std::move(*pair);
+  auto curve = gatherer::ReadCurveClientKeys(curve_broker_key, curve_key);
+  if (!curve) {
+    std::fprintf(stderr, "gatherer-ctl: %s\n", curve.error().message().c_str());
+    return 2;
   }
-  gatherer::ctl::Control control(broker, std::chrono::milliseconds(timeout_ms), broker_key, own_key);
+  gatherer::ctl::Control control(broker, std::chrono::milliseconds(timeout_ms), curve->broker_public_key, curve->own);
   if (top->parsed()) return Top(control, broker, std::chrono::milliseconds(interval_ms));
 
   proto::Frames request;

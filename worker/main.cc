@@ -72,21 +72,13 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "gatherer-worker: --refuse-destinations: %s\n", s.message().c_str());
     return 2;
   }
-  if (!curve_broker_key.empty() || !curve_key.empty()) {
-    if (curve_broker_key.empty() || curve_key.empty()) {
-      std::fprintf(stderr, "gatherer-worker: CURVE needs --curve-broker-key and --curve-key together\n");
-      return 2;
-    }
-    auto broker_key = gatherer::ReadCurvePublicKey(curve_broker_key);
-    auto pair = gatherer::ReadCurveKeyPair(curve_key);
-    if (!broker_key || !pair) {
-      std::fprintf(stderr, "gatherer-worker: %s\n",
-                   (broker_key ? pair.error() : broker_key.error()).message().c_str());
-      return 2;
-    }
-    options.curve_broker_key = std::move(*broker_key);
-    options.curve_key = std::move(*pair);
+  auto curve = gatherer::ReadCurveClientKeys(curve_broker_key, curve_key);
+  if (!curve) {
+    std::fprintf(stderr, "gatherer-worker: %s\n", curve.error().message().c_str());
+    return 2;
   }
+  options.curve_broker_key = std::move(curve->broker_public_key);
+  options.curve_key = std::move(curve->own);
 
   gatherer::BlockTerminationSignals();
   gatherer::Worker worker(options);

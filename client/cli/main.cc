@@ -307,25 +307,18 @@ bool BuildOptions(const FetchFlags& flags, gatherer::Options& options) {
       return false;
     }
   }
-  if (!flags.curve_broker_key.empty() || !flags.curve_key.empty()) {
-    if (flags.curve_broker_key.empty() || flags.curve_key.empty() || flags.broker.empty()) {
-      PrintError("CURVE needs --broker, --curve-broker-key and --curve-key together");
-      return false;
-    }
-    auto broker_key = gatherer::ReadCurvePublicKey(flags.curve_broker_key);
-    if (!broker_key) {
-      PrintError("--curve-broker-key: " + broker_key.error().message());
-      return false;
-    }
-    auto pair = gatherer::ReadCurveKeyPair(flags.curve_key);
-    if (!pair) {
-      PrintError("--curve-key: " + pair.error().message());
-      return false;
-    }
-    options.curve_broker_key = *broker_key;
-    options.curve_public_key = pair->public_key;
-    options.curve_secret_key = pair->secret_key;
+  auto curve = gatherer::ReadCurveClientKeys(flags.curve_broker_key, flags.curve_key);
+  if (!curve) {
+    PrintError(curve.error().message());
+    return false;
   }
+  if (!curve->broker_public_key.empty() && flags.broker.empty()) {
+    PrintError("CURVE needs --broker: the embedded broker runs in this process, unencrypted");
+    return false;
+  }
+  options.curve_broker_key = std::move(curve->broker_public_key);
+  options.curve_public_key = std::move(curve->own.public_key);
+  options.curve_secret_key = std::move(curve->own.secret_key);
   if (flags.timeout_s > 0 && flags.timeout_s < 0.001) {
     char value[32];
     std::snprintf(value, sizeof value, "%g", flags.timeout_s);

@@ -89,6 +89,18 @@ Result<std::string> ReadCurvePublicKey(const std::string& key_or_path) {
   return pair->public_key;
 }
 
+Result<CurveClientKeys> ReadCurveClientKeys(const std::string& broker_key, const std::string& key_file) {
+  if (broker_key.empty() && key_file.empty()) return CurveClientKeys{};
+  if (broker_key.empty() || key_file.empty()) {
+    return Unexpected(InvalidArgument("CURVE needs --curve-broker-key and --curve-key together"));
+  }
+  auto broker = ReadCurvePublicKey(broker_key);
+  if (!broker) return Unexpected(InvalidArgument("--curve-broker-key: " + broker.error().message()));
+  auto own = ReadCurveKeyPair(key_file);
+  if (!own) return Unexpected(InvalidArgument("--curve-key: " + own.error().message()));
+  return CurveClientKeys{std::move(*broker), std::move(*own)};
+}
+
 Result<std::unordered_set<std::string>> ReadCurveAllowList(const std::string& path) {
   std::unordered_set<std::string> keys;
   std::error_code ec;

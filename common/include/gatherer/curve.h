@@ -55,6 +55,16 @@ Result<CurveKeyPair> ReadCurveKeyPair(const std::string& path);
 // (a public one or a pair: only its public-key is taken).
 Result<std::string> ReadCurvePublicKey(const std::string& key_or_path);
 
+// What a connecting peer (client, worker, gatherer-ctl) needs for CURVE,
+// read from its --curve-broker-key (a key or a key file) and --curve-key (its
+// key pair file). Both empty: CURVE off (an empty broker key). One without
+// the other, or either unreadable: invalid_argument saying which.
+struct CurveClientKeys {
+  std::string broker_public_key;  // empty: plaintext
+  CurveKeyPair own;
+};
+Result<CurveClientKeys> ReadCurveClientKeys(const std::string& broker_key, const std::string& key_file);
+
 // Public keys allowed to connect: a file with one key per line (bare Z85 or
 // `public-key = "..."`; `#` starts a comment), or a directory whose every
 // regular file is a key file. An empty list is an error: it would admit no
