@@ -14,7 +14,8 @@ GET /lol/match/v5/matches/<matchId>                      -> a match (~20 KB of J
 Every game API response carries X-App-Rate-Limit, X-App-Rate-Limit-Count,
 X-Method-Rate-Limit and X-Method-Rate-Limit-Count. A request over a limit is
 answered 429 with Retry-After (whole seconds) and X-Rate-Limit-Type
-(application or method) and is not counted. Windows are sliding: at most
+(application or method) and is not counted. --fail-every N answers every Nth
+admitted request 503, as an overloaded server does: it counts all the same. Windows are sliding: at most
 `count` requests in any `seconds` span, the strictest reading of a limit.
 
 GET /_stats   -> {"requests", "throttled", "by_method", "max_in_window"}: for
@@ -102,6 +103,7 @@ class State:
         self.methods = {name: Limiter(parse_windows(a.method_limits.get(name, a.default_method_limit)))
                         for name, _ in METHODS}
         self.requests = 0
+        self.admitted = 0
         self.throttled = 0
         self.started = time.monotonic()
         self.log = []  # [ms since start (or reset), status] of game API requests
@@ -235,13 +237,17 @@ def make_handler(state):
                     lim.admit(now)
                     state.by_method[method] += 1
                     headers = self.limit_headers(app, lim, now)
-                    status = 200
+                    state.admitted += 1
+                    fail = state.args.fail_every
+                    status = 503 if fail and state.admitted % fail == 0 else 200
                 if state.args.keep_log and len(state.log) < 100000:
                     state.log.append([round((now - state.started) * 1000, 3), status])
             if state.args.latency_ms > 0:
                 time.sleep(random.uniform(0, state.args.latency_ms) / 1000)
             if status == 429:
                 return self._send(429, {"status": {"message": "Rate limit exceeded", "status_code": 429}}, headers)
+            if status == 503:
+                return self._send(503, {"status": {"message": "Service unavailable", "status_code": 503}}, headers)
             if method == "league":
                 payload = league(arg, state.args.league_size)
             elif method == "summoner":
@@ -297,6 +303,8 @@ def main():
     parser.add_argument("--league-size", type=int, default=300)
     parser.add_argument("--retry-after", type=int, default=0, help="fixed Retry-After seconds on a 429 "
                         "(default: until the window allows)")
+    parser.add_argument("--fail-every", type=int, default=0, metavar="N",
+                        help="answer every Nth admitted request 503 (it still counts against the limits)")
     parser.add_argument("--keep-log", action="store_true", help="list every game API request in /_stats")
     parser.add_argument("--latency-ms", type=float, default=2.0, help="random latency up to this, per request")
     args = parser.parse_args()

@@ -202,6 +202,7 @@ struct Broker::Impl {
   void mark_ready(SessionState& s);
   void open_rate(SessionState& s);
   std::size_t take_limited(SessionState& s, std::size_t n, std::vector<proto::WireStatement>& out);
+  void wake_at(SessionState& s, Clock::time_point wake);
   void wake_rate_waiting();
   void update_gauges();
   bool send(const std::string& peer, proto::Frames&& frames);
@@ -270,9 +271,13 @@ void Broker::Impl::open_rate(SessionState& s) {
 // Takes what the session's keys allow now; when something is left waiting
 // on a key, the session sleeps until that key allows it.
 std::size_t Broker::Impl::take_limited(SessionState& s, std::size_t n, std::vector<proto::WireStatement>& out) {
-  const auto now = Clock::now();
   const std::size_t before = out.size();
-  const auto wake = s.rate->take(s.pending, n, now, out);
+  wake_at(s, s.rate->take(s.pending, n, Clock::now(), out));
+  return out.size() - before;
+}
+
+// The session is looked at again at `wake` (kNever: not at all).
+void Broker::Impl::wake_at(SessionState& s, Clock::time_point wake) {
   if (wake != broker::kNever) {
     if (!s.rate_waiting) {
       s.rate_waiting = true;
@@ -284,7 +289,6 @@ std::size_t Broker::Impl::take_limited(SessionState& s, std::size_t n, std::vect
     }
     rate_wake = std::min(rate_wake, wake);
   }
-  return out.size() - before;
 }
 
 void Broker::Impl::wake_rate_waiting() {
@@ -611,6 +615,9 @@ void Broker::Impl::dispatch_quarantine() {
   WorkerState& worker = q->second;
   if (worker.leased > 0) return;  // finishing earlier statements, or a group
   worker.isolated = false;
+  // A session whose keys allow nothing now goes to the back, and wakes this
+  // loop when they do; once every session waits so, the pass ends.
+  std::size_t blocked = 0;
   while (!quarantined.empty()) {
     const SessionId sid = quarantined.front();
     auto it = sessions.find(sid);
@@ -631,6 +638,28 @@ void Broker::Impl::dispatch_quarantine() {
     }
     // Its ordinary dispatch is paused, so its window empties for the group.
     if (s.leases.size() + group.size() > s.settings.workers) return;
+    if (s.rate) {
+      // A re-run is a request like any other (§3.8.3): the group runs what
+      // its keys allow now, and the rest stays first in line.
+      std::deque<proto::WireStatement> rest(std::make_move_iterator(group.begin()),
+                                            std::make_move_iterator(group.end()));
+      group.clear();
+      wake_at(s, s.rate->take(rest, rest.size(), Clock::now(), group));
+      if (!rest.empty()) {
+        s.quarantine.insert(s.quarantine.begin() + 1,
+                            std::vector<proto::WireStatement>(std::make_move_iterator(rest.begin()),
+                                                              std::make_move_iterator(rest.end())));
+        ++quarantine_groups;
+      }
+      if (group.empty()) {
+        s.quarantine.pop_front();
+        --quarantine_groups;
+        quarantined.pop_front();
+        quarantined.push_back(sid);
+        if (++blocked >= quarantined.size()) return;
+        continue;
+      }
+    }
     proto::Statements chunk{sid, std::move(group), 0};
     s.quarantine.pop_front();
     --quarantine_groups;

@@ -233,6 +233,16 @@ RateTime SessionRate::take(std::deque<protocol::WireStatement>& pending, std::si
   RateTime wake = kNever;
   std::size_t taken = 0;
   for (auto it = pending.begin(); it != pending.end() && taken < n;) {
+    if (!not_before_.empty()) {
+      if (auto nb = not_before_.find(it->index); nb != not_before_.end()) {
+        if (nb->second > now) {  // a retry still waiting out its backoff
+          wake = std::min(wake, nb->second);
+          ++it;
+          continue;
+        }
+        not_before_.erase(nb);
+      }
+    }
     Keys keys;
     if (keys_of(it->statement, keys)) {
       RateTime at = RateTime::min();
@@ -264,9 +274,20 @@ RateTime SessionRate::take(std::deque<protocol::WireStatement>& pending, std::si
   return wake;
 }
 
-bool SessionRate::learn(const protocol::WireStatement& ws, const RateReport& report, RateTime now) {
+bool SessionRate::learn(protocol::WireStatement& ws, const RateReport& report, RateTime now) {
   Keys keys;
-  if (!keys_of(ws.statement, keys)) return false;
+  const bool keyed = keys_of(ws.statement, keys);
+  if (report.retry) {
+    // A 5xx or a broken connection, handed back with the worker's backoff:
+    // the next attempt is granted against the keys like the first.
+    if (keyed && !report.app.empty()) limiter_->declare(keys.host(), report.app);
+    if (keyed && !report.method.empty() && keys.method() != nullptr) limiter_->declare(keys.method(), report.method);
+    if (ws.attempts + 1 >= max_attempts_) return false;  // the worker should have kept it: forwarded
+    ++ws.attempts;
+    not_before_[ws.index] = now + milliseconds(report.retry_after_ms);
+    return true;
+  }
+  if (!keyed) return false;
   if (!report.app.empty()) limiter_->declare(keys.host(), report.app);
   RateLimiter::Key* method = keys.method();
   if (!report.method.empty() && method != nullptr) limiter_->declare(method, report.method);

@@ -117,12 +117,15 @@ class SessionRate {
   // Applies what a response said (§3.8): advertised limits are declared on
   // the statement's keys, a 429 pauses the key it names. Returns whether
   // the result should run again rather than be forwarded: a 429 while the
-  // statement has attempts left.
-  bool learn(const protocol::WireStatement& ws, const RateReport& report, RateTime now);
-  // Forgets a statement's 429 count and wait (its result was forwarded).
+  // statement has attempts left, or a retryable failure the worker handed
+  // back (counted in ws.attempts, and not taken again before its wait ends).
+  bool learn(protocol::WireStatement& ws, const RateReport& report, RateTime now);
+  // Forgets a statement's 429 count, wait and retry time (its result was
+  // forwarded).
   void settled(std::uint64_t index) {
     if (!throttles_.empty()) throttles_.erase(index);
     if (!waits_.empty()) waits_.erase(index);
+    if (!not_before_.empty()) not_before_.erase(index);
   }
 
   RateLimiter& limiter() { return *limiter_; }
@@ -153,6 +156,8 @@ class SessionRate {
   std::vector<RateRule> named_;
   std::unordered_map<std::string, RateLimiter::Key*> cache_;
   std::unordered_map<std::uint64_t, std::uint32_t> throttles_;  // 429s per index
+  // Statements handed back to run again, and when they may (§3.8.7).
+  std::unordered_map<std::uint64_t, RateTime> not_before_;
   // Statements that waited on a key: since when, and how long in all (a
   // statement granted at once has no entry).
   struct Wait {

@@ -211,7 +211,7 @@ TEST(SessionRateTest, LearnsAdvertisedLimitsAndPausesOn429) {
   settings.max_attempts = 3;
   SessionRate s(settings, {});
   SessionRate::Bind(s, l);
-  const auto ws = At(7, "http://api/matches/EUW1_123");
+  auto ws = At(7, "http://api/matches/EUW1_123");
   RateReport ok;
   ok.app = {{20, 1000}};
   ok.method = {{5, 1000}};
@@ -236,8 +236,52 @@ TEST(SessionRateTest, LearnsAdvertisedLimitsAndPausesOn429) {
   RateReport service;
   service.throttled = true;
   service.type = RateLimitType::kService;
-  s.learn(At(8, "http://svc/x"), service, kT0);
+  auto svc = At(8, "http://svc/x");
+  s.learn(svc, service, kT0);
   EXPECT_EQ(l.ready_at(l.key("host svc"), kT0), kT0 + milliseconds(1000));
+}
+
+// §3.8.6/§3.8.7: a failure handed back runs again after its wait, counted
+// against the keys like a first attempt, without holding back the statements
+// behind it; once its attempts are spent the failure is final.
+TEST(SessionRateTest, HandedBackRetryWaitsItsBackoffAndIsGrantedAgain) {
+  RateLimiter l;
+  SessionSettings settings;
+  settings.rate_limits = {*ParseRateRule("100:1")};
+  settings.max_attempts = 3;
+  SessionRate s(settings, {});
+  SessionRate::Bind(s, l);
+  std::deque<proto::WireStatement> pending = {At(0, "http://a/x")};
+  std::vector<proto::WireStatement> out;
+  s.take(pending, 10, kT0, out);
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(l.stats(l.key("host a")).used, 1u);
+  RateReport failed;
+  failed.retry = true;
+  failed.retry_after_ms = 300;
+  proto::WireStatement ws = out[0];
+  ASSERT_TRUE(s.learn(ws, failed, kT0));
+  EXPECT_EQ(ws.attempts, 1u);
+  EXPECT_EQ(l.stats(l.key("host a")).throttled, 0u) << "a 5xx is not a 429";
+  EXPECT_LE(l.ready_at(l.key("host a"), kT0 + milliseconds(20)), kT0 + milliseconds(20)) << "no key is paused";
+  pending = {ws, At(1, "http://a/y")};
+  out.clear();
+  // Before its wait ends the retry stays; the statement behind it goes.
+  const RateTime wake = s.take(pending, 10, kT0 + milliseconds(100), out);
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0].index, 1u);
+  EXPECT_EQ(wake, kT0 + milliseconds(300));
+  out.clear();
+  s.take(pending, 10, wake, out);
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0].index, 0u);
+  EXPECT_EQ(out[0].attempts, 1u) << "the attempts made so far travel with it";
+  EXPECT_EQ(l.stats(l.key("host a")).used, 3u) << "the retry was counted";
+  // Second failure: attempt 2 of 3, runs again; third: final, forwarded.
+  ws = out[0];
+  ASSERT_TRUE(s.learn(ws, failed, wake));
+  EXPECT_EQ(ws.attempts, 2u);
+  EXPECT_FALSE(s.learn(ws, failed, wake));
 }
 
 }  // namespace

@@ -60,10 +60,10 @@ void PackWindows(Packer& pk, const RateWindows& windows) {
   }
 }
 
-// [flags (1 = throttled), type, retry_after_ms, app windows, method windows] (§3.8).
+// [flags (1 = throttled, 2 = retry), type, retry_after_ms, app windows, method windows] (§3.8).
 void PackRateReport(Packer& pk, const RateReport& r) {
   pk.pack_array(5);
-  pk.pack(static_cast<std::uint8_t>(r.throttled ? 1 : 0));
+  pk.pack(static_cast<std::uint8_t>(r.throttled ? 1 : r.retry ? 2 : 0));
   pk.pack(static_cast<std::uint8_t>(r.type));
   pk.pack(r.retry_after_ms);
   PackWindows(pk, r.app);
@@ -190,8 +190,9 @@ RateReport AsRateReport(const msgpack::object& o) {
   const auto& a = AsArray(o, 5, "rate report is not [flags, type, retry_after_ms, app, method]");
   RateReport r;
   const auto flags = AsUint<std::uint8_t>(a.ptr[0], "rate report flags");
-  if (flags > 1) Fail("rate report flags out of range");
+  if (flags > 2) Fail("rate report flags out of range");
   r.throttled = flags == 1;
+  r.retry = flags == 2;
   const auto type = AsUint<std::uint8_t>(a.ptr[1], "rate report type");
   if (type > 3) Fail("rate report type out of range");
   r.type = static_cast<RateLimitType>(type);
@@ -370,8 +371,8 @@ Frames Encode(const Open& m) {
 
 namespace {
 void PackStatement(Packer& pk, std::uint64_t index, const Statement& s, std::uint64_t rate_wait_us = 0,
-                   std::uint32_t throttled = 0) {
-  const bool waited = rate_wait_us != 0 || throttled != 0;
+                   std::uint32_t throttled = 0, std::uint32_t attempts = 0) {
+  const bool waited = rate_wait_us != 0 || throttled != 0 || attempts != 0;
   pk.pack_array(waited ? 8 : 7);
   pk.pack(index);
   PackStr(pk, s.method);
@@ -381,17 +382,21 @@ void PackStatement(Packer& pk, std::uint64_t index, const Statement& s, std::uin
   pk.pack(s.timeout_ms);
   if (s.idempotent) pk.pack(*s.idempotent); else pk.pack_nil();
   if (waited) {
-    pk.pack_array(2);
+    pk.pack_array(attempts != 0 ? 3 : 2);
     pk.pack(rate_wait_us);
     pk.pack(throttled);
+    if (attempts != 0) pk.pack(attempts);
   }
 }
 
-// [rate_wait_us, throttled] (§3.8.8), in a statement and a result.
-void AsRateWait(const msgpack::object& o, std::uint64_t& wait_us, std::uint32_t& throttled) {
+// [rate_wait_us, throttled] in a result, [rate_wait_us, throttled, attempts?]
+// in a statement (§3.8.8).
+void AsRateWait(const msgpack::object& o, std::uint64_t& wait_us, std::uint32_t& throttled,
+                std::uint32_t* attempts = nullptr) {
   const auto& a = AsArray(o, 2, "rate wait is not [rate_wait_us, throttled]");
   wait_us = AsUint<std::uint64_t>(a.ptr[0], "rate_wait_us");
   throttled = AsUint<std::uint32_t>(a.ptr[1], "throttled");
+  if (attempts != nullptr && a.size > 2) *attempts = AsUint<std::uint32_t>(a.ptr[2], "attempts");
 }
 
 std::size_t SizeHint(const Statement& s) { return 32 + s.url.size() + s.body.size() + 16 * s.headers.size(); }
@@ -406,7 +411,7 @@ Frames Encode(Command command, const Statements& m) {
   pk.pack_array(dispatch ? 3 : 2);
   PackBin(pk, m.session.raw());
   pk.pack_array(static_cast<std::uint32_t>(m.statements.size()));
-  for (const auto& ws : m.statements) PackStatement(pk, ws.index, ws.statement, ws.rate_wait_us, ws.throttled);
+  for (const auto& ws : m.statements) PackStatement(pk, ws.index, ws.statement, ws.rate_wait_us, ws.throttled, ws.attempts);
   if (dispatch) pk.pack(m.seq);
   return Start(command, buf);
 }
@@ -840,7 +845,7 @@ Result<Statements> DecodeStatements(std::span<const zmq::message_t> frames) {
       ws.statement.timeout_ms = AsUint<std::uint32_t>(f.ptr[5], "timeout_ms");
       if (f.ptr[6].type == msgpack::type::BOOLEAN) ws.statement.idempotent = f.ptr[6].via.boolean;
       else if (f.ptr[6].type != msgpack::type::NIL) Fail("idempotent is not bool or nil");
-      if (f.size > 7 && f.ptr[7].type != msgpack::type::NIL) AsRateWait(f.ptr[7], ws.rate_wait_us, ws.throttled);
+      if (f.size > 7 && f.ptr[7].type != msgpack::type::NIL) AsRateWait(f.ptr[7], ws.rate_wait_us, ws.throttled, &ws.attempts);
     }
     return m;
   });

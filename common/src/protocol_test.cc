@@ -1351,7 +1351,11 @@ TEST(ProtocolTest, Clause_3_8_6_MalformedRateReportsAreMalformed) {
   };
   EXPECT_TRUE(DecodeResults(with_report(report(1, 2, 20))).has_value());
   EXPECT_TRUE(DecodeResults(with_report([](auto& pk) { pk.pack_nil(); })).has_value());
-  for (const auto& bad : {with_report(report(2, 0, 20)), with_report(report(0, 4, 20)),
+  const auto retry = DecodeResults(with_report(report(2, 0, 20)));
+  ASSERT_TRUE(retry.has_value()) << "flags 2: a failure handed back to run again";
+  EXPECT_TRUE(retry->results[0].rate->retry);
+  EXPECT_FALSE(retry->results[0].rate->throttled);
+  for (const auto& bad : {with_report(report(3, 0, 20)), with_report(report(0, 4, 20)),
                           with_report(report(0, 0, 0)), with_report([](auto& pk) { pk.pack(1); }),
                           with_report([](auto& pk) { pk.pack_array(2); pk.pack(0); pk.pack(0); })}) {
     EXPECT_FALSE(DecodeResults(bad).has_value());
@@ -1369,10 +1373,23 @@ TEST(ProtocolTest, Clause_3_8_8_RateWaitTravelsWithTheStatementAndItsResult) {
   d.statements[1].statement.url = "http://h/1";
   d.statements[1].rate_wait_us = 1'234'567;
   d.statements[1].throttled = 2;
-  Statements back = Must(DecodeStatements(Encode(Command::kDispatch, d)));
+  d.statements.push_back(d.statements[1]);
+  d.statements[2].index = 2;
+  d.statements[2].attempts = 3;
+  Frames df = Encode(Command::kDispatch, d);
+  Statements back = Must(DecodeStatements(df));
   EXPECT_EQ(back.statements[0].rate_wait_us, 0u);
   EXPECT_EQ(back.statements[1].rate_wait_us, 1'234'567u);
   EXPECT_EQ(back.statements[1].throttled, 2u);
+  EXPECT_EQ(back.statements[1].attempts, 0u);
+  EXPECT_EQ(back.statements[2].attempts, 3u) << "attempts of earlier DISPATCHes (§3.8.6)";
+  {
+    // The third element only when there were attempts: [wait, throttled] otherwise.
+    auto message = msgpack::unpack(static_cast<const char*>(df[2].data()), df[2].size());
+    const auto& statements = message->via.array.ptr[1].via.array;
+    EXPECT_EQ(statements.ptr[1].via.array.ptr[7].via.array.size, 2u);
+    EXPECT_EQ(statements.ptr[2].via.array.ptr[7].via.array.size, 3u);
+  }
   Results r{sid, 1, std::vector<WireResult>(2)};
   r.results[1].index = 1;
   r.results[1].response.rate_wait_us = 99;

@@ -333,6 +333,35 @@ TEST(RateLimitTest, A429PausesTheKeyOnEveryWorker) {
   // the final responses depends on which 429s came back first.)
 }
 
+// Retries are requests too: against a server that answers every third
+// request 503 (each one counted in its window), the workers hand their
+// retries back to the broker, which grants them against the key like first
+// attempts (§3.8.6). Nothing is lost, no 429 comes, no window is exceeded.
+TEST(RateLimitTest, RetriesAfter5xxAreGrantedAgainstTheLimit) {
+  const int per_second = kSanitized ? 5 : 10;
+  const int n = 2 * per_second;
+  ApiServer api({"--app-limit", std::to_string(per_second) + ":1", "--fail-every", "3"});
+  Cluster cluster;
+  Warm(cluster, api);
+  Options o = cluster.options(25);
+  o.settings.base_url = api.base();
+  o.settings.rate_limits = {*ParseRateRule(std::to_string(per_second) + ":1")};
+  o.settings.backoff_base_ms = 20;  // a worker retrying by itself would fire at once
+  Gatherer g(o);
+  g.statements = Summoners(n);
+  const auto& responses = g.gather();
+  ExpectAllOk(responses);
+  const std::string stats = api.stats();
+  long failed = 0;
+  for (const auto& r : JsonLog(stats)) failed += r.status == 503 ? 1 : 0;
+  long retried = 0;
+  for (const auto& r : responses) retried += r.attempts - 1;
+  EXPECT_GE(failed, n / 3) << stats;
+  EXPECT_EQ(retried, failed) << "each 503 was retried once, and the response counts it";
+  EXPECT_LE(JsonNumber(stats, "throttled"), kStray429) << stats;
+  EXPECT_LE(JsonNumber(stats, std::to_string(per_second) + ":1"), per_second) << stats;
+}
+
 // The CLI declares limits with --rate-limit (embedded broker and worker):
 // lines that waited say how long, and the summary line tells the limits,
 // the waits and the 429s.

@@ -2065,6 +2065,40 @@ TEST_P(BrokerSpec, Clause_3_8_3_GrantsArePacedAndSharedAcrossSessions) {
   }
 }
 
+// 3.8.3 "a statement run again ... in quarantine (§4.5) SHALL be granted
+// like a first attempt; a quarantine group runs only what its keys allow at
+// that moment." The only worker dies holding both statements of a 2:1 key;
+// the re-run on the next worker is paced like the first run: one at a time,
+// half a window apart, not both at once in one group.
+TEST_P(BrokerSpec, Clause_3_8_3_QuarantineRerunsAreGranted) {
+  start([](BrokerOptions& o) {
+    o.heartbeat_interval = 300ms;
+    o.heartbeat_liveness = 4;  // the raw workers do not heartbeat
+  });
+  Peer client(ctx_, endpoint_);
+  auto dead = std::make_unique<Peer>(ctx_, endpoint_);
+  ready(*dead, 10);
+  const SessionId sid = OpenWith(client, Limited("2:1"));
+  client.send(proto::EncodeSubmit(sid, 0, Urls(2)));
+  ASSERT_EQ(expect_session_and_dispatch(*dead, sid, 2), (std::vector<std::uint64_t>{0, 1}));
+  dead.reset();  // silent: presumed dead after 3 periods, its two leases quarantined
+  ASSERT_TRUE(WaitFor([&] { return stats().quarantined.load() == 2 && stats().workers.load() == 0; }, 5s));
+  Peer worker(ctx_, endpoint_);
+  ready(worker, 10);
+  std::vector<std::pair<std::uint64_t, std::chrono::steady_clock::time_point>> got;
+  const auto deadline = std::chrono::steady_clock::now() + 5s;
+  while (got.size() < 2 && std::chrono::steady_clock::now() < deadline) {
+    auto f = worker.recv(100ms);
+    if (f.empty() || CommandOf(f) != proto::Command::kDispatch) continue;
+    const auto now = std::chrono::steady_clock::now();
+    const auto indices = IndicesOf(f);
+    for (auto i : indices) got.emplace_back(i, now);
+    worker.send_results(sid, indices);  // the quarantine worker runs one group at a time
+  }
+  ASSERT_EQ(got.size(), 2u);
+  EXPECT_GE(got[1].second - got[0].second, 300ms) << "the re-run fired both requests at once";
+}
+
 // 3.8.4 "A statement waiting on a key SHALL NOT hold back the statements
 // behind it whose keys allow them, nor other sessions."
 TEST_P(BrokerSpec, Clause_3_8_4_AWaitingKeyHoldsBackNothingElse) {

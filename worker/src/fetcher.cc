@@ -13,6 +13,7 @@
 #include <chrono>
 #include <climits>
 #include <iterator>
+#include <limits>
 #include <cstring>
 #include <ctime>
 #include <mutex>
@@ -277,6 +278,9 @@ struct Transfer {
   curl_slist* header_list = nullptr;
   bool in_multi = false;
   std::uint32_t attempts = 0;
+  // Made under earlier DISPATCHes: a rate-aware session's retries run again
+  // through the broker (§3.8.6), which counts them here.
+  std::uint32_t prior_attempts = 0;
   Clock::time_point started{};
   // Of the current attempt.
   Response response;
@@ -515,6 +519,7 @@ class IoThread {
       transfer->statement = std::move(item.statement);
       transfer->response.rate_wait_us = item.rate_wait_us;
       transfer->response.throttled = item.throttled;
+      transfer->prior_attempts = item.attempts;
       transfer->idempotent = IsIdempotent(transfer->statement);
       transfer->started = Clock::now();
       session->transfers.emplace(transfer, std::move(owned));
@@ -783,7 +788,8 @@ class IoThread {
     curl_easy_getinfo(transfer->easy, CURLINFO_RESPONSE_CODE, &status);
     transfer->response.status = static_cast<int>(status);
     if (transfer->encoded) DropEncodingHeaders(transfer);
-    const bool attempts_left = transfer->attempts < std::max<std::uint32_t>(settings.max_attempts, 1);
+    const std::uint32_t attempts = transfer->prior_attempts + transfer->attempts;
+    const bool attempts_left = attempts < std::max<std::uint32_t>(settings.max_attempts, 1);
 
     if (!transfer->refused.empty()) {
       // Nothing reached the refused destination: no retry could change it.
@@ -821,13 +827,15 @@ class IoThread {
                                                                             kThrottledBackoffBaseMs)
                                                  : settings.backoff_base_ms;
         if (metrics) metrics->note_retry(RetryCauseOf(status));
-        schedule_retry(transfer, retry_after, base);
+        std::string message = "HTTP " + std::to_string(status);
+        if (!transfer->reason.empty()) message += " " + transfer->reason;
+        retry_later(transfer, retry_after, base, ResponseError{StatusCode::kHttpStatus, std::move(message)});
         return;
       }
       std::string message = "HTTP " + std::to_string(status);
       if (!transfer->reason.empty()) message += " " + transfer->reason;
       if (retry) {
-        message += " after " + std::to_string(transfer->attempts) + " attempts";
+        message += " after " + std::to_string(attempts) + " attempts";
       } else if (IsRetryableHttpStatus(status) && attempts_left) {  // a non-idempotent statement
         message += " (not retried: a non-idempotent statement is sent again only after 429, or 503 with Retry-After)";
       }
@@ -871,10 +879,10 @@ class IoThread {
         message += kOutcomeUnknown;
       } else if (attempts_left) {
         if (metrics) metrics->note_retry(RetryCause::kTransport);
-        schedule_retry(transfer, std::nullopt, settings.backoff_base_ms);
+        retry_later(transfer, std::nullopt, settings.backoff_base_ms, ResponseError{status_code, std::move(message)});
         return;
-      } else if (transfer->attempts > 1) {
-        message += " (after " + std::to_string(transfer->attempts) + " attempts)";
+      } else if (attempts > 1) {
+        message += " (after " + std::to_string(attempts) + " attempts)";
       }
     }
     finish(transfer, ResponseError{status_code, std::move(message)});
@@ -900,16 +908,30 @@ class IoThread {
   // full jitter (AWS architecture blog, "Exponential Backoff and Jitter"),
   // which spreads the retries of a burst that failed together: uniform in
   // [0, min(backoff_max_ms, base * 2^(attempts - 1))].
-  void schedule_retry(Transfer* transfer, std::optional<std::uint64_t> retry_after_ms, std::uint64_t base_ms) {
+  //
+  // A rate-aware session's statement is not tried again here: every request
+  // it makes must be granted by the broker against its keys (§3.8.6). The
+  // failure goes back with the wait, and the broker queues it again.
+  void retry_later(Transfer* transfer, std::optional<std::uint64_t> retry_after_ms, std::uint64_t base_ms,
+                   ResponseError error) {
     const SessionSettings& settings = transfer->session->shared->settings;
     std::uint64_t delay_ms;
     if (retry_after_ms) {
       delay_ms = std::min<std::uint64_t>(*retry_after_ms, settings.retry_after_max_ms);
     } else {
       const std::uint64_t cap = settings.backoff_max_ms;
-      const std::uint32_t shift = transfer->attempts - 1;
+      const std::uint32_t shift = transfer->prior_attempts + transfer->attempts - 1;
       const std::uint64_t ceiling = shift >= 32 ? cap : std::min(cap, base_ms << shift);
       delay_ms = std::uniform_int_distribution<std::uint64_t>(0, ceiling)(rng_);
+    }
+    if (settings.rate_aware()) {
+      if (!transfer->rate) transfer->rate.emplace();
+      transfer->rate->retry = true;
+      transfer->rate->retry_after_ms =
+          static_cast<std::uint32_t>(std::min<std::uint64_t>(delay_ms, std::numeric_limits<std::uint32_t>::max()));
+      error.message += "; handed back to the broker to run again";
+      finish(transfer, std::move(error));
+      return;
     }
     backoff_.push_back({Clock::now() + std::chrono::milliseconds(delay_ms), transfer});
     std::push_heap(backoff_.begin(), backoff_.end(), &IoThread::LaterDue);
@@ -922,7 +944,7 @@ class IoThread {
     result.index = transfer->index;
     result.response = std::move(transfer->response);
     result.response.error = std::move(error);
-    result.response.attempts = transfer->attempts;
+    result.response.attempts = transfer->prior_attempts + transfer->attempts;
     result.response.elapsed_us = static_cast<std::uint64_t>(
         std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - transfer->started).count());
     result.response.worker = context_.options->worker_id;

@@ -123,13 +123,14 @@ SessionSettings FastRetry() {
 
 // Runs one statement in a fresh session and returns its result.
 FetchResult FetchOne(Fetcher& fetcher, Collector& collector, const SessionSettings& settings, Statement statement,
-                     std::uint8_t session_number = 1) {
+                     std::uint8_t session_number = 1, std::uint32_t prior_attempts = 0) {
   const SessionId id = MakeSessionId(session_number);
   fetcher.open_session(id, settings);
   const std::size_t before = collector.count();
   std::vector<FetchItem> items(1);
   items[0].index = 7;
   items[0].statement = std::move(statement);
+  items[0].attempts = prior_attempts;
   fetcher.submit(id, std::move(items));
   EXPECT_TRUE(collector.wait(before + 1, seconds(20)));
   fetcher.close_session(id);
@@ -529,6 +530,49 @@ TEST(FetcherTest, Clause_3_8_6_RateAwareSessionHandsA429BackWithItsReport) {
   settings.max_attempts = 1;
   const auto plain = FetchOne(fetcher, collector, settings, Get(server.url("/ok")));
   EXPECT_FALSE(plain.rate.has_value());
+}
+
+// PROTOCOL §3.8.6: a rate-aware session's 5xx and broken connections are not
+// retried by the worker either; they go back with the backoff to wait, so
+// that the broker grants the next attempt. The attempts of earlier
+// DISPATCHes count toward max_attempts and the backoff.
+TEST(FetcherTest, Clause_3_8_6_RateAwareSessionHandsRetriesBack) {
+  HttpServer server([&](const HttpRequest& request) {
+    if (request.target == "/later") return HttpReply{503, {{"Retry-After", "2"}}, "busy"};
+    return HttpReply{502, {{"X-App-Rate-Limit", "20:1"}}, "bad gateway"};
+  });
+  Collector collector;
+  Fetcher fetcher(TwoThreads(), collector.sink());
+  SessionSettings settings;
+  settings.rate_limits = {*ParseRateRule("20:1")};
+  settings.max_attempts = 4;
+  settings.backoff_base_ms = 100;
+  settings.backoff_max_ms = 10'000;
+  const auto first = FetchOne(fetcher, collector, settings, Get(server.url("/bad")));
+  EXPECT_EQ(server.requests(), 1u) << "the worker retried by itself";
+  EXPECT_EQ(first.response.status, 502);
+  EXPECT_EQ(first.response.attempts, 1u);
+  ASSERT_TRUE(first.rate.has_value());
+  EXPECT_TRUE(first.rate->retry);
+  EXPECT_FALSE(first.rate->throttled);
+  EXPECT_LE(first.rate->retry_after_ms, 100u) << "full jitter over [0, base]";
+  EXPECT_EQ(first.rate->app, (RateWindows{{20, 1000}})) << "what it advertised goes back too";
+  // Third attempt: the backoff ceiling is base x 2^2.
+  const auto third = FetchOne(fetcher, collector, settings, Get(server.url("/bad")), 2, 2);
+  EXPECT_EQ(third.response.attempts, 3u);
+  ASSERT_TRUE(third.rate.has_value() && third.rate->retry);
+  EXPECT_LE(third.rate->retry_after_ms, 400u);
+  // A Retry-After is the wait.
+  const auto later = FetchOne(fetcher, collector, settings, Get(server.url("/later")), 3);
+  ASSERT_TRUE(later.rate.has_value() && later.rate->retry);
+  EXPECT_EQ(later.rate->retry_after_ms, 2000u);
+  // The last attempt is final here: the error, and no hand-back.
+  const auto last = FetchOne(fetcher, collector, settings, Get(server.url("/bad")), 4, 3);
+  EXPECT_EQ(last.response.attempts, 4u);
+  ASSERT_FALSE(last.response.ok());
+  EXPECT_EQ(last.response.error->message, "HTTP 502 Bad Gateway after 4 attempts");
+  EXPECT_FALSE(last.rate.has_value() && last.rate->retry);
+  EXPECT_EQ(server.requests(), 4u);
 }
 
 TEST(FetcherTest, RetryAfterIsNotCappedByBackoffMax) {

@@ -90,6 +90,9 @@ struct WireStatement {
   // its keys and its 429s so far, echoed in its result.
   std::uint64_t rate_wait_us = 0;
   std::uint32_t throttled = 0;
+  // Attempts made under earlier DISPATCHes, of a statement whose retryable
+  // failures went back to the broker (§3.8.6).
+  std::uint32_t attempts = 0;
 };
 
 // One outcome on the wire; the body travels in its own frame (§3.4).

@@ -65,6 +65,10 @@ enum class RateLimitType : std::uint8_t { kUnknown = 0, kApplication = 1, kMetho
 struct RateReport {
   // The response was a 429: the statement is handed back to run again.
   bool throttled = false;
+  // A retryable failure (5xx, a broken connection) the worker did not try
+  // again itself: the broker runs the statement again after retry_after_ms,
+  // so that every attempt is granted against the keys.
+  bool retry = false;
   RateLimitType type = RateLimitType::kUnknown;
   // Retry-After (or a reset when nothing remains), ms from receipt; 0 = none.
   std::uint32_t retry_after_ms = 0;
