@@ -5,14 +5,13 @@
 #include <iterator>
 #include <span>
 
-#include "gatherer/broker.h"
+#include "embedded.h"
 #include "gatherer/curve.h"
 #include "gatherer/ids.h"
 #include "gatherer/log.h"
 #include "gatherer/protocol.h"
 #include "gatherer/transport.h"
 #include "gatherer/wake_fd.h"
-#include "gatherer/worker.h"
 
 namespace gatherer {
 namespace {
@@ -44,8 +43,7 @@ struct Gatherer::Impl {
   spdlog::logger& log() const { return *logger; }
   std::unique_ptr<zmq::context_t> context;
   // Embedded mode only: the in-process cluster (docs/architecture.md §2).
-  std::unique_ptr<Broker> broker;
-  std::unique_ptr<Worker> worker;
+  std::unique_ptr<EmbeddedCluster> cluster;
   std::unique_ptr<zmq::socket_t> dealer;
   std::unique_ptr<proto::ReconnectWatch> watch;  // of `dealer`; destroyed before it
   WakeFd cancel_fd;
@@ -155,19 +153,7 @@ Gatherer::Gatherer(Options options) : impl_(std::make_unique<Impl>()) {
   if (m.options.broker.empty()) {
     // Embedded: same broker and worker code, over inproc:// in this context.
     m.endpoint = "inproc://gatherer-" + m.session_text;
-    BrokerOptions bo;
-    bo.endpoints = {m.endpoint};
-    bo.context = m.context.get();
-    bo.logger = m.logger;
-    m.broker = std::make_unique<Broker>(bo);
-    if (Status s = m.broker->start(); !s.ok()) throw Error("embedded broker: " + s.ToString(), -1, s.code());
-    WorkerOptions wo;
-    wo.broker = m.endpoint;
-    wo.context = m.context.get();
-    wo.logger = m.logger;
-    wo.io_threads = m.options.embedded_io_threads;
-    m.worker = std::make_unique<Worker>(wo);
-    if (Status s = m.worker->start(); !s.ok()) throw Error("embedded worker: " + s.ToString(), -1, s.code());
+    m.cluster = StartEmbeddedCluster(*m.context, m.endpoint, m.logger, m.options.embedded_io_threads);
   } else {
     m.endpoint = m.options.broker;
   }
@@ -251,10 +237,7 @@ Gatherer::~Gatherer() {
   m.close_session();
   m.watch.reset();
   m.dealer.reset();
-  if (m.worker) m.worker->stop();
-  if (m.broker) m.broker->stop();
-  m.worker.reset();
-  m.broker.reset();
+  m.cluster.reset();  // the worker, then the broker
   m.context.reset();
 }
 

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include <gtest/gtest.h>
+#include <zmq.hpp>
 
 #include "gatherer/broker.h"
 #include "gatherer/gatherer.h"

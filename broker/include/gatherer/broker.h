@@ -18,7 +18,6 @@
 
 #include <unordered_set>
 
-#include <zmq.hpp>
 
 #include "gatherer/curve.h"
 #include "gatherer/rate_limit.h"
@@ -26,6 +25,9 @@
 
 namespace spdlog {
 class logger;
+}
+namespace zmq {
+class context_t;
 }
 
 namespace gatherer {

@@ -23,12 +23,15 @@
 #include <thread>
 #include <unordered_set>
 
-#include <zmq.hpp>
-
 #include "gatherer/status.h"
 
 namespace spdlog {
 class logger;
+}
+namespace zmq {
+class context_t;
+class message_t;
+class socket_t;
 }
 
 namespace gatherer {

@@ -13,7 +13,6 @@
 #include <memory>
 #include <string>
 
-#include <zmq.hpp>
 
 #include "gatherer/curve.h"
 #include "gatherer/destinations.h"
@@ -21,6 +20,9 @@
 
 namespace spdlog {
 class logger;
+}
+namespace zmq {
+class context_t;
 }
 
 namespace gatherer {
