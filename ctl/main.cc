@@ -77,6 +77,11 @@ int Top(gatherer::ctl::Control& control, const std::string& broker, std::chrono:
       screen += gatherer::ctl::WorkersTable(std::get<std::vector<proto::WorkerRow>>(*workers));
       screen += "\nSESSIONS\n";
       screen += gatherer::ctl::SessionsTable(std::get<std::vector<proto::SessionRow>>(*sessions));
+      if (!s.rate_keys.empty()) {
+        screen += '\n';
+        screen += gatherer::ctl::RateKeysHeading("RATE LIMITS", s.rate_keys);
+        screen += gatherer::ctl::RateKeysTable(s.rate_keys);
+      }
     }
     std::fputs(screen.c_str(), stdout);
     std::fflush(stdout);
@@ -118,7 +123,8 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 3'600'000));
   app.add_flag("--json", json, "JSON output for scripts");
   app.require_subcommand(1);
-  auto* status = app.add_subcommand("status", "Version, uptime, sessions, workers, statement counts and rates");
+  auto* status = app.add_subcommand(
+      "status", "Version, uptime, sessions, workers, statement counts and rates, and the busiest rate-limit keys");
   auto* workers = app.add_subcommand("workers", "Each worker: id, host, pid, slots, in flight, done, state");
   auto* sessions = app.add_subcommand("sessions", "Each session: id, client, window, queued, in flight, rate");
   std::string session_text;
