@@ -168,7 +168,13 @@ std::string RateKeysHeading(const std::string& title, const std::vector<proto::R
 std::string RateKeysTable(const std::vector<proto::RateKeyRow>& rows) {
   std::vector<std::vector<std::string>> cells;
   for (const auto& k : rows) {
-    cells.push_back({k.key, k.windows.empty() ? "-" : FormatRateWindows(k.windows), std::to_string(k.used),
+    // A key holds a name a client chose (a rule's): no control character of
+    // it reaches the operator's terminal.
+    std::string key = k.key;
+    for (char& c : key) {
+      if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) c = '?';
+    }
+    cells.push_back({std::move(key), k.windows.empty() ? "-" : FormatRateWindows(k.windows), std::to_string(k.used),
                      std::to_string(k.throttled), k.paused_ms == 0 ? "-" : Age(k.paused_ms)});
   }
   return Table({"KEY", "WINDOWS", "USED", "THROTTLED", "PAUSED"}, cells);

@@ -63,6 +63,8 @@ TEST(CtlTest, RateKeysInStatus) {
             "KEY                                 WINDOWS       USED  THROTTLED  PAUSED\n"
             "host api.example:443                20:1,100:120  1234          2  1.5s\n"
             "endpoint GET /a/{} api.example:443  -                7          0  -\n");
+  EXPECT_EQ(RateKeysTable({{"rule a\x1b[2J\nb h", {}, 1, 0, 0}}).find_first_of("\x1b"), std::string::npos);
+  EXPECT_NE(RateKeysTable({{"rule a\x1b[2J\nb h", {}, 1, 0, 0}}).find("rule a?[2J?b h"), std::string::npos);
   r.rate_keys.resize(protocol::kMaxStatusRateKeys, r.rate_keys[1]);
   EXPECT_EQ(RateKeysHeading("rate limits", r.rate_keys), "rate limits (the 100 busiest keys)\n");
 }
