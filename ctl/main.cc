@@ -25,6 +25,12 @@ using gatherer::ctl::Answer;
 std::atomic<bool> interrupted{false};
 void OnInterrupt(int) { interrupted.store(true); }
 
+// One line of JSON. Names a client chose (a rate rule's, in a key) may hold
+// invalid UTF-8: it is replaced (U+FFFD) rather than ending the process.
+std::string Dump(const nlohmann::json& j) {
+  return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
+}
+
 int Fail(const gatherer::Status& s) {
   std::fprintf(stderr, "gatherer-ctl: %s\n", s.ToString().c_str());
   return 1;
@@ -77,6 +83,11 @@ int Top(gatherer::ctl::Control& control, const std::string& broker, std::chrono:
       screen += gatherer::ctl::WorkersTable(std::get<std::vector<proto::WorkerRow>>(*workers));
       screen += "\nSESSIONS\n";
       screen += gatherer::ctl::SessionsTable(std::get<std::vector<proto::SessionRow>>(*sessions));
+      if (!s.rate_keys.empty()) {
+        screen += '\n';
+        screen += gatherer::ctl::RateKeysHeading("RATE LIMITS", s.rate_keys);
+        screen += gatherer::ctl::RateKeysTable(s.rate_keys);
+      }
     }
     std::fputs(screen.c_str(), stdout);
     std::fflush(stdout);
@@ -118,7 +129,8 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 3'600'000));
   app.add_flag("--json", json, "JSON output for scripts");
   app.require_subcommand(1);
-  auto* status = app.add_subcommand("status", "Version, uptime, sessions, workers, statement counts and rates");
+  auto* status = app.add_subcommand(
+      "status", "Version, uptime, sessions, workers, statement counts and rates, and the busiest rate-limit keys");
   auto* workers = app.add_subcommand("workers", "Each worker: id, host, pid, slots, in flight, done, state");
   auto* sessions = app.add_subcommand("sessions", "Each session: id, client, window, queued, in flight, rate");
   std::string session_text;
@@ -159,14 +171,14 @@ int main(int argc, char** argv) {
   if (!answer) return Fail(answer.error());
   std::string out;
   if (auto* r = std::get_if<proto::StatusReport>(&*answer)) {
-    out = json ? gatherer::ctl::ToJson(*r).dump() + "\n" : gatherer::ctl::StatusTable(*r, broker);
+    out = json ? Dump(gatherer::ctl::ToJson(*r)) : gatherer::ctl::StatusTable(*r, broker);
   } else if (auto* w = std::get_if<std::vector<proto::WorkerRow>>(&*answer)) {
-    out = json ? gatherer::ctl::ToJson(*w).dump() + "\n" : gatherer::ctl::WorkersTable(*w);
+    out = json ? Dump(gatherer::ctl::ToJson(*w)) : gatherer::ctl::WorkersTable(*w);
   } else if (auto* s = std::get_if<std::vector<proto::SessionRow>>(&*answer)) {
-    out = json ? gatherer::ctl::ToJson(*s).dump() + "\n" : gatherer::ctl::SessionsTable(*s);
+    out = json ? Dump(gatherer::ctl::ToJson(*s)) : gatherer::ctl::SessionsTable(*s);
   } else {
     const auto& done = std::get<proto::Done>(*answer);
-    out = json ? nlohmann::json{{"ok", true}, {"message", done.message}}.dump() + "\n" : done.message + "\n";
+    out = json ? Dump({{"ok", true}, {"message", done.message}}) : done.message + "\n";
   }
   std::fputs(out.c_str(), stdout);
   return 0;

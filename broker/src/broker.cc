@@ -162,8 +162,9 @@ struct Broker::Impl {
   Clock::time_point next_heartbeat;
   std::vector<std::string> acks_due;  // workers owed an ACK this pass
   broker_ops::BrokerFigures figures;  // for operators (§3.9)
-  // Per-worker and per-session metrics, rendered by the loop once per
-  // heartbeat when options.metrics is set, read by the metrics thread.
+  // Per-worker, per-session and per-rate-key metrics, rendered by the loop
+  // once per heartbeat when options.metrics is set, read by the metrics
+  // thread.
   mutable std::mutex metrics_mutex;
   std::string metrics_snapshot;
   // CURVE: the public key of the message being handled (empty without).
@@ -1289,6 +1290,7 @@ void Broker::Impl::on_control(const std::string& peer, proto::Command command, s
         stats.requeued.load(std::memory_order_relaxed) + stats.quarantined.load(std::memory_order_relaxed);
     r.rate_10s_milli = figures.rate.rate_milli(now, 10, figures.started);
     r.rate_1m_milli = figures.rate.rate_milli(now, 60, figures.started);
+    r.rate_keys = broker_ops::RateKeyRows(limiter, now);  // §3.9.7: the busiest, bounded
     return (void)send(peer, proto::Encode(r));
   }
   if (command == Command::kListWorkers) {
@@ -1315,8 +1317,8 @@ void Broker::Impl::on_control(const std::string& peer, proto::Command command, s
   send(peer, proto::Encode(rows));
 }
 
-// Once per heartbeat (options.metrics): O(workers + sessions), off the
-// per-statement path.
+// Once per heartbeat (options.metrics): O(workers + sessions + rate keys),
+// off the per-statement path.
 void Broker::Impl::publish_metrics() {
   const auto now = Clock::now();
   std::vector<broker_ops::WorkerMetric> ws;
@@ -1333,7 +1335,7 @@ void Broker::Impl::publish_metrics() {
     ss.push_back({sid.ToString(), s.settings.workers, s.pending.size(), s.leases.size(), s.figures.done,
                   s.figures.failed});
   }
-  std::string text = broker_ops::RenderDetail(ws, ss);
+  std::string text = broker_ops::RenderDetail(ws, ss, broker_ops::RateKeyRows(limiter, now));
   std::lock_guard lock(metrics_mutex);
   metrics_snapshot.swap(text);
 }

@@ -151,6 +151,21 @@ std::vector<RateKeyStats> RateLimiter::all_stats() const {
   return out;
 }
 
+std::vector<RateKeyStats> RateLimiter::busiest(std::size_t n) const {
+  std::vector<const Key*> all;
+  all.reserve(keys_.size());
+  for (const auto& [name, k] : keys_) all.push_back(&k);
+  n = std::min(n, all.size());
+  std::partial_sort(all.begin(), all.begin() + static_cast<std::ptrdiff_t>(n), all.end(),
+                    [](const Key* a, const Key* b) {
+                      return a->used != b->used ? a->used > b->used : a->name < b->name;
+                    });
+  std::vector<RateKeyStats> out;
+  out.reserve(n);
+  for (std::size_t i = 0; i < n; ++i) out.push_back(stats(all[i]));
+  return out;
+}
+
 void RateLimiter::collect(RateTime now) {
   for (auto it = keys_.begin(); it != keys_.end();) {
     const Key& k = it->second;

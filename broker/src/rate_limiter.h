@@ -65,6 +65,9 @@ class RateLimiter {
 
   RateKeyStats stats(const Key* k) const;
   std::vector<RateKeyStats> all_stats() const;
+  // The `n` keys with the most grants, most first (ties by name): what
+  // operators see (PROTOCOL.md §3.9.7). Copies only those `n`.
+  std::vector<RateKeyStats> busiest(std::size_t n) const;
   std::size_t size() const { return keys_.size(); }
   // Forgets unreferenced keys idle for longer than their longest window.
   void collect(RateTime now);

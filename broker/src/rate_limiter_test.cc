@@ -3,6 +3,8 @@
 
 #include <gtest/gtest.h>
 
+#include "stats.h"
+
 namespace gatherer::broker {
 namespace {
 
@@ -114,6 +116,75 @@ TEST(RateLimiterTest, CollectsOnlyUnreferencedIdleKeys) {
   l.release(b);
   l.collect(kT0 + std::chrono::minutes(5));
   EXPECT_EQ(l.size(), 0u);
+}
+
+// Operators see the busiest keys, most grants first, ties by name, and
+// only as many as asked for.
+TEST(RateLimiterTest, BusiestKeysMostGrantsFirst) {
+  RateLimiter l;
+  const auto grant = [&](const char* name, int n) {
+    auto* k = l.key(name);
+    for (int i = 0; i < n; ++i) l.record(k, kT0);
+    return k;
+  };
+  grant("host c", 1);
+  grant("host a", 5);
+  auto* b = grant("host b", 5);
+  grant("host d", 9);
+  l.declare(b, {{20, 1000}, {100, 120000}});
+  l.pause(b, kT0 + milliseconds(1500));
+  const auto top = l.busiest(3);
+  ASSERT_EQ(top.size(), 3u);
+  EXPECT_EQ(top[0].key, "host d");
+  EXPECT_EQ(top[1].key, "host a");
+  EXPECT_EQ(top[2].key, "host b");
+  EXPECT_EQ(top[2].used, 5u);
+  EXPECT_EQ(top[2].windows, (RateWindows{{20, 1000}, {100, 120000}}));
+  EXPECT_EQ(top[2].paused_until, kT0 + milliseconds(1500));
+  EXPECT_EQ(l.busiest(100).size(), 4u);
+  EXPECT_TRUE(l.busiest(0).empty());
+  EXPECT_TRUE(RateLimiter().busiest(10).empty());
+}
+
+// What STATUS_REPORT and /metrics show of the keys (§3.9.7): the pause as
+// time left, rounded up; in the exposition every key's counters and one
+// limit series per window, its name escaped as a label value.
+TEST(RateLimiterTest, OperatorsSeeTheKeysFiguresAndEscapedNames) {
+  RateLimiter l;
+  auto* a = l.key("host api.example:443");
+  l.declare(a, {{20, 1000}, {100, 120000}, {3, 1500}});
+  for (int i = 0; i < 7; ++i) l.record(a, kT0);
+  l.count_throttled(a);
+  l.pause(a, kT0 + milliseconds(2000) + std::chrono::microseconds(300));
+  auto* odd = l.key("rule q\"x\\y api.example:443");
+  l.record(odd, kT0);
+  const auto rows = broker_ops::RateKeyRows(l, kT0 + milliseconds(500));
+  ASSERT_EQ(rows.size(), 2u);
+  EXPECT_EQ(rows[0], (proto::RateKeyRow{"host api.example:443", {{20, 1000}, {3, 1500}, {100, 120000}}, 7, 1, 1501}))
+      << "windows come sorted by length";
+  EXPECT_EQ(rows[1].paused_ms, 0u);
+  EXPECT_EQ(broker_ops::RateKeyRows(l, kT0 + milliseconds(5000))[0].paused_ms, 0u);
+
+  const std::string text = broker_ops::RenderDetail({}, {}, rows);
+  for (const char* line : {
+           "# TYPE gatherer_broker_rate_requests_total counter\n",
+           "gatherer_broker_rate_requests_total{key=\"host api.example:443\"} 7\n",
+           "gatherer_broker_rate_requests_total{key=\"rule q\\\"x\\\\y api.example:443\"} 1\n",
+           "gatherer_broker_rate_throttled_total{key=\"host api.example:443\"} 1\n",
+           "# TYPE gatherer_broker_rate_paused_seconds gauge\n",
+           "gatherer_broker_rate_paused_seconds{key=\"host api.example:443\"} 1.501\n",
+           "gatherer_broker_rate_paused_seconds{key=\"rule q\\\"x\\\\y api.example:443\"} 0.000\n",
+           "# TYPE gatherer_broker_rate_limit gauge\n",
+           "gatherer_broker_rate_limit{key=\"host api.example:443\",window_seconds=\"1.5\"} 3\n",
+           "gatherer_broker_rate_limit{key=\"host api.example:443\",window_seconds=\"1\"} 20\n",
+           "gatherer_broker_rate_limit{key=\"host api.example:443\",window_seconds=\"120\"} 100\n",
+       }) {
+    EXPECT_NE(text.find(line), std::string::npos) << line << "\nin:\n" << text;
+  }
+  EXPECT_EQ(text.find("gatherer_broker_rate_limit{key=\"rule q"), std::string::npos)
+      << "a key without windows has no limit";
+  EXPECT_EQ(broker_ops::WindowSeconds(250), "0.25");
+  EXPECT_EQ(broker_ops::WindowSeconds(86'400'000), "86400");
 }
 
 proto::WireStatement At(std::uint64_t index, std::string url, std::string method = "GET") {

@@ -21,9 +21,28 @@ std::string PeerHost(const zmq::message_t& frame) {
 
 const char* Version() { return GATHERER_VERSION; }
 
-std::string RenderDetail(const std::vector<WorkerMetric>& workers, const std::vector<SessionMetric>& sessions) {
+std::vector<protocol::RateKeyRow> RateKeyRows(const broker::RateLimiter& limiter, Clock::time_point now) {
+  std::vector<protocol::RateKeyRow> rows;
+  const auto keys = limiter.busiest(protocol::kMaxStatusRateKeys);
+  rows.reserve(keys.size());
+  for (const auto& k : keys) {
+    // Rounded up: a key paused for a fraction of a millisecond more is still paused.
+    const auto left =
+        k.paused_until > now ? std::chrono::ceil<std::chrono::milliseconds>(k.paused_until - now).count() : 0;
+    rows.push_back({k.key, k.windows, k.used, k.throttled, static_cast<std::uint64_t>(left)});
+  }
+  return rows;
+}
+
+std::string WindowSeconds(std::uint32_t window_ms) {
+  const std::string one = FormatRateWindows({{1, window_ms}});  // "1:SECONDS"
+  return one.substr(one.find(':') + 1);
+}
+
+std::string RenderDetail(const std::vector<WorkerMetric>& workers, const std::vector<SessionMetric>& sessions,
+                         const std::vector<protocol::RateKeyRow>& rate_keys) {
   std::string out;
-  out.reserve(256 + 600 * workers.size() + 300 * sessions.size());
+  out.reserve(256 + 600 * workers.size() + 300 * sessions.size() + 400 * rate_keys.size());
   const auto per_worker = [&](const char* name, const char* type, const char* help, auto value) {
     PrometheusHeader(out, name, type, help);
     for (const auto& w : workers) {
@@ -61,6 +80,34 @@ std::string RenderDetail(const std::vector<WorkerMetric>& workers, const std::ve
               [](const SessionMetric& s) { return s.done; });
   per_session("gatherer_broker_session_failed_total", "counter", "Statements of the session answered with an error.",
               [](const SessionMetric& s) { return s.failed; });
+  // Rate keys (§3.8), the busiest kMaxStatusRateKeys only, so that a broker
+  // with many hosts keeps its exposition bounded.
+  static_assert(protocol::kMaxStatusRateKeys == 100, "the HELP lines below name the bound");
+  const auto per_key = [&](const char* name, const char* type, const char* help, auto value) {
+    PrometheusHeader(out, name, type, help);
+    for (const auto& k : rate_keys) out += fmt::format("{}{{key=\"{}\"}} {}\n", name, PrometheusLabel(k.key), value(k));
+  };
+  per_key("gatherer_broker_rate_requests_total", "counter",
+          "Requests granted under the rate key (the 100 busiest keys).",
+          [](const protocol::RateKeyRow& k) { return std::to_string(k.used); });
+  per_key("gatherer_broker_rate_throttled_total", "counter",
+          "429 answers met under the rate key (the 100 busiest keys).",
+          [](const protocol::RateKeyRow& k) { return std::to_string(k.throttled); });
+  per_key("gatherer_broker_rate_paused_seconds", "gauge",
+          "Time left of the rate key's pause (after a 429 or a limit with nothing remaining), 0 when not paused "
+          "(the 100 busiest keys).",
+          [](const protocol::RateKeyRow& k) {
+            return fmt::format("{:.3f}", static_cast<double>(k.paused_ms) / 1000.0);
+          });
+  PrometheusHeader(out, "gatherer_broker_rate_limit", "gauge",
+                   "Requests the rate key allows per window of window_seconds (the 100 busiest keys).");
+  for (const auto& k : rate_keys) {
+    const std::string key = PrometheusLabel(k.key);
+    for (const auto& w : k.windows) {
+      out += fmt::format("gatherer_broker_rate_limit{{key=\"{}\",window_seconds=\"{}\"}} {}\n", key,
+                         WindowSeconds(w.window_ms), w.count);
+    }
+  }
   return out;
 }
 

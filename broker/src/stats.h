@@ -14,6 +14,7 @@
 
 #include "gatherer/broker.h"
 #include "gatherer/protocol.h"
+#include "rate_limiter.h"
 
 namespace gatherer::broker_ops {
 
@@ -107,7 +108,14 @@ struct SessionMetric {
   std::uint64_t done = 0;
   std::uint64_t failed = 0;
 };
-std::string RenderDetail(const std::vector<WorkerMetric>& workers, const std::vector<SessionMetric>& sessions);
+// The rate keys operators see (STATUS_REPORT §3.9.7, /metrics): the
+// protocol::kMaxStatusRateKeys busiest of `limiter`, each pause as the time
+// left at `now`. Loop thread (the limiter is not synchronised).
+std::vector<protocol::RateKeyRow> RateKeyRows(const broker::RateLimiter& limiter, Clock::time_point now);
+// "1", "1.5", "0.25": a window's length in seconds, as --rate-limit spells it.
+std::string WindowSeconds(std::uint32_t window_ms);
+std::string RenderDetail(const std::vector<WorkerMetric>& workers, const std::vector<SessionMetric>& sessions,
+                         const std::vector<protocol::RateKeyRow>& rate_keys);
 // The whole exposition: broker-wide counters (relaxed loads) then `detail`.
 std::string RenderBrokerMetrics(const BrokerStats& stats, Clock::time_point started, const std::string& detail);
 

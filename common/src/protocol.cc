@@ -601,13 +601,26 @@ Frames Encode(const Ready& m) {
 }
 
 Frames Encode(const StatusReport& m) {
-  msgpack::sbuffer buf(128);
+  msgpack::sbuffer buf(128 + 64 * m.rate_keys.size());
   Packer pk(buf);
-  pk.pack_array(12);
+  // The rate keys are written only when there are any, so a broker without
+  // them encodes as before (§3.9.7).
+  pk.pack_array(m.rate_keys.empty() ? 12 : 13);
   PackStr(pk, m.version);
   for (std::uint64_t v : {m.uptime_ms, m.sessions, m.workers, m.queued, m.in_flight, m.done, m.failed, m.retried,
                           m.redispatched, m.rate_10s_milli, m.rate_1m_milli}) {
     pk.pack(v);
+  }
+  if (!m.rate_keys.empty()) {
+    pk.pack_array(static_cast<std::uint32_t>(m.rate_keys.size()));
+    for (const RateKeyRow& k : m.rate_keys) {
+      pk.pack_array(5);
+      PackStr(pk, k.key);
+      PackWindows(pk, k.windows);
+      pk.pack(k.used);
+      pk.pack(k.throttled);
+      pk.pack(k.paused_ms);
+    }
   }
   return Start(Command::kStatusReport, buf);
 }
@@ -992,6 +1005,21 @@ Result<StatusReport> DecodeStatusReport(std::span<const zmq::message_t> frames) 
     std::uint64_t* fields[] = {&r.uptime_ms, &r.sessions, &r.workers, &r.queued, &r.in_flight, &r.done,
                                &r.failed, &r.retried, &r.redispatched, &r.rate_10s_milli, &r.rate_1m_milli};
     for (std::size_t i = 0; i < std::size(fields); ++i) *fields[i] = AsUint<std::uint64_t>(a.ptr[1 + i], "status field");
+    // §3.9.7: the rate keys were appended; a 12-element STATUS_REPORT (an
+    // older broker) or a nil 13th lists none.
+    if (a.size >= 13 && a.ptr[12].type != msgpack::type::NIL) {
+      const auto& list = AsArray(a.ptr[12], 0, "rate keys is not an array");
+      r.rate_keys.resize(list.size);
+      for (std::uint32_t i = 0; i < list.size; ++i) {
+        const auto& k = AsArray(list.ptr[i], 5, "rate key row is not a 5-array");
+        RateKeyRow& row = r.rate_keys[i];
+        row.key = AsStr(k.ptr[0], "rate key");
+        row.windows = AsWindows(k.ptr[1], true);
+        row.used = AsUint<std::uint64_t>(k.ptr[2], "rate key used");
+        row.throttled = AsUint<std::uint64_t>(k.ptr[3], "rate key throttled");
+        row.paused_ms = AsUint<std::uint64_t>(k.ptr[4], "rate key paused_ms");
+      }
+    }
     return r;
   });
 }

@@ -734,6 +734,96 @@ TEST(ProtocolTest, Clause_3_9_MalformedControlMessagesAreRejected) {
   EXPECT_FALSE(DecodeEmpty(extra).ok());
 }
 
+// §3.9.7: the rate keys travel as STATUS_REPORT's 13th element, written only
+// when there are any; a 12-element report (an older broker) or a nil 13th
+// lists none, and an older reader's 12 fields are unchanged by the 13th.
+TEST(ProtocolTest, Clause_3_9_7_StatusReportRateKeysRoundTripAndAreOptional) {
+  StatusReport st{"0.1.0", 12345, 2, 3, 40, 50, 1000, 7, 9, 11, 250500, 99000};
+  st.rate_keys = {{"api.example:443", {{20, 1000}, {100, 120000}}, 1234, 2, 850},
+                  {"matches@api.example:443", {{5, 10000}}, 17, 0, 0},
+                  {"GET /a/{}@api.example:443", {}, 3, 1, 0},
+                  {"odd \"key\" \\ here", {{1, 86'400'000}}, std::uint64_t{1} << 40, 0, 60000}};
+  Frames f = Encode(st);
+  EXPECT_EQ(CommandOf(f), Command::kStatusReport);
+  EXPECT_EQ(Must(DecodeStatusReport(f)), st);
+
+  const StatusReport none{"0.1.0", 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+  auto count_elements = [](const Frames& fr) {
+    auto h = msgpack::unpack(static_cast<const char*>(fr[2].data()), fr[2].size());
+    return h.get().via.array.size;
+  };
+  EXPECT_EQ(count_elements(Encode(none)), 12u);  // encodes as before
+  EXPECT_EQ(count_elements(f), 13u);
+  EXPECT_TRUE(Must(DecodeStatusReport(Encode(none))).rate_keys.empty());
+
+  auto nil_keys = WithHeader(Command::kStatusReport, [](auto& pk) {
+    pk.pack_array(13);
+    pk.pack(std::string("v"));
+    for (int i = 0; i < 11; ++i) pk.pack(i);
+    pk.pack_nil();
+  });
+  auto r = Must(DecodeStatusReport(nil_keys));
+  EXPECT_TRUE(r.rate_keys.empty());
+  EXPECT_EQ(r.rate_1m_milli, 10u);
+
+  // Trailing elements beyond the 13th are ignored (§2.5).
+  auto longer = WithHeader(Command::kStatusReport, [](auto& pk) {
+    pk.pack_array(14);
+    pk.pack(std::string("v"));
+    for (int i = 0; i < 11; ++i) pk.pack(i);
+    pk.pack_array(1);
+    pk.pack_array(5);
+    pk.pack(std::string("k"));
+    pk.pack_array(1);
+    pk.pack_array(2);
+    pk.pack(3);
+    pk.pack(1000);
+    pk.pack(4);
+    pk.pack(0);
+    pk.pack(0);
+    pk.pack(std::string("later"));
+  });
+  auto l = Must(DecodeStatusReport(longer));
+  ASSERT_EQ(l.rate_keys.size(), 1u);
+  EXPECT_EQ(l.rate_keys[0], (RateKeyRow{"k", {{3, 1000}}, 4, 0, 0}));
+}
+
+// §3.9.7, §2.4: a rate key row of the wrong shape makes the report malformed.
+TEST(ProtocolTest, Clause_3_9_7_MalformedStatusRateKeysAreRejected) {
+  const auto report = [](const std::function<void(msgpack::packer<msgpack::sbuffer>&)>& keys) {
+    return WithHeader(Command::kStatusReport, [&](auto& pk) {
+      pk.pack_array(13);
+      pk.pack(std::string("v"));
+      for (int i = 0; i < 11; ++i) pk.pack(i);
+      keys(pk);
+    });
+  };
+  const auto row = [](msgpack::packer<msgpack::sbuffer>& pk, std::uint32_t count, int used) {
+    pk.pack_array(1);
+    pk.pack_array(5);
+    pk.pack(std::string("k"));
+    pk.pack_array(1);
+    pk.pack_array(2);
+    pk.pack(count);
+    pk.pack(1000);
+    pk.pack(used);
+    pk.pack(0);
+    pk.pack(0);
+  };
+  EXPECT_TRUE(DecodeStatusReport(report([&](auto& pk) { row(pk, 5, 1); })).has_value());
+  EXPECT_FALSE(DecodeStatusReport(report([&](auto& pk) { row(pk, 0, 1); })).has_value());   // count 0
+  EXPECT_FALSE(DecodeStatusReport(report([&](auto& pk) { row(pk, 5, -1); })).has_value());  // negative
+  EXPECT_FALSE(DecodeStatusReport(report([](auto& pk) { pk.pack(7); })).has_value());        // not an array
+  EXPECT_FALSE(DecodeStatusReport(report([](auto& pk) {
+                 pk.pack_array(1);
+                 pk.pack_array(4);
+                 pk.pack(std::string("k"));
+                 pk.pack_array(0);
+                 pk.pack(1);
+                 pk.pack(0);
+               })).has_value());  // a 4-element row
+}
+
 // DecodeResultsIndex counts failures and retries (for the broker's figures, §3.9.2).
 TEST(ProtocolTest, ResultsIndexCountsFailuresAndRetries) {
   Results m{NewSessionId(), 1, {}};

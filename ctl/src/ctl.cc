@@ -151,7 +151,33 @@ std::string StatusTable(const proto::StatusReport& r, const std::string& broker)
   };
   std::string out;
   for (const auto& row : rows) out += fmt::format("{:<14}{}\n", row[0], row[1]);
+  if (!r.rate_keys.empty()) {
+    out += '\n';
+    out += RateKeysHeading("rate limits", r.rate_keys);
+    out += RateKeysTable(r.rate_keys);
+  }
   return out;
+}
+
+std::string RateKeysHeading(const std::string& title, const std::vector<proto::RateKeyRow>& rows) {
+  // The broker lists its busiest keys only (§3.9.7): say so when the list is full.
+  if (rows.size() < proto::kMaxStatusRateKeys) return fmt::format("{}\n", title);
+  return fmt::format("{} (the {} busiest keys)\n", title, proto::kMaxStatusRateKeys);
+}
+
+std::string RateKeysTable(const std::vector<proto::RateKeyRow>& rows) {
+  std::vector<std::vector<std::string>> cells;
+  for (const auto& k : rows) {
+    // A key holds a name a client chose (a rule's): no control character of
+    // it reaches the operator's terminal.
+    std::string key = k.key;
+    for (char& c : key) {
+      if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) c = '?';
+    }
+    cells.push_back({std::move(key), k.windows.empty() ? "-" : FormatRateWindows(k.windows), std::to_string(k.used),
+                     std::to_string(k.throttled), k.paused_ms == 0 ? "-" : Age(k.paused_ms)});
+  }
+  return Table({"KEY", "WINDOWS", "USED", "THROTTLED", "PAUSED"}, cells);
 }
 
 std::string WorkersTable(const std::vector<proto::WorkerRow>& rows) {
@@ -185,7 +211,20 @@ nlohmann::json ToJson(const proto::StatusReport& r) {
           {"retried", r.retried},
           {"redispatched", r.redispatched},
           {"rate_10s", static_cast<double>(r.rate_10s_milli) / 1000.0},
-          {"rate_1m", static_cast<double>(r.rate_1m_milli) / 1000.0}};
+          {"rate_1m", static_cast<double>(r.rate_1m_milli) / 1000.0},
+          {"rate_keys", ToJson(r.rate_keys)}};
+}
+
+nlohmann::json ToJson(const std::vector<proto::RateKeyRow>& rows) {
+  nlohmann::json a = nlohmann::json::array();
+  for (const auto& k : rows) {
+    a.push_back({{"key", k.key},
+                 {"windows", FormatRateWindows(k.windows)},
+                 {"used", k.used},
+                 {"throttled", k.throttled},
+                 {"paused_ms", k.paused_ms}});
+  }
+  return a;
 }
 
 nlohmann::json ToJson(const std::vector<proto::WorkerRow>& rows) {

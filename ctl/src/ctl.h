@@ -58,10 +58,16 @@ std::string Age(std::uint64_t ms);      // "850ms", "12.4s", "3m05s", "2h01m"
 std::string StatusTable(const protocol::StatusReport& r, const std::string& broker);
 std::string WorkersTable(const std::vector<protocol::WorkerRow>& rows);
 std::string SessionsTable(const std::vector<protocol::SessionRow>& rows);
+// STATUS_REPORT's rate keys (§3.9.7): key, windows, used, throttled, pause
+// left; and a heading `title`, which says when the broker's list is full
+// (it lists its busiest keys only).
+std::string RateKeysTable(const std::vector<protocol::RateKeyRow>& rows);
+std::string RateKeysHeading(const std::string& title, const std::vector<protocol::RateKeyRow>& rows);
 
 nlohmann::json ToJson(const protocol::StatusReport& r);
 nlohmann::json ToJson(const std::vector<protocol::WorkerRow>& rows);
 nlohmann::json ToJson(const std::vector<protocol::SessionRow>& rows);
+nlohmann::json ToJson(const std::vector<protocol::RateKeyRow>& rows);
 
 // Columns padded to their widest cell; numbers right-aligned.
 std::string Table(const std::vector<std::string>& header, const std::vector<std::vector<std::string>>& rows);

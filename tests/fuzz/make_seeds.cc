@@ -154,6 +154,12 @@ void ProtocolSeeds(const fs::path& dir) {
   put("drain_worker", Encode(WorkerName{"host-42-1"}));
   put("done", Encode(Done{"worker host-42-1 draining"}));
   put("status_report", Encode(StatusReport{"0.1.0", 60000, 2, 3, 100, 50, 1ull << 33, 7, 9, 11, 250500, 99000}));
+  {
+    StatusReport with_keys{"0.1.0", 60000, 2, 3, 100, 50, 1ull << 33, 7, 9, 11, 250500, 99000};
+    with_keys.rate_keys = {{"host api.example:443", {{20, 1000}, {100, 120000}}, 1234, 2, 850},
+                           {"endpoint GET /a/{} api.example:443", {}, 3, 0, 0}};
+    put("status_report_rate_keys", Encode(with_keys));
+  }
   put("workers_report", Encode(std::vector<WorkerRow>{{"w-1", "host-a", 4242, 64, 10, 1000, 3, 150, "busy"},
                                                       {"w-2", "host-b", 7, 8, 0, 0, 0, 2500, "unresponsive"}}));
   put("workers_report_empty", Encode(std::vector<WorkerRow>{}));

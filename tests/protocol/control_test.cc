@@ -2,14 +2,17 @@
 // gatherer-worker processes (PROTOCOL.md §3.9): status, workers, sessions,
 // cancel, drain, shutdown and top; a SIGSTOPped worker is shown as
 // unresponsive and busy again after SIGCONT, a SIGKILLed one disappears; a
-// broker that does not answer makes gatherer-ctl fail within --timeout.
+// broker that does not answer makes gatherer-ctl fail within --timeout; a
+// rate-limited session's keys in status and in the broker's /metrics.
 
 #include <signal.h>
+#include <unistd.h>
 
 #include <future>
 #include <string>
 #include <vector>
 
+#include <curl/curl.h>
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
@@ -69,10 +72,14 @@ class Cluster {
  public:
   // heartbeat 200 ms; liveness 10 periods, so a stopped worker stays
   // listed (unresponsive) for 2 s before it is presumed dead.
-  explicit Cluster(int workers, int slots = 4, const std::string& liveness = "10") : endpoint(testing::FreeTcpEndpoint()) {
-    broker = std::make_unique<Process>(std::vector<std::string>{kBin + "/broker/gatherer-broker", "--bind", endpoint,
-                                                                "--heartbeat-ms", "200", "--liveness", liveness,
-                                                                "--log-level", "error"});
+  // `broker_args` are added to gatherer-broker's command line.
+  explicit Cluster(int workers, int slots = 4, const std::string& liveness = "10",
+                   const std::vector<std::string>& broker_args = {})
+      : endpoint(testing::FreeTcpEndpoint()) {
+    std::vector<std::string> argv = {kBin + "/broker/gatherer-broker", "--bind", endpoint, "--heartbeat-ms", "200",
+                                     "--liveness", liveness, "--log-level", "error"};
+    argv.insert(argv.end(), broker_args.begin(), broker_args.end());
+    broker = std::make_unique<Process>(std::move(argv));
     for (int i = 1; i <= workers; ++i) {
       std::string id = std::to_string(i);
       id.insert(id.begin(), 'w');
@@ -291,6 +298,112 @@ TEST(ControlTest, Clause_3_9_6_ShutdownAndABrokerThatDoesNotAnswer) {
   EXPECT_EQ(gone.exit, 1);
   EXPECT_TRUE(gone.out.empty());
   EXPECT_LT(Clock::now() - start, 3s);
+}
+
+// GET `url` with libcurl; "" on any failure or a status other than 200.
+std::string HttpGet(const std::string& url) {
+  std::string body;
+  CURL* easy = curl_easy_init();
+  if (!easy) return body;
+  curl_easy_setopt(easy, CURLOPT_URL, url.c_str());
+  curl_easy_setopt(easy, CURLOPT_TIMEOUT_MS, 2000L);
+  curl_easy_setopt(easy, CURLOPT_WRITEFUNCTION, +[](char* p, size_t size, size_t n, void* out) {
+    static_cast<std::string*>(out)->append(p, size * n);
+    return size * n;
+  });
+  curl_easy_setopt(easy, CURLOPT_WRITEDATA, &body);
+  long status = 0;
+  if (curl_easy_perform(easy) != CURLE_OK) body.clear();
+  curl_easy_getinfo(easy, CURLINFO_RESPONSE_CODE, &status);
+  curl_easy_cleanup(easy);
+  return status == 200 ? body : std::string();
+}
+
+// The row of rate key `key` in `gatherer-ctl --json status`; null when not listed.
+json RateKey(const std::string& broker, const std::string& key) {
+  const json status = CtlJson(broker, "status");
+  if (!status.is_object() || !status["rate_keys"].is_array()) return json();
+  for (const auto& k : status["rate_keys"]) {
+    if (k["key"] == key) return k;
+  }
+  return json();
+}
+
+// §3.9.7: a rate-limited session's keys — its host's and a named rule's
+// whose name needs escaping in a label — with their windows and the
+// requests granted under them, in `gatherer-ctl status` (a "rate limits"
+// section, there only once the broker has keys; and JSON) and in the
+// broker's /metrics, which promtool accepts.
+TEST(ControlTest, Clause_3_9_7_RateKeysInStatusAndMetrics) {
+  HttpServer server(DelayHandler);
+  const std::uint16_t metrics_port = testing::FreeTcpPort();
+  Cluster c(1, 4, "10", {"--metrics", "127.0.0.1:" + std::to_string(metrics_port)});
+  ASSERT_TRUE(c.ready);
+  const CtlResult before = Ctl(c.endpoint, {"status"});
+  EXPECT_EQ(before.exit, 0) << before.err;
+  EXPECT_EQ(before.out.find("rate limits"), std::string::npos) << "a broker without keys lists none:\n" << before.out;
+
+  const std::string port = std::to_string(server.port());
+  std::string host_key = "host 127.0.0.1:";
+  host_key += port;
+  std::string rule_key = "rule q\"b\\s 127.0.0.1:";
+  rule_key += port;
+  constexpr int kCount = 20;
+  {
+    Options o{.broker = c.endpoint, .workers = 4, .log_level = 40};
+    o.settings.rate_limits = {*ParseRateRule("50:1,400:60"), RateRule{"q\"b\\s", "GET", "/d/**", {{100, 1000}}}};
+    Gatherer g(o);
+    g.statements = Delayed(server, kCount, 0);
+    ExpectAllBodies(g.gather(), kCount);
+  }
+  // Keys outlive their session (§3.8.2): the figures are there after the job.
+  json key;
+  ASSERT_TRUE(WaitFor([&] { return (key = RateKey(c.endpoint, host_key)).is_object(); }, 5s))
+      << CtlJson(c.endpoint, "status").dump();
+  EXPECT_EQ(key["windows"], "50:1,400:60");
+  EXPECT_EQ(key["used"], kCount);  // one grant per statement, at dispatch
+  EXPECT_EQ(key["throttled"], 0);
+  EXPECT_EQ(key["paused_ms"], 0);
+  const json rule = RateKey(c.endpoint, rule_key);
+  ASSERT_TRUE(rule.is_object()) << CtlJson(c.endpoint, "status").dump();
+  EXPECT_EQ(rule["windows"], "100:1");
+  EXPECT_EQ(rule["used"], kCount);
+
+  const CtlResult st = Ctl(c.endpoint, {"status"});
+  EXPECT_EQ(st.exit, 0) << st.err;
+  const auto section = st.out.find("\nrate limits\nKEY ");
+  ASSERT_NE(section, std::string::npos) << st.out;
+  const auto row = st.out.find("\n" + host_key + " ", section);
+  ASSERT_NE(row, std::string::npos) << st.out;
+  const std::string line = st.out.substr(row + 1, st.out.find('\n', row + 1) - row - 1);
+  EXPECT_NE(line.find(" 50:1,400:60 "), std::string::npos) << line;
+  EXPECT_NE(line.find(" 20 "), std::string::npos) << line;
+
+  // /metrics: rendered once per heartbeat (200 ms) by the broker's loop.
+  const std::string url = "http://127.0.0.1:" + std::to_string(metrics_port) + "/metrics";
+  std::string requests = "gatherer_broker_rate_requests_total{key=\"";
+  requests += host_key;
+  requests += "\"} 20\n";
+  std::string text;
+  ASSERT_TRUE(WaitFor([&] { return (text = HttpGet(url)).find(requests) != std::string::npos; }, 5s)) << text;
+  std::string escaped_rule = "gatherer_broker_rate_requests_total{key=\"rule q\\\"b\\\\s 127.0.0.1:";
+  escaped_rule += port;
+  escaped_rule += "\"} 20\n";
+  for (const std::string& expected :
+       {escaped_rule, "gatherer_broker_rate_throttled_total{key=\"" + host_key + "\"} 0\n",
+        "gatherer_broker_rate_paused_seconds{key=\"" + host_key + "\"} 0.000\n",
+        "gatherer_broker_rate_limit{key=\"" + host_key + "\",window_seconds=\"1\"} 50\n",
+        "gatherer_broker_rate_limit{key=\"" + host_key + "\",window_seconds=\"60\"} 400\n",
+        std::string("# TYPE gatherer_broker_rate_requests_total counter\n"),
+        std::string("# TYPE gatherer_broker_rate_limit gauge\n")}) {
+    EXPECT_NE(text.find(expected), std::string::npos) << expected << "\nnot in:\n" << text;
+  }
+  if (::access("/usr/bin/promtool", X_OK) == 0) {
+    Process check({"/usr/bin/promtool", "check", "metrics"}, text);
+    const auto exit = check.wait(10s);
+    ASSERT_TRUE(exit.has_value());
+    EXPECT_EQ(*exit, 0) << check.stdout_text() << check.stderr_text();
+  }
 }
 
 // top: a live view in a terminal, refreshed, quitting on q and on Ctrl-C.

@@ -210,6 +210,17 @@ struct Ready {
 // ---- Control (§3.9): gatherer-ctl asks, the broker answers ----
 // Rates are in statements per second times 1,000 (msgpack carries unsigned
 // integers only, §2.6).
+// One rate key (§3.8.2) as STATUS_REPORT lists it (§3.9.7).
+struct RateKeyRow {
+  std::string key;
+  RateWindows windows;  // may be empty: a learned key before it learned any
+  std::uint64_t used = 0;       // requests granted
+  std::uint64_t throttled = 0;  // 429s seen
+  std::uint64_t paused_ms = 0;  // pause left; 0 when not paused
+  bool operator==(const RateKeyRow&) const = default;
+};
+// At most this many rate keys in a STATUS_REPORT: the busiest (§3.9.7).
+inline constexpr std::size_t kMaxStatusRateKeys = 100;
 struct StatusReport {
   std::string version;
   std::uint64_t uptime_ms = 0;
@@ -223,6 +234,9 @@ struct StatusReport {
   std::uint64_t redispatched = 0;
   std::uint64_t rate_10s_milli = 0;
   std::uint64_t rate_1m_milli = 0;
+  // The 13th element (§3.9.7); empty from an older broker or one with no
+  // rate keys.
+  std::vector<RateKeyRow> rate_keys;
   bool operator==(const StatusReport&) const = default;
 };
 struct WorkerRow {
