@@ -80,23 +80,6 @@ void GlobalInit() {
   std::call_once(once, [] { curl_global_init(CURL_GLOBAL_DEFAULT); });
 }
 
-// RFC 9110 §5.6.2 token: what a method and a header name may contain. Checked
-// because both reach the request line / header block verbatim.
-bool IsToken(std::string_view s) {
-  if (s.empty()) return false;
-  for (char c : s) {
-    const auto u = static_cast<unsigned char>(c);
-    if (u <= 0x20 || u >= 0x7f) return false;
-    if (std::strchr("\"(),/:;<=>?@[\\]{}", c) != nullptr) return false;
-  }
-  return true;
-}
-
-// A header value must not smuggle a line break into the request.
-bool IsFieldValue(std::string_view s) {
-  return s.find_first_of(std::string_view("\r\n\0", 3)) == std::string_view::npos;
-}
-
 // Statuses an idempotent statement is tried again after: the request timed
 // out at the server, was throttled, or met a failing or overloaded server.
 // /metrics: the cause of an HTTP retry (IsRetryableHttpStatus statuses).
@@ -179,7 +162,7 @@ bool NamesHeader(const Headers& headers, std::string_view name) {
 struct SessionHeaders {
   explicit SessionHeaders(const Headers& headers) {
     for (const auto& [name, value] : headers) {
-      if (!IsToken(name) || !IsFieldValue(value)) {
+      if (!IsHttpToken(name) || !IsHttpFieldValue(value)) {
         error = ResponseError{StatusCode::kInvalidArgument, "invalid header '" + name + "'"};
         return;
       }
@@ -605,7 +588,7 @@ class IoThread {
       joined_url_.assign(base).append(statement.url);
       url = &joined_url_;
     }
-    if (!IsToken(statement.method)) {
+    if (!IsHttpToken(statement.method)) {
       return ResponseError{StatusCode::kInvalidArgument, "method is not an HTTP token"};
     }
     const DestinationPolicy& destinations = context_.options->destinations;
@@ -626,7 +609,7 @@ class IoThread {
     const curl_slist* header_list = posts ? session_headers.with_body() : session_headers.plain();
     if (!statement.headers.empty()) {
       for (const auto& [name, value] : statement.headers) {
-        if (!IsToken(name) || !IsFieldValue(value)) {
+        if (!IsHttpToken(name) || !IsHttpFieldValue(value)) {
           return ResponseError{StatusCode::kInvalidArgument, "invalid header '" + name + "'"};
         }
       }

@@ -20,6 +20,31 @@ constexpr bool EqualsIgnoreCase(std::string_view a, std::string_view b) {
   return true;
 }
 
+// RFC 9110 §5.6.2 tchar: what a method and a header name may contain
+// (visible ASCII but the delimiters). Both reach the request head verbatim,
+// so the client refuses a statement with anything else and the worker never
+// sends one.
+constexpr bool IsHttpTokenChar(char c) {
+  if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9')) return true;
+  for (const char t : std::string_view("!#$%&'*+-.^_`|~")) {
+    if (c == t) return true;
+  }
+  return false;
+}
+constexpr bool IsHttpToken(std::string_view s) {
+  if (s.empty()) return false;
+  for (const char c : s) {
+    if (!IsHttpTokenChar(c)) return false;
+  }
+  return true;
+}
+
+// A header value that cannot smuggle a line (or a whole request) into the
+// request head: no CR, LF or NUL.
+constexpr bool IsHttpFieldValue(std::string_view s) {
+  return s.find_first_of(std::string_view("\r\n\0", 3)) == std::string_view::npos;
+}
+
 // `s` without leading spaces and tabs and trailing spaces, tabs, CR and LF
 // (HTTP field values, RFC 9110 §5.5; lines of key files).
 constexpr std::string_view Trim(std::string_view s) {
