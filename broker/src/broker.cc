@@ -2,11 +2,11 @@
 
 namespace gatherer {
 
-bool Broker::Impl::send(const std::string& peer, proto::Frames&& frames) {
+bool BrokerCore::send(const std::string& peer, proto::Frames&& frames) {
   // Gauges are published before every message, so a peer that got a reply
   // (CLOSED, say) reads stats at least as fresh as that reply.
   update_gauges();
-  const auto result = proto::SendMessage(*router, peer, frames);
+  const auto result = out.send(peer, frames);
   if (result == proto::SendResult::kSent) return true;
   // A gone peer (ROUTER_MANDATORY) or a full queue: the message is dropped;
   // leases and heartbeats recover what it carried.
@@ -15,7 +15,7 @@ bool Broker::Impl::send(const std::string& peer, proto::Frames&& frames) {
   return false;
 }
 
-void Broker::Impl::send_error(const std::string& peer, StatusCode code, std::string message,
+void BrokerCore::send_error(const std::string& peer, StatusCode code, std::string message,
                               std::optional<SessionId> session) {
   send(peer, proto::Encode(proto::ErrorReply{code, std::move(message), session}));
 }
@@ -23,7 +23,7 @@ void Broker::Impl::send_error(const std::string& peer, StatusCode code, std::str
 // §2.4: counted, logged at most once a second, dropped; and a peer the
 // broker knows — a registered worker, or a client whose message names a
 // session — is told what was wrong, so it never waits on silence.
-void Broker::Impl::malformed(const std::string& peer, const Status& status, std::span<const zmq::message_t> body) {
+void BrokerCore::malformed(const std::string& peer, const Status& status, std::span<const zmq::message_t> body) {
   stats.malformed.fetch_add(1, std::memory_order_relaxed);
   std::uint64_t suppressed = 0;
   if (bad_frame_log.allow(suppressed)) {
@@ -40,14 +40,14 @@ void Broker::Impl::malformed(const std::string& peer, const Status& status, std:
 
 // O(1): the totals are kept up to date where statements move, so the loop
 // can publish them on every pass.
-void Broker::Impl::update_gauges() {
+void BrokerCore::update_gauges() {
   stats.queued.store(total_pending, std::memory_order_relaxed);
   stats.in_flight.store(total_leased, std::memory_order_relaxed);
   stats.sessions.store(sessions.size(), std::memory_order_relaxed);
   stats.workers.store(workers.size(), std::memory_order_relaxed);
 }
 
-void Broker::Impl::handle(std::vector<zmq::message_t>& frames) {
+void BrokerCore::handle(std::vector<zmq::message_t>& frames) {
   if (frames.size() < 2) return malformed("", InvalidArgument("no frames after routing id"));
   const std::string peer = frames[0].to_string();
   std::span<zmq::message_t> body(frames.data() + 1, frames.size() - 1);
@@ -92,7 +92,7 @@ void Broker::Impl::handle(std::vector<zmq::message_t>& frames) {
       if (!named) return malformed(peer, named.error(), body);
       auto w = workers.find(peer);
       if (w != workers.end()) {
-        w->second.last_seen = Clock::now();
+        w->second.last_seen = now();
         w->second.reachable = true;
         break;
       }
@@ -111,7 +111,7 @@ void Broker::Impl::handle(std::vector<zmq::message_t>& frames) {
       }
       SessionState& session = s->second;
       if (!may_touch(peer, session)) return;
-      session.last_seen = Clock::now();
+      session.last_seen = now();
       session.client = peer;
       // §3.6: the answer tells the client the last RESULTS sent and how far
       // its SUBMITs arrived, so it can tell whether anything was lost.
@@ -125,8 +125,8 @@ void Broker::Impl::handle(std::vector<zmq::message_t>& frames) {
   }
 }
 
-void Broker::Impl::heartbeat() {
-  const auto now = Clock::now();
+void BrokerCore::heartbeat() {
+  const auto now = this->now();
   if (now < next_heartbeat) return;
   next_heartbeat = now + options.heartbeat_interval;
   limiter.collect(now);  // rate keys no session uses and long idle (§3.8)
@@ -155,20 +155,51 @@ void Broker::Impl::heartbeat() {
   }
 }
 
+void BrokerCore::pass() {
+  heartbeat();
+  wake_rate_waiting();
+  // Once per pass, after messages and expiries changed credit and queues.
+  dispatch_quarantine();
+  dispatch();
+  send_acks();
+  update_gauges();
+}
+
+// ---- gatherer::Broker: the shell around a BrokerCore ----
+
+struct Broker::Impl final : Outbound {
+  explicit Impl(BrokerOptions o) : core(std::move(o), *this) {}
+
+  proto::SendResult send(const std::string& peer, proto::Frames& frames) override {
+    return proto::SendMessage(*router, peer, frames);
+  }
+  void run();
+
+  // Declared first, destroyed last: what it keeps outlives the socket.
+  BrokerCore core;
+  std::unique_ptr<zmq::context_t> own_context;
+  zmq::context_t* context = nullptr;
+  std::unique_ptr<zmq::socket_t> router;
+  std::unique_ptr<ZapHandler> zap;  // CURVE only; destroyed before the context
+  std::vector<std::string> bound;
+  std::unique_ptr<WakeFd> wake;
+  std::atomic<bool> stopping{false};
+  std::thread thread;
+};
+
 void Broker::Impl::run() {
-  next_heartbeat = Clock::now() + options.heartbeat_interval;
+  core.next_heartbeat = core.now() + core.options.heartbeat_interval;
   zmq::pollitem_t items[] = {{router->handle(), 0, ZMQ_POLLIN, 0}, {nullptr, wake->fd(), ZMQ_POLLIN, 0}};
   std::vector<zmq::message_t> frames;
   while (!stopping.load(std::memory_order_acquire)) {
     // Up to the next heartbeat, or the next time a rate key allows a waiting
     // statement (rounded up: the key allows it then, not a moment before).
-    const auto until = std::min(next_heartbeat, rate_wake);
-    const auto wait = std::chrono::ceil<std::chrono::milliseconds>(until - Clock::now());
+    const auto wait = std::chrono::ceil<std::chrono::milliseconds>(core.next_due() - core.now());
     try {
       zmq::poll(items, 2, std::max(wait, std::chrono::milliseconds(0)));
     } catch (const zmq::error_t& e) {
       if (e.num() == ETERM) break;
-      if (e.num() != EINTR) log().error("broker: poll failed: {}", e.what());
+      if (e.num() != EINTR) core.log().error("broker: poll failed: {}", e.what());
       continue;
     }
     // drain() and stop() signal the wake descriptor: consume it, or every
@@ -177,28 +208,22 @@ void Broker::Impl::run() {
     if (items[0].revents & ZMQ_POLLIN) {
       // Drain a bounded number per wake so heartbeats are never starved.
       try {
-        for (int i = 0; i < 4096 && proto::ReceiveMessage(*router, frames); ++i) handle(frames);
+        for (int i = 0; i < 4096 && proto::ReceiveMessage(*router, frames); ++i) core.handle(frames);
       } catch (const zmq::error_t&) {
         return;  // context terminated
       }
     }
-    heartbeat();
-    wake_rate_waiting();
-    // Once per pass, after messages and expiries changed credit and queues.
-    dispatch_quarantine();
-    dispatch();
-    send_acks();
-    update_gauges();
+    core.pass();
   }
 }
 
 std::string Broker::metrics_text() const {
   std::string detail;
   {
-    std::lock_guard lock(impl_->metrics_mutex);
-    detail = impl_->metrics_snapshot;
+    std::lock_guard lock(impl_->core.metrics_mutex);
+    detail = impl_->core.metrics_snapshot;
   }
-  return broker_ops::RenderBrokerMetrics(impl_->stats, impl_->figures.started, detail);
+  return broker_ops::RenderBrokerMetrics(impl_->core.stats, impl_->core.figures.started, detail);
 }
 
 Broker::Broker(BrokerOptions options) : impl_(std::make_unique<Impl>(std::move(options))) {}
@@ -207,35 +232,36 @@ Broker::~Broker() { stop(); }
 
 Status Broker::start() {
   Impl& m = *impl_;
+  BrokerCore& core = m.core;
   if (m.thread.joinable()) return FailedPrecondition("broker already started");
-  if (m.options.context) {
-    m.context = m.options.context;
+  if (core.options.context) {
+    m.context = core.options.context;
   } else {
     m.own_context = std::make_unique<zmq::context_t>(1);
     m.context = m.own_context.get();
   }
-  if (m.curve()) {
-    if (m.options.curve_clients.empty() || m.options.curve_workers.empty()) {
+  if (core.curve()) {
+    if (core.options.curve_clients.empty() || core.options.curve_workers.empty()) {
       return InvalidArgument("CURVE needs the public keys of the clients and of the workers to admit");
     }
-    std::unordered_set<std::string> admitted = m.options.curve_clients;
-    admitted.insert(m.options.curve_workers.begin(), m.options.curve_workers.end());
-    admitted.insert(m.options.curve_operators.begin(), m.options.curve_operators.end());
-    m.zap = std::make_unique<ZapHandler>(*m.context, std::move(admitted), m.log());
+    std::unordered_set<std::string> admitted = core.options.curve_clients;
+    admitted.insert(core.options.curve_workers.begin(), core.options.curve_workers.end());
+    admitted.insert(core.options.curve_operators.begin(), core.options.curve_operators.end());
+    m.zap = std::make_unique<ZapHandler>(*m.context, std::move(admitted), core.log());
     if (Status s = m.zap->start(); !s.ok()) {
       m.zap.reset();
       return s;
     }
   }
   m.router = std::make_unique<zmq::socket_t>(*m.context, zmq::socket_type::router);
-  if (m.curve()) MakeCurveServer(*m.router, m.options.curve_key);
+  if (core.curve()) MakeCurveServer(*m.router, core.options.curve_key);
   m.router->set(zmq::sockopt::router_mandatory, 1);
   // §1.5: a peer that reconnects under its routing id takes its route over
   // from the connection it left behind (which may not have noticed yet).
   m.router->set(zmq::sockopt::router_handover, 1);
-  protocol::ConfigureSocket(*m.router, m.options.heartbeat_interval);
+  protocol::ConfigureSocket(*m.router, core.options.heartbeat_interval);
   m.bound.clear();
-  for (const auto& ep : m.options.endpoints) {
+  for (const auto& ep : core.options.endpoints) {
     try {
       m.router->bind(ep);
     } catch (const zmq::error_t& e) {
@@ -243,17 +269,17 @@ Status Broker::start() {
       return Unavailable("cannot bind " + ep + ": " + e.what());
     }
     m.bound.push_back(m.router->get(zmq::sockopt::last_endpoint));
-    if (!m.curve() && !protocol::IsLoopbackEndpoint(m.bound.back())) {
-      m.log().warn("broker: {} is reachable from other machines and CURVE is off: anyone who can connect can "
-                   "submit work, register as a worker (and read the requests it is given) or take results; "
-                   "use --curve-key with --curve-clients and --curve-workers",
-                   m.bound.back());
+    if (!core.curve() && !protocol::IsLoopbackEndpoint(m.bound.back())) {
+      core.log().warn("broker: {} is reachable from other machines and CURVE is off: anyone who can connect can "
+                      "submit work, register as a worker (and read the requests it is given) or take results; "
+                      "use --curve-key with --curve-clients and --curve-workers",
+                      m.bound.back());
     }
   }
   m.wake = std::make_unique<WakeFd>();
   m.stopping.store(false);
   m.thread = std::thread([&m] { m.run(); });
-  m.log().info("broker: listening on {}", fmt::join(m.bound, ", "));
+  core.log().info("broker: listening on {}", fmt::join(m.bound, ", "));
   return Status::Ok();
 }
 
@@ -270,12 +296,12 @@ void Broker::stop() {
 
 void Broker::drain() {
   Impl& m = *impl_;
-  m.drain_requested.store(true, std::memory_order_release);
+  m.core.drain_requested.store(true, std::memory_order_release);
   if (m.wake) m.wake->signal();
 }
 
 const std::vector<std::string>& Broker::endpoints() const { return impl_->bound; }
 
-const BrokerStats& Broker::stats() const { return impl_->stats; }
+const BrokerStats& Broker::stats() const { return impl_->core.stats; }
 
 }  // namespace gatherer

@@ -1,8 +1,13 @@
 #pragma once
-// Broker::Impl, the broker's state and the functions of its loop thread,
-// shared by the files that implement it (docs/architecture.md §3):
-//   broker.cc      the socket loop: receive, route by command, heartbeat,
-//                  start and stop;
+// BrokerCore: the broker's state and logic without sockets, threads or a
+// clock of its own (sans-I/O). Messages come in through handle(), time
+// passes through pass(), and everything it sends goes out through the
+// Outbound it is given; so unit tests drive it on a simulated clock
+// (broker_core_test.cc), and gatherer::Broker is a thin shell around it: a
+// ROUTER socket, a loop thread, a wake descriptor (broker.cc).
+//
+// Its functions live in the files of their concern (docs/architecture.md §3):
+//   broker.cc      routing by command, heartbeats and expiries, the shell;
 //   scheduling.cc  sessions, their queues, rate limits and credit-based
 //                  dispatch (PROTOCOL.md §3.8, §4.2), delivery to clients;
 //   messages.cc    what clients and workers send: OPEN, SUBMIT, RESULTS,
@@ -11,11 +16,14 @@
 //                  held (§4.5);
 //   control.cc     figures and control requests for operators (§3.9).
 // Private to gatherer_broker: nothing outside broker/src includes it.
+// Owned by one thread (the broker's loop); only `stats`, `drain_requested`
+// and the metrics snapshot are read from others.
 
 #include "gatherer/broker.h"
 
 #include <algorithm>
 #include <deque>
+#include <functional>
 #include <iterator>
 #include <mutex>
 #include <set>
@@ -34,7 +42,14 @@ namespace gatherer {
 
 namespace proto = protocol;
 
-struct Broker::Impl {
+// Where a BrokerCore's messages go: the ROUTER socket, or a test's record.
+class Outbound {
+ public:
+  virtual ~Outbound() = default;
+  virtual proto::SendResult send(const std::string& peer, proto::Frames& frames) = 0;
+};
+
+struct BrokerCore {
   using Clock = std::chrono::steady_clock;
 
   struct Lease {
@@ -128,15 +143,10 @@ struct Broker::Impl {
   };
 
   BrokerOptions options;
-  std::unique_ptr<zmq::context_t> own_context;
-  zmq::context_t* context = nullptr;
-  std::unique_ptr<zmq::socket_t> router;
-  std::unique_ptr<ZapHandler> zap;  // CURVE only; destroyed before the context
-  std::vector<std::string> bound;
-  std::unique_ptr<WakeFd> wake;
-  std::atomic<bool> stopping{false};
+  Outbound& out;
+  // The time; Clock::now but in tests.
+  std::function<Clock::time_point()> clock;
   std::atomic<bool> drain_requested{false};
-  std::thread thread;
   BrokerStats stats;
   RateLimitedLog bad_frame_log;
 
@@ -170,11 +180,20 @@ struct Broker::Impl {
   std::vector<std::pair<Clock::time_point, SessionId>> rate_waiting;
   Clock::time_point rate_wake = broker::kNever;
 
-  explicit Impl(BrokerOptions o) : options(std::move(o)) {}
+  BrokerCore(BrokerOptions o, Outbound& outbound, std::function<Clock::time_point()> time = &Clock::now)
+      : options(std::move(o)), out(outbound), clock(std::move(time)) {
+    next_heartbeat = now() + options.heartbeat_interval;
+  }
   spdlog::logger& log() const { return options.logger ? *options.logger : Logger(); }
+  Clock::time_point now() const { return clock(); }
 
-  void run();
+  // One message from the ROUTER: routing id first.
   void handle(std::vector<zmq::message_t>& frames);
+  // What time passing does, once per loop pass after the messages: due
+  // heartbeats and expiries, rate keys that allow again, dispatch, ACKs.
+  void pass();
+  // When pass() next has something to do without a message coming in.
+  Clock::time_point next_due() const { return std::min(next_heartbeat, rate_wake); }
   void on_client(const std::string& peer, proto::Command command, std::span<zmq::message_t> body);
   void on_worker(const std::string& peer, proto::Command command, std::span<zmq::message_t> body);
   void on_results(const std::string& peer, std::span<zmq::message_t> body);

@@ -7,10 +7,10 @@ namespace gatherer {
 // `n` statements of `s` answered to its client, `failed` of them with an
 // error; `w` is the worker that answered them (nullptr: the broker did).
 // Plain loop-thread counters plus relaxed atomics: no lock, no allocation.
-void Broker::Impl::answered(SessionState& s, WorkerState* w, std::uint64_t n, std::uint64_t failed,
+void BrokerCore::answered(SessionState& s, WorkerState* w, std::uint64_t n, std::uint64_t failed,
                             std::uint64_t retries) {
   if (n == 0) return;
-  const auto now = Clock::now();
+  const auto now = this->now();
   s.figures.done += n;
   s.figures.failed += failed;
   s.figures.rate.add(now, n);
@@ -24,9 +24,9 @@ void Broker::Impl::answered(SessionState& s, WorkerState* w, std::uint64_t n, st
   if (retries) stats.retried.fetch_add(retries, std::memory_order_relaxed);
 }
 
-void Broker::Impl::on_control(const std::string& peer, proto::Command command, std::span<zmq::message_t> body) {
+void BrokerCore::on_control(const std::string& peer, proto::Command command, std::span<zmq::message_t> body) {
   using proto::Command;
-  const auto now = Clock::now();
+  const auto now = this->now();
   // §3.9.1: an operator is always answered, a malformed request included.
   const auto bad = [&](const Status& st) {
     malformed(peer, st);
@@ -122,8 +122,8 @@ void Broker::Impl::on_control(const std::string& peer, proto::Command command, s
 
 // Once per heartbeat (options.metrics): O(workers + sessions + rate keys),
 // off the per-statement path.
-void Broker::Impl::publish_metrics() {
-  const auto now = Clock::now();
+void BrokerCore::publish_metrics() {
+  const auto now = this->now();
   std::vector<broker_ops::WorkerMetric> ws;
   ws.reserve(workers.size());
   for (const auto& [rid, w] : workers) {

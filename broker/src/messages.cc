@@ -2,7 +2,7 @@
 
 namespace gatherer {
 
-void Broker::Impl::on_results(const std::string& peer, std::span<zmq::message_t> body) {
+void BrokerCore::on_results(const std::string& peer, std::span<zmq::message_t> body) {
   auto w = workers.find(peer);
   if (w == workers.end()) {
     // A malformed one is counted like any other (§2.4); a well-formed one
@@ -13,7 +13,7 @@ void Broker::Impl::on_results(const std::string& peer, std::span<zmq::message_t>
     return;
   }
   WorkerState& worker = w->second;
-  worker.last_seen = Clock::now();
+  worker.last_seen = now();
   worker.reachable = true;
   auto index = proto::DecodeResultsIndex(body);
   if (!index) {
@@ -66,7 +66,7 @@ void Broker::Impl::on_results(const std::string& peer, std::span<zmq::message_t>
     while (report != index->rates.end() && report->first < i) ++report;
     if (session.rate && report != index->rates.end() && report->first == i) {
       if (report->second.throttled) stats.throttled.fetch_add(1, std::memory_order_relaxed);
-      if (session.rate->learn(l->second.statement, report->second, Clock::now())) {
+      if (session.rate->learn(l->second.statement, report->second, now())) {
         keep[i] = false;  // not forwarded: it runs again once its key allows
         throttled.push_back(std::move(l->second.statement));
         session.leases.erase(l);
@@ -118,7 +118,7 @@ void Broker::Impl::on_results(const std::string& peer, std::span<zmq::message_t>
 // seq) that is not in its hands never reached it — its RESULTS, kept until
 // acknowledged, were sent again before this message — so it is queued again,
 // a POST included: it was never sent. Sessions are reconciled both ways.
-void Broker::Impl::on_holding(const std::string& peer, std::span<zmq::message_t> body) {
+void BrokerCore::on_holding(const std::string& peer, std::span<zmq::message_t> body) {
   auto holding = proto::DecodeHolding(body);
   if (!holding) return malformed(peer, holding.error(), body);
   auto w = workers.find(peer);
@@ -127,7 +127,7 @@ void Broker::Impl::on_holding(const std::string& peer, std::span<zmq::message_t>
     return;
   }
   WorkerState& worker = w->second;
-  worker.last_seen = Clock::now();
+  worker.last_seen = now();
   worker.reachable = true;
   std::unordered_map<SessionId, std::unordered_set<std::uint64_t>> held;
   for (auto& [sid, indices] : holding->sessions) held[sid].insert(indices.begin(), indices.end());
@@ -179,14 +179,14 @@ void Broker::Impl::on_holding(const std::string& peer, std::span<zmq::message_t>
 // §3.6: a client that reconnected, or saw a gap, says what it has received
 // and what it has not been answered. The broker sends again every RESULTS
 // it keeps past that, then SYNCED with the statements it never received.
-void Broker::Impl::on_sync(const std::string& peer, std::span<zmq::message_t> body) {
+void BrokerCore::on_sync(const std::string& peer, std::span<zmq::message_t> body) {
   auto sync = proto::DecodeSync(body);
   if (!sync) return malformed(peer, sync.error(), body);
   auto it = sessions.find(sync->session);
   if (it == sessions.end()) return send_error(peer, StatusCode::kNotFound, "session not open", sync->session);
   SessionState& s = it->second;
   if (!may_touch(peer, s)) return;
-  s.last_seen = Clock::now();
+  s.last_seen = now();
   s.client = peer;
   std::uint64_t listed = 0;
   for (const auto& r : sync->unanswered) listed += r.count;
@@ -219,7 +219,7 @@ void Broker::Impl::on_sync(const std::string& peer, std::span<zmq::message_t> bo
   send(peer, proto::Encode(synced));
 }
 
-void Broker::Impl::on_worker(const std::string& peer, proto::Command command, std::span<zmq::message_t> body) {
+void BrokerCore::on_worker(const std::string& peer, proto::Command command, std::span<zmq::message_t> body) {
   if (command == proto::Command::kReady) {
     auto ready_msg = proto::DecodeReady(body);
     if (!ready_msg) return malformed(peer, ready_msg.error(), body);
@@ -234,7 +234,7 @@ void Broker::Impl::on_worker(const std::string& peer, proto::Command command, st
     w.host = ready_msg->host;
     w.slots = ready_msg->slots;
     w.figures.pid = ready_msg->pid;
-    w.last_seen = Clock::now();
+    w.last_seen = now();
     log().info("broker: worker {} joined: ready with {} slots, host {} pid {}{}", w.worker_id, w.slots, w.host,
                w.figures.pid, again ? " (registered again)" : "");
     // §3.4.1: READY is answered, so the worker can tell errors about what it
@@ -249,14 +249,14 @@ void Broker::Impl::on_worker(const std::string& peer, proto::Command command, st
     if (w == workers.end()) return;
     if (command == proto::Command::kDisconnect) return remove_worker(peer, Departure::kLeft, "disconnected");
     w->second.draining = true;
-    w->second.last_seen = Clock::now();
+    w->second.last_seen = now();
     log().info("broker: worker {} draining with {} statements in hand", w->second.worker_id, w->second.leased);
     return;
   }
   on_results(peer, body);
 }
 
-void Broker::Impl::on_client(const std::string& peer, proto::Command command, std::span<zmq::message_t> body) {
+void BrokerCore::on_client(const std::string& peer, proto::Command command, std::span<zmq::message_t> body) {
   using proto::Command;
   if (command == Command::kOpen) {
     auto open = proto::DecodeOpen(body);
@@ -271,7 +271,7 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
         return send_error(peer, StatusCode::kResourceExhausted, "broker session limit reached", open->session);
       }
       it = sessions.try_emplace(open->session).first;
-      it->second.figures.opened = Clock::now();
+      it->second.figures.opened = now();
       it->second.figures.client_host = broker_ops::PeerHost(body[0]);
       log().info("broker: session {} opened: client {} window {}", open->session.ToString(),
                  it->second.figures.client_host, open->settings.workers);
@@ -281,7 +281,7 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
     s.id = open->session;
     s.owner = std::string(peer_key);
     s.client = peer;
-    s.last_seen = Clock::now();
+    s.last_seen = now();
     s.settings = open->settings;
     s.prefetch = open->prefetch;
     open_rate(s);
@@ -298,7 +298,7 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
     }
     SessionState& s = it->second;
     if (!may_touch(peer, s)) return;
-    s.last_seen = Clock::now();
+    s.last_seen = now();
     s.client = peer;  // a reconnected client has a new routing id
     const std::size_t cap = std::size_t{s.settings.workers} + s.prefetch + options.queue_slack;
     // The refusal names the SUBMIT, so the client can tell which one (§3.2.3).
@@ -338,7 +338,7 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
     if (it == sessions.end()) return send_error(peer, StatusCode::kNotFound, "session not open", *ack->session);
     SessionState& s = it->second;
     if (!may_touch(peer, s)) return;
-    s.last_seen = Clock::now();
+    s.last_seen = now();
     s.forget_acknowledged(ack->seq);
     return;
   }
@@ -362,7 +362,7 @@ void Broker::Impl::on_client(const std::string& peer, proto::Command command, st
 }
 
 // §1.7: with CURVE a session answers only to the key that opened it.
-bool Broker::Impl::may_touch(const std::string& peer, const SessionState& s) {
+bool BrokerCore::may_touch(const std::string& peer, const SessionState& s) {
   if (!curve() || s.owner == peer_key) return true;
   stats.denied.fetch_add(1, std::memory_order_relaxed);
   send_error(peer, StatusCode::kPermissionDenied, "session belongs to another key", s.id);

@@ -28,7 +28,7 @@ proto::WireResult Failure(std::uint64_t index, StatusCode code, std::string mess
 // others are queued again when the worker left, or quarantined when it died,
 // and a statement that keeps killing the workers that run it alone fails as
 // poison after options.poison_after deaths.
-void Broker::Impl::remove_worker(const std::string& routing_id, Departure how, const char* why) {
+void BrokerCore::remove_worker(const std::string& routing_id, Departure how, const char* why) {
   auto it = workers.find(routing_id);
   if (it == workers.end()) return;
   WorkerState& w = it->second;
@@ -112,7 +112,7 @@ void Broker::Impl::remove_worker(const std::string& routing_id, Departure how, c
   workers.erase(it);
 }
 
-void Broker::Impl::release_quarantine_worker() {
+void BrokerCore::release_quarantine_worker() {
   auto w = workers.find(quarantine_worker);
   if (w != workers.end()) {
     w->second.reserved = false;
@@ -124,7 +124,7 @@ void Broker::Impl::release_quarantine_worker() {
 // Quarantine (§4.5): one worker at a time is set aside; once it holds
 // nothing it runs one group, alone, so a death while it runs is charged to
 // that group and nothing else.
-void Broker::Impl::dispatch_quarantine() {
+void BrokerCore::dispatch_quarantine() {
   if (quarantine_groups == 0) {
     auto w = workers.find(quarantine_worker);
     if (!quarantine_worker.empty() && (w == workers.end() || w->second.leased == 0)) release_quarantine_worker();
@@ -177,7 +177,7 @@ void Broker::Impl::dispatch_quarantine() {
       std::deque<proto::WireStatement> rest(std::make_move_iterator(group.begin()),
                                             std::make_move_iterator(group.end()));
       group.clear();
-      wake_at(s, s.rate->take(rest, rest.size(), Clock::now(), group));
+      wake_at(s, s.rate->take(rest, rest.size(), now(), group));
       if (!rest.empty()) {
         s.quarantine.insert(s.quarantine.begin() + 1,
                             std::vector<proto::WireStatement>(std::make_move_iterator(rest.begin()),

@@ -2,7 +2,7 @@
 
 namespace gatherer {
 
-void Broker::Impl::mark_ready(SessionState& s) {
+void BrokerCore::mark_ready(SessionState& s) {
   if (!s.in_ready && s.quarantine.empty() && !s.pending.empty() && s.leases.size() < s.settings.workers) {
     s.in_ready = true;
     ready.push_back(s.id);
@@ -12,7 +12,7 @@ void Broker::Impl::mark_ready(SessionState& s) {
 // §3.8: a session gets rate state when it declares limits or learns them
 // (the broker's default rules stand in for undeclared ones); workers see
 // the rules in its settings and hand 429s back instead of retrying them.
-void Broker::Impl::open_rate(SessionState& s) {
+void BrokerCore::open_rate(SessionState& s) {
   if (s.settings.rate_limits.empty() && !options.rate_limits.empty()) s.settings.rate_limits = options.rate_limits;
   if (s.rate || !s.settings.rate_aware()) return;
   s.rate = std::make_unique<broker::SessionRate>(s.settings, options.rate_limits);
@@ -21,14 +21,14 @@ void Broker::Impl::open_rate(SessionState& s) {
 
 // Takes what the session's keys allow now; when something is left waiting
 // on a key, the session sleeps until that key allows it.
-std::size_t Broker::Impl::take_limited(SessionState& s, std::size_t n, std::vector<proto::WireStatement>& out) {
+std::size_t BrokerCore::take_limited(SessionState& s, std::size_t n, std::vector<proto::WireStatement>& out) {
   const std::size_t before = out.size();
-  wake_at(s, s.rate->take(s.pending, n, Clock::now(), out));
+  wake_at(s, s.rate->take(s.pending, n, now(), out));
   return out.size() - before;
 }
 
 // The session is looked at again at `wake` (kNever: not at all).
-void Broker::Impl::wake_at(SessionState& s, Clock::time_point wake) {
+void BrokerCore::wake_at(SessionState& s, Clock::time_point wake) {
   if (wake != broker::kNever) {
     if (!s.rate_waiting) {
       s.rate_waiting = true;
@@ -42,9 +42,9 @@ void Broker::Impl::wake_at(SessionState& s, Clock::time_point wake) {
   }
 }
 
-void Broker::Impl::wake_rate_waiting() {
+void BrokerCore::wake_rate_waiting() {
   if (rate_waiting.empty()) return;
-  const auto now = Clock::now();
+  const auto now = this->now();
   if (now < rate_wake) return;
   rate_wake = broker::kNever;
   std::erase_if(rate_waiting, [&](const auto& entry) {
@@ -63,7 +63,7 @@ void Broker::Impl::wake_rate_waiting() {
 // Credit-based, round-robin across sessions (PROTOCOL.md §4.2): each pass
 // gives the next ready session one chunk, sized by its free window and the
 // credit of the worker with the most free slots.
-void Broker::Impl::dispatch() {
+void BrokerCore::dispatch() {
   while (!ready.empty()) {
     WorkerState* best = nullptr;
     for (auto& [id, w] : workers) {
@@ -120,7 +120,7 @@ void Broker::Impl::dispatch() {
 // (§3.7). ROUTER_MANDATORY makes a send to a connection that is gone fail
 // at once, so a message not sent was never seen: the seq is not used up and
 // the worker leases nothing more until it is heard from again.
-bool Broker::Impl::send_order(WorkerState& w, proto::Frames&& frames) {
+bool BrokerCore::send_order(WorkerState& w, proto::Frames&& frames) {
   if (!send(w.routing_id, std::move(frames))) {
     w.reachable = false;
     return false;
@@ -130,7 +130,7 @@ bool Broker::Impl::send_order(WorkerState& w, proto::Frames&& frames) {
 }
 
 // SESSION before the first DISPATCH of a session to a worker (§3.5.1).
-bool Broker::Impl::ensure_session(SessionState& s, WorkerState& w) {
+bool BrokerCore::ensure_session(SessionState& s, WorkerState& w) {
   if (w.sessions.contains(s.id)) return true;
   if (!send_order(w, proto::Encode(proto::Session{s.id, s.settings, w.order_seq + 1}))) return false;
   w.sessions.emplace(s.id, w.order_seq);
@@ -142,7 +142,7 @@ bool Broker::Impl::ensure_session(SessionState& s, WorkerState& w) {
 // statements): each statement moves into its lease once sent. When the
 // worker cannot be reached the leases are undone and `chunk` is left whole
 // for the caller to queue again.
-bool Broker::Impl::send_dispatch(SessionState& s, WorkerState& w, proto::Statements& chunk) {
+bool BrokerCore::send_dispatch(SessionState& s, WorkerState& w, proto::Statements& chunk) {
   chunk.seq = w.order_seq + 1;
   if (!send_order(w, proto::Encode(proto::Command::kDispatch, chunk))) {
     for (const auto& ws : chunk.statements) s.leases.erase(ws.index);
@@ -162,7 +162,7 @@ bool Broker::Impl::send_dispatch(SessionState& s, WorkerState& w, proto::Stateme
 
 // Statements that never reached a worker go back to the front of their
 // session's queue, in index order.
-void Broker::Impl::requeue_front(SessionState& s, std::vector<proto::WireStatement>&& statements) {
+void BrokerCore::requeue_front(SessionState& s, std::vector<proto::WireStatement>&& statements) {
   if (statements.empty()) return;
   total_pending += statements.size();
   s.pending.insert(s.pending.begin(), std::make_move_iterator(statements.begin()),
@@ -173,14 +173,14 @@ void Broker::Impl::requeue_front(SessionState& s, std::vector<proto::WireStateme
 // Numbers, keeps and sends one RESULTS message to the session's client
 // (§3.6). Kept until the client acknowledges it, so a connection that drops
 // on the way loses nothing: SYNC sends it again.
-void Broker::Impl::deliver(SessionState& s, proto::Frames&& frames, std::vector<std::uint64_t>&& indices) {
+void BrokerCore::deliver(SessionState& s, proto::Frames&& frames, std::vector<std::uint64_t>&& indices) {
   proto::RestampResults(frames, s.id, ++s.results_seq);
   s.retained.push_back(Retained{s.results_seq, std::move(indices), proto::CopyFrames(frames)});
   send(s.client, std::move(frames));
 }
 
 // Results the broker itself answers (outcome unknown, poison).
-void Broker::Impl::deliver_failures(SessionState& s, proto::Results&& results) {
+void BrokerCore::deliver_failures(SessionState& s, proto::Results&& results) {
   if (results.results.empty()) return;
   std::uint64_t failed = 0;
   for (const auto& r : results.results) failed += r.response.error ? 1 : 0;
@@ -193,7 +193,7 @@ void Broker::Impl::deliver_failures(SessionState& s, proto::Results&& results) {
 
 // One cumulative ACK per worker per loop pass (§3.7), however many RESULTS
 // it sent: the worker then forgets what it kept.
-void Broker::Impl::send_acks() {
+void BrokerCore::send_acks() {
   for (const auto& rid : acks_due) {
     auto w = workers.find(rid);
     if (w == workers.end() || !w->second.ack_due) continue;
@@ -206,7 +206,7 @@ void Broker::Impl::send_acks() {
 // Drops the session's queued statements and leases; workers holding it get
 // END_SESSION so they abort its transfers (§4.4). The session itself stays
 // unless it is being closed.
-void Broker::Impl::end_session(SessionState& s) {
+void BrokerCore::end_session(SessionState& s) {
   if (!s.leases.empty()) {
     std::unordered_map<std::uint64_t, WorkerState*> by_serial;
     for (auto& [rid, w] : workers) by_serial.emplace(w.serial, &w);
