@@ -1,0 +1,217 @@
+// BrokerCore without sockets or threads, on a simulated clock: messages are
+// handed to handle(), time is moved by hand, and what the broker sends is
+// read from a record. Heartbeat expiry, session TTL, quarantine and poison,
+// and rate pacing run through minutes of simulated time in milliseconds.
+#include <gtest/gtest.h>
+
+#include <map>
+
+#include "broker_impl.h"
+
+namespace gatherer {
+namespace {
+
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+
+// Everything the core sends, per peer, in order. A peer in `gone` is
+// unreachable, as ROUTER_MANDATORY reports a closed connection.
+class Record final : public Outbound {
+ public:
+  proto::SendResult send(const std::string& peer, proto::Frames& frames) override {
+    if (gone.contains(peer)) return proto::SendResult::kUnreachable;
+    sent[peer].push_back(std::move(frames));
+    return proto::SendResult::kSent;
+  }
+  // What `peer` was sent since the last call, HEARTBEATs and ACKs left out.
+  std::vector<proto::Frames> take(const std::string& peer) {
+    std::vector<proto::Frames> out;
+    for (auto& f : sent[peer]) {
+      const auto c = proto::PeekCommand(std::span<const zmq::message_t>(f));
+      if (c && (*c == proto::Command::kHeartbeat || *c == proto::Command::kAck)) continue;
+      out.push_back(std::move(f));
+    }
+    sent[peer].clear();
+    return out;
+  }
+  std::map<std::string, std::vector<proto::Frames>> sent;
+  std::set<std::string> gone;
+};
+
+class BrokerCoreTest : public ::testing::Test {
+ protected:
+  BrokerCoreTest() {
+    BrokerOptions o;
+    o.heartbeat_interval = 1s;
+    o.heartbeat_liveness = 3;
+    o.session_ttl = 10s;
+    core_ = std::make_unique<BrokerCore>(o, record_, [this] { return now_; });
+  }
+
+  // One message from `peer`, then one loop pass.
+  void from(const std::string& peer, proto::Frames&& frames) {
+    std::vector<zmq::message_t> message;
+    message.emplace_back(peer.data(), peer.size());
+    for (auto& f : frames) message.push_back(std::move(f));
+    core_->handle(message);
+    core_->pass();
+  }
+  // Time passes: one loop pass per simulated `step`, as the broker's poll
+  // would wake for heartbeats; `beating` workers send theirs meanwhile.
+  void advance(Clock::duration by, std::vector<std::string> beating = {}, Clock::duration step = 100ms) {
+    for (Clock::duration done{0}; done < by; done += step) {
+      now_ += step;
+      for (const auto& w : beating) from(w, proto::EncodeHeartbeat());
+      core_->pass();
+    }
+  }
+  void ready(const std::string& worker, std::uint32_t slots) { from(worker, proto::Encode(proto::Ready{worker, "h", slots})); }
+  SessionId open(const std::string& client, std::uint32_t window, SessionSettings s = {}) {
+    const SessionId sid = NewSessionId();
+    s.workers = window;
+    from(client, proto::Encode(proto::Open{sid, s, 0}));
+    return sid;
+  }
+  static std::vector<Statement> Urls(int n) {
+    std::vector<Statement> out;
+    for (int i = 0; i < n; ++i) {
+      std::string url = "http://a.test/";  // in steps: GCC 12 -O3 misreads "..." + to_string as overlapping
+      url += std::to_string(i);
+      out.push_back(Get(url));
+    }
+    return out;
+  }
+  // Indices DISPATCHed to `worker` since the last look.
+  std::vector<std::uint64_t> dispatched(const std::string& worker) {
+    std::vector<std::uint64_t> out;
+    for (auto& f : record_.take(worker)) {
+      if (proto::PeekCommand(std::span<const zmq::message_t>(f)).value_or(proto::Command::kError) !=
+          proto::Command::kDispatch) {
+        continue;
+      }
+      const auto m = proto::DecodeStatements(f);
+      for (const auto& ws : m->statements) out.push_back(ws.index);
+    }
+    return out;
+  }
+  void results(const std::string& worker, const SessionId& sid, const std::vector<std::uint64_t>& indices) {
+    proto::Results r{sid, ++results_seq_[worker], {}};
+    for (auto i : indices) {
+      proto::WireResult wr;
+      wr.index = i;
+      wr.response.status = 200;
+      r.results.push_back(std::move(wr));
+    }
+    from(worker, proto::Encode(std::move(r)));
+  }
+  // Indices answered to `client`, with their errors (empty: none).
+  std::map<std::uint64_t, std::string> answered(const std::string& client) {
+    std::map<std::uint64_t, std::string> out;
+    for (auto& f : record_.take(client)) {
+      if (proto::PeekCommand(std::span<const zmq::message_t>(f)).value_or(proto::Command::kError) !=
+          proto::Command::kResults) {
+        continue;
+      }
+      const auto m = proto::DecodeResults(f);
+      for (const auto& r : m->results) {
+        out[r.index] = r.response.error ? r.response.error->message : "";
+      }
+    }
+    return out;
+  }
+  const BrokerStats& stats() const { return core_->stats; }
+
+  Clock::time_point now_ = Clock::time_point() + 1h;
+  Record record_;
+  std::unique_ptr<BrokerCore> core_;
+  std::map<std::string, std::uint64_t> results_seq_;
+};
+
+// §4.5: a worker silent for liveness periods is presumed dead, at the first
+// heartbeat after them; its leases run again, as a group, on a worker that
+// holds nothing else. 4 s of simulated silence.
+TEST_F(BrokerCoreTest, SilentWorkerIsPresumedDeadAndItsStatementsRunAgain) {
+  ready("w1", 10);
+  const SessionId sid = open("c", 10);
+  from("c", proto::EncodeSubmit(sid, 0, Urls(3)));
+  ASSERT_EQ(dispatched("w1"), (std::vector<std::uint64_t>{0, 1, 2}));
+  ready("w2", 10);
+  advance(2900ms, {"w2"});
+  EXPECT_EQ(stats().workers.load(), 2u) << "presumed dead before liveness x period of silence";
+  advance(1200ms, {"w2"});
+  EXPECT_EQ(stats().workers.load(), 1u);
+  EXPECT_EQ(stats().quarantined.load(), 3u);
+  EXPECT_EQ(dispatched("w2"), (std::vector<std::uint64_t>{0, 1, 2}));
+  results("w2", sid, {0, 1, 2});
+  EXPECT_EQ(answered("c").size(), 3u);
+}
+
+// §4.5: a statement whose worker died running it alone, poison_after times,
+// fails as poison instead of killing a fourth.
+TEST_F(BrokerCoreTest, StatementThatKillsEveryWorkerRunningItAloneIsPoison) {
+  const SessionId sid = open("c", 10);
+  from("c", proto::EncodeSubmit(sid, 0, Urls(1)));
+  for (int death = 1; death <= 3; ++death) {
+    std::string w = "w";
+    w += std::to_string(death);
+    ready(w, 10);
+    ASSERT_EQ(dispatched(w), (std::vector<std::uint64_t>{0})) << "run " << death;
+    for (int i = 0; i < 41; ++i) {  // it dies with the statement; the client lives on
+      now_ += 100ms;
+      from("c", proto::EncodeHeartbeat(sid));
+    }
+  }
+  const auto got = answered("c");
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_NE(got.at(0).find("poison"), std::string::npos) << got.at(0);
+  EXPECT_EQ(stats().poisoned.load(), 1u);
+  ready("w4", 10);
+  EXPECT_TRUE(dispatched("w4").empty()) << "poison dispatched again";
+}
+
+// §4.6: a session whose client is silent for session_ttl is cancelled and
+// forgotten; one whose client beats is kept, however long.
+TEST_F(BrokerCoreTest, SessionTtlExpiresOnlySilentClients) {
+  const SessionId quiet = open("quiet", 10);
+  const SessionId beating = open("beating", 10);
+  for (int i = 0; i < 120; ++i) {  // two simulated minutes
+    now_ += 500ms;
+    from("beating", proto::EncodeHeartbeat(beating));
+  }
+  EXPECT_EQ(stats().sessions_expired.load(), 1u);
+  EXPECT_EQ(stats().sessions.load(), 1u);
+  from("quiet", proto::EncodeHeartbeat(quiet));
+  auto reply = record_.take("quiet");
+  ASSERT_FALSE(reply.empty());
+  auto error = proto::DecodeError(reply.back());
+  ASSERT_TRUE(error.has_value());
+  EXPECT_EQ(error->code, StatusCode::kNotFound) << "an expired session is forgotten";
+}
+
+// §3.8.3: grants are paced over the window. 5 per second: 20 statements
+// take about 4 simulated seconds, never six within one second.
+TEST_F(BrokerCoreTest, RateLimitedGrantsArePacedInSimulatedTime) {
+  ready("w", 100);
+  SessionSettings s;
+  s.rate_limits = {*ParseRateRule("5:1")};
+  const SessionId sid = open("c", 100, s);
+  from("c", proto::EncodeSubmit(sid, 0, Urls(20)));
+  std::vector<Clock::time_point> grants;
+  for (int step = 0; step < 10'000 && grants.size() < 20; ++step) {
+    for (auto i : dispatched("w")) {
+      grants.push_back(now_);
+      results("w", sid, {i});
+    }
+    // The broker asks to be woken at the next grant; time jumps there.
+    now_ = std::max(now_ + 1ms, core_->next_due());
+    core_->pass();
+  }
+  ASSERT_EQ(grants.size(), 20u);
+  for (std::size_t i = 5; i < grants.size(); ++i) {
+    EXPECT_GT(grants[i] - grants[i - 5], 1s) << "six grants within one window";
+  }
+  EXPECT_LT(grants.back() - grants.front(), 4500ms) << "the allowance was not used";
+}
+
+}  // namespace
+}  // namespace gatherer
