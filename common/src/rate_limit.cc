@@ -70,36 +70,62 @@ RateWindows ParseAdvertised(std::string_view value) {
 
 std::uint32_t ClampMs(std::uint64_t ms) { return static_cast<std::uint32_t>(std::min<std::uint64_t>(ms, kMaxRateWindowMs)); }
 
-// "Sun, 06 Nov 1994 08:49:37 GMT" (IMF-fixdate, RFC 9110 §5.6.7).
+// An HTTP-date (RFC 9110 §5.6.7), in the three forms a recipient must read:
+//   IMF-fixdate  "Sun, 06 Nov 1994 08:49:37 GMT"
+//   RFC 850      "Sunday, 06-Nov-94 08:49:37 GMT" (a two-digit year: 70-99
+//                is 19xx, the rest 20xx)
+//   asctime      "Sun Nov  6 08:49:37 1994"
 std::optional<std::int64_t> ParseHttpDate(std::string_view s) {
   static constexpr std::string_view kMonths[] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
                                                  "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
+  // "08:49:37" at `t`, the rest already read.
+  const auto make = [&](std::string_view day, std::string_view month, std::uint64_t year,
+                        std::string_view t) -> std::optional<std::int64_t> {
+    while (!day.empty() && day.front() == ' ') day.remove_prefix(1);
+    auto d = ParseUint(day);
+    auto hh = ParseUint(t.substr(0, 2));
+    auto mm = ParseUint(t.substr(3, 2));
+    auto ss = ParseUint(t.substr(6, 2));
+    int m = -1;
+    for (int i = 0; i < 12; ++i) {
+      if (month == kMonths[i]) m = i;
+    }
+    if (!d || !hh || !mm || !ss || m < 0 || t.size() != 8 || t[2] != ':' || t[5] != ':' || *d < 1 || *d > 31 ||
+        *hh > 23 || *mm > 59 || *ss > 60) {
+      return std::nullopt;
+    }
+    std::tm tm{};
+    tm.tm_mday = static_cast<int>(*d);
+    tm.tm_mon = m;
+    tm.tm_year = static_cast<int>(year) - 1900;
+    tm.tm_hour = static_cast<int>(*hh);
+    tm.tm_min = static_cast<int>(*mm);
+    tm.tm_sec = static_cast<int>(*ss);
+    return static_cast<std::int64_t>(timegm(&tm));
+  };
   s = Trim(s);
   const auto comma = s.find(", ");
-  if (comma == std::string_view::npos) return std::nullopt;
+  if (comma == std::string_view::npos) {
+    // asctime: "Sun Nov  6 08:49:37 1994"
+    if (s.size() != 24 || s[3] != ' ' || s[7] != ' ' || s[10] != ' ' || s[19] != ' ') return std::nullopt;
+    auto year = ParseUint(s.substr(20, 4));
+    if (!year) return std::nullopt;
+    return make(s.substr(8, 2), s.substr(4, 3), *year, s.substr(11, 8));
+  }
   s.remove_prefix(comma + 2);
-  // "06 Nov 1994 08:49:37 GMT"
-  if (s.size() != 24 || s.substr(20) != " GMT") return std::nullopt;
-  auto day = ParseUint(s.substr(0, 2));
-  auto year = ParseUint(s.substr(7, 4));
-  auto hh = ParseUint(s.substr(12, 2));
-  auto mm = ParseUint(s.substr(15, 2));
-  auto ss = ParseUint(s.substr(18, 2));
-  int month = -1;
-  for (int i = 0; i < 12; ++i) {
-    if (s.substr(3, 3) == kMonths[i]) month = i;
+  if (s.size() == 24 && s.substr(20) == " GMT" && s[2] == ' ' && s[6] == ' ' && s[11] == ' ') {
+    // "06 Nov 1994 08:49:37 GMT"
+    auto year = ParseUint(s.substr(7, 4));
+    if (!year) return std::nullopt;
+    return make(s.substr(0, 2), s.substr(3, 3), *year, s.substr(12, 8));
   }
-  if (!day || !year || !hh || !mm || !ss || month < 0 || s[2] != ' ' || s[6] != ' ' || s[11] != ' ') {
-    return std::nullopt;
+  if (s.size() == 22 && s.substr(18) == " GMT" && s[2] == '-' && s[6] == '-' && s[9] == ' ') {
+    // "06-Nov-94 08:49:37 GMT"
+    auto yy = ParseUint(s.substr(7, 2));
+    if (!yy) return std::nullopt;
+    return make(s.substr(0, 2), s.substr(3, 3), *yy + (*yy >= 70 ? 1900 : 2000), s.substr(10, 8));
   }
-  std::tm tm{};
-  tm.tm_mday = static_cast<int>(*day);
-  tm.tm_mon = month;
-  tm.tm_year = static_cast<int>(*year) - 1900;
-  tm.tm_hour = static_cast<int>(*hh);
-  tm.tm_min = static_cast<int>(*mm);
-  tm.tm_sec = static_cast<int>(*ss);
-  return static_cast<std::int64_t>(timegm(&tm));
+  return std::nullopt;
 }
 
 // A reset value: delta-seconds, or (when over ten years) a Unix time.

@@ -95,6 +95,11 @@ TEST(RateHeadersTest, RetryAfterSecondsAndDates) {
   EXPECT_EQ(ParseRetryAfter("Sun, 06 Nov 1994 08:49:40 GMT", kNow), 3000u);
   EXPECT_EQ(ParseRetryAfter("Sun, 06 Nov 1994 08:49:30 GMT", kNow), 0u);
   EXPECT_FALSE(ParseRetryAfter("soon", kNow));
+  // The two obsolete HTTP-date forms a recipient must still read (RFC 9110 §5.6.7).
+  EXPECT_EQ(ParseRetryAfter("Sunday, 06-Nov-94 08:49:40 GMT", kNow), 3000u);
+  EXPECT_EQ(ParseRetryAfter("Sun Nov  6 08:49:40 1994", kNow), 3000u);
+  EXPECT_FALSE(ParseRetryAfter("Sun Nov  6 25:49:40 1994", kNow));
+  EXPECT_FALSE(ParseRetryAfter("Sunday, 06-Nov-94 08:49:40 UTC", kNow));
   EXPECT_FALSE(ParseRetryAfter("Sun, 06 Foo 1994 08:49:40 GMT", kNow));
   EXPECT_EQ(ParseRateHeaders(429, {{"Retry-After", "99999999999"}}, kNow)->retry_after_ms, kMaxRateWindowMs);
 }

@@ -119,21 +119,8 @@ constexpr std::string_view kOutcomeUnknown =
 // Retry-After (RFC 9110 §10.2.3): delta-seconds or an HTTP-date; nullopt when
 // absent or unparsable. Read only when an attempt is about to be retried.
 std::optional<std::uint64_t> RetryAfterMs(const Headers& headers) {
-  for (const auto& [name, raw] : headers) {
-    if (!EqualsIgnoreCase(name, "Retry-After")) continue;
-    const std::string_view value = Trim(raw);
-    if (value.empty()) return std::nullopt;
-    if (std::all_of(value.begin(), value.end(), [](char c) { return c >= '0' && c <= '9'; })) {
-      if (value.size() > 9) return std::uint64_t{999'999'999} * 1000;  // absurd; the cap applies
-      std::uint64_t seconds = 0;
-      std::from_chars(value.data(), value.data() + value.size(), seconds);
-      return seconds * 1000;
-    }
-    const std::string text(value);
-    const time_t when = curl_getdate(text.c_str(), nullptr);
-    if (when == -1) return std::nullopt;
-    const time_t now = std::time(nullptr);
-    return when > now ? static_cast<std::uint64_t>(when - now) * 1000 : 0;
+  for (const auto& [name, value] : headers) {
+    if (EqualsIgnoreCase(name, "Retry-After")) return ParseRetryAfter(value, std::time(nullptr));
   }
   return std::nullopt;
 }
