@@ -33,6 +33,7 @@
 #include "gatherer/rate_limit.h"
 #include "gatherer/strings.h"
 #include "gatherer/wake_fd.h"
+#include "retry_policy.h"
 
 // Delivery after close_session: close_session only queues a close command to
 // every I/O thread and returns. A thread may be in the middle of delivering a
@@ -56,12 +57,6 @@ constexpr std::size_t kMaxResponseHeaderBytes = 1 << 20;
 // burst does not pin its peak memory forever.
 constexpr std::size_t kMaxFreeEasyHandles = 1024;
 constexpr int kMaxEpollEvents = 256;
-// Backoff base after a 429 without Retry-After (unless backoff_base_ms is
-// larger): the server said "too many", and another try 100 ms later, from
-// every statement of a burst, only says it again. Doubles per attempt and is
-// capped at backoff_max_ms like the ordinary backoff.
-constexpr std::uint64_t kThrottledBackoffBaseMs = 1000;
-
 #ifndef GATHERER_VERSION
 #error "GATHERER_VERSION must be defined (worker/CMakeLists.txt)"
 #endif
@@ -105,11 +100,6 @@ std::string HostOf(CURL* easy) {
   u = u.substr(0, u.find_first_of("/?#"));
   if (const auto at = u.rfind('@'); at != std::string_view::npos) u.remove_prefix(at + 1);
   return std::string(u);
-}
-
-bool IsRetryableHttpStatus(long status) {
-  return status == 408 || status == 429 || status == 500 || status == 502 || status == 503 ||
-         status == 504;
 }
 
 // Said of a non-idempotent statement that may have been acted on.
@@ -783,28 +773,19 @@ class IoThread {
         finish(transfer, std::nullopt);
         return;
       }
-      // Any HTTP answer is a known outcome. A non-idempotent statement is sent
-      // again only when the answer says it was not acted on: 429, or 503 with
-      // a Retry-After (a deliberate "come back later", RFC 9110 §15.6.4).
-      std::optional<std::uint64_t> retry_after;
-      bool retry = false;
-      if (IsRetryableHttpStatus(status)) {
-        if (status == 429 || status == 503) retry_after = RetryAfterMs(transfer->response.headers);
-        retry = transfer->idempotent || status == 429 || (status == 503 && retry_after);
-      }
-      if (retry && attempts_left) {
-        const std::uint64_t base = status == 429 ? std::max<std::uint64_t>(settings.backoff_base_ms,
-                                                                            kThrottledBackoffBaseMs)
-                                                 : settings.backoff_base_ms;
-        if (metrics) metrics->note_retry(RetryCauseOf(status));
-        std::string message = "HTTP " + std::to_string(status);
-        if (!transfer->reason.empty()) message += " " + transfer->reason;
-        retry_later(transfer, retry_after, base, ResponseError{StatusCode::kHttpStatus, std::move(message)});
-        return;
-      }
+      // Any HTTP answer is a known outcome; retry_policy.h says which are
+      // tried again.
+      const auto wait = IsRetryableHttpStatus(status)
+                            ? HttpRetry(status, transfer->idempotent, RetryAfterMs(transfer->response.headers), settings)
+                            : std::nullopt;
       std::string message = "HTTP " + std::to_string(status);
       if (!transfer->reason.empty()) message += " " + transfer->reason;
-      if (retry) {
+      if (wait && attempts_left) {
+        if (metrics) metrics->note_retry(RetryCauseOf(status));
+        retry_later(transfer, *wait, ResponseError{StatusCode::kHttpStatus, std::move(message)});
+        return;
+      }
+      if (wait) {
         message += " after " + std::to_string(attempts) + " attempts";
       } else if (IsRetryableHttpStatus(status) && attempts_left) {  // a non-idempotent statement
         message += " (not retried: a non-idempotent statement is sent again only after 429, or 503 with Retry-After)";
@@ -849,7 +830,7 @@ class IoThread {
         message += kOutcomeUnknown;
       } else if (attempts_left) {
         if (metrics) metrics->note_retry(RetryCause::kTransport);
-        retry_later(transfer, std::nullopt, settings.backoff_base_ms, ResponseError{status_code, std::move(message)});
+        retry_later(transfer, RetryWait{std::nullopt, settings.backoff_base_ms}, ResponseError{status_code, std::move(message)});
         return;
       } else if (attempts > 1) {
         message += " (after " + std::to_string(attempts) + " attempts)";
@@ -873,27 +854,15 @@ class IoThread {
     });
   }
 
-  // Waits before the next attempt. A Retry-After the server sent is waited
-  // as it says, up to retry_after_max_ms. Otherwise exponential backoff with
-  // full jitter (AWS architecture blog, "Exponential Backoff and Jitter"),
-  // which spreads the retries of a burst that failed together: uniform in
-  // [0, min(backoff_max_ms, base * 2^(attempts - 1))].
+  // Waits before the next attempt (BackoffDelayMs), then tries again.
   //
   // A rate-aware session's statement is not tried again here: every request
   // it makes must be granted by the broker against its keys (§3.8.6). The
   // failure goes back with the wait, and the broker queues it again.
-  void retry_later(Transfer* transfer, std::optional<std::uint64_t> retry_after_ms, std::uint64_t base_ms,
-                   ResponseError error) {
+  void retry_later(Transfer* transfer, const RetryWait& wait, ResponseError error) {
     const SessionSettings& settings = transfer->session->shared->settings;
-    std::uint64_t delay_ms;
-    if (retry_after_ms) {
-      delay_ms = std::min<std::uint64_t>(*retry_after_ms, settings.retry_after_max_ms);
-    } else {
-      const std::uint64_t cap = settings.backoff_max_ms;
-      const std::uint32_t shift = transfer->prior_attempts + transfer->attempts - 1;
-      const std::uint64_t ceiling = shift >= 32 ? cap : std::min(cap, base_ms << shift);
-      delay_ms = std::uniform_int_distribution<std::uint64_t>(0, ceiling)(rng_);
-    }
+    const std::uint64_t delay_ms =
+        BackoffDelayMs(wait, transfer->prior_attempts + transfer->attempts, settings, rng_);
     if (settings.rate_aware()) {
       if (!transfer->rate) transfer->rate.emplace();
       transfer->rate->retry = true;
