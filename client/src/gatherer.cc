@@ -207,7 +207,7 @@ void Gatherer::Impl::close_session() {
       const auto until = heard_once ? deadline : std::min(deadline, silent_deadline);
       zmq::poll(&item, 1,
                 std::max(std::chrono::milliseconds(0),
-                         std::chrono::duration_cast<std::chrono::milliseconds>(until - Clock::now())));
+                         std::chrono::ceil<std::chrono::milliseconds>(until - Clock::now())));
       while (recv(frames)) {
         auto c = proto::PeekCommand(frames);
         if (!c) {
@@ -600,7 +600,7 @@ void Stream::Run::pump() {
                              {nullptr, m.cancel_fd.fd(), ZMQ_POLLIN, 0},
                              {m.watch->events().handle(), 0, ZMQ_POLLIN, 0}};
   const auto wait = std::max(std::chrono::milliseconds(0),
-                             std::chrono::duration_cast<std::chrono::milliseconds>(next_heartbeat - Clock::now()));
+                             std::chrono::ceil<std::chrono::milliseconds>(next_heartbeat - Clock::now()));
   int ready_now = 0;
   if (on_wait) {
     // Only when it would really block: the reader's chance to flush output.

@@ -369,7 +369,9 @@ void Worker::Impl::run() {
   while (!stopping.load(std::memory_order_acquire)) {
     auto until = next_heartbeat;
     if (draining) until = std::min(until, drain_deadline);
-    const auto wait = std::chrono::duration_cast<std::chrono::milliseconds>(until - Clock::now());
+    // Rounded up: a deadline a fraction of a millisecond away is waited for
+    // (poll counts whole milliseconds), not spun on with zero timeouts.
+    const auto wait = std::chrono::ceil<std::chrono::milliseconds>(until - Clock::now());
     try {
       zmq::poll(items, 3, std::max(wait, std::chrono::milliseconds(0)));
     } catch (const zmq::error_t& e) {
