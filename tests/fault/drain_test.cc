@@ -16,21 +16,18 @@
 
 #include "gatherer/broker.h"
 #include "gatherer/gatherer.h"
-#include "fault_util.h"
+#include "cluster.h"
 #include "free_port.h"
 #include "handlers.h"
 #include "http_server.h"
 #include "process.h"
+#include "statements.h"
 #include "wait_for.h"
 
 namespace gatherer {
 namespace {
 using namespace std::chrono_literals;
-using Clock = std::chrono::steady_clock;
-using testing::DelayHandler;
-using testing::HttpServer;
-using testing::Process;
-using testing::WaitFor;
+using namespace testing;
 
 const std::string kBin = GATHERER_BIN_DIR;
 
@@ -39,22 +36,6 @@ std::unique_ptr<Process> StartWorker(const std::string& broker, const std::strin
 }
 
 std::unique_ptr<Broker> StartBroker() { return testing::StartLoopbackBroker(200ms); }
-
-std::vector<Statement> Delayed(const HttpServer& server, int n, int delay_ms) {
-  std::vector<Statement> list;
-  for (int i = 0; i < n; ++i) {
-    list.push_back(Get(server.url("/d/" + std::to_string(i) + "/" + std::to_string(delay_ms))));
-  }
-  return list;
-}
-
-void ExpectAllBodies(const std::vector<Response>& responses, std::size_t n) {
-  ASSERT_EQ(responses.size(), n);
-  for (std::size_t i = 0; i < n; ++i) {
-    ASSERT_TRUE(responses[i].ok()) << i << ": " << responses[i].error->message;
-    ASSERT_EQ(responses[i].body, "body-" + std::to_string(i));
-  }
-}
 
 // SIGTERM while ~100 statements are in flight: the worker takes nothing
 // more, finishes them, returns them and exits 0; a second worker does the

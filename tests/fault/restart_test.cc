@@ -12,7 +12,7 @@
 #include "gatherer/broker.h"
 #include "gatherer/gatherer.h"
 #include "gatherer/worker.h"
-#include "fault_util.h"
+#include "cluster.h"
 #include "free_port.h"
 #include "handlers.h"
 #include "http_server.h"

@@ -1,7 +1,11 @@
 #pragma once
-// What the fault tests start: an in-process broker on tcp loopback and
-// gatherer-worker processes (real processes, to be SIGKILLed or SIGTERMed),
-// with one heartbeat period for both (PROTOCOL.md §3.4.6).
+// What the fault and integration tests start: an in-process broker on tcp
+// loopback and gatherer-worker processes (real processes, to be SIGKILLed or
+// SIGTERMed), with one heartbeat period for both (PROTOCOL.md §3.4.6); a
+// whole cluster in-process is local_cluster.h. Header-only: a test that
+// includes it links gatherer::broker, which the test support library itself
+// does not; StartWorkerProcess needs GATHERER_BIN_DIR (the build tree)
+// defined by the test target.
 
 #include <chrono>
 #include <memory>
