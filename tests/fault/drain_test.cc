@@ -29,8 +29,6 @@ namespace {
 using namespace std::chrono_literals;
 using namespace testing;
 
-const std::string kBin = GATHERER_BIN_DIR;
-
 std::unique_ptr<Process> StartWorker(const std::string& broker, const std::string& drain_ms = "30000") {
   return testing::StartWorkerProcess(broker, 200ms, {"--drain-timeout-ms", drain_ms});
 }
@@ -100,14 +98,14 @@ TEST(DrainTest, WorkerPastItsDrainDeadlineHandsTheRestBack) {
 TEST(DrainTest, BrokerSigtermServesOpenSessionsRefusesNewOnesAndExitsZero) {
   HttpServer server(DelayHandler);
   const std::string ep = testing::FreeTcpEndpoint();
-  Process broker({kBin + "/broker/gatherer-broker", "--bind", ep, "--heartbeat-ms", "200", "--log-level", "error"});
+  auto broker = testing::StartBrokerProcess(ep, 200ms);
   auto worker = StartWorker(ep);
   constexpr int kCount = 1000;
   auto g = std::make_unique<Gatherer>(Options{.broker = ep, .workers = 50, .log_level = 40});
   g->statements = Delayed(server, kCount, 20);
   auto run = std::async(std::launch::async, [&] { return g->gather(); });
   ASSERT_TRUE(WaitFor([&] { return server.requests() >= 100; }, 30s));
-  broker.kill(SIGTERM);
+  broker->kill(SIGTERM);
   // The broker stays up for the open session; a new one is refused.
   {
     Gatherer late({.broker = ep, .workers = 1, .log_level = 50});
@@ -121,9 +119,9 @@ TEST(DrainTest, BrokerSigtermServesOpenSessionsRefusesNewOnesAndExitsZero) {
   }
   ASSERT_EQ(run.wait_for(60s), std::future_status::ready);
   ExpectAllBodies(run.get(), kCount);
-  EXPECT_TRUE(broker.running()) << "the broker exited with a session open";
+  EXPECT_TRUE(broker->running()) << "the broker exited with a session open";
   g.reset();  // closes the session
-  const auto exit = broker.wait(10s);
+  const auto exit = broker->wait(10s);
   ASSERT_TRUE(exit.has_value()) << "the broker did not exit once its sessions ended";
   EXPECT_EQ(*exit, 0);
 }

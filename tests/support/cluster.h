@@ -1,11 +1,12 @@
 #pragma once
-// What the fault and integration tests start: an in-process broker on tcp
-// loopback and gatherer-worker processes (real processes, to be SIGKILLed or
-// SIGTERMed), with one heartbeat period for both (PROTOCOL.md §3.4.6); a
-// whole cluster in-process is local_cluster.h. Header-only: a test that
-// includes it links gatherer::broker, which the test support library itself
-// does not; StartWorkerProcess needs GATHERER_BIN_DIR (the build tree)
-// defined by the test target.
+// What the fault and integration tests start: a broker in-process on tcp
+// loopback or as a gatherer-broker process, and gatherer-worker processes
+// (real processes, to be SIGKILLed or SIGTERMed), with one heartbeat period
+// for broker and workers (PROTOCOL.md §3.4.6); a whole cluster in-process is
+// local_cluster.h. Header-only: a test that includes it links
+// gatherer::broker, which the test support library itself does not; the
+// process starters need GATHERER_BIN_DIR (the build tree) defined by the
+// test target.
 
 #include <chrono>
 #include <memory>
@@ -28,20 +29,34 @@ inline std::unique_ptr<Broker> StartLoopbackBroker(std::chrono::milliseconds hea
   return broker;
 }
 
-// gatherer-worker on `broker` with one I/O thread; `extra` flags appended.
+// `binary` (a path below the build tree) run with `args`, then `extra`.
+inline std::unique_ptr<Process> StartBinary(const std::string& binary, std::vector<std::string> args,
+                                            const std::vector<std::string>& extra) {
+  std::string path = GATHERER_BIN_DIR;
+  path += '/';
+  path += binary;
+  args.insert(args.begin(), std::move(path));
+  args.insert(args.end(), extra.begin(), extra.end());
+  return std::make_unique<Process>(std::move(args));
+}
+
+// gatherer-broker bound at `endpoint`, logging errors only; `extra` flags
+// appended.
+inline std::unique_ptr<Process> StartBrokerProcess(const std::string& endpoint, std::chrono::milliseconds heartbeat,
+                                                   const std::vector<std::string>& extra = {}) {
+  return StartBinary("broker/gatherer-broker",
+                     {"--bind", endpoint, "--heartbeat-ms", std::to_string(heartbeat.count()), "--log-level", "error"},
+                     extra);
+}
+
+// gatherer-worker on `broker` with one I/O thread, logging errors only;
+// `extra` flags appended.
 inline std::unique_ptr<Process> StartWorkerProcess(const std::string& broker, std::chrono::milliseconds heartbeat,
                                                    const std::vector<std::string>& extra = {}) {
-  std::vector<std::string> argv = {std::string(GATHERER_BIN_DIR) + "/worker/gatherer-worker",
-                                   "--broker",
-                                   broker,
-                                   "--io-threads",
-                                   "1",
-                                   "--heartbeat-ms",
-                                   std::to_string(heartbeat.count()),
-                                   "--log-level",
-                                   "error"};
-  argv.insert(argv.end(), extra.begin(), extra.end());
-  return std::make_unique<Process>(std::move(argv));
+  return StartBinary("worker/gatherer-worker",
+                     {"--broker", broker, "--io-threads", "1", "--heartbeat-ms", std::to_string(heartbeat.count()),
+                      "--log-level", "error"},
+                     extra);
 }
 
 }  // namespace gatherer::testing
