@@ -13,98 +13,22 @@
 
 #include "gatherer/protocol.h"
 #include "gatherer/transport.h"
+#include "raw_peer.h"
+#include "statements.h"
 #include "wait_for.h"
 
 namespace gatherer {
 namespace {
 namespace proto = protocol;
 using namespace std::chrono_literals;
+using namespace testing;
 
-class Peer {
+// The raw DEALER of the support library; a message that does not come
+// within 3 s fails these tests.
+class Peer : public testing::RawPeer {
  public:
-  Peer(zmq::context_t& ctx, const std::string& endpoint) : socket_(ctx, zmq::socket_type::dealer) {
-    socket_.set(zmq::sockopt::linger, 0);
-    socket_.connect(endpoint);
-  }
-  // Through the transport's send, which tells ThreadSanitizer that the frames
-  // are handed to ZeroMQ's I/O thread (libzmq is not instrumented). A worker
-  // numbers its RESULTS from 1 after each READY (PROTOCOL.md §3.7.1).
-  void send(proto::Frames&& frames) {
-    if (auto c = proto::PeekCommand(frames); c && *c == proto::Command::kReady) results_seq_ = 0;
-    proto::SendMessage(socket_, {}, frames, /*block=*/true);
-  }
-  // RESULTS for `indices` with this worker's next seq, body "body<index>".
-  void send_results(const SessionId& sid, const std::vector<std::uint64_t>& indices) {
-    proto::Results r{sid, ++results_seq_, {}};
-    for (auto i : indices) {
-      proto::WireResult wr;
-      wr.index = i;
-      wr.response.status = 200;
-      wr.response.body = "body" + std::to_string(i);
-      r.results.push_back(std::move(wr));
-    }
-    send(proto::Encode(std::move(r)));
-  }
-  // A live worker heartbeats while it waits (PROTOCOL.md §3.4.3).
-  void set_heartbeat(bool on) { heartbeat_ = on; }
-  // Next message other than HEARTBEAT and ACK (the broker's answers to
-  // READY and RESULTS, §3.4.1, §3.7.2) within `timeout`, or empty.
-  proto::Frames recv(std::chrono::milliseconds timeout = 3000ms) {
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    while (std::chrono::steady_clock::now() < deadline) {
-      if (heartbeat_) send(proto::EncodeHeartbeat());
-      zmq::pollitem_t item{socket_.handle(), 0, ZMQ_POLLIN, 0};
-      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-      zmq::poll(&item, 1, heartbeat_ ? std::min(left, 50ms) : left);
-      proto::Frames frames;
-      if (zmq::recv_multipart(socket_, std::back_inserter(frames), zmq::recv_flags::dontwait)) {
-        auto c = proto::PeekCommand(frames);
-        if (c && (*c == proto::Command::kHeartbeat || *c == proto::Command::kAck)) continue;
-        return frames;
-      }
-    }
-    return {};
-  }
-  proto::Command command_of(const proto::Frames& f) { return *proto::PeekCommand(f); }
-  // Waits for the broker's answer to READY, HEARTBEAT [0] (§3.4.1); ACKs of
-  // what it sent before are skipped. False if something else or nothing came.
-  bool await_ready_answer(std::chrono::milliseconds timeout = 5000ms) {
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    for (;;) {
-      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-      if (left <= 0ms) return false;
-      zmq::pollitem_t item{socket_.handle(), 0, ZMQ_POLLIN, 0};
-      zmq::poll(&item, 1, left);
-      proto::Frames frames;
-      if (!zmq::recv_multipart(socket_, std::back_inserter(frames), zmq::recv_flags::dontwait)) continue;
-      auto c = proto::PeekCommand(frames);
-      if (c && *c == proto::Command::kAck) continue;
-      if (!c || *c != proto::Command::kHeartbeat) return false;
-      auto beat = proto::DecodeBrokerHeartbeat(frames);
-      return beat && !beat->session && beat->seq == 0;
-    }
-  }
-
- private:
-  zmq::socket_t socket_;
-  bool heartbeat_ = false;
-  std::uint64_t results_seq_ = 0;
+  Peer(zmq::context_t& ctx, const std::string& endpoint) : RawPeer(ctx, endpoint) { set_recv_timeout(3000ms); }
 };
-
-std::vector<Statement> Urls(int n) {
-  std::vector<Statement> out;
-  for (int i = 0; i < n; ++i) out.push_back(Get("http://127.0.0.1:1/" + std::to_string(i)));
-  return out;
-}
-
-// Statement i is a GET, or a POST where `post(i)` says so.
-std::vector<Statement> Mixed(int n, const std::function<bool(int)>& post) {
-  std::vector<Statement> out = Urls(n);
-  for (int i = 0; i < n; ++i) {
-    if (post(i)) out[i].method = "POST";
-  }
-  return out;
-}
 
 class BrokerTest : public ::testing::TestWithParam<std::string> {
  protected:
@@ -143,7 +67,7 @@ class BrokerTest : public ::testing::TestWithParam<std::string> {
     s.workers = window;
     client.send(proto::Encode(proto::Open{sid, s, prefetch}));
     auto reply = client.recv();
-    EXPECT_EQ(client.command_of(reply), proto::Command::kOpened);
+    EXPECT_EQ(CommandOf(reply), proto::Command::kOpened);
     return sid;
   }
   // Registers a worker: READY, answered with HEARTBEAT [0] once the broker
@@ -160,7 +84,7 @@ class BrokerTest : public ::testing::TestWithParam<std::string> {
     for (;;) {
       auto f = worker.recv(timeout);
       if (f.empty()) return {};
-      if (worker.command_of(f) != proto::Command::kDispatch) continue;
+      if (CommandOf(f) != proto::Command::kDispatch) continue;
       std::vector<std::uint64_t> out;
       auto chunk = proto::DecodeStatements(f);
       for (const auto& ws : chunk->statements) out.push_back(ws.index);
@@ -174,7 +98,7 @@ class BrokerTest : public ::testing::TestWithParam<std::string> {
     const auto deadline = std::chrono::steady_clock::now() + timeout;
     while (out.size() < want && std::chrono::steady_clock::now() < deadline) {
       auto f = client.recv(std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()));
-      if (f.empty() || client.command_of(f) != proto::Command::kResults) continue;
+      if (f.empty() || CommandOf(f) != proto::Command::kResults) continue;
       auto batch = proto::DecodeResults(f);
       for (auto& r : batch->results) out[r.index] = std::move(r.response);
     }
@@ -195,9 +119,9 @@ TEST_P(BrokerTest, DispatchRespectsSessionWindow) {
   SessionId sid = open(client, 5);
   client.send(proto::EncodeSubmit(sid, 0, Urls(10)));
   auto session = worker.recv();
-  ASSERT_EQ(worker.command_of(session), proto::Command::kSession);
+  ASSERT_EQ(CommandOf(session), proto::Command::kSession);
   auto dispatch = worker.recv();
-  ASSERT_EQ(worker.command_of(dispatch), proto::Command::kDispatch);
+  ASSERT_EQ(CommandOf(dispatch), proto::Command::kDispatch);
   auto chunk = proto::DecodeStatements(dispatch);
   ASSERT_TRUE(chunk.has_value());
   EXPECT_EQ(chunk->statements.size(), 5u);
@@ -205,7 +129,7 @@ TEST_P(BrokerTest, DispatchRespectsSessionWindow) {
   // One result frees one slot of the window: exactly one more is dispatched.
   worker.send_results(sid, {0});
   auto forwarded = client.recv();
-  ASSERT_EQ(client.command_of(forwarded), proto::Command::kResults);
+  ASSERT_EQ(CommandOf(forwarded), proto::Command::kResults);
   auto res = proto::DecodeResults(forwarded);
   ASSERT_TRUE(res.has_value());
   EXPECT_EQ(res->results.at(0).response.body, "body0");
@@ -221,7 +145,7 @@ TEST_P(BrokerTest, DispatchRespectsWorkerCredit) {
   ready(worker, 3);
   SessionId sid = open(client, 100);
   client.send(proto::EncodeSubmit(sid, 0, Urls(10)));
-  ASSERT_EQ(worker.command_of(worker.recv()), proto::Command::kSession);
+  ASSERT_EQ(CommandOf(worker.recv()), proto::Command::kSession);
   auto chunk = proto::DecodeStatements(worker.recv());
   ASSERT_TRUE(chunk.has_value());
   EXPECT_EQ(chunk->statements.size(), 3u);
@@ -241,7 +165,7 @@ TEST_P(BrokerTest, SessionsAreServedRoundRobin) {
   for (;;) {
     auto f = worker.recv(300ms);
     if (f.empty()) break;
-    if (worker.command_of(f) != proto::Command::kDispatch) continue;
+    if (CommandOf(f) != proto::Command::kDispatch) continue;
     auto m = proto::DecodeStatements(f);
     got[m->session] += m->statements.size();
   }
@@ -275,12 +199,12 @@ TEST_P(BrokerTest, CloseEndsSessionOnWorkersAndIsIdempotent) {
   (void)worker.recv();
   (void)worker.recv();
   client.send(proto::Encode(proto::Command::kClose, proto::SessionRef{sid}));
-  EXPECT_EQ(client.command_of(client.recv()), proto::Command::kClosed);
+  EXPECT_EQ(CommandOf(client.recv()), proto::Command::kClosed);
   auto end = worker.recv();
-  ASSERT_EQ(worker.command_of(end), proto::Command::kEndSession);
+  ASSERT_EQ(CommandOf(end), proto::Command::kEndSession);
   EXPECT_EQ(proto::DecodeSessionRef(end)->session, sid);
   client.send(proto::Encode(proto::Command::kClose, proto::SessionRef{sid}));
-  EXPECT_EQ(client.command_of(client.recv()), proto::Command::kClosed);
+  EXPECT_EQ(CommandOf(client.recv()), proto::Command::kClosed);
   EXPECT_EQ(broker_->stats().sessions.load(), 0u);
 }
 
@@ -290,7 +214,7 @@ TEST_P(BrokerTest, SubmitToUnknownSessionIsNotFound) {
   SessionId sid = NewSessionId();
   client.send(proto::EncodeSubmit(sid, 0, Urls(1)));
   auto reply = client.recv();
-  ASSERT_EQ(client.command_of(reply), proto::Command::kError);
+  ASSERT_EQ(CommandOf(reply), proto::Command::kError);
   auto e = proto::DecodeError(reply);
   EXPECT_EQ(e->code, StatusCode::kNotFound);
   EXPECT_EQ(e->session, sid);
@@ -302,7 +226,7 @@ TEST_P(BrokerTest, SubmitBeyondQueueCapIsRefused) {
   SessionId sid = open(client, 2, 2);
   client.send(proto::EncodeSubmit(sid, 0, Urls(2 + 2 + 1024 + 1)));
   auto reply = client.recv();
-  ASSERT_EQ(client.command_of(reply), proto::Command::kError);
+  ASSERT_EQ(CommandOf(reply), proto::Command::kError);
   EXPECT_EQ(proto::DecodeError(reply)->code, StatusCode::kResourceExhausted);
   EXPECT_EQ(broker_->stats().queued.load(), 0u);
 }
@@ -318,7 +242,7 @@ TEST_P(BrokerTest, SubmitBeyondBrokerWideCapIsRefused) {
   ASSERT_TRUE(testing::WaitFor([&] { return broker_->stats().queued.load() == 3; }));
   b.send(proto::EncodeSubmit(sb, 0, Urls(3)));
   auto reply = b.recv();
-  ASSERT_EQ(b.command_of(reply), proto::Command::kError);
+  ASSERT_EQ(CommandOf(reply), proto::Command::kError);
   auto e = proto::DecodeError(reply);
   EXPECT_EQ(e->code, StatusCode::kResourceExhausted);
   EXPECT_NE(e->message.find("broker queue cap"), std::string::npos) << e->message;
@@ -339,7 +263,7 @@ TEST_P(BrokerTest, MalformedMessagesAreCountedAndDropped) {
   raw.send(std::move(v9));
   auto reply = raw.recv();
   ASSERT_FALSE(reply.empty());
-  ASSERT_EQ(raw.command_of(reply), proto::Command::kError);
+  ASSERT_EQ(CommandOf(reply), proto::Command::kError);
   EXPECT_EQ(proto::DecodeError(reply)->code, StatusCode::kFailedPrecondition);
   // The broker still serves.
   Peer client(ctx_, endpoint_);
@@ -352,7 +276,7 @@ TEST_P(BrokerTest, ResultsFromUnknownWorkerAskForReady) {
   Peer stranger(ctx_, endpoint_);
   stranger.send_results(NewSessionId(), {0});
   auto reply = stranger.recv();
-  ASSERT_EQ(stranger.command_of(reply), proto::Command::kError);
+  ASSERT_EQ(CommandOf(reply), proto::Command::kError);
   EXPECT_EQ(proto::DecodeError(reply)->code, StatusCode::kNotFound);
 }
 
@@ -496,7 +420,7 @@ TEST_P(BrokerTest, WorkerRegisteringAgainGetsItsStatementsBack) {
   ASSERT_EQ(take(worker), (std::vector<std::uint64_t>{0, 1}));
   worker.send(proto::Encode(proto::Ready{"w", "h", 100}));
   auto session = worker.recv();
-  ASSERT_EQ(worker.command_of(session), proto::Command::kSession) << "no new SESSION before the re-dispatch";
+  ASSERT_EQ(CommandOf(session), proto::Command::kSession) << "no new SESSION before the re-dispatch";
   EXPECT_EQ(take(worker), (std::vector<std::uint64_t>{0, 1}));
   EXPECT_EQ(broker_->stats().requeued.load(), 2u);
 }
@@ -510,12 +434,12 @@ TEST_P(BrokerTest, DrainingBrokerRefusesNewSessionsOnly) {
   const SessionId fresh = NewSessionId();
   client.send(proto::Encode(proto::Open{fresh, SessionSettings{}, 0}));
   auto refused = client.recv();
-  ASSERT_EQ(client.command_of(refused), proto::Command::kError);
+  ASSERT_EQ(CommandOf(refused), proto::Command::kError);
   auto e = proto::DecodeError(refused);
   EXPECT_EQ(e->code, StatusCode::kUnavailable);
   EXPECT_EQ(e->session, fresh);
   client.send(proto::Encode(proto::Open{sid, SessionSettings{}, 0}));
-  EXPECT_EQ(client.command_of(client.recv()), proto::Command::kOpened);
+  EXPECT_EQ(CommandOf(client.recv()), proto::Command::kOpened);
 }
 
 // §3.2.7: a HEARTBEAT naming a session the broker does not have is
@@ -526,7 +450,7 @@ TEST_P(BrokerTest, HeartbeatNamingUnknownSessionIsNotFound) {
   const SessionId stranger = NewSessionId();
   client.send(proto::EncodeHeartbeat(stranger));
   auto reply = client.recv();
-  ASSERT_EQ(client.command_of(reply), proto::Command::kError);
+  ASSERT_EQ(CommandOf(reply), proto::Command::kError);
   auto e = proto::DecodeError(reply);
   EXPECT_EQ(e->code, StatusCode::kNotFound);
   EXPECT_EQ(e->session, stranger);
@@ -551,7 +475,7 @@ TEST_P(BrokerTest, ResubmittedLeasedIndexIsNotDispatchedTwice) {
   client.send(proto::Encode(proto::Open{sid, s, 0}));
   client.send(proto::EncodeSubmit(sid, 0, Urls(4)));
   auto again = worker.recv();
-  ASSERT_EQ(worker.command_of(again), proto::Command::kDispatch);
+  ASSERT_EQ(CommandOf(again), proto::Command::kDispatch);
   auto chunk = proto::DecodeStatements(again);
   ASSERT_EQ(chunk->statements.size(), 1u);
   EXPECT_EQ(chunk->statements[0].index, 3u);

@@ -10,21 +10,12 @@
 #include <random>
 #include <span>
 
+#include "frames.h"
+
 namespace gatherer::protocol {
 namespace {
 
-SessionSettings SampleSettings() {
-  SessionSettings s;
-  s.workers = 77;
-  s.base_url = "http://127.0.0.1:8080";
-  s.headers = {{"Authorization", "token"}, {"X-A", "1"}};
-  s.timeout_ms = 1234;
-  s.max_attempts = 2;
-  s.max_body_bytes = 999;
-  s.accept_min = 200;
-  s.accept_max = 299;
-  return s;
-}
+using testing::SampleSettings;
 
 template <typename T>
 T Must(Result<T> r) {
@@ -34,19 +25,6 @@ T Must(Result<T> r) {
 
 Command CommandOf(const Frames& f) { return Must(PeekCommand(f)); }
 
-// Builds frames with a hand-written header, for malformation tests.
-Frames WithHeader(Command c, const std::function<void(msgpack::packer<msgpack::sbuffer>&)>& pack) {
-  msgpack::sbuffer buf;
-  msgpack::packer<msgpack::sbuffer> pk(buf);
-  pack(pk);
-  Frames f;
-  f.emplace_back(kSignature.data(), kSignature.size());
-  const auto b = static_cast<std::uint8_t>(c);
-  f.emplace_back(&b, 1);
-  f.emplace_back(buf.data(), buf.size());
-  return f;
-}
-
 TEST(ProtocolTest, OpenRoundTrips) {
   Open m{NewSessionId(), SampleSettings(), 50};
   Frames f = Encode(m);
@@ -54,12 +32,12 @@ TEST(ProtocolTest, OpenRoundTrips) {
   Open back = Must(DecodeOpen(f));
   EXPECT_EQ(back.session, m.session);
   EXPECT_EQ(back.prefetch, 50u);
-  EXPECT_EQ(back.settings.workers, 77u);
+  EXPECT_EQ(back.settings.workers, 50u);
   EXPECT_EQ(back.settings.base_url, m.settings.base_url);
   EXPECT_EQ(back.settings.headers, m.settings.headers);
-  EXPECT_EQ(back.settings.timeout_ms, 1234u);
+  EXPECT_EQ(back.settings.timeout_ms, 1500u);
   EXPECT_EQ(back.settings.max_attempts, 2u);
-  EXPECT_EQ(back.settings.max_body_bytes, 999u);
+  EXPECT_EQ(back.settings.max_body_bytes, 1u << 20);
   EXPECT_EQ(back.settings.accept_max, 299);
 }
 
@@ -306,8 +284,8 @@ TEST(ProtocolTest, SessionCarriesItsOrderSeq) {
   const SessionId sid = NewSessionId();
   Session back = Must(DecodeSession(Encode(Session{sid, SampleSettings(), 1ull << 33})));
   EXPECT_EQ(back.seq, 1ull << 33);
-  EXPECT_EQ(back.settings.workers, 77u);
-  auto no_seq = WithHeader(Command::kSession, [&](auto& pk) {
+  EXPECT_EQ(back.settings.workers, 50u);
+  auto no_seq = testing::Raw(Command::kSession, [&](auto& pk) {
     pk.pack_array(2);
     pk.pack_bin(16);
     pk.pack_bin_body(sid.raw().data(), 16);
@@ -332,7 +310,7 @@ TEST(ProtocolTest, DispatchWithoutSeqIsMalformed) {
   auto missing = DecodeStatements(submit);
   ASSERT_FALSE(missing.has_value());
   EXPECT_EQ(missing.error().code(), StatusCode::kInvalidArgument);
-  auto negative = WithHeader(Command::kDispatch, [&](auto& pk) {
+  auto negative = testing::Raw(Command::kDispatch, [&](auto& pk) {
     pk.pack_array(3);
     pk.pack_bin(16);
     pk.pack_bin_body(sid.raw().data(), 16);
@@ -340,7 +318,7 @@ TEST(ProtocolTest, DispatchWithoutSeqIsMalformed) {
     pk.pack(-1);
   });
   EXPECT_FALSE(DecodeStatements(negative).has_value());
-  auto nil_seq = WithHeader(Command::kDispatch, [&](auto& pk) {
+  auto nil_seq = testing::Raw(Command::kDispatch, [&](auto& pk) {
     pk.pack_array(3);
     pk.pack_bin(16);
     pk.pack_bin_body(sid.raw().data(), 16);
@@ -366,14 +344,14 @@ TEST(ProtocolTest, AckRoundTripsInBothForms) {
   // ack 0 means none has arrived (§3.1); it is valid.
   EXPECT_EQ(Must(DecodeAck(Encode(Ack{sid, 0}))).seq, 0u);
   // [session] without the ack, [] and a negative ack are malformed.
-  auto session_only = WithHeader(Command::kAck, [&](auto& pk) {
+  auto session_only = testing::Raw(Command::kAck, [&](auto& pk) {
     pk.pack_array(1);
     pk.pack_bin(16);
     pk.pack_bin_body(sid.raw().data(), 16);
   });
   EXPECT_FALSE(DecodeAck(session_only).has_value());
-  EXPECT_FALSE(DecodeAck(WithHeader(Command::kAck, [](auto& pk) { pk.pack_array(0); })).has_value());
-  EXPECT_FALSE(DecodeAck(WithHeader(Command::kAck, [](auto& pk) {
+  EXPECT_FALSE(DecodeAck(testing::Raw(Command::kAck, [](auto& pk) { pk.pack_array(0); })).has_value());
+  EXPECT_FALSE(DecodeAck(testing::Raw(Command::kAck, [](auto& pk) {
                  pk.pack_array(1);
                  pk.pack(-3);
                })).has_value());
@@ -409,7 +387,7 @@ TEST(ProtocolTest, SyncedRoundTrips) {
   EXPECT_TRUE(none.missing.empty());
   EXPECT_EQ(none.seq, 0u);
   // Without its seq (the layout before §3.6.4 named it) it is malformed.
-  auto no_seq = WithHeader(Command::kSynced, [&](auto& pk) {
+  auto no_seq = testing::Raw(Command::kSynced, [&](auto& pk) {
     pk.pack_array(2);
     pk.pack_bin(16);
     pk.pack_bin_body(sid.raw().data(), 16);
@@ -428,7 +406,7 @@ TEST(ProtocolTest, RangeCountOutsideOneTo65536IsMalformed) {
   EXPECT_TRUE(DecodeSync(Encode(Sync{sid, 0, {{7, 65536}}})).has_value());
   EXPECT_TRUE(DecodeSynced(Encode(Synced{sid, {{7, 1}}, 0})).has_value());
   // A range that is not a pair, and a count over uint32.
-  auto single = WithHeader(Command::kSync, [&](auto& pk) {
+  auto single = testing::Raw(Command::kSync, [&](auto& pk) {
     pk.pack_array(3);
     pk.pack_bin(16);
     pk.pack_bin_body(sid.raw().data(), 16);
@@ -438,7 +416,7 @@ TEST(ProtocolTest, RangeCountOutsideOneTo65536IsMalformed) {
     pk.pack(4);
   });
   EXPECT_FALSE(DecodeSync(single).has_value());
-  auto wide = WithHeader(Command::kSynced, [&](auto& pk) {
+  auto wide = testing::Raw(Command::kSynced, [&](auto& pk) {
     pk.pack_array(2);
     pk.pack_bin(16);
     pk.pack_bin_body(sid.raw().data(), 16);
@@ -450,7 +428,7 @@ TEST(ProtocolTest, RangeCountOutsideOneTo65536IsMalformed) {
   });
   EXPECT_FALSE(DecodeSynced(wide).has_value());
   // SYNC without its ack.
-  auto no_ack = WithHeader(Command::kSync, [&](auto& pk) {
+  auto no_ack = testing::Raw(Command::kSync, [&](auto& pk) {
     pk.pack_array(2);
     pk.pack_bin(16);
     pk.pack_bin_body(sid.raw().data(), 16);
@@ -477,11 +455,11 @@ TEST(ProtocolTest, HoldingRoundTrips) {
   EXPECT_TRUE(none.sessions.empty());
   // Malformed: no session list; an entry without its indices; an index not
   // an unsigned integer.
-  EXPECT_FALSE(DecodeHolding(WithHeader(Command::kHolding, [](auto& pk) {
+  EXPECT_FALSE(DecodeHolding(testing::Raw(Command::kHolding, [](auto& pk) {
                  pk.pack_array(1);
                  pk.pack(3);
                })).has_value());
-  EXPECT_FALSE(DecodeHolding(WithHeader(Command::kHolding, [&](auto& pk) {
+  EXPECT_FALSE(DecodeHolding(testing::Raw(Command::kHolding, [&](auto& pk) {
                  pk.pack_array(2);
                  pk.pack(3);
                  pk.pack_array(1);
@@ -489,7 +467,7 @@ TEST(ProtocolTest, HoldingRoundTrips) {
                  pk.pack_bin(16);
                  pk.pack_bin_body(a.raw().data(), 16);
                })).has_value());
-  EXPECT_FALSE(DecodeHolding(WithHeader(Command::kHolding, [&](auto& pk) {
+  EXPECT_FALSE(DecodeHolding(testing::Raw(Command::kHolding, [&](auto& pk) {
                  pk.pack_array(2);
                  pk.pack(3);
                  pk.pack_array(1);
@@ -514,7 +492,7 @@ TEST(ProtocolTest, ClientAndWorkerHeartbeatsRoundTrip) {
   auto plain = Must(DecodeHeartbeat(EncodeHeartbeat()));
   EXPECT_FALSE(plain.has_value());
   // A client heartbeat whose session is not 16 bytes is malformed.
-  EXPECT_FALSE(DecodeHeartbeat(WithHeader(Command::kHeartbeat, [](auto& pk) {
+  EXPECT_FALSE(DecodeHeartbeat(testing::Raw(Command::kHeartbeat, [](auto& pk) {
                  pk.pack_array(1);
                  pk.pack_bin(3);
                  pk.pack_bin_body("abc", 3);
@@ -547,20 +525,20 @@ TEST(ProtocolTest, BrokerHeartbeatRoundTripsInBothForms) {
   // Malformed: [], [session, seq] without next_index, [session, seq,
   // next_index] without workers, workers over uint32, a negative seq.
   EXPECT_FALSE(DecodeBrokerHeartbeat(EncodeHeartbeat()).has_value());
-  EXPECT_FALSE(DecodeBrokerHeartbeat(WithHeader(Command::kHeartbeat, [&](auto& pk) {
+  EXPECT_FALSE(DecodeBrokerHeartbeat(testing::Raw(Command::kHeartbeat, [&](auto& pk) {
                  pk.pack_array(2);
                  pk.pack_bin(16);
                  pk.pack_bin_body(sid.raw().data(), 16);
                  pk.pack(1);
                })).has_value());
-  EXPECT_FALSE(DecodeBrokerHeartbeat(WithHeader(Command::kHeartbeat, [&](auto& pk) {
+  EXPECT_FALSE(DecodeBrokerHeartbeat(testing::Raw(Command::kHeartbeat, [&](auto& pk) {
                  pk.pack_array(3);
                  pk.pack_bin(16);
                  pk.pack_bin_body(sid.raw().data(), 16);
                  pk.pack(1);
                  pk.pack(2);
                })).has_value());
-  EXPECT_FALSE(DecodeBrokerHeartbeat(WithHeader(Command::kHeartbeat, [&](auto& pk) {
+  EXPECT_FALSE(DecodeBrokerHeartbeat(testing::Raw(Command::kHeartbeat, [&](auto& pk) {
                  pk.pack_array(4);
                  pk.pack_bin(16);
                  pk.pack_bin_body(sid.raw().data(), 16);
@@ -568,7 +546,7 @@ TEST(ProtocolTest, BrokerHeartbeatRoundTripsInBothForms) {
                  pk.pack(2);
                  pk.pack(std::uint64_t{1} << 32);
                })).has_value());
-  EXPECT_FALSE(DecodeBrokerHeartbeat(WithHeader(Command::kHeartbeat, [](auto& pk) {
+  EXPECT_FALSE(DecodeBrokerHeartbeat(testing::Raw(Command::kHeartbeat, [](auto& pk) {
                  pk.pack_array(1);
                  pk.pack(-1);
                })).has_value());
@@ -581,7 +559,7 @@ TEST(ProtocolTest, Clause_2_2_ErrorLayoutIsTheSameAcrossVersions) {
   const SessionId sid = NewSessionId();
   // As GTR/1 wrote it, by hand.
   for (std::uint8_t version : {1, 2}) {
-    Frames f = WithHeader(Command::kError, [&](auto& pk) {
+    Frames f = testing::Raw(Command::kError, [&](auto& pk) {
       pk.pack_array(3);
       pk.pack(static_cast<std::uint8_t>(9));
       pk.pack(std::string("unsupported protocol version 2, this peer speaks 1"));
@@ -637,7 +615,7 @@ TEST(ProtocolTest, RejectsBadSignature) {
 
 // §3.4: READY's pid was appended; a 3-element READY (pid unknown) is still valid.
 TEST(ProtocolTest, Clause_3_4_1_ReadyWithoutPidIsAccepted) {
-  auto f = WithHeader(Command::kReady, [](auto& pk) {
+  auto f = testing::Raw(Command::kReady, [](auto& pk) {
     pk.pack_array(3);
     pk.pack(std::string("w"));
     pk.pack(std::string("h"));
@@ -646,7 +624,7 @@ TEST(ProtocolTest, Clause_3_4_1_ReadyWithoutPidIsAccepted) {
   const Ready r = Must(DecodeReady(f));
   EXPECT_EQ(r.slots, 8u);
   EXPECT_EQ(r.pid, 0u);
-  auto bad = WithHeader(Command::kReady, [](auto& pk) {
+  auto bad = testing::Raw(Command::kReady, [](auto& pk) {
     pk.pack_array(4);
     pk.pack(std::string("w"));
     pk.pack(std::string("h"));
@@ -697,13 +675,13 @@ TEST(ProtocolTest, Clause_3_9_ControlMessagesRoundTrip) {
 
 // §3.9, §2.4: control messages of the wrong shape are malformed.
 TEST(ProtocolTest, Clause_3_9_MalformedControlMessagesAreRejected) {
-  auto short_status = WithHeader(Command::kStatusReport, [](auto& pk) {
+  auto short_status = testing::Raw(Command::kStatusReport, [](auto& pk) {
     pk.pack_array(11);
     pk.pack(std::string("v"));
     for (int i = 0; i < 10; ++i) pk.pack(i);
   });
   EXPECT_EQ(DecodeStatusReport(short_status).error().code(), StatusCode::kInvalidArgument);
-  auto bad_row = WithHeader(Command::kWorkersReport, [](auto& pk) {
+  auto bad_row = testing::Raw(Command::kWorkersReport, [](auto& pk) {
     pk.pack_array(1);
     pk.pack_array(9);
     pk.pack(std::string("w"));
@@ -713,18 +691,18 @@ TEST(ProtocolTest, Clause_3_9_MalformedControlMessagesAreRejected) {
     pk.pack(std::string("busy"));
   });
   EXPECT_FALSE(DecodeWorkersReport(bad_row).has_value());
-  auto short_session = WithHeader(Command::kSessionsReport, [](auto& pk) {
+  auto short_session = testing::Raw(Command::kSessionsReport, [](auto& pk) {
     pk.pack_array(1);
     pk.pack_array(8);
     for (int i = 0; i < 8; ++i) pk.pack(i);
   });
   EXPECT_FALSE(DecodeSessionsReport(short_session).has_value());
-  auto empty_name = WithHeader(Command::kDrainWorker, [](auto& pk) {
+  auto empty_name = testing::Raw(Command::kDrainWorker, [](auto& pk) {
     pk.pack_array(1);
     pk.pack(std::string(""));
   });
   EXPECT_FALSE(DecodeWorkerName(empty_name).has_value());
-  auto numeric_done = WithHeader(Command::kDone, [](auto& pk) {
+  auto numeric_done = testing::Raw(Command::kDone, [](auto& pk) {
     pk.pack_array(1);
     pk.pack(3);
   });
@@ -882,20 +860,20 @@ TEST(ProtocolTest, RejectsTrailingBytes) {
 
 TEST(ProtocolTest, RejectsWrongTypes) {
   // Session id as an integer.
-  auto f1 = WithHeader(Command::kClose, [](auto& pk) { pk.pack_array(1); pk.pack(5); });
+  auto f1 = testing::Raw(Command::kClose, [](auto& pk) { pk.pack_array(1); pk.pack(5); });
   EXPECT_EQ(DecodeSessionRef(f1).error().code(), StatusCode::kInvalidArgument);
   // Session id of 15 bytes.
-  auto f2 = WithHeader(Command::kClose, [](auto& pk) {
+  auto f2 = testing::Raw(Command::kClose, [](auto& pk) {
     pk.pack_array(1);
     pk.pack_bin(15);
     pk.pack_bin_body("123456789012345", 15);
   });
   EXPECT_FALSE(DecodeSessionRef(f2).has_value());
   // Header is a map, not an array.
-  auto f3 = WithHeader(Command::kReady, [](auto& pk) { pk.pack_map(0); });
+  auto f3 = testing::Raw(Command::kReady, [](auto& pk) { pk.pack_map(0); });
   EXPECT_FALSE(DecodeReady(f3).has_value());
   // Negative slots.
-  auto f4 = WithHeader(Command::kReady, [](auto& pk) {
+  auto f4 = testing::Raw(Command::kReady, [](auto& pk) {
     pk.pack_array(3);
     pk.pack(std::string("w"));
     pk.pack(std::string("h"));
@@ -903,7 +881,7 @@ TEST(ProtocolTest, RejectsWrongTypes) {
   });
   EXPECT_FALSE(DecodeReady(f4).has_value());
   // Zero slots is out of range.
-  auto f5 = WithHeader(Command::kReady, [](auto& pk) {
+  auto f5 = testing::Raw(Command::kReady, [](auto& pk) {
     pk.pack_array(3);
     pk.pack(std::string("w"));
     pk.pack(std::string("h"));
@@ -912,7 +890,7 @@ TEST(ProtocolTest, RejectsWrongTypes) {
   EXPECT_FALSE(DecodeReady(f5).has_value());
   // Statement with a numeric url.
   const SessionId sid = NewSessionId();
-  auto f6 = WithHeader(Command::kSubmit, [&](auto& pk) {
+  auto f6 = testing::Raw(Command::kSubmit, [&](auto& pk) {
     pk.pack_array(2);
     pk.pack_bin(16);
     pk.pack_bin_body(sid.raw().data(), 16);
@@ -928,7 +906,7 @@ TEST(ProtocolTest, RejectsWrongTypes) {
   });
   EXPECT_FALSE(DecodeStatements(f6).has_value());
   // Settings with window 0.
-  auto f7 = WithHeader(Command::kOpen, [&](auto& pk) {
+  auto f7 = testing::Raw(Command::kOpen, [&](auto& pk) {
     pk.pack_array(3);
     pk.pack_bin(16);
     pk.pack_bin_body(sid.raw().data(), 16);
@@ -942,7 +920,7 @@ TEST(ProtocolTest, RejectsWrongTypes) {
 
 TEST(ProtocolTest, IgnoresUnknownSettingsKeys) {
   const SessionId sid = NewSessionId();
-  auto f = WithHeader(Command::kOpen, [&](auto& pk) {
+  auto f = testing::Raw(Command::kOpen, [&](auto& pk) {
     pk.pack_array(3);
     pk.pack_bin(16);
     pk.pack_bin_body(sid.raw().data(), 16);
@@ -1137,7 +1115,7 @@ TEST(ProtocolTest, PeekSessionFindsTheSessionAHeaderStartsWith) {
   EXPECT_EQ(PeekSession(Encode(Results{sid, 1, std::vector<WireResult>(1)})), sid);
   EXPECT_EQ(PeekSession(EncodeHeartbeat(sid)), sid);
   // Malformed otherwise, but the header still starts with the session.
-  auto bad_open = WithHeader(Command::kOpen, [&](auto& pk) {
+  auto bad_open = testing::Raw(Command::kOpen, [&](auto& pk) {
     pk.pack_array(3);
     pk.pack_bin(16);
     pk.pack_bin_body(sid.raw().data(), 16);
@@ -1157,8 +1135,8 @@ TEST(ProtocolTest, PeekSessionFindsTheSessionAHeaderStartsWith) {
   Frames short_one = Encode(Command::kClose, SessionRef{sid});
   short_one.pop_back();
   EXPECT_EQ(PeekSession(short_one), std::nullopt);
-  EXPECT_EQ(PeekSession(WithHeader(Command::kClose, [](auto& pk) { pk.pack_map(0); })), std::nullopt);
-  EXPECT_EQ(PeekSession(WithHeader(Command::kClose, [](auto& pk) {
+  EXPECT_EQ(PeekSession(testing::Raw(Command::kClose, [](auto& pk) { pk.pack_map(0); })), std::nullopt);
+  EXPECT_EQ(PeekSession(testing::Raw(Command::kClose, [](auto& pk) {
               pk.pack_array(1);
               pk.pack_bin(15);
               pk.pack_bin_body("123456789012345", 15);
@@ -1176,13 +1154,13 @@ TEST(ProtocolTest, RejectsExtraFramesOnSingleFrameCommands) {
 }
 
 TEST(ProtocolTest, RejectsDeepNestingAndHugeArrays) {
-  auto deep = WithHeader(Command::kClose, [](auto& pk) {
+  auto deep = testing::Raw(Command::kClose, [](auto& pk) {
     for (int i = 0; i < 64; ++i) pk.pack_array(1);
     pk.pack(1);
   });
   EXPECT_FALSE(DecodeSessionRef(deep).has_value());
   // An array header claiming 2^32-1 elements with no data must not allocate them.
-  auto huge = WithHeader(Command::kSubmit, [](auto& pk) { pk.pack_array(0xffffffffu); });
+  auto huge = testing::Raw(Command::kSubmit, [](auto& pk) { pk.pack_array(0xffffffffu); });
   EXPECT_FALSE(DecodeStatements(huge).has_value());
 }
 
@@ -1246,7 +1224,7 @@ TEST(ProtocolTest, Clause_5_StatementBodyOver16MiBIsMalformed) {
 TEST(ProtocolTest, Clause_5_NestingDeeperThan8IsMalformed) {
   const SessionId sid = NewSessionId();
   auto open_nested = [&](int depth) {
-    return WithHeader(Command::kOpen, [&](auto& pk) {
+    return testing::Raw(Command::kOpen, [&](auto& pk) {
       pk.pack_array(3);  // depth 1
       pk.pack_bin(16);
       pk.pack_bin_body(sid.raw().data(), 16);
@@ -1410,20 +1388,8 @@ TEST(ProtocolTest, Clause_3_8_6_MalformedRateReportsAreMalformed) {
   const SessionId sid = NewSessionId();
   auto with_report = [&](const std::function<void(msgpack::packer<msgpack::sbuffer>&)>& report) {
     Frames f = Encode(Results{sid, 1, std::vector<WireResult>(1)});
-    msgpack::sbuffer buf;
-    msgpack::packer<msgpack::sbuffer> pk(buf);
-    pk.pack_array(1);
-    pk.pack_array(9);
-    pk.pack(std::uint64_t{0});
-    pk.pack(std::uint32_t{429});
-    pk.pack_array(0);
-    pk.pack(std::uint8_t{0});
-    pk.pack(std::string());
-    pk.pack(std::uint32_t{1});
-    pk.pack(std::uint64_t{1});
-    pk.pack(std::string("w"));
-    report(pk);
-    f[3] = zmq::message_t(buf.data(), buf.size());
+    const std::string list = testing::OneResultWithReport(429, report);
+    f[3] = zmq::message_t(list.data(), list.size());
     return f;
   };
   auto report = [](std::uint8_t flags, std::uint8_t type, std::uint32_t count) {

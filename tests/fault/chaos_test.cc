@@ -23,7 +23,7 @@
 #include "gatherer/protocol.h"
 #include "gatherer/transport.h"
 #include "gatherer/worker.h"
-#include "fault_util.h"
+#include "cluster.h"
 #include "handlers.h"
 #include "http_server.h"
 #include "proc_net.h"
@@ -36,11 +36,7 @@ namespace gatherer {
 namespace {
 namespace proto = protocol;
 using namespace std::chrono_literals;
-using Clock = std::chrono::steady_clock;
-using testing::DelayHandler;
-using testing::HttpServer;
-using testing::Process;
-using testing::WaitFor;
+using namespace testing;
 
 
 // GATHERER_CHAOS_HEARTBEAT_MS and GATHERER_CHAOS_N override the heartbeat

@@ -16,45 +16,24 @@
 
 #include "gatherer/broker.h"
 #include "gatherer/gatherer.h"
-#include "fault_util.h"
+#include "cluster.h"
 #include "free_port.h"
 #include "handlers.h"
 #include "http_server.h"
 #include "process.h"
+#include "statements.h"
 #include "wait_for.h"
 
 namespace gatherer {
 namespace {
 using namespace std::chrono_literals;
-using Clock = std::chrono::steady_clock;
-using testing::DelayHandler;
-using testing::HttpServer;
-using testing::Process;
-using testing::WaitFor;
-
-const std::string kBin = GATHERER_BIN_DIR;
+using namespace testing;
 
 std::unique_ptr<Process> StartWorker(const std::string& broker, const std::string& drain_ms = "30000") {
   return testing::StartWorkerProcess(broker, 200ms, {"--drain-timeout-ms", drain_ms});
 }
 
 std::unique_ptr<Broker> StartBroker() { return testing::StartLoopbackBroker(200ms); }
-
-std::vector<Statement> Delayed(const HttpServer& server, int n, int delay_ms) {
-  std::vector<Statement> list;
-  for (int i = 0; i < n; ++i) {
-    list.push_back(Get(server.url("/d/" + std::to_string(i) + "/" + std::to_string(delay_ms))));
-  }
-  return list;
-}
-
-void ExpectAllBodies(const std::vector<Response>& responses, std::size_t n) {
-  ASSERT_EQ(responses.size(), n);
-  for (std::size_t i = 0; i < n; ++i) {
-    ASSERT_TRUE(responses[i].ok()) << i << ": " << responses[i].error->message;
-    ASSERT_EQ(responses[i].body, "body-" + std::to_string(i));
-  }
-}
 
 // SIGTERM while ~100 statements are in flight: the worker takes nothing
 // more, finishes them, returns them and exits 0; a second worker does the
@@ -119,14 +98,14 @@ TEST(DrainTest, WorkerPastItsDrainDeadlineHandsTheRestBack) {
 TEST(DrainTest, BrokerSigtermServesOpenSessionsRefusesNewOnesAndExitsZero) {
   HttpServer server(DelayHandler);
   const std::string ep = testing::FreeTcpEndpoint();
-  Process broker({kBin + "/broker/gatherer-broker", "--bind", ep, "--heartbeat-ms", "200", "--log-level", "error"});
+  auto broker = testing::StartBrokerProcess(ep, 200ms);
   auto worker = StartWorker(ep);
   constexpr int kCount = 1000;
   auto g = std::make_unique<Gatherer>(Options{.broker = ep, .workers = 50, .log_level = 40});
   g->statements = Delayed(server, kCount, 20);
   auto run = std::async(std::launch::async, [&] { return g->gather(); });
   ASSERT_TRUE(WaitFor([&] { return server.requests() >= 100; }, 30s));
-  broker.kill(SIGTERM);
+  broker->kill(SIGTERM);
   // The broker stays up for the open session; a new one is refused.
   {
     Gatherer late({.broker = ep, .workers = 1, .log_level = 50});
@@ -140,9 +119,9 @@ TEST(DrainTest, BrokerSigtermServesOpenSessionsRefusesNewOnesAndExitsZero) {
   }
   ASSERT_EQ(run.wait_for(60s), std::future_status::ready);
   ExpectAllBodies(run.get(), kCount);
-  EXPECT_TRUE(broker.running()) << "the broker exited with a session open";
+  EXPECT_TRUE(broker->running()) << "the broker exited with a session open";
   g.reset();  // closes the session
-  const auto exit = broker.wait(10s);
+  const auto exit = broker->wait(10s);
   ASSERT_TRUE(exit.has_value()) << "the broker did not exit once its sessions ended";
   EXPECT_EQ(*exit, 0);
 }

@@ -23,7 +23,7 @@
 
 #include "gatherer/broker.h"
 #include "gatherer/gatherer.h"
-#include "fault_util.h"
+#include "cluster.h"
 #include "free_port.h"
 #include "http_server.h"
 #include "process.h"

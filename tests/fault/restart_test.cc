@@ -12,7 +12,7 @@
 #include "gatherer/broker.h"
 #include "gatherer/gatherer.h"
 #include "gatherer/worker.h"
-#include "fault_util.h"
+#include "cluster.h"
 #include "free_port.h"
 #include "handlers.h"
 #include "http_server.h"
@@ -31,10 +31,7 @@ using testing::WaitFor;
 const std::string kBin = GATHERER_BIN_DIR;
 
 
-std::unique_ptr<Process> StartBroker(const std::string& ep) {
-  return std::make_unique<Process>(std::vector<std::string>{kBin + "/broker/gatherer-broker", "--bind", ep,
-                                                            "--heartbeat-ms", "200", "--log-level", "error"});
-}
+std::unique_ptr<Process> StartBroker(const std::string& ep) { return testing::StartBrokerProcess(ep, 200ms); }
 
 // SIGKILL of the broker while a client waits loses nothing:
 // the worker registers again, the client re-opens its session under the

@@ -22,19 +22,12 @@
 
 #include <simdjson.h>
 
+#include "fuzz_check.h"
 #include "gatherer/gatherer.h"
 #include "jsonl.h"
 
 namespace gatherer::fuzz {
 namespace {
-
-#define FUZZ_CHECK(cond)                                                          \
-  do {                                                                            \
-    if (!(cond)) {                                                                \
-      std::fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-      std::abort();                                                               \
-    }                                                                             \
-  } while (0)
 
 // A JSON string for `s`, which simdjson has already checked to be UTF-8.
 void AppendJsonString(std::string& out, std::string_view s) {

@@ -18,6 +18,7 @@
 #include <msgpack.hpp>
 
 #include "framing.h"
+#include "frames.h"
 #include "gatherer/protocol.h"
 
 namespace gatherer::fuzz {
@@ -25,6 +26,9 @@ namespace {
 
 using namespace gatherer::protocol;
 namespace fs = std::filesystem;
+using testing::PackStr;
+using testing::Raw;
+using testing::SampleSettings;
 
 void Write(const fs::path& path, const std::string& bytes) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
@@ -41,36 +45,6 @@ SessionId FixedSession(std::uint8_t seed) {
   id.bytes[6] = 0x40 | (id.bytes[6] & 0x0f);  // uuid4 version and variant
   id.bytes[8] = 0x80 | (id.bytes[8] & 0x3f);
   return id;
-}
-
-SessionSettings SampleSettings() {
-  SessionSettings s;
-  s.workers = 50;
-  s.base_url = "http://127.0.0.1:8080";
-  s.headers = {{"Authorization", "Bearer token"}, {"X-A", "1"}};
-  s.timeout_ms = 1500;
-  s.max_attempts = 2;
-  s.max_body_bytes = 1 << 20;
-  s.accept_min = 200;
-  s.accept_max = 299;
-  return s;
-}
-
-Frames Raw(Command c, const std::function<void(msgpack::packer<msgpack::sbuffer>&)>& pack) {
-  msgpack::sbuffer buf;
-  msgpack::packer<msgpack::sbuffer> pk(buf);
-  pack(pk);
-  Frames f;
-  f.emplace_back(kSignature.data(), kSignature.size());
-  const auto b = static_cast<std::uint8_t>(c);
-  f.emplace_back(&b, 1);
-  f.emplace_back(buf.data(), buf.size());
-  return f;
-}
-
-void PackStr(msgpack::packer<msgpack::sbuffer>& pk, const std::string& s) {
-  pk.pack_str(static_cast<std::uint32_t>(s.size()));
-  pk.pack_str_body(s.data(), static_cast<std::uint32_t>(s.size()));
 }
 
 void ProtocolSeeds(const fs::path& dir) {

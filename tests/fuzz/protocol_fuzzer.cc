@@ -29,20 +29,13 @@
 #include <string_view>
 
 #include "framing.h"
+#include "fuzz_check.h"
 #include "gatherer/protocol.h"
 
 namespace gatherer::fuzz {
 namespace {
 
 using namespace gatherer::protocol;
-
-#define FUZZ_CHECK(cond)                                                          \
-  do {                                                                            \
-    if (!(cond)) {                                                                \
-      std::fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-      std::abort();                                                               \
-    }                                                                             \
-  } while (0)
 
 bool Same(const SessionSettings& a, const SessionSettings& b) {
   return a.workers == b.workers && a.base_url == b.base_url && a.headers == b.headers &&

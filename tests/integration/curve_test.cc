@@ -28,9 +28,7 @@ namespace gatherer {
 namespace {
 namespace proto = protocol;
 using namespace std::chrono_literals;
-using Clock = std::chrono::steady_clock;
-using testing::HttpServer;
-using testing::Process;
+using namespace testing;
 
 const std::string kBin = GATHERER_BIN_DIR;
 

@@ -24,18 +24,14 @@
 #include "free_port.h"
 #include "handlers.h"
 #include "http_server.h"
+#include "local_cluster.h"
 #include "process.h"
 #include "wait_for.h"
 
 namespace gatherer {
 namespace {
 using namespace std::chrono_literals;
-using testing::DelayHandler;
-using testing::HttpReply;
-using testing::HttpRequest;
-using testing::HttpServer;
-using testing::Process;
-using testing::WaitFor;
+using namespace testing;
 
 const std::string kBin = GATHERER_BIN_DIR;
 
@@ -230,20 +226,16 @@ TEST(PipelineTest, CancelFromAnotherThread) {
 // on every worker holding it.
 TEST(PipelineTest, SessionIsForgottenAfterDestruction) {
   HttpServer server(DelayHandler);
-  zmq::context_t ctx(1);
-  BrokerOptions bo;
-  bo.endpoints = {"tcp://127.0.0.1:*"};
-  Broker broker(bo);
-  ASSERT_TRUE(broker.start().ok());
+  LocalCluster cluster;
   WorkerOptions wo;
-  wo.broker = broker.endpoints()[0];
   wo.io_threads = 2;
-  Worker w1(wo), w2(wo);
-  ASSERT_TRUE(w1.start().ok());
-  ASSERT_TRUE(w2.start().ok());
+  ASSERT_TRUE(cluster.start(2, wo));
+  Broker& broker = cluster.broker();
+  Worker& w1 = cluster.worker(0);
+  Worker& w2 = cluster.worker(1);
   ASSERT_TRUE(WaitFor([&] { return broker.stats().workers.load() == 2; }, 5s));
   {
-    Gatherer g(Quiet({.broker = broker.endpoints()[0], .workers = 40}));
+    Gatherer g(Quiet({.broker = cluster.endpoint(), .workers = 40}));
     for (int i = 0; i < 400; ++i) g.statements.push_back(Get(server.url("/d/" + std::to_string(i) + "/2")));
     ExpectInOrder(g.gather(), 400);
     EXPECT_EQ(broker.stats().sessions.load(), 1u);

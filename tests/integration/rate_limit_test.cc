@@ -18,7 +18,7 @@
 
 #include <gtest/gtest.h>
 
-#include "../fault/fault_util.h"
+#include "cluster.h"
 #include "free_port.h"
 #include "gatherer/gatherer.h"
 #include "process.h"

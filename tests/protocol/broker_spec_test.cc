@@ -4,7 +4,7 @@
 // raw DEALER sockets play clients and workers. Each test runs over tcp and
 // ipc. Clauses proven by broker/src/broker_test.cc are not repeated here.
 // Raw workers number their RESULTS as GTR/2 asks (§3.7.1); the broker's
-// ACKs to them and its HEARTBEATs are skipped by Peer::recv() and read with
+// ACKs to them and its HEARTBEATs are skipped by RawPeer::recv() and read with
 // recv_any() or recv_ack() where a test is about them.
 
 #include "gatherer/broker.h"
@@ -22,119 +22,19 @@
 #include "gatherer/protocol.h"
 #include "gatherer/transport.h"
 #include "gatherer/worker.h"
+#include "raw_peer.h"
 #include "socket_monitor.h"
 #include "spec_util.h"
+#include "statements.h"
 #include "wait_for.h"
 
 namespace gatherer {
 namespace {
 namespace proto = protocol;
 using namespace std::chrono_literals;
-using testing::CommandOf;
-using testing::Packer;
-using testing::WaitFor;
+using namespace testing;
 
-// A raw DEALER playing a client or a worker. Owned by the test thread.
-class Peer {
- public:
-  // `routing_id` empty: ZeroMQ picks one. `reconnect` false: a connection
-  // the broker drops stays dropped (ZMQ_RECONNECT_IVL -1), as a dead one
-  // would.
-  Peer(zmq::context_t& ctx, const std::string& endpoint, const std::string& routing_id = {}, bool reconnect = true)
-      : socket_(ctx, zmq::socket_type::dealer) {
-    socket_.set(zmq::sockopt::linger, 0);
-    if (!routing_id.empty()) socket_.set(zmq::sockopt::routing_id, routing_id);
-    if (!reconnect) socket_.set(zmq::sockopt::reconnect_ivl, -1);
-    socket_.connect(endpoint);
-  }
-  // Through the transport's send, which tells ThreadSanitizer that the frames
-  // are handed to ZeroMQ's I/O thread (libzmq is not instrumented). A worker
-  // numbers its RESULTS from 1 again after each READY (§3.7.1).
-  void send(proto::Frames&& frames) {
-    if (CommandOf(frames) == proto::Command::kReady) results_seq_ = 0;
-    proto::SendMessage(socket_, {}, frames, /*block=*/true);
-  }
-  // RESULTS for `indices`, numbered with this worker's next seq (§3.7.1).
-  void send_results(const SessionId& sid, const std::vector<std::uint64_t>& indices,
-                    const std::string& prefix = "body");
-  std::uint64_t results_seq() const { return results_seq_; }
-  // Next message within `timeout`, HEARTBEAT and ACK included; empty if none came.
-  proto::Frames recv_any(std::chrono::milliseconds timeout = 5000ms) {
-    zmq::pollitem_t item{socket_.handle(), 0, ZMQ_POLLIN, 0};
-    zmq::poll(&item, 1, timeout);
-    proto::Frames frames;
-    (void)zmq::recv_multipart(socket_, std::back_inserter(frames), zmq::recv_flags::dontwait);
-    return frames;
-  }
-  // Next message other than HEARTBEAT and ACK (the broker's beats, and its
-  // acknowledgements of a worker's RESULTS, §3.7.2) within `timeout`; empty
-  // if none came.
-  proto::Frames recv(std::chrono::milliseconds timeout = 5000ms) {
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    for (;;) {
-      const auto left =
-          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-      if (left <= 0ms) return {};
-      proto::Frames frames = recv_any(left);
-      const auto c = CommandOf(frames);
-      if (!frames.empty() && c != proto::Command::kHeartbeat && c != proto::Command::kAck) return frames;
-    }
-  }
-  // The value of the next ACK within `timeout` (HEARTBEATs skipped), or
-  // nullopt if another message or none came.
-  std::optional<std::uint64_t> recv_ack(std::chrono::milliseconds timeout = 5000ms) {
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    for (;;) {
-      const auto left =
-          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-      if (left <= 0ms) return std::nullopt;
-      proto::Frames frames = recv_any(left);
-      if (CommandOf(frames) == proto::Command::kHeartbeat) continue;
-      if (CommandOf(frames) != proto::Command::kAck) return std::nullopt;
-      auto ack = proto::DecodeAck(frames);
-      if (!ack || ack->session) return std::nullopt;  // to a worker: [ack] (§3.5)
-      return ack->seq;
-    }
-  }
-  zmq::socket_t& socket() { return socket_; }
-
- private:
-  zmq::socket_t socket_;
-  std::uint64_t results_seq_ = 0;
-};
-
-std::vector<Statement> Urls(int n) {
-  std::vector<Statement> out;
-  for (int i = 0; i < n; ++i) out.push_back(Get("http://127.0.0.1:1/" + std::to_string(i)));
-  return out;
-}
-
-// Statement i is a GET, or a POST where `post(i)` says so.
-std::vector<Statement> Mixed(int n, const std::function<bool(int)>& post) {
-  std::vector<Statement> out = Urls(n);
-  for (int i = 0; i < n; ++i) {
-    if (post(i)) out[i].method = "POST";
-  }
-  return out;
-}
-
-// RESULTS numbered `seq` for `indices`, body "<prefix><index>" each.
-proto::Frames ResultsFor(const SessionId& sid, std::uint64_t seq, const std::vector<std::uint64_t>& indices,
-                         const std::string& prefix = "body") {
-  proto::Results r{sid, seq, {}};
-  for (auto i : indices) {
-    proto::WireResult wr;
-    wr.index = i;
-    wr.response.status = 200;
-    wr.response.body = prefix + std::to_string(i);
-    r.results.push_back(std::move(wr));
-  }
-  return proto::Encode(std::move(r));
-}
-
-void Peer::send_results(const SessionId& sid, const std::vector<std::uint64_t>& indices, const std::string& prefix) {
-  send(ResultsFor(sid, ++results_seq_, indices, prefix));
-}
+using Peer = RawPeer;
 
 // The order seq of a SESSION, DISPATCH or END_SESSION (§3.7.3); 0 for
 // anything else.
@@ -2183,24 +2083,14 @@ TEST_P(BrokerSpec, Clause_3_8_6_AMalformedRateReportMakesTheResultsMalformed) {
     testing::PackBin(pk, sid.raw());
     pk.pack(std::uint64_t{1});
   });
-  msgpack::sbuffer list;
-  testing::Packer pk(list);
-  pk.pack_array(1);
-  pk.pack_array(9);
-  pk.pack(std::uint64_t{0});
-  pk.pack(std::uint32_t{200});
-  pk.pack_array(0);
-  pk.pack(std::uint8_t{0});
-  testing::PackStr(pk, "");
-  pk.pack(std::uint32_t{1});
-  pk.pack(std::uint64_t{1});
-  testing::PackStr(pk, "w");
-  pk.pack_array(5);
-  pk.pack(std::uint8_t{9});
-  pk.pack(std::uint8_t{0});
-  pk.pack(std::uint32_t{0});
-  pk.pack_array(0);
-  pk.pack_array(0);
+  const std::string list = testing::OneResultWithReport(200, [](testing::Packer& pk) {
+    pk.pack_array(5);
+    pk.pack(std::uint8_t{9});
+    pk.pack(std::uint8_t{0});
+    pk.pack(std::uint32_t{0});
+    pk.pack_array(0);
+    pk.pack_array(0);
+  });
   frames.emplace_back(list.data(), list.size());
   frames.emplace_back("", 0);
   worker.send(std::move(frames));

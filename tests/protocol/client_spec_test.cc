@@ -28,23 +28,14 @@
 #include "raw_peer.h"
 #include "socket_monitor.h"
 #include "spec_util.h"
+#include "statements.h"
 #include "wait_for.h"
 
 namespace gatherer {
 namespace {
 namespace proto = protocol;
 using namespace std::chrono_literals;
-using Clock = std::chrono::steady_clock;
-using testing::CommandOf;
-using testing::Expand;
-using testing::Packer;
-using testing::WaitFor;
-
-std::vector<Statement> Urls(int n) {
-  std::vector<Statement> out;
-  for (int i = 0; i < n; ++i) out.push_back(Get("http://127.0.0.1:1/" + std::to_string(i)));
-  return out;
-}
+using namespace testing;
 
 std::vector<std::uint64_t> IndicesOf(const std::vector<proto::WireStatement>& statements) {
   std::vector<std::uint64_t> out;

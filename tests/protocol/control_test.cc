@@ -22,6 +22,7 @@
 #include "http_server.h"
 #include "process.h"
 #include "pty_process.h"
+#include "statements.h"
 #include "wait_for.h"
 
 namespace gatherer {
@@ -30,6 +31,8 @@ using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
 using nlohmann::json;
 using testing::DelayHandler;
+using testing::Delayed;
+using testing::ExpectAllBodies;
 using testing::HttpServer;
 using testing::Process;
 using testing::WaitFor;
@@ -99,20 +102,6 @@ class Cluster {
   std::vector<std::unique_ptr<Process>> workers;
   bool ready = false;
 };
-
-std::vector<Statement> Delayed(const HttpServer& server, int n, int delay_ms) {
-  std::vector<Statement> list;
-  for (int i = 0; i < n; ++i) list.push_back(Get(server.url("/d/" + std::to_string(i) + "/" + std::to_string(delay_ms))));
-  return list;
-}
-
-void ExpectAllBodies(const std::vector<Response>& responses, std::size_t n) {
-  ASSERT_EQ(responses.size(), n);
-  for (std::size_t i = 0; i < n; ++i) {
-    ASSERT_TRUE(responses[i].ok()) << i << ": " << responses[i].error->message;
-    ASSERT_EQ(responses[i].body, "body-" + std::to_string(i));
-  }
-}
 
 // §3.9: status, workers and sessions while a job runs, as JSON and as
 // aligned tables; done counts every statement once the job has ended.

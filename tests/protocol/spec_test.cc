@@ -21,10 +21,11 @@
 #include "gatherer/protocol.h"
 #include "gatherer/transport.h"
 #include "gatherer/worker.h"
+#include "frames.h"  // PrintTo(Command): gtest prints commands by name
+#include "handlers.h"
 #include "http_server.h"
 #include "raw_peer.h"
 #include "socket_monitor.h"
-#include "spec_util.h"  // PrintTo(Command): gtest prints commands by name
 #include "wait_for.h"
 
 namespace gatherer {
@@ -299,11 +300,7 @@ TEST_P(WorkerSpec, Clause_3_4_4_ReadyAgainOnNotFound) {
 // 3.4.5 "A worker that sends READY again SHALL first drop every session it
 // holds, as on END_SESSION."
 TEST_P(WorkerSpec, Clause_3_4_5_ReRegistrationDropsHeldSessions) {
-  testing::HttpServer server([](const testing::HttpRequest&) {
-    testing::HttpReply r;
-    r.delay = 5s;
-    return r;
-  });
+  testing::HttpServer server(testing::SlowHandler);
   expect_ready();
   const SessionId sid = NewSessionId();
   send_session(sid);
@@ -319,11 +316,7 @@ TEST_P(WorkerSpec, Clause_3_4_5_ReRegistrationDropsHeldSessions) {
 // 3.5.3 "On END_SESSION a worker SHALL abort the session's queued and
 // in-flight transfers without results and drop its shared session."
 TEST_P(WorkerSpec, Clause_3_5_3_EndSessionAbortsWithoutResults) {
-  testing::HttpServer server([](const testing::HttpRequest&) {
-    testing::HttpReply r;
-    r.delay = 5s;
-    return r;
-  });
+  testing::HttpServer server(testing::SlowHandler);
   expect_ready();
   const SessionId sid = NewSessionId();
   send_session(sid);

@@ -1,8 +1,8 @@
 #pragma once
-// Shared by the spec tests of tests/protocol: hand-written messages of the
-// current version (to say things the encoders never would), a temporary
-// ipc:// directory, a count of log lines, a count of the connections a bound
-// endpoint holds open, and readable gtest output for commands.
+// Shared by the spec tests of tests/protocol: a temporary ipc:// directory,
+// a count of log lines and a count of the connections a bound endpoint holds
+// open; hand-written messages and readable gtest output for commands come
+// with frames.h.
 //
 // Thread-safety: plain functions and values; an IpcDir belongs to one test.
 
@@ -27,56 +27,10 @@
 #include "gatherer/ids.h"
 #include "gatherer/log.h"
 #include "gatherer/protocol.h"
+#include "frames.h"
 #include "proc_net.h"
 
-namespace gatherer::protocol {
-
-// gtest prints a Command by name instead of as raw bytes.
-inline void PrintTo(Command command, std::ostream* os) { *os << CommandName(command); }
-
-}  // namespace gatherer::protocol
-
 namespace gatherer::testing {
-
-using Packer = msgpack::packer<msgpack::sbuffer>;
-
-// The command of a message, or nullopt for none (an empty result of a
-// receive that timed out) or a malformed one.
-inline std::optional<protocol::Command> CommandOf(const protocol::Frames& frames) {
-  auto c = protocol::PeekCommand(frames);
-  if (!c) return std::nullopt;
-  return *c;
-}
-
-// A message of `command` whose header is whatever `pack` writes.
-inline protocol::Frames Raw(protocol::Command command, const std::function<void(Packer&)>& pack) {
-  msgpack::sbuffer buf;
-  Packer pk(buf);
-  pack(pk);
-  protocol::Frames frames;
-  frames.emplace_back(protocol::kSignature.data(), protocol::kSignature.size());
-  const auto byte = static_cast<std::uint8_t>(command);
-  frames.emplace_back(&byte, 1);
-  frames.emplace_back(buf.data(), buf.size());
-  return frames;
-}
-
-inline void PackBin(Packer& pk, std::string_view bytes) {
-  pk.pack_bin(static_cast<std::uint32_t>(bytes.size()));
-  pk.pack_bin_body(bytes.data(), static_cast<std::uint32_t>(bytes.size()));
-}
-
-inline void PackStr(Packer& pk, std::string_view text) {
-  pk.pack_str(static_cast<std::uint32_t>(text.size()));
-  pk.pack_str_body(text.data(), static_cast<std::uint32_t>(text.size()));
-}
-
-// Appends bytes to a message's header frame (a second msgpack value, say).
-inline void AppendToHeader(protocol::Frames& frames, std::string_view bytes) {
-  std::string header(static_cast<const char*>(frames[2].data()), frames[2].size());
-  header += bytes;
-  frames[2] = zmq::message_t(header.data(), header.size());
-}
 
 // Counts the lines Gatherer logs that contain `needle`, for the one clause
 // that prescribes logging (2.4: malformed messages are logged, rate-limited).

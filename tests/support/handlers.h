@@ -23,4 +23,12 @@ inline HttpReply DelayHandler(const HttpRequest& req) {
   return r;
 }
 
+// Any request: 200 after 5 s, longer than a test waits for it. Keeps
+// transfers in flight while a test acts on them.
+inline HttpReply SlowHandler(const HttpRequest&) {
+  HttpReply r;
+  r.delay = std::chrono::seconds(5);
+  return r;
+}
+
 }  // namespace gatherer::testing

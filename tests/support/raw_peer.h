@@ -1,12 +1,15 @@
 #pragma once
-// Helpers for tests whose fake broker is a raw ZeroMQ ROUTER speaking GTR/2
-// frame by frame (tests/protocol/client_spec_test.cc, spec_test.cc,
+// Raw ZeroMQ peers speaking GTR/2 frame by frame. RawPeer is a DEALER
+// playing a client or a worker against a real broker (broker/src/broker_test.cc,
+// tests/protocol/broker_spec_test.cc). The functions serve tests whose fake
+// broker is a raw ROUTER (tests/protocol/client_spec_test.cc, spec_test.cc,
 // tests/fault/chaos_test.cc): configure and (re)bind the ROUTER as the real
-// broker does, receive one routed message, copy frames, expand index ranges.
+// broker does, receive one routed message, expand index ranges.
 //
-// Thread-safety: plain functions; a socket passed in must be owned by the
+// Thread-safety: a RawPeer, and a socket passed in, must be owned by the
 // calling thread (ZeroMQ sockets are not thread-safe).
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdint>
@@ -21,9 +24,110 @@
 
 #include "gatherer/protocol.h"
 #include "gatherer/transport.h"
+#include "frames.h"
 #include "socket_monitor.h"
 
 namespace gatherer::testing {
+
+// A raw DEALER playing a client or a worker. Owned by the test thread. A
+// worker's RESULTS are numbered as GTR/2 asks (PROTOCOL.md §3.7.1); recv()
+// skips the broker's ACKs and HEARTBEATs, recv_any() and recv_ack() read
+// them where a test is about them.
+class RawPeer {
+ public:
+  // `routing_id` empty: ZeroMQ picks one. `reconnect` false: a connection
+  // the broker drops stays dropped (ZMQ_RECONNECT_IVL -1), as a dead one
+  // would.
+  RawPeer(zmq::context_t& ctx, const std::string& endpoint, const std::string& routing_id = {}, bool reconnect = true)
+      : socket_(ctx, zmq::socket_type::dealer) {
+    socket_.set(zmq::sockopt::linger, 0);
+    if (!routing_id.empty()) socket_.set(zmq::sockopt::routing_id, routing_id);
+    if (!reconnect) socket_.set(zmq::sockopt::reconnect_ivl, -1);
+    socket_.connect(endpoint);
+  }
+  // Through the transport's send, which tells ThreadSanitizer that the frames
+  // are handed to ZeroMQ's I/O thread (libzmq is not instrumented). A worker
+  // numbers its RESULTS from 1 again after each READY (§3.7.1).
+  void send(protocol::Frames&& frames) {
+    if (CommandOf(frames) == protocol::Command::kReady) results_seq_ = 0;
+    protocol::SendMessage(socket_, {}, frames, /*block=*/true);
+  }
+  // RESULTS for `indices` with this worker's next seq, body "<prefix><index>".
+  void send_results(const SessionId& sid, const std::vector<std::uint64_t>& indices,
+                    const std::string& prefix = "body") {
+    send(ResultsFor(sid, ++results_seq_, indices, prefix));
+  }
+  std::uint64_t results_seq() const { return results_seq_; }
+  // A live worker heartbeats while it waits (§3.4.3): with `on`, recv()
+  // sends HEARTBEAT every 50 ms while it waits.
+  void set_heartbeat(bool on) { heartbeat_ = on; }
+  // How long recv() waits when not told.
+  void set_recv_timeout(std::chrono::milliseconds timeout) { recv_timeout_ = timeout; }
+  // Next message within `timeout`, HEARTBEAT and ACK included; empty if none came.
+  protocol::Frames recv_any(std::chrono::milliseconds timeout = std::chrono::seconds(5)) {
+    zmq::pollitem_t item{socket_.handle(), 0, ZMQ_POLLIN, 0};
+    zmq::poll(&item, 1, timeout);
+    protocol::Frames frames;
+    (void)zmq::recv_multipart(socket_, std::back_inserter(frames), zmq::recv_flags::dontwait);
+    return frames;
+  }
+  // Next message other than HEARTBEAT and ACK (the broker's beats, its
+  // answer to READY and its acknowledgements of a worker's RESULTS, §3.4.1,
+  // §3.7.2) within `timeout`; empty if none came.
+  protocol::Frames recv(std::chrono::milliseconds timeout) {
+    using std::chrono::milliseconds;
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    for (;;) {
+      const auto left = std::chrono::duration_cast<milliseconds>(deadline - std::chrono::steady_clock::now());
+      if (left <= milliseconds(0)) return {};
+      if (heartbeat_) send(protocol::EncodeHeartbeat());
+      protocol::Frames frames = recv_any(heartbeat_ ? std::min(left, milliseconds(50)) : left);
+      const auto c = CommandOf(frames);
+      if (!frames.empty() && c != protocol::Command::kHeartbeat && c != protocol::Command::kAck) return frames;
+    }
+  }
+  protocol::Frames recv() { return recv(recv_timeout_); }
+  // The value of the next ACK within `timeout` (HEARTBEATs skipped), or
+  // nullopt if another message or none came.
+  std::optional<std::uint64_t> recv_ack(std::chrono::milliseconds timeout = std::chrono::seconds(5)) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    for (;;) {
+      const auto left =
+          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+      if (left <= std::chrono::milliseconds(0)) return std::nullopt;
+      protocol::Frames frames = recv_any(left);
+      if (CommandOf(frames) == protocol::Command::kHeartbeat) continue;
+      if (CommandOf(frames) != protocol::Command::kAck) return std::nullopt;
+      auto ack = protocol::DecodeAck(frames);
+      if (!ack || ack->session) return std::nullopt;  // to a worker: [ack] (§3.5)
+      return ack->seq;
+    }
+  }
+  // Waits for the broker's answer to READY, HEARTBEAT [0] (§3.4.1); ACKs of
+  // what it sent before are skipped. False if something else or nothing came.
+  bool await_ready_answer(std::chrono::milliseconds timeout = std::chrono::seconds(5)) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    for (;;) {
+      const auto left =
+          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+      if (left <= std::chrono::milliseconds(0)) return false;
+      protocol::Frames frames = recv_any(left);
+      if (frames.empty()) continue;
+      const auto c = CommandOf(frames);
+      if (c == protocol::Command::kAck) continue;
+      if (c != protocol::Command::kHeartbeat) return false;
+      auto beat = protocol::DecodeBrokerHeartbeat(frames);
+      return beat && !beat->session && beat->seq == 0;
+    }
+  }
+  zmq::socket_t& socket() { return socket_; }
+
+ private:
+  zmq::socket_t socket_;
+  bool heartbeat_ = false;
+  std::chrono::milliseconds recv_timeout_ = std::chrono::seconds(5);
+  std::uint64_t results_seq_ = 0;
+};
 
 // One message as the fake broker's ROUTER receives it.
 struct Routed {

@@ -1,11 +1,14 @@
 #pragma once
 // WaitFor: poll a condition until it holds or a deadline passes. Tests use it
-// instead of sleeping to synchronise.
+// instead of sleeping to synchronise. Clock: the clock they time things on.
 
 #include <chrono>
 #include <thread>
 
 namespace gatherer::testing {
+
+// What tests measure deadlines and elapsed times on.
+using Clock = std::chrono::steady_clock;
 
 // True as soon as pred() is true; false if it is still false after `timeout`.
 template <typename Pred>

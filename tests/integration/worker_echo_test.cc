@@ -1,30 +1,24 @@
-// Worker tests with a real Broker and Gatherer over tcp.
-#include "gatherer/worker.h"
-
+// A whole pipeline in one process (LocalCluster: broker and worker
+// in-process, a Gatherer over tcp) with the worker in echo mode. Here rather
+// than among the worker's unit tests, which link the worker alone.
 #include <gtest/gtest.h>
 
-#include "gatherer/broker.h"
 #include "gatherer/gatherer.h"
-#include "wait_for.h"
+#include "local_cluster.h"
 
 namespace gatherer {
 namespace {
-using namespace std::chrono_literals;
 
 // WorkerOptions::echo answers without HTTP: the URLs point nowhere, and
 // every statement still gets an empty 200, in order, exactly once.
 TEST(WorkerTest, EchoModeAnswersWithoutHttp) {
-  BrokerOptions bo;
-  bo.endpoints = {"tcp://127.0.0.1:*"};
-  Broker broker(bo);
-  ASSERT_TRUE(broker.start().ok());
+  testing::LocalCluster cluster;
   WorkerOptions wo;
-  wo.broker = broker.endpoints()[0];
   wo.echo = true;
   wo.io_threads = 1;
-  Worker worker(wo);
-  ASSERT_TRUE(worker.start().ok());
-  Gatherer g({.broker = broker.endpoints()[0], .workers = 100, .log_level = 40});
+  ASSERT_TRUE(cluster.start(1, wo));
+  Worker& worker = cluster.worker(0);
+  Gatherer g({.broker = cluster.endpoint(), .workers = 100, .log_level = 40});
   for (int i = 0; i < 5000; ++i) g.statements.push_back(Get("http://127.0.0.1:9/never/" + std::to_string(i)));
   const auto& r = g.gather();
   ASSERT_EQ(r.size(), 5000u);
