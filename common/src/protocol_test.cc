@@ -734,7 +734,7 @@ TEST(ProtocolTest, Clause_3_9_7_StatusReportRateKeysRoundTripAndAreOptional) {
   EXPECT_EQ(count_elements(f), 13u);
   EXPECT_TRUE(Must(DecodeStatusReport(Encode(none))).rate_keys.empty());
 
-  auto nil_keys = WithHeader(Command::kStatusReport, [](auto& pk) {
+  auto nil_keys = testing::Raw(Command::kStatusReport, [](auto& pk) {
     pk.pack_array(13);
     pk.pack(std::string("v"));
     for (int i = 0; i < 11; ++i) pk.pack(i);
@@ -745,7 +745,7 @@ TEST(ProtocolTest, Clause_3_9_7_StatusReportRateKeysRoundTripAndAreOptional) {
   EXPECT_EQ(r.rate_1m_milli, 10u);
 
   // Trailing elements beyond the 13th are ignored (§2.5).
-  auto longer = WithHeader(Command::kStatusReport, [](auto& pk) {
+  auto longer = testing::Raw(Command::kStatusReport, [](auto& pk) {
     pk.pack_array(14);
     pk.pack(std::string("v"));
     for (int i = 0; i < 11; ++i) pk.pack(i);
@@ -769,7 +769,7 @@ TEST(ProtocolTest, Clause_3_9_7_StatusReportRateKeysRoundTripAndAreOptional) {
 // §3.9.7, §2.4: a rate key row of the wrong shape makes the report malformed.
 TEST(ProtocolTest, Clause_3_9_7_MalformedStatusRateKeysAreRejected) {
   const auto report = [](const std::function<void(msgpack::packer<msgpack::sbuffer>&)>& keys) {
-    return WithHeader(Command::kStatusReport, [&](auto& pk) {
+    return testing::Raw(Command::kStatusReport, [&](auto& pk) {
       pk.pack_array(13);
       pk.pack(std::string("v"));
       for (int i = 0; i < 11; ++i) pk.pack(i);
