@@ -18,6 +18,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "http_get.h"
 #include "free_port.h"
 #include "gatherer/gatherer.h"
 #include "http_server.h"
@@ -32,30 +33,12 @@ using testing::HttpReply;
 using testing::HttpRequest;
 using testing::HttpServer;
 using testing::Process;
+using testing::HttpGet;
 using testing::WaitFor;
 
 const std::string kBin = GATHERER_BIN_DIR;
 constexpr const char* kPrometheus = "/usr/bin/prometheus";
 constexpr const char* kPromtool = "/usr/bin/promtool";
-
-// GET `url` with libcurl; "" on any failure.
-std::string HttpGet(const std::string& url) {
-  std::string body;
-  CURL* easy = curl_easy_init();
-  if (!easy) return body;
-  curl_easy_setopt(easy, CURLOPT_URL, url.c_str());
-  curl_easy_setopt(easy, CURLOPT_TIMEOUT_MS, 2000L);
-  curl_easy_setopt(easy, CURLOPT_WRITEFUNCTION, +[](char* p, size_t size, size_t n, void* out) {
-    static_cast<std::string*>(out)->append(p, size * n);
-    return size * n;
-  });
-  curl_easy_setopt(easy, CURLOPT_WRITEDATA, &body);
-  long status = 0;
-  if (curl_easy_perform(easy) != CURLE_OK) body.clear();
-  curl_easy_getinfo(easy, CURLINFO_RESPONSE_CODE, &status);
-  curl_easy_cleanup(easy);
-  return status == 200 ? body : std::string();
-}
 
 std::string UrlEncode(const std::string& s) {
   std::string out;

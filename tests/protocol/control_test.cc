@@ -16,6 +16,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "http_get.h"
 #include "free_port.h"
 #include "gatherer/gatherer.h"
 #include "handlers.h"
@@ -35,6 +36,7 @@ using testing::Delayed;
 using testing::ExpectAllBodies;
 using testing::HttpServer;
 using testing::Process;
+using testing::HttpGet;
 using testing::WaitFor;
 
 const std::string kBin = GATHERER_BIN_DIR;
@@ -287,25 +289,6 @@ TEST(ControlTest, Clause_3_9_6_ShutdownAndABrokerThatDoesNotAnswer) {
   EXPECT_EQ(gone.exit, 1);
   EXPECT_TRUE(gone.out.empty());
   EXPECT_LT(Clock::now() - start, 3s);
-}
-
-// GET `url` with libcurl; "" on any failure or a status other than 200.
-std::string HttpGet(const std::string& url) {
-  std::string body;
-  CURL* easy = curl_easy_init();
-  if (!easy) return body;
-  curl_easy_setopt(easy, CURLOPT_URL, url.c_str());
-  curl_easy_setopt(easy, CURLOPT_TIMEOUT_MS, 2000L);
-  curl_easy_setopt(easy, CURLOPT_WRITEFUNCTION, +[](char* p, size_t size, size_t n, void* out) {
-    static_cast<std::string*>(out)->append(p, size * n);
-    return size * n;
-  });
-  curl_easy_setopt(easy, CURLOPT_WRITEDATA, &body);
-  long status = 0;
-  if (curl_easy_perform(easy) != CURLE_OK) body.clear();
-  curl_easy_getinfo(easy, CURLINFO_RESPONSE_CODE, &status);
-  curl_easy_cleanup(easy);
-  return status == 200 ? body : std::string();
 }
 
 // The row of rate key `key` in `gatherer-ctl --json status`; null when not listed.
