@@ -6,7 +6,7 @@
 // (broker_core_test.cc), and gatherer::Broker is a thin shell around it: a
 // ROUTER socket, a loop thread, a wake descriptor (broker.cc).
 //
-// Its functions live in the files of their concern (docs/architecture.md §3):
+// Its functions live in the files of their concern (docs/architecture.md §4):
 //   broker.cc      routing by command, heartbeats and expiries, the shell;
 //   scheduling.cc  sessions, their queues, rate limits and credit-based
 //                  dispatch (PROTOCOL.md §3.8, §4.2), delivery to clients;
