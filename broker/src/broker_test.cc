@@ -284,9 +284,12 @@ TEST_P(BrokerTest, ResultsFromUnknownWorkerAskForReady) {
 TEST_P(BrokerTest, DeadWorkerStatementsAreRedispatched) {
   start_broker(3);
   Peer client(ctx_, endpoint_);
+  // The session first: the worker that will die must be alive (it does not
+  // heartbeat) from its READY until it takes the work, however slow the
+  // machine between the two.
+  SessionId sid = open(client, 10);
   auto dead = std::make_unique<Peer>(ctx_, endpoint_);
   ready(*dead, 100);
-  SessionId sid = open(client, 10);
   client.send(proto::EncodeSubmit(sid, 0, Urls(4)));
   ASSERT_EQ(take(*dead).size(), 4u);
   dead.reset();  // silent from now on
@@ -304,9 +307,9 @@ TEST_P(BrokerTest, DeadWorkerStatementsAreRedispatched) {
 TEST_P(BrokerTest, DeadWorkerNonIdempotentStatementsFailAsOutcomeUnknown) {
   start_broker(3);
   Peer client(ctx_, endpoint_);
+  SessionId sid = open(client, 10);  // first, as above
   auto dead = std::make_unique<Peer>(ctx_, endpoint_);
   ready(*dead, 100);
-  SessionId sid = open(client, 10);
   auto statements = Mixed(4, [](int i) { return i % 2 == 1; });
   statements[3].idempotent = true;
   client.send(proto::EncodeSubmit(sid, 0, statements));
