@@ -1476,9 +1476,11 @@ TEST_P(BrokerSpec, Clause_3_6_4_SyncedDoesNotListQuarantinedStatements) {
     o.heartbeat_liveness = 3;
   });
   Peer client(ctx_, endpoint_);
+  // The session first, so that the worker's silence starts at its READY,
+  // right before the work it must take.
+  const SessionId sid = open(client, 10);
   auto worker = std::make_unique<Peer>(ctx_, endpoint_);
   ready(*worker, 10);
-  const SessionId sid = open(client, 10);
   client.send(proto::EncodeSubmit(sid, 0, Urls(2)));
   ASSERT_EQ(expect_session_and_dispatch(*worker, sid, 2), (std::vector<std::uint64_t>{0, 1}));
   worker.reset();  // silent: presumed dead after 3 periods
@@ -1976,9 +1978,9 @@ TEST_P(BrokerSpec, Clause_3_8_3_QuarantineRerunsAreGranted) {
     o.heartbeat_liveness = 4;  // the raw workers do not heartbeat
   });
   Peer client(ctx_, endpoint_);
+  const SessionId sid = OpenWith(client, Limited("2:1"));  // first, as in §3.6.4's test
   auto dead = std::make_unique<Peer>(ctx_, endpoint_);
   ready(*dead, 10);
-  const SessionId sid = OpenWith(client, Limited("2:1"));
   client.send(proto::EncodeSubmit(sid, 0, Urls(2)));
   ASSERT_EQ(expect_session_and_dispatch(*dead, sid, 2), (std::vector<std::uint64_t>{0, 1}));
   dead.reset();  // silent: presumed dead after 3 periods, its two leases quarantined
