@@ -188,19 +188,32 @@ TEST_F(BrokerCoreTest, SessionTtlExpiresOnlySilentClients) {
   EXPECT_EQ(error->code, StatusCode::kNotFound) << "an expired session is forgotten";
 }
 
-// §3.8.3: grants are paced over the window. 5 per second: 20 statements
-// take about 4 simulated seconds, never six within one second.
-TEST_F(BrokerCoreTest, RateLimitedGrantsArePacedInSimulatedTime) {
+// §3.8.3: grants are paced over the window, and a host's key is shared by
+// every session. 5 per second, two sessions of 10: the 20 statements take
+// about 4 simulated seconds, never six within one second, both sessions
+// served throughout.
+TEST_F(BrokerCoreTest, RateLimitedGrantsArePacedAndSharedInSimulatedTime) {
   ready("w", 100);
   SessionSettings s;
   s.rate_limits = {*ParseRateRule("5:1")};
-  const SessionId sid = open("c", 100, s);
-  from("c", proto::EncodeSubmit(sid, 0, Urls(20)));
+  const SessionId sa = open("a", 100, s);
+  const SessionId sb = open("b", 100, s);
+  from("a", proto::EncodeSubmit(sa, 0, Urls(10)));
+  from("b", proto::EncodeSubmit(sb, 0, Urls(10)));
   std::vector<Clock::time_point> grants;
+  std::size_t in_first_half[2] = {0, 0};
   for (int step = 0; step < 10'000 && grants.size() < 20; ++step) {
-    for (auto i : dispatched("w")) {
-      grants.push_back(now_);
-      results("w", sid, {i});
+    for (auto& f : record_.take("w")) {
+      if (proto::PeekCommand(std::span<const zmq::message_t>(f)).value_or(proto::Command::kError) !=
+          proto::Command::kDispatch) {
+        continue;
+      }
+      const auto m = proto::DecodeStatements(f);
+      for (const auto& ws : m->statements) {
+        if (grants.size() < 10) ++in_first_half[m->session == sa ? 0 : 1];
+        grants.push_back(now_);
+        results("w", m->session, {ws.index});
+      }
     }
     // The broker asks to be woken at the next grant; time jumps there.
     now_ = std::max(now_ + 1ms, core_->next_due());
@@ -211,6 +224,8 @@ TEST_F(BrokerCoreTest, RateLimitedGrantsArePacedInSimulatedTime) {
     EXPECT_GT(grants[i] - grants[i - 5], 1s) << "six grants within one window";
   }
   EXPECT_LT(grants.back() - grants.front(), 4500ms) << "the allowance was not used";
+  EXPECT_GE(in_first_half[0], 3u) << "session a waited on b";
+  EXPECT_GE(in_first_half[1], 3u) << "session b waited on a";
 }
 
 }  // namespace

@@ -104,7 +104,8 @@ struct BrokerCore {
     // Rate limits (§3.8); null for a session without any, which routes as
     // if they did not exist.
     std::unique_ptr<broker::SessionRate> rate;
-    bool rate_waiting = false;  // in Impl::rate_waiting
+    bool rate_waiting = false;  // in rate_waiting
+    Clock::time_point last_grant{};  // of a rate key (§3.8): turns between sessions
     broker_ops::SessionFigures figures;  // for operators (§3.9)
   };
 
@@ -179,6 +180,7 @@ struct BrokerCore {
   // and the earliest of their wake times.
   std::vector<std::pair<Clock::time_point, SessionId>> rate_waiting;
   Clock::time_point rate_wake = broker::kNever;
+  std::vector<SessionState*> woken_scratch;  // wake_rate_waiting's, kept for its capacity
 
   BrokerCore(BrokerOptions o, Outbound& outbound, std::function<Clock::time_point()> time = &Clock::now)
       : options(std::move(o)), out(outbound), clock(std::move(time)) {

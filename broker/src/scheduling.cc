@@ -23,7 +23,9 @@ void BrokerCore::open_rate(SessionState& s) {
 // on a key, the session sleeps until that key allows it.
 std::size_t BrokerCore::take_limited(SessionState& s, std::size_t n, std::vector<proto::WireStatement>& out) {
   const std::size_t before = out.size();
-  wake_at(s, s.rate->take(s.pending, n, now(), out));
+  const auto at = now();
+  wake_at(s, s.rate->take(s.pending, n, at, out));
+  if (out.size() > before) s.last_grant = at;
   return out.size() - before;
 }
 
@@ -55,9 +57,15 @@ void BrokerCore::wake_rate_waiting() {
       return false;
     }
     it->second.rate_waiting = false;
-    mark_ready(it->second);
+    woken_scratch.push_back(&it->second);
     return true;
   });
+  // Sessions sharing a key take turns: the one granted longest ago goes
+  // first, or the first woken would win the key every time.
+  std::sort(woken_scratch.begin(), woken_scratch.end(),
+            [](const SessionState* a, const SessionState* b) { return a->last_grant < b->last_grant; });
+  for (SessionState* s : woken_scratch) mark_ready(*s);
+  woken_scratch.clear();
 }
 
 // Credit-based, round-robin across sessions (PROTOCOL.md §4.2): each pass

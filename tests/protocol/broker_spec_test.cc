@@ -1943,11 +1943,12 @@ TEST_P(BrokerSpec, Clause_3_8_1_SessionCarriesTheRulesBrokerDefaultsIncluded) {
 // (W + margin) / count apart ... Keys are shared by every session."
 // Two sessions on one host, 5 per 0.5 s declared: the 8 statements leave
 // one by one, about 100 ms apart, whichever session they belong to. The times
-// are those of arrival at the worker; on a loaded machine one DISPATCH can be
-// delivered late and land close to the next, so the test asserts what pacing
-// and sharing guarantee even then: the typical gap is a pacing step, and no
-// 400 ms holds six grants (unshared keys would send two at a time, an unpaced
-// one five at once).
+// are those of arrival at the worker; under a sanitizer on a loaded machine a
+// few DISPATCHes can be held up and arrive together, so this test asserts
+// what survives that: the typical (median) gap is a pacing step, where
+// unshared keys would send two at a time and an unpaced one five at once.
+// The exact window, on the broker's own clock, is BrokerCoreTest's
+// RateLimitedGrantsArePacedAndSharedInSimulatedTime.
 TEST_P(BrokerSpec, Clause_3_8_3_GrantsArePacedAndSharedAcrossSessions) {
   start();
   Peer a(ctx_, endpoint_), b(ctx_, endpoint_), worker(ctx_, endpoint_);
@@ -1962,9 +1963,6 @@ TEST_P(BrokerSpec, Clause_3_8_3_GrantsArePacedAndSharedAcrossSessions) {
   for (std::size_t i = 1; i < got.size(); ++i) gaps.push_back(got[i].second - got[i - 1].second);
   std::nth_element(gaps.begin(), gaps.begin() + gaps.size() / 2, gaps.end());
   EXPECT_GE(gaps[gaps.size() / 2], 95ms) << "the median gap between grants is shorter than a pacing step";
-  for (std::size_t i = 0; i + 5 < got.size(); ++i) {
-    EXPECT_GE(got[i + 5].second - got[i].second, 400ms) << "grants " << i << " to " << i + 5 << " too close";
-  }
 }
 
 // 3.8.3 "a statement run again ... in quarantine (§4.5) SHALL be granted
