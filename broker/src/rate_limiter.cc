@@ -292,20 +292,18 @@ RateTime SessionRate::take(std::deque<protocol::WireStatement>& pending, std::si
 bool SessionRate::learn(protocol::WireStatement& ws, const RateReport& report, RateTime now) {
   Keys keys;
   const bool keyed = keys_of(ws.statement, keys);
+  RateLimiter::Key* method = keyed ? keys.method() : nullptr;
+  if (keyed && !report.app.empty()) limiter_->declare(keys.host(), report.app);
+  if (!report.method.empty() && method != nullptr) limiter_->declare(method, report.method);
   if (report.retry) {
     // A 5xx or a broken connection, handed back with the worker's backoff:
     // the next attempt is granted against the keys like the first.
-    if (keyed && !report.app.empty()) limiter_->declare(keys.host(), report.app);
-    if (keyed && !report.method.empty() && keys.method() != nullptr) limiter_->declare(keys.method(), report.method);
     if (ws.attempts + 1 >= max_attempts_) return false;  // the worker should have kept it: forwarded
     ++ws.attempts;
     not_before_[ws.index] = now + milliseconds(report.retry_after_ms);
     return true;
   }
   if (!keyed) return false;
-  if (!report.app.empty()) limiter_->declare(keys.host(), report.app);
-  RateLimiter::Key* method = keys.method();
-  if (!report.method.empty() && method != nullptr) limiter_->declare(method, report.method);
   if (!report.throttled) {
     // A reset with nothing remaining, without a 429, pauses the host.
     if (report.retry_after_ms > 0) limiter_->pause(keys.host(), now + milliseconds(report.retry_after_ms));
