@@ -1,4 +1,5 @@
 #include "broker_impl.h"
+#include "gatherer/event_loop.h"
 
 namespace gatherer {
 
@@ -189,30 +190,16 @@ struct Broker::Impl final : Outbound {
 
 void Broker::Impl::run() {
   core.next_heartbeat = core.now() + core.options.heartbeat_interval;
-  zmq::pollitem_t items[] = {{router->handle(), 0, ZMQ_POLLIN, 0}, {nullptr, wake->fd(), ZMQ_POLLIN, 0}};
+  PollSet poll;
+  const std::size_t from_peers = poll.add(*router);
+  poll.add(*wake);  // drain() and stop(): drained by the poll step
   std::vector<zmq::message_t> frames;
   while (!stopping.load(std::memory_order_acquire)) {
     // Up to the next heartbeat, or the next time a rate key allows a waiting
-    // statement (rounded up: the key allows it then, not a moment before).
-    const auto wait = std::chrono::ceil<std::chrono::milliseconds>(core.next_due() - core.now());
-    try {
-      zmq::poll(items, 2, std::max(wait, std::chrono::milliseconds(0)));
-    } catch (const zmq::error_t& e) {
-      if (e.num() == ETERM) break;
-      if (e.num() != EINTR) core.log().error("broker: poll failed: {}", e.what());
-      continue;
-    }
-    // drain() and stop() signal the wake descriptor: consume it, or every
-    // later poll returns at once and the loop spins.
-    if (items[1].revents & ZMQ_POLLIN) wake->drain();
-    if (items[0].revents & ZMQ_POLLIN) {
-      // Drain a bounded number per wake so heartbeats are never starved.
-      try {
-        for (int i = 0; i < 4096 && proto::ReceiveMessage(*router, frames); ++i) core.handle(frames);
-      } catch (const zmq::error_t&) {
-        return;  // context terminated
-      }
-    }
+    // statement (the shell gives the core the steady clock).
+    if (!poll.wait_until(core.next_due())) break;
+    // A bounded number per pass, so heartbeats are never starved.
+    if (poll.ready(from_peers) && !ReceiveBatch(*router, frames, 4096, [&](auto& f) { core.handle(f); })) return;
     core.pass();
   }
 }

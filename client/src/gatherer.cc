@@ -7,6 +7,7 @@
 
 #include "embedded.h"
 #include "gatherer/curve.h"
+#include "gatherer/event_loop.h"
 #include "gatherer/ids.h"
 #include "gatherer/log.h"
 #include "gatherer/protocol.h"
@@ -198,16 +199,14 @@ void Gatherer::Impl::close_session() {
     const auto deadline = Clock::now() + wait;
     const auto silent_deadline = Clock::now() + std::chrono::seconds(1);
     std::vector<zmq::message_t> frames;
-    zmq::pollitem_t item{dealer->handle(), 0, ZMQ_POLLIN, 0};
+    PollSet poll;
+    poll.add(*dealer);
     while (Clock::now() < deadline) {
       if (!heard_once && Clock::now() >= silent_deadline) {
         log().debug("gatherer: broker {} never answered; not waiting to close session {}", endpoint, session_text);
         return;
       }
-      const auto until = heard_once ? deadline : std::min(deadline, silent_deadline);
-      zmq::poll(&item, 1,
-                std::max(std::chrono::milliseconds(0),
-                         std::chrono::ceil<std::chrono::milliseconds>(until - Clock::now())));
+      if (!poll.wait_until(heard_once ? deadline : std::min(deadline, silent_deadline))) return;
       while (recv(frames)) {
         auto c = proto::PeekCommand(frames);
         if (!c) {
@@ -318,6 +317,9 @@ struct Stream::Run {
   std::uint64_t low = 0;          // lowest position not yet done
   proto::Frames frames;
   std::chrono::steady_clock::time_point next_heartbeat;
+  // The broker's messages, cancel() and the link's events (built by start()).
+  PollSet poll;
+  std::size_t link_events = 0;
 
   Run(Gatherer::Impl& impl, Order o) : m(impl), order(o) {}
 
@@ -369,6 +371,9 @@ void Stream::Run::start(std::size_t span_positions) {
   // or this run's every poll would return at once (a spinning loop).
   m.cancel_requested.store(false, std::memory_order_release);
   m.cancel_fd.drain();
+  poll.add(*m.dealer);
+  poll.add(m.cancel_fd);
+  link_events = poll.add(m.watch->events());
 }
 
 void Stream::Run::fail(const std::string& what, std::int64_t index, StatusCode code) {
@@ -596,25 +601,21 @@ bool Stream::Run::lost_a_submit(std::uint64_t broker_next) const {
 // takes in every message waiting.
 void Stream::Run::pump() {
   top_up();
-  zmq::pollitem_t items[] = {{m.dealer->handle(), 0, ZMQ_POLLIN, 0},
-                             {nullptr, m.cancel_fd.fd(), ZMQ_POLLIN, 0},
-                             {m.watch->events().handle(), 0, ZMQ_POLLIN, 0}};
-  const auto wait = std::max(std::chrono::milliseconds(0),
-                             std::chrono::ceil<std::chrono::milliseconds>(next_heartbeat - Clock::now()));
-  int ready_now = 0;
+  bool ready = false;
   if (on_wait) {
     // Only when it would really block: the reader's chance to flush output.
-    ready_now = zmq::poll(items, 3, std::chrono::milliseconds(0));
-    if (ready_now == 0) on_wait();
+    ready = poll.poll_now() && poll.any_ready();
+    if (!ready) on_wait();
   }
-  if (ready_now == 0) zmq::poll(items, 3, wait);
+  if (!ready && !poll.wait_until(next_heartbeat)) {
+    fail("the client's ZeroMQ context was terminated", -1, StatusCode::kCancelled);
+  }
   if (m.cancel_requested.exchange(false, std::memory_order_acq_rel)) {
-    m.cancel_fd.drain();
     m.log().info("gatherer: session {} cancelled by the caller", m.session_text);
     fail("gather cancelled", -1, StatusCode::kCancelled);
   }
   // §3.6: a new connection: what was in flight on the old one may be lost.
-  if ((items[2].revents & ZMQ_POLLIN) && m.watch->reconnected()) sync("reconnected");
+  if (poll.ready(link_events) && m.watch->reconnected()) sync("reconnected");
   // A refused handshake is not a flaky link: waiting out the broker timeout
   // would only hide it (PROTOCOL.md §1.7).
   if (!m.watch->refused().empty()) {

@@ -11,6 +11,7 @@
 #include <tbb/concurrent_queue.h>
 
 #include "fetcher.h"
+#include "gatherer/event_loop.h"
 #include "gatherer/log.h"
 #include "gatherer/protocol.h"
 #include "gatherer/transport.h"
@@ -314,11 +315,11 @@ void Worker::Impl::echo(const SessionId& session, const std::vector<proto::WireS
 }
 
 void Worker::Impl::flush_results() {
-  // Order matters: consume the eventfd first, then clear the flag, then
-  // drain. Clearing first would let an I/O thread's wake-up land in the
-  // eventfd we are about to consume while the flag stays set, and every
-  // later batch would then skip its write: results stranded, session stalled.
-  wake_fd->drain();
+  // Order matters: the eventfd is consumed first (the poll step did), then
+  // the flag cleared, then the queue drained. Clearing first would let an I/O
+  // thread's wake-up land in the eventfd about to be consumed while the flag
+  // stays set, and every later batch would then skip its write: results
+  // stranded, session stalled.
   wake_pending.exchange(false, std::memory_order_acq_rel);
   ResultBatch batch;
   while (done.try_pop(batch)) {
@@ -362,33 +363,20 @@ void Worker::Impl::run() {
   register_with_broker(/*resend_unacked=*/false);
   last_heard = Clock::now();
   next_heartbeat = last_heard + options.heartbeat_interval;
-  zmq::pollitem_t items[] = {{dealer->handle(), 0, ZMQ_POLLIN, 0},
-                             {nullptr, wake_fd->fd(), ZMQ_POLLIN, 0},
-                             {watch->events().handle(), 0, ZMQ_POLLIN, 0}};
+  PollSet poll;
+  const std::size_t from_broker = poll.add(*dealer);
+  const std::size_t results_ready = poll.add(*wake_fd);
+  const std::size_t link_events = poll.add(watch->events());
   std::vector<zmq::message_t> frames;
   while (!stopping.load(std::memory_order_acquire)) {
     auto until = next_heartbeat;
     if (draining) until = std::min(until, drain_deadline);
-    // Rounded up: a deadline a fraction of a millisecond away is waited for
-    // (poll counts whole milliseconds), not spun on with zero timeouts.
-    const auto wait = std::chrono::ceil<std::chrono::milliseconds>(until - Clock::now());
-    try {
-      zmq::poll(items, 3, std::max(wait, std::chrono::milliseconds(0)));
-    } catch (const zmq::error_t& e) {
-      if (e.num() == ETERM) break;
-      continue;
-    }
-    if (items[0].revents & ZMQ_POLLIN) {
-      try {
-        for (int i = 0; i < 1024 && proto::ReceiveMessage(*dealer, frames); ++i) handle(frames);
-      } catch (const zmq::error_t&) {
-        return;  // context terminated
-      }
-    }
-    if (items[1].revents & ZMQ_POLLIN) flush_results();
+    if (!poll.wait_until(until)) break;
+    if (poll.ready(from_broker) && !ReceiveBatch(*dealer, frames, 1024, [&](auto& f) { handle(f); })) return;
+    if (poll.ready(results_ready)) flush_results();
     // §3.7: the connection came back; what was in flight on the old one may
     // be lost either way.
-    if ((items[2].revents & ZMQ_POLLIN) && watch->reconnected() && !awaiting_registration) {
+    if (poll.ready(link_events) && watch->reconnected() && !awaiting_registration) {
       resynchronise("reconnected");
     }
     // A refused handshake (CURVE) is said once, not at every retry.
@@ -410,8 +398,8 @@ void Worker::Impl::run() {
           log().error("worker {}: {}", id, st.ToString());
           return;
         }
-        items[0].socket = dealer->handle();
-        items[2].socket = watch->events().handle();
+        poll.replace(from_broker, *dealer);
+        poll.replace(link_events, watch->events());
         register_with_broker(/*resend_unacked=*/true);
         last_heard = now;
       } else {
