@@ -383,7 +383,12 @@ void Stream::Run::pump() {
         m.bad("OPENED", opened.error());
         continue;
       }
-      if (opened->session == m.session) m.adopt(*opened);
+      if (opened->session == m.session) {
+        m.adopt(*opened);
+        // The broker's period holds from now, not from the next beat of the
+        // one used before OPENED.
+        next_heartbeat = std::min(next_heartbeat, Clock::now() + m.heartbeat);
+      }
       if (opened->session == m.session && awaiting_opened) {
         // A new session at the broker numbers its RESULTS from 1.
         awaiting_opened = false;

@@ -411,31 +411,31 @@ void ExpectDelayLines(const std::string& out, std::size_t count) {
   }
 }
 
-// One statement at a time, each answered after 300 ms: the run takes 6 s,
+// One statement at a time, each answered after 200 ms: the run takes 2 s,
 // and a reader of the pipe must see the first line within about a second,
 // the next ones as they come, not everything at the end.
 TEST(CliTest, EachLineReachesAPipeAsSoonAsItIsNextInOrder) {
   HttpServer server(DelayHandler);
-  const std::string input = DelayInput(server, 20, [](int) { return 300; });
+  const std::string input = DelayInput(server, 10, [](int) { return 200; });
   Process cli({kGatherer, "fetch", "--workers", "1"}, input);
   EXPECT_TRUE(WaitFor([&] { return CountLines(cli.stdout_text()) >= 1; }, 1500ms))
       << "no line within 1.5 s; stderr: " << cli.stderr_text();
   EXPECT_TRUE(cli.running()) << "the run ended before its first line was seen";
-  EXPECT_TRUE(WaitFor([&] { return CountLines(cli.stdout_text()) >= 5; }, 3000ms)) << cli.stdout_text();
-  EXPECT_LT(CountLines(cli.stdout_text()), 20u);
+  EXPECT_TRUE(WaitFor([&] { return CountLines(cli.stdout_text()) >= 4; }, 3000ms)) << cli.stdout_text();
+  EXPECT_LT(CountLines(cli.stdout_text()), 10u);
   ASSERT_EQ(cli.wait(30s), std::optional<int>(0)) << cli.stderr_text();
-  ExpectDelayLines(cli.stdout_text(), 20);
+  ExpectDelayLines(cli.stdout_text(), 10);
 }
 
 // A file of statements written to a terminal: the same, as a user sees it.
 TEST(CliTest, EachLineReachesATerminalAsSoonAsItIsNextInOrder) {
   HttpServer server(DelayHandler);
-  const TempFile file("gatherer_cli_test_tty.txt", DelayInput(server, 20, [](int) { return 300; }));
+  const TempFile file("gatherer_cli_test_tty.txt", DelayInput(server, 10, [](int) { return 200; }));
   PtyProcess tty({kGatherer, "fetch", "--workers", "1", file.path()});
   EXPECT_TRUE(tty.read_until("{\"index\":0,", 1500ms)) << tty.text();
   EXPECT_FALSE(tty.wait(0ms).has_value()) << "the run ended before its first line was seen";
   ASSERT_EQ(tty.wait(30s), std::optional<int>(0)) << tty.text();
-  EXPECT_EQ(Count(tty.text(), "{\"index\":"), 20u) << tty.text();
+  EXPECT_EQ(Count(tty.text(), "{\"index\":"), 10u) << tty.text();
 }
 
 // --- stops: nothing finished is lost -----------------------------------------
