@@ -1,3 +1,7 @@
+// The Fetcher through its public interface, against real HTTP servers on
+// loopback addresses. Over 600 lines: one suite of many short, independent
+// cases over the same helpers (Collector, FetchOne); request_test.cc and
+// retry_policy_test.cc cover the plain units on their own.
 #include "fetcher.h"
 
 #include <curl/curl.h>
