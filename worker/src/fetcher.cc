@@ -10,6 +10,8 @@
 #include <iterator>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <unordered_map>
 #include <utility>
@@ -41,9 +43,19 @@ void GlobalInit() {
 // mu_; commands are pushed to the I/O threads while holding it, so every
 // thread sees a session's submits before its close.
 struct Fetcher::Impl {
-  Impl(Options opts, ResultSink result_sink) : options(std::move(opts)), sink(std::move(result_sink)) {}
+  Impl(Options opts, ResultSink result_sink) : options(std::move(opts)), sink(std::move(result_sink)) {
+    if (!options.source_address.empty()) {
+      if (!IsIpLiteral(options.source_address)) {
+        throw std::invalid_argument("source address '" + options.source_address +
+                                    "' is not an IPv4 or IPv6 address");
+      }
+      interface = "host!";  // a local address to bind, never an interface name
+      interface += options.source_address;
+    }
+  }
 
   const Options options;
+  std::string interface;  // CURLOPT_INTERFACE for options.source_address
   const ResultSink sink;
   std::atomic<std::size_t> in_flight{0};
   std::atomic<std::size_t> next_thread{0};
@@ -58,7 +70,8 @@ Fetcher::Fetcher(Options options, ResultSink sink)
   GlobalInit();
   unsigned count = impl_->options.io_threads;
   if (count == 0) count = std::max(1u, std::thread::hardware_concurrency());
-  const Context context{&impl_->options, &impl_->sink, &impl_->in_flight};
+  const Context context{&impl_->options, &impl_->sink, &impl_->in_flight,
+                        impl_->interface.empty() ? nullptr : impl_->interface.c_str()};
   impl_->threads.reserve(count);
   for (unsigned i = 0; i < count; ++i) impl_->threads.push_back(std::make_unique<IoThread>(context));
   for (auto& thread : impl_->threads) thread->start();

@@ -79,6 +79,7 @@ class IoThread::Loop {
  public:
   explicit Loop(Context context) : context_(context), rng_(std::random_device{}()) {
     policy_.destinations = &context_.options->destinations;
+    policy_.interface = context_.interface;
     epoll_fd_ = epoll_create1(EPOLL_CLOEXEC);
     if (epoll_fd_ < 0) throw std::system_error(errno, std::generic_category(), "epoll_create1");
     epoll_event ev{};

@@ -75,6 +75,8 @@ struct Context {
   const Fetcher::Options* options = nullptr;
   const Fetcher::ResultSink* sink = nullptr;
   std::atomic<std::size_t>* in_flight = nullptr;
+  // CURLOPT_INTERFACE for Options::source_address, or nullptr.
+  const char* interface = nullptr;
 };
 
 // One I/O thread: an epoll set over the sockets of all its multis, an eventfd

@@ -1,5 +1,8 @@
 #include "request.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+
 #include <algorithm>
 
 #include "fetcher.h"
@@ -15,6 +18,15 @@ bool AppendHeader(curl_slist*& list, std::string& line, std::string_view name, s
   if (next == nullptr) return false;
   list = next;
   return true;
+}
+
+bool IsIpLiteral(std::string_view address) {
+  // inet_pton wants a terminated string; a literal is at most 45 characters.
+  char text[INET6_ADDRSTRLEN] = {};
+  if (address.empty() || address.size() >= sizeof text) return false;
+  address.copy(text, address.size());
+  in6_addr parsed{};
+  return inet_pton(AF_INET, text, &parsed) == 1 || inet_pton(AF_INET6, text, &parsed) == 1;
 }
 
 bool NamesHeader(const Headers& headers, std::string_view name) {
@@ -179,6 +191,9 @@ std::optional<ResponseError> ConfigureRequest(CURL* easy, const Statement& state
     set(CURLOPT_OPENSOCKETFUNCTION, hooks.open_socket);
     set(CURLOPT_OPENSOCKETDATA, hooks.data);
   }
+  // Connections leave from this address only; libcurl reuses a kept-alive
+  // connection only for a transfer that asks for the same one.
+  if (policy.interface != nullptr) set(CURLOPT_INTERFACE, policy.interface);
   if (share != nullptr) set(CURLOPT_SHARE, share);
   // libcurl never writes to the list: the session's may be shared.
   if (plan.headers != nullptr) set(CURLOPT_HTTPHEADER, const_cast<curl_slist*>(plan.headers));

@@ -110,7 +110,15 @@ struct RequestHooks {
 // What every request of one fetcher shares.
 struct RequestPolicy {
   const DestinationPolicy* destinations = nullptr;
+  // CURLOPT_INTERFACE, "host!<address>": the local address every connection
+  // leaves from (Fetcher::Options::source_address); nullptr = the system's.
+  const char* interface = nullptr;
 };
+
+// Whether `address` is an IPv4 or IPv6 literal ("127.0.0.12", "::1"), as a
+// source address must be: never a host name or an interface name, which
+// libcurl would resolve at each connection.
+bool IsIpLiteral(std::string_view address);
 
 // Sets every option of a statement's request on `easy` (fresh, or reset with
 // curl_easy_reset) once; its retries reuse them. `statement` and `plan` must

@@ -1,6 +1,6 @@
-// request.h on its own: header lists and the checks that end a statement
-// before any attempt; then one request built by ConfigureRequest sent
-// through libcurl to a real server on a loopback address.
+// request.h on its own: header lists, the checks that end a statement before
+// any attempt, source addresses; then one request built by ConfigureRequest
+// sent through libcurl to a real server on a loopback address.
 #include "request.h"
 
 #include <curl/curl.h>
@@ -172,6 +172,16 @@ TEST(RequestTest, AHostOffTheAllowListIsRefusedBeforeAnyAttempt) {
   EXPECT_EQ(RefusedHost("https://api.example.com/x", destinations), "");
 }
 
+TEST(RequestTest, OnlyIpLiteralsAreSourceAddresses) {
+  for (const char* good : {"127.0.0.12", "10.0.0.5", "::1", "2001:db8::5", "::ffff:127.0.0.1"}) {
+    EXPECT_TRUE(IsIpLiteral(good)) << good;
+  }
+  for (const char* bad : {"", "localhost", "eth0", "127.0.0.256", "127.0.0.1 ", "fe80::1%eth0", "host!127.0.0.1",
+                          "1.2.3", "0000:0000:0000:0000:0000:0000:0000:0000:0000"}) {
+    EXPECT_FALSE(IsIpLiteral(bad)) << bad;
+  }
+}
+
 // Hooks that gather the body into a std::string (`data`).
 size_t GatherBody(char* data, size_t size, size_t count, void* user) {
   static_cast<std::string*>(user)->append(data, size * count);
@@ -179,7 +189,7 @@ size_t GatherBody(char* data, size_t size, size_t count, void* user) {
 }
 size_t IgnoreHeader(char*, size_t size, size_t count, void*) { return size * count; }
 
-TEST(RequestTest, ConfiguredRequestCarriesMethodBodyAndHeaders) {
+TEST(RequestTest, ConfiguredRequestCarriesMethodBodyHeadersAndLeavesFromTheSourceAddress) {
   std::mutex mu;
   HttpRequest seen;  // guarded by mu: the handler runs on the server's thread
   HttpServer server([&](const HttpRequest& request) {
@@ -211,6 +221,7 @@ TEST(RequestTest, ConfiguredRequestCarriesMethodBodyAndHeaders) {
   hooks.header = &IgnoreHeader;
   RequestPolicy policy;
   policy.destinations = &destinations;
+  policy.interface = "host!127.0.0.23";
   ASSERT_FALSE(ConfigureRequest(easy, patch, settings, plan, false, nullptr, policy, hooks).has_value());
   const CURLcode rc = curl_easy_perform(easy);
   curl_easy_cleanup(easy);
@@ -223,6 +234,7 @@ TEST(RequestTest, ConfiguredRequestCarriesMethodBodyAndHeaders) {
   EXPECT_EQ(seen.header("Content-Type"), "application/json");
   EXPECT_EQ(seen.header("X-Session"), "s");
   EXPECT_EQ(seen.header("User-Agent"), std::string(kUserAgentLine).substr(12));
+  EXPECT_EQ(seen.peer_address, "127.0.0.23");
 }
 
 }  // namespace
