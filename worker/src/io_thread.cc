@@ -1,10 +1,10 @@
 // The I/O loop of one fetcher thread: epoll over the sockets of every
 // session's CURLM, libcurl's socket and timer callbacks, the commands of the
 // Fetcher (submit, close, reject), and each transfer's life: its attempts,
-// the retry decision and backoff (rules in retry_policy.h), the destination
-// checks made while libcurl connects and sends, and the batched delivery of
-// results. Building a request is request.cc's; reading a response's headers
-// is transfer.cc's.
+// backoff and retries, the destination checks made while libcurl connects
+// and sends, and the batched delivery of results. Building a request is
+// request.cc's; reading a response and judging an attempt (done, failed, or
+// tried again) transfer.cc's, by the rules of retry_policy.h.
 //
 // Somewhat over 600 lines: it is one class (IoThread::Loop) whose parts all
 // share the loop's state (sessions, backoff heap, easy-handle pool, epoll

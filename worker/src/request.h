@@ -121,9 +121,9 @@ struct RequestPolicy {
 bool IsIpLiteral(std::string_view address);
 
 // Sets every option of a statement's request on `easy` (fresh, or reset with
-// curl_easy_reset) once; its retries reuse them. `statement` and `plan` must
-// outlive the handle's use: the body is not copied. `share`: the session's
-// CURLSH, or nullptr.
+// curl_easy_reset) once; its retries reuse them. `statement` and the header
+// list `plan` names must outlive the handle's use: libcurl copies the url but
+// neither the body nor the list. `share`: the session's CURLSH, or nullptr.
 std::optional<ResponseError> ConfigureRequest(CURL* easy, const Statement& statement, const SessionSettings& settings,
                                               const RequestPlan& plan, bool idempotent, CURLSH* share,
                                               const RequestPolicy& policy, const RequestHooks& hooks);
