@@ -38,6 +38,10 @@ int main(int argc, char** argv) {
                  "every redirect too; default: any host")
       ->delimiter(',')
       ->envname("GATHERER_ALLOW_HOSTS");
+  app.add_option("--source-address", options.source_address,
+                 "Local address every HTTP connection leaves from: an IPv4 or IPv6 address of this host (default: "
+                 "the system chooses)")
+      ->envname("GATHERER_SOURCE_ADDRESS");
   std::string curve_broker_key, curve_key;
   app.add_option("--curve-broker-key", curve_broker_key,
                  "CURVE: the broker's public key (40 Z85 characters or a .pub file); needs --curve-key")
@@ -70,6 +74,10 @@ int main(int argc, char** argv) {
   options.metrics = !metrics_address.empty();
   if (gatherer::Status s = gatherer::ParseRefusedDestinations(refuse, options.destinations); !s.ok()) {
     std::fprintf(stderr, "gatherer-worker: --refuse-destinations: %s\n", s.message().c_str());
+    return 2;
+  }
+  if (gatherer::Status s = gatherer::CheckSourceAddress(options.source_address); !s.ok()) {
+    std::fprintf(stderr, "gatherer-worker: --source-address: %s\n", s.message().c_str());
     return 2;
   }
   auto curve = gatherer::ReadCurveClientKeys(curve_broker_key, curve_key);

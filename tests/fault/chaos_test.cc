@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <future>
 #include <iostream>
+#include <map>
 #include <mutex>
 #include <random>
 #include <string>
@@ -26,7 +27,6 @@
 #include "cluster.h"
 #include "handlers.h"
 #include "http_server.h"
-#include "proc_net.h"
 #include "process.h"
 #include "raw_peer.h"
 #include "socket_monitor.h"
@@ -52,6 +52,21 @@ std::unique_ptr<Broker> StartBroker() { return testing::StartLoopbackBroker(kHea
 
 std::unique_ptr<Process> StartWorker(const std::string& broker, int n) {
   return testing::StartWorkerProcess(broker, kHeartbeat, {"--id", "w" + std::to_string(n)});
+}
+
+// Worker n's own loopback address (all of 127.0.0.0/8 is local on Linux), so
+// that a test server tells which worker process sent a request.
+std::string WorkerSourceAddress(int n) {
+  std::string address = "127.0.0.";
+  address += std::to_string(10 + n);
+  return address;
+}
+
+// Worker n, its HTTP connections leaving from WorkerSourceAddress(n).
+std::unique_ptr<Process> StartAddressedWorker(const std::string& broker, int n) {
+  std::string id = "w";
+  id += std::to_string(n);
+  return testing::StartWorkerProcess(broker, kHeartbeat, {"--id", id, "--source-address", WorkerSourceAddress(n)});
 }
 
 // One line of figures per run, for the closing note of a change.
@@ -156,13 +171,14 @@ TEST(ChaosTest, WorkerKilledThreeTimesLosesNothing) {
 TEST(ChaosTest, PoisonStatementFailsAndTheRestSucceeds) {
   constexpr std::uint64_t kCount = 2000, kPoison = 777;
   std::mutex mu;
-  std::vector<int> pids;  // of the live workers, for the server's thread
+  // The live workers' pids by source address, for the server's thread.
+  std::map<std::string, int> pid_by_address;
   std::atomic<int> kills{0};
   HttpServer server([&](const testing::HttpRequest& req) {
     if (req.target != "/poison") return DelayHandler(req);
     std::lock_guard lock(mu);
-    if (int pid = testing::PidOwningTcpPort(req.peer_port, pids); pid > 0) {
-      ::kill(pid, SIGKILL);
+    if (auto it = pid_by_address.find(req.peer_address); it != pid_by_address.end()) {
+      ::kill(it->second, SIGKILL);
       kills.fetch_add(1);
     }
     testing::HttpReply drop;
@@ -172,17 +188,20 @@ TEST(ChaosTest, PoisonStatementFailsAndTheRestSucceeds) {
   auto broker = StartBroker();
   const std::string ep = broker->endpoints()[0];
   std::vector<std::unique_ptr<Process>> workers;
+  std::vector<std::string> addresses;  // of workers[i]
   int started = 0;
   auto supervise = [&] {
     std::lock_guard lock(mu);
-    for (auto& w : workers) {
-      if (w && w->running()) continue;
-      w = StartWorker(ep, started++);
+    for (std::size_t i = 0; i < workers.size(); ++i) {
+      if (workers[i] && workers[i]->running()) continue;
+      pid_by_address.erase(addresses[i]);
+      addresses[i] = WorkerSourceAddress(started);
+      workers[i] = StartAddressedWorker(ep, started++);
+      pid_by_address[addresses[i]] = workers[i]->pid();
     }
-    pids.clear();
-    for (auto& w : workers) pids.push_back(w->pid());
   };
   workers.resize(2);
+  addresses.resize(2);
   supervise();
 
   std::vector<Statement> list;

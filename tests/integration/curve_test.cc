@@ -338,5 +338,15 @@ TEST(DeploymentTest, AGuardedWorkerRefusesARedirectToTheMetadataAddress) {
   EXPECT_NE(bad.stderr_text().find("intranet"), std::string::npos) << bad.stderr_text();
 }
 
+// --source-address takes an IP address of this host and nothing else: a host
+// name is a usage error at start, before the worker connects anywhere.
+TEST(DeploymentTest, AWorkerRefusesASourceAddressThatIsNotAnIpAddress) {
+  Process bad({kBin + "/worker/gatherer-worker", "--source-address", "localhost", "--log-level", "warning"});
+  ASSERT_EQ(bad.wait(10s), std::optional<int>(2));
+  EXPECT_NE(bad.stderr_text().find("--source-address: source address 'localhost' is not an IPv4 or IPv6 address"),
+            std::string::npos)
+      << bad.stderr_text();
+}
+
 }  // namespace
 }  // namespace gatherer

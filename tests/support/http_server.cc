@@ -157,6 +157,7 @@ struct HttpServer::Impl {
   struct Conn {
     int fd = -1;
     std::uint64_t tag = 0;
+    in_addr peer_address{};  // network order, as accept() gave it
     std::uint16_t peer_port = 0;
     std::string in;  // bytes received; in[in_pos..] not yet parsed
     std::size_t in_pos = 0;
@@ -337,6 +338,7 @@ void HttpServer::Impl::accept_all() {
     auto conn = std::make_unique<Conn>();
     conn->fd = fd;
     conn->tag = (static_cast<std::uint64_t>(generation_) << 32) | static_cast<std::uint32_t>(fd);
+    conn->peer_address = peer.sin_addr;
     conn->peer_port = ntohs(peer.sin_port);
     // Edge-triggered with EPOLLOUT always on: no epoll_ctl per partial write;
     // read_all() and flush() therefore run until EAGAIN.
@@ -538,6 +540,9 @@ void HttpServer::Impl::dispatch(Conn& c, bool keep_alive, bool head_only) {
   }
 
   HttpReply reply;
+  char peer_address[INET_ADDRSTRLEN] = {};
+  ::inet_ntop(AF_INET, &c.peer_address, peer_address, sizeof peer_address);
+  request_.peer_address.assign(peer_address);
   request_.peer_port = c.peer_port;
   try {
     reply = handler_(request_);

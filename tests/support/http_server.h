@@ -24,7 +24,9 @@ struct HttpRequest {
   std::string target;  // path plus query, as sent ("/a?b=1")
   std::vector<std::pair<std::string, std::string>> headers;
   std::string body;
-  // The client's TCP port on 127.0.0.1 (tells which process sent it).
+  // The client's TCP address and port, as accept() saw them ("127.0.0.12";
+  // tells which process sent it when each leaves from an address of its own).
+  std::string peer_address;
   std::uint16_t peer_port = 0;
   // Value of the first header named `name` (case-insensitive), or "".
   std::string header(std::string_view name) const;

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "gatherer/config.h"
@@ -56,12 +57,18 @@ class Fetcher {
     // Destinations refused whatever a statement asks (addresses after DNS,
     // hosts; redirects included): permission_denied, not retried.
     DestinationPolicy destinations;
+    // Local address every HTTP connection leaves from (an IPv4 or IPv6
+    // literal of this host, bound before connecting); empty = the system
+    // chooses. A destination of the other address family cannot be reached.
+    std::string source_address;
   };
 
   // Results of one session, batched: called on an I/O thread with all the
   // outcomes that thread finished in one loop iteration for `session`.
   using ResultSink = std::function<void(const SessionId& session, std::vector<FetchResult>&& results)>;
 
+  // Throws std::invalid_argument when options.source_address is not an IP
+  // literal.
   Fetcher(Options options, ResultSink sink);
   // Stops the I/O threads; in-flight transfers are aborted without results.
   ~Fetcher();

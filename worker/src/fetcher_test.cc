@@ -1,3 +1,7 @@
+// The Fetcher through its public interface, against real HTTP servers on
+// loopback addresses. Over 600 lines: one suite of many short, independent
+// cases over the same helpers (Collector, FetchOne); request_test.cc and
+// retry_policy_test.cc cover the plain units on their own.
 #include "fetcher.h"
 
 #include <curl/curl.h>
@@ -14,10 +18,12 @@
 #include <map>
 #include <mutex>
 #include <set>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "gatherer/strings.h"
+#include "gatherer/worker.h"
 #include "http_server.h"
 #include "wait_for.h"
 
@@ -1288,6 +1294,68 @@ TEST(DestinationsTest, ClassesAndHosts) {
   EXPECT_FALSE(HostAllowed("evil-api.example.com", hosts));
   EXPECT_FALSE(HostAllowed("api.example.com.evil", hosts));
   EXPECT_TRUE(HostAllowed("anything", DestinationPolicy{}));
+}
+
+// Options::source_address: every connection leaves from that local address,
+// as the server sees it.
+TEST(FetcherTest, RequestsLeaveFromTheSourceAddress) {
+  std::mutex mu;
+  std::set<std::string> peers;  // guarded by mu
+  HttpServer server([&](const HttpRequest& request) {
+    std::lock_guard lock(mu);
+    peers.insert(request.peer_address);
+    return HttpReply{200, {}, "ok"};
+  });
+  Collector collector;
+  Fetcher::Options options = TwoThreads();
+  options.source_address = "127.0.0.31";
+  Fetcher fetcher(options, collector.sink());
+  const SessionId id = MakeSessionId(1);
+  fetcher.open_session(id, SessionSettings{});
+  std::vector<FetchItem> items;
+  for (std::uint64_t i = 0; i < 8; ++i) {
+    std::string path = "/";
+    path += std::to_string(i);
+    items.push_back(Item(i, server.url(path)));
+  }
+  fetcher.submit(id, std::move(items));
+  ASSERT_TRUE(collector.wait(8));
+  for (const auto& r : collector.results()) ASSERT_TRUE(r.response.ok()) << r.response.error->message;
+  std::lock_guard lock(mu);
+  EXPECT_EQ(peers, std::set<std::string>{"127.0.0.31"});
+}
+
+TEST(FetcherTest, ASourceAddressThatIsNotAnIpLiteralIsRefused) {
+  for (const char* bad : {"localhost", "eth0", "127.0.0.300", "host!127.0.0.1"}) {
+    Fetcher::Options options = TwoThreads();
+    options.source_address = bad;
+    Collector collector;
+    try {
+      Fetcher fetcher(options, collector.sink());
+      ADD_FAILURE() << bad << " was accepted";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find("is not an IPv4 or IPv6 address"), std::string::npos) << e.what();
+    }
+  }
+}
+
+// The worker refuses it in start(), before it connects: no broker is needed.
+TEST(WorkerTest, StartRefusesASourceAddressThatIsNotAnIpLiteral) {
+  WorkerOptions options;
+  options.broker = "tcp://127.0.0.1:1";
+  options.source_address = "my-host.example";
+  Worker worker(options);
+  const Status status = worker.start();
+  EXPECT_EQ(status.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(status.message().find("'my-host.example' is not an IPv4 or IPv6 address"), std::string::npos)
+      << status.message();
+  EXPECT_TRUE(CheckSourceAddress("").ok());
+  EXPECT_TRUE(CheckSourceAddress("127.0.0.31").ok());
+  // An address of no interface of this host (TEST-NET-1) fails at start too.
+  const Status elsewhere = CheckSourceAddress("192.0.2.1");
+  EXPECT_EQ(elsewhere.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(elsewhere.message().find("'192.0.2.1' cannot be bound on this host"), std::string::npos)
+      << elsewhere.message();
 }
 
 }  // namespace

@@ -1,7 +1,12 @@
 #include "gatherer/worker.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <cstring>
 #include <deque>
 #include <iterator>
 #include <thread>
@@ -16,6 +21,7 @@
 #include "gatherer/protocol.h"
 #include "gatherer/transport.h"
 #include "gatherer/wake_fd.h"
+#include "request.h"
 
 namespace gatherer {
 namespace {
@@ -420,6 +426,39 @@ void Worker::Impl::run() {
   }
 }
 
+Status CheckSourceAddress(std::string_view address) {
+  if (address.empty()) return Status::Ok();
+  std::string message = "source address '";
+  message += address;
+  if (!worker::IsIpLiteral(address)) {
+    message += "' is not an IPv4 or IPv6 address (a literal such as 10.0.0.5 or 2001:db8::5; no host or interface name)";
+    return InvalidArgument(message);
+  }
+  // Bound once here, so that an address this host does not have fails at
+  // start rather than at every connection the worker would open.
+  const std::string text(address);
+  sockaddr_in6 v6{};
+  sockaddr_in v4{};
+  const sockaddr* bound = nullptr;
+  socklen_t length = 0;
+  if (inet_pton(AF_INET, text.c_str(), &v4.sin_addr) == 1) {
+    v4.sin_family = AF_INET;
+    bound = reinterpret_cast<const sockaddr*>(&v4);
+    length = sizeof v4;
+  } else if (inet_pton(AF_INET6, text.c_str(), &v6.sin6_addr) == 1) {
+    v6.sin6_family = AF_INET6;
+    bound = reinterpret_cast<const sockaddr*>(&v6);
+    length = sizeof v6;
+  }
+  const int fd = bound ? ::socket(bound->sa_family, SOCK_STREAM | SOCK_CLOEXEC, 0) : -1;
+  const int error = fd < 0 ? errno : (::bind(fd, bound, length) == 0 ? 0 : errno);
+  if (fd >= 0) ::close(fd);
+  if (error == 0) return Status::Ok();
+  message += "' cannot be bound on this host: ";
+  message += std::strerror(error);
+  return InvalidArgument(message);
+}
+
 Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>(std::move(options))) {
   impl_->id = impl_->options.worker_id.empty() ? NewWorkerId() : impl_->options.worker_id;
   // Unique per instance whatever --id says, so two workers never share a route.
@@ -433,6 +472,8 @@ Worker::~Worker() { stop(); }
 Status Worker::start() {
   Impl& m = *impl_;
   if (m.thread.joinable()) return FailedPrecondition("worker already started");
+  // Before connecting: a worker that cannot fetch must not register.
+  if (Status st = CheckSourceAddress(m.options.source_address); !st.ok()) return st;
   unsigned io = m.options.io_threads ? m.options.io_threads : std::max(1u, std::thread::hardware_concurrency());
   m.slots = m.options.slots ? m.options.slots : 1024 * io;
   if (m.options.context) {
@@ -448,6 +489,7 @@ Status Worker::start() {
   fo.worker_id = m.id;
   fo.metrics = m.options.metrics ? &m.fetch_metrics : nullptr;
   fo.destinations = m.options.destinations;
+  fo.source_address = m.options.source_address;
   m.fetcher = std::make_unique<worker::Fetcher>(
       fo, [&m](const SessionId& session, std::vector<worker::FetchResult>&& results) {
         m.done.push(ResultBatch{session, std::move(results)});

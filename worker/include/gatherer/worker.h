@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 
 
 #include "gatherer/curve.h"
@@ -58,6 +59,13 @@ struct WorkerOptions {
   // Destinations this worker refuses to fetch from, whatever a statement
   // asks (private, loopback, link-local addresses; hosts off an allow-list).
   DestinationPolicy destinations;
+  // Local address every HTTP connection leaves from: an IPv4 or IPv6 literal
+  // of this host ("10.0.0.5", "2001:db8::5"), bound before connecting, for a
+  // host with several addresses where the outgoing one matters (a firewall
+  // or a server's allow-list, a per-worker identity). Empty = the system
+  // chooses. start() refuses anything else (CheckSourceAddress) before
+  // connecting; a destination of the other address family cannot be reached.
+  std::string source_address;
   // CURVE (PROTOCOL.md §1.7), for a broker that requires it: the broker's
   // public key (Z85) and this worker's key pair, which the broker must list
   // among its workers. Empty = plaintext.
@@ -76,6 +84,11 @@ struct WorkerStats {
   // Statements dispatched and not yet answered or ended (gauge).
   std::atomic<std::uint64_t> in_hand{0};
 };
+
+// Checks a WorkerOptions::source_address: Ok when empty, or an IPv4 or IPv6
+// literal this host can bind; else InvalidArgument saying why
+// (gatherer-worker --source-address).
+Status CheckSourceAddress(std::string_view address);
 
 class Worker {
  public:

@@ -1,0 +1,217 @@
+#include "request.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+
+#include <algorithm>
+
+#include "fetcher.h"
+#include "gatherer/strings.h"
+
+namespace gatherer::worker {
+
+bool AppendHeader(curl_slist*& list, std::string& line, std::string_view name, std::string_view value) {
+  line.assign(name);
+  line += value.empty() ? ";" : ": ";
+  line += value;
+  curl_slist* next = curl_slist_append(list, line.c_str());
+  if (next == nullptr) return false;
+  list = next;
+  return true;
+}
+
+bool IsIpLiteral(std::string_view address) {
+  // inet_pton wants a terminated string; a literal is at most 45 characters.
+  char text[INET6_ADDRSTRLEN] = {};
+  if (address.empty() || address.size() >= sizeof text) return false;
+  address.copy(text, address.size());
+  in6_addr parsed{};
+  return inet_pton(AF_INET, text, &parsed) == 1 || inet_pton(AF_INET6, text, &parsed) == 1;
+}
+
+bool NamesHeader(const Headers& headers, std::string_view name) {
+  return std::any_of(headers.begin(), headers.end(), [&](const auto& h) { return EqualsIgnoreCase(h.first, name); });
+}
+
+SessionHeaders::SessionHeaders(const Headers& headers) {
+  for (const auto& [name, value] : headers) {
+    if (!IsHttpToken(name) || !IsHttpFieldValue(value)) {
+      error = ResponseError{StatusCode::kInvalidArgument, "invalid header '" + name + "'"};
+      return;
+    }
+  }
+  names_user_agent = NamesHeader(headers, "User-Agent");
+  names_content_type = NamesHeader(headers, "Content-Type");
+  std::string line;
+  bool ok = true;
+  for (const auto& [name, value] : headers) ok = ok && AppendHeader(list, line, name, value);
+  if (ok && !names_user_agent) {
+    curl_slist* next = curl_slist_append(list, kUserAgentLine);
+    if (next != nullptr) list = next;
+    ok = next != nullptr;
+  }
+  if (!ok) {
+    error = ResponseError{StatusCode::kInternal, "out of memory"};
+    return;
+  }
+  // The removal of libcurl's Content-Type goes in front of the shared list
+  // (order does not matter to it), so both lists share their nodes.
+  no_content_type.data = const_cast<char*>(kNoContentTypeLine);
+  no_content_type.next = list;
+}
+
+std::string RefusedHost(const char* url, const DestinationPolicy& destinations) {
+  CURLU* parsed = curl_url();
+  char* host = nullptr;
+  std::string why;
+  if (parsed == nullptr || curl_url_set(parsed, CURLUPART_URL, url, 0) != CURLUE_OK ||
+      curl_url_get(parsed, CURLUPART_HOST, &host, 0) != CURLUE_OK) {
+    why = "cannot tell the host of " + std::string(url) + " to check it against the allowed hosts";
+  } else if (!HostAllowed(host, destinations)) {
+    why = "host " + std::string(host) + " is not among this worker's allowed hosts";
+  }
+  curl_free(host);
+  curl_url_cleanup(parsed);
+  return why;
+}
+
+std::optional<ResponseError> PlanRequest(const Statement& statement, const SessionSettings& settings,
+                                         const SessionHeaders& session_headers, const DestinationPolicy& destinations,
+                                         RequestScratch& scratch, curl_slist*& own, RequestPlan& plan) {
+  // A path is joined to base_url; an absolute url goes to libcurl as it is
+  // (libcurl copies it either way).
+  plan.url = &statement.url;
+  if (!statement.url.empty() && statement.url.front() == '/') {
+    if (settings.base_url.empty()) {
+      return ResponseError{StatusCode::kInvalidArgument, "url is a path and the session has no base_url"};
+    }
+    std::string_view base = settings.base_url;
+    while (!base.empty() && base.back() == '/') base.remove_suffix(1);
+    scratch.joined_url.assign(base).append(statement.url);
+    plan.url = &scratch.joined_url;
+  }
+  if (!IsHttpToken(statement.method)) {
+    return ResponseError{StatusCode::kInvalidArgument, "method is not an HTTP token"};
+  }
+  if (!destinations.allowed_hosts.empty()) {
+    if (std::string why = RefusedHost(plan.url->c_str(), destinations); !why.empty()) {
+      return ResponseError{StatusCode::kPermissionDenied, "destination refused: " + why};
+    }
+  }
+  if (session_headers.error) return session_headers.error;
+  const std::string& method = statement.method;
+  const bool has_body = !statement.body.empty();
+  plan.posts = method != "HEAD" && (method == "POST" || has_body);
+
+  // Without headers of its own a statement takes the session's list as it
+  // is; otherwise it gets a list of its own: the session's defaults minus
+  // those it names, then its own, then the defaults of the fetcher.
+  plan.headers = plan.posts ? session_headers.with_body() : session_headers.plain();
+  if (!statement.headers.empty()) {
+    for (const auto& [name, value] : statement.headers) {
+      if (!IsHttpToken(name) || !IsHttpFieldValue(value)) {
+        return ResponseError{StatusCode::kInvalidArgument, "invalid header '" + name + "'"};
+      }
+    }
+    const ResponseError out_of_memory{StatusCode::kInternal, "out of memory"};
+    for (const auto& [name, value] : settings.headers) {
+      if (!NamesHeader(statement.headers, name) && !AppendHeader(own, scratch.header_line, name, value)) {
+        return out_of_memory;
+      }
+    }
+    for (const auto& [name, value] : statement.headers) {
+      if (!AppendHeader(own, scratch.header_line, name, value)) return out_of_memory;
+    }
+    auto append_line = [&own](const char* line) {
+      curl_slist* next = curl_slist_append(own, line);
+      if (next != nullptr) own = next;
+      return next != nullptr;
+    };
+    if (!session_headers.names_user_agent && !NamesHeader(statement.headers, "User-Agent") &&
+        !append_line(kUserAgentLine)) {
+      return out_of_memory;
+    }
+    if (plan.posts && !session_headers.names_content_type && !NamesHeader(statement.headers, "Content-Type") &&
+        !append_line(kNoContentTypeLine)) {
+      return out_of_memory;
+    }
+    plan.headers = own;
+  }
+  return std::nullopt;
+}
+
+std::optional<ResponseError> ConfigureRequest(CURL* easy, const Statement& statement, const SessionSettings& settings,
+                                              const RequestPlan& plan, bool idempotent, CURLSH* share,
+                                              const RequestPolicy& policy, const RequestHooks& hooks) {
+  const std::string& method = statement.method;
+  const DestinationPolicy& destinations = *policy.destinations;
+  CURLcode rc = CURLE_OK;
+  auto set = [&](CURLoption option, auto value) {
+    if (rc == CURLE_OK) rc = curl_easy_setopt(easy, option, value);
+  };
+  set(CURLOPT_URL, plan.url->c_str());
+  set(CURLOPT_PRIVATE, hooks.data);
+  set(CURLOPT_ERRORBUFFER, hooks.error_buffer);
+  set(CURLOPT_NOSIGNAL, 1L);
+  // Never file://, gopher://, ..., not even through a redirect.
+  set(CURLOPT_PROTOCOLS_STR, "http,https");
+  set(CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
+  if (settings.max_redirects > 0) {
+    set(CURLOPT_FOLLOWLOCATION, 1L);
+    set(CURLOPT_MAXREDIRS, static_cast<long>(settings.max_redirects));
+  }
+  const std::uint32_t timeout_ms = statement.timeout_ms != 0 ? statement.timeout_ms : settings.timeout_ms;
+  set(CURLOPT_TIMEOUT_MS, static_cast<long>(timeout_ms));
+  set(CURLOPT_CONNECTTIMEOUT_MS, static_cast<long>(settings.connect_timeout_ms));
+  set(CURLOPT_HTTP_VERSION, static_cast<long>(CURL_HTTP_VERSION_2TLS));
+  const std::string& url = *plan.url;
+  if (url.size() >= 8 && EqualsIgnoreCase(std::string_view(url).substr(0, 8), "https://")) {
+    // Wait for a connection being set up that may multiplex (h2) instead of
+    // opening another; plain http never multiplexes here, so it would only
+    // serialise connection set-up.
+    set(CURLOPT_PIPEWAIT, 1L);
+  }
+  set(CURLOPT_ACCEPT_ENCODING, "");  // every encoding libcurl decodes
+  set(CURLOPT_WRITEFUNCTION, hooks.write);
+  set(CURLOPT_WRITEDATA, hooks.data);
+  set(CURLOPT_HEADERFUNCTION, hooks.header);
+  set(CURLOPT_HEADERDATA, hooks.data);
+  if (settings.max_body_bytes > 0) {
+    // Refuses early when Content-Length already says too much; the write
+    // callback enforces the cap on decoded bytes.
+    set(CURLOPT_MAXFILESIZE_LARGE, static_cast<curl_off_t>(settings.max_body_bytes));
+  }
+  if (!idempotent || !destinations.allowed_hosts.empty()) {
+    set(CURLOPT_PREREQFUNCTION, hooks.prereq);
+    set(CURLOPT_PREREQDATA, hooks.data);
+  }
+  if (destinations.refuses_addresses()) {
+    // Every connection's address, after DNS and at each redirect, is
+    // checked before the socket exists; a reused one was checked when made.
+    set(CURLOPT_OPENSOCKETFUNCTION, hooks.open_socket);
+    set(CURLOPT_OPENSOCKETDATA, hooks.data);
+  }
+  // Connections leave from this address only; libcurl reuses a kept-alive
+  // connection only for a transfer that asks for the same one.
+  if (policy.interface != nullptr) set(CURLOPT_INTERFACE, policy.interface);
+  if (share != nullptr) set(CURLOPT_SHARE, share);
+  // libcurl never writes to the list: the session's may be shared.
+  if (plan.headers != nullptr) set(CURLOPT_HTTPHEADER, const_cast<curl_slist*>(plan.headers));
+
+  if (method == "HEAD") {
+    set(CURLOPT_NOBODY, 1L);
+  } else if (plan.posts) {
+    set(CURLOPT_POSTFIELDSIZE_LARGE, static_cast<curl_off_t>(statement.body.size()));
+    // Not copied: the statement outlives the handle's use (RequestPlan comment).
+    set(CURLOPT_POSTFIELDS, statement.body.data());
+    if (method != "POST") set(CURLOPT_CUSTOMREQUEST, method.c_str());
+  } else if (method != "GET") {
+    set(CURLOPT_CUSTOMREQUEST, method.c_str());
+  }
+  if (rc != CURLE_OK) {
+    return ResponseError{StatusCodeFromCurl(rc), std::string("curl_easy_setopt: ") + curl_easy_strerror(rc)};
+  }
+  return std::nullopt;
+}
+
+}  // namespace gatherer::worker

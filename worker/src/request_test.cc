@@ -1,0 +1,241 @@
+// request.h on its own: header lists, the checks that end a statement before
+// any attempt, source addresses; then one request built by ConfigureRequest
+// sent through libcurl to a real server on a loopback address.
+#include "request.h"
+
+#include <curl/curl.h>
+#include <gtest/gtest.h>
+
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "http_server.h"
+
+namespace gatherer::worker {
+namespace {
+
+using gatherer::testing::HttpReply;
+using gatherer::testing::HttpRequest;
+using gatherer::testing::HttpServer;
+
+std::vector<std::string> Lines(const curl_slist* list) {
+  std::vector<std::string> out;
+  for (; list != nullptr; list = list->next) out.emplace_back(list->data);
+  return out;
+}
+
+// A list a test built; freed with it.
+struct OwnList {
+  curl_slist* list = nullptr;
+  ~OwnList() { curl_slist_free_all(list); }
+};
+
+TEST(RequestTest, SessionHeadersAddTheUserAgentAndRemoveLibcurlsContentTypeForABody) {
+  const SessionHeaders headers({{"Accept", "text/html"}, {"X-Empty", ""}});
+  ASSERT_FALSE(headers.error.has_value());
+  EXPECT_EQ(Lines(headers.plain()), (std::vector<std::string>{"Accept: text/html", "X-Empty;", kUserAgentLine}));
+  EXPECT_EQ(Lines(headers.with_body()),
+            (std::vector<std::string>{kNoContentTypeLine, "Accept: text/html", "X-Empty;", kUserAgentLine}));
+}
+
+TEST(RequestTest, SessionHeadersKeepTheSessionsOwnUserAgentAndContentType) {
+  const SessionHeaders headers({{"user-agent", "crawler/2"}, {"Content-Type", "application/json"}});
+  ASSERT_FALSE(headers.error.has_value());
+  EXPECT_EQ(Lines(headers.plain()),
+            (std::vector<std::string>{"user-agent: crawler/2", "Content-Type: application/json"}));
+  EXPECT_EQ(headers.with_body(), headers.plain());
+}
+
+TEST(RequestTest, AnInvalidSessionHeaderIsTheErrorOfEveryStatement) {
+  for (const Headers& bad : {Headers{{"X-Evil", "a\r\nHost: other"}}, Headers{{"Bad Name", "v"}}, Headers{{"", "v"}}}) {
+    const SessionHeaders headers(bad);
+    ASSERT_TRUE(headers.error.has_value()) << bad[0].first;
+    EXPECT_EQ(headers.error->code, StatusCode::kInvalidArgument);
+    EXPECT_NE(headers.error->message.find("invalid header '" + bad[0].first + "'"), std::string::npos);
+
+    SessionSettings settings;
+    settings.headers = bad;
+    RequestScratch scratch;
+    OwnList own;
+    RequestPlan plan;
+    const auto error = PlanRequest(Get("http://127.0.0.1/"), settings, headers, {}, scratch, own.list, plan);
+    ASSERT_TRUE(error.has_value());
+    EXPECT_EQ(error->code, StatusCode::kInvalidArgument);
+  }
+}
+
+TEST(RequestTest, AStatementWithoutHeadersTakesTheSessionsListAsItIs) {
+  SessionSettings settings;
+  settings.headers = {{"Accept", "*/*"}};
+  const SessionHeaders headers(settings.headers);
+  RequestScratch scratch;
+  OwnList own;
+  RequestPlan plan;
+  const Statement get = Get("http://127.0.0.1/a");
+  ASSERT_FALSE(PlanRequest(get, settings, headers, {}, scratch, own.list, plan).has_value());
+  EXPECT_EQ(plan.url, &get.url);  // not copied
+  EXPECT_EQ(plan.headers, headers.plain());
+  EXPECT_FALSE(plan.posts);
+  EXPECT_EQ(own.list, nullptr);  // nothing allocated for it
+
+  Statement post = get;
+  post.method = "POST";
+  ASSERT_FALSE(PlanRequest(post, settings, headers, {}, scratch, own.list, plan).has_value());
+  EXPECT_EQ(plan.headers, headers.with_body());
+  EXPECT_TRUE(plan.posts);
+  EXPECT_EQ(own.list, nullptr);
+
+  Statement head = get;
+  head.method = "HEAD";
+  head.body = "ignored";
+  ASSERT_FALSE(PlanRequest(head, settings, headers, {}, scratch, own.list, plan).has_value());
+  EXPECT_FALSE(plan.posts);
+}
+
+TEST(RequestTest, AStatementsOwnHeadersReplaceTheSessionsOfTheSameName) {
+  SessionSettings settings;
+  settings.headers = {{"Accept", "*/*"}, {"X-Session", "s"}};
+  const SessionHeaders headers(settings.headers);
+  RequestScratch scratch;
+  OwnList own;
+  RequestPlan plan;
+  Statement put = Get("http://127.0.0.1/a");
+  put.method = "PUT";
+  put.body = "{}";
+  put.headers = {{"accept", "application/json"}, {"X-Statement", ""}};
+  ASSERT_FALSE(PlanRequest(put, settings, headers, {}, scratch, own.list, plan).has_value());
+  EXPECT_EQ(plan.headers, own.list);
+  EXPECT_TRUE(plan.posts);
+  EXPECT_EQ(Lines(plan.headers), (std::vector<std::string>{"X-Session: s", "accept: application/json", "X-Statement;",
+                                                           kUserAgentLine, kNoContentTypeLine}));
+}
+
+TEST(RequestTest, AnInvalidStatementHeaderEndsTheStatement) {
+  SessionSettings settings;
+  const SessionHeaders headers(settings.headers);
+  RequestScratch scratch;
+  OwnList own;
+  RequestPlan plan;
+  Statement get = Get("http://127.0.0.1/a");
+  get.headers = {{"X-Split", "a\nb"}};
+  const auto error = PlanRequest(get, settings, headers, {}, scratch, own.list, plan);
+  ASSERT_TRUE(error.has_value());
+  EXPECT_EQ(error->code, StatusCode::kInvalidArgument);
+  EXPECT_EQ(error->message, "invalid header 'X-Split'");
+}
+
+TEST(RequestTest, APathIsJoinedToTheBaseUrlAndNeedsOne) {
+  SessionSettings settings;
+  const SessionHeaders headers(settings.headers);
+  RequestScratch scratch;
+  OwnList own;
+  RequestPlan plan;
+  auto error = PlanRequest(Get("/items/1"), settings, headers, {}, scratch, own.list, plan);
+  ASSERT_TRUE(error.has_value());
+  EXPECT_EQ(error->code, StatusCode::kInvalidArgument);
+  EXPECT_EQ(error->message, "url is a path and the session has no base_url");
+
+  settings.base_url = "https://api.example.com/v1//";
+  ASSERT_FALSE(PlanRequest(Get("/items/1"), settings, headers, {}, scratch, own.list, plan).has_value());
+  EXPECT_EQ(*plan.url, "https://api.example.com/v1/items/1");
+  EXPECT_EQ(plan.url, &scratch.joined_url);
+}
+
+TEST(RequestTest, AMethodMustBeAnHttpToken) {
+  SessionSettings settings;
+  const SessionHeaders headers(settings.headers);
+  RequestScratch scratch;
+  OwnList own;
+  RequestPlan plan;
+  Statement bad = Get("http://127.0.0.1/");
+  bad.method = "GET /x HTTP/1.1\r\n";
+  const auto error = PlanRequest(bad, settings, headers, {}, scratch, own.list, plan);
+  ASSERT_TRUE(error.has_value());
+  EXPECT_EQ(error->code, StatusCode::kInvalidArgument);
+}
+
+TEST(RequestTest, AHostOffTheAllowListIsRefusedBeforeAnyAttempt) {
+  SessionSettings settings;
+  const SessionHeaders headers(settings.headers);
+  DestinationPolicy destinations;
+  destinations.allowed_hosts = {"*.example.com"};
+  RequestScratch scratch;
+  OwnList own;
+  RequestPlan plan;
+  EXPECT_FALSE(
+      PlanRequest(Get("https://api.example.com/"), settings, headers, destinations, scratch, own.list, plan).has_value());
+  const auto error = PlanRequest(Get("https://example.org/"), settings, headers, destinations, scratch, own.list, plan);
+  ASSERT_TRUE(error.has_value());
+  EXPECT_EQ(error->code, StatusCode::kPermissionDenied);
+  EXPECT_NE(error->message.find("host example.org is not among"), std::string::npos) << error->message;
+  EXPECT_EQ(RefusedHost("https://api.example.com/x", destinations), "");
+}
+
+TEST(RequestTest, OnlyIpLiteralsAreSourceAddresses) {
+  for (const char* good : {"127.0.0.12", "10.0.0.5", "::1", "2001:db8::5", "::ffff:127.0.0.1"}) {
+    EXPECT_TRUE(IsIpLiteral(good)) << good;
+  }
+  for (const char* bad : {"", "localhost", "eth0", "127.0.0.256", "127.0.0.1 ", "fe80::1%eth0", "host!127.0.0.1",
+                          "1.2.3", "0000:0000:0000:0000:0000:0000:0000:0000:0000"}) {
+    EXPECT_FALSE(IsIpLiteral(bad)) << bad;
+  }
+}
+
+// Hooks that gather the body into a std::string (`data`).
+size_t GatherBody(char* data, size_t size, size_t count, void* user) {
+  static_cast<std::string*>(user)->append(data, size * count);
+  return size * count;
+}
+size_t IgnoreHeader(char*, size_t size, size_t count, void*) { return size * count; }
+
+TEST(RequestTest, ConfiguredRequestCarriesMethodBodyHeadersAndLeavesFromTheSourceAddress) {
+  std::mutex mu;
+  HttpRequest seen;  // guarded by mu: the handler runs on the server's thread
+  HttpServer server([&](const HttpRequest& request) {
+    std::lock_guard lock(mu);
+    seen = request;
+    return HttpReply{200, {}, "done"};
+  });
+  SessionSettings settings;
+  settings.headers = {{"X-Session", "s"}};
+  const SessionHeaders headers(settings.headers);
+  Statement patch = Get(server.url("/thing"));
+  patch.method = "PATCH";
+  patch.body = "{\"a\":1}";
+  patch.headers = {{"Content-Type", "application/json"}};
+  RequestScratch scratch;
+  OwnList own;
+  RequestPlan plan;
+  const DestinationPolicy destinations;
+  ASSERT_FALSE(PlanRequest(patch, settings, headers, destinations, scratch, own.list, plan).has_value());
+
+  CURL* easy = curl_easy_init();
+  ASSERT_NE(easy, nullptr);
+  std::string body;
+  char error_buffer[CURL_ERROR_SIZE] = {};
+  RequestHooks hooks;
+  hooks.data = &body;
+  hooks.error_buffer = error_buffer;
+  hooks.write = &GatherBody;
+  hooks.header = &IgnoreHeader;
+  RequestPolicy policy;
+  policy.destinations = &destinations;
+  policy.interface = "host!127.0.0.23";
+  ASSERT_FALSE(ConfigureRequest(easy, patch, settings, plan, false, nullptr, policy, hooks).has_value());
+  const CURLcode rc = curl_easy_perform(easy);
+  curl_easy_cleanup(easy);
+  ASSERT_EQ(rc, CURLE_OK) << curl_easy_strerror(rc) << ": " << error_buffer;
+  EXPECT_EQ(body, "done");
+  std::lock_guard lock(mu);
+  EXPECT_EQ(seen.method, "PATCH");
+  EXPECT_EQ(seen.target, "/thing");
+  EXPECT_EQ(seen.body, "{\"a\":1}");
+  EXPECT_EQ(seen.header("Content-Type"), "application/json");
+  EXPECT_EQ(seen.header("X-Session"), "s");
+  EXPECT_EQ(seen.header("User-Agent"), std::string(kUserAgentLine).substr(12));
+  EXPECT_EQ(seen.peer_address, "127.0.0.23");
+}
+
+}  // namespace
+}  // namespace gatherer::worker
