@@ -59,6 +59,7 @@ struct Fetcher::Impl {
   const ResultSink sink;
   std::atomic<std::size_t> in_flight{0};
   std::atomic<std::size_t> next_thread{0};
+  std::atomic<std::size_t> next_home{0};
   std::vector<std::unique_ptr<IoThread>> threads;
 
   mutable std::mutex mu;
@@ -89,7 +90,20 @@ void Fetcher::open_session(const SessionId& session, const SessionSettings& sett
   std::lock_guard lock(impl_->mu);
   if (impl_->sessions.contains(session)) return;
   // I/O threads create their part of the session when its first statements arrive.
-  impl_->sessions.emplace(session, std::make_shared<SharedSession>(session, settings));
+  auto shared = std::make_shared<SharedSession>(session, settings);
+  const std::size_t threads = impl_->threads.size();
+  const std::size_t window = std::max<std::size_t>(settings.workers, 1);
+  const std::size_t spread = std::clamp<std::size_t>((window + kWindowPerThread - 1) / kWindowPerThread, 1, threads);
+  shared->spread = static_cast<unsigned>(spread);
+  // Sessions take turns as each other's home, so several small ones use
+  // every thread.
+  shared->home = static_cast<unsigned>(impl_->next_home.fetch_add(spread) % threads);
+  std::size_t cap = window;
+  if (impl_->options.max_host_connections > 0) {
+    cap = std::min(cap, static_cast<std::size_t>(impl_->options.max_host_connections));
+  }
+  shared->host_connections = static_cast<long>(std::max<std::size_t>((cap + spread - 1) / spread, 1));
+  impl_->sessions.emplace(session, std::move(shared));
 }
 
 void Fetcher::submit(const SessionId& session, std::vector<FetchItem>&& items) {
@@ -108,9 +122,10 @@ void Fetcher::submit(const SessionId& session, std::vector<FetchItem>&& items) {
     threads[impl_->next_thread.fetch_add(1) % threads.size()]->push(std::move(command));
     return;
   }
-  // Contiguous slices, the first thread rotating between calls so that small
-  // submits spread too.
-  const std::size_t slices = std::min(total, threads.size());
+  // Contiguous slices over the session's threads, the first rotating
+  // between calls so that small submits spread too.
+  const SharedSession& shared = *it->second;
+  const std::size_t slices = std::min<std::size_t>(total, shared.spread);
   const std::size_t first = impl_->next_thread.fetch_add(slices);
   for (std::size_t k = slices; k-- > 0;) {
     const std::size_t begin = k * total / slices;
@@ -126,7 +141,7 @@ void Fetcher::submit(const SessionId& session, std::vector<FetchItem>&& items) {
                 std::back_inserter(command.items));
       items.resize(begin);
     }
-    threads[(first + k) % threads.size()]->push(std::move(command));
+    threads[(shared.home + (first + k) % shared.spread) % threads.size()]->push(std::move(command));
   }
 }
 

@@ -37,6 +37,11 @@ using FetchResult = protocol::WireResult;
 
 class Fetcher {
  public:
+  // Window served by one I/O thread: a session with a window up to this
+  // stays on one thread (its connections in one pool, its results in one
+  // batch stream); a bigger one is spread over more.
+  static constexpr std::size_t kWindowPerThread = 512;
+
   struct Options {
     // I/O threads; 0 = one per core (std::thread::hardware_concurrency()).
     unsigned io_threads = 0;
@@ -46,10 +51,13 @@ class Fetcher {
     // (CURLMOPT_MAXCONNECTS). Sized for a window of ~1000 on one host, so a
     // new burst reuses the last burst's connections instead of reconnecting.
     long max_idle_connections = 1024;
-    // Concurrent connections per host per session per I/O thread
-    // (CURLMOPT_MAX_HOST_CONNECTIONS); 0 = no cap. The session's window
-    // already bounds concurrency in the cluster, so the default adds none: a
-    // cap below the window would silently shrink it on HTTP/1.1.
+    // Concurrent connections per host per session in this process, at most;
+    // 0 = the session's window (SessionSettings::workers), which is also the
+    // most it ever has in flight. A session is served by one I/O thread per
+    // kWindowPerThread of its window (at least one, at most all), and the cap
+    // is shared out between them (CURLMOPT_MAX_HOST_CONNECTIONS of each), so
+    // a window of 25 opens at most 25 connections to a host, not 25 per
+    // thread. A cap below the window shrinks it on HTTP/1.1.
     long max_host_connections = 0;
     // Counters for /metrics (retries by cause, 429s by host, latency and
     // body size histograms); nullptr = not counted. Outlives the Fetcher.

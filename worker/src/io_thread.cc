@@ -228,10 +228,10 @@ class IoThread::Loop {
     curl_multi_setopt(multi, CURLMOPT_TIMERDATA, session.get());
     curl_multi_setopt(multi, CURLMOPT_PIPELINING, CURLPIPE_MULTIPLEX);
     curl_multi_setopt(multi, CURLMOPT_MAXCONNECTS, context_.options->max_idle_connections);
-    // Without a per-host cap every queued HTTP/1.1 transfer opens its own
-    // connection. In the pipeline the broker never hands over more than the
-    // session's window, so the default is no cap (Options comment).
-    curl_multi_setopt(multi, CURLMOPT_MAX_HOST_CONNECTIONS, context_.options->max_host_connections);
+    // The session's share of its window (SharedSession::host_connections):
+    // a transfer past it waits for a connection of this thread to come free
+    // rather than opening one more.
+    curl_multi_setopt(multi, CURLMOPT_MAX_HOST_CONNECTIONS, shared->host_connections);
     ThreadSession* raw = session.get();
     sessions_.emplace(shared->id, std::move(session));
     return raw;

@@ -56,6 +56,13 @@ struct SharedSession {
   const SessionSettings settings;
   const SessionHeaders headers;
   CURLSH* const share;
+  // The I/O threads serving the session (Fetcher::open_session): `spread` of
+  // them from `home` on, each keeping at most `host_connections` connections
+  // to any one host, so the session's connections to a destination stay
+  // within its window however many threads serve it.
+  unsigned home = 0;
+  unsigned spread = 1;
+  long host_connections = 0;
   // Indexed by curl_lock_data; CURL_LOCK_DATA_SHARE is used by libcurl itself
   // when handles attach and detach.
   std::array<std::mutex, CURL_LOCK_DATA_LAST> locks;
