@@ -113,6 +113,8 @@ struct FetchFlags {
   bool backoff_bounds_given = false;  // both --backoff-base-ms and --backoff-max-ms
   std::vector<std::string> rate_limits;
   bool learn_rate_limits = false;
+  std::string cacert, cert, key, proxy, no_proxy;
+  bool insecure = false;
 };
 
 void PrintError(const std::string& message) { std::fprintf(stderr, "gatherer: %s\n", message.c_str()); }
@@ -350,6 +352,9 @@ bool BuildOptions(const FetchFlags& flags, gatherer::Options& options) {
     return false;
   }
   options.max_in_flight_bytes = *in_flight;
+  options.cacert = flags.cacert;
+  options.cert = flags.cert;
+  options.key = flags.key;
 
   options.broker = flags.broker;
   options.workers = flags.workers;
@@ -381,6 +386,9 @@ bool BuildOptions(const FetchFlags& flags, gatherer::Options& options) {
     settings.rate_limits.push_back(std::move(*rule));
   }
   settings.learn_rate_limits = flags.learn_rate_limits;
+  settings.tls_insecure = flags.insecure;
+  settings.proxy = flags.proxy;
+  settings.no_proxy = flags.no_proxy;
   for (const std::string& arg : flags.headers) {
     auto header = gatherer::cli::ParseHeaderArg(arg);
     if (!header) {
@@ -666,6 +674,19 @@ int main(int argc, char** argv) {
   fetch->add_flag("--learn-rate-limits", flags.learn_rate_limits,
                   "Learn rate limits from responses (Retry-After, X-App-Rate-Limit, RateLimit, ...): a 429 "
                   "pauses its key for the whole cluster and the statement runs again");
+  fetch->add_option("--cacert", flags.cacert,
+                    "Trusted CA certificates for https, a PEM file or a directory of them, in place of the "
+                    "system's (sent to every worker)");
+  fetch->add_option("--cert", flags.cert, "Client certificate (PEM) for https servers that ask for one; needs --key");
+  fetch->add_option("--key", flags.key, "Private key (PEM) of --cert");
+  fetch->add_flag("--insecure", flags.insecure,
+                  "Do not verify https servers' certificates or names (testing only; logged as a warning)");
+  fetch->add_option("--proxy", flags.proxy,
+                    "Proxy for every statement: http://, https://, socks4://, socks4a://, socks5:// or socks5h:// "
+                    "HOST:PORT (default: the workers' http_proxy, https_proxy, all_proxy)")
+      ->envname("GATHERER_PROXY");
+  fetch->add_option("--noproxy", flags.no_proxy,
+                    "Hosts reached without the proxy, comma-separated ('*' = all; default: the workers' no_proxy)");
   fetch->add_flag("-q,--quiet", flags.quiet, "No summary line or progress bar on stderr (errors are still printed)");
   fetch->add_flag("--progress", flags.progress,
                   "Progress bar on stderr even when it is not a terminal (default: only on a terminal that stdout "

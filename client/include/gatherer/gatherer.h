@@ -59,6 +59,17 @@ struct Options {
   // this bounds what big POST bodies cost on every hop; the window still
   // bounds the count. 0 = no limit.
   std::uint64_t max_in_flight_bytes = 8ull << 20;
+  // TLS files, read once when the Gatherer is made (a missing or unreadable
+  // file, or one without the PEM it should hold, is an Error
+  // invalid_argument naming it, before anything is sent); their PEM text goes
+  // to every worker in the session settings (settings.tls_ca_pem, ...).
+  // cacert: trusted CA certificates, a PEM file or a directory of them (each
+  // file that holds a certificate), replacing the system's store. cert and
+  // key: a client certificate and its private key, both or neither. For
+  // skipping verification, proxies: settings.tls_insecure, settings.proxy.
+  std::string cacert;
+  std::string cert;
+  std::string key;
   // Embedded mode only: I/O threads of the in-process worker (0 = one per core).
   unsigned embedded_io_threads = 0;
   // How long the destructor waits (at most 5 s) for the broker to confirm
