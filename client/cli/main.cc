@@ -107,6 +107,7 @@ struct FetchFlags {
   long long max_redirects = 5;
   std::string max_body_bytes = "64M";
   std::string max_in_flight_bytes = "8M";
+  std::string max_buffered_bytes = "64M";
   long long backoff_base_ms = 100;
   long long backoff_max_ms = 10'000;
   long long retry_after_max_ms = 60'000;
@@ -352,6 +353,12 @@ bool BuildOptions(const FetchFlags& flags, gatherer::Options& options) {
     return false;
   }
   options.max_in_flight_bytes = *in_flight;
+  auto buffered = gatherer::cli::ParseByteSize(flags.max_buffered_bytes);
+  if (!buffered) {
+    PrintError("--max-buffered-bytes " + buffered.error().message());
+    return false;
+  }
+  options.max_buffered_bytes = *buffered;
   options.cacert = flags.cacert;
   options.cert = flags.cert;
   options.key = flags.key;
@@ -650,6 +657,10 @@ int main(int argc, char** argv) {
   fetch->add_option("--max-in-flight-bytes", flags.max_in_flight_bytes,
                     "Statement bodies sent and not yet answered, at most (K, M, G = powers of 1024; 0 = no "
                     "limit); bounds what big POST bodies cost on every hop")
+      ->capture_default_str();
+  fetch->add_option("--max-buffered-bytes", flags.max_buffered_bytes,
+                    "Response bodies held while waiting for an earlier statement, at most (K, M, G = powers of "
+                    "1024; 0 = no limit): past it no new statement is sent until the output catches up")
       ->capture_default_str();
   fetch->add_option("--max-body-bytes", flags.max_body_bytes,
                     "Largest response body, 1 .. 256M (K, M, G = powers of 1024); a bigger one fails "

@@ -53,6 +53,12 @@ struct Options {
   // unfinished one. Bounds a stream's memory whatever the number of
   // statements. 0 = 4 x (workers + prefetch). gather() is not bounded by it.
   int reorder_buffer = 0;
+  // Response body bytes a stream holds, at most, answered but not yet handed
+  // out (waiting for an earlier one in input order, or for the reader): past
+  // it no new statement is sent until the reader catches up, so big bodies
+  // cost this much and not body size x reorder_buffer. 0 = no limit.
+  // gather() keeps every response anyway and is not bounded by it.
+  std::uint64_t max_buffered_bytes = 64ull << 20;
   // Statement body bytes submitted and not yet answered, at most (one
   // statement is always let through, whatever its size). A body in flight is
   // held by the client, the broker and a worker, each in its own copy, so
