@@ -107,12 +107,15 @@ struct FetchFlags {
   long long max_redirects = 5;
   std::string max_body_bytes = "64M";
   std::string max_in_flight_bytes = "8M";
+  std::string max_buffered_bytes = "64M";
   long long backoff_base_ms = 100;
   long long backoff_max_ms = 10'000;
   long long retry_after_max_ms = 60'000;
   bool backoff_bounds_given = false;  // both --backoff-base-ms and --backoff-max-ms
   std::vector<std::string> rate_limits;
   bool learn_rate_limits = false;
+  std::string cacert, cert, key, proxy, no_proxy;
+  bool insecure = false;
 };
 
 void PrintError(const std::string& message) { std::fprintf(stderr, "gatherer: %s\n", message.c_str()); }
@@ -350,6 +353,15 @@ bool BuildOptions(const FetchFlags& flags, gatherer::Options& options) {
     return false;
   }
   options.max_in_flight_bytes = *in_flight;
+  auto buffered = gatherer::cli::ParseByteSize(flags.max_buffered_bytes);
+  if (!buffered) {
+    PrintError("--max-buffered-bytes " + buffered.error().message());
+    return false;
+  }
+  options.max_buffered_bytes = *buffered;
+  options.cacert = flags.cacert;
+  options.cert = flags.cert;
+  options.key = flags.key;
 
   options.broker = flags.broker;
   options.workers = flags.workers;
@@ -381,6 +393,9 @@ bool BuildOptions(const FetchFlags& flags, gatherer::Options& options) {
     settings.rate_limits.push_back(std::move(*rule));
   }
   settings.learn_rate_limits = flags.learn_rate_limits;
+  settings.tls_insecure = flags.insecure;
+  settings.proxy = flags.proxy;
+  settings.no_proxy = flags.no_proxy;
   for (const std::string& arg : flags.headers) {
     auto header = gatherer::cli::ParseHeaderArg(arg);
     if (!header) {
@@ -643,6 +658,10 @@ int main(int argc, char** argv) {
                     "Statement bodies sent and not yet answered, at most (K, M, G = powers of 1024; 0 = no "
                     "limit); bounds what big POST bodies cost on every hop")
       ->capture_default_str();
+  fetch->add_option("--max-buffered-bytes", flags.max_buffered_bytes,
+                    "Response bodies held while waiting for an earlier statement, at most (K, M, G = powers of "
+                    "1024; 0 = no limit): past it no new statement is sent until the output catches up")
+      ->capture_default_str();
   fetch->add_option("--max-body-bytes", flags.max_body_bytes,
                     "Largest response body, 1 .. 256M (K, M, G = powers of 1024); a bigger one fails "
                     "with resource_exhausted")
@@ -666,6 +685,19 @@ int main(int argc, char** argv) {
   fetch->add_flag("--learn-rate-limits", flags.learn_rate_limits,
                   "Learn rate limits from responses (Retry-After, X-App-Rate-Limit, RateLimit, ...): a 429 "
                   "pauses its key for the whole cluster and the statement runs again");
+  fetch->add_option("--cacert", flags.cacert,
+                    "Trusted CA certificates for https, a PEM file or a directory of them, in place of the "
+                    "system's (sent to every worker)");
+  fetch->add_option("--cert", flags.cert, "Client certificate (PEM) for https servers that ask for one; needs --key");
+  fetch->add_option("--key", flags.key, "Private key (PEM) of --cert");
+  fetch->add_flag("--insecure", flags.insecure,
+                  "Do not verify https servers' certificates or names (testing only; logged as a warning)");
+  fetch->add_option("--proxy", flags.proxy,
+                    "Proxy for every statement: http://, https://, socks4://, socks4a://, socks5:// or socks5h:// "
+                    "HOST:PORT (default: the workers' http_proxy, https_proxy, all_proxy)")
+      ->envname("GATHERER_PROXY");
+  fetch->add_option("--noproxy", flags.no_proxy,
+                    "Hosts reached without the proxy, comma-separated ('*' = all; default: the workers' no_proxy)");
   fetch->add_flag("-q,--quiet", flags.quiet, "No summary line or progress bar on stderr (errors are still printed)");
   fetch->add_flag("--progress", flags.progress,
                   "Progress bar on stderr even when it is not a terminal (default: only on a terminal that stdout "

@@ -4,6 +4,7 @@
 #include "gatherer/event_loop.h"
 #include "gatherer/ids.h"
 #include "gatherer_impl.h"
+#include "tls_settings.h"
 
 namespace gatherer {
 namespace {
@@ -41,6 +42,13 @@ Gatherer::Gatherer(Options options) : impl_(std::make_unique<Impl>()) {
   m.options = std::move(options);
   m.settings = m.options.settings;
   m.settings.workers = static_cast<std::uint32_t>(m.options.workers);
+  Status tls = client::LoadTlsFiles(m.options, m.settings);
+  if (tls.ok()) tls = client::ValidateTlsAndProxy(m.settings);
+  if (!tls.ok()) throw Error("invalid settings: " + tls.message(), -1, tls.code());
+  if (m.settings.tls_insecure) {
+    m.log().warn("gatherer: TLS verification is off (tls_insecure): any server can pose as the one asked for; "
+                 "for testing only");
+  }
   if (m.settings.max_attempts == 0 || m.settings.accept_min > m.settings.accept_max ||
       m.settings.max_body_bytes > kMaxResponseBody) {
     throw Error("invalid settings: max_attempts must be >= 1, accept_min <= accept_max and max_body_bytes <= " +

@@ -23,6 +23,7 @@ void Window::send(std::size_t count) {
 
 void Window::answer(std::uint64_t pos, Response&& response) {
   ++answered_;
+  held_bytes_ += response.body.size();
   const std::size_t at = pos % span_;
   slots_[at] = kDone;
   if (order_ == Order::kInput) {
@@ -43,11 +44,13 @@ std::optional<Indexed> Window::next() {
     if (ready_.empty()) return std::nullopt;
     Indexed out = std::move(ready_.front());
     ready_.pop_front();
+    held_bytes_ -= out.response.body.size();
     return out;
   }
   if (low_ == sent_ || slots_[low_ % span_] != kDone) return std::nullopt;
   const std::size_t at = low_ % span_;
   slots_[at] = kFree;
+  held_bytes_ -= reorder_[at].body.size();
   return Indexed{low_++, std::move(reorder_[at])};
 }
 

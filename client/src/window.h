@@ -60,6 +60,8 @@ class Window {
   // The highest unanswered position below `end`, if any.
   std::optional<std::uint64_t> highest_unanswered_below(std::uint64_t end) const;
 
+  // Body bytes of the responses answered and not yet handed out.
+  std::uint64_t held_bytes() const { return held_bytes_; }
   std::uint64_t sent() const { return sent_; }
   std::uint64_t answered() const { return answered_; }
   std::uint64_t unanswered_count() const { return sent_ - answered_; }
@@ -77,6 +79,7 @@ class Window {
   std::uint64_t sent_ = 0;
   std::uint64_t answered_ = 0;
   std::uint64_t low_ = 0;  // lowest position still tracked
+  std::uint64_t held_bytes_ = 0;
 };
 
 }  // namespace gatherer::client

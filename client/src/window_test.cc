@@ -128,6 +128,24 @@ TEST(WindowTest, UnansweredPositionsForSyncAndResubmit) {
   EXPECT_FALSE(w.highest_unanswered_below(1));
 }
 
+TEST(WindowTest, HeldBytesCountWhatIsAnsweredAndNotHandedOut) {
+  for (Order order : {Order::kInput, Order::kCompletion}) {
+    Window w(order, 8, 8);
+    w.send(3);
+    Response big;
+    big.body.assign(1000, 'x');
+    w.answer(2, Response(big));
+    w.answer(1, Response(big));
+    EXPECT_EQ(w.held_bytes(), 2000u);
+    if (order == Order::kInput) {
+      EXPECT_FALSE(w.next()) << "position 0 first";
+    }
+    w.answer(0, Ok(200));
+    Drain(w);
+    EXPECT_EQ(w.held_bytes(), 0u);
+  }
+}
+
 TEST(WindowTest, MemoryIsTheSpanNotTheStatementCount) {
   // A million positions through a span of 8: the ring is reused throughout.
   Window w(Order::kInput, 8, 4);

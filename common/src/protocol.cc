@@ -73,7 +73,23 @@ void PackRateReport(Packer& pk, const RateReport& r) {
 void PackSettings(Packer& pk, const SessionSettings& s) {
   // The rate keys are written only when set, so a session without them
   // encodes as before (§3.8).
-  pk.pack_map(13 + (s.rate_limits.empty() ? 0 : 1) + (s.learn_rate_limits ? 1 : 0));
+  // So are the TLS and proxy keys.
+  const auto set = [](const std::string& v) { return v.empty() ? 0u : 1u; };
+  pk.pack_map(13 + (s.rate_limits.empty() ? 0 : 1) + (s.learn_rate_limits ? 1 : 0) + set(s.tls_ca_pem) +
+              set(s.tls_cert_pem) + set(s.tls_key_pem) + (s.tls_insecure ? 1 : 0) + set(s.proxy) + set(s.no_proxy));
+  for (const auto& [key, value] : {std::pair<const char*, const std::string*>{"tls_ca_pem", &s.tls_ca_pem},
+                                   {"tls_cert_pem", &s.tls_cert_pem},
+                                   {"tls_key_pem", &s.tls_key_pem},
+                                   {"proxy", &s.proxy},
+                                   {"no_proxy", &s.no_proxy}}) {
+    if (value->empty()) continue;
+    PackStr(pk, key);
+    PackStr(pk, *value);
+  }
+  if (s.tls_insecure) {
+    PackStr(pk, "tls_insecure");
+    pk.pack(true);
+  }
   if (!s.rate_limits.empty()) {
     PackStr(pk, "rate_limits");
     pk.pack_array(static_cast<std::uint32_t>(s.rate_limits.size()));
@@ -227,8 +243,17 @@ SessionSettings AsSettings(const msgpack::object& o) {
     else if (key == "learn_rate_limits") {
       if (v.type != msgpack::type::BOOLEAN) Fail("learn_rate_limits is not a boolean");
       s.learn_rate_limits = v.via.boolean;
+    } else if (key == "tls_ca_pem") s.tls_ca_pem = AsStr(v, "tls_ca_pem");
+    else if (key == "tls_cert_pem") s.tls_cert_pem = AsStr(v, "tls_cert_pem");
+    else if (key == "tls_key_pem") s.tls_key_pem = AsStr(v, "tls_key_pem");
+    else if (key == "proxy") s.proxy = AsStr(v, "proxy");
+    else if (key == "no_proxy") s.no_proxy = AsStr(v, "no_proxy");
+    else if (key == "tls_insecure") {
+      if (v.type != msgpack::type::BOOLEAN) Fail("tls_insecure is not a boolean");
+      s.tls_insecure = v.via.boolean;
     }
   }
+  if (s.tls_cert_pem.empty() != s.tls_key_pem.empty()) Fail("tls_cert_pem and tls_key_pem come together");
   if (s.workers == 0 || s.max_attempts == 0 || s.accept_min > s.accept_max || s.max_body_bytes > kMaxResponseBody) {
     Fail("settings out of range");
   }

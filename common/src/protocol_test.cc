@@ -1359,6 +1359,39 @@ TEST(ProtocolTest, Clause_3_8_1_OutOfRangeRateSettingsAreMalformed) {
       << "learn_rate_limits must be a boolean";
 }
 
+// 3.1: the TLS and proxy keys round-trip, are left out when unset, and a
+// certificate without its key (or a key without its certificate) is malformed.
+TEST(ProtocolTest, Clause_3_1_TlsAndProxySettingsRoundTripAndAreOmittedWhenUnset) {
+  SessionSettings s;
+  s.tls_ca_pem = "-----BEGIN CERTIFICATE-----\nca\n-----END CERTIFICATE-----\n";
+  s.tls_cert_pem = "-----BEGIN CERTIFICATE-----\nme\n-----END CERTIFICATE-----\n";
+  s.tls_key_pem = "-----BEGIN PRIVATE KEY-----\nk\n-----END PRIVATE KEY-----\n";
+  s.tls_insecure = true;
+  s.proxy = "socks5h://127.0.0.1:1080";
+  s.no_proxy = "localhost,10.0.0.0/8";
+  const SessionSettings back = Must(DecodeOpen(Encode(Open{NewSessionId(), s, 0}))).settings;
+  EXPECT_EQ(back.tls_ca_pem, s.tls_ca_pem);
+  EXPECT_EQ(back.tls_cert_pem, s.tls_cert_pem);
+  EXPECT_EQ(back.tls_key_pem, s.tls_key_pem);
+  EXPECT_TRUE(back.tls_insecure);
+  EXPECT_EQ(back.proxy, s.proxy);
+  EXPECT_EQ(back.no_proxy, s.no_proxy);
+  const std::string header = Encode(Open{NewSessionId(), SessionSettings{}, 0})[2].to_string();
+  for (const char* key : {"tls_", "proxy"}) EXPECT_EQ(header.find(key), std::string::npos) << key;
+  EXPECT_FALSE(DecodeOpen(OpenWithRawSettings([](auto& pk) {
+                 pk.pack_map(1);
+                 pk.pack(std::string("tls_cert_pem"));
+                 pk.pack(std::string("-----BEGIN CERTIFICATE-----"));
+               })).has_value())
+      << "a certificate without its key";
+  EXPECT_FALSE(DecodeOpen(OpenWithRawSettings([](auto& pk) {
+                 pk.pack_map(1);
+                 pk.pack(std::string("tls_insecure"));
+                 pk.pack(1);
+               })).has_value())
+      << "tls_insecure must be a boolean";
+}
+
 // 3.8.6: a result's rate report travels as its 9th element, in both
 // decoders; a result without one stays an 8-array.
 TEST(ProtocolTest, Clause_3_8_6_RateReportsRoundTripInBothDecoders) {

@@ -90,7 +90,10 @@ ROWS = {
     "tcp1": "gatherer, tcp broker + 1 worker",
     "tcp2": "gatherer, tcp broker + 2 workers",
 }
-DEFAULT_CASES = "nginx-25,nginx-256,delay-25,delay-256,delay-1000"
+DEFAULT_CASES = "nginx-25,nginx-256,https-256,h2-256,delay-25,delay-256,delay-1000"
+NGINX_KINDS = ("nginx", "https", "h2")
+# The Python package has no TLS file settings: it is measured over plain http.
+TLS_ROWS_SKIPPED = ("python",)
 QUICK_CASES = "nginx-256,delay-1000"
 NGINX_STATUS_PATH = "/nginx_status"
 DELAY_STATS_PATH = "/_stats/requests"
@@ -281,14 +284,51 @@ http {{
             try_files /player.json =404;
         }}
     }}
-}}
+{tls_servers}}}
 """
+# https: TLS 1.3 and HTTP/1.1 only; h2: TLS 1.3 offering HTTP/2 (ALPN).
+NGINX_TLS_SERVER = """\
+    server {{
+        listen 127.0.0.1:{port} ssl{http2} backlog=4096;
+        ssl_certificate {dir}/server.pem;
+        ssl_certificate_key {dir}/server.key;
+        ssl_protocols TLSv1.3;
+        ssl_session_cache shared:bench:10m;
+        http2_max_requests 1000000;
+        root {root};
+        location / {{
+            default_type application/json;
+            try_files /player.json =404;
+        }}
+    }}
+"""
+
+
+def make_certificates(directory):
+    """A CA and a server certificate for 127.0.0.1 signed by it (EC P-256),
+    made with openssl for this run only; returns the CA's path."""
+    d = directory
+    with open(os.path.join(d, "server.ext"), "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    steps = [
+        ["openssl", "req", "-x509", *ec, "-days", "2", "-subj", "/CN=gatherer-bench-ca",
+         "-keyout", f"{d}/ca.key", "-out", f"{d}/ca.pem"],
+        ["openssl", "req", *ec, "-subj", "/CN=127.0.0.1", "-keyout", f"{d}/server.key", "-out", f"{d}/server.csr"],
+        ["openssl", "x509", "-req", "-in", f"{d}/server.csr", "-CA", f"{d}/ca.pem", "-CAkey", f"{d}/ca.key",
+         "-CAcreateserial", "-days", "2", "-extfile", f"{d}/server.ext", "-out", f"{d}/server.pem"],
+    ]
+    for step in steps:
+        r = subprocess.run(step, capture_output=True, text=True, timeout=HTTP_TIMEOUT_S)
+        if r.returncode != 0:
+            raise BenchFailure(f"{' '.join(step[:3])}: {r.stderr.strip()[:500]}")
+    return f"{d}/ca.pem"
 
 
 class NginxServer:
     name = "nginx"
 
-    def __init__(self, procs, nginx, workdir):
+    def __init__(self, procs, nginx, workdir, tls=False):
         self.dir = os.path.join(workdir, "nginx")
         os.makedirs(os.path.join(self.dir, "www"))
         os.makedirs(os.path.join(self.dir, "tmp"))
@@ -299,9 +339,20 @@ class NginxServer:
         with open(os.path.join(self.dir, "www", "player.json"), "wb") as f:
             f.write(self.body)
         self.port = free_port()
+        # Plain http, and with tls https (HTTP/1.1) and h2 on ports of their own.
+        self.ports = {"nginx": self.port}
+        self.cacert = None
+        tls_servers = ""
+        if tls:
+            self.cacert = make_certificates(self.dir)
+            for kind, http2 in (("https", ""), ("h2", " http2")):
+                self.ports[kind] = free_port()
+                tls_servers += NGINX_TLS_SERVER.format(port=self.ports[kind], http2=http2, dir=self.dir,
+                                                       root=os.path.join(self.dir, "www"))
         conf = os.path.join(self.dir, "nginx.conf")
         with open(conf, "w") as f:
-            f.write(NGINX_CONF.format(port=self.port, root=os.path.join(self.dir, "www"), status=NGINX_STATUS_PATH))
+            f.write(NGINX_CONF.format(port=self.port, root=os.path.join(self.dir, "www"), status=NGINX_STATUS_PATH,
+                                      tls_servers=tls_servers))
         self.err = os.path.join(self.dir, "stderr.log")
         with open(self.err, "wb") as err:
             self.proc = procs.spawn([nginx, "-p", self.dir + "/", "-c", conf, "-e", "error.log", "-g", "daemon off;"],
@@ -311,9 +362,9 @@ class NginxServer:
             if self.proc.poll() is not None:
                 raise BenchFailure(f"nginx exited with {self.proc.returncode}:\n{tail(self.err)}"
                                    f"{tail(os.path.join(self.dir, 'error.log'))}")
-            return port_open(self.port)
+            return all(port_open(p) for p in self.ports.values())
 
-        wait_for(ready, START_TIMEOUT_S, f"nginx on 127.0.0.1:{self.port}")
+        wait_for(ready, START_TIMEOUT_S, f"nginx on 127.0.0.1:{', '.join(map(str, self.ports.values()))}")
         self.status_reads = 0
         status, body = http_get(self.url("/players/probe"))
         if status != 200 or body != self.body:
@@ -321,22 +372,49 @@ class NginxServer:
         self.version = subprocess.run([nginx, "-v"], capture_output=True, text=True,
                                       timeout=HTTP_TIMEOUT_S).stderr.strip().split("/")[-1]
 
-    def url(self, path):
-        return f"http://127.0.0.1:{self.port}{path}"
+    def url(self, path, kind="nginx"):
+        scheme = "http" if kind == "nginx" else "https"
+        return f"{scheme}://127.0.0.1:{self.ports[kind]}{path}"
 
-    def requests(self):
-        """Requests served so far, not counting the status reads."""
+    def counts(self):
+        """(connections accepted, requests served) so far over every port, not
+        counting the status reads (one connection and one request each)."""
         self.status_reads += 1
         status, text = http_get(self.url(NGINX_STATUS_PATH))
         # "Active connections: 1 \nserver accepts handled requests\n 5 5 12 \n..."
-        m = re.search(rb"server accepts handled requests\s+\d+\s+\d+\s+(\d+)", text)
+        m = re.search(rb"server accepts handled requests\s+(\d+)\s+\d+\s+(\d+)", text)
         if status != 200 or not m:
             raise BenchFailure(f"nginx stub_status unreadable: {status} {text[:200]!r}")
-        return int(m.group(1)) - self.status_reads
+        return int(m.group(1)) - self.status_reads, int(m.group(2)) - self.status_reads
+
+    def requests(self):
+        return self.counts()[1]
+
+
+class NginxEndpoint:
+    """One of nginx's ports as a case's server: nginx (http), https (TLS 1.3,
+    HTTP/1.1) or h2 (TLS 1.3, HTTP/2)."""
+
+    def __init__(self, nginx, kind):
+        self.nginx = nginx
+        self.kind = kind
+        self.name = {"nginx": "nginx", "https": "nginx https", "h2": "nginx h2"}[kind]
+        self.body = nginx.body
+        self.cacert = None if kind == "nginx" else nginx.cacert
+
+    def url(self, path):
+        return self.nginx.url(path, self.kind)
+
+    def counts(self):
+        return self.nginx.counts()
+
+    def requests(self):
+        return self.nginx.requests()
 
 
 class DelayServer:
     name = "delay"
+    cacert = None
 
     def __init__(self, procs, binary, delay_ms, workdir):
         self.out = os.path.join(workdir, "delay-server.out")
@@ -362,6 +440,10 @@ class DelayServer:
 
     def url(self, path):
         return f"http://127.0.0.1:{self.port}{path}"
+
+    def counts(self):
+        """(connections: not counted here, requests)."""
+        return None, self.requests()
 
     def requests(self):
         status, text = http_get(self.url(DELAY_STATS_PATH))
@@ -492,20 +574,22 @@ class Runner:
         a = self.a
         what = f"{ROWS[row]} at C={c} on {server.name}"
         extra_cpu, extra_rss, cluster = 0.0, 0.0, []
+        tls = ["--cacert", server.cacert] if server.cacert else []
         if row == "curl":
-            cmd, stdin = [self.bin["curl"], "--concurrency", str(c), "--print"], url_file
+            cmd, stdin = [self.bin["curl"], "--concurrency", str(c), "--print"] + tls, url_file
         elif row == "aiohttp":
             cmd, stdin = [a.python, os.path.join(HERE, "aiohttp_gather.py"), url_file, "--concurrency", str(c),
-                          "--print"], None
+                          "--print"] + tls, None
         elif row == "python":
             cmd, stdin = [a.python, os.path.join(HERE, "python_gather.py"), url_file, "--concurrency", str(c),
                           "--print", "--build", a.build], None
         else:
-            cmd, stdin = [self.bin["gatherer"], "fetch", url_file, "--workers", str(c), "--log-level", "warning"], None
+            cmd, stdin = [self.bin["gatherer"], "fetch", url_file, "--workers", str(c), "--log-level",
+                          "warning"] + tls, None
             if row in ("tcp1", "tcp2"):
                 endpoint, cluster = self.cluster(1 if row == "tcp1" else 2)
                 cmd += ["--broker", endpoint]
-        before = server.requests()
+        conns_before, before = server.counts()
         try:
             cpu_before = [cpu_seconds(p.pid) for p in cluster]
             try:
@@ -525,11 +609,12 @@ class Runner:
             p50, p99 = check_peer(self.out, self.err, a.n, server.body)
         else:
             p50, p99 = check_gatherer(self.out, a.n, server.body)
-        served = server.requests() - before
+        conns_after, after = server.counts()
+        served = after - before
         if served != a.n:
             raise BenchFailure(f"{what}: the server counted {served} requests, expected exactly {a.n}")
         return {"rate": a.n / wall, "wall": wall, "cpu": cpu + extra_cpu, "rss": rss + extra_rss,
-                "p50": p50, "p99": p99}
+                "p50": p50, "p99": p99, "conns": None if conns_before is None else conns_after - conns_before}
 
 
 # --- setup ------------------------------------------------------------------------
@@ -551,6 +636,8 @@ def missing_deps(a, need_nginx, need_aiohttp):
             v = subprocess.run([nginx, "-V"], capture_output=True, text=True, timeout=HTTP_TIMEOUT_S)
             if "http_stub_status_module" not in v.stderr:
                 missing.append("nginx with the stub_status module")
+            if shutil.which("openssl") is None:
+                missing.append("openssl (the https cases' certificates)")
     if need_aiohttp:
         probe = subprocess.run([a.python, "-c", "import aiohttp"], capture_output=True, timeout=60)
         if probe.returncode != 0:
@@ -594,9 +681,9 @@ def machine():
 def parse_cases(text):
     cases = []
     for item in text.split(","):
-        m = re.fullmatch(r"(nginx|delay)-(\d+)", item.strip())
+        m = re.fullmatch(r"(nginx|https|h2|delay)-(\d+)", item.strip())
         if not m or int(m.group(2)) < 1:
-            sys.exit(f"--cases: '{item}' is not nginx-C or delay-C")
+            sys.exit(f"--cases: '{item}' is not nginx-C, https-C, h2-C or delay-C")
         cases.append((m.group(1), int(m.group(2))))
     return cases
 
@@ -607,7 +694,7 @@ def parse_args():
     ap.add_argument("--build", default=os.path.join(REPO, "build/release"), help="release build directory")
     ap.add_argument("--n", type=int, default=None, help="requests per run (default 20000; --quick 2000)")
     ap.add_argument("--runs", type=int, default=None, help="rounds (default 3; --quick 1)")
-    ap.add_argument("--cases", default=None, help=f"comma-separated nginx-C / delay-C (default {DEFAULT_CASES})")
+    ap.add_argument("--cases", default=None, help=f"comma-separated nginx-C / https-C / h2-C / delay-C (default {DEFAULT_CASES})")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     ap.add_argument("--delay-ms", type=int, default=50, help="delay server's answer delay")
     ap.add_argument("--quick", action="store_true", help=f"smoke run: N=2000, 1 run, all rows, {QUICK_CASES}")
@@ -653,26 +740,34 @@ def report(a, results, nginx_version, started):
                f"gatherer-bench-server --delay-ms {a.delay_ms} (1 thread). Every run checked: N responses, "
                f"all 200 with the server's body, gatherer's in input order, the server counted exactly N.")
     out.append("")
-    out.append("| case | row | req/s median (min–max) | × bare libcurl | % of C/delay | CPU s | peak RSS MB "
-               "| p50 ms | p99 ms |")
-    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    out.append("| case | row | req/s median (min–max) | × bare libcurl | % of C/delay | CPU s | CPU µs/req "
+               "| peak RSS MB | connections | p50 ms | p99 ms |")
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    labels = {"nginx": "nginx", "https": "nginx https (TLS 1.3, HTTP/1.1)", "h2": "nginx h2 (TLS 1.3, HTTP/2)"}
     for kind, c in a.cases:
         key = (kind, c)
         ideal = ideal_rate(a, kind, c)
-        label = f"nginx C={c}" if kind == "nginx" else f"delay {a.delay_ms} ms C={c} (C/delay {ideal:,.0f}/s)"
+        label = (f"{labels[kind]} C={c}" if kind in labels
+                 else f"delay {a.delay_ms} ms C={c} (C/delay {ideal:,.0f}/s)")
         for row in a.rows:
             runs = [r[row] for r in results[key] if row in r]
+            if not runs:
+                continue  # not measured for this case (TLS_ROWS_SKIPPED)
             rates = [r["rate"] for r in runs]
             ratio = ratio_to(results, key, row, "curl") if "curl" in a.rows else None
             frac = f"{med(rates) / ideal:.0%}" if ideal else "—"
+            cpu = med(r["cpu"] for r in runs)
+            conns = [r["conns"] for r in runs if r["conns"] is not None]
             out.append(f"| {label} | {ROWS[row]} | {med(rates):,.0f} ({min(rates):,.0f}–{max(rates):,.0f}) | "
-                       f"{'—' if ratio is None else f'{ratio:.2f}'} | {frac} | {med(r['cpu'] for r in runs):.2f} | "
-                       f"{med(r['rss'] for r in runs):.1f} | {med(r['p50'] for r in runs):.1f} | "
-                       f"{med(r['p99'] for r in runs):.1f} |")
+                       f"{'—' if ratio is None else f'{ratio:.2f}'} | {frac} | {cpu:.2f} | {cpu / a.n * 1e6:.0f} | "
+                       f"{med(r['rss'] for r in runs):.1f} | {max(conns) if conns else '—'} | "
+                       f"{med(r['p50'] for r in runs):.1f} | {med(r['p99'] for r in runs):.1f} |")
     out.append("")
-    out.append("CPU s: user+sys of the client, plus broker and workers for tcp rows (servers not counted); "
-               "peak RSS MB: summed over the same processes; p50/p99: per-transfer time for libcurl, per request "
-               "for aiohttp, the worker-side elapsed_ms for gatherer and its Python package; all medians of the runs.")
+    out.append("CPU s: user+sys of the client, plus broker and workers for tcp rows (servers not counted), and per "
+               "request; peak RSS MB: summed over the same processes; connections: opened to nginx in the run "
+               "(the most of the runs; every TLS connection is one handshake); p50/p99: per-transfer time for "
+               "libcurl, per request for aiohttp, the worker-side elapsed_ms for gatherer and its Python package; all "
+               "medians of the runs. aiohttp speaks HTTP/1.1 only, also in the h2 case.")
     out.append("")
     out.extend(targets(a, results))
     return "\n".join(out)
@@ -699,6 +794,23 @@ def targets(a, results):
     if key in results and "python" in a.rows and "aiohttp" in a.rows:
         r = ratio_to(results, key, "python", "aiohttp")
         lines.append(f"- nginx C=256, Python package ≥ 5× aiohttp: {r:.1f}× — {verdict(r >= 5)}")
+    for kind in ("https", "h2"):
+        key = (kind, 256)
+        if key not in results:
+            continue
+        for row in ("embedded", "tcp1"):
+            if row in a.rows and "curl" in a.rows:
+                r = ratio_to(results, key, row, "curl")
+                lines.append(f"- {kind} C=256, {ROWS[row]} ≥ 0.9× bare libcurl: {r:.2f}× — {verdict(r >= 0.9)}")
+            if row in a.rows and "aiohttp" in a.rows:
+                r = ratio_to(results, key, row, "aiohttp")
+                lines.append(f"- {kind} C=256, {ROWS[row]} ≥ 6× aiohttp: {r:.1f}× — {verdict(r >= 6)}")
+    over = [f"{kind} C={c} {row}: {fig['conns']}" for (kind, c), rounds in results.items() for rnd in rounds
+            for row, fig in rnd.items() if row not in ("curl", "aiohttp") and fig["conns"] is not None
+            and fig["conns"] > c]
+    if any(fig["conns"] is not None for rounds in results.values() for rnd in rounds for fig in rnd.values()):
+        lines.append(f"- connections opened ≤ C (the window) in every gatherer run: "
+                     f"{'holds' if not over else 'misses (' + '; '.join(over[:6]) + ')'}")
     key = ("delay", 1000)
     if key in results:
         ideal = ideal_rate(a, "delay", 1000)
@@ -727,7 +839,7 @@ def main():
     for name in ("curl-multi-baseline", "gatherer-bench-server"):
         if not os.access(os.path.join(a.build, "tests/bench", name), os.X_OK):
             sys.exit(f"{a.build} has no tests/bench/{name}: cmake --preset release && cmake --build --preset release")
-    ensure_deps(a, "nginx" in kinds, "aiohttp" in a.rows)
+    ensure_deps(a, bool(kinds & set(NGINX_KINDS)), "aiohttp" in a.rows)
     if "python" in a.rows and not os.path.isfile(os.path.join(a.build, "python/gatherer/__init__.py")):
         probe = subprocess.run([a.python, "-c", "import gatherer._gatherer"], capture_output=True, timeout=60)
         if probe.returncode != 0:
@@ -747,8 +859,10 @@ def main():
     started = datetime.datetime.now()
     try:
         servers = {}
-        if "nginx" in kinds:
-            servers["nginx"] = NginxServer(procs, nginx_binary(), workdir)
+        if kinds & set(NGINX_KINDS):
+            nginx = NginxServer(procs, nginx_binary(), workdir, tls=bool(kinds & {"https", "h2"}))
+            for kind in kinds & set(NGINX_KINDS):
+                servers[kind] = NginxEndpoint(nginx, kind)
         if "delay" in kinds:
             servers["delay"] = DelayServer(procs, os.path.join(a.build, "tests/bench/gatherer-bench-server"),
                                            a.delay_ms, workdir)
@@ -769,6 +883,8 @@ def main():
                 order = a.rows[shift:] + a.rows[:shift]
                 figures = {}
                 for row in order:
+                    if kind in ("https", "h2") and row in TLS_ROWS_SKIPPED:
+                        continue
                     try:
                         figures[row] = runner.run(row, c, servers[kind], url_files[kind], timeout_s)
                     except BenchFailure as e:
@@ -776,7 +892,7 @@ def main():
                     log(f"{kind} C={c} run {rnd + 1}/{a.runs} {row}: {figures[row]['rate']:,.0f} req/s, "
                         f"CPU {figures[row]['cpu']:.2f} s, RSS {figures[row]['rss']:.1f} MB")
                 results[(kind, c)].append(figures)
-        nginx_version = servers["nginx"].version if "nginx" in servers else None
+        nginx_version = next((s.nginx.version for s in servers.values() if isinstance(s, NginxEndpoint)), None)
         print(report(a, results, nginx_version, started))
     except BenchFailure as e:
         sys.exit(f"suite: FAILED: {e}")

@@ -113,6 +113,49 @@ TEST(StreamTest, SlowReaderStopsTheFetching) {
   EXPECT_EQ(count, 5000u);
 }
 
+// Big bodies behind a slow first statement: what waits to be handed out is
+// bounded by max_buffered_bytes, not by body size x reorder span. Statement 0
+// answers after 2 s; the others at once, with 256 KiB each.
+TEST(StreamTest, BufferedBytesBoundWhatWaitsBehindASlowStatement) {
+  constexpr std::size_t kBody = 256 * 1024;
+  for (const std::uint64_t budget : {std::uint64_t{2} << 20, std::uint64_t{0}}) {
+    HttpServer server([&](const HttpRequest& req) {
+      HttpReply reply;
+      if (req.target == "/big/0") reply.delay = 2s;
+      reply.body.assign(kBody, 'x');
+      return reply;
+    });
+    Options o{.workers = 4, .log_level = 40};
+    o.prefetch = 4;
+    o.reorder_buffer = 64;
+    o.max_buffered_bytes = budget;
+    Gatherer g(o);
+    std::uint64_t n = 0;
+    auto stream = g.stream([&](Statement& out) {
+      if (n == 200) return false;
+      out = Get(server.url("/big/" + std::to_string(n++)));
+      return true;
+    });
+    auto first = stream.next();
+    // What was fetched while statement 0 held everything back.
+    const std::uint64_t fetched_while_held = server.requests();
+    ASSERT_TRUE(first.has_value());
+    EXPECT_EQ(first->index, 0u);
+    if (budget != 0) {
+      // 2 MiB = 8 bodies held, 4 in flight, 4 queued at the broker, and 0.
+      EXPECT_LE(fetched_while_held, 8u + 4u + 4u + 1u) << "fetched past the buffered-bytes budget";
+    } else {
+      EXPECT_GE(fetched_while_held, 30u) << "without a budget, only the reorder span (64) bounds it";
+    }
+    std::uint64_t count = 1;
+    while (auto item = stream.next()) {
+      ASSERT_EQ(item->index, count++);
+      ASSERT_EQ(item->response.body.size(), kBody);
+    }
+    EXPECT_EQ(count, 200u);
+  }
+}
+
 TEST(StreamTest, InvalidStatementFromASourceNamesItsIndex) {
   HttpServer server(DelayHandler);
   Gatherer g({.workers = 8, .log_level = 40});

@@ -195,6 +195,30 @@ std::optional<ResponseError> ConfigureRequest(CURL* easy, const Statement& state
   // connection only for a transfer that asks for the same one.
   if (policy.interface != nullptr) set(CURLOPT_INTERFACE, policy.interface);
   if (share != nullptr) set(CURLOPT_SHARE, share);
+  // TLS and proxy, from the session's settings, which outlive every handle
+  // of the session: libcurl keeps a pointer to the PEM text, not a copy.
+  auto blob = [&](CURLoption option, const std::string& pem) {
+    curl_blob b{const_cast<char*>(pem.data()), pem.size(), CURL_BLOB_NOCOPY};
+    set(option, &b);  // the struct is copied, the text is not
+  };
+  if (!settings.tls_ca_pem.empty()) {
+    // In place of the system's store, not beside it.
+    set(CURLOPT_CAINFO, static_cast<const char*>(nullptr));
+    set(CURLOPT_CAPATH, static_cast<const char*>(nullptr));
+    blob(CURLOPT_CAINFO_BLOB, settings.tls_ca_pem);
+  }
+  if (!settings.tls_cert_pem.empty()) {
+    set(CURLOPT_SSLCERTTYPE, "PEM");
+    blob(CURLOPT_SSLCERT_BLOB, settings.tls_cert_pem);
+    set(CURLOPT_SSLKEYTYPE, "PEM");
+    blob(CURLOPT_SSLKEY_BLOB, settings.tls_key_pem);
+  }
+  if (settings.tls_insecure) {
+    set(CURLOPT_SSL_VERIFYPEER, 0L);
+    set(CURLOPT_SSL_VERIFYHOST, 0L);
+  }
+  if (!settings.proxy.empty()) set(CURLOPT_PROXY, settings.proxy.c_str());
+  if (!settings.no_proxy.empty()) set(CURLOPT_NOPROXY, settings.no_proxy.c_str());
   // libcurl never writes to the list: the session's may be shared.
   if (plan.headers != nullptr) set(CURLOPT_HTTPHEADER, const_cast<curl_slist*>(plan.headers));
 

@@ -223,7 +223,10 @@ void Worker::Impl::handle(std::vector<zmq::message_t>& frames) {
       if (awaiting_registration) return;
       const bool ordered = in_order(m->seq);
       fetcher->open_session(m->session, m->settings);
-      sessions.try_emplace(m->session);
+      if (sessions.try_emplace(m->session).second && m->settings.tls_insecure) {
+        log().warn("worker {}: session {} fetches without TLS verification (tls_insecure): for testing only", id,
+                   m->session.ToString());
+      }
       if (!ordered) resynchronise("an order from the broker was lost");
       return;
     }

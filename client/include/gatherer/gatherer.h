@@ -53,12 +53,29 @@ struct Options {
   // unfinished one. Bounds a stream's memory whatever the number of
   // statements. 0 = 4 x (workers + prefetch). gather() is not bounded by it.
   int reorder_buffer = 0;
+  // Response body bytes a stream holds, at most, answered but not yet handed
+  // out (waiting for an earlier one in input order, or for the reader): past
+  // it no new statement is sent until the reader catches up, so big bodies
+  // cost this much and not body size x reorder_buffer. 0 = no limit.
+  // gather() keeps every response anyway and is not bounded by it.
+  std::uint64_t max_buffered_bytes = 64ull << 20;
   // Statement body bytes submitted and not yet answered, at most (one
   // statement is always let through, whatever its size). A body in flight is
   // held by the client, the broker and a worker, each in its own copy, so
   // this bounds what big POST bodies cost on every hop; the window still
   // bounds the count. 0 = no limit.
   std::uint64_t max_in_flight_bytes = 8ull << 20;
+  // TLS files, read once when the Gatherer is made (a missing or unreadable
+  // file, or one without the PEM it should hold, is an Error
+  // invalid_argument naming it, before anything is sent); their PEM text goes
+  // to every worker in the session settings (settings.tls_ca_pem, ...).
+  // cacert: trusted CA certificates, a PEM file or a directory of them (each
+  // file that holds a certificate), replacing the system's store. cert and
+  // key: a client certificate and its private key, both or neither. For
+  // skipping verification, proxies: settings.tls_insecure, settings.proxy.
+  std::string cacert;
+  std::string cert;
+  std::string key;
   // Embedded mode only: I/O threads of the in-process worker (0 = one per core).
   unsigned embedded_io_threads = 0;
   // How long the destructor waits (at most 5 s) for the broker to confirm

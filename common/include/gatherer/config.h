@@ -53,6 +53,23 @@ struct SessionSettings {
   // again; advertised limits are enforced from then on. Implied by
   // rate_limits.
   bool learn_rate_limits = false;
+  // TLS, for https statements (PROTOCOL.md §3.1). Certificates travel as
+  // PEM text, so every worker uses the same ones whatever its filesystem;
+  // a client reads them from files (Options::cacert, cert, key).
+  // Trusted CA certificates, replacing the system's; empty = the system's.
+  std::string tls_ca_pem;
+  // A client certificate and its private key (mutual TLS): both or neither.
+  std::string tls_cert_pem;
+  std::string tls_key_pem;
+  // Skip verifying the server's certificate and name: for testing only;
+  // client and workers log a warning.
+  bool tls_insecure = false;
+  // Proxy for every statement ("http://host:3128", "socks5h://host:1080");
+  // empty = the worker's environment (http_proxy, https_proxy, all_proxy,
+  // no_proxy, as libcurl reads them). no_proxy: hosts reached directly
+  // ("example.com,10.0.0.0/8"; "*" = all).
+  std::string proxy;
+  std::string no_proxy;
   // Is the session subject to rate limiting at all?
   bool rate_aware() const { return learn_rate_limits || !rate_limits.empty(); }
 };

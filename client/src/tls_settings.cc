@@ -1,0 +1,124 @@
+#include "tls_settings.h"
+
+#include <algorithm>
+#include <array>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <string_view>
+#include <system_error>
+#include <vector>
+
+namespace gatherer::client {
+namespace {
+
+constexpr std::string_view kCertificate = "-----BEGIN CERTIFICATE-----";
+// Files bigger than this are not certificates (the whole system store is
+// about 200 KB).
+constexpr std::uintmax_t kMaxPemFile = 16ull << 20;
+
+bool HasPrivateKey(std::string_view pem) {
+  return pem.find("-----BEGIN ") != std::string_view::npos && pem.find("PRIVATE KEY-----") != std::string_view::npos;
+}
+
+Status ReadFile(const std::filesystem::path& path, const char* what, std::string& out) {
+  std::error_code ec;
+  const auto size = std::filesystem::file_size(path, ec);
+  if (ec) return InvalidArgument(std::string(what) + " " + path.string() + ": " + ec.message());
+  if (size > kMaxPemFile) {
+    return InvalidArgument(std::string(what) + " " + path.string() + " is " + std::to_string(size) +
+                           " bytes: not a PEM file");
+  }
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return InvalidArgument(std::string(what) + " " + path.string() + ": cannot be read");
+  out.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  return Status::Ok();
+}
+
+Status ReadCa(const std::string& where, std::string& pem) {
+  std::error_code ec;
+  if (!std::filesystem::is_directory(where, ec)) {
+    if (Status s = ReadFile(where, "cacert", pem); !s.ok()) return s;
+    if (pem.find(kCertificate) == std::string::npos) {
+      return InvalidArgument("cacert " + where + " holds no PEM certificate (" + std::string(kCertificate) + ")");
+    }
+    return Status::Ok();
+  }
+  // A directory (like /etc/ssl/certs): every regular file that holds a
+  // certificate, in name order so every run sends the same text.
+  std::vector<std::filesystem::path> files;
+  for (const auto& entry : std::filesystem::directory_iterator(where, ec)) {
+    if (entry.is_regular_file()) files.push_back(entry.path());
+  }
+  if (ec) return InvalidArgument("cacert " + where + ": " + ec.message());
+  std::sort(files.begin(), files.end());
+  for (const auto& file : files) {
+    std::string text;
+    if (!ReadFile(file, "cacert", text).ok() || text.find(kCertificate) == std::string::npos) continue;
+    pem += text;
+    if (pem.back() != '\n') pem += '\n';
+  }
+  if (pem.empty()) return InvalidArgument("cacert " + where + ": no file in the directory holds a PEM certificate");
+  return Status::Ok();
+}
+
+bool Printable(std::string_view text) {
+  return std::all_of(text.begin(), text.end(), [](char c) { return c > ' ' && c < 0x7f; });
+}
+
+}  // namespace
+
+Status LoadTlsFiles(const Options& options, SessionSettings& settings) {
+  if (!options.cacert.empty()) {
+    settings.tls_ca_pem.clear();
+    if (Status s = ReadCa(options.cacert, settings.tls_ca_pem); !s.ok()) return s;
+  }
+  if (options.cert.empty() != options.key.empty()) {
+    return InvalidArgument("a client certificate needs its key: give cert and key together");
+  }
+  if (!options.cert.empty()) {
+    if (Status s = ReadFile(options.cert, "cert", settings.tls_cert_pem); !s.ok()) return s;
+    if (settings.tls_cert_pem.find(kCertificate) == std::string::npos) {
+      return InvalidArgument("cert " + options.cert + " holds no PEM certificate");
+    }
+    if (Status s = ReadFile(options.key, "key", settings.tls_key_pem); !s.ok()) return s;
+    if (!HasPrivateKey(settings.tls_key_pem)) {
+      return InvalidArgument("key " + options.key + " holds no PEM private key");
+    }
+  }
+  return Status::Ok();
+}
+
+Status ValidateTlsAndProxy(const SessionSettings& settings) {
+  if (!settings.tls_ca_pem.empty() && settings.tls_ca_pem.find(kCertificate) == std::string::npos) {
+    return InvalidArgument("tls_ca_pem holds no PEM certificate");
+  }
+  if (settings.tls_cert_pem.empty() != settings.tls_key_pem.empty()) {
+    return InvalidArgument("tls_cert_pem and tls_key_pem come together");
+  }
+  if (!settings.tls_cert_pem.empty() && settings.tls_cert_pem.find(kCertificate) == std::string::npos) {
+    return InvalidArgument("tls_cert_pem holds no PEM certificate");
+  }
+  if (!settings.tls_key_pem.empty() && !HasPrivateKey(settings.tls_key_pem)) {
+    return InvalidArgument("tls_key_pem holds no PEM private key");
+  }
+  if (!settings.proxy.empty()) {
+    static constexpr std::array<std::string_view, 6> kSchemes = {"http://",   "https://",  "socks4://",
+                                                                 "socks4a://", "socks5://", "socks5h://"};
+    const std::string_view proxy = settings.proxy;
+    const bool scheme = std::any_of(kSchemes.begin(), kSchemes.end(), [&](std::string_view s) {
+      return proxy.size() > s.size() && proxy.substr(0, s.size()) == s;
+    });
+    if (!scheme || !Printable(proxy)) {
+      return InvalidArgument("proxy '" + settings.proxy +
+                             "' is not a proxy URL (http://, https://, socks4://, socks4a://, socks5:// or "
+                             "socks5h:// and a host, no spaces)");
+    }
+  }
+  if (!settings.no_proxy.empty() && !Printable(settings.no_proxy)) {
+    return InvalidArgument("no_proxy has spaces or control bytes: hosts separated by commas");
+  }
+  return Status::Ok();
+}
+
+}  // namespace gatherer::client
