@@ -102,7 +102,8 @@ void Fetcher::open_session(const SessionId& session, const SessionSettings& sett
   if (impl_->options.max_host_connections > 0) {
     cap = std::min(cap, static_cast<std::size_t>(impl_->options.max_host_connections));
   }
-  shared->host_connections = static_cast<long>(std::max<std::size_t>((cap + spread - 1) / spread, 1));
+  // Rounded down: the threads' caps add up to the window at most.
+  shared->host_connections = static_cast<long>(std::max<std::size_t>(cap / spread, 1));
   impl_->sessions.emplace(session, std::move(shared));
 }
 
