@@ -48,7 +48,8 @@ Status ReadCa(const std::string& where, std::string& pem) {
   // certificate, in name order so every run sends the same text.
   std::vector<std::filesystem::path> files;
   for (const auto& entry : std::filesystem::directory_iterator(where, ec)) {
-    if (entry.is_regular_file()) files.push_back(entry.path());
+    std::error_code kind;
+    if (entry.is_regular_file(kind)) files.push_back(entry.path());
   }
   if (ec) return InvalidArgument("cacert " + where + ": " + ec.message());
   std::sort(files.begin(), files.end());
