@@ -1,4 +1,5 @@
-// Tests of the CLI's JSON Lines input and output (jsonl.h).
+// Tests of the CLI's JSON Lines input and output (jsonl.h). Over 600 lines:
+// one suite of many short cases, one per input or output rule.
 
 #include "jsonl.h"
 #include "flags.h"

@@ -6,9 +6,11 @@
 // Exit status: 0 every statement succeeded; 1 some failed, or the run
 // stopped early (--cancel-on-raise, a broker that stopped answering, an
 // input that changed); 2 usage error or invalid input (nothing fetched);
-// 130 / 143 interrupted by SIGINT / SIGTERM. Thin by design: reading,
-// parsing and formatting live in jsonl.cc, flag checks in flags.h, the
-// summary line in summary.h.
+// 130 / 143 interrupted by SIGINT / SIGTERM. Reading, parsing and
+// formatting live in jsonl.cc, flag checks in flags.h, the summary line in
+// summary.h. Over 600 lines all the same: every flag is declared here with
+// its help text and turned into Options, and the run's phases (signals,
+// output, the stream, the summary) share one run's state.
 //
 // Big jobs run in bounded memory (docs/architecture.md §1): neither the input nor the
 // output is ever held whole. A first pass reads and validates every line,
