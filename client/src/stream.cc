@@ -60,8 +60,6 @@ struct Stream::Run {
   // Positions sent and answered: window + prefetch unanswered at most,
   // span tracked (set by start()).
   client::Window window{Order::kCompletion, 1, 1};
-  // Streams only: gather() keeps every response anyway.
-  bool bound_buffered = true;
   std::uint64_t body_bytes = 0;  // bodies of the statements sent and unanswered
   proto::Frames frames;
   std::chrono::steady_clock::time_point next_heartbeat;
@@ -141,11 +139,11 @@ void Stream::Run::top_up() {
   while (!source_done) {
     const std::size_t k = std::min(window.room(), kSubmitChunk);
     if (k == 0) return;
-    // Options::max_buffered_bytes: answered bodies waiting to be handed out
-    // hold back new statements until the reader catches up. Never blocks:
-    // what is held waits for a position already sent, or for the reader.
-    if (bound_buffered && m.options.max_buffered_bytes != 0 &&
-        window.held_bytes() >= m.options.max_buffered_bytes) {
+    // Options::max_buffered_bytes: answered bodies waiting for an earlier
+    // position hold back new statements. Never blocks: that position was sent.
+    // In completion order nothing is held here (next() hands out every ready
+    // response before it pumps), so gather() is never bounded by it.
+    if (m.options.max_buffered_bytes != 0 && window.held_bytes() >= m.options.max_buffered_bytes) {
       return;
     }
     const std::uint64_t pulled = window.sent();
@@ -568,7 +566,6 @@ const std::vector<Response>& Gatherer::gather() {
   // its index at once, and one slow statement holds back nothing (the
   // sliding window), since the caller keeps all n responses anyway.
   Stream::Run run(*impl_, Order::kCompletion);
-  run.bound_buffered = false;
   run.fixed = statements;
   run.source_done = statements.empty();
   run.start(statements.size());
