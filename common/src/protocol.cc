@@ -1,5 +1,7 @@
 #include "gatherer/protocol.h"
 
+#include <algorithm>
+#include <array>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -74,14 +76,16 @@ void PackSettings(Packer& pk, const SessionSettings& s) {
   // The rate keys are written only when set, so a session without them
   // encodes as before (§3.8).
   // So are the TLS and proxy keys.
-  const auto set = [](const std::string& v) { return v.empty() ? 0u : 1u; };
-  pk.pack_map(13 + (s.rate_limits.empty() ? 0 : 1) + (s.learn_rate_limits ? 1 : 0) + set(s.tls_ca_pem) +
-              set(s.tls_cert_pem) + set(s.tls_key_pem) + (s.tls_insecure ? 1 : 0) + set(s.proxy) + set(s.no_proxy));
-  for (const auto& [key, value] : {std::pair<const char*, const std::string*>{"tls_ca_pem", &s.tls_ca_pem},
-                                   {"tls_cert_pem", &s.tls_cert_pem},
-                                   {"tls_key_pem", &s.tls_key_pem},
-                                   {"proxy", &s.proxy},
-                                   {"no_proxy", &s.no_proxy}}) {
+  const std::array<std::pair<const char*, const std::string*>, 5> optional_strings{{{"tls_ca_pem", &s.tls_ca_pem},
+                                                                                    {"tls_cert_pem", &s.tls_cert_pem},
+                                                                                    {"tls_key_pem", &s.tls_key_pem},
+                                                                                    {"proxy", &s.proxy},
+                                                                                    {"no_proxy", &s.no_proxy}}};
+  const auto strings_set = std::count_if(optional_strings.begin(), optional_strings.end(),
+                                         [](const auto& entry) { return !entry.second->empty(); });
+  pk.pack_map(13 + (s.rate_limits.empty() ? 0 : 1) + (s.learn_rate_limits ? 1 : 0) + (s.tls_insecure ? 1 : 0) +
+              static_cast<std::uint32_t>(strings_set));
+  for (const auto& [key, value] : optional_strings) {
     if (value->empty()) continue;
     PackStr(pk, key);
     PackStr(pk, *value);
