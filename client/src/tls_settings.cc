@@ -7,6 +7,7 @@
 #include <iterator>
 #include <string_view>
 #include <system_error>
+#include <tuple>
 #include <vector>
 
 namespace gatherer::client {
@@ -17,8 +18,19 @@ constexpr std::string_view kCertificate = "-----BEGIN CERTIFICATE-----";
 // about 200 KB).
 constexpr std::uintmax_t kMaxPemFile = 16ull << 20;
 
-bool HasPrivateKey(std::string_view pem) {
-  return pem.find("-----BEGIN ") != std::string_view::npos && pem.find("PRIVATE KEY-----") != std::string_view::npos;
+enum class Pem { kCertificate, kPrivateKey };
+
+// Ok when `pem` holds the kind of PEM block asked for; else InvalidArgument
+// naming `source` (a file, or a setting).
+Status ExpectPem(std::string_view pem, Pem kind, const std::string& source) {
+  if (kind == Pem::kCertificate) {
+    if (pem.find(kCertificate) != std::string_view::npos) return Status::Ok();
+    return InvalidArgument(source + " holds no PEM certificate (" + std::string(kCertificate) + ")");
+  }
+  if (pem.find("-----BEGIN ") != std::string_view::npos && pem.find("PRIVATE KEY-----") != std::string_view::npos) {
+    return Status::Ok();
+  }
+  return InvalidArgument(source + " holds no PEM private key");
 }
 
 Status ReadFile(const std::filesystem::path& path, const char* what, std::string& out) {
@@ -39,10 +51,7 @@ Status ReadCa(const std::string& where, std::string& pem) {
   std::error_code ec;
   if (!std::filesystem::is_directory(where, ec)) {
     if (Status s = ReadFile(where, "cacert", pem); !s.ok()) return s;
-    if (pem.find(kCertificate) == std::string::npos) {
-      return InvalidArgument("cacert " + where + " holds no PEM certificate (" + std::string(kCertificate) + ")");
-    }
-    return Status::Ok();
+    return ExpectPem(pem, Pem::kCertificate, "cacert " + where);
   }
   // A directory (like /etc/ssl/certs): every regular file that holds a
   // certificate, in name order so every run sends the same text.
@@ -79,29 +88,22 @@ Status LoadTlsFiles(const Options& options, SessionSettings& settings) {
   }
   if (!options.cert.empty()) {
     if (Status s = ReadFile(options.cert, "cert", settings.tls_cert_pem); !s.ok()) return s;
-    if (settings.tls_cert_pem.find(kCertificate) == std::string::npos) {
-      return InvalidArgument("cert " + options.cert + " holds no PEM certificate");
-    }
+    if (Status s = ExpectPem(settings.tls_cert_pem, Pem::kCertificate, "cert " + options.cert); !s.ok()) return s;
     if (Status s = ReadFile(options.key, "key", settings.tls_key_pem); !s.ok()) return s;
-    if (!HasPrivateKey(settings.tls_key_pem)) {
-      return InvalidArgument("key " + options.key + " holds no PEM private key");
-    }
+    if (Status s = ExpectPem(settings.tls_key_pem, Pem::kPrivateKey, "key " + options.key); !s.ok()) return s;
   }
   return Status::Ok();
 }
 
 Status ValidateTlsAndProxy(const SessionSettings& settings) {
-  if (!settings.tls_ca_pem.empty() && settings.tls_ca_pem.find(kCertificate) == std::string::npos) {
-    return InvalidArgument("tls_ca_pem holds no PEM certificate");
-  }
   if (settings.tls_cert_pem.empty() != settings.tls_key_pem.empty()) {
     return InvalidArgument("tls_cert_pem and tls_key_pem come together");
   }
-  if (!settings.tls_cert_pem.empty() && settings.tls_cert_pem.find(kCertificate) == std::string::npos) {
-    return InvalidArgument("tls_cert_pem holds no PEM certificate");
-  }
-  if (!settings.tls_key_pem.empty() && !HasPrivateKey(settings.tls_key_pem)) {
-    return InvalidArgument("tls_key_pem holds no PEM private key");
+  for (const auto& [pem, kind, name] : {std::tuple{&settings.tls_ca_pem, Pem::kCertificate, "tls_ca_pem"},
+                                        std::tuple{&settings.tls_cert_pem, Pem::kCertificate, "tls_cert_pem"},
+                                        std::tuple{&settings.tls_key_pem, Pem::kPrivateKey, "tls_key_pem"}}) {
+    if (pem->empty()) continue;
+    if (Status s = ExpectPem(*pem, kind, name); !s.ok()) return s;
   }
   if (!settings.proxy.empty()) {
     static constexpr std::array<std::string_view, 6> kSchemes = {"http://",   "https://",  "socks4://",
