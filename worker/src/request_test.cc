@@ -7,7 +7,9 @@
 #include <gtest/gtest.h>
 
 #include <mutex>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "http_server.h"
@@ -25,10 +27,24 @@ std::vector<std::string> Lines(const curl_slist* list) {
   return out;
 }
 
-// A list a test built; freed with it.
-struct OwnList {
-  curl_slist* list = nullptr;
-  ~OwnList() { curl_slist_free_all(list); }
+// What an I/O thread keeps to plan a session's requests (its settings, its
+// header lists, the scratch and the statement's own list), and the last plan.
+struct Planner {
+  explicit Planner(SessionSettings session_settings = {})
+      : settings(std::move(session_settings)), headers(settings.headers) {}
+  ~Planner() { curl_slist_free_all(own); }
+  Planner(const Planner&) = delete;
+  Planner& operator=(const Planner&) = delete;
+
+  std::optional<ResponseError> operator()(const Statement& statement, const DestinationPolicy& destinations = {}) {
+    return PlanRequest(statement, settings, headers, destinations, scratch, own, plan);
+  }
+
+  SessionSettings settings;
+  const SessionHeaders headers;
+  RequestScratch scratch;
+  curl_slist* own = nullptr;  // a statement's own header list, freed with the planner
+  RequestPlan plan;
 };
 
 TEST(RequestTest, SessionHeadersAddTheUserAgentAndRemoveLibcurlsContentTypeForABody) {
@@ -56,10 +72,8 @@ TEST(RequestTest, AnInvalidSessionHeaderIsTheErrorOfEveryStatement) {
 
     SessionSettings settings;
     settings.headers = bad;
-    RequestScratch scratch;
-    OwnList own;
-    RequestPlan plan;
-    const auto error = PlanRequest(Get("http://127.0.0.1/"), settings, headers, {}, scratch, own.list, plan);
+    Planner planner(settings);
+    const auto error = planner(Get("http://127.0.0.1/"));
     ASSERT_TRUE(error.has_value());
     EXPECT_EQ(error->code, StatusCode::kInvalidArgument);
   }
@@ -68,104 +82,81 @@ TEST(RequestTest, AnInvalidSessionHeaderIsTheErrorOfEveryStatement) {
 TEST(RequestTest, AStatementWithoutHeadersTakesTheSessionsListAsItIs) {
   SessionSettings settings;
   settings.headers = {{"Accept", "*/*"}};
-  const SessionHeaders headers(settings.headers);
-  RequestScratch scratch;
-  OwnList own;
-  RequestPlan plan;
+  Planner planner(settings);
   const Statement get = Get("http://127.0.0.1/a");
-  ASSERT_FALSE(PlanRequest(get, settings, headers, {}, scratch, own.list, plan).has_value());
-  EXPECT_EQ(plan.url, &get.url);  // not copied
-  EXPECT_EQ(plan.headers, headers.plain());
-  EXPECT_FALSE(plan.posts);
-  EXPECT_EQ(own.list, nullptr);  // nothing allocated for it
+  ASSERT_FALSE(planner(get).has_value());
+  EXPECT_EQ(planner.plan.url, &get.url);  // not copied
+  EXPECT_EQ(planner.plan.headers, planner.headers.plain());
+  EXPECT_FALSE(planner.plan.posts);
+  EXPECT_EQ(planner.own, nullptr);  // nothing allocated for it
 
   Statement post = get;
   post.method = "POST";
-  ASSERT_FALSE(PlanRequest(post, settings, headers, {}, scratch, own.list, plan).has_value());
-  EXPECT_EQ(plan.headers, headers.with_body());
-  EXPECT_TRUE(plan.posts);
-  EXPECT_EQ(own.list, nullptr);
+  ASSERT_FALSE(planner(post).has_value());
+  EXPECT_EQ(planner.plan.headers, planner.headers.with_body());
+  EXPECT_TRUE(planner.plan.posts);
+  EXPECT_EQ(planner.own, nullptr);
 
   Statement head = get;
   head.method = "HEAD";
   head.body = "ignored";
-  ASSERT_FALSE(PlanRequest(head, settings, headers, {}, scratch, own.list, plan).has_value());
-  EXPECT_FALSE(plan.posts);
+  ASSERT_FALSE(planner(head).has_value());
+  EXPECT_FALSE(planner.plan.posts);
 }
 
 TEST(RequestTest, AStatementsOwnHeadersReplaceTheSessionsOfTheSameName) {
   SessionSettings settings;
   settings.headers = {{"Accept", "*/*"}, {"X-Session", "s"}};
-  const SessionHeaders headers(settings.headers);
-  RequestScratch scratch;
-  OwnList own;
-  RequestPlan plan;
+  Planner planner(settings);
   Statement put = Get("http://127.0.0.1/a");
   put.method = "PUT";
   put.body = "{}";
   put.headers = {{"accept", "application/json"}, {"X-Statement", ""}};
-  ASSERT_FALSE(PlanRequest(put, settings, headers, {}, scratch, own.list, plan).has_value());
-  EXPECT_EQ(plan.headers, own.list);
-  EXPECT_TRUE(plan.posts);
-  EXPECT_EQ(Lines(plan.headers), (std::vector<std::string>{"X-Session: s", "accept: application/json", "X-Statement;",
-                                                           kUserAgentLine, kNoContentTypeLine}));
+  ASSERT_FALSE(planner(put).has_value());
+  EXPECT_EQ(planner.plan.headers, planner.own);
+  EXPECT_TRUE(planner.plan.posts);
+  EXPECT_EQ(Lines(planner.plan.headers), (std::vector<std::string>{"X-Session: s", "accept: application/json",
+                                                                   "X-Statement;", kUserAgentLine, kNoContentTypeLine}));
 }
 
 TEST(RequestTest, AnInvalidStatementHeaderEndsTheStatement) {
-  SessionSettings settings;
-  const SessionHeaders headers(settings.headers);
-  RequestScratch scratch;
-  OwnList own;
-  RequestPlan plan;
+  Planner planner;
   Statement get = Get("http://127.0.0.1/a");
   get.headers = {{"X-Split", "a\nb"}};
-  const auto error = PlanRequest(get, settings, headers, {}, scratch, own.list, plan);
+  const auto error = planner(get);
   ASSERT_TRUE(error.has_value());
   EXPECT_EQ(error->code, StatusCode::kInvalidArgument);
   EXPECT_EQ(error->message, "invalid header 'X-Split'");
 }
 
 TEST(RequestTest, APathIsJoinedToTheBaseUrlAndNeedsOne) {
-  SessionSettings settings;
-  const SessionHeaders headers(settings.headers);
-  RequestScratch scratch;
-  OwnList own;
-  RequestPlan plan;
-  auto error = PlanRequest(Get("/items/1"), settings, headers, {}, scratch, own.list, plan);
+  Planner planner;
+  auto error = planner(Get("/items/1"));
   ASSERT_TRUE(error.has_value());
   EXPECT_EQ(error->code, StatusCode::kInvalidArgument);
   EXPECT_EQ(error->message, "url is a path and the session has no base_url");
 
-  settings.base_url = "https://api.example.com/v1//";
-  ASSERT_FALSE(PlanRequest(Get("/items/1"), settings, headers, {}, scratch, own.list, plan).has_value());
-  EXPECT_EQ(*plan.url, "https://api.example.com/v1/items/1");
-  EXPECT_EQ(plan.url, &scratch.joined_url);
+  planner.settings.base_url = "https://api.example.com/v1//";
+  ASSERT_FALSE(planner(Get("/items/1")).has_value());
+  EXPECT_EQ(*planner.plan.url, "https://api.example.com/v1/items/1");
+  EXPECT_EQ(planner.plan.url, &planner.scratch.joined_url);
 }
 
 TEST(RequestTest, AMethodMustBeAnHttpToken) {
-  SessionSettings settings;
-  const SessionHeaders headers(settings.headers);
-  RequestScratch scratch;
-  OwnList own;
-  RequestPlan plan;
+  Planner planner;
   Statement bad = Get("http://127.0.0.1/");
   bad.method = "GET /x HTTP/1.1\r\n";
-  const auto error = PlanRequest(bad, settings, headers, {}, scratch, own.list, plan);
+  const auto error = planner(bad);
   ASSERT_TRUE(error.has_value());
   EXPECT_EQ(error->code, StatusCode::kInvalidArgument);
 }
 
 TEST(RequestTest, AHostOffTheAllowListIsRefusedBeforeAnyAttempt) {
-  SessionSettings settings;
-  const SessionHeaders headers(settings.headers);
+  Planner planner;
   DestinationPolicy destinations;
   destinations.allowed_hosts = {"*.example.com"};
-  RequestScratch scratch;
-  OwnList own;
-  RequestPlan plan;
-  EXPECT_FALSE(
-      PlanRequest(Get("https://api.example.com/"), settings, headers, destinations, scratch, own.list, plan).has_value());
-  const auto error = PlanRequest(Get("https://example.org/"), settings, headers, destinations, scratch, own.list, plan);
+  EXPECT_FALSE(planner(Get("https://api.example.com/"), destinations).has_value());
+  const auto error = planner(Get("https://example.org/"), destinations);
   ASSERT_TRUE(error.has_value());
   EXPECT_EQ(error->code, StatusCode::kPermissionDenied);
   EXPECT_NE(error->message.find("host example.org is not among"), std::string::npos) << error->message;
@@ -199,16 +190,13 @@ TEST(RequestTest, ConfiguredRequestCarriesMethodBodyHeadersAndLeavesFromTheSourc
   });
   SessionSettings settings;
   settings.headers = {{"X-Session", "s"}};
-  const SessionHeaders headers(settings.headers);
+  Planner planner(settings);
   Statement patch = Get(server.url("/thing"));
   patch.method = "PATCH";
   patch.body = "{\"a\":1}";
   patch.headers = {{"Content-Type", "application/json"}};
-  RequestScratch scratch;
-  OwnList own;
-  RequestPlan plan;
   const DestinationPolicy destinations;
-  ASSERT_FALSE(PlanRequest(patch, settings, headers, destinations, scratch, own.list, plan).has_value());
+  ASSERT_FALSE(planner(patch, destinations).has_value());
 
   CURL* easy = curl_easy_init();
   ASSERT_NE(easy, nullptr);
@@ -222,7 +210,7 @@ TEST(RequestTest, ConfiguredRequestCarriesMethodBodyHeadersAndLeavesFromTheSourc
   RequestPolicy policy;
   policy.destinations = &destinations;
   policy.interface = "host!127.0.0.23";
-  ASSERT_FALSE(ConfigureRequest(easy, patch, settings, plan, false, nullptr, policy, hooks).has_value());
+  ASSERT_FALSE(ConfigureRequest(easy, patch, planner.settings, planner.plan, false, nullptr, policy, hooks).has_value());
   const CURLcode rc = curl_easy_perform(easy);
   curl_easy_cleanup(easy);
   ASSERT_EQ(rc, CURLE_OK) << curl_easy_strerror(rc) << ": " << error_buffer;
