@@ -121,7 +121,7 @@ TEST(StreamTest, BufferedBytesBoundWhatWaitsBehindASlowStatement) {
   for (const std::uint64_t budget : {std::uint64_t{2} << 20, std::uint64_t{0}}) {
     HttpServer server([&](const HttpRequest& req) {
       HttpReply reply;
-      if (req.target == "/big/0") reply.delay = 2s;
+      if (req.target == "/big/0") reply.delay = 1s;
       reply.body.assign(kBody, 'x');
       return reply;
     });

@@ -576,12 +576,12 @@ class Runner:
             procs[w] = Proc(w, topo.ns[w], [self.bins["worker"], "--broker", ep, "--id", w,
                                            "--log-level", "info", *hb], case_dir)
         # Both workers registered before the client starts, so both take part
-        # before the fault: the broker logs "worker ID on HOST ready"; should
+        # before the fault: the broker logs "worker ID joined: ready ..."; should
         # that wording change, two established connections to the broker's
         # port from the workers' addresses (held 1 s) do as well.
         peers = {topo.addr("prx") if case.proxy == w else topo.addr(w) for w in ("w1", "w2")}
         t_wait = now()
-        wait_for(lambda: all(re.search(rf"worker {w} on \S+ ready", brk.read_err()) for w in ("w1", "w2"))
+        wait_for(lambda: all(re.search(rf"worker {w} joined: ready", brk.read_err()) for w in ("w1", "w2"))
                  or (now() - t_wait > 1.0 and peers <= established_peers(brk.pid, BROKER_PORT)),
                  START_TIMEOUT_S, "both workers to be ready at the broker", [brk, procs["w1"], procs["w2"]])
 
