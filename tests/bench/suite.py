@@ -4,7 +4,7 @@ servers on 127.0.0.1 and measures, side by side in one invocation, Gatherer
 and its peers fetching the same URLs.
 
     python3 tests/bench/suite.py [--build build/release] [--n 20000] [--runs 3]
-                                 [--cases nginx-25,nginx-256,delay-25,delay-256,delay-1000]
+                                 [--cases nginx-25,nginx-256,delay-25,delay-256,delay-1000,routing]
                                  [--rows curl,aiohttp,python,embedded,tcp1,tcp2] [--delay-ms 50]
     python3 tests/bench/suite.py --quick      # smoke run: N=2000, 1 run, nginx-256 and delay-1000
 
@@ -17,6 +17,12 @@ Servers, both on 127.0.0.1 and started here:
   delay   gatherer-bench-server --delay-ms D (one epoll thread, timer queue):
           answers every request after D ms (default 50), thousands of
           connections at once; GET /_stats/requests reads its count.
+
+The case `routing` has no server: it runs broker-routing (a client, a tcp
+gatherer-broker and one `gatherer-worker --echo`, no HTTP) once per round
+over 15 x N statements with a window of 4096, and reports the rate that
+statements cross client and broker, beside bare libcurl's nginx C=25 rate of
+the same round: a broker must feed many workers, so it needs that headroom.
 
 Rows (C = the case's concurrency):
   curl      curl-multi-baseline: one thread, C easy handles recycled,
@@ -90,7 +96,9 @@ ROWS = {
     "tcp1": "gatherer, tcp broker + 1 worker",
     "tcp2": "gatherer, tcp broker + 2 workers",
 }
-DEFAULT_CASES = "nginx-25,nginx-256,https-256,h2-256,delay-25,delay-256,delay-1000"
+DEFAULT_CASES = "nginx-25,nginx-256,https-256,h2-256,delay-25,delay-256,delay-1000,routing"
+ROUTING_WINDOW = 4096
+ROUTING_PER_N = 15  # statements routed per request of the HTTP cases: a run of about the same length
 NGINX_KINDS = ("nginx", "https", "h2")
 # The Python package has no TLS file settings: it is measured over plain http.
 TLS_ROWS_SKIPPED = ("python",)
@@ -540,6 +548,18 @@ class Runner:
         # wait4 on time includes its reaped child: the client's CPU plus time's own few µs.
         return code, wall, usage.ru_utime + usage.ru_stime, int(lines[-1]) / 1024.0
 
+    def routing(self, n, window):
+        """One broker-routing run of n statements; returns its rate and the CPU of its three processes."""
+        what = f"broker-routing, {n:,} statements, window {window}"
+        cmd = [os.path.join(self.a.build, "tests/bench/broker-routing"), self.a.build, str(n), str(window), "1", "1"]
+        code, _, cpu, _ = self.client(cmd, None, 60 + 4 * n / 100_000, what)
+        with open(self.out, errors="replace") as f:
+            m = re.search(r"median (\d+) statements/s", f.read())
+        if code != 0 or not m:
+            raise BenchFailure(f"{what}: exit {code}, no rate printed\n{tail(self.err)}")
+        # broker-routing waits for its broker and worker: their CPU is in its children's.
+        return {"rate": float(m.group(1)), "cpu": cpu, "conns": None}
+
     def cluster(self, workers):
         """A fresh broker and `workers` worker processes, every worker registered."""
         endpoint = f"tcp://127.0.0.1:{free_port()}"
@@ -681,9 +701,12 @@ def machine():
 def parse_cases(text):
     cases = []
     for item in text.split(","):
+        if item.strip() == "routing":
+            cases.append(("routing", ROUTING_WINDOW))
+            continue
         m = re.fullmatch(r"(nginx|https|h2|delay)-(\d+)", item.strip())
         if not m or int(m.group(2)) < 1:
-            sys.exit(f"--cases: '{item}' is not nginx-C, https-C, h2-C or delay-C")
+            sys.exit(f"--cases: '{item}' is not nginx-C, https-C, h2-C, delay-C or routing")
         cases.append((m.group(1), int(m.group(2))))
     return cases
 
@@ -694,7 +717,7 @@ def parse_args():
     ap.add_argument("--build", default=os.path.join(REPO, "build/release"), help="release build directory")
     ap.add_argument("--n", type=int, default=None, help="requests per run (default 20000; --quick 2000)")
     ap.add_argument("--runs", type=int, default=None, help="rounds (default 3; --quick 1)")
-    ap.add_argument("--cases", default=None, help=f"comma-separated nginx-C / https-C / h2-C / delay-C (default {DEFAULT_CASES})")
+    ap.add_argument("--cases", default=None, help=f"comma-separated nginx-C / https-C / h2-C / delay-C / routing (default {DEFAULT_CASES})")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     ap.add_argument("--delay-ms", type=int, default=50, help="delay server's answer delay")
     ap.add_argument("--quick", action="store_true", help=f"smoke run: N=2000, 1 run, all rows, {QUICK_CASES}")
@@ -745,6 +768,8 @@ def report(a, results, nginx_version, started):
     out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     labels = {"nginx": "nginx", "https": "nginx https (TLS 1.3, HTTP/1.1)", "h2": "nginx h2 (TLS 1.3, HTTP/2)"}
     for kind, c in a.cases:
+        if kind == "routing":
+            continue
         key = (kind, c)
         ideal = ideal_rate(a, kind, c)
         label = (f"{labels[kind]} C={c}" if kind in labels
@@ -769,8 +794,30 @@ def report(a, results, nginx_version, started):
                "libcurl, per request for aiohttp, the worker-side elapsed_ms for gatherer and its Python package; all "
                "medians of the runs. aiohttp speaks HTTP/1.1 only, also in the h2 case.")
     out.append("")
+    out.extend(routing_report(a, results))
     out.extend(targets(a, results))
     return "\n".join(out)
+
+
+def routing_ratios(results):
+    """Per-round routing rate / bare libcurl nginx C=25 rate of the same round."""
+    routing, bare = results.get(("routing", ROUTING_WINDOW), []), results.get(("nginx", 25), [])
+    return [r["routing"]["rate"] / b["curl"]["rate"] for r, b in zip(routing, bare) if "curl" in b]
+
+
+def routing_report(a, results):
+    runs = [r["routing"] for r in results.get(("routing", ROUTING_WINDOW), [])]
+    if not runs:
+        return []
+    rates = [r["rate"] for r in runs]
+    ratios = routing_ratios(results)
+    med = statistics.median
+    return [f"Broker routing: {ROUTING_PER_N * a.n:,} statements per run through a client, a tcp broker and one echo "
+            f"worker (broker-routing, window {ROUTING_WINDOW}, no HTTP): {med(rates):,.0f} statements/s "
+            f"({min(rates):,.0f}–{max(rates):,.0f}), CPU {med(r['cpu'] for r in runs) / (ROUTING_PER_N * a.n) * 1e6:.1f} "
+            f"µs per statement over the three processes; "
+            + (f"{med(ratios):.1f}× bare libcurl's nginx C=25 rate of the same rounds." if ratios
+               else "run nginx-25 with the curl row for its ratio to bare libcurl."), ""]
 
 
 def targets(a, results):
@@ -825,6 +872,10 @@ def targets(a, results):
                 ratio = ratio_to(results, key, row, "curl")
                 text += f"; {ratio:.2f}× bare libcurl — {verdict(ratio >= 1.0)}"
             lines.append(f"- delay C=1000, {ROWS[row]} ≥ 90% of C/delay, or ≥ bare libcurl where CPU-bound: {text}")
+    ratios = routing_ratios(results)
+    if ratios:
+        r = statistics.median(ratios)
+        lines.append(f"- broker routing ≥ 25× bare libcurl nginx C=25: {r:.1f}× — {verdict(r >= 25)}")
     if len(lines) == 2:
         lines.append("- none: run nginx-256 and delay-1000 with the curl and gatherer rows")
     return lines
@@ -875,10 +926,14 @@ def main():
         runner = Runner(a, procs, workdir)
         results = {}
         for kind, c in a.cases:
-            ideal = ideal_rate(a, kind, c) or 1000.0  # nginx: any row faster than 1000 req/s
+            ideal = ideal_rate(a, kind, c) or 1000.0  # nginx, routing: any row faster than 1000 req/s
             timeout_s = a.run_timeout or 60 + 4 * a.n / ideal
             results[(kind, c)] = []
             for rnd in range(a.runs):
+                if kind == "routing":
+                    results[(kind, c)].append({"routing": runner.routing(a.n * ROUTING_PER_N, c)})
+                    log(f"routing run {rnd + 1}/{a.runs}: {results[(kind, c)][-1]['routing']['rate']:,.0f} statements/s")
+                    continue
                 shift = rnd % len(a.rows)
                 order = a.rows[shift:] + a.rows[:shift]
                 figures = {}
