@@ -13,6 +13,8 @@
 #include <string>
 #include <thread>
 #include <utility>
+
+#include <simdjson.h>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -242,6 +244,24 @@ TEST(AppendResponseJsonTest, EscapesStrings) {
       << out;
   // Exactly one newline: the terminator.
   EXPECT_EQ(out.find('\n'), out.size() - 1);
+}
+
+// Every ASCII byte, in runs and alone, between multi-byte characters: the
+// line parses back (simdjson) to exactly the body.
+TEST(AppendResponseJsonTest, EscapedBodyParsesBackToTheSameBytes) {
+  Response r = OkResponse();
+  for (int round = 0; round < 300; ++round) {
+    for (int c = 0; c < 0x80; c += 1 + round % 7) r.body += static_cast<char>(c);
+    r.body += round % 2 ? "\xc3\xa9" : "{\"k\":\"v\\\"}";
+  }
+  std::string out;
+  AppendResponseJson(out, 0, r);
+  simdjson::dom::parser parser;
+  simdjson::dom::element line;
+  ASSERT_EQ(parser.parse(out).get(line), simdjson::SUCCESS) << out.substr(0, 200);
+  std::string_view body;
+  ASSERT_EQ(line["body"].get(body), simdjson::SUCCESS);
+  EXPECT_EQ(body, r.body);
 }
 
 TEST(AppendResponseJsonTest, InvalidUtf8BodyIsBase64) {
