@@ -1,12 +1,14 @@
 // curl-multi-baseline: the floor of per-request cost that Gatherer is compared
 // with (README, "Benchmarks"). One thread, one CURLM, `concurrency` easy handles recycled
 // (each keeps its options; only the URL and body target change per transfer),
-// connections reused through the multi's connection cache, bodies kept in
-// input order; --cacert FILE trusts that CA for https. Reads URLs one per line from stdin; prints
+// connections reused through the multi's connection cache, bodies written in
+// input order as soon as each is next (one that finished early waits, and is
+// freed once written, as Gatherer's output does); --cacert FILE trusts that CA
+// for https. Reads URLs one per line from stdin; prints
 //   ok <n> failed <f> seconds <s> req_per_s <r> p50_ms <a> p99_ms <b>
 // on stderr (p50/p99 of per-transfer time, CURLINFO_TOTAL_TIME_T, nearest
-// rank) and, with --print, the bodies in order on stdout, one a line, after
-// the clock stopped. Exit 1 if any transfer failed or was not a 200.
+// rank) and, with --print, the bodies on stdout, one a line. Exit 1 if any
+// transfer failed or was not a 200.
 #include <curl/curl.h>
 
 #include <algorithm>
@@ -23,10 +25,19 @@ namespace {
 struct Slot {
   CURL* easy = nullptr;
   std::size_t index = 0;
+  std::string* body = nullptr;
 };
 
 size_t Write(char* data, size_t size, size_t n, void* user) {
-  static_cast<std::string*>(user)->append(data, size * n);
+  auto* slot = static_cast<Slot*>(user);
+  if (slot->body->empty()) {
+    // One allocation when the length is known, as Gatherer's worker does.
+    curl_off_t length = -1;
+    if (curl_easy_getinfo(slot->easy, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &length) == CURLE_OK && length > 0) {
+      slot->body->reserve(static_cast<std::size_t>(length));
+    }
+  }
+  slot->body->append(data, size * n);
   return size * n;
 }
 
@@ -60,6 +71,8 @@ int main(int argc, char** argv) {
   CURLM* multi = curl_multi_init();
   curl_multi_setopt(multi, CURLMOPT_MAXCONNECTS, concurrency);
   std::vector<std::string> bodies(urls.size());
+  std::vector<bool> finished(urls.size(), false);
+  std::size_t written = 0;  // bodies before this index are written and freed
   std::vector<long> status(urls.size(), 0);
   std::vector<curl_off_t> micros(urls.size(), 0);
   std::vector<Slot> slots(static_cast<std::size_t>(concurrency));
@@ -68,6 +81,7 @@ int main(int argc, char** argv) {
     s.easy = curl_easy_init();
     curl_easy_setopt(s.easy, CURLOPT_WRITEFUNCTION, Write);
     curl_easy_setopt(s.easy, CURLOPT_PRIVATE, &s);
+    curl_easy_setopt(s.easy, CURLOPT_WRITEDATA, &s);
     curl_easy_setopt(s.easy, CURLOPT_NOSIGNAL, 1L);
     // libcurl's defaults otherwise: HTTP/2 where TLS offers it (ALPN). Over
     // https it waits for a connection that may multiplex, as Gatherer's worker
@@ -83,7 +97,7 @@ int main(int argc, char** argv) {
   auto start_one = [&](Slot* s) {
     s->index = next++;
     curl_easy_setopt(s->easy, CURLOPT_URL, urls[s->index].c_str());
-    curl_easy_setopt(s->easy, CURLOPT_WRITEDATA, &bodies[s->index]);
+    s->body = &bodies[s->index];
     curl_multi_add_handle(multi, s->easy);
   };
   while (done < urls.size()) {
@@ -102,18 +116,21 @@ int main(int argc, char** argv) {
       curl_easy_getinfo(msg->easy_handle, CURLINFO_TOTAL_TIME_T, &micros[s->index]);
       if (msg->data.result != CURLE_OK || status[s->index] != 200) ++failed;
       curl_multi_remove_handle(multi, msg->easy_handle);
+      finished[s->index] = true;
       free_slots.push_back(s);
       ++done;
+    }
+    for (; written < urls.size() && finished[written]; ++written) {
+      if (print) std::fwrite(bodies[written].data(), 1, bodies[written].size(), stdout), std::fputc('\n', stdout);
+      std::string().swap(bodies[written]);
     }
     // Wait only when nothing can be started: polling right after completions
     // would sleep on an idle multi while free slots wait for new transfers.
     const bool can_start = !free_slots.empty() && next < urls.size();
     if (done < urls.size() && !can_start) curl_multi_poll(multi, nullptr, 0, 100, nullptr);
   }
+  std::fflush(stdout);
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  if (print) {
-    for (const auto& b : bodies) std::fwrite(b.data(), 1, b.size(), stdout), std::fputc('\n', stdout);
-  }
   std::fprintf(stderr, "ok %zu failed %zu seconds %.3f req_per_s %.0f p50_ms %.3f p99_ms %.3f\n",
                urls.size() - failed, failed, secs, static_cast<double>(urls.size()) / secs,
                PercentileMs(micros, 0.50), PercentileMs(micros, 0.99));

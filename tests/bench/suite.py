@@ -98,8 +98,10 @@ ROWS = {
 }
 DEFAULT_CASES = "nginx-25,nginx-256,https-256,h2-256,delay-25,delay-256,delay-1000,routing"
 ROUTING_WINDOW = 4096
+BIG_BODY_BYTES = 1 << 20
+BIG_N_DIVISOR = 10  # the big case fetches N / 10 bodies of 1 MiB
 ROUTING_PER_N = 15  # statements routed per request of the HTTP cases: a run of about the same length
-NGINX_KINDS = ("nginx", "https", "h2")
+NGINX_KINDS = ("nginx", "https", "h2", "big")
 # The Python package has no TLS file settings: it is measured over plain http.
 TLS_ROWS_SKIPPED = ("python",)
 QUICK_CASES = "nginx-256,delay-1000"
@@ -252,6 +254,15 @@ def tail(path, chars=2000):
 # --- servers ------------------------------------------------------------------
 
 
+def big_json_body():
+    """A JSON body of BIG_BODY_BYTES on one line: a match record's size."""
+    body = '{"id":1,"frames":['
+    item = '{"timestamp":1234567,"participant":7,"position":{"x":10234,"y":4321},"gold":15230},'
+    while len(body) + len(item) + 2 <= BIG_BODY_BYTES:
+        body += item
+    return body[:-1] + "]}"
+
+
 def json_body():
     """The ~600-byte JSON that both servers serve (the same shape as
     gatherer-bench-server's)."""
@@ -286,6 +297,10 @@ http {{
         root {root};
         location = {status} {{
             stub_status;
+        }}
+        location /big/ {{
+            default_type application/json;
+            try_files /big.json =404;
         }}
         location / {{
             default_type application/json;
@@ -346,6 +361,9 @@ class NginxServer:
         self.body = json_body().encode()
         with open(os.path.join(self.dir, "www", "player.json"), "wb") as f:
             f.write(self.body)
+        self.big_body = big_json_body().encode()
+        with open(os.path.join(self.dir, "www", "big.json"), "wb") as f:
+            f.write(self.big_body)
         self.port = free_port()
         # Plain http, and with tls https (HTTP/1.1) and h2 on ports of their own.
         self.ports = {"nginx": self.port}
@@ -381,6 +399,8 @@ class NginxServer:
                                       timeout=HTTP_TIMEOUT_S).stderr.strip().split("/")[-1]
 
     def url(self, path, kind="nginx"):
+        if kind == "big":
+            return f"http://127.0.0.1:{self.port}/big{path}"
         scheme = "http" if kind == "nginx" else "https"
         return f"{scheme}://127.0.0.1:{self.ports[kind]}{path}"
 
@@ -406,9 +426,9 @@ class NginxEndpoint:
     def __init__(self, nginx, kind):
         self.nginx = nginx
         self.kind = kind
-        self.name = {"nginx": "nginx", "https": "nginx https", "h2": "nginx h2"}[kind]
-        self.body = nginx.body
-        self.cacert = None if kind == "nginx" else nginx.cacert
+        self.name = {"nginx": "nginx", "https": "nginx https", "h2": "nginx h2", "big": "nginx 1 MiB"}[kind]
+        self.body = nginx.big_body if kind == "big" else nginx.body
+        self.cacert = nginx.cacert if kind in ("https", "h2") else None
 
     def url(self, path):
         return self.nginx.url(path, self.kind)
@@ -502,15 +522,26 @@ def nearest_rank(sorted_samples, p):
 def check_gatherer(out_path, n, body):
     """JSON Lines: line i is index i, status 200, the server's body, no error."""
     text = body.decode()
+    # For big bodies the line is matched, not parsed: the body as JSON
+    # (ASCII, so escaped as json.dumps escapes it) and the error field.
+    escaped = b'"body":' + json.dumps(text).encode()
     elapsed = []
     with open(out_path, "rb") as f:
         for i, line in enumerate(f):
             if not line.startswith(b'{"index":%d,"status":200,' % i):
                 raise BenchFailure(f"line {i} is not index {i} with status 200: {line[:200]!r}")
-            obj = json.loads(line)
-            if obj.get("error") is not None or obj.get("body") != text:
+            if len(line) < 65536:
+                obj = json.loads(line)
+                ok = obj.get("error") is None and obj.get("body") == text
+                ms = obj.get("elapsed_ms")
+            else:
+                m = re.search(rb'"elapsed_ms":([0-9.]+)', line[:1024] + line[-1024:])
+                rest = line.replace(escaped, b"", 1)
+                ok = len(rest) < len(line) and (b'"error":' not in rest or b'"error":null' in rest)
+                ms = m and float(m.group(1))
+            if not ok or ms is None:
                 raise BenchFailure(f"line {i} has an error or a wrong body: {line[:300]!r}")
-            elapsed.append(float(obj["elapsed_ms"]))
+            elapsed.append(float(ms))
     if len(elapsed) != n:
         raise BenchFailure(f"{len(elapsed)} lines, expected {n}")
     elapsed.sort()
@@ -589,8 +620,8 @@ class Runner:
             raise
         return endpoint, started
 
-    def run(self, row, c, server, url_file, timeout_s):
-        """One run of one row; returns its figures, or raises BenchFailure."""
+    def run(self, row, c, server, url_file, timeout_s, n):
+        """One run of one row over n URLs; returns its figures, or raises BenchFailure."""
         a = self.a
         what = f"{ROWS[row]} at C={c} on {server.name}"
         extra_cpu, extra_rss, cluster = 0.0, 0.0, []
@@ -626,14 +657,14 @@ class Runner:
         if code != 0:
             raise BenchFailure(f"{what}: exit {code}\n{tail(self.err)}")
         if row in ("curl", "aiohttp", "python"):
-            p50, p99 = check_peer(self.out, self.err, a.n, server.body)
+            p50, p99 = check_peer(self.out, self.err, n, server.body)
         else:
-            p50, p99 = check_gatherer(self.out, a.n, server.body)
+            p50, p99 = check_gatherer(self.out, n, server.body)
         conns_after, after = server.counts()
         served = after - before
-        if served != a.n:
-            raise BenchFailure(f"{what}: the server counted {served} requests, expected exactly {a.n}")
-        return {"rate": a.n / wall, "wall": wall, "cpu": cpu + extra_cpu, "rss": rss + extra_rss,
+        if served != n:
+            raise BenchFailure(f"{what}: the server counted {served} requests, expected exactly {n}")
+        return {"n": n, "rate": n / wall, "wall": wall, "cpu": cpu + extra_cpu, "rss": rss + extra_rss,
                 "p50": p50, "p99": p99, "conns": None if conns_before is None else conns_after - conns_before}
 
 
@@ -704,9 +735,9 @@ def parse_cases(text):
         if item.strip() == "routing":
             cases.append(("routing", ROUTING_WINDOW))
             continue
-        m = re.fullmatch(r"(nginx|https|h2|delay)-(\d+)", item.strip())
+        m = re.fullmatch(r"(nginx|https|h2|big|delay)-(\d+)", item.strip())
         if not m or int(m.group(2)) < 1:
-            sys.exit(f"--cases: '{item}' is not nginx-C, https-C, h2-C, delay-C or routing")
+            sys.exit(f"--cases: '{item}' is not nginx-C, https-C, h2-C, big-C, delay-C or routing")
         cases.append((m.group(1), int(m.group(2))))
     return cases
 
@@ -717,7 +748,7 @@ def parse_args():
     ap.add_argument("--build", default=os.path.join(REPO, "build/release"), help="release build directory")
     ap.add_argument("--n", type=int, default=None, help="requests per run (default 20000; --quick 2000)")
     ap.add_argument("--runs", type=int, default=None, help="rounds (default 3; --quick 1)")
-    ap.add_argument("--cases", default=None, help=f"comma-separated nginx-C / https-C / h2-C / delay-C / routing (default {DEFAULT_CASES})")
+    ap.add_argument("--cases", default=None, help=f"comma-separated nginx-C / https-C / h2-C / big-C / delay-C / routing (default {DEFAULT_CASES})")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     ap.add_argument("--delay-ms", type=int, default=50, help="delay server's answer delay")
     ap.add_argument("--quick", action="store_true", help=f"smoke run: N=2000, 1 run, all rows, {QUICK_CASES}")
@@ -744,6 +775,11 @@ def parse_args():
 # --- report -----------------------------------------------------------------------
 
 
+def case_n(a, kind):
+    """Requests per run of a case: N, or N / BIG_N_DIVISOR for 1 MiB bodies."""
+    return max(1, a.n // BIG_N_DIVISOR) if kind == "big" else a.n
+
+
 def ideal_rate(a, kind, c):
     return c * 1000.0 / a.delay_ms if kind == "delay" else None
 
@@ -766,7 +802,8 @@ def report(a, results, nginx_version, started):
     out.append("| case | row | req/s median (min–max) | × bare libcurl | % of C/delay | CPU s | CPU µs/req "
                "| peak RSS MB | connections | p50 ms | p99 ms |")
     out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    labels = {"nginx": "nginx", "https": "nginx https (TLS 1.3, HTTP/1.1)", "h2": "nginx h2 (TLS 1.3, HTTP/2)"}
+    labels = {"nginx": "nginx", "https": "nginx https (TLS 1.3, HTTP/1.1)", "h2": "nginx h2 (TLS 1.3, HTTP/2)",
+              "big": f"nginx 1 MiB bodies (N/{BIG_N_DIVISOR})"}
     for kind, c in a.cases:
         if kind == "routing":
             continue
@@ -784,7 +821,7 @@ def report(a, results, nginx_version, started):
             cpu = med(r["cpu"] for r in runs)
             conns = [r["conns"] for r in runs if r["conns"] is not None]
             out.append(f"| {label} | {ROWS[row]} | {med(rates):,.0f} ({min(rates):,.0f}–{max(rates):,.0f}) | "
-                       f"{'—' if ratio is None else f'{ratio:.2f}'} | {frac} | {cpu:.2f} | {cpu / a.n * 1e6:.0f} | "
+                       f"{'—' if ratio is None else f'{ratio:.2f}'} | {frac} | {cpu:.2f} | {cpu / runs[0]['n'] * 1e6:.0f} | "
                        f"{med(r['rss'] for r in runs):.1f} | {max(conns) if conns else '—'} | "
                        f"{med(r['p50'] for r in runs):.1f} | {med(r['p99'] for r in runs):.1f} |")
     out.append("")
@@ -921,13 +958,13 @@ def main():
         for kind, server in servers.items():
             path = os.path.join(workdir, f"urls-{kind}.txt")
             with open(path, "w") as f:
-                f.writelines(f"{server.url(f'/players/{i}')}\n" for i in range(a.n))
+                f.writelines(f"{server.url(f'/players/{i}')}\n" for i in range(case_n(a, kind)))
             url_files[kind] = path
         runner = Runner(a, procs, workdir)
         results = {}
         for kind, c in a.cases:
             ideal = ideal_rate(a, kind, c) or 1000.0  # nginx, routing: any row faster than 1000 req/s
-            timeout_s = a.run_timeout or 60 + 4 * a.n / ideal
+            timeout_s = a.run_timeout or 60 + 4 * case_n(a, kind) / ideal
             results[(kind, c)] = []
             for rnd in range(a.runs):
                 if kind == "routing":
@@ -941,7 +978,7 @@ def main():
                     if kind in ("https", "h2") and row in TLS_ROWS_SKIPPED:
                         continue
                     try:
-                        figures[row] = runner.run(row, c, servers[kind], url_files[kind], timeout_s)
+                        figures[row] = runner.run(row, c, servers[kind], url_files[kind], timeout_s, case_n(a, kind))
                     except BenchFailure as e:
                         raise BenchFailure(f"{kind} C={c}, {ROWS[row]}, run {rnd + 1}: {e}") from None
                     log(f"{kind} C={c} run {rnd + 1}/{a.runs} {row}: {figures[row]['rate']:,.0f} req/s, "
