@@ -4,7 +4,7 @@ servers on 127.0.0.1 and measures, side by side in one invocation, Gatherer
 and its peers fetching the same URLs.
 
     python3 tests/bench/suite.py [--build build/release] [--n 20000] [--runs 3]
-                                 [--cases nginx-25,nginx-256,delay-25,delay-256,delay-1000,routing]
+                                 [--cases nginx-25,nginx-256,https-256,h2-256,big-25,delay-25,...,routing]
                                  [--rows curl,aiohttp,python,embedded,tcp1,tcp2] [--delay-ms 50]
     python3 tests/bench/suite.py --quick      # smoke run: N=2000, 1 run, nginx-256 and delay-1000
 
@@ -18,7 +18,10 @@ Servers, both on 127.0.0.1 and started here:
           answers every request after D ms (default 50), thousands of
           connections at once; GET /_stats/requests reads its count.
 
-The case `routing` has no server: it runs broker-routing (a client, a tcp
+The case big-C fetches N/10 URLs whose body is a 1 MiB JSON on one line
+(nginx's /big/ location), the size of a match record: it measures bodies
+crossing every hop and the reorder buffer's bound in bytes (the client's
+peak RSS). The case `routing` has no server: it runs broker-routing (a client, a tcp
 gatherer-broker and one `gatherer-worker --echo`, no HTTP) once per round
 over 15 x N statements with a window of 4096, and reports the rate that
 statements cross client and broker, beside bare libcurl's nginx C=25 rate of
@@ -96,7 +99,7 @@ ROWS = {
     "tcp1": "gatherer, tcp broker + 1 worker",
     "tcp2": "gatherer, tcp broker + 2 workers",
 }
-DEFAULT_CASES = "nginx-25,nginx-256,https-256,h2-256,delay-25,delay-256,delay-1000,routing"
+DEFAULT_CASES = "nginx-25,nginx-256,https-256,h2-256,big-25,delay-25,delay-256,delay-1000,routing"
 ROUTING_WINDOW = 4096
 BIG_BODY_BYTES = 1 << 20
 BIG_N_DIVISOR = 10  # the big case fetches N / 10 bodies of 1 MiB
@@ -664,7 +667,7 @@ class Runner:
         served = after - before
         if served != n:
             raise BenchFailure(f"{what}: the server counted {served} requests, expected exactly {n}")
-        return {"n": n, "rate": n / wall, "wall": wall, "cpu": cpu + extra_cpu, "rss": rss + extra_rss,
+        return {"n": n, "rate": n / wall, "wall": wall, "cpu": cpu + extra_cpu, "rss": rss + extra_rss, "client_rss": rss,
                 "p50": p50, "p99": p99, "conns": None if conns_before is None else conns_after - conns_before}
 
 
@@ -909,6 +912,14 @@ def targets(a, results):
                 ratio = ratio_to(results, key, row, "curl")
                 text += f"; {ratio:.2f}× bare libcurl — {verdict(ratio >= 1.0)}"
             lines.append(f"- delay C=1000, {ROWS[row]} ≥ 90% of C/delay, or ≥ bare libcurl where CPU-bound: {text}")
+    key = ("big", 25)
+    if key in results and "curl" in a.rows:
+        for row, floor in (("embedded", 0.85), ("tcp1", 0.7)):
+            if row in a.rows:
+                r = ratio_to(results, key, row, "curl")
+                rss = statistics.median(rnd[row]["client_rss"] for rnd in results[key])
+                lines.append(f"- 1 MiB bodies C=25, {ROWS[row]} ≥ {floor}× bare libcurl: {r:.2f}× — "
+                             f"{verdict(r >= floor)}; the client's peak RSS < 100 MB: {rss:.0f} MB — {verdict(rss < 100)}")
     ratios = routing_ratios(results)
     if ratios:
         r = statistics.median(ratios)
