@@ -99,9 +99,12 @@ struct Worker::Impl {
     if (!wake_pending.exchange(true, std::memory_order_acq_rel)) wake_fd->signal();
   }
   // False when ZeroMQ would not take the message (no connection for the
-  // whole send timeout): whatever it carried must be sent again.
-  bool send(proto::Frames&& frames) {
-    if (proto::SendMessage(*dealer, {}, frames, /*block=*/true) != proto::SendResult::kSent) {
+  // whole send timeout, or at once without `wait`): whatever it carried
+  // must be sent again. What is sent each period (HEARTBEAT, RESULTS again)
+  // does not wait: with the connection gone, a wait of the send timeout
+  // would hold this thread past the broker's silence it must notice.
+  bool send(proto::Frames&& frames, bool wait = true) {
+    if (proto::SendMessage(*dealer, {}, frames, wait) != proto::SendResult::kSent) {
       std::uint64_t suppressed = 0;
       if (send_failed_log.allow(suppressed)) {
         log().warn("worker {}: send to broker failed ({} more suppressed)", id, suppressed);
@@ -139,12 +142,12 @@ struct Worker::Impl {
     if (!send(std::move(frames))) resend_due = true;
   }
   // Sends again every unacknowledged RESULTS sent before `before`.
-  void resend(Clock::time_point before) {
+  void resend(Clock::time_point before, bool wait = true) {
     const auto now = Clock::now();
     for (Unacked& u : unacked) {
       if (u.sent >= before) break;
       u.sent = now;
-      if (!send(proto::CopyFrames(u.frames))) resend_due = true;
+      if (!send(proto::CopyFrames(u.frames), wait)) resend_due = true;
     }
   }
   // §3.7: after a reconnect or a gap in the order seqs, RESULTS not yet
@@ -412,7 +415,7 @@ void Worker::Impl::run() {
         register_with_broker(/*resend_unacked=*/true);
         last_heard = now;
       } else {
-        send(proto::EncodeHeartbeat());
+        send(proto::EncodeHeartbeat(), /*wait=*/false);
         // §3.7.1: RESULTS are lost only with a connection (the reconnect
         // resynchronises) or when ZeroMQ refused one; as a safety net, any
         // unacknowledged for ten periods — the broker acknowledges within one
@@ -420,9 +423,9 @@ void Worker::Impl::run() {
         // duplicates, and be slowed further by them.
         if (resend_due) {
           resend_due = false;
-          resend(Clock::time_point::max());
+          resend(Clock::time_point::max(), /*wait=*/false);
         } else {
-          resend(now - 10 * options.heartbeat_interval);
+          resend(now - 10 * options.heartbeat_interval, /*wait=*/false);
         }
       }
     }
