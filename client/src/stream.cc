@@ -11,7 +11,9 @@ namespace gatherer {
 namespace {
 using Clock = client::Clock;
 // A run waiting this long on an unreachable broker, or on a broker with no
-// worker, says so once (PROTOCOL.md §3.2.7).
+// worker, says so once (PROTOCOL.md §3.2.7); on an unreachable one, by half
+// its broker timeout at the latest, so that a short timeout is announced
+// before it ends the run.
 constexpr std::chrono::milliseconds kSayWaiting{3000};
 // Statements per SUBMIT at most: big enough to amortise a message, small
 // enough that the first statements start before the whole window is encoded.
@@ -463,7 +465,8 @@ void Stream::Run::pump() {
                     : "; with CURVE, a wrong broker public key looks just like this: check it"),
            -1, StatusCode::kUnavailable);
     }
-    if (!said_unreachable && now - m.last_heard > kSayWaiting) {
+    if (!said_unreachable && now - m.last_heard > std::min<std::chrono::milliseconds>(
+                                                      kSayWaiting, m.options.broker_timeout / 2)) {
       said_unreachable = true;
       m.log().warn("gatherer: broker {} not reachable yet; waiting up to {} s", m.endpoint,
                     m.options.broker_timeout.count() / 1000);
