@@ -1,5 +1,6 @@
 // Stream::Run: one gather() or stream over a Gatherer's session, and the
 // Gatherer's gather() and stream() that start one.
+#include <algorithm>
 #include <iterator>
 #include <span>
 
