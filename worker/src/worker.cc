@@ -102,16 +102,18 @@ struct Worker::Impl {
   // whole send timeout, or at once without `wait`): whatever it carried
   // must be sent again. What is sent each period (HEARTBEAT, RESULTS again)
   // does not wait: with the connection gone, a wait of the send timeout
-  // would hold this thread past the broker's silence it must notice.
+  // would hold this thread past the broker's silence it must notice. Nor
+  // does it warn when ZeroMQ cannot take it now (no connection, or a full
+  // queue to a broker that still hears this worker's RESULTS): the next
+  // period sends again, and a broker silent for too long is said anyway.
   bool send(proto::Frames&& frames, bool wait = true) {
-    if (proto::SendMessage(*dealer, {}, frames, wait) != proto::SendResult::kSent) {
-      std::uint64_t suppressed = 0;
-      if (send_failed_log.allow(suppressed)) {
-        log().warn("worker {}: send to broker failed ({} more suppressed)", id, suppressed);
-      }
-      return false;
+    const proto::SendResult result = proto::SendMessage(*dealer, {}, frames, wait);
+    if (result == proto::SendResult::kSent) return true;
+    std::uint64_t suppressed = 0;
+    if ((wait || result != proto::SendResult::kWouldBlock) && send_failed_log.allow(suppressed)) {
+      log().warn("worker {}: send to broker failed ({} more suppressed)", id, suppressed);
     }
-    return true;
+    return false;
   }
   // READY, first or again (§3.4.3, §3.4.4). Registering again means the
   // broker presumed this worker dead or lost it, and its leases are being
