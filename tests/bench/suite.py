@@ -29,7 +29,8 @@ the same round: a broker must feed many workers, so it needs that headroom.
 
 Rows (C = the case's concurrency):
   curl      curl-multi-baseline: one thread, C easy handles recycled,
-            connections reused, bodies kept in order
+            connections reused, each body written as soon as it is next in
+            input order, then freed
   aiohttp   aiohttp_gather.py: asyncio.gather, one ClientSession,
             Semaphore(C), connector limit C (Debian's python3-aiohttp)
   python    python_gather.py: the Python package `gatherer` (built with
@@ -424,7 +425,7 @@ class NginxServer:
 
 class NginxEndpoint:
     """One of nginx's ports as a case's server: nginx (http), https (TLS 1.3,
-    HTTP/1.1) or h2 (TLS 1.3, HTTP/2)."""
+    HTTP/1.1), h2 (TLS 1.3, HTTP/2) or big (http, the 1 MiB JSON)."""
 
     def __init__(self, nginx, kind):
         self.nginx = nginx
