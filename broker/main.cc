@@ -141,9 +141,10 @@ int main(int argc, char** argv) {
     gatherer::Logger().info("broker: metrics at http://{}/metrics", metrics_address);
   }
   const int sig = gatherer::WaitForTerminationSignal();
+  // Drain first, then say so: once the line is out, a new session is refused.
+  broker.drain();
   gatherer::Logger().info("broker: signal {}, draining: no new sessions; {} open (a second signal stops at once)", sig,
                           broker.stats().sessions.load());
-  broker.drain();
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(drain_ms);
   while (broker.stats().sessions.load() > 0) {
     if (std::chrono::steady_clock::now() >= deadline) {

@@ -98,7 +98,9 @@ TEST(DrainTest, WorkerPastItsDrainDeadlineHandsTheRestBack) {
 TEST(DrainTest, BrokerSigtermServesOpenSessionsRefusesNewOnesAndExitsZero) {
   HttpServer server(DelayHandler);
   const std::string ep = testing::FreeTcpEndpoint();
-  auto broker = testing::StartBrokerProcess(ep, 200ms);
+  // At info level: the test waits for the line saying it drains.
+  auto broker = testing::StartBinary("broker/gatherer-broker",
+                                     {"--bind", ep, "--heartbeat-ms", "200", "--log-level", "info"}, {});
   auto worker = StartWorker(ep);
   constexpr int kCount = 1000;
   auto g = std::make_unique<Gatherer>(Options{.broker = ep, .workers = 50, .log_level = 40});
@@ -106,7 +108,10 @@ TEST(DrainTest, BrokerSigtermServesOpenSessionsRefusesNewOnesAndExitsZero) {
   auto run = std::async(std::launch::async, [&] { return g->gather(); });
   ASSERT_TRUE(WaitFor([&] { return server.requests() >= 100; }, 30s));
   broker->kill(SIGTERM);
-  // The broker stays up for the open session; a new one is refused.
+  // The broker stays up for the open session; a new one is refused once it
+  // has taken the signal, which it does asynchronously.
+  ASSERT_TRUE(WaitFor([&] { return broker->stderr_text().find("draining: no new") != std::string::npos; }, 10s))
+      << broker->stderr_text();
   {
     Gatherer late({.broker = ep, .workers = 1, .log_level = 50});
     late.statements = {Get(server.url("/d/0/0"))};
