@@ -1,3 +1,9 @@
+// JSON Lines in and out for the CLI (jsonl.h): statement lines parsed with
+// simdjson's ondemand API, response lines written by hand (the escaping is
+// the hot path of a big-body run), the input reader and the spool file of a
+// two-pass input. Somewhat over 600 lines: the reader and the writer are one
+// format's two directions and are tested together (jsonl_test.cc, the
+// round-trip test in particular); split, each would still need the other.
 #include "jsonl.h"
 
 #include <fcntl.h>
