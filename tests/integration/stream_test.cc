@@ -175,7 +175,9 @@ TEST(StreamTest, InvalidStatementFromASourceNamesItsIndex) {
     EXPECT_EQ(e.index(), 37);
     EXPECT_EQ(e.code(), StatusCode::kInvalidArgument);
   }
-  EXPECT_LT(server.requests(), 37u) << "nothing at or after the bad statement is sent";
+  // Statements 0-36 may all have been sent (the source is pulled ahead of
+  // the answers); the bad one and those after it never are.
+  EXPECT_LE(server.requests(), 37u) << "nothing at or after the bad statement is sent";
   // The Gatherer stays usable.
   g.statements = {Get(server.url("/d/1/0"))};
   EXPECT_EQ(g.gather().at(0).body, "body-1");
