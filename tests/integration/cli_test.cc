@@ -445,12 +445,15 @@ TEST(CliTest, EachLineReachesATerminalAsSoonAsItIsNextInOrder) {
 TEST(CliTest, BrokerLostMidRunWritesWhatWasDoneThenTheError) {
   HttpServer server(DelayHandler);
   const std::string ep = FreeTcpEndpoint();
-  Process broker({GATHERER_BIN_DIR "/broker/gatherer-broker", "--bind", ep, "--log-level", "info"});
-  Process worker({GATHERER_BIN_DIR "/worker/gatherer-worker", "--broker", ep, "--io-threads", "1", "--log-level",
-                  "warning"});
-  // The CLI gives a silent broker 1 s: it starts once the broker listens and
-  // has its worker, or a broker slow to start (a loaded machine, a
-  // sanitizer) would end the run before the kill this test is about.
+  // The CLI gives a silent broker 1 s. So the broker heartbeats every 200 ms
+  // (the client heartbeats at the broker's period, and hears it answer), and
+  // the CLI starts once the broker listens and has its worker: a live broker
+  // slow to answer or to start (a loaded machine, a sanitizer) would
+  // otherwise end the run before the kill this test is about.
+  Process broker(
+      {GATHERER_BIN_DIR "/broker/gatherer-broker", "--bind", ep, "--heartbeat-ms", "200", "--log-level", "info"});
+  Process worker({GATHERER_BIN_DIR "/worker/gatherer-worker", "--broker", ep, "--io-threads", "1", "--heartbeat-ms",
+                  "200", "--log-level", "warning"});
   ASSERT_TRUE(WaitFor([&] { return Contains(broker.stderr_text(), " joined: ready"); }, 20s)) << broker.stderr_text();
   const std::string input = DelayInput(server, 20, [](int i) { return i < 10 ? 0 : 60'000; });
   Process cli({kGatherer, "fetch", "--broker", ep, "--workers", "20", "--broker-timeout", "1"}, input);
