@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <random>
 #include <set>
 #include <string>
@@ -157,7 +158,17 @@ TEST(StreamTest, BufferedBytesBoundWhatWaitsBehindASlowStatement) {
 }
 
 TEST(StreamTest, InvalidStatementFromASourceNamesItsIndex) {
-  HttpServer server(DelayHandler);
+  // One past the highest statement index the server was asked for.
+  std::atomic<unsigned> past_highest{0};
+  HttpServer server([&](const HttpRequest& req) {
+    unsigned index = 0, delay = 0;
+    if (std::sscanf(req.target.c_str(), "/d/%u/%u", &index, &delay) == 2) {
+      unsigned seen = past_highest.load();
+      while (index + 1 > seen && !past_highest.compare_exchange_weak(seen, index + 1)) {
+      }
+    }
+    return DelayHandler(req);
+  });
   Gatherer g({.workers = 8, .log_level = 40});
   std::uint64_t i = 0;
   auto source = [&](Statement& out) {
@@ -178,6 +189,7 @@ TEST(StreamTest, InvalidStatementFromASourceNamesItsIndex) {
   // Statements 0-36 may all have been sent (the source is pulled ahead of
   // the answers); the bad one and those after it never are.
   EXPECT_LE(server.requests(), 37u) << "nothing at or after the bad statement is sent";
+  EXPECT_LE(past_highest.load(), 37u) << "a statement after the bad one was sent";
   // The Gatherer stays usable.
   g.statements = {Get(server.url("/d/1/0"))};
   EXPECT_EQ(g.gather().at(0).body, "body-1");
