@@ -81,19 +81,24 @@ class BrokerCoreTest : public ::testing::Test {
     }
     return out;
   }
-  // Indices DISPATCHed to `worker` since the last look.
-  std::vector<std::uint64_t> dispatched(const std::string& worker) {
-    std::vector<std::uint64_t> out;
+  // What `worker` was ordered since the last look: the shares of the window
+  // its SESSIONs gave it (§4.2), and the indices DISPATCHed to it.
+  struct Orders {
+    std::vector<std::uint32_t> shares;
+    std::vector<std::uint64_t> indices;
+  };
+  Orders orders(const std::string& worker) {
+    Orders out;
     for (auto& f : record_.take(worker)) {
-      if (proto::PeekCommand(std::span<const zmq::message_t>(f)).value_or(proto::Command::kError) !=
-          proto::Command::kDispatch) {
-        continue;
-      }
+      const auto command = proto::PeekCommand(std::span<const zmq::message_t>(f)).value_or(proto::Command::kError);
+      if (command == proto::Command::kSession) out.shares.push_back(proto::DecodeSession(f)->settings.workers);
+      if (command != proto::Command::kDispatch) continue;
       const auto m = proto::DecodeStatements(f);
-      for (const auto& ws : m->statements) out.push_back(ws.index);
+      for (const auto& ws : m->statements) out.indices.push_back(ws.index);
     }
     return out;
   }
+  std::vector<std::uint64_t> dispatched(const std::string& worker) { return orders(worker).indices; }
   void results(const std::string& worker, const SessionId& sid, const std::vector<std::uint64_t>& indices) {
     proto::Results r{sid, ++results_seq_[worker], {}};
     for (auto i : indices) {
@@ -226,6 +231,86 @@ TEST_F(BrokerCoreTest, RateLimitedGrantsArePacedAndSharedInSimulatedTime) {
   EXPECT_LT(grants.back() - grants.front(), 4500ms) << "the allowance was not used";
   EXPECT_GE(in_first_half[0], 3u) << "session a waited on b";
   EXPECT_GE(in_first_half[1], 3u) << "session b waited on a";
+}
+
+// §4.2: a session's window is shared out between the workers, so that its
+// connections across every worker process stay within it: each worker is
+// told its share in SESSION and leased no more of the session than that.
+TEST_F(BrokerCoreTest, TwoWorkersShareTheWindowAndEachIsToldItsShare) {
+  ready("a", 1000);
+  ready("b", 1000);
+  const SessionId sid = open("c", 25);
+  from("c", proto::EncodeSubmit(sid, 0, Urls(100)));
+  Orders a = orders("a"), b = orders("b");
+  ASSERT_EQ(a.shares.size(), 1u);
+  ASSERT_EQ(b.shares.size(), 1u);
+  EXPECT_EQ(a.shares[0] + b.shares[0], 25u);
+  EXPECT_GE(std::min(a.shares[0], b.shares[0]), 12u) << "shared unevenly";
+  EXPECT_EQ(a.indices.size(), a.shares[0]);
+  EXPECT_EQ(b.indices.size(), b.shares[0]);
+  // As results come back each worker is leased again up to its share, never past it.
+  for (int round = 0; round < 3; ++round) {
+    results("a", sid, a.indices);
+    const Orders again = orders("a");
+    EXPECT_TRUE(again.shares.empty()) << "an unchanged share is not sent again";
+    EXPECT_EQ(again.indices.size(), a.shares[0]);
+    EXPECT_TRUE(orders("b").indices.empty()) << "b is leased past its share";
+    a.indices = again.indices;
+  }
+  // A window smaller than the roster: one statement, one worker.
+  const SessionId one = open("d", 1);
+  from("d", proto::EncodeSubmit(one, 0, Urls(3)));
+  const Orders da = orders("a"), db = orders("b");
+  EXPECT_EQ(da.indices.size() + db.indices.size(), 1u);
+  EXPECT_EQ(da.shares.size() + db.shares.size(), 1u) << "a worker with no share of it was sent the session";
+}
+
+// §4.2: even shares, none past a worker's slots, the remainder from `first` on.
+TEST(ShareOutTest, EvenNonePastItsSlotsRemainderFromFirst) {
+  std::vector<std::uint32_t> shares;
+  auto share = [&](std::uint32_t window, std::vector<std::uint32_t> slots, std::size_t first) {
+    ShareOut(window, slots, first, shares);
+    return shares;
+  };
+  using V = std::vector<std::uint32_t>;
+  EXPECT_EQ(share(25, {1024, 1024}, 0), (V{13, 12}));
+  EXPECT_EQ(share(25, {1024, 1024}, 1), (V{12, 13}));
+  EXPECT_EQ(share(1, {1024, 1024, 1024}, 2), (V{0, 0, 1}));
+  EXPECT_EQ(share(25, {4, 1024}, 0), (V{4, 21})) << "what a small worker cannot hold goes to the other";
+  EXPECT_EQ(share(100, {10, 30, 1000}, 0), (V{10, 30, 60}));
+  EXPECT_EQ(share(101, {10, 1000, 1000}, 1), (V{10, 46, 45}));
+  EXPECT_EQ(share(100, {10, 20}, 0), (V{10, 20})) << "a window past every slot: each its slots";
+  EXPECT_EQ(share(100'000, {1024, 1024, 2048}, 0), (V{1024, 1024, 2048}));
+}
+
+// §4.2, §3.5.4: when a worker leaves, the others' shares grow to the whole
+// window again, and each is told before it is leased more; a worker that
+// joins takes its share as the others' leases come back.
+TEST_F(BrokerCoreTest, SharesFollowWorkersThatLeaveAndJoin) {
+  ready("a", 1000);
+  ready("b", 1000);
+  const SessionId sid = open("c", 10);
+  from("c", proto::EncodeSubmit(sid, 0, Urls(200)));
+  const Orders a = orders("a");
+  ASSERT_EQ(a.shares, (std::vector<std::uint32_t>{5}));
+  ASSERT_EQ(orders("b").indices.size(), 5u);
+  from("b", proto::EncodeEmpty(proto::Command::kDisconnect));  // b's 5 are queued again
+  Orders after = orders("a");
+  EXPECT_EQ(after.shares, (std::vector<std::uint32_t>{10})) << "a's share did not grow to the window";
+  EXPECT_EQ(after.indices.size(), 5u) << "a holds 5 and may hold 10";
+  std::vector<std::uint64_t> held = a.indices;
+  held.insert(held.end(), after.indices.begin(), after.indices.end());
+  ASSERT_EQ(held.size(), 10u);
+  ready("c2", 1000);
+  EXPECT_TRUE(orders("c2").indices.empty()) << "the window is leased out: a newcomer waits for room";
+  results("a", sid, held);
+  after = orders("a");
+  const Orders joined = orders("c2");
+  ASSERT_EQ(after.shares.size(), 1u);
+  ASSERT_EQ(joined.shares.size(), 1u);
+  EXPECT_EQ(after.shares[0] + joined.shares[0], 10u);
+  EXPECT_EQ(after.indices.size(), after.shares[0]);
+  EXPECT_EQ(joined.indices.size(), joined.shares[0]);
 }
 
 }  // namespace

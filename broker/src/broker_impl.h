@@ -27,6 +27,7 @@
 #include <iterator>
 #include <mutex>
 #include <set>
+#include <span>
 #include <thread>
 #include <unordered_map>
 #include <unordered_set>
@@ -48,6 +49,12 @@ class Outbound {
   virtual ~Outbound() = default;
   virtual proto::SendResult send(const std::string& peer, proto::Frames& frames) = 0;
 };
+
+// `window` shared out over workers holding `slots` statements each, into
+// `shares` (PROTOCOL.md §4.2); the division's remainder goes one each to the
+// workers from `first` on.
+void ShareOut(std::uint32_t window, std::span<const std::uint32_t> slots, std::size_t first,
+              std::vector<std::uint32_t>& shares);
 
 struct BrokerCore {
   using Clock = std::chrono::steady_clock;
@@ -118,8 +125,20 @@ struct BrokerCore {
     std::uint32_t slots = 0;
     std::uint32_t leased = 0;
     Clock::time_point last_seen;
-    // Sessions sent to it, with the order seq of their SESSION message (§3.7).
-    std::unordered_map<SessionId, std::uint64_t> sessions;
+    // A session sent to it (§3.5.1): the order seq of its first SESSION
+    // (§3.7), the statements of it leased to this worker, and the share of
+    // the session's window this worker was last told (§4.2).
+    struct Held {
+      std::uint64_t seq = 0;
+      std::uint32_t leased = 0;
+      std::uint32_t share = 0;
+    };
+    std::unordered_map<SessionId, Held> sessions;
+    // Leases of session `sid` held by this worker ended (a result, a loss).
+    void release(const SessionId& sid, std::uint32_t n) {
+      leased -= std::min(leased, n);
+      if (auto held = sessions.find(sid); held != sessions.end()) held->second.leased -= std::min(held->second.leased, n);
+    }
     // Order seq of the last SESSION, DISPATCH or END_SESSION sent (§3.7).
     std::uint64_t order_seq = 0;
     // Highest seq of its RESULTS up to which none is missing (§3.7).
@@ -181,6 +200,13 @@ struct BrokerCore {
   std::vector<std::pair<Clock::time_point, SessionId>> rate_waiting;
   Clock::time_point rate_wake = broker::kNever;
   std::vector<SessionState*> woken_scratch;  // wake_rate_waiting's, kept for its capacity
+  // The workers that take ordinary dispatch, by serial: each session's window
+  // is shared out between them (§4.2). Rebuilt by dispatch() each pass.
+  std::vector<WorkerState*> roster;
+  std::vector<std::uint32_t> roster_slots;
+  std::vector<std::uint64_t> roster_serials;
+  std::vector<std::uint32_t> shares_scratch;  // dispatch()'s, per session turn
+  std::vector<SessionId> deferred_scratch;  // dispatch()'s, kept for its capacity
 
   BrokerCore(BrokerOptions o, Outbound& outbound, std::function<Clock::time_point()> time = &Clock::now)
       : options(std::move(o)), out(outbound), clock(std::move(time)) {
@@ -210,7 +236,8 @@ struct BrokerCore {
   bool send_order(WorkerState& w, proto::Frames&& frames);
   void dispatch();
   void dispatch_quarantine();
-  bool ensure_session(SessionState& s, WorkerState& w);
+  void update_roster();
+  bool ensure_session(SessionState& s, WorkerState& w, std::uint32_t share);
   bool send_dispatch(SessionState& s, WorkerState& w, proto::Statements& chunk);
   void release_quarantine_worker();
   void end_session(SessionState& s);

@@ -71,14 +71,14 @@ void BrokerCore::on_results(const std::string& peer, std::span<zmq::message_t> b
         throttled.push_back(std::move(l->second.statement));
         session.leases.erase(l);
         --total_leased;
-        if (worker.leased > 0) --worker.leased;
+        worker.release(session.id, 1);
         continue;
       }
     }
     if (session.rate) session.rate->settled(index->indices[i]);
     session.leases.erase(l);
     --total_leased;
-    if (worker.leased > 0) --worker.leased;
+    worker.release(session.id, 1);
     if (!session.solo_deaths.empty()) session.solo_deaths.erase(index->indices[i]);
     ++kept;
   }
@@ -135,7 +135,7 @@ void BrokerCore::on_holding(const std::string& peer, std::span<zmq::message_t> b
   touched.reserve(worker.sessions.size());
   for (auto it = worker.sessions.begin(); it != worker.sessions.end();) {
     touched.push_back(it->first);
-    if (it->second <= holding->seq && !held.contains(it->first)) {
+    if (it->second.seq <= holding->seq && !held.contains(it->first)) {
       // Its SESSION never arrived: the next DISPATCH sends it again.
       if (auto s = sessions.find(it->first); s != sessions.end()) s->second.workers.erase(peer);
       it = worker.sessions.erase(it);
@@ -167,7 +167,7 @@ void BrokerCore::on_holding(const std::string& peer, std::span<zmq::message_t> b
     if (lost.empty()) continue;
     lost_total += lost.size();
     total_leased -= lost.size();
-    worker.leased -= std::min<std::uint32_t>(worker.leased, static_cast<std::uint32_t>(lost.size()));
+    worker.release(sid, static_cast<std::uint32_t>(lost.size()));
     std::sort(lost.begin(), lost.end(), [](const auto& a, const auto& b) { return a.index < b.index; });
     stats.requeued.fetch_add(lost.size(), std::memory_order_relaxed);
     requeue_front(session, std::move(lost));

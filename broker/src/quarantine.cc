@@ -41,7 +41,7 @@ void BrokerCore::remove_worker(const std::string& routing_id, Departure how, con
   // of several, the broker cannot tell which one (if any) killed it.
   const bool solo = how == Departure::kDied && w.leased == 1;
   const bool isolated = w.isolated && w.leased > 0;
-  for (const auto& [sid, session_seq] : w.sessions) {
+  for (const auto& [sid, hold] : w.sessions) {
     auto s = sessions.find(sid);
     if (s == sessions.end()) continue;
     SessionState& session = s->second;
@@ -202,7 +202,12 @@ void BrokerCore::dispatch_quarantine() {
       return !s.leases.try_emplace(ws.index, Lease{worker.serial, {}}).second;
     });
     if (!chunk.statements.empty()) {
-      if (ensure_session(s, worker) && send_dispatch(s, worker, chunk)) {
+      // A group runs alone on its worker: as many connections as statements.
+      const auto held = worker.sessions.find(sid);
+      const std::uint32_t share = held != worker.sessions.end()
+                                      ? std::max(held->second.share, static_cast<std::uint32_t>(chunk.statements.size()))
+                                      : static_cast<std::uint32_t>(chunk.statements.size());
+      if (ensure_session(s, worker, share) && send_dispatch(s, worker, chunk)) {
         worker.isolated = true;
       } else {
         // The worker cannot be reached: the group waits for the next turn.

@@ -1,5 +1,8 @@
 #include "broker_impl.h"
 
+#include <numeric>
+#include <span>
+
 namespace gatherer {
 
 void BrokerCore::mark_ready(SessionState& s) {
@@ -68,16 +71,70 @@ void BrokerCore::wake_rate_waiting() {
   woken_scratch.clear();
 }
 
-// Credit-based, round-robin across sessions (PROTOCOL.md §4.2): each pass
-// gives the next ready session one chunk, sized by its free window and the
-// credit of the worker with the most free slots.
-void BrokerCore::dispatch() {
-  while (!ready.empty()) {
-    WorkerState* best = nullptr;
-    for (auto& [id, w] : workers) {
-      if (w.credit() > 0 && (!best || w.credit() > best->credit())) best = &w;
+// The workers that take ordinary dispatch (not draining, not set aside for
+// quarantine), by serial. When they change, each session's window is shared
+// out anew, so every session with work is looked at again: one that had no
+// room left in its workers' shares may have some now.
+void BrokerCore::update_roster() {
+  roster.clear();
+  for (auto& [rid, w] : workers) {
+    if (!w.draining && !w.reserved && w.slots > 0) roster.push_back(&w);
+  }
+  std::sort(roster.begin(), roster.end(), [](const WorkerState* a, const WorkerState* b) { return a->serial < b->serial; });
+  roster_slots.clear();
+  for (const WorkerState* w : roster) roster_slots.push_back(w->slots);
+  bool same = roster.size() == roster_serials.size();
+  for (std::size_t i = 0; same && i < roster.size(); ++i) same = roster[i]->serial == roster_serials[i];
+  if (same) return;
+  roster_serials.clear();
+  for (const WorkerState* w : roster) roster_serials.push_back(w->serial);
+  for (auto& [sid, s] : sessions) mark_ready(s);
+}
+
+// §4.2: `window` shared out over workers that hold `slots` statements each:
+// evenly, none past its slots (what one cannot hold goes to the others), and
+// what the division leaves one each to the workers from `first` on.
+void ShareOut(std::uint32_t window, std::span<const std::uint32_t> slots, std::size_t first,
+              std::vector<std::uint32_t>& shares) {
+  const std::size_t n = slots.size();
+  shares.assign(slots.begin(), slots.end());
+  if (std::accumulate(slots.begin(), slots.end(), std::uint64_t{0}) <= window) return;
+  auto filled = [&](std::uint32_t level) {
+    std::uint64_t sum = 0;
+    for (std::uint32_t c : slots) sum += std::min(c, level);
+    return sum;
+  };
+  // The highest level that the window fills for every worker below it.
+  std::uint32_t low = 0, high = window;
+  while (low < high) {
+    const std::uint32_t mid = low + (high - low + 1) / 2;
+    if (filled(mid) <= window) {
+      low = mid;
+    } else {
+      high = mid - 1;
     }
-    if (!best) return;
+  }
+  std::uint64_t left = window - filled(low);
+  for (std::size_t i = 0; i < n; ++i) shares[i] = std::min(slots[i], low);
+  for (std::size_t k = 0; k < n && left > 0; ++k) {
+    const std::size_t i = (first + k) % n;
+    if (shares[i] < slots[i]) {
+      ++shares[i];
+      --left;
+    }
+  }
+}
+
+// Credit-based, round-robin across sessions (PROTOCOL.md §4.2): each pass
+// gives the next ready session one chunk for the worker with the most credit
+// among those with room left in their share of the session's window. The
+// window is shared out between the workers of the roster (ShareOut), the
+// remainder going to the first ones from a place each session picks, so a
+// session never holds more connections across workers than its window.
+void BrokerCore::dispatch() {
+  update_roster();
+  const std::size_t roster_size = roster.size();
+  while (!ready.empty() && roster_size > 0) {
     const SessionId sid = ready.front();
     ready.pop_front();
     auto it = sessions.find(sid);
@@ -85,13 +142,42 @@ void BrokerCore::dispatch() {
     SessionState& s = it->second;
     s.in_ready = false;
     if (!s.quarantine.empty()) continue;  // marked ready again once it is empty
-    const std::size_t window_room = s.settings.workers > s.leases.size() ? s.settings.workers - s.leases.size() : 0;
-    // Spread a big window across workers instead of filling the first one.
-    std::size_t fair_share = std::max<std::size_t>(1, (window_room + workers.size() - 1) / workers.size());
-    const std::size_t n = std::min({window_room, fair_share, static_cast<std::size_t>(best->credit()),
+    const std::uint32_t window = s.settings.workers;
+    const std::size_t window_room = window > s.leases.size() ? window - s.leases.size() : 0;
+    if (window_room == 0 || s.pending.empty()) continue;
+    ShareOut(window, roster_slots, std::hash<SessionId>{}(s.id) % roster_size, shares_scratch);
+    WorkerState* best = nullptr;
+    std::uint32_t best_share = 0, best_room = 0;
+    bool waits_for_credit = false;
+    for (std::size_t i = 0; i < roster_size; ++i) {
+      WorkerState& w = *roster[i];
+      const std::uint32_t share = shares_scratch[i];
+      const auto held = w.sessions.find(s.id);
+      const std::uint32_t leased = held == w.sessions.end() ? 0 : held->second.leased;
+      if (leased >= share) continue;
+      if (w.credit() == 0) {
+        waits_for_credit = true;
+        continue;
+      }
+      if (!best || w.credit() > best->credit()) {
+        best = &w;
+        best_share = share;
+        best_room = share - leased;
+      }
+    }
+    if (!best) {
+      // Room only with workers that are full now: its turn comes again after
+      // this pass. No room at all: a result or a new roster marks it ready.
+      if (waits_for_credit) {
+        s.in_ready = true;
+        deferred_scratch.push_back(sid);
+      }
+      continue;
+    }
+    const std::size_t n = std::min({window_room, static_cast<std::size_t>(best_room),
+                                    static_cast<std::size_t>(best->credit()),
                                     static_cast<std::size_t>(options.max_chunk), s.pending.size()});
-    if (n == 0) continue;
-    if (!ensure_session(s, *best)) {
+    if (!ensure_session(s, *best, best_share)) {
       mark_ready(s);
       continue;  // unreachable: it has no credit now, another worker is tried
     }
@@ -122,6 +208,8 @@ void BrokerCore::dispatch() {
     if (!send_dispatch(s, *best, chunk)) requeue_front(s, std::move(chunk.statements));
     mark_ready(s);
   }
+  for (const SessionId& sid : deferred_scratch) ready.push_back(sid);
+  deferred_scratch.clear();
 }
 
 // Sends SESSION, DISPATCH or END_SESSION, encoded with seq w.order_seq + 1
@@ -137,11 +225,20 @@ bool BrokerCore::send_order(WorkerState& w, proto::Frames&& frames) {
   return true;
 }
 
-// SESSION before the first DISPATCH of a session to a worker (§3.5.1).
-bool BrokerCore::ensure_session(SessionState& s, WorkerState& w) {
-  if (w.sessions.contains(s.id)) return true;
-  if (!send_order(w, proto::Encode(proto::Session{s.id, s.settings, w.order_seq + 1}))) return false;
-  w.sessions.emplace(s.id, w.order_seq);
+// SESSION before the first DISPATCH of a session to a worker (§3.5.1), and
+// again when the worker's share of the window has changed (§3.5.4): the
+// settings it carries give that share as `workers`.
+bool BrokerCore::ensure_session(SessionState& s, WorkerState& w, std::uint32_t share) {
+  auto held = w.sessions.find(s.id);
+  if (held != w.sessions.end() && held->second.share == share) return true;
+  proto::Session order{s.id, s.settings, w.order_seq + 1};
+  order.settings.workers = share;
+  if (!send_order(w, proto::Encode(order))) return false;
+  if (held != w.sessions.end()) {
+    held->second.share = share;
+    return true;
+  }
+  w.sessions.emplace(s.id, WorkerState::Held{w.order_seq, 0, share});
   s.workers.insert(w.routing_id);
   return true;
 }
@@ -163,6 +260,7 @@ bool BrokerCore::send_dispatch(SessionState& s, WorkerState& w, proto::Statement
   }
   const std::size_t sent = chunk.statements.size();
   w.leased += static_cast<std::uint32_t>(sent);
+  if (auto held = w.sessions.find(s.id); held != w.sessions.end()) held->second.leased += static_cast<std::uint32_t>(sent);
   total_leased += sent;
   stats.dispatched.fetch_add(sent, std::memory_order_relaxed);
   return true;

@@ -49,6 +49,12 @@ Options Quiet(Options o = {}) {
   return o;
 }
 
+WorkerOptions TwoIoThreads() {
+  WorkerOptions o;
+  o.io_threads = 2;
+  return o;
+}
+
 TEST(PipelineTest, OrderIsPreservedUnderRandomServerDelays) {
   HttpServer server(DelayHandler);
   std::mt19937 rng(7);
@@ -227,13 +233,10 @@ TEST(PipelineTest, CancelFromAnotherThread) {
 TEST(PipelineTest, SessionIsForgottenAfterDestruction) {
   HttpServer server(DelayHandler);
   LocalCluster cluster;
-  WorkerOptions wo;
-  wo.io_threads = 2;
-  ASSERT_TRUE(cluster.start(2, wo));
+  ASSERT_TRUE(cluster.start_registered(2, TwoIoThreads()));
   Broker& broker = cluster.broker();
   Worker& w1 = cluster.worker(0);
   Worker& w2 = cluster.worker(1);
-  ASSERT_TRUE(WaitFor([&] { return broker.stats().workers.load() == 2; }, 5s));
   {
     Gatherer g(Quiet({.broker = cluster.endpoint(), .workers = 40}));
     for (int i = 0; i < 400; ++i) g.statements.push_back(Get(server.url("/d/" + std::to_string(i) + "/2")));
@@ -245,6 +248,27 @@ TEST(PipelineTest, SessionIsForgottenAfterDestruction) {
   EXPECT_EQ(broker.stats().sessions.load(), 0u);
   EXPECT_TRUE(WaitFor([&] { return w1.sessions() == 0 && w2.sessions() == 0; }, 5s))
       << "workers still hold the session";
+}
+
+// `workers` is, as in the original, the most connections a job keeps at once: with two worker
+// processes the broker shares the window out between them (PROTOCOL.md §4.2), so the server sees
+// at most `workers` connections, not a window's worth from each worker.
+TEST(PipelineTest, TwoWorkersOpenNoMoreConnectionsThanTheWindow) {
+  HttpServer server(DelayHandler);
+  LocalCluster cluster;
+  ASSERT_TRUE(cluster.start_registered(2, TwoIoThreads()));
+  constexpr int kWindow = 256;
+  Gatherer g(Quiet({.broker = cluster.endpoint(), .workers = kWindow}));
+  // Every 8th statement is slow, so each worker's load swings: at times it has far more than
+  // half the window in flight, spread over both its I/O threads.
+  for (int i = 0; i < 5000; ++i) {
+    g.statements.push_back(Get(server.url("/d/" + std::to_string(i) + "/" + (i % 8 == 0 ? "30" : "0"))));
+  }
+  ExpectInOrder(g.gather(), 5000);
+  EXPECT_GT(cluster.worker(0).stats().completed.load(), 0u) << "work is spread over both workers";
+  EXPECT_GT(cluster.worker(1).stats().completed.load(), 0u) << "work is spread over both workers";
+  EXPECT_LE(server.max_in_flight(), kWindow);
+  EXPECT_LE(server.connections(), static_cast<std::uint64_t>(kWindow)) << "connections past the window";
 }
 
 // ---- real processes -------------------------------------------------------

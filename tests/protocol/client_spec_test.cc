@@ -150,6 +150,20 @@ class ClientSpec : public ::testing::TestWithParam<std::string> {
     if (m) note(*m);
     return m;
   }
+  // Answers every HEARTBEAT for `how_long`, as a broker that has the
+  // session; fails (fatally) if the run ends meanwhile or anything else
+  // comes. `beats` counts the HEARTBEATs.
+  void answer_beats_for(Clock::duration how_long, int* beats = nullptr) {
+    answer_beats_ = true;
+    const auto start = Clock::now();
+    while (Clock::now() - start < how_long) {
+      ASSERT_FALSE(done_.load()) << "the run ended while the broker answered every heartbeat: "
+                                 << (runner_.join(), gather_error_message());
+      auto m = recv_any(50ms);
+      if (m && m->command == proto::Command::kHeartbeat && beats != nullptr) ++*beats;
+    }
+    ASSERT_TRUE(pending_.empty()) << "unexpected message while the broker answered heartbeats";
+  }
   // What the fake broker learns from a message: ACKs (checked and kept in
   // acks_), the highest index submitted, and heartbeats it answers when
   // answer_beats_ is set, as a broker that has the session (§3.2.7).
@@ -1118,18 +1132,48 @@ TEST_P(ClientSpec, Clause_3_2_9_BrokerAnsweringHeartbeatsKeepsTheRunGoing) {
   expect(proto::Command::kOpen);
   send_opened(200ms);
   ASSERT_EQ(recv_statements(1).size(), 1u);
-  const auto start = Clock::now();
-  answer_beats_ = true;  // [session, 0, 1, 1]: nothing sent, index 0 received, a worker
-  while (Clock::now() - start < 2500ms) {  // two and a half broker timeouts
-    ASSERT_FALSE(done_.load()) << "the run ended while the broker answered every heartbeat: "
-                               << (runner_.join(), gather_error_message());
-    (void)recv_any(50ms);
-  }
-  ASSERT_TRUE(pending_.empty()) << "unexpected message while the broker answered heartbeats";
+  // Answered [session, 0, 1, 1]: nothing sent, index 0 received, a worker;
+  // for two and a half broker timeouts.
+  ASSERT_NO_FATAL_FAILURE(answer_beats_for(2500ms));
   send_results({{0, "r0"}});
   ASSERT_TRUE(wait_gather());
   ASSERT_EQ(gather_error(), std::nullopt) << gather_error_message();
   EXPECT_EQ(bodies(), (std::vector<std::string>{"r0"}));
+}
+
+// 3.3.1 "(...) a client SHALL send its HEARTBEATs (§3.2.7) at that period,
+// (...) and at least three times per its own broker timeout (§3.2.9), so that
+// a live broker, answering each one, is never taken for silent."
+// The broker's period (3 s) is three times the client's broker timeout (1 s):
+// at the broker's period alone, the client would hear nothing for 3 s.
+TEST_P(ClientSpec, Clause_3_3_1_ABrokerTimeoutShorterThanTheBrokersPeriodIsStillMet) {
+  options_.broker_timeout = 1000ms;
+  connect(10);
+  start_gather(Urls(1));
+  expect(proto::Command::kOpen);
+  send_opened(3000ms);
+  ASSERT_EQ(recv_statements(1).size(), 1u);
+  int beats = 0;
+  ASSERT_NO_FATAL_FAILURE(answer_beats_for(3500ms, &beats));  // more than one broker period
+  // A third of the broker timeout: about ten in 3.5 s; at the broker's
+  // period, one.
+  EXPECT_GE(beats, 6) << "the client heartbeats at the broker's 3 s period, not within its 1 s broker timeout";
+  send_results({{0, "r0"}});
+  ASSERT_TRUE(wait_gather());
+  ASSERT_EQ(gather_error(), std::nullopt) << gather_error_message();
+  EXPECT_EQ(bodies(), (std::vector<std::string>{"r0"}));
+}
+
+// A broker timeout the client cannot keep (three heartbeats within it) is
+// refused when the Gatherer is made, before anything is sent.
+TEST(ClientOptions, BrokerTimeoutBelow150MsIsRefused) {
+  try {
+    Gatherer g({.broker = "tcp://127.0.0.1:1", .log_level = 40, .broker_timeout = 100ms});
+    ADD_FAILURE() << "a 100 ms broker timeout was accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), StatusCode::kInvalidArgument);
+    EXPECT_NE(std::string(e.what()).find("broker_timeout"), std::string::npos) << e.what();
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, ClientSpec, ::testing::Values("tcp", "ipc"),

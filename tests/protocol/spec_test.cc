@@ -153,7 +153,9 @@ class WorkerSpec : public ::testing::TestWithParam<std::string> {
     return r ? *r : proto::Ready{};
   }
   // Orders, numbered (§3.7.3).
-  void send_session(const SessionId& sid) { send(proto::Encode(proto::Session{sid, SessionSettings{}, ++order_seq_})); }
+  void send_session(const SessionId& sid, SessionSettings settings = {}) {
+    send(proto::Encode(proto::Session{sid, std::move(settings), ++order_seq_}));
+  }
   void send_dispatch(proto::Statements m) {
     m.seq = ++order_seq_;
     send(proto::Encode(proto::Command::kDispatch, m));
@@ -328,6 +330,52 @@ TEST_P(WorkerSpec, Clause_3_5_3_EndSessionAbortsWithoutResults) {
   EXPECT_TRUE(testing::WaitFor([&] { return worker_->sessions() == 0; }, 2s));
   auto f = recv_results(500ms);
   EXPECT_TRUE(f.empty()) << "results after END_SESSION";
+}
+
+// 3.5.1 "In a SESSION the settings' `workers` is that worker's share of the
+// session's window (...): a worker SHALL keep at most that many connections
+// of the session to any one destination."
+// 3.5.4 "A worker that already holds the session SHALL keep it (transfers,
+// caches and connections) and apply the new share alone: connections past a
+// smaller share are not cut, but none opens past it."
+TEST_P(WorkerSpec, Clause_3_5_4_ASessionSentAgainChangesOnlyTheShare) {
+  testing::HttpServer server(testing::DelayHandler);
+  expect_ready();
+  const SessionId sid = NewSessionId();
+  SessionSettings one;
+  one.workers = 1;
+  send_session(sid, one);
+  auto urls = [&](std::uint64_t first) {
+    std::vector<std::string> out;
+    for (std::uint64_t i = first; i < first + 3; ++i) out.push_back(server.url("/d/" + std::to_string(i) + "/300"));
+    return out;
+  };
+  send_dispatch(chunk(sid, urls(0)));
+  // A share of 1: one connection, the three statements one after the other.
+  ASSERT_TRUE(testing::WaitFor([&] { return server.requests() >= 2; }, 5s));
+  EXPECT_EQ(server.max_in_flight(), 1);
+  SessionSettings four = one;
+  four.workers = 4;
+  four.base_url = "http://elsewhere.invalid/";  // ignored: only the share changes
+  send_session(sid, four);
+  send_dispatch(chunk(sid, urls(3), 3));
+  EXPECT_TRUE(testing::WaitFor([&] { return server.in_flight() >= 3; }, 5s))
+      << "the larger share was not applied: " << server.in_flight() << " in flight";
+  std::set<std::uint64_t> answered;
+  while (answered.size() < 6) {
+    const auto f = recv_results(5s);
+    if (f.empty()) break;
+    if (command(f) != proto::Command::kResults) continue;
+    const auto results = proto::DecodeResults(f);
+    ASSERT_TRUE(results.has_value());
+    for (const auto& r : results->results) {
+      EXPECT_EQ(r.response.body, "body-" + std::to_string(r.index)) << "the session was not kept as it was";
+      answered.insert(r.index);
+    }
+  }
+  EXPECT_EQ(answered.size(), 6u) << "statements of the session were dropped when it was sent again";
+  EXPECT_LE(server.max_in_flight(), 4);
+  EXPECT_EQ(worker_->sessions(), 1u);
 }
 
 // 2.4 "A malformed message SHALL be dropped, counted and logged ... It MUST

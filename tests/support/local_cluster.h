@@ -17,6 +17,7 @@
 
 #include "gatherer/broker.h"
 #include "gatherer/worker.h"
+#include "wait_for.h"
 
 namespace gatherer::testing {
 
@@ -29,10 +30,18 @@ namespace gatherer::testing {
 //   Gatherer g({.broker = cluster.endpoint()});
 class LocalCluster {
  public:
-  // `broker_options` with no endpoints binds tcp://127.0.0.1:* (a free port).
-  explicit LocalCluster(BrokerOptions broker_options = {}) {
-    if (broker_options.endpoints.empty()) broker_options.endpoints = {"tcp://127.0.0.1:*"};
+  // By default the broker binds tcp://127.0.0.1:*, a free port: BrokerOptions'
+  // own default is a fixed port, which tests run side by side would fight
+  // over (one failed to start its cluster that way). `broker_options` with no
+  // endpoints binds a free port too.
+  explicit LocalCluster(BrokerOptions broker_options = OnFreePort()) {
+    if (broker_options.endpoints.empty()) broker_options.endpoints = OnFreePort().endpoints;
     broker_ = std::make_unique<Broker>(std::move(broker_options));
+  }
+  static BrokerOptions OnFreePort() {
+    BrokerOptions o;
+    o.endpoints = {"tcp://127.0.0.1:*"};
+    return o;
   }
   // Starts the broker, then `workers` Workers made from `worker_options`
   // with the broker's endpoint; the first that fails to start fails it.
@@ -44,6 +53,17 @@ class LocalCluster {
       if (auto s = workers_.back()->start(); !s.ok()) {
         return ::testing::AssertionFailure() << "worker " << i << ": " << s.ToString();
       }
+    }
+    return ::testing::AssertionSuccess();
+  }
+  // start(), then waits until the broker has registered every worker: the
+  // work of a job that starts now is shared between all of them.
+  ::testing::AssertionResult start_registered(int workers, WorkerOptions worker_options = {}) {
+    if (auto started = start(workers, std::move(worker_options)); !started) return started;
+    const auto want = static_cast<std::uint64_t>(workers);
+    if (!WaitFor([&] { return broker_->stats().workers.load() == want; })) {
+      return ::testing::AssertionFailure() << "the broker registered " << broker_->stats().workers.load() << " of "
+                                           << workers << " workers";
     }
     return ::testing::AssertionSuccess();
   }
