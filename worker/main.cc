@@ -5,12 +5,14 @@
 // on the command line wins.
 #include <CLI/CLI.hpp>
 
+#include "gatherer/allocator.h"
 #include "gatherer/log.h"
 #include "gatherer/signals.h"
 #include "gatherer/worker.h"
 #include "metrics_http.h"
 
 int main(int argc, char** argv) {
+  gatherer::TuneAllocatorForBodies();
   gatherer::WorkerOptions options;
   std::string log_level = "info";
   int heartbeat_ms = static_cast<int>(options.heartbeat_interval.count());

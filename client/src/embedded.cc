@@ -22,6 +22,7 @@ class InProcessCluster final : public EmbeddedCluster {
     wo.context = &context;
     wo.logger = std::move(logger);
     wo.io_threads = io_threads;
+    wo.warn_insecure_sessions = false;  // the Gatherer warns
     worker_ = std::make_unique<Worker>(wo);
     if (Status s = worker_->start(); !s.ok()) {
       broker_->stop();

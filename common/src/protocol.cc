@@ -268,11 +268,16 @@ const msgpack::unpack_limit kLimits(
     /*array=*/kMaxBatch + 16, /*map=*/1024, /*str=*/kMaxHeaderBytes, /*bin=*/kMaxHeaderBytes,
     /*ext=*/0, /*depth=*/8);
 
+// Strings and binaries of a header are read in place, not copied into the
+// unpacked object's zone: every decoder copies what it keeps out of the
+// object while the frame, which outlives the decoder's call, is still there.
+bool ReferenceInPlace(msgpack::type::object_type, std::size_t, void*) { return true; }
+
 // Unpacks one frame holding exactly one msgpack value.
 msgpack::object_handle Unpack(const zmq::message_t& h) {
   if (h.size() > kMaxHeaderBytes) Fail("header frame too large");
   std::size_t offset = 0;
-  auto handle = msgpack::unpack(static_cast<const char*>(h.data()), h.size(), offset, nullptr,
+  auto handle = msgpack::unpack(static_cast<const char*>(h.data()), h.size(), offset, &ReferenceInPlace,
                                 nullptr, kLimits);
   if (offset != h.size()) Fail("trailing bytes after header");
   return handle;

@@ -54,6 +54,8 @@ struct Fetcher::Impl {
     }
   }
 
+  long HostConnections(std::size_t window, std::size_t spread) const;
+
   const Options options;
   std::string interface;  // CURLOPT_INTERFACE for options.source_address
   const ResultSink sink;
@@ -86,9 +88,31 @@ Fetcher::~Fetcher() {
   impl_->sessions.clear();
 }
 
+// What each of a session's `spread` threads may keep open to one host: the
+// window (its share of it here, §4.2), rounded down so that the threads'
+// caps add up to it at most.
+long Fetcher::Impl::HostConnections(std::size_t window, std::size_t spread) const {
+  std::size_t cap = std::max<std::size_t>(window, 1);
+  if (options.max_host_connections > 0) cap = std::min(cap, static_cast<std::size_t>(options.max_host_connections));
+  return static_cast<long>(std::max<std::size_t>(cap / spread, 1));
+}
+
 void Fetcher::open_session(const SessionId& session, const SessionSettings& settings) {
   std::lock_guard lock(impl_->mu);
-  if (impl_->sessions.contains(session)) return;
+  if (auto it = impl_->sessions.find(session); it != impl_->sessions.end()) {
+    // Opened again with another share of the window (PROTOCOL.md §3.5.4):
+    // only the threads' connection caps change, on the threads themselves.
+    SharedSession& shared = *it->second;
+    const long cap = impl_->HostConnections(settings.workers, shared.spread);
+    if (shared.host_connections.exchange(cap) == cap) return;
+    for (unsigned k = 0; k < shared.spread; ++k) {
+      Command command;
+      command.kind = Command::Kind::kResize;
+      command.session = it->second;
+      impl_->threads[(shared.home + k) % impl_->threads.size()]->push(std::move(command));
+    }
+    return;
+  }
   // I/O threads create their part of the session when its first statements arrive.
   auto shared = std::make_shared<SharedSession>(session, settings);
   const std::size_t threads = impl_->threads.size();
@@ -98,12 +122,7 @@ void Fetcher::open_session(const SessionId& session, const SessionSettings& sett
   // Sessions take turns as each other's home, so several small ones use
   // every thread.
   shared->home = static_cast<unsigned>(impl_->next_home.fetch_add(spread) % threads);
-  std::size_t cap = window;
-  if (impl_->options.max_host_connections > 0) {
-    cap = std::min(cap, static_cast<std::size_t>(impl_->options.max_host_connections));
-  }
-  // Rounded down: the threads' caps add up to the window at most.
-  shared->host_connections = static_cast<long>(std::max<std::size_t>(cap / spread, 1));
+  shared->host_connections = impl_->HostConnections(window, spread);
   impl_->sessions.emplace(session, std::move(shared));
 }
 

@@ -86,7 +86,9 @@ class Fetcher {
   Fetcher(const Fetcher&) = delete;
   Fetcher& operator=(const Fetcher&) = delete;
 
-  // Declares a session and its settings. Re-opening an open session keeps it.
+  // Declares a session and its settings. Re-opening an open session keeps it
+  // and its settings, but for a new `workers` (its share of the window): the
+  // connections its threads may keep to one host follow it.
   void open_session(const SessionId& session, const SessionSettings& settings);
 
   // Queues statements of an open session; they start at once on the I/O

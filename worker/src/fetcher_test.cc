@@ -1175,6 +1175,76 @@ TEST(FetcherTest, DestructorAbortsInFlightTransfers) {
   EXPECT_EQ(collector.count(), 0u);
 }
 
+// An I/O thread keeps the handle of a plain GET configured for the session's
+// next one and sets only the statement's own options on it: nothing of one
+// statement (headers, method, body, timeout) may reach the next. One thread
+// and one statement at a time, so every statement gets the handle before it.
+TEST(FetcherTest, AReusedHandleCarriesNothingOfTheStatementBefore) {
+  std::mutex mu;
+  std::vector<HttpRequest> seen;
+  HttpServer server([&](const HttpRequest& req) {
+    {
+      std::lock_guard lock(mu);
+      seen.push_back(req);
+    }
+    HttpReply r;
+    if (req.target == "/slow") r.delay = std::chrono::milliseconds(300);
+    r.body = "ok";
+    return r;
+  });
+  Collector collector;
+  Fetcher::Options options;
+  options.io_threads = 1;
+  Fetcher fetcher(options, collector.sink());
+  const SessionId id = MakeSessionId(1);
+  SessionSettings settings;
+  settings.max_attempts = 1;
+  fetcher.open_session(id, settings);
+  std::vector<Statement> sequence;
+  Statement with_header = Get(server.url("/a"));
+  with_header.headers = {{"X-Only-A", "1"}};
+  with_header.timeout_ms = 100;
+  sequence.push_back(with_header);
+  sequence.push_back(Get(server.url("/slow")));  // the timeout of /a is not kept: 300 ms is fine
+  Statement post = Get(server.url("/c"));
+  post.method = "POST";
+  post.body = "payload";
+  sequence.push_back(post);
+  sequence.push_back(Get(server.url("/d")));
+  Statement head = Get(server.url("/e"));
+  head.method = "HEAD";
+  sequence.push_back(head);
+  sequence.push_back(Get(server.url("/f")));
+  Statement not_idempotent = Get(server.url("/g"));
+  not_idempotent.idempotent = false;
+  sequence.push_back(not_idempotent);
+  sequence.push_back(Get(server.url("/h")));
+  for (std::size_t i = 0; i < sequence.size(); ++i) {
+    std::vector<FetchItem> items(1);
+    items[0].index = i;
+    items[0].statement = sequence[i];
+    fetcher.submit(id, std::move(items));
+    ASSERT_TRUE(collector.wait(i + 1, seconds(10))) << "statement " << i;
+    const FetchResult last = collector.last();
+    EXPECT_FALSE(last.response.error.has_value()) << i << ": " << last.response.error->message;
+    EXPECT_EQ(last.response.status, 200) << i;
+  }
+  std::lock_guard lock(mu);
+  ASSERT_EQ(seen.size(), sequence.size());
+  const std::vector<std::pair<std::string, std::string>> expected = {
+      {"GET", "/a"}, {"GET", "/slow"}, {"POST", "/c"}, {"GET", "/d"},
+      {"HEAD", "/e"}, {"GET", "/f"}, {"GET", "/g"}, {"GET", "/h"}};
+  for (std::size_t i = 0; i < seen.size(); ++i) {
+    EXPECT_EQ(seen[i].method, expected[i].first) << i;
+    EXPECT_EQ(seen[i].target, expected[i].second) << i;
+    EXPECT_EQ(seen[i].header("X-Only-A"), i == 0 ? "1" : "") << i;
+    EXPECT_EQ(seen[i].body, i == 2 ? "payload" : "") << i;
+    EXPECT_EQ(seen[i].header("Content-Length"), i == 2 ? "7" : "") << i;
+    EXPECT_NE(seen[i].header("User-Agent"), "") << i;
+  }
+  fetcher.close_session(id);
+}
+
 TEST(FetcherTest, SessionsAreIndependent) {
   HttpServer server;
   Collector collector;

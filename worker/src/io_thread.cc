@@ -70,6 +70,11 @@ struct ThreadSession {
   std::unordered_set<SocketEntry*> sockets;
   std::vector<FetchResult> results;
   bool touched = false;
+  // Handles whose last statement was a plain GET (IsPlainGet), left with
+  // the session's options: the next plain GET sets only its own
+  // (ConfigureStatement), sparing curl_easy_reset and the session's options
+  // at every request.
+  std::vector<CURL*> configured;
 };
 
 // One I/O thread: an epoll set over the sockets of all its multis, an eventfd
@@ -196,6 +201,15 @@ class IoThread::Loop {
         case Command::Kind::kReject:
           reject(command.id, std::move(command.items), StatusCode::kFailedPrecondition, "session not open");
           break;
+        case Command::Kind::kResize: {
+          // Connections past a lower cap are not cut: they close as the
+          // server or the idle cache lets them go, and no new one opens.
+          auto it = sessions_.find(command.session->id);
+          if (it != sessions_.end() && it->second->shared == command.session) {
+            curl_multi_setopt(it->second->multi, CURLMOPT_MAX_HOST_CONNECTIONS, command.session->host_connections.load());
+          }
+          break;
+        }
       }
       command = Command();  // drop the session reference now, not at the next pop
     }
@@ -231,7 +245,7 @@ class IoThread::Loop {
     // The session's share of its window (SharedSession::host_connections):
     // a transfer past it waits for a connection of this thread to come free
     // rather than opening one more.
-    curl_multi_setopt(multi, CURLMOPT_MAX_HOST_CONNECTIONS, shared->host_connections);
+    curl_multi_setopt(multi, CURLMOPT_MAX_HOST_CONNECTIONS, shared->host_connections.load());
     ThreadSession* raw = session.get();
     sessions_.emplace(shared->id, std::move(session));
     return raw;
@@ -278,6 +292,8 @@ class IoThread::Loop {
       release_handles(transfer.get());
     }
     session->transfers.clear();
+    for (CURL* easy : session->configured) release_easy(easy);
+    session->configured.clear();
     // Closes the session's connections; libcurl reports their sockets removed.
     curl_multi_cleanup(session->multi);
     session->multi = nullptr;
@@ -313,7 +329,14 @@ class IoThread::Loop {
   }
 
   void release_handles(Transfer* transfer) {
-    if (transfer->easy != nullptr) release_easy(transfer->easy);
+    if (transfer->easy != nullptr) {
+      std::vector<CURL*>& configured = transfer->session->configured;
+      if (transfer->plain_get && configured.size() < kMaxFreeEasyHandles) {
+        configured.push_back(transfer->easy);
+      } else {
+        release_easy(transfer->easy);
+      }
+    }
     transfer->easy = nullptr;
     if (transfer->header_list != nullptr) curl_slist_free_all(transfer->header_list);
     transfer->header_list = nullptr;
@@ -328,7 +351,15 @@ class IoThread::Loop {
                                  scratch_, transfer->header_list, plan)) {
       return error;
     }
-    transfer->easy = acquire_easy();
+    ThreadSession& session = *transfer->session;
+    transfer->plain_get = IsPlainGet(transfer->statement, transfer->idempotent);
+    const bool reuse = transfer->plain_get && !session.configured.empty();
+    if (reuse) {
+      transfer->easy = session.configured.back();
+      session.configured.pop_back();
+    } else {
+      transfer->easy = acquire_easy();
+    }
     if (transfer->easy == nullptr) return ResponseError{StatusCode::kInternal, "curl_easy_init failed"};
     RequestHooks hooks;
     hooks.data = transfer;
@@ -337,8 +368,12 @@ class IoThread::Loop {
     hooks.header = &HeaderCallback;
     hooks.prereq = &Loop::PrereqCallback;
     hooks.open_socket = &Loop::OpenSocketCallback;
-    return ConfigureRequest(transfer->easy, transfer->statement, shared.settings, plan, transfer->idempotent,
-                            shared.share, policy_, hooks);
+    auto error = reuse ? ConfigureStatement(transfer->easy, transfer->statement, shared.settings, plan,
+                                            transfer->idempotent, policy_, hooks)
+                       : ConfigureRequest(transfer->easy, transfer->statement, shared.settings, plan,
+                                          transfer->idempotent, shared.share, policy_, hooks);
+    if (error) transfer->plain_get = false;  // half configured: reset before another use
+    return error;
   }
 
   void start_attempt(Transfer* transfer) {

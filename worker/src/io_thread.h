@@ -60,9 +60,11 @@ struct SharedSession {
   // them from `home` on, each keeping at most `host_connections` connections
   // to any one host, so the session's connections to a destination stay
   // within its window however many threads serve it.
+  // Changed when the broker gives the session another share of its window
+  // (Fetcher::open_session), then applied by each thread (Command::kResize).
   unsigned home = 0;
   unsigned spread = 1;
-  long host_connections = 0;
+  std::atomic<long> host_connections{0};
   // Indexed by curl_lock_data; CURL_LOCK_DATA_SHARE is used by libcurl itself
   // when handles attach and detach.
   std::array<std::mutex, CURL_LOCK_DATA_LAST> locks;
@@ -70,9 +72,9 @@ struct SharedSession {
 
 // What callers hand to an I/O thread.
 struct Command {
-  enum class Kind { kSubmit, kClose, kReject };
+  enum class Kind { kSubmit, kClose, kReject, kResize };
   Kind kind = Kind::kSubmit;
-  std::shared_ptr<SharedSession> session;  // kSubmit, kClose
+  std::shared_ptr<SharedSession> session;  // kSubmit, kClose, kResize
   SessionId id;                            // kReject
   std::vector<FetchItem> items;            // kSubmit, kReject
 };

@@ -140,18 +140,36 @@ std::optional<ResponseError> PlanRequest(const Statement& statement, const Sessi
   return std::nullopt;
 }
 
-std::optional<ResponseError> ConfigureRequest(CURL* easy, const Statement& statement, const SessionSettings& settings,
-                                              const RequestPlan& plan, bool idempotent, CURLSH* share,
+namespace {
+
+// curl_easy_setopt of several options, stopping at the first that fails.
+class Setter {
+ public:
+  explicit Setter(CURL* easy) : easy_(easy) {}
+  template <typename T>
+  void operator()(CURLoption option, T value) {
+    if (rc_ == CURLE_OK) rc_ = curl_easy_setopt(easy_, option, value);
+  }
+  std::optional<ResponseError> error() const {
+    if (rc_ == CURLE_OK) return std::nullopt;
+    return ResponseError{StatusCodeFromCurl(rc_), std::string("curl_easy_setopt: ") + curl_easy_strerror(rc_)};
+  }
+
+ private:
+  CURL* easy_;
+  CURLcode rc_ = CURLE_OK;
+};
+
+}  // namespace
+
+bool IsPlainGet(const Statement& statement, bool idempotent) {
+  return idempotent && statement.body.empty() && statement.method == "GET";
+}
+
+std::optional<ResponseError> ConfigureSession(CURL* easy, const SessionSettings& settings, CURLSH* share,
                                               const RequestPolicy& policy, const RequestHooks& hooks) {
-  const std::string& method = statement.method;
   const DestinationPolicy& destinations = *policy.destinations;
-  CURLcode rc = CURLE_OK;
-  auto set = [&](CURLoption option, auto value) {
-    if (rc == CURLE_OK) rc = curl_easy_setopt(easy, option, value);
-  };
-  set(CURLOPT_URL, plan.url->c_str());
-  set(CURLOPT_PRIVATE, hooks.data);
-  set(CURLOPT_ERRORBUFFER, hooks.error_buffer);
+  Setter set(easy);
   set(CURLOPT_NOSIGNAL, 1L);
   // Never file://, gopher://, ..., not even through a redirect.
   set(CURLOPT_PROTOCOLS_STR, "http,https");
@@ -160,36 +178,20 @@ std::optional<ResponseError> ConfigureRequest(CURL* easy, const Statement& state
     set(CURLOPT_FOLLOWLOCATION, 1L);
     set(CURLOPT_MAXREDIRS, static_cast<long>(settings.max_redirects));
   }
-  const std::uint32_t timeout_ms = statement.timeout_ms != 0 ? statement.timeout_ms : settings.timeout_ms;
-  set(CURLOPT_TIMEOUT_MS, static_cast<long>(timeout_ms));
   set(CURLOPT_CONNECTTIMEOUT_MS, static_cast<long>(settings.connect_timeout_ms));
   set(CURLOPT_HTTP_VERSION, static_cast<long>(CURL_HTTP_VERSION_2TLS));
-  const std::string& url = *plan.url;
-  if (url.size() >= 8 && EqualsIgnoreCase(std::string_view(url).substr(0, 8), "https://")) {
-    // Wait for a connection being set up that may multiplex (h2) instead of
-    // opening another; plain http never multiplexes here, so it would only
-    // serialise connection set-up.
-    set(CURLOPT_PIPEWAIT, 1L);
-  }
   set(CURLOPT_ACCEPT_ENCODING, "");  // every encoding libcurl decodes
   set(CURLOPT_WRITEFUNCTION, hooks.write);
-  set(CURLOPT_WRITEDATA, hooks.data);
   set(CURLOPT_HEADERFUNCTION, hooks.header);
-  set(CURLOPT_HEADERDATA, hooks.data);
   if (settings.max_body_bytes > 0) {
     // Refuses early when Content-Length already says too much; the write
     // callback enforces the cap on decoded bytes.
     set(CURLOPT_MAXFILESIZE_LARGE, static_cast<curl_off_t>(settings.max_body_bytes));
   }
-  if (!idempotent || !destinations.allowed_hosts.empty()) {
-    set(CURLOPT_PREREQFUNCTION, hooks.prereq);
-    set(CURLOPT_PREREQDATA, hooks.data);
-  }
   if (destinations.refuses_addresses()) {
     // Every connection's address, after DNS and at each redirect, is
     // checked before the socket exists; a reused one was checked when made.
     set(CURLOPT_OPENSOCKETFUNCTION, hooks.open_socket);
-    set(CURLOPT_OPENSOCKETDATA, hooks.data);
   }
   // Connections leave from this address only; libcurl reuses a kept-alive
   // connection only for a transfer that asks for the same one.
@@ -219,8 +221,37 @@ std::optional<ResponseError> ConfigureRequest(CURL* easy, const Statement& state
   }
   if (!settings.proxy.empty()) set(CURLOPT_PROXY, settings.proxy.c_str());
   if (!settings.no_proxy.empty()) set(CURLOPT_NOPROXY, settings.no_proxy.c_str());
+  return set.error();
+}
+
+std::optional<ResponseError> ConfigureStatement(CURL* easy, const Statement& statement, const SessionSettings& settings,
+                                                const RequestPlan& plan, bool idempotent, const RequestPolicy& policy,
+                                                const RequestHooks& hooks) {
+  const std::string& method = statement.method;
+  const DestinationPolicy& destinations = *policy.destinations;
+  Setter set(easy);
+  set(CURLOPT_URL, plan.url->c_str());
+  set(CURLOPT_PRIVATE, hooks.data);
+  set(CURLOPT_ERRORBUFFER, hooks.error_buffer);
+  const std::uint32_t timeout_ms = statement.timeout_ms != 0 ? statement.timeout_ms : settings.timeout_ms;
+  set(CURLOPT_TIMEOUT_MS, static_cast<long>(timeout_ms));
+  const std::string& url = *plan.url;
+  // Over https, wait for a connection being set up that may multiplex (h2)
+  // instead of opening another; plain http never multiplexes here, so it
+  // would only serialise connection set-up.
+  const bool https = url.size() >= 8 && EqualsIgnoreCase(std::string_view(url).substr(0, 8), "https://");
+  set(CURLOPT_PIPEWAIT, https ? 1L : 0L);
+  set(CURLOPT_WRITEDATA, hooks.data);
+  set(CURLOPT_HEADERDATA, hooks.data);
+  if (!idempotent || !destinations.allowed_hosts.empty()) {
+    set(CURLOPT_PREREQFUNCTION, hooks.prereq);
+    set(CURLOPT_PREREQDATA, hooks.data);
+  } else {
+    set(CURLOPT_PREREQFUNCTION, static_cast<curl_prereq_callback>(nullptr));
+  }
+  if (destinations.refuses_addresses()) set(CURLOPT_OPENSOCKETDATA, hooks.data);
   // libcurl never writes to the list: the session's may be shared.
-  if (plan.headers != nullptr) set(CURLOPT_HTTPHEADER, const_cast<curl_slist*>(plan.headers));
+  set(CURLOPT_HTTPHEADER, const_cast<curl_slist*>(plan.headers));
 
   if (method == "HEAD") {
     set(CURLOPT_NOBODY, 1L);
@@ -232,10 +263,14 @@ std::optional<ResponseError> ConfigureRequest(CURL* easy, const Statement& state
   } else if (method != "GET") {
     set(CURLOPT_CUSTOMREQUEST, method.c_str());
   }
-  if (rc != CURLE_OK) {
-    return ResponseError{StatusCodeFromCurl(rc), std::string("curl_easy_setopt: ") + curl_easy_strerror(rc)};
-  }
-  return std::nullopt;
+  return set.error();
+}
+
+std::optional<ResponseError> ConfigureRequest(CURL* easy, const Statement& statement, const SessionSettings& settings,
+                                              const RequestPlan& plan, bool idempotent, CURLSH* share,
+                                              const RequestPolicy& policy, const RequestHooks& hooks) {
+  if (auto error = ConfigureSession(easy, settings, share, policy, hooks)) return error;
+  return ConfigureStatement(easy, statement, settings, plan, idempotent, policy, hooks);
 }
 
 }  // namespace gatherer::worker

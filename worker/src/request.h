@@ -124,8 +124,26 @@ bool IsIpLiteral(std::string_view address);
 // curl_easy_reset) once; its retries reuse them. `statement` and the header
 // list `plan` names must outlive the handle's use: libcurl copies the url but
 // neither the body nor the list. `share`: the session's CURLSH, or nullptr.
+// It is ConfigureSession then ConfigureStatement.
 std::optional<ResponseError> ConfigureRequest(CURL* easy, const Statement& statement, const SessionSettings& settings,
                                               const RequestPlan& plan, bool idempotent, CURLSH* share,
                                               const RequestPolicy& policy, const RequestHooks& hooks);
+
+// The options every request of a session has alike: protocols, redirects,
+// connect timeout, HTTP version, encodings, callbacks, TLS, proxy, share.
+std::optional<ResponseError> ConfigureSession(CURL* easy, const SessionSettings& settings, CURLSH* share,
+                                              const RequestPolicy& policy, const RequestHooks& hooks);
+
+// The options of one statement: url, timeout, headers, method and body, and
+// the pointers its callbacks are given. On a handle that last carried a
+// plain GET of the same session (IsPlainGet) it is all a plain GET needs:
+// every option it sets there is set again, and none of the others changed.
+std::optional<ResponseError> ConfigureStatement(CURL* easy, const Statement& statement, const SessionSettings& settings,
+                                                const RequestPlan& plan, bool idempotent, const RequestPolicy& policy,
+                                                const RequestHooks& hooks);
+
+// A GET without a body, idempotent: the statement whose handle an I/O thread
+// keeps configured for the session's next one.
+bool IsPlainGet(const Statement& statement, bool idempotent);
 
 }  // namespace gatherer::worker

@@ -40,6 +40,7 @@ struct Transfer {
   // Kept here for the whole transfer: CURLOPT_POSTFIELDS points into body.
   Statement statement;
   bool idempotent = true;
+  bool plain_get = false;  // IsPlainGet: its handle stays configured for the session's next
   CURL* easy = nullptr;
   curl_slist* header_list = nullptr;
   bool in_multi = false;

@@ -228,7 +228,7 @@ void Worker::Impl::handle(std::vector<zmq::message_t>& frames) {
       if (awaiting_registration) return;
       const bool ordered = in_order(m->seq);
       fetcher->open_session(m->session, m->settings);
-      if (sessions.try_emplace(m->session).second && m->settings.tls_insecure) {
+      if (sessions.try_emplace(m->session).second && m->settings.tls_insecure && options.warn_insecure_sessions) {
         log().warn("worker {}: session {} fetches without TLS verification (tls_insecure): for testing only", id,
                    m->session.ToString());
       }

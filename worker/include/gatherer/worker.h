@@ -74,6 +74,10 @@ struct WorkerOptions {
   // Where the worker logs; nullptr = the process-wide Logger(). An embedded
   // worker logs through its Gatherer's logger, at that Gatherer's level.
   std::shared_ptr<spdlog::logger> logger;
+  // Warn when a session fetches without TLS verification (tls_insecure), so
+  // that a worker process's operator knows; an embedded worker's Gatherer
+  // has said so already, once.
+  bool warn_insecure_sessions = true;
 };
 
 struct WorkerStats {
