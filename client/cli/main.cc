@@ -60,6 +60,7 @@
 #include <spdlog/spdlog.h>
 
 #include "flags.h"
+#include "gatherer/allocator.h"
 #include "gatherer/curve.h"
 #include "gatherer/gatherer.h"
 #include "gatherer/log.h"
@@ -611,6 +612,7 @@ Exit status: 0 all statements succeeded, 1 some failed or the run stopped early,
 }  // namespace
 
 int main(int argc, char** argv) {
+  gatherer::TuneAllocatorForBodies();
   // Before any thread exists (the library's, spdlog's): every thread inherits
   // the mask, so SIGINT and SIGTERM reach only the watcher's signalfd.
   SignalWatcher::BlockSignals();
@@ -661,8 +663,9 @@ int main(int argc, char** argv) {
                     "limit); bounds what big POST bodies cost on every hop")
       ->capture_default_str();
   fetch->add_option("--max-buffered-bytes", flags.max_buffered_bytes,
-                    "Response bodies held while waiting for an earlier statement, at most (K, M, G = powers of "
-                    "1024; 0 = no limit): past it no new statement is sent until the output catches up")
+                    "Response bodies held while waiting for an earlier statement or the output, plus those "
+                    "expected of the statements in flight, at most (K, M, G = powers of 1024; 0 = no limit): "
+                    "past it no new statement is sent until the output catches up")
       ->capture_default_str();
   fetch->add_option("--max-body-bytes", flags.max_body_bytes,
                     "Largest response body, 1 .. 256M (K, M, G = powers of 1024); a bigger one fails "

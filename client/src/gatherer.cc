@@ -22,6 +22,13 @@ Gatherer::Gatherer(Options options) : impl_(std::make_unique<Impl>()) {
     throw Error("prefetch must be between 0 and 100000, got " + std::to_string(options.prefetch), -1,
                 StatusCode::kInvalidArgument);
   }
+  // Below this the client would heartbeat faster than the broker's loop
+  // answers on a loaded machine (it heartbeats three times per timeout).
+  if (options.broker_timeout < std::chrono::milliseconds(150)) {
+    throw Error("broker_timeout must be at least 150 ms, got " + std::to_string(options.broker_timeout.count()) +
+                    " ms",
+                -1, StatusCode::kInvalidArgument);
+  }
   // One window, set in one place: settings.workers is filled in from it.
   if (options.settings.workers != SessionSettings{}.workers &&
       options.settings.workers != static_cast<std::uint32_t>(options.workers)) {

@@ -58,7 +58,9 @@ struct Gatherer::Impl {
   std::uint64_t results_seq = 0;
   std::uint64_t acked_seq = 0;
   // Heartbeat period: the broker's (OPENED), at most a third of its session
-  // TTL so that two lost heartbeats do not expire a live session.
+  // TTL so that two lost heartbeats do not expire a live session, and at
+  // most a third of the client's broker timeout so that a live broker, which
+  // answers each heartbeat, is heard from before that timeout.
   std::chrono::milliseconds heartbeat = client::kHeartbeat;
   Clock::time_point last_heard;
   bool heard_once = false;  // any message from the broker, ever
@@ -107,10 +109,11 @@ struct Gatherer::Impl {
   }
   void close_session();
   // §3.3.1: heartbeat at the broker's period, and at least three times per
-  // session TTL.
+  // session TTL and per broker timeout (§3.2.9).
   void adopt(const proto::Opened& opened) {
     auto period = std::chrono::milliseconds(opened.heartbeat_ms);
     period = std::min(period, std::chrono::milliseconds(opened.session_ttl_ms / 3));
+    period = std::min(period, options.broker_timeout / 3);
     heartbeat = std::clamp(period, std::chrono::milliseconds(50), std::chrono::milliseconds(10'000));
   }
 };

@@ -1,5 +1,8 @@
 // Stream::Run: one gather() or stream over a Gatherer's session, and the
-// Gatherer's gather() and stream() that start one.
+// Gatherer's gather() and stream() that start one. A little over 600 lines:
+// a run's top-up, pump, acknowledgements and hand-out are one loop over the
+// same state; the plain part of it, the window and reorder ring, is
+// client::Window (window.h) with tests of its own.
 #include <algorithm>
 #include <iterator>
 #include <span>
@@ -22,6 +25,12 @@ constexpr std::size_t kSubmitChunk = 1024;
 // Statement bodies up to this size keep their buffer in the lazy source's
 // ring for reuse; bigger ones are freed as soon as they are answered.
 constexpr std::size_t kKeepBodyBytes = 64 * 1024;
+// Body bytes taken from RESULTS before they are acknowledged within a pass:
+// each body is copied out of its frame, and the frame (in the embedded mode,
+// the very buffer the broker and worker keep, §3.6) is freed only once
+// acknowledged, so a burst of big bodies would otherwise be held twice until
+// the pass ends.
+constexpr std::uint64_t kAckAfterBodyBytes = 4 << 20;
 }  // namespace
 
 // One gather() or stream: pulls statements, keeps window + prefetch of them
@@ -64,6 +73,7 @@ struct Stream::Run {
   // span tracked (set by start()).
   client::Window window{Order::kCompletion, 1, 1};
   std::uint64_t body_bytes = 0;  // bodies of the statements sent and unanswered
+  std::uint64_t unacked_body_bytes = 0;  // answer bodies taken since the last ACK
   proto::Frames frames;
   std::chrono::steady_clock::time_point next_heartbeat;
   // The broker's messages, cancel() and the link's events (built by start()).
@@ -83,6 +93,7 @@ struct Stream::Run {
     return source ? held[pos % window.span()] : fixed[static_cast<std::size_t>(pos)];
   }
   void pump();
+  void ack();
   void accept(proto::WireResult& result);
   void raise_if_failed() {
     if (!raised) return;
@@ -140,14 +151,24 @@ void Stream::Run::fail(const std::string& what, std::int64_t index, StatusCode c
 // Sends as many statements as the window, the prefetch and the span allow.
 void Stream::Run::top_up() {
   while (!source_done) {
-    const std::size_t k = std::min(window.room(), kSubmitChunk);
+    std::size_t k = std::min(window.room(), kSubmitChunk);
     if (k == 0) return;
     // Options::max_buffered_bytes: answered bodies waiting for an earlier
-    // position hold back new statements. Never blocks: that position was sent.
-    // In completion order nothing is held here (next() hands out every ready
-    // response before it pumps), so gather() is never bounded by it.
-    if (m.options.max_buffered_bytes != 0 && window.held_bytes() >= m.options.max_buffered_bytes) {
-      return;
+    // position, and in input order the bodies still in flight (which land
+    // here when they arrive), hold back new statements. Never blocks: what is
+    // held or in flight was sent, and at least one statement is in flight or
+    // ready. In completion order nothing is held here (next() hands out every
+    // ready response before it pumps), so gather() is never bounded by it.
+    if (m.options.max_buffered_bytes != 0) {
+      std::uint64_t bytes = window.held_bytes();
+      if (order == Order::kInput) bytes += window.expected_unanswered_bytes();
+      if (bytes >= m.options.max_buffered_bytes) return;
+      // And only as many as the rest of the budget holds bodies of (one
+      // more at most), not a whole window at once when all came back.
+      if (const std::uint64_t mean = window.mean_body_bytes(); order == Order::kInput && mean != 0) {
+        const std::uint64_t fit = (m.options.max_buffered_bytes - bytes + mean - 1) / mean;
+        k = static_cast<std::size_t>(std::min<std::uint64_t>(k, fit));
+      }
     }
     const std::uint64_t pulled = window.sent();
     // Options::max_in_flight_bytes: stop once the bodies in flight reach it
@@ -274,6 +295,14 @@ void Stream::Run::accept(proto::WireResult& r) {
   window.answer(pos, std::move(r.response));
 }
 
+// A cumulative ACK of every RESULTS taken so far, if any is new (§3.6).
+void Stream::Run::ack() {
+  unacked_body_bytes = 0;
+  if (m.results_seq <= m.acked_seq) return;
+  m.send(proto::Encode(proto::Ack{m.session, m.results_seq}));
+  m.acked_seq = m.results_seq;
+}
+
 // §3.6: asks the broker for what this run may have lost on a dropped
 // connection: RESULTS past results_seq are sent again, and SYNCED names the
 // unanswered statements it never received.
@@ -379,7 +408,10 @@ void Stream::Run::pump() {
       }
       if (results->session != m.session) continue;
       // Taken first, so a SYNC it prompts does not list them (§3.6.5).
-      for (auto& r : results->results) accept(r);
+      for (auto& r : results->results) {
+        unacked_body_bytes += r.response.body.size();
+        accept(r);
+      }
       if (!awaiting_opened) {
         if (results->seq == m.results_seq + 1) {
           m.results_seq = results->seq;
@@ -387,6 +419,7 @@ void Stream::Run::pump() {
           sync("a RESULTS message was lost");
         }
       }
+      if (unacked_body_bytes >= kAckAfterBodyBytes) ack();
     } else if (*command == proto::Command::kOpened) {
       auto opened = proto::DecodeOpened(frames);
       if (!opened) {
@@ -449,10 +482,7 @@ void Stream::Run::pump() {
   // cancel_on_raise is handed out before the error.
   raise_if_failed();
   // One cumulative ACK per pass, so the broker forgets what arrived (§3.6).
-  if (m.results_seq > m.acked_seq) {
-    m.send(proto::Encode(proto::Ack{m.session, m.results_seq}));
-    m.acked_seq = m.results_seq;
-  }
+  ack();
   const auto now = Clock::now();
   if (now >= next_heartbeat) {
     next_heartbeat = now + m.heartbeat;

@@ -24,6 +24,7 @@ void Window::send(std::size_t count) {
 void Window::answer(std::uint64_t pos, Response&& response) {
   ++answered_;
   held_bytes_ += response.body.size();
+  answered_bytes_ += response.body.size();
   const std::size_t at = pos % span_;
   slots_[at] = kDone;
   if (order_ == Order::kInput) {

@@ -62,6 +62,11 @@ class Window {
 
   // Body bytes of the responses answered and not yet handed out.
   std::uint64_t held_bytes() const { return held_bytes_; }
+  // Body bytes the unanswered positions are expected to bring: their count
+  // times the mean body answered so far (0 before the first answer).
+  std::uint64_t expected_unanswered_bytes() const { return unanswered_count() * mean_body_bytes(); }
+  // The mean body answered so far (0 before the first answer).
+  std::uint64_t mean_body_bytes() const { return answered_ == 0 ? 0 : answered_bytes_ / answered_; }
   std::uint64_t sent() const { return sent_; }
   std::uint64_t answered() const { return answered_; }
   std::uint64_t unanswered_count() const { return sent_ - answered_; }
@@ -80,6 +85,7 @@ class Window {
   std::uint64_t answered_ = 0;
   std::uint64_t low_ = 0;  // lowest position still tracked
   std::uint64_t held_bytes_ = 0;
+  std::uint64_t answered_bytes_ = 0;  // every body answered, handed out or not
 };
 
 }  // namespace gatherer::client

@@ -146,6 +146,21 @@ TEST(WindowTest, HeldBytesCountWhatIsAnsweredAndNotHandedOut) {
   }
 }
 
+TEST(WindowTest, ExpectedBytesOfTheUnansweredFollowTheMeanBodySoFar) {
+  Window w(Order::kInput, 16, 8);
+  w.send(8);
+  EXPECT_EQ(w.expected_unanswered_bytes(), 0u) << "nothing is known before the first answer";
+  Response big = Ok(200);
+  big.body.assign(3000, 'x');
+  w.answer(0, Response(big));
+  w.answer(1, Ok(200));  // an empty body lowers the mean
+  EXPECT_EQ(w.expected_unanswered_bytes(), 6u * 1500u);
+  Drain(w);
+  EXPECT_EQ(w.expected_unanswered_bytes(), 6u * 1500u) << "handing out does not change what is in flight";
+  for (std::uint64_t p = 2; p < 8; ++p) w.answer(p, Ok(200));
+  EXPECT_EQ(w.expected_unanswered_bytes(), 0u) << "nothing unanswered";
+}
+
 TEST(WindowTest, MemoryIsTheSpanNotTheStatementCount) {
   // A million positions through a span of 8: the ring is reused throughout.
   Window w(Order::kInput, 8, 4);

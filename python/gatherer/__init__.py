@@ -174,10 +174,16 @@ class Gatherer:
                      max_attempts, backoff_base_ms, backoff_max_ms,
                      retry_after_max_ms, max_body_bytes, max_redirects,
                      accept_min, accept_max, prefetch, reorder_buffer,
-                     max_in_flight_bytes, embedded_io_threads,
-                     connect_timeout_ms, broker_timeout_ms, and for a broker
-                     that requires CURVE curve_broker_key, curve_public_key,
-                     curve_secret_key (Z85, from `gatherer keygen`)
+                     max_in_flight_bytes, max_buffered_bytes,
+                     embedded_io_threads, connect_timeout_ms,
+                     broker_timeout_ms; for HTTPS cacert (a PEM file or a
+                     directory of them), cert and key (a client certificate,
+                     PEM files), insecure (True skips verification, with a
+                     warning: for testing only); proxy and no_proxy (default:
+                     the workers' http_proxy, https_proxy, no_proxy); and for
+                     a broker that requires CURVE curve_broker_key,
+                     curve_public_key, curve_secret_key (Z85, from
+                     `gatherer keygen`)
 
     Use it as ``async with`` (or ``with``): the session is closed on exit, also
     on error. It opens on first use and may gather() many times; the options

@@ -168,7 +168,8 @@ class Core {
                                   "broker_timeout_ms", "base_url", "headers", "timeout_ms", "session_connect_timeout_ms",
                                   "max_attempts", "backoff_base_ms", "backoff_max_ms", "retry_after_max_ms",
                                   "max_body_bytes", "max_redirects", "accept_min", "accept_max",
-                                  "curve_broker_key", "curve_public_key", "curve_secret_key"};
+                                  "curve_broker_key", "curve_public_key", "curve_secret_key", "max_buffered_bytes",
+                                  "cacert", "cert", "key", "insecure", "proxy", "no_proxy"};
     for (auto [key, value] : o) {
       const std::string k = key.cast<std::string>();
       bool ok = false;
@@ -183,6 +184,12 @@ class Core {
     opt.prefetch = Get<int>(o, "prefetch", 0);
     opt.reorder_buffer = Get<int>(o, "reorder_buffer", 0);
     opt.max_in_flight_bytes = Get<std::uint64_t>(o, "max_in_flight_bytes", opt.max_in_flight_bytes);
+    opt.max_buffered_bytes = Get<std::uint64_t>(o, "max_buffered_bytes", opt.max_buffered_bytes);
+    // TLS files are read and checked when the Gatherer is made, before
+    // anything is sent (Options::cacert, cert, key).
+    opt.cacert = Get<std::string>(o, "cacert", "");
+    opt.cert = Get<std::string>(o, "cert", "");
+    opt.key = Get<std::string>(o, "key", "");
     opt.embedded_io_threads = Get<unsigned>(o, "embedded_io_threads", 0);
     opt.connect_timeout = std::chrono::milliseconds(Get<std::int64_t>(o, "connect_timeout_ms", 30'000));
     opt.broker_timeout = std::chrono::milliseconds(Get<std::int64_t>(o, "broker_timeout_ms", 60'000));
@@ -202,6 +209,9 @@ class Core {
     s.max_redirects = Get<std::uint32_t>(o, "max_redirects", s.max_redirects);
     s.accept_min = Get<std::uint16_t>(o, "accept_min", s.accept_min);
     s.accept_max = Get<std::uint16_t>(o, "accept_max", s.accept_max);
+    s.tls_insecure = Get<bool>(o, "insecure", false);
+    s.proxy = Get<std::string>(o, "proxy", "");
+    s.no_proxy = Get<std::string>(o, "no_proxy", "");
     s.workers = static_cast<std::uint32_t>(opt.workers > 0 ? opt.workers : 0);
     std::optional<gatherer::Error> failed;
     {

@@ -98,8 +98,18 @@ class Api(BaseHTTPRequestHandler):
 
 
 class ApiServer:
-    def __init__(self):
+    """The Api on 127.0.0.1; over HTTPS with tls=(certificate file, key file)."""
+
+    def __init__(self, tls=None):
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Api)
+        self.scheme = "http"
+        if tls:
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+            self.scheme = "https"
         self.httpd.daemon_threads = True
         self.httpd.count = 0
         self.httpd.held = 0
@@ -110,7 +120,7 @@ class ApiServer:
         self.thread.start()
 
     def url(self, path):
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}"
 
     def wait_held(self, n, timeout_s):
         """Waits until n requests sit in /hold."""

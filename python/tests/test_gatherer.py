@@ -427,3 +427,56 @@ def test_through_a_curve_broker(api, procs, tmp_path):
     with pytest.raises(GathererError, match="CURVE"):
         with Gatherer(broker=endpoint, curve_broker_key="too short", log_level=QUIET):
             pass
+
+
+def test_https_and_proxy_options(tmp_path):
+    """cacert, insecure, proxy and no_proxy reach the workers: a server whose CA
+    is given answers, one whose CA is not fails in place, insecure skips the
+    check; a dead proxy fails the fetch unless no_proxy names the host."""
+    from conftest import ApiServer, free_port
+
+    d = str(tmp_path)
+    for cmd in (
+        f"openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=py-test-ca "
+        f"-keyout {d}/ca.key -out {d}/ca.pem",
+        f"openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=127.0.0.1 "
+        f"-keyout {d}/server.key -out {d}/server.csr",
+        f"printf 'subjectAltName=IP:127.0.0.1' > {d}/san.ext && openssl x509 -req -in {d}/server.csr -CA {d}/ca.pem "
+        f"-CAkey {d}/ca.key -CAcreateserial -days 2 -extfile {d}/san.ext -out {d}/server.pem",
+    ):
+        subprocess.run(cmd, shell=True, capture_output=True, timeout=30, check=True)
+    server = ApiServer(tls=(f"{d}/server.pem", f"{d}/server.key"))
+    try:
+        urls = [server.url(f"/n/{i}") for i in range(5)]
+        with Gatherer(workers=4, log_level=QUIET, cacert=f"{d}/ca.pem") as g:
+            g.statements = urls
+            assert [r.text for r in g.gather_sync()] == [str(i) for i in range(5)]
+        with Gatherer(workers=4, log_level=QUIET, max_attempts=1) as g:
+            g.statements = urls[:1]
+            (r,) = g.gather_sync()
+            assert r.status == 0 and r.error is not None, "an unknown CA was trusted"
+        with Gatherer(workers=4, log_level=QUIET, insecure=True) as g:
+            g.statements = urls[:1]
+            assert g.gather_sync()[0].text == "0"
+        with pytest.raises(GathererError) as e:
+            with Gatherer(log_level=QUIET, cacert=f"{d}/missing.pem"):
+                pass
+        assert e.value.code == "invalid_argument" and "missing.pem" in str(e.value)
+    finally:
+        server.stop()
+
+    plain = ApiServer()
+    try:
+        dead_proxy = f"http://127.0.0.1:{free_port()}"
+        with Gatherer(workers=2, log_level=QUIET, max_attempts=1, proxy=dead_proxy, no_proxy="") as g:
+            g.statements = [plain.url("/n/1")]
+            (r,) = g.gather_sync()
+            assert r.status == 0 and r.error is not None, "the proxy was not used"
+        with Gatherer(workers=2, log_level=QUIET, max_attempts=1, proxy=dead_proxy, no_proxy="127.0.0.1") as g:
+            g.statements = [plain.url("/n/1")]
+            assert g.gather_sync()[0].text == "1"
+        with Gatherer(workers=2, log_level=QUIET, max_buffered_bytes=1 << 20) as g:
+            g.statements = [plain.url(f"/n/{i}") for i in range(10)]
+            assert [r.text for r in g.gather_sync()] == [str(i) for i in range(10)]
+    finally:
+        plain.stop()

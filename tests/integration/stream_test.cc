@@ -42,6 +42,18 @@ struct CountingSource {
   }
 };
 
+// GET /big/<i> for i below n; `pulled` counts the statements taken.
+struct BigBodySource {
+  const HttpServer& server;
+  std::uint64_t n;
+  std::uint64_t pulled = 0;
+  bool operator()(Statement& out) {
+    if (pulled == n) return false;
+    out = Get(server.url("/big/" + std::to_string(pulled++)));
+    return true;
+  }
+};
+
 TEST(StreamTest, InputOrderFromALazySourceIsCompleteAndBounded) {
   HttpServer server(DelayHandler);
   Options o{.workers = 32, .log_level = 40};
@@ -116,13 +128,15 @@ TEST(StreamTest, SlowReaderStopsTheFetching) {
 
 // Big bodies behind a slow first statement: what waits to be handed out is
 // bounded by max_buffered_bytes, not by body size x reorder span. Statement 0
-// answers after 2 s; the others at once, with 256 KiB each.
+// answers after 1 s with the budget (an upper bound, which a slow machine
+// cannot break), after 3 s without (a lower bound: 27 in 1 s under TSan on a
+// busy machine); the others at once, with 256 KiB each.
 TEST(StreamTest, BufferedBytesBoundWhatWaitsBehindASlowStatement) {
   constexpr std::size_t kBody = 256 * 1024;
   for (const std::uint64_t budget : {std::uint64_t{2} << 20, std::uint64_t{0}}) {
     HttpServer server([&](const HttpRequest& req) {
       HttpReply reply;
-      if (req.target == "/big/0") reply.delay = 1s;
+      if (req.target == "/big/0") reply.delay = budget != 0 ? 1s : 3s;
       reply.body.assign(kBody, 'x');
       return reply;
     });
@@ -131,12 +145,8 @@ TEST(StreamTest, BufferedBytesBoundWhatWaitsBehindASlowStatement) {
     o.reorder_buffer = 64;
     o.max_buffered_bytes = budget;
     Gatherer g(o);
-    std::uint64_t n = 0;
-    auto stream = g.stream([&](Statement& out) {
-      if (n == 200) return false;
-      out = Get(server.url("/big/" + std::to_string(n++)));
-      return true;
-    });
+    BigBodySource source{server, 200};
+    auto stream = g.stream(std::ref(source));
     auto first = stream.next();
     // What was fetched while statement 0 held everything back.
     const std::uint64_t fetched_while_held = server.requests();
@@ -155,6 +165,41 @@ TEST(StreamTest, BufferedBytesBoundWhatWaitsBehindASlowStatement) {
     }
     EXPECT_EQ(count, 200u);
   }
+}
+
+// In input order the budget also covers what is in flight: once the mean
+// body is known, a stream whose reader pauses has sent no more statements
+// than the budget holds bodies of, not workers + prefetch more (here 32).
+TEST(StreamTest, BufferedBytesCountTheBodiesInFlight) {
+  constexpr std::size_t kBody = 256 * 1024;
+  HttpServer server([&](const HttpRequest&) {
+    HttpReply reply;
+    reply.body.assign(kBody, 'x');
+    return reply;
+  });
+  Options o{.workers = 16, .log_level = 40};
+  o.prefetch = 16;
+  o.max_buffered_bytes = 1 << 20;  // four bodies
+  Gatherer g(o);
+  BigBodySource source{server, 200};
+  auto stream = g.stream(std::ref(source));
+  // Past the first wave, which goes out before any body size is known.
+  std::uint64_t read = 0;
+  for (; read < 60; ++read) {
+    auto item = stream.next();
+    ASSERT_TRUE(item.has_value());
+    ASSERT_EQ(item->index, read);
+  }
+  // The reader pauses: whatever was sent is fetched, and nothing more.
+  ASSERT_TRUE(WaitFor([&] { return server.in_flight() == 0 && server.requests() >= source.pulled; }, 10s));
+  EXPECT_LE(source.pulled - read, 4u + 1u) << "sent past the buffered-bytes budget while the reader paused";
+  for (;; ++read) {
+    auto item = stream.next();
+    if (!item) break;
+    ASSERT_EQ(item->index, read);
+    ASSERT_EQ(item->response.body.size(), kBody);
+  }
+  EXPECT_EQ(read, 200u);
 }
 
 TEST(StreamTest, InvalidStatementFromASourceNamesItsIndex) {

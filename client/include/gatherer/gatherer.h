@@ -54,10 +54,12 @@ struct Options {
   // statements. 0 = 4 x (workers + prefetch). gather() is not bounded by it.
   int reorder_buffer = 0;
   // Response body bytes a stream holds, at most, answered but not yet handed
-  // out (waiting for an earlier one in input order, or for the reader): past
-  // it no new statement is sent until the reader catches up, so big bodies
-  // cost this much and not body size x reorder_buffer. 0 = no limit.
-  // gather() keeps every response anyway and is not bounded by it.
+  // out (waiting for an earlier one in input order, or for the reader), and
+  // in input order also those expected of the statements in flight (their
+  // count x the mean body so far): past it no new statement is sent until
+  // the reader catches up, so big bodies cost about this much and not body
+  // size x (reorder_buffer + workers + prefetch). 0 = no limit. gather()
+  // keeps every response anyway and is not bounded by it.
   std::uint64_t max_buffered_bytes = 64ull << 20;
   // Statement body bytes submitted and not yet answered, at most (one
   // statement is always let through, whatever its size). A body in flight is
@@ -86,7 +88,9 @@ struct Options {
   // statements were left unanswered; responses already handed over stay.
   // Until then the client keeps waiting through dropped connections (ZeroMQ
   // reconnects, and the session resynchronises), and the broker may start
-  // after the client.
+  // after the client. At least 150 ms; the client heartbeats (and a live
+  // broker answers) at least three times within it, however long the
+  // broker's own heartbeat period.
   std::chrono::milliseconds broker_timeout{60'000};
   // CURVE (PROTOCOL.md §1.7), for a broker that requires it: the broker's
   // public key and this client's key pair, each 40 Z85 characters (made by
