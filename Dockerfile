@@ -7,7 +7,7 @@ RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq 
       cmake ninja-build g++ pkg-config ca-certificates \
       libzmq3-dev cppzmq-dev libmsgpack-cxx-dev libboost-dev libcurl4-openssl-dev libtbb-dev \
       libspdlog-dev libfmt-dev libcli11-dev libexpected-dev nlohmann-json3-dev uuid-dev libsimdjson-dev \
-      libmicrohttpd-dev \
+      libmicrohttpd-dev libgoogle-perftools-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
@@ -19,7 +19,7 @@ RUN cmake -S . -B /build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGATHERER_BUILD_TE
 FROM debian:12-slim
 RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
       ca-certificates libzmq5 libcurl4 libtbb12 libspdlog1.10 libfmt9 libuuid1 libsimdjson14 libmicrohttpd12 \
-      python3 \
+      libtcmalloc-minimal4 python3 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --no-create-home --shell /usr/sbin/nologin gatherer
 COPY --from=build /opt/gatherer/bin/ /usr/local/bin/

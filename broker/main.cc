@@ -9,12 +9,14 @@
 
 #include <CLI/CLI.hpp>
 
+#include "gatherer/allocator.h"
 #include "gatherer/broker.h"
 #include "gatherer/log.h"
 #include "gatherer/signals.h"
 #include "metrics_http.h"
 
 int main(int argc, char** argv) {
+  gatherer::TuneAllocatorForBodies();
   gatherer::BrokerOptions options;
   std::vector<std::string> binds;
   std::string log_level = "info";

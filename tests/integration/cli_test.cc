@@ -512,8 +512,11 @@ TEST(CliTest, CtrlCAtATerminalWritesWhatWasDoneAndExits130) {
 // Ctrl-C while the statements are still being typed: nothing was fetched.
 TEST(CliTest, CtrlCWhileReadingStatementsFromATerminalExits130) {
   PtyProcess tty({kGatherer, "fetch"});
+  // Before the CLI takes SIGINT over (slow under a sanitizer) Ctrl-C would
+  // end it by the default action, without a word.
+  ASSERT_TRUE(WaitFor([&] { return tty.reads_from_signalfd(SIGINT); }, 10s)) << tty.text();
   tty.type("http://127.0.0.1:1/a\n");
-  tty.read_for(300ms);
+  ASSERT_TRUE(tty.read_until("http://127.0.0.1:1/a\n", 5s)) << tty.text();
   tty.type("\x03");
   EXPECT_EQ(tty.wait(10s), std::optional<int>(130)) << tty.text();
   EXPECT_TRUE(Contains(tty.text(), "gatherer: interrupted by SIGINT while reading the input; nothing fetched\n"))
@@ -575,10 +578,26 @@ TEST(CliTest, TimeoutBelowOneMillisecondIsRefused) {
     EXPECT_EQ(r.exit_code, 2) << t << ": " << r.err;
     EXPECT_TRUE(Contains(r.err, "--timeout")) << r.err;
   }
-  for (const std::string t : {"0", "0.001", "2.5"}) {
+  for (const std::string t : {"0", "2.5"}) {
     const CliResult r = RunCli({"fetch", "--timeout", t}, server.url("/a") + "\n");
     EXPECT_EQ(r.exit_code, 0) << t << ": " << r.err;
   }
+  // 1 ms is the smallest timeout taken. It is accepted, but a loaded machine (or a sanitizer) may
+  // well spend it before the answer comes: the statement then fails at its index, it is not refused.
+  const CliResult r = RunCli({"fetch", "--timeout", "0.001"}, server.url("/a") + "\n");
+  if (r.exit_code != 0) {
+    EXPECT_EQ(r.exit_code, 1) << r.err;
+    EXPECT_TRUE(Contains(r.err, "1 deadline_exceeded")) << r.err;
+    EXPECT_TRUE(Contains(r.out, "\"index\":0")) << r.out;
+  }
+}
+
+// The embedded worker does not repeat the Gatherer's warning: a user reads it once.
+TEST(CliTest, InsecureIsWarnedOnce) {
+  HttpServer server;
+  const CliResult r = RunCli({"fetch", "--insecure"}, server.url("/a") + "\n");
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(Count(r.err, "without TLS verification") + Count(r.err, "TLS verification is off"), 1u) << r.err;
 }
 
 // --- summary ------------------------------------------------------------------

@@ -25,7 +25,7 @@ for f in protocol.h transport.h wake_fd.h curve.h broker.h worker.h; do
   check "no private header $f" "! grep -q '/include/gatherer/$f\$' <<<\"\$files\""
 done
 info=$(dpkg-deb -I "$deb")
-check "depends on libzmq5 and libmicrohttpd12" "grep -q 'Depends:.*libzmq5.*libmicrohttpd12' <<<\"\$info\""
+check "depends on libzmq5, libmicrohttpd12 and libtcmalloc-minimal4" "grep -q 'Depends:.*libzmq5.*libmicrohttpd12.*libtcmalloc-minimal4' <<<\"\$info\""
 dpkg-deb -e "$deb" "$work/control"
 check "/etc/default files are conffiles" "grep -qx /etc/default/gatherer-broker '$work/control/conffiles' && grep -qx /etc/default/gatherer-worker '$work/control/conffiles'"
 check "postinst creates the gatherer user" "grep -q 'adduser --system' '$work/control/postinst'"
