@@ -127,19 +127,28 @@ TEST(StreamTest, SlowReaderStopsTheFetching) {
 }
 
 // Big bodies behind a slow first statement: what waits to be handed out is
-// bounded by max_buffered_bytes, not by body size x reorder span. Statement 0
-// answers after 1 s with the budget (an upper bound, which a slow machine
-// cannot break), after 3 s without (a lower bound: 27 in 1 s under TSan on a
-// busy machine); the others at once, with 256 KiB each.
+// bounded by max_buffered_bytes, not by body size x reorder span. The others
+// answer at once, with 256 KiB each. With the budget, statement 0 answers
+// after 1 s (an upper bound, which a slow machine cannot break); without, the
+// server holds it until 30 others have been fetched (at most 20 s, which
+// would fail the lower bound).
 TEST(StreamTest, BufferedBytesBoundWhatWaitsBehindASlowStatement) {
   constexpr std::size_t kBody = 256 * 1024;
+  constexpr std::uint64_t kUnboundedAtLeast = 30;
   for (const std::uint64_t budget : {std::uint64_t{2} << 20, std::uint64_t{0}}) {
+    HttpServer* self = nullptr;
+    std::uint64_t others = 0;  // the server's thread only
     HttpServer server([&](const HttpRequest& req) {
       HttpReply reply;
-      if (req.target == "/big/0") reply.delay = budget != 0 ? 1s : 3s;
+      if (req.target == "/big/0") {
+        reply.delay = budget != 0 ? 1s : 20s;
+      } else if (++others == kUnboundedAtLeast && budget == 0) {
+        self->release_delayed();
+      }
       reply.body.assign(kBody, 'x');
       return reply;
     });
+    self = &server;
     Options o{.workers = 4, .log_level = 40};
     o.prefetch = 4;
     o.reorder_buffer = 64;
@@ -156,7 +165,7 @@ TEST(StreamTest, BufferedBytesBoundWhatWaitsBehindASlowStatement) {
       // 2 MiB = 8 bodies held, 4 in flight, 4 queued at the broker, and 0.
       EXPECT_LE(fetched_while_held, 8u + 4u + 4u + 1u) << "fetched past the buffered-bytes budget";
     } else {
-      EXPECT_GE(fetched_while_held, 30u) << "without a budget, only the reorder span (64) bounds it";
+      EXPECT_GE(fetched_while_held, kUnboundedAtLeast + 1) << "without a budget, only the reorder span (64) bounds it";
     }
     std::uint64_t count = 1;
     while (auto item = stream.next()) {

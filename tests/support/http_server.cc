@@ -209,6 +209,14 @@ struct HttpServer::Impl {
   }
   void request_done() { in_flight_.fetch_sub(1); }
 
+  // Wakes the loop: to release the delayed replies, or to stop.
+  void wake() {
+    const std::uint64_t one = 1;
+    // Cannot fail short of a bad fd: the counter is far from overflowing.
+    [[maybe_unused]] ssize_t n = ::write(wake_fd_, &one, sizeof one);
+  }
+  void release_timers();
+
   HttpHandler handler_;
   std::string host_;  // IPv4 address listened on
   int listen_fd_ = -1;
@@ -232,6 +240,9 @@ struct HttpServer::Impl {
   std::atomic<std::int64_t> in_flight_{0};
   std::atomic<std::int64_t> max_in_flight_{0};
   std::atomic<std::uint64_t> connections_{0};
+  // Set by release_delayed() and stop_and_close(), then the loop is woken.
+  std::atomic<bool> release_{false};
+  std::atomic<bool> stop_{false};
 };
 
 void HttpServer::Impl::start() {
@@ -273,9 +284,8 @@ void HttpServer::Impl::start() {
 
 void HttpServer::Impl::stop_and_close() {
   if (thread_.joinable()) {
-    const std::uint64_t one = 1;
-    // Cannot fail short of a bad fd: the counter is far from overflowing.
-    [[maybe_unused]] ssize_t n = ::write(wake_fd_, &one, sizeof one);
+    stop_.store(true);
+    wake();
     thread_.join();
   }
   for (auto& c : conns_) {
@@ -309,15 +319,28 @@ void HttpServer::Impl::run() {
     }
     for (int i = 0; i < n; ++i) {
       const std::uint64_t tag = events[static_cast<std::size_t>(i)].data.u64;
-      if (tag == kWakeTag) return;
+      if (tag == kWakeTag) {
+        if (stop_.load()) return;
+        std::uint64_t count = 0;
+        [[maybe_unused]] ssize_t r = ::read(wake_fd_, &count, sizeof count);
+        continue;
+      }
       if (tag == kListenTag) {
         accept_all();
       } else {
         on_event(tag, events[static_cast<std::size_t>(i)].events);
       }
     }
+    if (release_.exchange(false)) release_timers();
     fire_due_timers();
   }
+}
+
+// Every timer waiting now falls due now; they fire in the order they were set.
+void HttpServer::Impl::release_timers() {
+  const auto now = std::chrono::steady_clock::now();
+  for (Timer& timer : timers_) timer.due = std::min(timer.due, now);
+  std::make_heap(timers_.begin(), timers_.end(), TimerLater{});
 }
 
 void HttpServer::Impl::accept_all() {
@@ -647,6 +670,11 @@ std::int64_t HttpServer::max_in_flight() const {
 }
 std::uint64_t HttpServer::connections() const {
   return impl_->connections_.load();
+}
+
+void HttpServer::release_delayed() {
+  impl_->release_.store(true);
+  impl_->wake();
 }
 
 }  // namespace gatherer::testing

@@ -66,6 +66,12 @@ class HttpServer {
   // TCP connections accepted since start.
   std::uint64_t connections() const;
 
+  // Writes every delayed reply waiting now at once, as if its delay had
+  // ended: a test holds a reply with a long delay and releases it when what
+  // it waits for has happened, instead of guessing a time. Replies delayed
+  // after the call keep their delay. May be called from the handler.
+  void release_delayed();
+
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;

@@ -232,6 +232,42 @@ TEST(HttpServer, DelayedReplyDoesNotBlockOtherConnections) {
   EXPECT_EQ(server.in_flight(), 0);
 }
 
+// A reply held for a minute is written as soon as the test releases it; one
+// delayed after the release keeps its delay.
+TEST(HttpServer, ReleaseDelayedWritesHeldRepliesAtOnce) {
+  HttpServer server([](const HttpRequest& req) {
+    HttpReply reply;
+    reply.body = "done:" + req.target;
+    reply.delay = 60s;
+    return reply;
+  });
+  Response first, second;
+  std::thread a([&] { first = get(server.url("/a")); });
+  std::thread b([&] { second = get(server.url("/b")); });
+  ASSERT_TRUE(WaitFor([&] { return server.in_flight() == 2; }));
+  server.release_delayed();
+  a.join();
+  b.join();
+  EXPECT_EQ(first.code, CURLE_OK) << curl_easy_strerror(first.code);
+  EXPECT_EQ(first.body, "done:/a");
+  EXPECT_EQ(second.body, "done:/b");
+  EXPECT_EQ(server.in_flight(), 0);
+
+  std::thread c([&] { first = get(server.url("/c")); });
+  ASSERT_TRUE(WaitFor([&] { return server.in_flight() == 1; }));
+  // Not released by the earlier call: still held after the loop has run.
+  const std::uint64_t requests = server.requests();
+  Response other;
+  std::thread d([&] { other = get(server.url("/d")); });
+  ASSERT_TRUE(WaitFor([&] { return server.requests() == requests + 1; }));
+  EXPECT_EQ(server.in_flight(), 2);
+  server.release_delayed();
+  c.join();
+  d.join();
+  EXPECT_EQ(first.body, "done:/c");
+  EXPECT_EQ(other.body, "done:/d");
+}
+
 TEST(HttpServer, PipelinedRequestsWaitBehindADelayedReply) {
   HttpServer server([](const HttpRequest& req) {
     HttpReply reply;
