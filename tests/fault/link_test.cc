@@ -87,8 +87,8 @@ class CountingServer {
 };
 
 std::unique_ptr<Process> StartProxy(std::uint16_t listen, std::uint16_t target) {
-  auto p = std::make_unique<Process>(std::vector<std::string>{std::string(GATHERER_BIN_DIR) + "/tests/gatherer-test-proxy",
-                                                              std::to_string(listen), std::to_string(target)});
+  const std::string binary = GATHERER_BIN_DIR "/tests/gatherer-test-proxy";
+  auto p = std::make_unique<Process>(std::vector<std::string>{binary, std::to_string(listen), std::to_string(target)});
   EXPECT_TRUE(WaitFor([&] { return p->stdout_text().find("ready") != std::string::npos; }, 10s))
       << "proxy did not start: " << p->stderr_text();
   return p;
