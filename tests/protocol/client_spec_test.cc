@@ -299,6 +299,16 @@ class ClientSpec : public ::testing::TestWithParam<std::string> {
   void send_opened(std::chrono::milliseconds beat = 1000ms) {
     send(peer_, proto::Encode(proto::Opened{session_, static_cast<std::uint32_t>(beat.count()), 10000}));
   }
+  // A gather of `n` statements with this broker timeout, opened with this
+  // heartbeat period, its statements received: the start of the tests of
+  // how a client judges a silent broker (§3.2.9, §3.3.1).
+  void start_timed_gather(std::chrono::milliseconds broker_timeout, std::chrono::milliseconds beat, int n) {
+    options_.broker_timeout = broker_timeout;
+    connect(10);
+    start_gather(Urls(n));
+    expect(proto::Command::kOpen);
+    send_opened(beat);
+  }
 
   // A RESULTS of this session numbered `seq`, not counted as sent.
   proto::Frames encode_wire(std::vector<proto::WireResult> results, std::uint64_t seq) {
@@ -1103,11 +1113,7 @@ TEST_P(ClientSpec, Clause_3_2_8_AcksStartAgainFromTheReopenedSessionsSeqs) {
 // report which broker, for how long, and how many statements were left
 // unanswered. (...) Until then it SHALL keep waiting (...)."
 TEST_P(ClientSpec, Clause_3_2_9_SilentBrokerEndsTheRunAfterTheBrokerTimeout) {
-  options_.broker_timeout = 600ms;
-  connect(10);
-  start_gather(Urls(2));
-  expect(proto::Command::kOpen);
-  send_opened(200ms);
+  start_timed_gather(600ms, 200ms, 2);
   const auto start = Clock::now();  // the client has heard nothing since
   ASSERT_EQ(recv_statements(2).size(), 2u);
   // Silent from here on: ZeroMQ still answers the client's ZMTP pings, so
@@ -1126,11 +1132,7 @@ TEST_P(ClientSpec, Clause_3_2_9_SilentBrokerEndsTheRunAfterTheBrokerTimeout) {
 // 3.2.9 "(...) Until then it SHALL keep waiting (...)": a broker that only
 // answers heartbeats, for longer than the broker timeout, is not silent.
 TEST_P(ClientSpec, Clause_3_2_9_BrokerAnsweringHeartbeatsKeepsTheRunGoing) {
-  options_.broker_timeout = 1000ms;
-  connect(10);
-  start_gather(Urls(1));
-  expect(proto::Command::kOpen);
-  send_opened(200ms);
+  start_timed_gather(1000ms, 200ms, 1);
   ASSERT_EQ(recv_statements(1).size(), 1u);
   // Answered [session, 0, 1, 1]: nothing sent, index 0 received, a worker;
   // for two and a half broker timeouts.
@@ -1147,11 +1149,7 @@ TEST_P(ClientSpec, Clause_3_2_9_BrokerAnsweringHeartbeatsKeepsTheRunGoing) {
 // The broker's period (3 s) is three times the client's broker timeout (1 s):
 // at the broker's period alone, the client would hear nothing for 3 s.
 TEST_P(ClientSpec, Clause_3_3_1_ABrokerTimeoutShorterThanTheBrokersPeriodIsStillMet) {
-  options_.broker_timeout = 1000ms;
-  connect(10);
-  start_gather(Urls(1));
-  expect(proto::Command::kOpen);
-  send_opened(3000ms);
+  start_timed_gather(1000ms, 3000ms, 1);
   ASSERT_EQ(recv_statements(1).size(), 1u);
   int beats = 0;
   ASSERT_NO_FATAL_FAILURE(answer_beats_for(3500ms, &beats));  // more than one broker period
