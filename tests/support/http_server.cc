@@ -4,7 +4,6 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/epoll.h>
-#include <sys/eventfd.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -17,6 +16,8 @@
 #include <stdexcept>
 #include <string_view>
 #include <thread>
+
+#include "gatherer/wake_fd.h"
 
 namespace gatherer::testing {
 namespace {
@@ -209,19 +210,13 @@ struct HttpServer::Impl {
   }
   void request_done() { in_flight_.fetch_sub(1); }
 
-  // Wakes the loop: to release the delayed replies, or to stop.
-  void wake() {
-    const std::uint64_t one = 1;
-    // Cannot fail short of a bad fd: the counter is far from overflowing.
-    [[maybe_unused]] ssize_t n = ::write(wake_fd_, &one, sizeof one);
-  }
   void release_timers();
 
   HttpHandler handler_;
   std::string host_;  // IPv4 address listened on
   int listen_fd_ = -1;
   int epoll_fd_ = -1;
-  int wake_fd_ = -1;
+  WakeFd wake_;  // release_delayed() and stop_and_close() wake the loop
   std::uint16_t port_ = 0;
   std::thread thread_;
 
@@ -269,15 +264,13 @@ void HttpServer::Impl::start() {
 
   epoll_fd_ = ::epoll_create1(EPOLL_CLOEXEC);
   if (epoll_fd_ < 0) throw sys_error("epoll_create1");
-  wake_fd_ = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-  if (wake_fd_ < 0) throw sys_error("eventfd");
   // Level-triggered: accept_all() may stop early (EMFILE) and must be called again.
   epoll_event ev{};
   ev.events = EPOLLIN;
   ev.data.u64 = kListenTag;
   if (::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, listen_fd_, &ev) != 0) throw sys_error("epoll_ctl");
   ev.data.u64 = kWakeTag;
-  if (::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, wake_fd_, &ev) != 0) throw sys_error("epoll_ctl");
+  if (::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, wake_.fd(), &ev) != 0) throw sys_error("epoll_ctl");
 
   thread_ = std::thread([this] { run(); });
 }
@@ -285,14 +278,14 @@ void HttpServer::Impl::start() {
 void HttpServer::Impl::stop_and_close() {
   if (thread_.joinable()) {
     stop_.store(true);
-    wake();
+    wake_.signal();
     thread_.join();
   }
   for (auto& c : conns_) {
     if (c) ::close(c->fd);
   }
   conns_.clear();
-  for (int* fd : {&listen_fd_, &epoll_fd_, &wake_fd_}) {
+  for (int* fd : {&listen_fd_, &epoll_fd_}) {
     if (*fd >= 0) ::close(*fd);
     *fd = -1;
   }
@@ -321,8 +314,7 @@ void HttpServer::Impl::run() {
       const std::uint64_t tag = events[static_cast<std::size_t>(i)].data.u64;
       if (tag == kWakeTag) {
         if (stop_.load()) return;
-        std::uint64_t count = 0;
-        [[maybe_unused]] ssize_t r = ::read(wake_fd_, &count, sizeof count);
+        wake_.drain();
         continue;
       }
       if (tag == kListenTag) {
@@ -674,7 +666,7 @@ std::uint64_t HttpServer::connections() const {
 
 void HttpServer::release_delayed() {
   impl_->release_.store(true);
-  impl_->wake();
+  impl_->wake_.signal();
 }
 
 }  // namespace gatherer::testing
