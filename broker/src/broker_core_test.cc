@@ -233,6 +233,53 @@ TEST_F(BrokerCoreTest, RateLimitedGrantsArePacedAndSharedInSimulatedTime) {
   EXPECT_GE(in_first_half[1], 3u) << "session b waited on a";
 }
 
+// §3.8.3: a request counts in its key's windows until W after its answer;
+// one that will never be answered (its worker died, its session ended)
+// counts from when the broker gave it up. The key goes on a window later:
+// it never waits for an answer that cannot come.
+TEST_F(BrokerCoreTest, RequestsGivenUpLeaveTheWindowAWindowLater) {
+  SessionSettings s;
+  s.rate_limits = {*ParseRateRule("1:1")};
+  ready("w1", 10);
+  const SessionId a = open("a", 10, s);
+  from("a", proto::EncodeSubmit(a, 0, Urls(1)));
+  ASSERT_EQ(dispatched("w1"), (std::vector<std::uint64_t>{0}));
+  ready("w2", 10);
+  // w1 dies holding it: presumed dead after three silent heartbeats; the
+  // statement runs again on w2 a window after that, not before, not never.
+  Clock::time_point died{}, again{};
+  for (int step = 0; step < 1000 && again == Clock::time_point(); ++step) {
+    now_ += 10ms;
+    if (step % 10 == 0) {
+      from("w2", proto::EncodeHeartbeat());
+      from("a", proto::EncodeHeartbeat(a));
+    }
+    core_->pass();
+    if (died == Clock::time_point() && stats().workers.load() == 1) died = now_;
+    if (!dispatched("w2").empty()) again = now_;
+  }
+  ASSERT_NE(died, Clock::time_point()) << "w1 never presumed dead";
+  ASSERT_NE(again, Clock::time_point()) << "the key waits for an answer that cannot come";
+  EXPECT_GE(again - died, 1s);
+  EXPECT_LE(again - died, 1s + broker::RateLimiter::Margin(1000) + 20ms);
+  // Session b shares the host's key. a is closed with its request in
+  // flight on w2, never answered: b is granted a window after the close.
+  const SessionId b = open("b", 10, s);
+  from("b", proto::EncodeSubmit(b, 0, Urls(1)));
+  EXPECT_TRUE(dispatched("w2").empty()) << "granted while a's request is in flight";
+  const auto closed = now_;
+  from("a", proto::Encode(proto::Command::kClose, proto::SessionRef{a}));
+  Clock::time_point granted{};
+  for (int step = 0; step < 1000 && granted == Clock::time_point(); ++step) {
+    now_ = std::max(now_ + 1ms, core_->next_due());
+    core_->pass();
+    if (!dispatched("w2").empty()) granted = now_;
+  }
+  ASSERT_NE(granted, Clock::time_point()) << "the key waits for a's answer, which cannot come";
+  EXPECT_GE(granted - closed, 1s);
+  EXPECT_LE(granted - closed, 1s + broker::RateLimiter::Margin(1000) + 20ms);
+}
+
 // §4.2: a session's window is shared out between the workers, so that its
 // connections across every worker process stay within it: each worker is
 // told its share in SESSION and leased no more of the session than that.

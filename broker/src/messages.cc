@@ -64,6 +64,7 @@ void BrokerCore::on_results(const std::string& peer, std::span<zmq::message_t> b
       continue;
     }
     while (report != index->rates.end() && report->first < i) ++report;
+    if (session.rate) session.rate->answered(index->indices[i], now());  // §3.8.3: its windows count from now
     if (session.rate && report != index->rates.end() && report->first == i) {
       if (report->second.throttled) stats.throttled.fetch_add(1, std::memory_order_relaxed);
       if (session.rate->learn(l->second.statement, report->second, now())) {

@@ -49,6 +49,7 @@ void BrokerCore::remove_worker(const std::string& routing_id, Departure how, con
     std::vector<proto::WireStatement> held;
     for (auto l = session.leases.begin(); l != session.leases.end();) {
       if (l->second.worker == w.serial) {
+        if (session.rate) session.rate->answered(l->first, now());  // out of flight (§3.8.3)
         held.push_back(std::move(l->second.statement));
         l = session.leases.erase(l);
       } else {

@@ -78,8 +78,8 @@ bool RateLimiter::declare(Key* k, const RateWindows& windows) {
   const RateWindow& shortest = k->windows.front();
   k->gap = (milliseconds(shortest.window_ms) + Margin(shortest.window_ms)) / shortest.count;
   // What went before the windows were known is paced from too.
-  if (k->filled > 0) k->tat = std::max(k->tat, k->recent(0) + k->gap);
-  // The log holds as many grants as the largest count; the latest are kept.
+  if (k->used > 0) k->tat = std::max(k->tat, k->last_grant + k->gap);
+  // The log holds as many answers as the largest count; the latest are kept.
   std::size_t capacity = kMinLog;
   for (const auto& w : k->windows) capacity = std::max<std::size_t>(capacity, w.count);
   if (capacity != k->log.size()) {
@@ -99,12 +99,19 @@ RateTime RateLimiter::ready_at(const Key* k, RateTime now) const {
   // Pacing: one grant per gap.
   if (k->tat > at) at = k->tat;
   for (const RateWindow& w : k->windows) {
-    if (k->filled < w.count) continue;
-    // The w.count-th most recent grant must have left the window.
-    const RateTime free = k->recent(w.count - 1) + milliseconds(w.window_ms) + Margin(w.window_ms);
+    const auto span = milliseconds(w.window_ms) + Margin(w.window_ms);
+    // Requests in flight fill the window until W after their answers, which
+    // come at `now` at the earliest.
+    if (k->in_flight >= w.count) {
+      at = std::max(at, now + span);
+      continue;
+    }
+    const std::size_t need = w.count - k->in_flight;
+    if (k->filled < need) continue;
+    // Of the answered ones, the need-th most recent must have left the window.
+    const RateTime free = k->recent(need - 1) + span;
     if (free > at) at = free;
   }
-  (void)now;
   return at;
 }
 
@@ -116,9 +123,19 @@ void RateLimiter::record(Key* k, RateTime now) {
   // milliseconds); after an idle spell the schedule starts again from now.
   const auto slack = std::min<nanoseconds>(milliseconds(2), k->gap / 4);
   k->tat = std::max(k->tat, now - slack) + k->gap;
+  k->last_grant = now;
+  ++k->in_flight;
+}
+
+void RateLimiter::answered(Key* k, RateTime now) {
+  if (k->in_flight > 0) --k->in_flight;
+  if (k->log.empty()) k->log.resize(kMinLog);
+  // Kept nondecreasing whatever the caller's clock did.
+  if (k->filled > 0) now = std::max(now, k->recent(0));
   k->log[k->head] = now;
   k->head = (k->head + 1) % k->log.size();
   if (k->filled < k->log.size()) ++k->filled;
+  k->last_used = std::max(k->last_used, now);
 }
 
 void RateLimiter::pause(Key* k, RateTime until) {
@@ -196,6 +213,7 @@ SessionRate::SessionRate(const SessionSettings& settings, const std::vector<Rate
 
 SessionRate::~SessionRate() {
   if (limiter_ == nullptr) return;
+  answered_all(last_now_);
   for (auto& [name, k] : cache_) limiter_->release(k);
 }
 
@@ -245,6 +263,7 @@ bool SessionRate::keys_of(const Statement& s, Keys& out) {
 
 RateTime SessionRate::take(std::deque<protocol::WireStatement>& pending, std::size_t n, RateTime now,
                            std::vector<protocol::WireStatement>& out) {
+  last_now_ = std::max(last_now_, now);
   RateTime wake = kNever;
   std::size_t taken = 0;
   for (auto it = pending.begin(); it != pending.end() && taken < n;) {
@@ -260,6 +279,9 @@ RateTime SessionRate::take(std::deque<protocol::WireStatement>& pending, std::si
     }
     Keys keys;
     if (keys_of(it->statement, keys)) {
+      // Back in the queue while its earlier request was never answered (a
+      // lease lost on a path that did not say so): that one is given up.
+      if (!granted_.empty()) answered(it->index, now);
       RateTime at = RateTime::min();
       for (std::size_t i = 0; i < keys.size; ++i) at = std::max(at, limiter_->ready_at(keys.keys[i], now));
       if (at > now) {  // waits; the statements behind it are looked at all the same
@@ -273,6 +295,7 @@ RateTime SessionRate::take(std::deque<protocol::WireStatement>& pending, std::si
         continue;
       }
       for (std::size_t i = 0; i < keys.size; ++i) limiter_->record(keys.keys[i], now);
+      granted_.emplace(it->index, keys);
       // What it waited and met so far travels with it (§3.8.8).
       if (auto w = waits_.find(it->index); w != waits_.end()) {
         if (w->second.waiting) w->second.total += now - w->second.since;
@@ -287,6 +310,22 @@ RateTime SessionRate::take(std::deque<protocol::WireStatement>& pending, std::si
     ++taken;
   }
   return wake;
+}
+
+void SessionRate::answered(std::uint64_t index, RateTime now) {
+  last_now_ = std::max(last_now_, now);
+  auto g = granted_.find(index);
+  if (g == granted_.end()) return;
+  for (std::size_t i = 0; i < g->second.size; ++i) limiter_->answered(g->second.keys[i], now);
+  granted_.erase(g);
+}
+
+void SessionRate::answered_all(RateTime now) {
+  last_now_ = std::max(last_now_, now);
+  for (const auto& [index, keys] : granted_) {
+    for (std::size_t i = 0; i < keys.size; ++i) limiter_->answered(keys.keys[i], last_now_);
+  }
+  granted_.clear();
 }
 
 bool SessionRate::learn(protocol::WireStatement& ws, const RateReport& report, RateTime now) {

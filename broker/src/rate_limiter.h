@@ -2,9 +2,15 @@
 // Cluster-wide rate limits at the broker (PROTOCOL.md §3.8).
 //
 // RateLimiter holds one state per key (a destination host, or a named rule
-// on a host, or a learned per-endpoint key): its windows, the send times of
-// its last requests, a pacing schedule and a pause. It never reads a clock:
-// every call takes `now`, so tests drive it in simulated time.
+// on a host, or a learned per-endpoint key): its windows, its requests in
+// flight and the answer times of its last requests, a pacing schedule and a
+// pause. It never reads a clock: every call takes `now`, so tests drive it in
+// simulated time.
+//
+// A request counts in a window from its grant until W after its answer came
+// back: the server counted it somewhere in between, so however long it took
+// on its way there, the next request is never inside the server's window
+// (PROTOCOL.md §3.8.3).
 //
 // SessionRate is one session's view: its rules, the keys of each statement,
 // and the selection of the queued statements every key allows now, skipping
@@ -53,9 +59,14 @@ class RateLimiter {
   // count wins. True when something changed.
   bool declare(Key* k, const RateWindows& windows);
   // Earliest time the key allows one more request (<= now: allowed now).
+  // An answer arriving later never makes it earlier, so a wake-up set for
+  // it needs no revisiting when answers come in.
   RateTime ready_at(const Key* k, RateTime now) const;
-  // Counts a request granted at `now`.
+  // Counts a request granted at `now`: in flight until answered().
   void record(Key* k, RateTime now);
+  // The request's answer came back (or it was given up) at `now`: it leaves
+  // the windows W after this.
+  void answered(Key* k, RateTime now);
   // No request until `until` (a later pause extends an earlier one).
   void pause(Key* k, RateTime until);
   // A 429 naming no wait: pauses for an exponential backoff (1 s, doubling
@@ -83,10 +94,13 @@ class RateLimiter {
 struct RateLimiter::Key {
   std::string name;
   RateWindows windows;  // sorted by window length
-  // Times of the last `capacity` grants (the largest count of a window), a ring.
+  // Answer times of the last `capacity` answered requests (the largest count
+  // of a window), a ring; nondecreasing, as they are logged at `now`.
   std::vector<RateTime> log;
   std::size_t head = 0;  // index of the oldest when full
   std::size_t filled = 0;
+  std::uint32_t in_flight = 0;  // granted and not answered yet
+  RateTime last_grant{};
   // Pacing (GCRA): the theoretical time of the next grant, and the spacing:
   // the shortest window's length (plus margin) over its count.
   RateTime tat{};
@@ -97,7 +111,7 @@ struct RateLimiter::Key {
   std::uint64_t used = 0;
   std::uint64_t throttled = 0;
   std::uint32_t refs = 0;
-  // The i-th most recent grant (0 = latest); requires i < filled.
+  // The i-th most recent answer (0 = latest); requires i < filled.
   RateTime recent(std::size_t i) const;
 };
 
@@ -123,6 +137,12 @@ class SessionRate {
   // statement has attempts left, or a retryable failure the worker handed
   // back (counted in ws.attempts, and not taken again before its wait ends).
   bool learn(protocol::WireStatement& ws, const RateReport& report, RateTime now);
+  // The statement's request was answered, or given up (the broker answered
+  // it, or its session ended) at `now`: its keys count it W from now on.
+  // Idempotent; a statement back in the queue without an answer (its lease
+  // was lost) is counted answered when take() next looks at it, at the latest.
+  void answered(std::uint64_t index, RateTime now);
+  void answered_all(RateTime now);
   // Forgets a statement's 429 count, wait and retry time (its result was
   // forwarded).
   void settled(std::uint64_t index) {
@@ -158,6 +178,9 @@ class SessionRate {
   RateWindows host_windows_;
   std::vector<RateRule> named_;
   std::unordered_map<std::string, RateLimiter::Key*> cache_;
+  // Statements granted and not answered yet, with the keys they count on.
+  std::unordered_map<std::uint64_t, Keys> granted_;
+  RateTime last_now_{};  // for the destructor, which answers what is left
   std::unordered_map<std::uint64_t, std::uint32_t> throttles_;  // 429s per index
   // Statements handed back to run again, and when they may (§3.8.7).
   std::unordered_map<std::uint64_t, RateTime> not_before_;

@@ -270,6 +270,9 @@ bool BrokerCore::send_dispatch(SessionState& s, WorkerState& w, proto::Statement
 // session's queue, in index order.
 void BrokerCore::requeue_front(SessionState& s, std::vector<proto::WireStatement>&& statements) {
   if (statements.empty()) return;
+  if (s.rate) {
+    for (const auto& ws : statements) s.rate->answered(ws.index, now());  // out of flight (§3.8.3)
+  }
   total_pending += statements.size();
   s.pending.insert(s.pending.begin(), std::make_move_iterator(statements.begin()),
                    std::make_move_iterator(statements.end()));
@@ -290,6 +293,9 @@ void BrokerCore::deliver_failures(SessionState& s, proto::Results&& results) {
   if (results.results.empty()) return;
   std::uint64_t failed = 0;
   for (const auto& r : results.results) failed += r.response.error ? 1 : 0;
+  if (s.rate) {
+    for (const auto& r : results.results) s.rate->answered(r.index, now());  // given up: out of flight (§3.8.3)
+  }
   answered(s, nullptr, results.results.size(), failed, 0);
   std::vector<std::uint64_t> indices;
   indices.reserve(results.results.size());
@@ -313,6 +319,7 @@ void BrokerCore::send_acks() {
 // END_SESSION so they abort its transfers (§4.4). The session itself stays
 // unless it is being closed.
 void BrokerCore::end_session(SessionState& s) {
+  if (s.rate) s.rate->answered_all(now());  // its requests in flight are given up (§3.8.3)
   if (!s.leases.empty()) {
     std::unordered_map<std::uint64_t, WorkerState*> by_serial;
     for (auto& [rid, w] : workers) by_serial.emplace(w.serial, &w);

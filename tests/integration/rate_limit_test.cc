@@ -40,11 +40,12 @@ constexpr bool kSanitized = true;
 constexpr bool kSanitized = false;
 #endif
 // Under the sanitizers every process runs several times slower and a request
-// can spend tens of milliseconds between the broker's grant and the server,
-// more than the margin (W/100 + 5 ms): the exact claims (no 429, 1.05x the
-// least time) are the release build's; sanitized runs check the logic with
-// one stray 429 and a looser clock allowed.
-constexpr long kStray429 = kSanitized ? 1 : 0;
+// can spend tens of milliseconds between the broker's grant and the server.
+// That costs no 429 (a request counts in its key's windows until W after its
+// answer, §3.8.3), so every build expects none with limits declared; it only
+// loosens the clock (1.05x the least time is the release build's claim) and
+// may bring two paced requests to the server closer than they left.
+constexpr long kStrayBurst = kSanitized ? 1 : 0;
 constexpr double kSlowdown = kSanitized ? 1.5 : 1.05;
 
 // One blocking HTTP/1.0 exchange with 127.0.0.1:port; the body, or "" on failure.
@@ -194,7 +195,7 @@ TEST(RateLimitTest, DeclaredLimitsNeverSee429AndUseTheAllowance) {
   EXPECT_LT(responses.back().elapsed_us, 1'000'000u);
   EXPECT_EQ(responses.front().rate_wait_us, 0u);
   const std::string stats = api.stats();
-  EXPECT_LE(JsonNumber(stats, "throttled"), kStray429) << stats;
+  EXPECT_EQ(JsonNumber(stats, "throttled"), 0) << stats;
   EXPECT_EQ(JsonNumber(stats, std::to_string(per_second) + ":1"), per_second) << stats;
   const double least = 3.0;
   EXPECT_GE(elapsed, least * 0.99);
@@ -206,7 +207,7 @@ TEST(RateLimitTest, DeclaredLimitsNeverSee429AndUseTheAllowance) {
   for (std::size_t i = log.size() - n + 2; i < log.size(); ++i) {
     if (log[i].ms - log[i - 2].ms < 100.0) ++bursts;
   }
-  EXPECT_LE(bursts, static_cast<std::size_t>(kStray429));
+  EXPECT_LE(bursts, static_cast<std::size_t>(kStrayBurst));
 }
 
 // (b) Limits only learned: nothing fails, one wave of 429s at most (no more
@@ -265,7 +266,7 @@ TEST(RateLimitTest, TwoSessionsShareTheHostsLimit) {
   ExpectAllOk(second.get());
   const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
   const std::string stats = api.stats();
-  EXPECT_LE(JsonNumber(stats, "throttled"), kStray429) << stats;
+  EXPECT_EQ(JsonNumber(stats, "throttled"), 0) << stats;
   EXPECT_EQ(JsonNumber(stats, std::to_string(per_second) + ":1"), per_second) << stats;
   // 3 x per_second requests at per_second a second: at least 2 s together.
   EXPECT_GE(elapsed, 2.0 * 0.99);
@@ -288,8 +289,8 @@ TEST(RateLimitTest, TwoHostsDoNotSlowEachOther) {
   const auto start = Clock::now();
   ExpectAllOk(g.gather());
   const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
-  EXPECT_LE(JsonNumber(a.stats(), "throttled"), kStray429);
-  EXPECT_LE(JsonNumber(b.stats(), "throttled"), kStray429);
+  EXPECT_EQ(JsonNumber(a.stats(), "throttled"), 0);
+  EXPECT_EQ(JsonNumber(b.stats(), "throttled"), 0);
   EXPECT_GE(elapsed, 2.0 * 0.99);
   EXPECT_LE(elapsed, 2.0 * 1.3 * (kSanitized ? 1.3 : 1.0)) << "one host's limit held back the other's statements";
 }
@@ -358,7 +359,7 @@ TEST(RateLimitTest, RetriesAfter5xxAreGrantedAgainstTheLimit) {
   for (const auto& r : responses) retried += r.attempts - 1;
   EXPECT_GE(failed, n / 3) << stats;
   EXPECT_EQ(retried, failed) << "each 503 was retried once, and the response counts it";
-  EXPECT_LE(JsonNumber(stats, "throttled"), kStray429) << stats;
+  EXPECT_EQ(JsonNumber(stats, "throttled"), 0) << stats;
   EXPECT_LE(JsonNumber(stats, std::to_string(per_second) + ":1"), per_second) << stats;
 }
 
@@ -380,10 +381,9 @@ TEST(RateLimitTest, CliShowsWaitsAndThrottlesInLinesAndSummary) {
   }
   EXPECT_GE(waited, 5u) << out;  // 1 request per 0.2 s: all but the first wait
   EXPECT_NE(err.find("rate limits 5:1 per host: "), std::string::npos) << err;
-  // Under a sanitizer one request may be delayed past the limiter's margin
-  // (kStray429), as in the tests above; the summary says what the API saw.
+  // No 429, and the summary says what the API saw.
   const long throttled = JsonNumber(api.stats(), "throttled");
-  EXPECT_LE(throttled, kStray429);
+  EXPECT_EQ(throttled, 0);
   // Built in steps: GCC 12's -Wrestrict misfires on " " + std::to_string(...).
   std::string said = " ";
   said += std::to_string(throttled);
