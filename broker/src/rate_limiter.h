@@ -8,9 +8,12 @@
 // simulated time.
 //
 // A request counts in a window from its grant until W after its answer came
-// back: the server counted it somewhere in between, so however long it took
-// on its way there, the next request is never inside the server's window
-// (PROTOCOL.md §3.8.3).
+// back (PROTOCOL.md §3.8.3). Why that is enough whatever the delays: take any
+// span of W on the server's clock and, of the requests it counted there, j
+// the one granted last. Every other one, i, was granted before j and counted
+// by the server at s_i, at least s_j - W >= g_j - W, and answered after that;
+// so at j's grant i was in flight or answered less than W ago, and was
+// counted. Fewer than `count` were, so the span holds at most `count`.
 //
 // SessionRate is one session's view: its rules, the keys of each statement,
 // and the selection of the queued statements every key allows now, skipping
