@@ -297,7 +297,9 @@ TEST(RateLimitTest, TwoHostsDoNotSlowEachOther) {
   EXPECT_EQ(JsonNumber(a.stats(), "throttled"), 0);
   EXPECT_EQ(JsonNumber(b.stats(), "throttled"), 0);
   EXPECT_GE(elapsed, 2.0 * 0.99);
-  EXPECT_LE(elapsed, 2.0 * 1.3 * (kSanitized ? 1.3 : 1.0)) << "one host's limit held back the other's statements";
+  // Held back, B's 2 s would start only after A's: 4 s at least. The bound
+  // sits between, leaving a loaded machine its slack.
+  EXPECT_LE(elapsed, 2.0 * 1.7) << "one host's limit held back the other's statements";
 }
 
 // (e) A 429 seen by one worker pauses the key for the whole cluster: after
