@@ -8,6 +8,8 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <future>
 #include <string>
 #include <vector>
@@ -34,6 +36,8 @@ using nlohmann::json;
 using testing::DelayHandler;
 using testing::Delayed;
 using testing::ExpectAllBodies;
+using testing::HttpReply;
+using testing::HttpRequest;
 using testing::HttpServer;
 using testing::Process;
 using testing::HttpGet;
@@ -108,13 +112,20 @@ class Cluster {
 // §3.9: status, workers and sessions while a job runs, as JSON and as
 // aligned tables; done counts every statement once the job has ended.
 TEST(ControlTest, Clause_3_9_StatusWorkersAndSessionsOfALiveCluster) {
-  HttpServer server(DelayHandler);
+  // The first replies are held (20 s at most) until the test has looked, so
+  // both workers are busy while it does, however slowly gatherer-ctl runs.
+  std::atomic<bool> looked{false};
+  HttpServer server([&](const HttpRequest& req) {
+    HttpReply r = DelayHandler(req);
+    if (!looked.load()) r.delay = 20s;
+    return r;
+  });
   Cluster c(2);
   ASSERT_TRUE(c.ready);
   constexpr int kCount = 48;
   {
     Gatherer g({.broker = c.endpoint, .workers = 8, .log_level = 40});
-    g.statements = Delayed(server, kCount, 150);
+    g.statements = Delayed(server, kCount, 0);
     auto run = std::async(std::launch::async, [&] { return g.gather(); });
     // Both workers hold statements: busy.
     EXPECT_TRUE(WaitFor([&] { return WorkerState(c.endpoint, "w1") == "busy" && WorkerState(c.endpoint, "w2") == "busy"; },
@@ -158,6 +169,8 @@ TEST(ControlTest, Clause_3_9_StatusWorkersAndSessionsOfALiveCluster) {
     EXPECT_EQ(st.exit, 0);
     EXPECT_NE(st.out.find("workers       2"), std::string::npos) << st.out;
     EXPECT_NE(st.out.find("rate 10s"), std::string::npos) << st.out;
+    looked = true;
+    server.release_delayed();
     ExpectAllBodies(run.get(), kCount);
   }
   EXPECT_TRUE(WaitFor([&] { return CtlJson(c.endpoint, "sessions") == json::array(); }, 5s));
