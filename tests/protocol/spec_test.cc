@@ -243,6 +243,23 @@ TEST_P(WorkerSpec, Clause_3_4_3_ReadyAgainAfterBrokerSilence) {
   EXPECT_GE(worker_->stats().registrations.load(), 2u);
 }
 
+// 3.4.3 "While the broker stays silent, the worker SHALL wait twice as long
+// before each further new socket, up to 4 x liveness periods." Silent for
+// 3 s at 3 periods of 100 ms: new sockets after 0.3, 0.9, 2.1 and 3.3 s (three
+// READYs after the first), not one every 0.3 s (ten).
+TEST_P(WorkerSpec, Clause_3_4_3_ReconnectsLessOftenWhileTheBrokerStaysSilent) {
+  expect_ready();
+  const auto until = std::chrono::steady_clock::now() + 3s;
+  int readies = 0;
+  while (std::chrono::steady_clock::now() < until) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - std::chrono::steady_clock::now());
+    auto f = recv(std::max(left, 1ms));
+    if (!f.empty() && command(f) == proto::Command::kReady) ++readies;
+  }
+  EXPECT_GE(readies, 2) << "the worker stopped reconnecting";
+  EXPECT_LE(readies, 4) << "a new socket every liveness periods of a silent broker";
+}
+
 // 3.4.3 "A worker SHALL send HEARTBEAT once per heartbeat period."
 // This fake broker answers each one, as a live broker keeps a worker
 // registered; the period here is 100 ms.

@@ -70,6 +70,11 @@ struct Worker::Impl {
   RateLimitedLog send_failed_log;
   RateLimitedLog broker_error_log;  // ERRORs from the broker, one line a second  // a gone broker fails every send: one line a second
   Clock::time_point last_heard;
+  // The silence after which a new socket is connected (§3.4.3): liveness
+  // periods, doubling while the broker stays silent, up to four times that;
+  // anything heard from the broker starts it over.
+  Clock::duration silence_limit{};
+  Clock::duration silence_base() const { return options.heartbeat_interval * options.heartbeat_liveness; }
   // Sessions opened by SESSION, with the indices in hand for each (taken
   // and not yet answered: what HOLDING reports, §3.7); owned by the socket
   // thread.
@@ -211,6 +216,7 @@ struct Worker::Impl {
 
 void Worker::Impl::handle(std::vector<zmq::message_t>& frames) {
   last_heard = Clock::now();
+  silence_limit = silence_base();
   auto command = proto::PeekCommand(frames);
   auto bad = [&](const Status& s) {
     stats.malformed.fetch_add(1, std::memory_order_relaxed);
@@ -376,6 +382,7 @@ bool Worker::Impl::drain_step(Clock::time_point now) {
 void Worker::Impl::run() {
   register_with_broker(/*resend_unacked=*/false);
   last_heard = Clock::now();
+  silence_limit = silence_base();
   next_heartbeat = last_heard + options.heartbeat_interval;
   PollSet poll;
   const std::size_t from_broker = poll.add(*dealer);
@@ -405,9 +412,16 @@ void Worker::Impl::run() {
     }
     if (now >= next_heartbeat) {
       next_heartbeat = now + options.heartbeat_interval;
-      if (now - last_heard > options.heartbeat_interval * options.heartbeat_liveness) {
-        // Majordomo-style: a silent broker may have restarted and forgotten us.
-        log().info("worker {}: broker silent, reconnecting and registering again", id);
+      if (now - last_heard > silence_limit) {
+        // Majordomo-style: a silent broker may have restarted and forgotten
+        // us. Each further reconnect waits longer: a broker slow to come back
+        // (a restart, a loaded machine) is not met by a new connection every
+        // few periods, each one torn down as it is accepted; a restarted one
+        // hears this worker's HEARTBEATs on the socket ZeroMQ reconnects
+        // meanwhile, and answers them (§3.4.4).
+        log().info("worker {}: broker silent for {} ms, reconnecting and registering again", id,
+                   std::chrono::duration_cast<std::chrono::milliseconds>(now - last_heard).count());
+        silence_limit = std::min(silence_limit * 2, silence_base() * 4);
         if (Status st = connect(); !st.ok()) {
           log().error("worker {}: {}", id, st.ToString());
           return;
