@@ -127,6 +127,17 @@ TEST(ControlTest, Clause_3_9_StatusWorkersAndSessionsOfALiveCluster) {
     Gatherer g({.broker = c.endpoint, .workers = 8, .log_level = 40});
     g.statements = Delayed(server, kCount, 0);
     auto run = std::async(std::launch::async, [&] { return g.gather(); });
+    // Opened on every way out of this block too: a failed ASSERT leaves no
+    // run waiting on held replies.
+    struct Gate {
+      std::atomic<bool>& looked;
+      HttpServer& server;
+      void open() {
+        looked = true;
+        server.release_delayed();
+      }
+      ~Gate() { open(); }
+    } gate{looked, server};
     // Both workers hold statements: busy.
     EXPECT_TRUE(WaitFor([&] { return WorkerState(c.endpoint, "w1") == "busy" && WorkerState(c.endpoint, "w2") == "busy"; },
                         10s));
@@ -169,8 +180,7 @@ TEST(ControlTest, Clause_3_9_StatusWorkersAndSessionsOfALiveCluster) {
     EXPECT_EQ(st.exit, 0);
     EXPECT_NE(st.out.find("workers       2"), std::string::npos) << st.out;
     EXPECT_NE(st.out.find("rate 10s"), std::string::npos) << st.out;
-    looked = true;
-    server.release_delayed();
+    gate.open();
     ExpectAllBodies(run.get(), kCount);
   }
   EXPECT_TRUE(WaitFor([&] { return CtlJson(c.endpoint, "sessions") == json::array(); }, 5s));
