@@ -3,6 +3,7 @@
 through `gatherer` (Gatherer's C++ client under the Pyot API):
 
     python3 tests/bench/python_gather.py URL_FILE [--concurrency 256] [--print] [--build build/release]
+                                         [--cacert CA.pem]
 
     async with Gatherer(workers=C) as g:
         g.statements = urls
@@ -42,6 +43,7 @@ def main():
     ap.add_argument("url_file")
     ap.add_argument("--concurrency", type=int, default=256)
     ap.add_argument("--print", action="store_true", help="write the bodies in order on stdout")
+    ap.add_argument("--cacert", default=None, help="CA bundle (PEM) for an https server")
     ap.add_argument("--build", default=os.path.join(HERE, "..", "..", "build", "release"),
                     help="build directory whose python/ holds the package (if built there)")
     a = ap.parse_args()
@@ -57,7 +59,8 @@ def main():
 
     async def run():
         start = time.monotonic()
-        async with Gatherer(workers=a.concurrency, log_level=30) as g:
+        tls = {"cacert": a.cacert} if a.cacert else {}
+        async with Gatherer(workers=a.concurrency, log_level=30, **tls) as g:
             g.statements = urls
             responses = await g.gather()
         return responses, time.monotonic() - start

@@ -106,8 +106,6 @@ BIG_BODY_BYTES = 1 << 20
 BIG_N_DIVISOR = 10  # the big case fetches N / 10 bodies of 1 MiB
 ROUTING_PER_N = 15  # statements routed per request of the HTTP cases: a run of about the same length
 NGINX_KINDS = ("nginx", "https", "h2", "big")
-# The Python package has no TLS file settings: it is measured over plain http.
-TLS_ROWS_SKIPPED = ("python",)
 QUICK_CASES = "nginx-256,delay-1000"
 NGINX_STATUS_PATH = "/nginx_status"
 DELAY_STATS_PATH = "/_stats/requests"
@@ -637,7 +635,7 @@ class Runner:
                           "--print"] + tls, None
         elif row == "python":
             cmd, stdin = [a.python, os.path.join(HERE, "python_gather.py"), url_file, "--concurrency", str(c),
-                          "--print", "--build", a.build], None
+                          "--print", "--build", a.build] + tls, None
         else:
             cmd, stdin = [self.bin["gatherer"], "fetch", url_file, "--workers", str(c), "--log-level",
                           "warning"] + tls, None
@@ -818,7 +816,7 @@ def report(a, results, nginx_version, started):
         for row in a.rows:
             runs = [r[row] for r in results[key] if row in r]
             if not runs:
-                continue  # not measured for this case (TLS_ROWS_SKIPPED)
+                continue  # not measured for this case
             rates = [r["rate"] for r in runs]
             ratio = ratio_to(results, key, row, "curl") if "curl" in a.rows else None
             frac = f"{med(rates) / ideal:.0%}" if ideal else "—"
@@ -987,8 +985,6 @@ def main():
                 order = a.rows[shift:] + a.rows[:shift]
                 figures = {}
                 for row in order:
-                    if kind in ("https", "h2") and row in TLS_ROWS_SKIPPED:
-                        continue
                     try:
                         figures[row] = runner.run(row, c, servers[kind], url_files[kind], timeout_s, case_n(a, kind))
                     except BenchFailure as e:
