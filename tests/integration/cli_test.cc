@@ -403,25 +403,21 @@ std::string DelayInput(const HttpServer& server, int count, DelayOf delay_of) {
 }
 
 // DelayHandler's statements 0..kCount-1 (input() gives their lines), where
-// every one but 0 is held (20 s at most) until open(): a test sees what the
-// run wrote while it could not have ended, whatever the machine's speed.
+// every one but 0 is held until open() (ReplyGate): a test sees what the run
+// wrote while it could not have ended, whatever the machine's speed.
 class NextInOrderServer {
  public:
   static constexpr int kCount = 10;
   NextInOrderServer()
       : server_([this](const HttpRequest& req) {
           HttpReply r = DelayHandler(req);
-          if (!open_.load() && req.target.rfind("/d/0/", 0) != 0) r.delay = 20s;
-          return r;
+          return req.target.rfind("/d/0/", 0) == 0 ? r : gate_.hold(std::move(r));
         }) {}
   std::string input() const { return DelayInput(server_, kCount, [](int) { return 0; }); }
-  void open() {
-    open_ = true;
-    server_.release_delayed();
-  }
+  void open() { gate_.open(server_); }
 
  private:
-  std::atomic<bool> open_{false};
+  ReplyGate gate_;
   HttpServer server_;
 };
 

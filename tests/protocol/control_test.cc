@@ -8,7 +8,6 @@
 #include <signal.h>
 #include <unistd.h>
 
-#include <atomic>
 #include <chrono>
 #include <future>
 #include <string>
@@ -39,6 +38,7 @@ using testing::ExpectAllBodies;
 using testing::HttpReply;
 using testing::HttpRequest;
 using testing::HttpServer;
+using testing::ReplyGate;
 using testing::Process;
 using testing::HttpGet;
 using testing::WaitFor;
@@ -112,14 +112,10 @@ class Cluster {
 // §3.9: status, workers and sessions while a job runs, as JSON and as
 // aligned tables; done counts every statement once the job has ended.
 TEST(ControlTest, Clause_3_9_StatusWorkersAndSessionsOfALiveCluster) {
-  // The first replies are held (20 s at most) until the test has looked, so
-  // both workers are busy while it does, however slowly gatherer-ctl runs.
-  std::atomic<bool> looked{false};
-  HttpServer server([&](const HttpRequest& req) {
-    HttpReply r = DelayHandler(req);
-    if (!looked.load()) r.delay = 20s;
-    return r;
-  });
+  // The replies are held until the test has looked, so both workers are
+  // busy while it does, however slowly gatherer-ctl runs.
+  ReplyGate looked;
+  HttpServer server([&](const HttpRequest& req) { return looked.hold(DelayHandler(req)); });
   Cluster c(2);
   ASSERT_TRUE(c.ready);
   constexpr int kCount = 48;
@@ -129,15 +125,11 @@ TEST(ControlTest, Clause_3_9_StatusWorkersAndSessionsOfALiveCluster) {
     auto run = std::async(std::launch::async, [&] { return g.gather(); });
     // Opened on every way out of this block too: a failed ASSERT leaves no
     // run waiting on held replies.
-    struct Gate {
-      std::atomic<bool>& looked;
+    struct OpenOnExit {
+      ReplyGate& gate;
       HttpServer& server;
-      void open() {
-        looked = true;
-        server.release_delayed();
-      }
-      ~Gate() { open(); }
-    } gate{looked, server};
+      ~OpenOnExit() { gate.open(server); }
+    } open_on_exit{looked, server};
     // Both workers hold statements: busy.
     EXPECT_TRUE(WaitFor([&] { return WorkerState(c.endpoint, "w1") == "busy" && WorkerState(c.endpoint, "w2") == "busy"; },
                         10s));
@@ -180,7 +172,7 @@ TEST(ControlTest, Clause_3_9_StatusWorkersAndSessionsOfALiveCluster) {
     EXPECT_EQ(st.exit, 0);
     EXPECT_NE(st.out.find("workers       2"), std::string::npos) << st.out;
     EXPECT_NE(st.out.find("rate 10s"), std::string::npos) << st.out;
-    gate.open();
+    looked.open(server);
     ExpectAllBodies(run.get(), kCount);
   }
   EXPECT_TRUE(WaitFor([&] { return CtlJson(c.endpoint, "sessions") == json::array(); }, 5s));

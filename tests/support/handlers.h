@@ -1,6 +1,7 @@
 #pragma once
 // Request handlers shared by cross-component tests.
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <string>
@@ -22,6 +23,27 @@ inline HttpReply DelayHandler(const HttpRequest& req) {
   }
   return r;
 }
+
+// Holds replies until open(): a test looks at a run that cannot end
+// meanwhile, whatever the machine's speed, instead of racing a clock. A held
+// reply waits 20 s at most (below a statement's default timeout). Declare it
+// before the HttpServer whose handler uses it.
+class ReplyGate {
+ public:
+  // `reply`, held while the gate is closed.
+  HttpReply hold(HttpReply reply) const {
+    if (!open_.load()) reply.delay = std::chrono::seconds(20);
+    return reply;
+  }
+  // Opens the gate and writes what it held.
+  void open(HttpServer& server) {
+    open_.store(true);
+    server.release_delayed();
+  }
+
+ private:
+  std::atomic<bool> open_{false};
+};
 
 // Any request: 200 after 5 s, longer than a test waits for it. Keeps
 // transfers in flight while a test acts on them.
