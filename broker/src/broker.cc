@@ -168,11 +168,33 @@ void BrokerCore::pass() {
 
 // ---- gatherer::Broker: the shell around a BrokerCore ----
 
-struct Broker::Impl final : Outbound {
+struct Broker::Impl final : Outbound, LoopPart {
   explicit Impl(BrokerOptions o) : core(std::move(o), *this) {}
 
   proto::SendResult send(const std::string& peer, proto::Frames& frames) override {
     return proto::SendMessage(*router, peer, frames);
+  }
+  std::size_t add_to(PollSet& poll) override {
+    const std::size_t first = poll.add(*router);
+    poll.add(*wake);  // drain() and stop(): drained by the poll step
+    return first;
+  }
+  std::uint64_t generation() const override { return 0; }
+  // Up to the next heartbeat, or the next time a rate key allows a waiting
+  // statement (the shell gives the core the steady clock).
+  Clock::time_point next_due() const override { return core.next_due(); }
+  Step step(const PollSet*, std::size_t) override {
+    if (stopping.load(std::memory_order_acquire)) return Step::kDone;
+    // A bounded number per pass, so heartbeats are never starved.
+    std::size_t taken = 0;
+    if (!ReceiveBatch(*router, frames, 4096, [&](auto& f) {
+          core.handle(f);
+          ++taken;
+        })) {
+      return Step::kDone;
+    }
+    core.pass();
+    return taken > 0 ? Step::kBusy : Step::kIdle;
   }
   void run();
 
@@ -185,22 +207,15 @@ struct Broker::Impl final : Outbound {
   std::vector<std::string> bound;
   std::unique_ptr<WakeFd> wake;
   std::atomic<bool> stopping{false};
+  bool started = false;
+  std::vector<zmq::message_t> frames;
   std::thread thread;
 };
 
 void Broker::Impl::run() {
-  core.next_heartbeat = core.now() + core.options.heartbeat_interval;
   PollSet poll;
-  const std::size_t from_peers = poll.add(*router);
-  poll.add(*wake);  // drain() and stop(): drained by the poll step
-  std::vector<zmq::message_t> frames;
-  while (!stopping.load(std::memory_order_acquire)) {
-    // Up to the next heartbeat, or the next time a rate key allows a waiting
-    // statement (the shell gives the core the steady clock).
-    if (!poll.wait_until(core.next_due())) break;
-    // A bounded number per pass, so heartbeats are never starved.
-    if (poll.ready(from_peers) && !ReceiveBatch(*router, frames, 4096, [&](auto& f) { core.handle(f); })) return;
-    core.pass();
+  add_to(poll);
+  while (poll.wait_until(next_due()) && step(&poll, 0) != Step::kDone) {
   }
 }
 
@@ -220,7 +235,7 @@ Broker::~Broker() { stop(); }
 Status Broker::start() {
   Impl& m = *impl_;
   BrokerCore& core = m.core;
-  if (m.thread.joinable()) return FailedPrecondition("broker already started");
+  if (m.started) return FailedPrecondition("broker already started");
   if (core.options.context) {
     m.context = core.options.context;
   } else {
@@ -265,17 +280,20 @@ Status Broker::start() {
   }
   m.wake = std::make_unique<WakeFd>();
   m.stopping.store(false);
-  m.thread = std::thread([&m] { m.run(); });
+  core.next_heartbeat = core.now() + core.options.heartbeat_interval;
+  m.started = true;
+  if (core.options.own_thread) m.thread = std::thread([&m] { m.run(); });
   core.log().info("broker: listening on {}", fmt::join(m.bound, ", "));
   return Status::Ok();
 }
 
 void Broker::stop() {
   Impl& m = *impl_;
-  if (!m.thread.joinable()) return;
+  if (!m.started) return;
+  m.started = false;
   m.stopping.store(true, std::memory_order_release);
   m.wake->signal();
-  m.thread.join();
+  if (m.thread.joinable()) m.thread.join();
   m.router.reset();
   m.zap.reset();
   m.wake.reset();
@@ -286,6 +304,8 @@ void Broker::drain() {
   m.core.drain_requested.store(true, std::memory_order_release);
   if (m.wake) m.wake->signal();
 }
+
+LoopPart& Broker::loop() { return *impl_; }
 
 const std::vector<std::string>& Broker::endpoints() const { return impl_->bound; }
 

@@ -1,6 +1,7 @@
 #include "embedded.h"
 
 #include "gatherer/broker.h"
+#include "gatherer/event_loop.h"
 #include "gatherer/gatherer.h"
 #include "gatherer/worker.h"
 
@@ -15,6 +16,7 @@ class InProcessCluster final : public EmbeddedCluster {
     bo.endpoints = {endpoint};
     bo.context = &context;
     bo.logger = logger;
+    bo.own_thread = false;
     broker_ = std::make_unique<Broker>(bo);
     if (Status s = broker_->start(); !s.ok()) throw Error("embedded broker: " + s.ToString(), -1, s.code());
     WorkerOptions wo;
@@ -23,20 +25,28 @@ class InProcessCluster final : public EmbeddedCluster {
     wo.logger = std::move(logger);
     wo.io_threads = io_threads;
     wo.warn_insecure_sessions = false;  // the Gatherer warns
+    wo.own_thread = false;
     worker_ = std::make_unique<Worker>(wo);
     if (Status s = worker_->start(); !s.ok()) {
       broker_->stop();
       throw Error("embedded worker: " + s.ToString(), -1, s.code());
     }
+    // The worker first: its results reach the broker, and the broker's
+    // answers the client, within one pass.
+    driver_ = std::make_unique<LoopDriver>(std::vector<LoopPart*>{&worker_->loop(), &broker_->loop()});
+    driver_->start();
   }
   ~InProcessCluster() override {
+    driver_->stop();
     worker_->stop();
     broker_->stop();
   }
+  LoopDriver& driver() override { return *driver_; }
 
  private:
   std::unique_ptr<Broker> broker_;
   std::unique_ptr<Worker> worker_;
+  std::unique_ptr<LoopDriver> driver_;
 };
 
 }  // namespace

@@ -21,14 +21,20 @@ class context_t;
 
 namespace gatherer {
 
+class LoopDriver;
+
 class EmbeddedCluster {
  public:
   virtual ~EmbeddedCluster() = default;
+  // What runs the broker's and the worker's loops: a thread of its own,
+  // which a run's thread takes the lead of while it waits (LoopDriver).
+  virtual LoopDriver& driver() = 0;
 };
 
-// Starts the broker on `endpoint`, then the worker. Throws gatherer::Error
-// when either cannot start, or when this library has no embedded mode.
-// Destroying the result stops the worker, then the broker.
+// Starts the broker on `endpoint`, then the worker, both driven by one
+// LoopDriver. Throws gatherer::Error when either cannot start, or when this
+// library has no embedded mode. Destroying the result stops the driver, the
+// worker, then the broker.
 std::unique_ptr<EmbeddedCluster> StartEmbeddedCluster(zmq::context_t& context, const std::string& endpoint,
                                                       std::shared_ptr<spdlog::logger> logger, unsigned io_threads);
 

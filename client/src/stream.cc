@@ -79,6 +79,22 @@ struct Stream::Run {
   // The broker's messages, cancel() and the link's events (built by start()).
   PollSet poll;
   std::size_t link_events = 0;
+  // Embedded mode: the cluster's loops, which this run leads while it
+  // waits (its thread polls and steps them: no broker or worker thread is
+  // woken between the I/O threads and this one); let go when the run ends.
+  // Declared after `poll`, which it adds the cluster's items to.
+  struct Lead {
+    LoopDriver* driver = nullptr;
+    ~Lead() { release(); }
+    void release() {
+      if (driver != nullptr) driver->unlead();
+      driver = nullptr;
+    }
+  } lead;
+  // One poll step: this run's own items and, embedded, the cluster's.
+  bool wait_until(Clock::time_point deadline) {
+    return lead.driver != nullptr ? lead.driver->turn(deadline) : poll.wait_until(deadline);
+  }
 
   Run(Gatherer::Impl& impl, Order o) : m(impl), order(o) {}
 
@@ -130,6 +146,10 @@ void Stream::Run::start(std::size_t span_positions) {
   poll.add(*m.dealer);
   poll.add(m.cancel_fd);
   link_events = poll.add(m.watch->events());
+  if (m.cluster) {
+    m.cluster->driver().lead(poll);
+    lead.driver = &m.cluster->driver();
+  }
 }
 
 void Stream::Run::fail(const std::string& what, std::int64_t index, StatusCode code) {
@@ -142,6 +162,7 @@ void Stream::Run::fail(const std::string& what, std::int64_t index, StatusCode c
   }
   m.running = false;
   m.end_progress();
+  lead.release();
   // next() hands out what was complete (and next in order) first, then
   // throws this: a stop loses no finished response.
   error.emplace(what, index, code);
@@ -376,11 +397,12 @@ void Stream::Run::pump() {
   top_up();
   bool ready = false;
   if (on_wait) {
-    // Only when it would really block: the reader's chance to flush output.
-    ready = poll.poll_now() && poll.any_ready();
+    // Only when it would really block: the reader's chance to flush output
+    // (with the cluster let go of, should the output block).
+    ready = wait_until(Clock::time_point::min()) && poll.any_ready();
     if (!ready) on_wait();
   }
-  if (!ready && !poll.wait_until(next_heartbeat)) {
+  if (!ready && !wait_until(next_heartbeat)) {
     fail("the client's ZeroMQ context was terminated", -1, StatusCode::kCancelled);
   }
   if (m.cancel_requested.exchange(false, std::memory_order_acq_rel)) {
@@ -525,6 +547,7 @@ std::optional<Indexed> Stream::Run::next() {
       finished = true;
       m.running = false;
       m.end_progress();
+      lead.release();
       break;
     }
     try {

@@ -126,6 +126,35 @@ TEST(StreamTest, SlowReaderStopsTheFetching) {
   EXPECT_EQ(count, 5000u);
 }
 
+// A reader busy with a response leaves the embedded cluster running: what it
+// submitted is still dispatched, fetched and answered meanwhile (the run's
+// thread drives the broker and worker only while it waits in next(); when it
+// is away, the cluster's own thread stands in), and every response is there
+// when it comes back.
+TEST(StreamTest, AReaderBusyWithAResponseDoesNotHoldUpWhatItSubmitted) {
+  HttpServer server(DelayHandler);
+  Options o{.workers = 4, .log_level = 40};
+  o.prefetch = 60;  // 64 submitted at once, 4 fetched at a time
+  Gatherer g(o);
+  std::vector<Statement> list;
+  for (int i = 0; i < 64; ++i) list.push_back(Get(server.url("/d/" + std::to_string(i) + "/5")));
+  auto stream = g.stream(list);
+  auto first = stream.next();
+  ASSERT_TRUE(first.has_value());
+  ASSERT_EQ(first->response.body, "body-0");
+  // The reader is away: nobody calls next().
+  ASSERT_TRUE(WaitFor([&] { return server.requests() == 64 && server.in_flight() == 0; }, 10s))
+      << "the server saw " << server.requests() << " of 64 requests while the reader was away";
+  std::uint64_t expected = 1;
+  while (auto item = stream.next()) {
+    ASSERT_EQ(item->index, expected);
+    ASSERT_EQ(item->response.body, "body-" + std::to_string(expected));
+    ++expected;
+  }
+  EXPECT_EQ(expected, 64u);
+  EXPECT_EQ(server.requests(), 64u) << "nothing fetched twice";
+}
+
 // Big bodies behind a slow first statement: what waits to be handed out is
 // bounded by max_buffered_bytes, not by body size x reorder span. The others
 // answer at once, with 256 KiB each. With the budget, statement 0 answers

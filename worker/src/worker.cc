@@ -42,7 +42,7 @@ struct Unacked {
 };
 }  // namespace
 
-struct Worker::Impl {
+struct Worker::Impl final : LoopPart {
   WorkerOptions options;
   std::string id;
   std::string host;
@@ -64,6 +64,11 @@ struct Worker::Impl {
   std::atomic<bool> drained{false};
   std::chrono::milliseconds drain_timeout{0};  // written before drain_requested
   std::thread thread;
+  bool started = false;
+  std::vector<zmq::message_t> frames;
+  // Bumped with every new socket (connect()): a PollSet holding the old
+  // one is built again.
+  std::uint64_t sockets_generation = 0;
   WorkerStats stats;
   worker::FetchMetrics fetch_metrics;  // for metrics_text(), when options.metrics
   RateLimitedLog bad_frame_log;
@@ -199,6 +204,7 @@ struct Worker::Impl {
     if (!options.curve_broker_key.empty()) MakeCurveClient(*dealer, options.curve_key, options.curve_broker_key);
     dealer->set(zmq::sockopt::routing_id, routing_id);
     watch = std::make_unique<proto::ReconnectWatch>(*context, *dealer);
+    ++sockets_generation;
     try {
       dealer->connect(options.broker);
     } catch (const zmq::error_t& e) {
@@ -210,8 +216,20 @@ struct Worker::Impl {
   }
   void handle(std::vector<zmq::message_t>& frames);
   void echo(const SessionId& session, const std::vector<proto::WireStatement>& statements);
-  void flush_results();
+  bool flush_results();
+  void begin();
   void run();
+  std::size_t add_to(PollSet& poll) override {
+    const std::size_t first = poll.add(*dealer);
+    poll.add(*wake_fd);
+    poll.add(watch->events());
+    return first;
+  }
+  std::uint64_t generation() const override { return sockets_generation; }
+  Clock::time_point next_due() const override {
+    return draining ? std::min(next_heartbeat, drain_deadline) : next_heartbeat;
+  }
+  Step step(const PollSet* poll, std::size_t first) override;
 };
 
 void Worker::Impl::handle(std::vector<zmq::message_t>& frames) {
@@ -334,7 +352,8 @@ void Worker::Impl::echo(const SessionId& session, const std::vector<proto::WireS
   send_results(std::move(results));
 }
 
-void Worker::Impl::flush_results() {
+// True when it sent any.
+bool Worker::Impl::flush_results() {
   // Order matters: the eventfd is consumed first (the poll step did), then
   // the flag cleared, then the queue drained. Clearing first would let an I/O
   // thread's wake-up land in the eventfd about to be consumed while the flag
@@ -342,6 +361,7 @@ void Worker::Impl::flush_results() {
   // stranded, session stalled.
   wake_pending.exchange(false, std::memory_order_acq_rel);
   ResultBatch batch;
+  bool sent = false;
   while (done.try_pop(batch)) {
     auto held = sessions.find(batch.session);
     if (held == sessions.end()) continue;  // ended meanwhile: nobody wants these
@@ -350,7 +370,9 @@ void Worker::Impl::flush_results() {
     set_in_hand(in_hand - std::min(n, in_hand));
     stats.completed.fetch_add(batch.results.size(), std::memory_order_relaxed);
     send_results(proto::Results{batch.session, 0, std::move(batch.results)});
+    sent = true;
   }
+  return sent;
 }
 
 // Graceful drain (§3.4.7): DRAINING once, then DISCONNECT when nothing is in
@@ -379,73 +401,88 @@ bool Worker::Impl::drain_step(Clock::time_point now) {
   return true;
 }
 
-void Worker::Impl::run() {
+void Worker::Impl::begin() {
   register_with_broker(/*resend_unacked=*/false);
   last_heard = Clock::now();
   silence_limit = silence_base();
   next_heartbeat = last_heard + options.heartbeat_interval;
+}
+
+void Worker::Impl::run() {
   PollSet poll;
-  const std::size_t from_broker = poll.add(*dealer);
-  const std::size_t results_ready = poll.add(*wake_fd);
-  const std::size_t link_events = poll.add(watch->events());
-  std::vector<zmq::message_t> frames;
-  while (!stopping.load(std::memory_order_acquire)) {
-    auto until = next_heartbeat;
-    if (draining) until = std::min(until, drain_deadline);
-    if (!poll.wait_until(until)) break;
-    if (poll.ready(from_broker) && !ReceiveBatch(*dealer, frames, 1024, [&](auto& f) { handle(f); })) return;
-    if (poll.ready(results_ready)) flush_results();
-    // §3.7: the connection came back; what was in flight on the old one may
-    // be lost either way.
-    if (poll.ready(link_events) && watch->reconnected() && !awaiting_registration) {
-      resynchronise("reconnected");
+  std::size_t first = 0;
+  std::uint64_t seated = ~std::uint64_t{0};
+  while (true) {
+    if (seated != sockets_generation) {  // a new socket after a silent broker
+      poll.truncate(0);
+      first = add_to(poll);
+      seated = sockets_generation;
     }
-    // A refused handshake (CURVE) is said once, not at every retry.
-    if (watch->refused() != refusal) {
-      refusal = watch->refused();
-      if (!refusal.empty()) log().error("worker {}: cannot connect to broker {}: {}", id, options.broker, refusal);
-    }
-    const auto now = Clock::now();
-    if (drain_step(now)) {
-      drained.store(true, std::memory_order_release);
-      return;
-    }
-    if (now >= next_heartbeat) {
-      next_heartbeat = now + options.heartbeat_interval;
-      if (now - last_heard > silence_limit) {
-        // Majordomo-style: a silent broker may have restarted and forgotten
-        // us. Each further reconnect waits longer: a broker slow to come back
-        // (a restart, a loaded machine) is not met by a new connection every
-        // few periods, each one torn down as it is accepted; a restarted one
-        // hears this worker's HEARTBEATs on the socket ZeroMQ reconnects
-        // meanwhile, and answers them (§3.4.4).
-        log().info("worker {}: broker silent for {} ms, reconnecting and registering again", id,
-                   std::chrono::duration_cast<std::chrono::milliseconds>(now - last_heard).count());
-        silence_limit = std::min(silence_limit * 2, silence_base() * 4);
-        if (Status st = connect(); !st.ok()) {
-          log().error("worker {}: {}", id, st.ToString());
-          return;
-        }
-        poll.replace(from_broker, *dealer);
-        poll.replace(link_events, watch->events());
-        register_with_broker(/*resend_unacked=*/true);
-        last_heard = now;
+    if (!poll.wait_until(next_due()) || step(&poll, first) == Step::kDone) return;
+  }
+}
+
+LoopPart::Step Worker::Impl::step(const PollSet* poll, std::size_t first) {
+  if (stopping.load(std::memory_order_acquire)) return Step::kDone;
+  std::size_t taken = 0;
+  if (!ReceiveBatch(*dealer, frames, 1024, [&](auto& f) {
+        handle(f);
+        ++taken;
+      })) {
+    return Step::kDone;
+  }
+  // Whether or not the wake-up was seen: results the I/O threads queued go
+  // now (flush_results() keeps the eventfd and flag in the right order).
+  const bool flushed = flush_results();
+  // §3.7: the connection came back; what was in flight on the old one may
+  // be lost either way. Only a poll shows link events.
+  if (poll != nullptr && poll->ready(first + 2) && watch->reconnected() && !awaiting_registration) {
+    resynchronise("reconnected");
+  }
+  // A refused handshake (CURVE) is said once, not at every retry.
+  if (watch->refused() != refusal) {
+    refusal = watch->refused();
+    if (!refusal.empty()) log().error("worker {}: cannot connect to broker {}: {}", id, options.broker, refusal);
+  }
+  const auto now = Clock::now();
+  if (drain_step(now)) {
+    drained.store(true, std::memory_order_release);
+    return Step::kDone;
+  }
+  if (now >= next_heartbeat) {
+    next_heartbeat = now + options.heartbeat_interval;
+    if (now - last_heard > silence_limit) {
+      // Majordomo-style: a silent broker may have restarted and forgotten
+      // us. Each further reconnect waits longer: a broker slow to come back
+      // (a restart, a loaded machine) is not met by a new connection every
+      // few periods, each one torn down as it is accepted; a restarted one
+      // hears this worker's HEARTBEATs on the socket ZeroMQ reconnects
+      // meanwhile, and answers them (§3.4.4).
+      log().info("worker {}: broker silent for {} ms, reconnecting and registering again", id,
+                 std::chrono::duration_cast<std::chrono::milliseconds>(now - last_heard).count());
+      silence_limit = std::min(silence_limit * 2, silence_base() * 4);
+      if (Status st = connect(); !st.ok()) {
+        log().error("worker {}: {}", id, st.ToString());
+        return Step::kDone;
+      }
+      register_with_broker(/*resend_unacked=*/true);
+      last_heard = now;
+    } else {
+      send(proto::EncodeHeartbeat(), /*wait=*/false);
+      // §3.7.1: RESULTS are lost only with a connection (the reconnect
+      // resynchronises) or when ZeroMQ refused one; as a safety net, any
+      // unacknowledged for ten periods — the broker acknowledges within one
+      // loop pass — go again. Never sooner: a slow broker would only get
+      // duplicates, and be slowed further by them.
+      if (resend_due) {
+        resend_due = false;
+        resend(Clock::time_point::max(), /*wait=*/false);
       } else {
-        send(proto::EncodeHeartbeat(), /*wait=*/false);
-        // §3.7.1: RESULTS are lost only with a connection (the reconnect
-        // resynchronises) or when ZeroMQ refused one; as a safety net, any
-        // unacknowledged for ten periods — the broker acknowledges within one
-        // loop pass — go again. Never sooner: a slow broker would only get
-        // duplicates, and be slowed further by them.
-        if (resend_due) {
-          resend_due = false;
-          resend(Clock::time_point::max(), /*wait=*/false);
-        } else {
-          resend(now - 10 * options.heartbeat_interval, /*wait=*/false);
-        }
+        resend(now - 10 * options.heartbeat_interval, /*wait=*/false);
       }
     }
   }
+  return taken > 0 || flushed ? Step::kBusy : Step::kIdle;
 }
 
 Status CheckSourceAddress(std::string_view address) {
@@ -493,7 +530,7 @@ Worker::~Worker() { stop(); }
 
 Status Worker::start() {
   Impl& m = *impl_;
-  if (m.thread.joinable()) return FailedPrecondition("worker already started");
+  if (m.started) return FailedPrecondition("worker already started");
   // Before connecting: a worker that cannot fetch must not register.
   if (Status st = CheckSourceAddress(m.options.source_address); !st.ok()) return st;
   unsigned io = m.options.io_threads ? m.options.io_threads : std::max(1u, std::thread::hardware_concurrency());
@@ -518,7 +555,9 @@ Status Worker::start() {
         m.wake();
       });
   m.stopping.store(false);
-  m.thread = std::thread([&m] { m.run(); });
+  m.begin();
+  m.started = true;
+  if (m.options.own_thread) m.thread = std::thread([&m] { m.run(); });
   m.log().info("worker {}: connecting to {} with {} I/O threads, {} slots{}", m.id, m.options.broker, io, m.slots,
                 m.options.echo ? " (echo mode: no HTTP)" : "");
   return Status::Ok();
@@ -526,7 +565,7 @@ Status Worker::start() {
 
 void Worker::drain(std::chrono::milliseconds deadline) {
   Impl& m = *impl_;
-  if (!m.thread.joinable() || m.drain_requested.load(std::memory_order_acquire)) return;
+  if (!m.started || m.drain_requested.load(std::memory_order_acquire)) return;
   m.drain_timeout = deadline;
   m.drain_requested.store(true, std::memory_order_release);
   m.wake_fd->signal();
@@ -536,10 +575,11 @@ bool Worker::drained() const { return impl_->drained.load(std::memory_order_acqu
 
 void Worker::stop() {
   Impl& m = *impl_;
-  if (!m.thread.joinable()) return;
+  if (!m.started) return;
+  m.started = false;
   m.stopping.store(true, std::memory_order_release);
   m.wake_fd->signal();
-  m.thread.join();
+  if (m.thread.joinable()) m.thread.join();
   m.fetcher.reset();  // joins the I/O threads; no sink call after this
   m.watch.reset();
   m.dealer.reset();
@@ -547,6 +587,8 @@ void Worker::stop() {
 }
 
 const WorkerStats& Worker::stats() const { return impl_->stats; }
+
+LoopPart& Worker::loop() { return *impl_; }
 
 std::string Worker::metrics_text() const {
   const Impl& m = *impl_;

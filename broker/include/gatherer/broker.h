@@ -32,6 +32,8 @@ class context_t;
 
 namespace gatherer {
 
+class LoopPart;
+
 struct BrokerOptions {
   // Endpoints to bind. Binds 127.0.0.1 unless told otherwise.
   std::vector<std::string> endpoints = {"tcp://127.0.0.1:5555"};
@@ -86,6 +88,10 @@ struct BrokerOptions {
   // heartbeat period (gatherer-broker --metrics). Off: metrics_text() has
   // the broker-wide counters only.
   bool metrics = false;
+  // False: start() starts no thread of its own, and the owner drives
+  // loop() (a LoopDriver; the embedded cluster runs broker and worker on
+  // one, led by the client's thread during a run).
+  bool own_thread = true;
 };
 
 // Counters, readable from any thread (relaxed; for tests and metrics).
@@ -132,8 +138,12 @@ class Broker {
   // stops the broker once stats().sessions is 0 or its deadline passed.
   // Callable from any thread.
   void drain();
-  // Stops the loop and closes the socket; idempotent.
+  // Stops the loop and closes the socket; idempotent. A driven broker's
+  // driver must have stopped first.
   void stop();
+  // The loop, for a broker started without a thread of its own (valid after
+  // start()).
+  LoopPart& loop();
   // The bound endpoints with wildcards resolved (tcp://127.0.0.1:41234).
   const std::vector<std::string>& endpoints() const;
   const BrokerStats& stats() const;

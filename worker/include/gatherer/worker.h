@@ -28,6 +28,8 @@ class context_t;
 
 namespace gatherer {
 
+class LoopPart;
+
 struct WorkerOptions {
   // Broker endpoint to connect to; the broker may start later.
   std::string broker = "tcp://127.0.0.1:5555";
@@ -78,6 +80,10 @@ struct WorkerOptions {
   // that a worker process's operator knows; an embedded worker's Gatherer
   // has said so already, once.
   bool warn_insecure_sessions = true;
+  // False: start() starts no socket thread of its own (the I/O threads
+  // still run), and the owner drives loop() (a LoopDriver: the embedded
+  // cluster runs broker and worker on one, led by the client's thread).
+  bool own_thread = true;
 };
 
 struct WorkerStats {
@@ -111,8 +117,12 @@ class Worker {
   // True once a drain has ended (everything answered, or the deadline passed)
   // and the broker has been told; then call stop().
   bool drained() const;
-  // Stops taking work, aborts in-flight transfers, closes the socket; idempotent.
+  // Stops taking work, aborts in-flight transfers, closes the socket;
+  // idempotent. A driven worker's driver must have stopped first.
   void stop();
+  // The socket loop, for a worker started without a thread of its own
+  // (valid after start()).
+  LoopPart& loop();
   const WorkerStats& stats() const;
   // Prometheus text exposition of stats() and, with WorkerOptions::metrics,
   // of retries, 429s, latency and body sizes. Any thread.
