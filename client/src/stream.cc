@@ -78,7 +78,8 @@ struct Stream::Run {
   std::chrono::steady_clock::time_point next_heartbeat;
   // The broker's messages, cancel() and the link's events (built by start()).
   PollSet poll;
-  std::size_t link_events = 0;
+  static constexpr std::size_t kNoLinkEvents = ~std::size_t{0};
+  std::size_t link_events = kNoLinkEvents;
   // Embedded mode: the cluster's loops, which this run leads while it
   // waits (its thread polls and steps them: no broker or worker thread is
   // woken between the I/O threads and this one); let go when the run ends.
@@ -145,7 +146,8 @@ void Stream::Run::start(std::size_t span_positions) {
   m.cancel_fd.drain();
   poll.add(*m.dealer);
   poll.add(m.cancel_fd);
-  link_events = poll.add(m.watch->events());
+  // An inproc connection (the embedded cluster's) never drops.
+  if (!m.cluster) link_events = poll.add(m.watch->events());
   if (m.cluster) {
     m.cluster->driver().lead(poll);
     lead.driver = &m.cluster->driver();
@@ -410,7 +412,7 @@ void Stream::Run::pump() {
     fail("gather cancelled", -1, StatusCode::kCancelled);
   }
   // §3.6: a new connection: what was in flight on the old one may be lost.
-  if (poll.ready(link_events) && m.watch->reconnected()) sync("reconnected");
+  if (link_events != kNoLinkEvents && poll.ready(link_events) && m.watch->reconnected()) sync("reconnected");
   // A refused handshake is not a flaky link: waiting out the broker timeout
   // would only hide it (PROTOCOL.md §1.7).
   if (!m.watch->refused().empty()) {

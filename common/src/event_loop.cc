@@ -8,45 +8,85 @@
 namespace gatherer {
 
 std::size_t PollSet::add(zmq::socket_t& socket) {
-  items_.push_back({socket.handle(), 0, ZMQ_POLLIN, 0});
+  sockets_.push_back(socket.handle());
   wakes_.push_back(nullptr);
-  return items_.size() - 1;
+  fds_.push_back({socket.get(zmq::sockopt::fd), POLLIN, 0});
+  ready_flags_.push_back(0);
+  return fds_.size() - 1;
 }
 
 std::size_t PollSet::add(WakeFd& wake) {
-  items_.push_back({nullptr, wake.fd(), ZMQ_POLLIN, 0});
+  sockets_.push_back(nullptr);
   wakes_.push_back(&wake);
-  return items_.size() - 1;
+  fds_.push_back({wake.fd(), POLLIN, 0});
+  ready_flags_.push_back(0);
+  return fds_.size() - 1;
 }
 
-void PollSet::replace(std::size_t i, zmq::socket_t& socket) { items_[i].socket = socket.handle(); }
+void PollSet::replace(std::size_t i, zmq::socket_t& socket) {
+  sockets_[i] = socket.handle();
+  fds_[i].fd = socket.get(zmq::sockopt::fd);
+}
 
 void PollSet::truncate(std::size_t n) {
-  if (n >= items_.size()) return;
-  items_.resize(n);
+  if (n >= fds_.size()) return;
+  sockets_.resize(n);
   wakes_.resize(n);
+  fds_.resize(n);
+  ready_flags_.resize(n);
   ready_ = 0;
 }
 
+int PollSet::readable(std::size_t i) const {
+  int events = 0;
+  std::size_t size = sizeof events;
+  if (zmq_getsockopt(sockets_[i], ZMQ_EVENTS, &events, &size) != 0) return zmq_errno() == ETERM ? -1 : 0;
+  return (events & ZMQ_POLLIN) != 0 ? 1 : 0;
+}
+
+// One poll(2) over the descriptors, in place of zmq_poll, which polls twice
+// (first without waiting) and asks every socket for ZMQ_EVENTS after each:
+// four system calls per socket per wait, a third of a busy client's.
+//
+// A socket's ZMQ_FD only says that its mailbox has commands; what a send or
+// receive on the socket took in shows in ZMQ_EVENTS alone, and the
+// descriptor does not fire for it again. So every socket is asked for
+// ZMQ_EVENTS before the wait, and after it only those whose descriptor
+// fired: nothing readable is ever waited past.
 bool PollSet::wait_until(Clock::time_point deadline) {
-  std::chrono::milliseconds timeout{0};
-  if (deadline != Clock::time_point::min()) {
-    // Rounded up: poll counts whole milliseconds, and waking before the
-    // deadline would only poll again with timeout 0 until it passed.
-    timeout = std::max(std::chrono::milliseconds(0),
-                       std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now()));
+  ready_ = 0;
+  std::fill(ready_flags_.begin(), ready_flags_.end(), 0);
+  for (std::size_t i = 0; i < fds_.size(); ++i) {
+    if (sockets_[i] == nullptr) continue;
+    const int r = readable(i);
+    if (r < 0) return false;
+    if (r > 0) mark(i);
   }
-  for (auto& item : items_) item.revents = 0;
-  try {
-    ready_ = zmq::poll(items_.data(), items_.size(), timeout);
-  } catch (const zmq::error_t& e) {
-    ready_ = 0;
-    return e.num() != ETERM;  // EINTR: nothing ready, go round
+  while (true) {
+    int timeout = 0;
+    if (ready_ == 0 && deadline != Clock::time_point::min()) {
+      // Rounded up: poll counts whole milliseconds, and waking before the
+      // deadline would only poll again with timeout 0 until it passed.
+      timeout = static_cast<int>(std::clamp<std::int64_t>(
+          std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now()).count(), 0, 1 << 30));
+    }
+    const int n = ::poll(fds_.data(), fds_.size(), timeout);
+    if (n < 0) return true;  // EINTR: nothing new, go round
+    for (std::size_t i = 0; n > 0 && i < fds_.size(); ++i) {
+      if ((fds_[i].revents & (POLLIN | POLLERR | POLLHUP)) == 0 || ready_flags_[i] != 0) continue;
+      if (sockets_[i] == nullptr) {
+        mark(i);
+        if (wakes_[i] != nullptr) wakes_[i]->drain();
+        continue;
+      }
+      const int r = readable(i);
+      if (r < 0) return false;
+      if (r > 0) mark(i);
+    }
+    // A socket's descriptor that fired for commands alone is no reason to
+    // return before the deadline.
+    if (ready_ > 0 || timeout == 0) return true;
   }
-  for (std::size_t i = 0; i < items_.size(); ++i) {
-    if (wakes_[i] != nullptr && (items_[i].revents & ZMQ_POLLIN)) wakes_[i]->drain();
-  }
-  return true;
 }
 
 // ---- LoopDriver ----

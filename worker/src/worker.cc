@@ -219,10 +219,13 @@ struct Worker::Impl final : LoopPart {
   bool flush_results();
   void begin();
   void run();
+  // An inproc connection (the embedded cluster's) never drops: its link
+  // events are not polled.
+  bool link_events() const { return !options.broker.starts_with("inproc://"); }
   std::size_t add_to(PollSet& poll) override {
     const std::size_t first = poll.add(*dealer);
     poll.add(*wake_fd);
-    poll.add(watch->events());
+    if (link_events()) poll.add(watch->events());
     return first;
   }
   std::uint64_t generation() const override { return sockets_generation; }
@@ -436,7 +439,7 @@ LoopPart::Step Worker::Impl::step(const PollSet* poll, std::size_t first) {
   const bool flushed = flush_results();
   // §3.7: the connection came back; what was in flight on the old one may
   // be lost either way. Only a poll shows link events.
-  if (poll != nullptr && poll->ready(first + 2) && watch->reconnected() && !awaiting_registration) {
+  if (poll != nullptr && link_events() && poll->ready(first + 2) && watch->reconnected() && !awaiting_registration) {
     resynchronise("reconnected");
   }
   // A refused handshake (CURVE) is said once, not at every retry.

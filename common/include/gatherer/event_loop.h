@@ -17,6 +17,8 @@
 // Thread-safety: a PollSet is owned and used by the loop's thread only;
 // LoopDriver (below) says how a loop is handed between threads.
 
+#include <poll.h>
+
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -52,16 +54,29 @@ class PollSet {
   // Looks without waiting.
   bool poll_now() { return wait_until(Clock::time_point::min()); }
 
-  bool ready(std::size_t i) const { return (items_[i].revents & ZMQ_POLLIN) != 0; }
+  bool ready(std::size_t i) const { return ready_flags_[i] != 0; }
   bool any_ready() const { return ready_ > 0; }
-  std::size_t size() const { return items_.size(); }
+  std::size_t size() const { return fds_.size(); }
   // Drops every item from index `n` on (a LoopDriver's parts, when its
   // leader lets go).
   void truncate(std::size_t n);
 
  private:
-  std::vector<zmq::pollitem_t> items_;
-  std::vector<WakeFd*> wakes_;  // beside items_: null for a socket
+  // 1 if the socket has a message, 0 if not, -1 once the context is
+  // terminated.
+  int readable(std::size_t i) const;
+  void mark(std::size_t i) {
+    ready_flags_[i] = 1;
+    ++ready_;
+  }
+
+  // Beside each other, one entry per item: the ZeroMQ socket (null for a
+  // WakeFd), the WakeFd (null for a socket), and the descriptor polled: the
+  // socket's ZMQ_FD, or the WakeFd's.
+  std::vector<void*> sockets_;
+  std::vector<WakeFd*> wakes_;
+  std::vector<pollfd> fds_;
+  std::vector<char> ready_flags_;
   int ready_ = 0;
 };
 
