@@ -23,11 +23,6 @@ std::size_t PollSet::add(WakeFd& wake) {
   return fds_.size() - 1;
 }
 
-void PollSet::replace(std::size_t i, zmq::socket_t& socket) {
-  sockets_[i] = socket.handle();
-  fds_[i].fd = socket.get(zmq::sockopt::fd);
-}
-
 void PollSet::truncate(std::size_t n) {
   if (n >= fds_.size()) return;
   sockets_.resize(n);

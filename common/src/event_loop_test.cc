@@ -73,6 +73,32 @@ TEST(PollSetTest, PollNowLooksWithoutWaiting) {
   EXPECT_TRUE(poll.ready(i));
 }
 
+// A socket's descriptor fires once for commands; what an operation on the
+// socket takes in (here a send on it, which processes its mailbox) is
+// readable without the descriptor firing again. A poll that only watched the
+// descriptor would sleep past the message.
+TEST(PollSetTest, AMessageTakenInByASendIsSeenWithoutTheDescriptorFiring) {
+  Pair p;
+  PollSet poll;
+  const auto i = poll.add(p.in);
+  // Nothing there yet: the wait runs out.
+  ASSERT_TRUE(poll.wait_until(Clock::now() + 10ms));
+  EXPECT_FALSE(poll.ready(i));
+  for (int round = 0; round < 50; ++round) {
+    p.out.send(zmq::str_buffer("m"));
+    // A send on the receiving socket processes its commands, the message's
+    // arrival among them, and resets the descriptor.
+    p.in.send(zmq::str_buffer("back"));
+    const auto start = Clock::now();
+    ASSERT_TRUE(poll.wait_until(start + 5s));
+    ASSERT_TRUE(poll.ready(i)) << "round " << round;
+    EXPECT_LT(Clock::now() - start, 1s) << "waited past a message already readable, round " << round;
+    zmq::message_t m;
+    ASSERT_TRUE(p.in.recv(m, zmq::recv_flags::dontwait));
+    ASSERT_TRUE(p.out.recv(m, zmq::recv_flags::dontwait));
+  }
+}
+
 TEST(PollSetTest, ReceiveBatchTakesAtMostItsBoundPerPass) {
   Pair p;
   for (int k = 0; k < 10; ++k) p.out.send(zmq::str_buffer("m"));

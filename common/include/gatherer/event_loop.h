@@ -43,8 +43,6 @@ class PollSet {
   std::size_t add(zmq::socket_t& socket);
   // Readable when signalled; drained by wait_until().
   std::size_t add(WakeFd& wake);
-  // A socket replaced (a reconnect builds a new one) at index `i`.
-  void replace(std::size_t i, zmq::socket_t& socket);
 
   // Waits until something is ready or `deadline` passes (see above); a past
   // deadline looks without waiting. False once the ZeroMQ context is
