@@ -76,7 +76,8 @@ struct Stream::Run {
   std::uint64_t unacked_body_bytes = 0;  // answer bodies taken since the last ACK
   proto::Frames frames;
   std::chrono::steady_clock::time_point next_heartbeat;
-  // The broker's messages, cancel() and the link's events (built by start()).
+  // The broker's messages, cancel() and, with a remote broker, the link's
+  // events (built by start()).
   PollSet poll;
   static constexpr std::size_t kNoLinkEvents = ~std::size_t{0};
   std::size_t link_events = kNoLinkEvents;
@@ -146,11 +147,12 @@ void Stream::Run::start(std::size_t span_positions) {
   m.cancel_fd.drain();
   poll.add(*m.dealer);
   poll.add(m.cancel_fd);
-  // An inproc connection (the embedded cluster's) never drops.
-  if (!m.cluster) link_events = poll.add(m.watch->events());
   if (m.cluster) {
+    // Its inproc connection never drops: no link events to watch.
     m.cluster->driver().lead(poll);
     lead.driver = &m.cluster->driver();
+  } else {
+    link_events = poll.add(m.watch->events());
   }
 }
 
