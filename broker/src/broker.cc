@@ -183,11 +183,14 @@ struct Broker::Impl final : Outbound, LoopPart {
   // Up to the next heartbeat, or the next time a rate key allows a waiting
   // statement (the shell gives the core the steady clock).
   Clock::time_point next_due() const override { return core.next_due(); }
-  Step step(const PollSet*, std::size_t) override {
+  Step step(const PollSet* poll, std::size_t first) override {
     if (stopping.load(std::memory_order_acquire)) return Step::kDone;
-    // A bounded number per pass, so heartbeats are never starved.
+    // A bounded number per pass, so heartbeats are never starved. On its
+    // own thread the poll is the whole truth; driven beside a worker, the
+    // worker may have sent since the poll.
     std::size_t taken = 0;
-    if (!ReceiveBatch(*router, frames, 4096, [&](auto& f) {
+    const bool look = !core.options.own_thread || poll == nullptr || poll->ready(first);
+    if (look && !ReceiveBatch(*router, frames, 4096, [&](auto& f) {
           core.handle(f);
           ++taken;
         })) {
