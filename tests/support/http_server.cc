@@ -589,7 +589,7 @@ void HttpServer::Impl::finish_reply(Conn& c, const HttpReply& reply, bool head_o
     return;
   }
   append_reply(c.out, reply.status, reply.headers, reply.body, {}, head_only, close);
-  c.close_after_write = close;
+  c.close_after_write = close || reply.close_after;
 }
 
 void HttpServer::Impl::fire_due_timers() {

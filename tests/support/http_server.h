@@ -40,6 +40,10 @@ struct HttpReply {
   std::chrono::milliseconds delay{0};
   // Close the connection without replying (a transport error for the client).
   bool drop = false;
+  // Close the connection once the reply is written, without saying so
+  // ("Connection: close"): a kept-alive connection the server ends while
+  // the client holds it idle.
+  bool close_after = false;
 };
 
 using HttpHandler = std::function<HttpReply(const HttpRequest&)>;

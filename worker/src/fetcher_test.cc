@@ -10,6 +10,7 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -20,6 +21,7 @@
 #include <set>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "gatherer/strings.h"
@@ -176,6 +178,58 @@ TEST(FetcherTest, ManyGetsOneSessionReuseConnections) {
   RecordProperty("connections", static_cast<int>(server.connections()));
   fetcher.close_session(id);
   EXPECT_EQ(fetcher.sessions(), 0u);
+}
+
+// Each connection's socket stays in the I/O thread's epoll set between
+// transfers. A server that ends a kept-alive connection makes that idle
+// socket readable for good; the thread must take it out of the set, not
+// wake on it again and again, and the next statements must get fresh
+// connections, each answered at the first attempt.
+TEST(FetcherTest, IdleConnectionsTheServerClosesAreNotSpunOnNorReused) {
+  HttpServer server([](const HttpRequest& req) {
+    HttpReply reply;
+    reply.body = "ok:" + req.target;
+    reply.close_after = true;
+    return reply;
+  });
+  Collector collector;
+  Fetcher::Options options;
+  options.io_threads = 1;
+  Fetcher fetcher(options, collector.sink());
+  const SessionId id = MakeSessionId(3);
+  SessionSettings settings;
+  settings.workers = 4;
+  fetcher.open_session(id, settings);
+  auto submit = [&](std::uint64_t first) {
+    std::vector<FetchItem> items;
+    for (std::uint64_t i = first; i < first + 8; ++i) items.push_back(Item(i, server.url("/i/" + std::to_string(i))));
+    fetcher.submit(id, std::move(items));
+  };
+  auto cpu_now = [] {
+    timespec t{};
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+    return std::chrono::seconds(t.tv_sec) + std::chrono::nanoseconds(t.tv_nsec);
+  };
+  submit(0);
+  ASSERT_TRUE(collector.wait(8, kBulkWait)) << collector.count();
+  // Measured, not waited on: a thread that woke on a closed idle socket
+  // would spend the whole span awake.
+  const auto cpu_before = cpu_now();
+  std::this_thread::sleep_for(milliseconds(300));
+  const auto idle_cpu = std::chrono::duration_cast<milliseconds>(cpu_now() - cpu_before);
+  EXPECT_LT(idle_cpu.count(), 100) << "the process ran " << idle_cpu.count() << " ms of 300 idle";
+  submit(8);
+  ASSERT_TRUE(collector.wait(16, kBulkWait)) << collector.count();
+  const auto results = collector.results();
+  for (std::uint64_t i = 0; i < 16; ++i) {
+    ASSERT_EQ(results[i].index, i);
+    EXPECT_EQ(results[i].response.status, 200) << i;
+    EXPECT_EQ(results[i].response.body, "ok:/i/" + std::to_string(i));
+    EXPECT_EQ(results[i].response.attempts, 1u) << i;
+  }
+  EXPECT_EQ(server.requests(), 16u);
+  EXPECT_EQ(server.connections(), 16u);
+  fetcher.close_session(id);
 }
 
 // The window is the most a session has in flight, and so the most

@@ -49,13 +49,28 @@ constexpr int kMaxEpollEvents = 256;
 
 }  // namespace
 
-// libcurl's socket registration for one (multi, fd): what an epoll event
+// One socket libcurl watches through a session's multi: what an epoll event
 // points to. Freed only at the end of a loop iteration (graveyard), because
 // the epoll event array of that iteration may still hold it.
+//
+// A connection's socket (opened by OpenSocketCallback, so `owned`) keeps its
+// entry and its epoll registration from when libcurl stops watching it
+// (CURL_POLL_REMOVE, at the end of each transfer) until CloseSocketCallback,
+// which libcurl calls for every connection that got connected. A kept-alive
+// connection taken up by the next transfer then costs no epoll_ctl at all,
+// where removing and adding it cost two per request. An event on a socket
+// libcurl does not watch (an idle connection the server closed) takes it
+// out of the set then. A socket that never connected may be closed without
+// the callback, so one that has not been watched for reading (`connected`)
+// is taken out at once, as every other socket libcurl reports is.
 struct SocketEntry {
   ThreadSession* session = nullptr;
   curl_socket_t fd = CURL_SOCKET_BAD;
   bool dead = false;
+  bool owned = false;        // a connection's socket, in Loop::connections_
+  bool connected = false;    // libcurl has watched it for reading
+  bool watched = false;      // libcurl watches it now
+  std::uint32_t events = 0;  // registered in the epoll set; 0 = not in it
 };
 
 // A session inside one I/O thread: its multi handle (connection cache), its
@@ -146,6 +161,10 @@ class IoThread::Loop {
       for (int i = 0; i < ready; ++i) {
         auto* entry = static_cast<SocketEntry*>(events[i].data.ptr);
         if (entry == nullptr || entry->dead) continue;
+        if (!entry->watched) {
+          unregister(entry);  // an idle connection: libcurl sees to it when it takes it up
+          continue;
+        }
         const std::uint32_t ev = events[i].events;
         int mask = 0;
         if (ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) mask |= CURL_CSELECT_IN;
@@ -363,11 +382,13 @@ class IoThread::Loop {
     if (transfer->easy == nullptr) return ResponseError{StatusCode::kInternal, "curl_easy_init failed"};
     RequestHooks hooks;
     hooks.data = transfer;
+    hooks.thread = this;
     hooks.error_buffer = transfer->error_buffer;
     hooks.write = &Loop::WriteCallback;
     hooks.header = &HeaderCallback;
     hooks.prereq = &Loop::PrereqCallback;
     hooks.open_socket = &Loop::OpenSocketCallback;
+    hooks.close_socket = &Loop::CloseSocketCallback;
     auto error = reuse ? ConfigureStatement(transfer->easy, transfer->statement, shared.settings, plan,
                                             transfer->idempotent, policy_, hooks)
                        : ConfigureRequest(transfer->easy, transfer->statement, shared.settings, plan,
@@ -507,9 +528,16 @@ class IoThread::Loop {
 
   void bury(SocketEntry* entry) {
     // The fd may already be closed (then epoll dropped it itself).
-    epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, entry->fd, nullptr);
+    unregister(entry);
+    if (entry->owned) forget_connection(entry);
     entry->dead = true;
     graveyard_.push_back(entry);
+  }
+
+  void unregister(SocketEntry* entry) {
+    if (entry->events == 0) return;
+    epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, entry->fd, nullptr);
+    entry->events = 0;
   }
 
   void free_graveyard() {
@@ -517,20 +545,24 @@ class IoThread::Loop {
     graveyard_.clear();
   }
 
-  void watch(SocketEntry* entry, int what, bool added) {
+  void watch(SocketEntry* entry, int what) {
     epoll_event ev{};
     ev.data.ptr = entry;
     if (what == CURL_POLL_IN || what == CURL_POLL_INOUT) ev.events |= EPOLLIN;
     if (what == CURL_POLL_OUT || what == CURL_POLL_INOUT) ev.events |= EPOLLOUT;
+    entry->watched = true;
+    if (ev.events & EPOLLIN) entry->connected = true;
+    if (ev.events == entry->events) return;  // a kept connection taken up again
     // A registration can outlive a socket libcurl closed without telling us
     // (its fd number then comes back), or be gone when we think it is there.
-    if (added) {
+    if (entry->events == 0) {
       if (epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, entry->fd, &ev) < 0 && errno == EEXIST) {
         epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, entry->fd, &ev);
       }
     } else if (epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, entry->fd, &ev) < 0 && errno == ENOENT) {
       epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, entry->fd, &ev);
     }
+    entry->events = ev.events;
   }
 
   static int SocketCallback(CURL*, curl_socket_t fd, int what, void* user, void* socket_data) {
@@ -538,20 +570,70 @@ class IoThread::Loop {
     Loop* self = session->thread;
     auto* entry = static_cast<SocketEntry*>(socket_data);
     if (what == CURL_POLL_REMOVE) {
-      if (entry != nullptr) {
+      if (entry == nullptr) return 0;
+      if (entry->owned && entry->connected) {
+        entry->watched = false;  // kept registered: see SocketEntry
+      } else {
         session->sockets.erase(entry);
         self->bury(entry);
       }
       return 0;
     }
-    const bool added = entry == nullptr;
-    if (added) {
-      entry = new SocketEntry{session, fd, false};
-      session->sockets.insert(entry);
+    if (entry == nullptr) {
+      // A connection's socket is known from its opening (and comes back
+      // after each REMOVE); any other is new here.
+      const auto known = self->connections_.find(fd);
+      if (known != self->connections_.end() && known->second->session == session) {
+        entry = known->second;
+      } else {
+        entry = new SocketEntry{session, fd};
+        session->sockets.insert(entry);
+      }
       curl_multi_assign(session->multi, fd, entry);
     }
-    self->watch(entry, what, added);
+    self->watch(entry, what);
     return 0;
+  }
+
+  void forget_connection(SocketEntry* entry) {
+    const auto it = connections_.find(entry->fd);
+    if (it != connections_.end() && it->second == entry) connections_.erase(it);
+  }
+
+  // A socket libcurl opened for a connection of `session`. Its fd number
+  // being free again proves that an older socket under it was closed, and so
+  // dropped from the epoll set: one that never connected, which libcurl 7.88
+  // closes without CloseSocketCallback. libcurl may still hold that entry
+  // (curl_multi_assign), so it is not freed: within the same session it
+  // serves the new socket, registered afresh at its first watch().
+  void opened(ThreadSession* session, curl_socket_t fd) {
+    auto [it, fresh] = connections_.try_emplace(fd, nullptr);
+    if (!fresh) {
+      SocketEntry* stale = it->second;
+      stale->events = 0;
+      stale->connected = false;
+      stale->watched = false;
+      if (stale->session == session) return;
+      stale->owned = false;  // left to its own session's REMOVE or end
+    }
+    auto* entry = new SocketEntry{session, fd};
+    entry->owned = true;
+    session->sockets.insert(entry);
+    it->second = entry;
+  }
+
+  static int CloseSocketCallback(void* user, curl_socket_t fd) {
+    auto* self = static_cast<Loop*>(user);
+    const auto it = self->connections_.find(fd);
+    if (it != self->connections_.end()) {
+      SocketEntry* entry = it->second;
+      self->connections_.erase(it);
+      entry->events = 0;  // closing the fd takes it out of the epoll set
+      entry->session->sockets.erase(entry);
+      entry->dead = true;
+      self->graveyard_.push_back(entry);
+    }
+    return ::close(fd);
   }
 
   static int TimerCallback(CURLM*, long timeout_ms, void* user) {
@@ -587,12 +669,15 @@ class IoThread::Loop {
 
   static curl_socket_t OpenSocketCallback(void* user, curlsocktype, curl_sockaddr* address) {
     auto* transfer = static_cast<Transfer*>(user);
-    std::string why = RefusedAddress(&address->addr, transfer->session->thread->context_.options->destinations);
+    Loop* self = transfer->session->thread;
+    std::string why = RefusedAddress(&address->addr, self->context_.options->destinations);
     if (!why.empty()) {
       transfer->refused = std::move(why) + " (this worker refuses such destinations)";
       return CURL_SOCKET_BAD;
     }
-    return ::socket(address->family, address->socktype | SOCK_CLOEXEC, address->protocol);
+    const curl_socket_t fd = ::socket(address->family, address->socktype | SOCK_CLOEXEC, address->protocol);
+    if (fd != CURL_SOCKET_BAD) self->opened(transfer->session, fd);
+    return fd;
   }
 
   // Set for non-idempotent statements only. libcurl calls it right before it
@@ -660,6 +745,8 @@ class IoThread::Loop {
   std::vector<ThreadSession*> with_results_;  // results waiting for deliver()
   std::vector<std::pair<SessionId, std::vector<FetchResult>>> rejected_;
   std::vector<SocketEntry*> graveyard_;
+  // Connections' sockets by fd (SocketEntry): kept while libcurl holds them.
+  std::unordered_map<curl_socket_t, SocketEntry*> connections_;
   std::mt19937_64 rng_;
   RequestPolicy policy_;    // from the Fetcher's options
   RequestScratch scratch_;  // reused by configure()

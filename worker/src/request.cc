@@ -168,7 +168,6 @@ bool IsPlainGet(const Statement& statement, bool idempotent) {
 
 std::optional<ResponseError> ConfigureSession(CURL* easy, const SessionSettings& settings, CURLSH* share,
                                               const RequestPolicy& policy, const RequestHooks& hooks) {
-  const DestinationPolicy& destinations = *policy.destinations;
   Setter set(easy);
   set(CURLOPT_NOSIGNAL, 1L);
   // Never file://, gopher://, ..., not even through a redirect.
@@ -188,11 +187,12 @@ std::optional<ResponseError> ConfigureSession(CURL* easy, const SessionSettings&
     // callback enforces the cap on decoded bytes.
     set(CURLOPT_MAXFILESIZE_LARGE, static_cast<curl_off_t>(settings.max_body_bytes));
   }
-  if (destinations.refuses_addresses()) {
-    // Every connection's address, after DNS and at each redirect, is
-    // checked before the socket exists; a reused one was checked when made.
-    set(CURLOPT_OPENSOCKETFUNCTION, hooks.open_socket);
-  }
+  // Every connection's address, after DNS and at each redirect, is checked
+  // (when addresses are refused) before the socket exists; a reused one was
+  // checked when made. The I/O thread learns of each socket's open and close.
+  set(CURLOPT_OPENSOCKETFUNCTION, hooks.open_socket);
+  set(CURLOPT_CLOSESOCKETFUNCTION, hooks.close_socket);
+  set(CURLOPT_CLOSESOCKETDATA, hooks.thread);
   // Connections leave from this address only; libcurl reuses a kept-alive
   // connection only for a transfer that asks for the same one.
   if (policy.interface != nullptr) set(CURLOPT_INTERFACE, policy.interface);
@@ -249,7 +249,7 @@ std::optional<ResponseError> ConfigureStatement(CURL* easy, const Statement& sta
   } else {
     set(CURLOPT_PREREQFUNCTION, static_cast<curl_prereq_callback>(nullptr));
   }
-  if (destinations.refuses_addresses()) set(CURLOPT_OPENSOCKETDATA, hooks.data);
+  set(CURLOPT_OPENSOCKETDATA, hooks.data);
   // libcurl never writes to the list: the session's may be shared.
   set(CURLOPT_HTTPHEADER, const_cast<curl_slist*>(plan.headers));
 

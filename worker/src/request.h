@@ -97,14 +97,19 @@ std::optional<ResponseError> PlanRequest(const Statement& statement, const Sessi
 
 // The callbacks of one transfer's attempts and the pointer each is given.
 // PrereqCallback is installed for non-idempotent statements and when hosts
-// are allow-listed, OpenSocketCallback when addresses are refused.
+// are allow-listed. Every connection's socket is opened by `open_socket`
+// (given `data`) and closed by `close_socket` (given `thread`: a connection
+// keeps the close callback and pointer of the handle that opened it, and may
+// outlive that handle's transfer, never its I/O thread).
 struct RequestHooks {
   void* data = nullptr;
+  void* thread = nullptr;
   char* error_buffer = nullptr;  // CURL_ERROR_SIZE bytes
   curl_write_callback write = nullptr;
   curl_write_callback header = nullptr;
   curl_prereq_callback prereq = nullptr;
   curl_opensocket_callback open_socket = nullptr;
+  curl_closesocket_callback close_socket = nullptr;
 };
 
 // What every request of one fetcher shares.
