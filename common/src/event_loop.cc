@@ -23,6 +23,14 @@ std::size_t PollSet::add(WakeFd& wake) {
   return fds_.size() - 1;
 }
 
+std::size_t PollSet::add(int fd) {
+  sockets_.push_back(nullptr);
+  wakes_.push_back(nullptr);
+  fds_.push_back({fd, POLLIN, 0});
+  ready_flags_.push_back(0);
+  return fds_.size() - 1;
+}
+
 void PollSet::truncate(std::size_t n) {
   if (n >= fds_.size()) return;
   sockets_.resize(n);

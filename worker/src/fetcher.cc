@@ -55,6 +55,10 @@ struct Fetcher::Impl {
   }
 
   long HostConnections(std::size_t window, std::size_t spread) const;
+  // The k-th loop serving `shared`.
+  IoThread& loop(const SharedSession& shared, std::size_t k) const {
+    return *threads[shared.base + (shared.home + k) % shared.range];
+  }
 
   const Options options;
   std::string interface;  // CURLOPT_INTERFACE for options.source_address
@@ -73,10 +77,13 @@ Fetcher::Fetcher(Options options, ResultSink sink)
   GlobalInit();
   unsigned count = impl_->options.io_threads;
   if (count == 0) count = std::max(1u, std::thread::hardware_concurrency());
+  if (impl_->options.drive_first) ++count;  // the driven loop, then the threads
   const Context context{&impl_->options, &impl_->sink, &impl_->in_flight,
                         impl_->interface.empty() ? nullptr : impl_->interface.c_str()};
   impl_->threads.reserve(count);
-  for (unsigned i = 0; i < count; ++i) impl_->threads.push_back(std::make_unique<IoThread>(context));
+  for (unsigned i = 0; i < count; ++i) {
+    impl_->threads.push_back(std::make_unique<IoThread>(context, impl_->options.drive_first && i == 0));
+  }
   for (auto& thread : impl_->threads) thread->start();
 }
 
@@ -109,19 +116,29 @@ void Fetcher::open_session(const SessionId& session, const SessionSettings& sett
       Command command;
       command.kind = Command::Kind::kResize;
       command.session = it->second;
-      impl_->threads[(shared.home + k) % impl_->threads.size()]->push(std::move(command));
+      impl_->loop(shared, k).push(std::move(command));
     }
     return;
   }
   // I/O threads create their part of the session when its first statements arrive.
   auto shared = std::make_shared<SharedSession>(session, settings);
-  const std::size_t threads = impl_->threads.size();
+  // With drive_first, loop 0 is the driven one and the threads follow it.
+  const std::size_t base = impl_->options.drive_first ? 1 : 0;
+  const std::size_t threads = impl_->threads.size() - base;
   const std::size_t window = std::max<std::size_t>(settings.workers, 1);
   const std::size_t spread = std::clamp<std::size_t>((window + kWindowPerThread - 1) / kWindowPerThread, 1, threads);
   shared->spread = static_cast<unsigned>(spread);
-  // Sessions take turns as each other's home, so several small ones use
-  // every thread.
-  shared->home = static_cast<unsigned>(impl_->next_home.fetch_add(spread) % threads);
+  if (base == 1 && window <= kWindowPerThread) {
+    // A window one loop serves: on the driven loop, beside its owner.
+    shared->base = 0;
+    shared->range = 1;
+  } else {
+    // Sessions take turns as each other's home, so several small ones use
+    // every thread.
+    shared->base = static_cast<unsigned>(base);
+    shared->range = static_cast<unsigned>(threads);
+    shared->home = static_cast<unsigned>(impl_->next_home.fetch_add(spread) % threads);
+  }
   shared->host_connections = impl_->HostConnections(window, spread);
   impl_->sessions.emplace(session, std::move(shared));
 }
@@ -161,7 +178,7 @@ void Fetcher::submit(const SessionId& session, std::vector<FetchItem>&& items) {
                 std::back_inserter(command.items));
       items.resize(begin);
     }
-    threads[(shared.home + (first + k) % shared.spread) % threads.size()]->push(std::move(command));
+    impl_->loop(shared, (first + k) % shared.spread).push(std::move(command));
   }
 }
 
@@ -179,6 +196,17 @@ void Fetcher::close_session(const SessionId& session) {
 }
 
 std::size_t Fetcher::in_flight() const { return impl_->in_flight.load(std::memory_order_acquire); }
+
+int Fetcher::driven_fd() const { return impl_->options.drive_first ? impl_->threads[0]->fd() : -1; }
+
+std::optional<std::chrono::steady_clock::time_point> Fetcher::driven_due() const {
+  if (!impl_->options.drive_first) return std::nullopt;
+  return impl_->threads[0]->due();
+}
+
+void Fetcher::drive() {
+  if (impl_->options.drive_first) impl_->threads[0]->drive();
+}
 
 std::size_t Fetcher::sessions() const {
   std::lock_guard lock(impl_->mu);

@@ -13,10 +13,12 @@
 // called from any thread (in practice the worker's socket thread); the
 // ResultSink is called on I/O threads, concurrently, and must be thread-safe.
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -72,6 +74,13 @@ class Fetcher {
     // literal of this host, bound before connecting); empty = the system
     // chooses. A destination of the other address family cannot be reached.
     std::string source_address;
+    // One more I/O loop, with no thread: the owner runs it (driven_fd,
+    // driven_due, drive) beside its own loop, so a result reaches the owner
+    // with no thread woken. A session that one loop serves (a window up to
+    // kWindowPerThread) runs there; a bigger one on the `io_threads`
+    // threads. The embedded cluster runs it on the caller's thread
+    // (docs/architecture.md §4).
+    bool drive_first = false;
   };
 
   // Results of one session, batched: called on an I/O thread with all the
@@ -107,6 +116,13 @@ class Fetcher {
 
   // Statements submitted and not yet reported through the sink.
   std::size_t in_flight() const;
+
+  // Options::drive_first: the first loop's epoll descriptor (readable when
+  // it has something to do; -1 without drive_first), when its timers are
+  // due, and one pass of it that never waits. From one thread at a time.
+  int driven_fd() const;
+  std::optional<std::chrono::steady_clock::time_point> driven_due() const;
+  void drive();
 
   // Number of sessions currently open (for tests and metrics).
   std::size_t sessions() const;

@@ -92,12 +92,13 @@ struct ThreadSession {
   std::vector<CURL*> configured;
 };
 
-// One I/O thread: an epoll set over the sockets of all its multis, an eventfd
+// One I/O loop: an epoll set over the sockets of all its multis, an eventfd
 // for wake-ups, a command queue. push() and stop() may be called from any
-// thread; everything else runs on the I/O thread only.
+// thread; everything else runs on the loop's thread only: its own, or, when
+// `driven`, whichever thread its owner drives it from (one at a time).
 class IoThread::Loop {
  public:
-  explicit Loop(Context context) : context_(context), rng_(std::random_device{}()) {
+  Loop(Context context, bool driven) : context_(context), driven_(driven), rng_(std::random_device{}()) {
     policy_.destinations = &context_.options->destinations;
     policy_.interface = context_.interface;
     epoll_fd_ = epoll_create1(EPOLL_CLOEXEC);
@@ -115,13 +116,31 @@ class IoThread::Loop {
   ~Loop() {
     stop();
     if (thread_.joinable()) thread_.join();
+    if (driven_) shutdown();  // a thread of its own does it on its way out
     close(epoll_fd_);
   }
 
   Loop(const Loop&) = delete;
   Loop& operator=(const Loop&) = delete;
 
-  void start() { thread_ = std::thread([this] { run(); }); }
+  void start() {
+    if (!driven_) thread_ = std::thread([this] { run(); });
+  }
+
+  // A driven loop's one pass: what is ready now, without waiting.
+  void drive() {
+    if (!stop_.load(std::memory_order_acquire)) iterate(0);
+  }
+  int fd() const { return epoll_fd_; }
+  // When libcurl's timers or a backoff want the loop to run, if ever.
+  std::optional<Clock::time_point> due() const {
+    std::optional<Clock::time_point> earliest;
+    for (const auto& [id, session] : sessions_) {
+      if (session->deadline && (!earliest || *session->deadline < *earliest)) earliest = session->deadline;
+    }
+    if (!backoff_.empty() && (!earliest || backoff_.front().due < *earliest)) earliest = backoff_.front().due;
+    return earliest;
+  }
 
   void push(Command&& command) {
     queue_.push(std::move(command));
@@ -148,9 +167,14 @@ class IoThread::Loop {
   void wake() { wake_.signal(); }
 
   void run() {
-    std::array<epoll_event, kMaxEpollEvents> events;
-    while (!stop_.load(std::memory_order_acquire)) {
-      const int n = epoll_wait(epoll_fd_, events.data(), kMaxEpollEvents, next_timeout_ms());
+    while (!stop_.load(std::memory_order_acquire)) iterate(next_timeout_ms());
+    shutdown();
+  }
+
+  void iterate(int timeout_ms) {
+    std::array<epoll_event, kMaxEpollEvents>& events = events_;
+    {
+      const int n = epoll_wait(epoll_fd_, events.data(), kMaxEpollEvents, timeout_ms);
       const int ready = n < 0 ? 0 : n;  // EINTR: just go round
       // Reset the eventfd before draining the queue: a push after the drain
       // then leaves the eventfd readable and no wake-up is lost.
@@ -180,15 +204,10 @@ class IoThread::Loop {
       deliver();
       free_graveyard();
     }
-    shutdown();
   }
 
   int next_timeout_ms() const {
-    std::optional<Clock::time_point> earliest;
-    for (const auto& [id, session] : sessions_) {
-      if (session->deadline && (!earliest || *session->deadline < *earliest)) earliest = session->deadline;
-    }
-    if (!backoff_.empty() && (!earliest || backoff_.front().due < *earliest)) earliest = backoff_.front().due;
+    const std::optional<Clock::time_point> earliest = due();
     if (!earliest) return -1;
     const auto now = Clock::now();
     if (*earliest <= now) return 0;
@@ -728,6 +747,7 @@ class IoThread::Loop {
   }
 
   const Context context_;
+  const bool driven_;
   int epoll_fd_ = -1;
   WakeFd wake_;
   std::atomic<bool> stop_{false};
@@ -745,6 +765,7 @@ class IoThread::Loop {
   std::vector<ThreadSession*> with_results_;  // results waiting for deliver()
   std::vector<std::pair<SessionId, std::vector<FetchResult>>> rejected_;
   std::vector<SocketEntry*> graveyard_;
+  std::array<epoll_event, kMaxEpollEvents> events_;
   // Connections' sockets by fd (SocketEntry): kept while libcurl holds them.
   std::unordered_map<curl_socket_t, SocketEntry*> connections_;
   std::mt19937_64 rng_;
@@ -752,11 +773,14 @@ class IoThread::Loop {
   RequestScratch scratch_;  // reused by configure()
 };
 
-IoThread::IoThread(Context context) : loop_(std::make_unique<Loop>(context)) {}
+IoThread::IoThread(Context context, bool driven) : loop_(std::make_unique<Loop>(context, driven)) {}
 IoThread::~IoThread() = default;  // ~Loop stops and joins
 void IoThread::start() { loop_->start(); }
 void IoThread::push(Command&& command) { loop_->push(std::move(command)); }
 void IoThread::stop() { loop_->stop(); }
 void IoThread::join() { loop_->join(); }
+void IoThread::drive() { loop_->drive(); }
+int IoThread::fd() const { return loop_->fd(); }
+std::optional<std::chrono::steady_clock::time_point> IoThread::due() const { return loop_->due(); }
 
 }  // namespace gatherer::worker

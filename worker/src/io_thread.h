@@ -10,9 +10,11 @@
 
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 #include "fetcher.h"
@@ -64,6 +66,10 @@ struct SharedSession {
   // (Fetcher::open_session), then applied by each thread (Command::kResize).
   unsigned home = 0;
   unsigned spread = 1;
+  // The loops it is spread over: `spread` of [base, base + range), from
+  // base + home on (Fetcher::Impl::loop).
+  unsigned base = 0;
+  unsigned range = 1;
   std::atomic<long> host_connections{0};
   // Indexed by curl_lock_data; CURL_LOCK_DATA_SHARE is used by libcurl itself
   // when handles attach and detach.
@@ -88,12 +94,14 @@ struct Context {
   const char* interface = nullptr;
 };
 
-// One I/O thread: an epoll set over the sockets of all its multis, an eventfd
+// One I/O loop: an epoll set over the sockets of all its multis, an eventfd
 // for wake-ups, a command queue. push() and stop() may be called from any
-// thread; everything else runs on the I/O thread only.
+// thread; everything else runs on the loop's thread only. A `driven` loop
+// has no thread of its own: its owner waits for fd() to be readable or for
+// due(), then calls drive(), from one thread at a time.
 class IoThread {
  public:
-  explicit IoThread(Context context);
+  explicit IoThread(Context context, bool driven = false);
   // Stops the thread and joins it; in-flight transfers end without results.
   ~IoThread();
   IoThread(const IoThread&) = delete;
@@ -103,6 +111,12 @@ class IoThread {
   void push(Command&& command);
   void stop();
   void join();
+
+  // A driven loop's: one pass over what is ready, never waiting; the epoll
+  // descriptor, readable when there is something; when its timers are due.
+  void drive();
+  int fd() const;
+  std::optional<std::chrono::steady_clock::time_point> due() const;
 
   // What runs on the thread (io_thread.cc). Named here so that the loop's
   // per-session state can point back at it.

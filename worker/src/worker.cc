@@ -40,6 +40,11 @@ struct Unacked {
   Clock::time_point sent;
   proto::Frames frames;
 };
+
+// Set while this thread runs the fetcher's driven loop (Worker::Impl::step):
+// the results that loop hands over are flushed by the same step, so no
+// eventfd needs to say so.
+thread_local bool tl_driving_fetcher = false;
 }  // namespace
 
 struct Worker::Impl final : LoopPart {
@@ -69,6 +74,7 @@ struct Worker::Impl final : LoopPart {
   // Bumped with every new socket (connect()): a PollSet holding the old
   // one is built again.
   std::uint64_t sockets_generation = 0;
+  std::size_t driven_item = 0;  // the fetcher's driven loop in a PollSet, after `first`
   WorkerStats stats;
   worker::FetchMetrics fetch_metrics;  // for metrics_text(), when options.metrics
   RateLimitedLog bad_frame_log;
@@ -226,12 +232,18 @@ struct Worker::Impl final : LoopPart {
     const std::size_t first = poll.add(*dealer);
     poll.add(*wake_fd);
     if (link_events()) poll.add(watch->events());
+    // Without a thread of its own, the worker runs the fetcher's first I/O
+    // loop in its steps (Fetcher::Options::drive_first).
+    if (fetcher->driven_fd() >= 0) driven_item = poll.add(fetcher->driven_fd()) - first;
     return first;
   }
   std::uint64_t generation() const override { return sockets_generation; }
   Clock::time_point next_due() const override {
-    return draining ? std::min(next_heartbeat, drain_deadline) : next_heartbeat;
+    Clock::time_point due = draining ? std::min(next_heartbeat, drain_deadline) : next_heartbeat;
+    if (const auto fetch_due = fetcher->driven_due()) due = std::min(due, *fetch_due);
+    return due;
   }
+  void drive_fetcher(const PollSet* poll, std::size_t first, bool submitted);
   Step step(const PollSet* poll, std::size_t first) override;
 };
 
@@ -438,6 +450,7 @@ LoopPart::Step Worker::Impl::step(const PollSet* poll, std::size_t first) {
       })) {
     return Step::kDone;
   }
+  drive_fetcher(poll, first, taken > 0);
   // Whether or not the wake-up was seen: results the I/O threads queued go
   // now (flush_results() keeps the eventfd and flag in the right order).
   const bool flushed = flush_results();
@@ -490,6 +503,20 @@ LoopPart::Step Worker::Impl::step(const PollSet* poll, std::size_t first) {
     }
   }
   return taken > 0 || flushed ? Step::kBusy : Step::kIdle;
+}
+
+// One pass of the fetcher's driven loop, if it has one and anything may be
+// ready for it: its descriptor fired, statements just went to it, a stand-in
+// looks without a poll, or its timers are due.
+void Worker::Impl::drive_fetcher(const PollSet* poll, std::size_t first, bool submitted) {
+  if (fetcher->driven_fd() < 0) return;
+  if (!submitted && poll != nullptr && !poll->ready(first + driven_item)) {
+    const auto due = fetcher->driven_due();
+    if (!due || *due > Clock::now()) return;
+  }
+  tl_driving_fetcher = true;
+  fetcher->drive();
+  tl_driving_fetcher = false;
 }
 
 Status CheckSourceAddress(std::string_view address) {
@@ -556,10 +583,11 @@ Status Worker::start() {
   fo.metrics = m.options.metrics ? &m.fetch_metrics : nullptr;
   fo.destinations = m.options.destinations;
   fo.source_address = m.options.source_address;
+  fo.drive_first = !m.options.own_thread;
   m.fetcher = std::make_unique<worker::Fetcher>(
       fo, [&m](const SessionId& session, std::vector<worker::FetchResult>&& results) {
         m.done.push(ResultBatch{session, std::move(results)});
-        m.wake();
+        if (!tl_driving_fetcher) m.wake();
       });
   m.stopping.store(false);
   m.begin();

@@ -43,6 +43,9 @@ class PollSet {
   std::size_t add(zmq::socket_t& socket);
   // Readable when signalled; drained by wait_until().
   std::size_t add(WakeFd& wake);
+  // Any other descriptor, waited on for reading and left as it is (an
+  // epoll set: readable while one of its descriptors is).
+  std::size_t add(int fd);
 
   // Waits until something is ready or `deadline` passes (see above); a past
   // deadline looks without waiting. False once the ZeroMQ context is
@@ -69,8 +72,9 @@ class PollSet {
   }
 
   // Beside each other, one entry per item: the ZeroMQ socket (null for a
-  // WakeFd), the WakeFd (null for a socket), and the descriptor polled: the
-  // socket's ZMQ_FD, or the WakeFd's.
+  // descriptor), the WakeFd (null for a socket or a plain descriptor), and
+  // the descriptor polled: the socket's ZMQ_FD, the WakeFd's, or the one
+  // given.
   std::vector<void*> sockets_;
   std::vector<WakeFd*> wakes_;
   std::vector<pollfd> fds_;
