@@ -23,7 +23,8 @@
 //
 // Output: lines are appended to one buffer, written in 1 MiB chunks while
 // responses come fast, and whenever the stream is about to wait
-// (Stream::on_wait), so a slow run's lines reach the reader as they come.
+// (Stream::on_wait), so a slow run's lines reach the reader as they come;
+// big chunks by a writer thread, beside the fetching (class Output).
 //
 // Signals: SIGINT and SIGTERM are blocked in every thread from the start and
 // read from a signalfd by one watcher thread, which never runs in a signal
@@ -43,8 +44,10 @@
 #include <cerrno>
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <csignal>
 #include <cstdio>
+#include <deque>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -260,47 +263,171 @@ class SignalWatcher {
 
 // The output lines, appended to one buffer and written to a file descriptor
 // with write(2) (no stdio buffer in between, so what flush() wrote is out).
+//
+// In the embedded mode the caller's thread also runs the fetching, so what
+// costs much per byte is done by a writer thread beside it: a response with
+// a big body (kBigBody or more) is escaped there, and the 1 MiB chunks of
+// small lines are written there. Lines of small bodies are escaped in place,
+// and the remainder sent as the stream waits is written in place when the
+// writer has nothing queued: neither costs a thread wake-up. Everything goes
+// out in input order, and at most kQueuedBytes wait for the writer. The
+// writer thread starts with the first chunk or big body it is given.
 class Output {
  public:
   explicit Output(int fd) : fd_(fd) { buffer_.reserve(kFlushBytes + (kFlushBytes >> 2)); }
+  ~Output() {
+    {
+      std::lock_guard lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    if (writer_.joinable()) writer_.join();
+  }
+  Output(const Output&) = delete;
+  Output& operator=(const Output&) = delete;
 
-  std::string& buffer() { return buffer_; }
-
-  // Writes everything buffered. False once a write failed (error() says why);
+  // Adds a response's line. False once a write failed (error() says why);
   // the rest is dropped then.
+  bool add(std::uint64_t index, gatherer::Response&& response) {
+    if (response.body.size() < kBigBody) {
+      gatherer::cli::AppendResponseJson(buffer_, index, response);
+      return buffer_.size() < kFlushBytes || queue_chunk();
+    }
+    if (!buffer_.empty() && !queue_chunk()) return false;
+    const std::size_t bytes = response.body.size();
+    return queue(Item{index, std::move(response), {}}, bytes);
+  }
+  // Sends what is buffered on its way, as the stream is about to wait.
+  bool send() {
+    if (buffer_.empty()) return error() == 0;
+    {
+      std::unique_lock lock(mu_);
+      if (error_ != 0) return false;
+      if (queued_.empty() && !busy_) {
+        lock.unlock();
+        const int error = WriteAll(fd_, buffer_);
+        Recycle(buffer_);
+        lock.lock();
+        if (error != 0) error_ = error;
+        return error == 0;
+      }
+    }
+    return queue_chunk();
+  }
+  // Writes everything, and waits until it is out.
   bool flush() {
+    if (!buffer_.empty()) queue_chunk();
+    std::unique_lock lock(mu_);
+    cv_.wait(lock, [&] { return (queued_.empty() && !busy_) || error_ != 0; });
+    return error_ == 0;
+  }
+  int error() const {
+    std::lock_guard lock(mu_);
+    return error_;
+  }
+
+ private:
+  static constexpr std::size_t kBigBody = 64u << 10;
+  static constexpr std::size_t kQueuedBytes = 4u << 20;
+
+  // Lines already escaped (`chunk`), or a response to escape.
+  struct Item {
+    std::uint64_t index = 0;
+    gatherer::Response response;
+    std::string chunk;
+  };
+
+  bool queue_chunk() {
+    const std::size_t bytes = buffer_.size();
+    Item item;
+    item.chunk.swap(buffer_);
+    buffer_.reserve(kFlushBytes + (kFlushBytes >> 2));
+    return queue(std::move(item), bytes);
+  }
+
+  bool queue(Item&& item, std::size_t bytes) {
+    std::unique_lock lock(mu_);
+    cv_.wait(lock, [&] { return queued_bytes_ + bytes <= kQueuedBytes || queued_.empty() || error_ != 0; });
     if (error_ != 0) return false;
+    queued_.push_back(std::move(item));
+    queued_bytes_ += bytes;
+    if (!writer_.joinable()) writer_ = std::thread([this] { write_queued(); });
+    lock.unlock();
+    cv_.notify_all();
+    return true;
+  }
+
+  // 0, or the errno of the write that failed.
+  static int WriteAll(int fd, const std::string& data) {
     std::size_t pos = 0;
-    while (pos < buffer_.size()) {
-      const ssize_t n = ::write(fd_, buffer_.data() + pos, buffer_.size() - pos);
+    while (pos < data.size()) {
+      const ssize_t n = ::write(fd, data.data() + pos, data.size() - pos);
       if (n < 0) {
         if (errno == EINTR) continue;
         if (errno == EAGAIN) {
           // A non-blocking stdout inherited from the parent: wait for room.
-          pollfd p{fd_, POLLOUT, 0};
+          pollfd p{fd, POLLOUT, 0};
           if (::poll(&p, 1, -1) >= 0 || errno == EINTR) continue;
         }
-        error_ = errno;
-        buffer_.clear();
-        return false;
+        return errno;
       }
       pos += static_cast<std::size_t>(n);
     }
-    buffer_.clear();
-    // One huge body grew the buffer: give the memory back.
-    if (buffer_.capacity() > 8 * kFlushBytes) {
-      std::string().swap(buffer_);
-      buffer_.reserve(kFlushBytes + (kFlushBytes >> 2));
-    }
-    return true;
+    return 0;
   }
-  bool flush_if_full() { return buffer_.size() < kFlushBytes || flush(); }
-  int error() const { return error_; }
+  static void Recycle(std::string& chunk) {
+    chunk.clear();
+    // One huge body grew the buffer: give the memory back.
+    if (chunk.capacity() > 8 * kFlushBytes) {
+      std::string().swap(chunk);
+      chunk.reserve(kFlushBytes + (kFlushBytes >> 2));
+    }
+  }
 
- private:
-  int fd_;
-  std::string buffer_;
-  int error_ = 0;
+  void write_queued() {
+    std::string line;  // a big body's, escaped here
+    std::unique_lock lock(mu_);
+    while (true) {
+      cv_.wait(lock, [&] { return !queued_.empty() || stop_; });
+      if (queued_.empty()) return;
+      Item item = std::move(queued_.front());
+      queued_.pop_front();
+      // As queue() counted it.
+      const std::size_t bytes = item.chunk.empty() ? item.response.body.size() : item.chunk.size();
+      busy_ = true;
+      lock.unlock();
+      int error = 0;
+      if (item.chunk.empty()) {
+        gatherer::cli::AppendResponseJson(line, item.index, item.response);
+        item.response = {};  // its memory back before the write
+        error = WriteAll(fd_, line);
+        Recycle(line);
+      } else {
+        error = WriteAll(fd_, item.chunk);
+      }
+      item = {};
+      lock.lock();
+      busy_ = false;
+      queued_bytes_ -= std::min(queued_bytes_, bytes);
+      if (error != 0) {
+        error_ = error;
+        queued_.clear();
+        queued_bytes_ = 0;
+      }
+      cv_.notify_all();
+    }
+  }
+
+  const int fd_;
+  std::string buffer_;  // the caller's thread's: lines of small bodies
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Item> queued_;       // guarded by mu_
+  std::size_t queued_bytes_ = 0;  // guarded by mu_
+  bool busy_ = false;             // guarded by mu_: the writer holds an item
+  bool stop_ = false;             // guarded by mu_
+  int error_ = 0;                 // guarded by mu_
+  std::thread writer_;
 };
 
 // --- options ------------------------------------------------------------------
@@ -536,17 +663,14 @@ int RunFetch(const FetchFlags& flags, SignalWatcher& watcher) {
     gatherer.emplace(std::move(options));
     gatherer::Stream stream = gatherer->stream(source, gatherer::Order::kInput);
     started = true;
-    stream.on_wait([&out] {
-      if (!out.buffer().empty()) out.flush();
-    });
+    stream.on_wait([&out] { out.send(); });
     watcher.attach(&*gatherer);
     if (show_progress) bar.emplace(*gatherer, statements);
     while (std::optional<gatherer::Indexed> item = stream.next()) {
       summary.Add(item->response);
-      gatherer::cli::AppendResponseJson(out.buffer(), item->index, item->response);
       // A failed write (also one from on_wait) ends the run: destroying the
       // stream cancels the rest.
-      if (!out.flush_if_full() || out.error() != 0) break;
+      if (!out.add(item->index, std::move(item->response))) break;
     }
   } catch (const gatherer::Error& e) {
     stopped = e.what();

@@ -142,6 +142,33 @@ TEST(CliTest, ThousandUrlsInInputOrder) {
   EXPECT_EQ(server.requests(), static_cast<std::uint64_t>(kCount));
 }
 
+// Lines of big bodies are escaped and written by the CLI's writer thread,
+// those of small ones in place: mixed, every line still comes out whole and
+// in input order.
+TEST(CliTest, BigAndSmallBodiesMixedComeOutWholeAndInOrder) {
+  HttpServer server([](const HttpRequest& req) {
+    HttpReply reply;
+    const std::size_t i = std::stoul(req.target.substr(3));  // "/m/<i>"
+    // Every third body is 300 KiB of one letter and a quote to escape.
+    reply.body = i % 3 == 0 ? std::string(300 << 10, static_cast<char>('a' + i % 26)) + "\"" : "small:" + req.target;
+    return reply;
+  });
+  constexpr std::size_t kCount = 90;
+  std::string input;
+  for (std::size_t i = 0; i < kCount; ++i) input += server.url("/m/" + std::to_string(i)) + "\n";
+  const CliResult r = RunCli({"fetch", "--workers", "8"}, input);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto lines = Lines(r.out);
+  ASSERT_EQ(lines.size(), kCount);
+  for (std::size_t i = 0; i < kCount; ++i) {
+    const std::string& line = lines[i];
+    ASSERT_TRUE(StartsWith(line, LinePrefix(i, 200))) << line.substr(0, 80);
+    const std::string body = i % 3 == 0 ? std::string(300 << 10, static_cast<char>('a' + i % 26)) + "\\\""
+                                        : "small:/m/" + std::to_string(i);
+    EXPECT_TRUE(Contains(line, "\"body\":\"" + body + "\",")) << i;
+  }
+}
+
 TEST(CliTest, ReadsFromAFileArgument) {
   HttpServer server;
   const std::string path = ::testing::TempDir() + "gatherer_cli_test_input.jsonl";
