@@ -328,7 +328,7 @@ class Output {
 
  private:
   static constexpr std::size_t kBigBody = 64u << 10;
-  static constexpr std::size_t kQueuedBytes = 4u << 20;
+  static constexpr std::size_t kQueuedBytes = 2u << 20;
 
   // Lines already escaped (`chunk`), or a response to escape.
   struct Item {

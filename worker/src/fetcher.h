@@ -123,6 +123,9 @@ class Fetcher {
   int driven_fd() const;
   std::optional<std::chrono::steady_clock::time_point> driven_due() const;
   void drive();
+  // Hands the driven loop a thread of its own, sessions and connections
+  // kept: driven_fd() is -1 from then on. Where it is driven, once.
+  void undrive();
 
   // Number of sessions currently open (for tests and metrics).
   std::size_t sessions() const;

@@ -273,7 +273,7 @@ TEST(FetcherTest, ConnectionsToAHostStayWithinTheWindowAcrossThreads) {
 
 // Options::drive_first: a window one loop serves runs on the driven loop,
 // on the thread that drives it, and only when driven; a bigger window runs
-// on the fetcher's own threads.
+// on the fetcher's own threads. undrive() gives the loop a thread.
 TEST(FetcherTest, ASmallWindowRunsOnTheDrivenLoopAndABigOneOnTheThreads) {
   HttpServer server;
   std::mutex mu;
@@ -317,10 +317,26 @@ TEST(FetcherTest, ASmallWindowRunsOnTheDrivenLoopAndABigOneOnTheThreads) {
   }
   ASSERT_EQ(received.load(), 16u);
   EXPECT_EQ(fetcher.in_flight(), 0u);
+  {
+    std::lock_guard lock(mu);
+    EXPECT_EQ(sink_threads[20], std::set<std::thread::id>{std::this_thread::get_id()});
+    ASSERT_EQ(sink_threads[21].size(), 1u);
+    EXPECT_NE(*sink_threads[21].begin(), std::this_thread::get_id());
+    sink_threads[20].clear();
+  }
+  // Handed a thread of its own, the loop runs the small window undriven, on
+  // the connections it already had.
+  const std::uint64_t connections = server.connections();
+  fetcher.undrive();
+  EXPECT_EQ(fetcher.driven_fd(), -1);
+  std::vector<FetchItem> more;
+  for (std::uint64_t i = 8; i < 12; ++i) more.push_back(Item(i, server.url("/d")));
+  fetcher.submit(MakeSessionId(20), std::move(more));
+  ASSERT_TRUE(WaitFor([&] { return received.load() == 20; }, kBulkWait)) << received.load();
+  EXPECT_EQ(server.connections(), connections);
   std::lock_guard lock(mu);
-  EXPECT_EQ(sink_threads[20], std::set<std::thread::id>{std::this_thread::get_id()});
-  ASSERT_EQ(sink_threads[21].size(), 1u);
-  EXPECT_NE(*sink_threads[21].begin(), std::this_thread::get_id());
+  ASSERT_EQ(sink_threads[20].size(), 1u);
+  EXPECT_NE(*sink_threads[20].begin(), std::this_thread::get_id());
 }
 
 TEST(FetcherTest, SinkIsCalledWithBatches) {

@@ -127,6 +127,14 @@ class IoThread::Loop {
     if (!driven_) thread_ = std::thread([this] { run(); });
   }
 
+  // A driven loop from now on runs on a thread of its own, its sessions and
+  // connections kept. Called by whoever drives it, never again after.
+  void undrive() {
+    if (!driven_) return;
+    driven_ = false;
+    thread_ = std::thread([this] { run(); });
+  }
+
   // A driven loop's one pass: what is ready now, without waiting.
   void drive() {
     if (!stop_.load(std::memory_order_acquire)) iterate(0);
@@ -747,7 +755,7 @@ class IoThread::Loop {
   }
 
   const Context context_;
-  const bool driven_;
+  bool driven_;  // changed by undrive() only, before the thread starts
   int epoll_fd_ = -1;
   WakeFd wake_;
   std::atomic<bool> stop_{false};
@@ -780,6 +788,7 @@ void IoThread::push(Command&& command) { loop_->push(std::move(command)); }
 void IoThread::stop() { loop_->stop(); }
 void IoThread::join() { loop_->join(); }
 void IoThread::drive() { loop_->drive(); }
+void IoThread::undrive() { loop_->undrive(); }
 int IoThread::fd() const { return loop_->fd(); }
 std::optional<std::chrono::steady_clock::time_point> IoThread::due() const { return loop_->due(); }
 

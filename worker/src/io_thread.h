@@ -115,6 +115,9 @@ class IoThread {
   // A driven loop's: one pass over what is ready, never waiting; the epoll
   // descriptor, readable when there is something; when its timers are due.
   void drive();
+  // The driven loop runs on a thread of its own from now on (its sessions
+  // and connections stay); called where it is driven.
+  void undrive();
   int fd() const;
   std::optional<std::chrono::steady_clock::time_point> due() const;
 

@@ -75,6 +75,10 @@ struct Worker::Impl final : LoopPart {
   // one is built again.
   std::uint64_t sockets_generation = 0;
   std::size_t driven_item = 0;  // the fetcher's driven loop in a PollSet, after `first`
+  // Results and their body bytes since the last look at the driven loop's
+  // load (flush_results).
+  std::uint64_t sampled_results = 0;
+  std::uint64_t sampled_body_bytes = 0;
   WorkerStats stats;
   worker::FetchMetrics fetch_metrics;  // for metrics_text(), when options.metrics
   RateLimitedLog bad_frame_log;
@@ -223,6 +227,9 @@ struct Worker::Impl final : LoopPart {
   void handle(std::vector<zmq::message_t>& frames);
   void echo(const SessionId& session, const std::vector<proto::WireStatement>& statements);
   bool flush_results();
+  void weigh_driven_loop();
+  static constexpr std::uint64_t kLoadSample = 64;
+  static constexpr std::uint64_t kBigBody = 64 << 10;
   void begin();
   void run();
   // An inproc connection (the embedded cluster's) never drops: its link
@@ -381,13 +388,35 @@ bool Worker::Impl::flush_results() {
     auto held = sessions.find(batch.session);
     if (held == sessions.end()) continue;  // ended meanwhile: nobody wants these
     std::uint64_t n = 0;
-    for (const auto& r : batch.results) n += held->second.erase(r.index);
+    for (const auto& r : batch.results) {
+      n += held->second.erase(r.index);
+      sampled_body_bytes += r.response.body.size();
+    }
+    sampled_results += batch.results.size();
     set_in_hand(in_hand - std::min(n, in_hand));
     stats.completed.fetch_add(batch.results.size(), std::memory_order_relaxed);
     send_results(proto::Results{batch.session, 0, std::move(batch.results)});
     sent = true;
   }
+  if (sampled_results >= kLoadSample) weigh_driven_loop();
   return sent;
+}
+
+// The fetcher's driven loop runs on this thread, where a small result costs
+// least: no thread is woken for it. Big bodies are another matter: reading
+// them is most of the work, and done here it waits on everything else this
+// thread does (the broker, the client, their copies). When the results of
+// the last sample average kBigBody or more, the loop gets a thread of its
+// own for good, its sessions and connections kept (Fetcher::undrive), and
+// this worker's poll items change with it.
+void Worker::Impl::weigh_driven_loop() {
+  const bool big = sampled_body_bytes / sampled_results >= kBigBody;
+  sampled_results = 0;
+  sampled_body_bytes = 0;
+  if (!big || fetcher->driven_fd() < 0) return;
+  fetcher->undrive();
+  ++sockets_generation;
+  log().debug("worker {}: bodies average {} KiB or more: fetching on a thread of its own", id, kBigBody >> 10);
 }
 
 // Graceful drain (§3.4.7): DRAINING once, then DISCONNECT when nothing is in
