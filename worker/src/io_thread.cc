@@ -180,38 +180,35 @@ class IoThread::Loop {
   }
 
   void iterate(int timeout_ms) {
-    std::array<epoll_event, kMaxEpollEvents>& events = events_;
-    {
-      const int n = epoll_wait(epoll_fd_, events.data(), kMaxEpollEvents, timeout_ms);
-      const int ready = n < 0 ? 0 : n;  // EINTR: just go round
-      // Reset the eventfd before draining the queue: a push after the drain
-      // then leaves the eventfd readable and no wake-up is lost.
-      for (int i = 0; i < ready; ++i) {
-        if (events[i].data.ptr == nullptr) wake_.drain();
-      }
-      drain_commands();
-      for (int i = 0; i < ready; ++i) {
-        auto* entry = static_cast<SocketEntry*>(events[i].data.ptr);
-        if (entry == nullptr || entry->dead) continue;
-        if (!entry->watched) {
-          unregister(entry);  // an idle connection: libcurl sees to it when it takes it up
-          continue;
-        }
-        const std::uint32_t ev = events[i].events;
-        int mask = 0;
-        if (ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) mask |= CURL_CSELECT_IN;
-        if (ev & (EPOLLOUT | EPOLLERR)) mask |= CURL_CSELECT_OUT;
-        if (ev & EPOLLERR) mask |= CURL_CSELECT_ERR;
-        ThreadSession* session = entry->session;
-        int running = 0;
-        curl_multi_socket_action(session->multi, entry->fd, mask, &running);
-        touch(session);
-      }
-      run_timers();
-      read_completions();
-      deliver();
-      free_graveyard();
+    const int n = epoll_wait(epoll_fd_, events_.data(), kMaxEpollEvents, timeout_ms);
+    const int ready = n < 0 ? 0 : n;  // EINTR: just go round
+    // Reset the eventfd before draining the queue: a push after the drain
+    // then leaves the eventfd readable and no wake-up is lost.
+    for (int i = 0; i < ready; ++i) {
+      if (events_[i].data.ptr == nullptr) wake_.drain();
     }
+    drain_commands();
+    for (int i = 0; i < ready; ++i) {
+      auto* entry = static_cast<SocketEntry*>(events_[i].data.ptr);
+      if (entry == nullptr || entry->dead) continue;
+      if (!entry->watched) {
+        unregister(entry);  // an idle connection: libcurl sees to it when it takes it up
+        continue;
+      }
+      const std::uint32_t ev = events_[i].events;
+      int mask = 0;
+      if (ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) mask |= CURL_CSELECT_IN;
+      if (ev & (EPOLLOUT | EPOLLERR)) mask |= CURL_CSELECT_OUT;
+      if (ev & EPOLLERR) mask |= CURL_CSELECT_ERR;
+      ThreadSession* session = entry->session;
+      int running = 0;
+      curl_multi_socket_action(session->multi, entry->fd, mask, &running);
+      touch(session);
+    }
+    run_timers();
+    read_completions();
+    deliver();
+    free_graveyard();
   }
 
   int next_timeout_ms() const {
