@@ -8,24 +8,16 @@
 namespace gatherer {
 
 std::size_t PollSet::add(zmq::socket_t& socket) {
-  sockets_.push_back(socket.handle());
-  wakes_.push_back(nullptr);
-  fds_.push_back({socket.get(zmq::sockopt::fd), POLLIN, 0});
-  ready_flags_.push_back(0);
-  return fds_.size() - 1;
+  return add_item(socket.handle(), nullptr, socket.get(zmq::sockopt::fd));
 }
 
-std::size_t PollSet::add(WakeFd& wake) {
-  sockets_.push_back(nullptr);
-  wakes_.push_back(&wake);
-  fds_.push_back({wake.fd(), POLLIN, 0});
-  ready_flags_.push_back(0);
-  return fds_.size() - 1;
-}
+std::size_t PollSet::add(WakeFd& wake) { return add_item(nullptr, &wake, wake.fd()); }
 
-std::size_t PollSet::add(int fd) {
-  sockets_.push_back(nullptr);
-  wakes_.push_back(nullptr);
+std::size_t PollSet::add(int fd) { return add_item(nullptr, nullptr, fd); }
+
+std::size_t PollSet::add_item(void* socket, WakeFd* wake, int fd) {
+  sockets_.push_back(socket);
+  wakes_.push_back(wake);
   fds_.push_back({fd, POLLIN, 0});
   ready_flags_.push_back(0);
   return fds_.size() - 1;

@@ -67,9 +67,9 @@ struct Fetcher::Impl {
   std::atomic<std::size_t> next_thread{0};
   std::atomic<std::size_t> next_home{0};
   std::vector<std::unique_ptr<IoThread>> threads;
-  // Loop 0 is driven by the owner (Options::drive_first, until undrive()).
-  // Read and written where it is driven only.
-  bool driven = false;
+  // Loop 0, while the owner drives it (Options::drive_first, until
+  // undrive()); asked where it is driven only.
+  bool driven() const { return threads[0]->driven(); }
 
   mutable std::mutex mu;
   std::unordered_map<SessionId, std::shared_ptr<SharedSession>> sessions;  // guarded by mu
@@ -81,7 +81,6 @@ Fetcher::Fetcher(Options options, ResultSink sink)
   unsigned count = impl_->options.io_threads;
   if (count == 0) count = std::max(1u, std::thread::hardware_concurrency());
   if (impl_->options.drive_first) ++count;  // the driven loop, then the threads
-  impl_->driven = impl_->options.drive_first;
   const Context context{&impl_->options, &impl_->sink, &impl_->in_flight,
                         impl_->interface.empty() ? nullptr : impl_->interface.c_str()};
   impl_->threads.reserve(count);
@@ -201,22 +200,18 @@ void Fetcher::close_session(const SessionId& session) {
 
 std::size_t Fetcher::in_flight() const { return impl_->in_flight.load(std::memory_order_acquire); }
 
-int Fetcher::driven_fd() const { return impl_->driven ? impl_->threads[0]->fd() : -1; }
+int Fetcher::driven_fd() const { return impl_->driven() ? impl_->threads[0]->fd() : -1; }
 
 std::optional<std::chrono::steady_clock::time_point> Fetcher::driven_due() const {
-  if (!impl_->driven) return std::nullopt;
+  if (!impl_->driven()) return std::nullopt;
   return impl_->threads[0]->due();
 }
 
 void Fetcher::drive() {
-  if (impl_->driven) impl_->threads[0]->drive();
+  if (impl_->driven()) impl_->threads[0]->drive();
 }
 
-void Fetcher::undrive() {
-  if (!impl_->driven) return;
-  impl_->driven = false;
-  impl_->threads[0]->undrive();
-}
+void Fetcher::undrive() { impl_->threads[0]->undrive(); }
 
 std::size_t Fetcher::sessions() const {
   std::lock_guard lock(impl_->mu);

@@ -140,6 +140,7 @@ class IoThread::Loop {
     if (!stop_.load(std::memory_order_acquire)) iterate(0);
   }
   int fd() const { return epoll_fd_; }
+  bool driven() const { return driven_; }
   // When libcurl's timers or a backoff want the loop to run, if ever.
   std::optional<Clock::time_point> due() const {
     std::optional<Clock::time_point> earliest;
@@ -651,11 +652,9 @@ class IoThread::Loop {
     const auto it = self->connections_.find(fd);
     if (it != self->connections_.end()) {
       SocketEntry* entry = it->second;
-      self->connections_.erase(it);
       entry->events = 0;  // closing the fd takes it out of the epoll set
       entry->session->sockets.erase(entry);
-      entry->dead = true;
-      self->graveyard_.push_back(entry);
+      self->bury(entry);
     }
     return ::close(fd);
   }
@@ -786,6 +785,7 @@ void IoThread::stop() { loop_->stop(); }
 void IoThread::join() { loop_->join(); }
 void IoThread::drive() { loop_->drive(); }
 void IoThread::undrive() { loop_->undrive(); }
+bool IoThread::driven() const { return loop_->driven(); }
 int IoThread::fd() const { return loop_->fd(); }
 std::optional<std::chrono::steady_clock::time_point> IoThread::due() const { return loop_->due(); }
 

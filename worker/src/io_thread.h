@@ -118,6 +118,7 @@ class IoThread {
   // The driven loop runs on a thread of its own from now on (its sessions
   // and connections stay); called where it is driven.
   void undrive();
+  bool driven() const;  // until undrive()
   int fd() const;
   std::optional<std::chrono::steady_clock::time_point> due() const;
 

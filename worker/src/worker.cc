@@ -75,8 +75,8 @@ struct Worker::Impl final : LoopPart {
   // one is built again.
   std::uint64_t sockets_generation = 0;
   std::size_t driven_item = 0;  // the fetcher's driven loop in a PollSet, after `first`
-  // Results and their body bytes since the last look at the driven loop's
-  // load (flush_results).
+  // While the fetcher's loop is driven: results and their body bytes since
+  // the last look at its load (flush_results, weigh_driven_loop).
   std::uint64_t sampled_results = 0;
   std::uint64_t sampled_body_bytes = 0;
   WorkerStats stats;
@@ -384,15 +384,16 @@ bool Worker::Impl::flush_results() {
   wake_pending.exchange(false, std::memory_order_acq_rel);
   ResultBatch batch;
   bool sent = false;
+  const bool driving = fetcher->driven_fd() >= 0;  // the driven loop's load is sampled
   while (done.try_pop(batch)) {
     auto held = sessions.find(batch.session);
     if (held == sessions.end()) continue;  // ended meanwhile: nobody wants these
     std::uint64_t n = 0;
-    for (const auto& r : batch.results) {
-      n += held->second.erase(r.index);
-      sampled_body_bytes += r.response.body.size();
+    for (const auto& r : batch.results) n += held->second.erase(r.index);
+    if (driving) {
+      for (const auto& r : batch.results) sampled_body_bytes += r.response.body.size();
+      sampled_results += batch.results.size();
     }
-    sampled_results += batch.results.size();
     set_in_hand(in_hand - std::min(n, in_hand));
     stats.completed.fetch_add(batch.results.size(), std::memory_order_relaxed);
     send_results(proto::Results{batch.session, 0, std::move(batch.results)});
@@ -413,7 +414,7 @@ void Worker::Impl::weigh_driven_loop() {
   const bool big = sampled_body_bytes / sampled_results >= kBigBody;
   sampled_results = 0;
   sampled_body_bytes = 0;
-  if (!big || fetcher->driven_fd() < 0) return;
+  if (!big) return;
   fetcher->undrive();
   ++sockets_generation;
   log().debug("worker {}: bodies average {} KiB or more: fetching on a thread of its own", id, kBigBody >> 10);

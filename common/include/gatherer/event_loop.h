@@ -63,6 +63,7 @@ class PollSet {
   void truncate(std::size_t n);
 
  private:
+  std::size_t add_item(void* socket, WakeFd* wake, int fd);
   // 1 if the socket has a message, 0 if not, -1 once the context is
   // terminated.
   int readable(std::size_t i) const;
