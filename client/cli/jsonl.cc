@@ -1,7 +1,7 @@
 // JSON Lines in and out for the CLI (jsonl.h): statement lines parsed with
-// simdjson's ondemand API, response lines written by hand (the escaping is
-// the hot path of a big-body run), the input reader and the spool file of a
-// two-pass input. Somewhat over 600 lines: the reader and the writer are one
+// simdjson's ondemand API, response lines written by hand (the escaping of
+// their strings is json_escape.cc), the input reader and the spool file of a
+// two-pass input. Somewhat over 500 lines: the reader and the writer are one
 // format's two directions and are tested together (jsonl_test.cc, the
 // round-trip test in particular); split, each would still need the other.
 #include "jsonl.h"
@@ -22,12 +22,9 @@
 
 #include <simdjson.h>
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
-
 #include "gatherer/gatherer.h"
 #include "gatherer/strings.h"
+#include "json_escape.h"
 
 namespace gatherer::cli {
 namespace {
@@ -273,195 +270,11 @@ Result<Statement> ParseJsonObject(std::string_view json, const ParseOptions& opt
 
 // --- output -----------------------------------------------------------------
 
-// Output bytes that each input byte adds beyond itself when escaped per
-// RFC 8259 §7: 0 when it is written as it is, 1 for the two-character escapes
-// (\" \\ \n \r \t \b \f), 5 for \u00XX. With `latin1`, bytes >= 0x80 are
-// code points U+0080..U+00FF (how HTTP/1.1 historically read obs-text), which
-// keeps a line valid UTF-8 when a server sends a non-UTF-8 header value.
-using EscapeTable = std::array<std::uint8_t, 256>;
-
-constexpr EscapeTable MakeEscapeExtra(bool latin1) {
-  EscapeTable t{};
-  for (int c = 0; c < 256; ++c) {
-    if (c < 0x20 || (latin1 && c >= 0x80)) t[c] = 5;
-  }
-  for (const unsigned char c : {'"', '\\', '\n', '\r', '\t', '\b', '\f'}) t[c] = 1;
-  return t;
-}
-constexpr EscapeTable kEscapeExtraUtf8 = MakeEscapeExtra(false);
-constexpr EscapeTable kEscapeExtraLatin1 = MakeEscapeExtra(true);
-
-// The byte written after the backslash of a two-character escape, and the
-// byte itself for one written as it is.
-constexpr std::array<char, 256> kEscapeSecond = [] {
-  std::array<char, 256> t{};
-  for (int c = 0; c < 256; ++c) t[c] = static_cast<char>(c);
-  t['\n'] = 'n';
-  t['\r'] = 'r';
-  t['\t'] = 't';
-  t['\b'] = 'b';
-  t['\f'] = 'f';
-  return t;
-}();
-
-#if !defined(__SSE2__)
-// True when one of the 8 bytes in `x` must be escaped in UTF-8 mode: below
-// 0x20, '"' or '\\'. Each test is the exact "some byte is zero / is below n"
-// bit trick, so a block it passes is copied whole.
-inline bool BlockNeedsEscape(std::uint64_t x) {
-  constexpr std::uint64_t kOnes = 0x0101010101010101ULL;
-  constexpr std::uint64_t kHigh = 0x8080808080808080ULL;
-  const auto has_zero = [](std::uint64_t v) { return (v - kOnes) & ~v & kHigh; };
-  return (((x - kOnes * 0x20) & ~x & kHigh) | has_zero(x ^ (kOnes * '"')) | has_zero(x ^ (kOnes * '\\'))) != 0;
-}
-#endif
-
-// Writes c at o, escaped; returns the end. `o` is a parameter, not a
-// captured variable: a char store may alias anything in memory, so a pointer
-// kept there would be reloaded after every byte written.
-inline char* EscapeByte(char* o, unsigned char c, const EscapeTable& extra_of) {
-  static constexpr char kHex[] = "0123456789abcdef";
-  const std::uint8_t e = extra_of[c];
-  if (e == 5) {
-    const char esc[6] = {'\\', 'u', '0', '0', kHex[c >> 4], kHex[c & 0xf]};
-    std::memcpy(o, esc, sizeof esc);
-    return o + sizeof esc;
-  }
-  *o = '\\';  // kept only when e == 1: a plain byte overwrites it
-  o += e;
-  *o = kEscapeSecond[c];
-  return o + 1;
-}
-
-#if defined(__SSE2__)
-// 16 bytes at a time (SSE2, every x86-64): which bytes to escape in UTF-8
-// mode (below 0x20, '"', '\\'), and which of them are control bytes; each
-// mask byte is 0xff where true, 0 where not.
-struct EscapeMasks {
-  __m128i special;
-  __m128i control;
-};
-inline EscapeMasks EscapeMasksOf(__m128i x) {
-  const __m128i quote = _mm_or_si128(_mm_cmpeq_epi8(x, _mm_set1_epi8('"')), _mm_cmpeq_epi8(x, _mm_set1_epi8('\\')));
-  // x <= 0x1f, unsigned: max(x, 0x1f) == 0x1f.
-  const __m128i low = _mm_set1_epi8(0x1f);
-  const __m128i control = _mm_cmpeq_epi8(_mm_max_epu8(x, low), low);
-  return {_mm_or_si128(quote, control), control};
-}
-inline unsigned Bits(__m128i mask) { return static_cast<unsigned>(_mm_movemask_epi8(mask)); }
-constexpr std::size_t kEscapeChunk = 16;
-#else
-constexpr std::size_t kEscapeChunk = 8;
-#endif
-
-// Sized once from a first pass, then written. With SSE2, 16 bytes at a time:
-// a clean chunk is stored whole, and in one that needs escaping each run
-// between escaped bytes is one 16-byte store (the output keeps a chunk of
-// slack for it, trimmed at the end), so the cost is per escaped byte rather
-// than per byte. Elsewhere 8 bytes at a time with the bit tricks above. A JSON
-// body escapes every few bytes, and this is the CLI's largest cost per byte of
-// output (about half the CPU of a run of 1 MiB JSON bodies, byte by byte).
-void AppendEscaped(std::string& out, std::string_view s, bool latin1) {
-  const EscapeTable& extra_of = latin1 ? kEscapeExtraLatin1 : kEscapeExtraUtf8;
-  const auto* in = reinterpret_cast<const unsigned char*>(s.data());
-  const std::size_t n = s.size();
-  // Whole chunks only in UTF-8 mode; latin1 (header values) goes byte by byte.
-  const std::size_t chunks_end = latin1 ? 0 : n - n % kEscapeChunk;
-  std::size_t extra = 0;
-#if defined(__SSE2__)
-  // Escaped bytes counted per byte lane (each mask byte is -1), summed every
-  // 255 chunks before a lane can wrap; no popcount (not in baseline x86-64).
-  const __m128i zero = _mm_setzero_si128();
-  __m128i lanes = zero;
-  const auto add_lanes = [&] {
-    const __m128i sums = _mm_sad_epu8(lanes, zero);
-    extra += static_cast<std::size_t>(_mm_cvtsi128_si64(sums)) +
-             static_cast<std::size_t>(_mm_cvtsi128_si64(_mm_unpackhi_epi64(sums, sums)));
-    lanes = zero;
-  };
-  unsigned in_lanes = 0;
-  for (std::size_t i = 0; i < chunks_end; i += kEscapeChunk) {
-    const EscapeMasks m = EscapeMasksOf(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i)));
-    lanes = _mm_sub_epi8(lanes, m.special);
-    if (++in_lanes == 255) {
-      add_lanes();
-      in_lanes = 0;
-    }
-    // \u00XX for control bytes other than \n \r \t \b \f: 4 more.
-    for (unsigned c = Bits(m.control); c != 0; c &= c - 1) extra += extra_of[in[i + std::countr_zero(c)]] - 1u;
-  }
-  add_lanes();
-#else
-  const auto clean_block = [&](std::size_t i) {
-    std::uint64_t x;
-    std::memcpy(&x, in + i, sizeof x);
-    return !BlockNeedsEscape(x);
-  };
-  for (std::size_t i = 0; i < chunks_end; i += kEscapeChunk) {
-    if (clean_block(i)) continue;
-    for (std::size_t j = i; j < i + kEscapeChunk; ++j) extra += extra_of[in[j]];
-  }
-#endif
-  for (std::size_t i = chunks_end; i < n; ++i) extra += extra_of[in[i]];
-
-  const std::size_t start = out.size();
-  if (extra == 0) {
-    out.append(s);
-    return;
-  }
-  const std::size_t end = start + n + extra;
-  out.resize(end + kEscapeChunk);
-  char* o = out.data() + start;
-#if defined(__SSE2__)
-  for (std::size_t i = 0; i < chunks_end; i += kEscapeChunk) {
-    const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i));
-    const unsigned special = Bits(EscapeMasksOf(x).special);
-    if (special == 0) {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(o), x);
-      o += kEscapeChunk;
-      continue;
-    }
-    // Each run is stored as 16 bytes from its first and the pointer moves by
-    // its length, the next write overwriting what went past. The 16 bytes
-    // are read from the input, or near its end from a copy of the chunk
-    // twice over, so that no read leaves the input.
-    const unsigned char* chunk = in + i;
-    alignas(16) unsigned char twice[2 * kEscapeChunk];
-    if (i + 2 * kEscapeChunk > n) {
-      _mm_store_si128(reinterpret_cast<__m128i*>(twice), x);
-      _mm_store_si128(reinterpret_cast<__m128i*>(twice + kEscapeChunk), x);
-      chunk = twice;
-    }
-    unsigned from = 0;
-    for (unsigned b = special; b != 0; b &= b - 1) {
-      const auto at = static_cast<unsigned>(std::countr_zero(b));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm_loadu_si128(reinterpret_cast<const __m128i*>(chunk + from)));
-      o += at - from;
-      o = EscapeByte(o, in[i + at], extra_of);
-      from = at + 1;
-    }
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm_loadu_si128(reinterpret_cast<const __m128i*>(chunk + from)));
-    o += kEscapeChunk - from;
-  }
-#else
-  for (std::size_t i = 0; i < chunks_end; i += kEscapeChunk) {
-    if (clean_block(i)) {
-      std::memcpy(o, in + i, kEscapeChunk);
-      o += kEscapeChunk;
-      continue;
-    }
-    for (std::size_t j = i; j < i + kEscapeChunk; ++j) o = EscapeByte(o, in[j], extra_of);
-  }
-#endif
-  for (std::size_t i = chunks_end; i < n; ++i) o = EscapeByte(o, in[i], extra_of);
-  out.resize(end);
-}
-
 bool IsUtf8(std::string_view s) { return simdjson::validate_utf8(s.data(), s.size()); }
 
 void AppendString(std::string& out, std::string_view s) {
   out += '"';
-  AppendEscaped(out, s, !IsUtf8(s));
+  AppendJsonEscaped(out, s, !IsUtf8(s));
   out += '"';
 }
 
@@ -587,7 +400,7 @@ void AppendResponseJson(std::string& out, std::uint64_t index, const Response& r
   AppendHeaders(out, response.headers);
   if (IsUtf8(response.body)) {
     out += ",\"body\":\"";
-    AppendEscaped(out, response.body, false);
+    AppendJsonEscaped(out, response.body, false);
     out += '"';
   } else {
     out += ",\"body_base64\":\"";
