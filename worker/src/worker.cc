@@ -399,7 +399,9 @@ bool Worker::Impl::flush_results() {
     send_results(proto::Results{batch.session, 0, std::move(batch.results)});
     sent = true;
   }
-  if (sampled_results >= kLoadSample) weigh_driven_loop();
+  // Weighed after a sample's count, or as soon as its bodies are known to
+  // average kBigBody or more whatever comes next (four of 1 MiB).
+  if (sampled_results >= kLoadSample || sampled_body_bytes >= kLoadSample * kBigBody) weigh_driven_loop();
   return sent;
 }
 
@@ -407,7 +409,7 @@ bool Worker::Impl::flush_results() {
 // least: no thread is woken for it. Big bodies are another matter: reading
 // them is most of the work, and done here it waits on everything else this
 // thread does (the broker, the client, their copies). When the results of
-// the last sample average kBigBody or more, the loop gets a thread of its
+// a sample average kBigBody or more, the loop gets a thread of its
 // own for good, its sessions and connections kept (Fetcher::undrive), and
 // this worker's poll items change with it.
 void Worker::Impl::weigh_driven_loop() {
