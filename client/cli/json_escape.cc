@@ -181,12 +181,10 @@ __attribute__((target("ssse3"))) inline char* WriteEscapedHalf(char* o, __m128i 
 }
 
 // Writes the escaped form of in[0, n) (n a multiple of 16) at o; returns the
-// end, or nullptr where SSSE3 is missing (then the caller does it). At most
-// 16 bytes past the end are written over.
+// end. At most 16 bytes past the end are written over. Only where the CPU
+// has SSSE3.
 __attribute__((target("ssse3"))) char* WriteEscapedSsse3(char* o, const unsigned char* in, std::size_t n,
                                                           const EscapeTable& extra_of) {
-  static const bool kHasSsse3 = __builtin_cpu_supports("ssse3");
-  if (!kHasSsse3 || BaselineEscaping()) return nullptr;
   const __m128i backslashes = _mm_set1_epi8('\\');
   const __m128i letters = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kControlLetter.data()));
   const __m128i below_16 = _mm_set1_epi8(0x0f);
@@ -220,14 +218,16 @@ __attribute__((target("ssse3"))) char* WriteEscapedSsse3(char* o, const unsigned
 constexpr std::size_t kEscapeChunk = 8;
 #endif
 
-// Sized once from a first pass, then written. With SSE2, 16 bytes at a time:
-// a clean chunk is stored whole, and in one that needs escaping each run
-// between escaped bytes is one 16-byte store (the output keeps a chunk of
-// slack for it, trimmed at the end), so the cost is per escaped byte rather
-// than per byte. Elsewhere 8 bytes at a time with the bit tricks above. A JSON
-// body escapes every few bytes, and this is the CLI's largest cost per byte of
-// output (about half the CPU of a run of 1 MiB JSON bodies, byte by byte).
 }  // namespace
+
+// Sized once from a first pass, then written. On x86-64, 16 bytes at a time:
+// a clean chunk is stored whole, and one that needs escaping goes through
+// two shuffles (SSSE3) or, with SSE2 alone, one 16-byte store per run
+// between escaped bytes (the output keeps a chunk of slack for either,
+// trimmed at the end). Elsewhere 8 bytes at a time with the bit tricks above.
+// A JSON body escapes every few bytes, and this is the CLI's largest cost
+// per byte of output (byte by byte, about half the CPU of a run of 1 MiB
+// JSON bodies).
 
 void AppendJsonEscaped(std::string& out, std::string_view s, bool latin1) {
   const EscapeTable& extra_of = latin1 ? kEscapeExtraLatin1 : kEscapeExtraUtf8;
@@ -281,8 +281,9 @@ void AppendJsonEscaped(std::string& out, std::string_view s, bool latin1) {
   out.resize(end + kEscapeChunk);
   char* o = out.data() + start;
 #if defined(__SSE2__)
-  if (char* const written = WriteEscapedSsse3(o, in, chunks_end, extra_of)) {
-    o = written;
+  static const bool kHasSsse3 = __builtin_cpu_supports("ssse3");
+  if (kHasSsse3 && !BaselineEscaping()) {
+    o = WriteEscapedSsse3(o, in, chunks_end, extra_of);
   } else {
     o = WriteEscapedSse2(o, in, n, chunks_end, extra_of);
   }
