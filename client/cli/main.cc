@@ -68,6 +68,7 @@
 #include "gatherer/gatherer.h"
 #include "gatherer/log.h"
 #include "gatherer/strings.h"
+#include "gatherer/thread_name.h"
 #include "jsonl.h"
 #include "progress.h"
 #include "summary.h"
@@ -385,6 +386,7 @@ class Output {
   }
 
   void write_queued() {
+    gatherer::NameThisThread("gatherer-output");
     std::string line;  // a big body's, escaped here
     std::unique_lock lock(mu_);
     while (true) {

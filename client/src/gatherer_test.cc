@@ -5,6 +5,9 @@
 
 #include <atomic>
 #include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <string>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -101,6 +104,40 @@ TEST(GathererTest, StatementsAreKeptAfterGather) {
   g.gather();
   ASSERT_EQ(g.statements.size(), 1u);
   EXPECT_EQ(g.responses.at(0).body, "ok:/x");
+}
+
+// Threads of this process named `name` (/proc/self/task/*/comm).
+int ThreadsNamed(const std::string& name) {
+  int n = 0;
+  for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
+    std::ifstream comm(task.path() / "comm");
+    std::string line;
+    if (std::getline(comm, line) && line == name) ++n;
+  }
+  return n;
+}
+
+// The embedded worker fetches a small window on the caller's thread, and
+// gives that loop a thread of its own (one more gatherer-io thread) once its
+// bodies are sure to average 64 KiB or more: after four of 1 MiB, not after
+// a sample of 64 results. Small bodies, a whole sample of them, never move it.
+TEST(GathererTest, BigBodiesMoveTheEmbeddedFetchingToAThreadOfItsOwn) {
+  const std::string big(1 << 20, 'b');
+  testing::HttpServer server([&](const testing::HttpRequest& req) {
+    testing::HttpReply r;
+    r.body = req.target.starts_with("/big") ? big : "small";
+    return r;
+  });
+  Gatherer g({.workers = 4, .log_level = 40, .embedded_io_threads = 1});
+  for (int i = 0; i < 100; ++i) g.statements.push_back(Get(server.url("/small/" + std::to_string(i))));
+  ASSERT_EQ(g.gather().size(), 100u);
+  EXPECT_EQ(ThreadsNamed("gatherer-io"), 1) << "small bodies stay on the caller's thread";
+  g.statements.clear();
+  for (int i = 0; i < 8; ++i) g.statements.push_back(Get(server.url("/big/" + std::to_string(i))));
+  const auto& responses = g.gather();
+  ASSERT_EQ(responses.size(), 8u);
+  for (const auto& r : responses) ASSERT_EQ(r.body.size(), big.size());
+  EXPECT_EQ(ThreadsNamed("gatherer-io"), 2) << "eight bodies of 1 MiB after 36 small ones";
 }
 
 // cancel() between runs must not leave the next run polling a readable

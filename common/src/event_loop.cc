@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cerrno>
 
+#include "gatherer/thread_name.h"
 #include "gatherer/wake_fd.h"
 
 namespace gatherer {
@@ -194,6 +195,7 @@ bool LoopDriver::turn(Clock::time_point deadline) {
 }
 
 void LoopDriver::run() {
+  NameThisThread("gatherer-driver");
   PollSet poll;
   poll.add(wake_);
   Seat own{&poll, poll.size(), ~std::uint64_t{0}, {}};

@@ -35,6 +35,7 @@
 
 #include "gatherer/rate_limit.h"
 #include "gatherer/strings.h"
+#include "gatherer/thread_name.h"
 #include "gatherer/wake_fd.h"
 #include "retry_policy.h"
 #include "transfer.h"
@@ -176,6 +177,7 @@ class IoThread::Loop {
   void wake() { wake_.signal(); }
 
   void run() {
+    NameThisThread("gatherer-io");
     while (!stop_.load(std::memory_order_acquire)) iterate(next_timeout_ms());
     shutdown();
   }
