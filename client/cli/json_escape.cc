@@ -132,8 +132,13 @@ constexpr EscapeShuffle kEscapeShuffle = [] {
 }();
 
 // The letter of each two-character control escape by its low nibble (0 for
-// the others), for PSHUFB.
-constexpr std::array<char, 16> kControlLetter = {0, 0, 0, 0, 0, 0, 0, 0, 'b', 't', 'n', 0, 'f', 'r', 0, 0};
+// the others), for PSHUFB: the control bytes below 0x10 that kEscapeSecond
+// has a letter for.
+constexpr std::array<char, 16> kControlLetter = [] {
+  std::array<char, 16> t{};
+  for (int c = 0; c < 16; ++c) t[c] = kEscapeExtraUtf8[c] == 1 ? kEscapeSecond[c] : 0;
+  return t;
+}();
 
 // Writes the escaped form of in[0, chunks_end) at o with SSE2 alone;
 // returns the end. `n` is the whole input's size: no read goes past it.
@@ -228,7 +233,6 @@ constexpr std::size_t kEscapeChunk = 8;
 // A JSON body escapes every few bytes, and this is the CLI's largest cost
 // per byte of output (byte by byte, about half the CPU of a run of 1 MiB
 // JSON bodies).
-
 void AppendJsonEscaped(std::string& out, std::string_view s, bool latin1) {
   const EscapeTable& extra_of = latin1 ? kEscapeExtraLatin1 : kEscapeExtraUtf8;
   const auto* in = reinterpret_cast<const unsigned char*>(s.data());
