@@ -29,6 +29,23 @@ bool IsIpLiteral(std::string_view address) {
   return inet_pton(AF_INET, text, &parsed) == 1 || inet_pton(AF_INET6, text, &parsed) == 1;
 }
 
+const char* AcceptEncodingLine() {
+  static const std::string line = [] {
+    // The order libcurl lists them in (content_encoding.c).
+    const curl_version_info_data* info = curl_version_info(CURLVERSION_NOW);
+    std::string encodings;
+    auto add = [&](const char* name) { encodings.append(encodings.empty() ? "" : ", ").append(name); };
+    if (info->features & CURL_VERSION_LIBZ) {
+      add("deflate");
+      add("gzip");
+    }
+    if (info->features & CURL_VERSION_BROTLI) add("br");
+    if (info->features & CURL_VERSION_ZSTD) add("zstd");
+    return encodings.empty() ? std::string() : "Accept-Encoding: " + encodings;
+  }();
+  return line.empty() ? nullptr : line.c_str();
+}
+
 bool NamesHeader(const Headers& headers, std::string_view name) {
   return std::any_of(headers.begin(), headers.end(), [&](const auto& h) { return EqualsIgnoreCase(h.first, name); });
 }
@@ -42,14 +59,17 @@ SessionHeaders::SessionHeaders(const Headers& headers) {
   }
   names_user_agent = NamesHeader(headers, "User-Agent");
   names_content_type = NamesHeader(headers, "Content-Type");
+  names_accept_encoding = NamesHeader(headers, "Accept-Encoding");
   std::string line;
   bool ok = true;
   for (const auto& [name, value] : headers) ok = ok && AppendHeader(list, line, name, value);
-  if (ok && !names_user_agent) {
-    curl_slist* next = curl_slist_append(list, kUserAgentLine);
+  auto append_line = [&](const char* text) {
+    curl_slist* next = ok ? curl_slist_append(list, text) : nullptr;
     if (next != nullptr) list = next;
     ok = next != nullptr;
-  }
+  };
+  if (!names_user_agent) append_line(kUserAgentLine);
+  if (!names_accept_encoding && AcceptEncodingLine() != nullptr) append_line(AcceptEncodingLine());
   if (!ok) {
     error = ResponseError{StatusCode::kInternal, "out of memory"};
     return;
@@ -131,6 +151,10 @@ std::optional<ResponseError> PlanRequest(const Statement& statement, const Sessi
         !append_line(kUserAgentLine)) {
       return out_of_memory;
     }
+    if (!session_headers.names_accept_encoding && AcceptEncodingLine() != nullptr &&
+        !NamesHeader(statement.headers, "Accept-Encoding") && !append_line(AcceptEncodingLine())) {
+      return out_of_memory;
+    }
     if (plan.posts && !session_headers.names_content_type && !NamesHeader(statement.headers, "Content-Type") &&
         !append_line(kNoContentTypeLine)) {
       return out_of_memory;
@@ -179,7 +203,9 @@ std::optional<ResponseError> ConfigureSession(CURL* easy, const SessionSettings&
   }
   set(CURLOPT_CONNECTTIMEOUT_MS, static_cast<long>(settings.connect_timeout_ms));
   set(CURLOPT_HTTP_VERSION, static_cast<long>(CURL_HTTP_VERSION_2TLS));
-  set(CURLOPT_ACCEPT_ENCODING, "");  // every encoding libcurl decodes
+  // Every encoding libcurl decodes; the header itself is in the list
+  // (AcceptEncodingLine), this makes libcurl decode what comes back.
+  set(CURLOPT_ACCEPT_ENCODING, "");
   set(CURLOPT_WRITEFUNCTION, hooks.write);
   set(CURLOPT_HEADERFUNCTION, hooks.header);
   if (settings.max_body_bytes > 0) {

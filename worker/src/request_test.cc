@@ -6,12 +6,14 @@
 #include <curl/curl.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "gatherer/strings.h"
 #include "http_server.h"
 
 namespace gatherer::worker {
@@ -50,16 +52,39 @@ struct Planner {
 TEST(RequestTest, SessionHeadersAddTheUserAgentAndRemoveLibcurlsContentTypeForABody) {
   const SessionHeaders headers({{"Accept", "text/html"}, {"X-Empty", ""}});
   ASSERT_FALSE(headers.error.has_value());
-  EXPECT_EQ(Lines(headers.plain()), (std::vector<std::string>{"Accept: text/html", "X-Empty;", kUserAgentLine}));
-  EXPECT_EQ(Lines(headers.with_body()),
-            (std::vector<std::string>{kNoContentTypeLine, "Accept: text/html", "X-Empty;", kUserAgentLine}));
+  ASSERT_NE(AcceptEncodingLine(), nullptr);  // Debian's libcurl decodes gzip, deflate, br and zstd
+  EXPECT_EQ(Lines(headers.plain()),
+            (std::vector<std::string>{"Accept: text/html", "X-Empty;", kUserAgentLine, AcceptEncodingLine()}));
+  EXPECT_EQ(Lines(headers.with_body()), (std::vector<std::string>{kNoContentTypeLine, "Accept: text/html", "X-Empty;",
+                                                                  kUserAgentLine, AcceptEncodingLine()}));
+}
+
+TEST(RequestTest, AcceptEncodingListsWhatLibcurlDecodes) {
+  const std::string line = AcceptEncodingLine();
+  const curl_version_info_data* info = curl_version_info(CURLVERSION_NOW);
+  EXPECT_TRUE(line.starts_with("Accept-Encoding: ")) << line;
+  EXPECT_EQ(line.find("gzip") != std::string::npos, (info->features & CURL_VERSION_LIBZ) != 0) << line;
+  EXPECT_EQ(line.find("br") != std::string::npos, (info->features & CURL_VERSION_BROTLI) != 0) << line;
+  EXPECT_EQ(line.find("zstd") != std::string::npos, (info->features & CURL_VERSION_ZSTD) != 0) << line;
+}
+
+TEST(RequestTest, AnAcceptEncodingOfTheSessionOrTheStatementReplacesTheDefault) {
+  const SessionHeaders headers(Headers{{"accept-encoding", "identity"}});
+  EXPECT_EQ(Lines(headers.plain()), (std::vector<std::string>{"accept-encoding: identity", kUserAgentLine}));
+
+  Planner planner;
+  Statement get = Get("http://127.0.0.1/a");
+  get.headers = {{"Accept-Encoding", "gzip"}};
+  ASSERT_FALSE(planner(get).has_value());
+  EXPECT_EQ(Lines(planner.plan.headers), (std::vector<std::string>{"Accept-Encoding: gzip", kUserAgentLine}));
 }
 
 TEST(RequestTest, SessionHeadersKeepTheSessionsOwnUserAgentAndContentType) {
   const SessionHeaders headers({{"user-agent", "crawler/2"}, {"Content-Type", "application/json"}});
   ASSERT_FALSE(headers.error.has_value());
   EXPECT_EQ(Lines(headers.plain()),
-            (std::vector<std::string>{"user-agent: crawler/2", "Content-Type: application/json"}));
+            (std::vector<std::string>{"user-agent: crawler/2", "Content-Type: application/json",
+                                      AcceptEncodingLine()}));
   EXPECT_EQ(headers.with_body(), headers.plain());
 }
 
@@ -115,8 +140,9 @@ TEST(RequestTest, AStatementsOwnHeadersReplaceTheSessionsOfTheSameName) {
   ASSERT_FALSE(planner(put).has_value());
   EXPECT_EQ(planner.plan.headers, planner.own);
   EXPECT_TRUE(planner.plan.posts);
-  EXPECT_EQ(Lines(planner.plan.headers), (std::vector<std::string>{"X-Session: s", "accept: application/json",
-                                                                   "X-Statement;", kUserAgentLine, kNoContentTypeLine}));
+  EXPECT_EQ(Lines(planner.plan.headers),
+            (std::vector<std::string>{"X-Session: s", "accept: application/json", "X-Statement;", kUserAgentLine,
+                                      AcceptEncodingLine(), kNoContentTypeLine}));
 }
 
 TEST(RequestTest, AnInvalidStatementHeaderEndsTheStatement) {
@@ -222,6 +248,10 @@ TEST(RequestTest, ConfiguredRequestCarriesMethodBodyHeadersAndLeavesFromTheSourc
   EXPECT_EQ(seen.header("Content-Type"), "application/json");
   EXPECT_EQ(seen.header("X-Session"), "s");
   EXPECT_EQ(seen.header("User-Agent"), std::string(kUserAgentLine).substr(12));
+  EXPECT_EQ(seen.header("Accept-Encoding"), std::string(AcceptEncodingLine()).substr(17));
+  EXPECT_EQ(std::count_if(seen.headers.begin(), seen.headers.end(),
+                          [](const auto& h) { return EqualsIgnoreCase(h.first, "Accept-Encoding"); }),
+            1);  // the list's line, none of libcurl's beside it
   EXPECT_EQ(seen.peer_address, "127.0.0.23");
 }
 
