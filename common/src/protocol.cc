@@ -9,6 +9,8 @@
 
 #include <msgpack.hpp>
 
+#include "msgpack_reader.h"
+
 namespace gatherer::protocol {
 namespace {
 
@@ -132,6 +134,11 @@ struct Malformed {
 };
 
 [[noreturn]] void Fail(const char* what) { throw Malformed{what}; }
+}  // namespace
+
+void detail::ReaderFail(const char* what) { Fail(what); }
+
+namespace {
 
 const msgpack::object_array& AsArray(const msgpack::object& o, std::uint32_t min_size, const char* what) {
   if (o.type != msgpack::type::ARRAY || o.via.array.size < min_size) Fail(what);
@@ -866,115 +873,182 @@ Result<Open> DecodeOpen(std::span<const zmq::message_t> frames) {
   });
 }
 
+namespace {
+using detail::MsgpackReader;
+
+// A reader over a frame holding one msgpack value, with kLimits' limits.
+MsgpackReader FrameReader(const zmq::message_t& frame) {
+  if (frame.size() > kMaxHeaderBytes) Fail("header frame too large");
+  return MsgpackReader(frame.data(), frame.size(), static_cast<std::uint32_t>(kLimits.array()),
+                       static_cast<std::uint32_t>(kLimits.map()));
+}
+
+// The header frame (index 2) after checking the frame count, for a reader.
+MsgpackReader HeaderReader(std::span<const zmq::message_t> frames, std::size_t max_frames) {
+  if (frames.size() < 3) Fail("missing header frame");
+  if (frames.size() > max_frames) Fail("unexpected extra frames");
+  return FrameReader(frames[2]);
+}
+
+void ExpectEnd(const MsgpackReader& r) {
+  if (!r.done()) Fail("trailing bytes after header");
+}
+
+// Fields past the ones known to this build, which a newer peer may add,
+// in an array nested `depth` deep (the outermost is 1): within kLimits' depth.
+void SkipRest(MsgpackReader& r, std::uint32_t fields, std::uint32_t known, int depth) {
+  for (std::uint32_t k = known; k < fields; ++k) r.skip(static_cast<int>(kLimits.depth()) - depth);
+}
+
+SessionId ReadSession(MsgpackReader& r) {
+  auto id = SessionIdFromRaw(r.bin("session id is not bin"));
+  if (!id) Fail("session id is not 16 bytes");
+  return *id;
+}
+
+// Headers into `headers`, or only checked when it is null; the list is
+// nested `depth` deep.
+void ReadHeaders(MsgpackReader& r, Headers* headers, int depth) {
+  const std::uint32_t n = r.array(0, "headers is not an array");
+  if (headers != nullptr) headers->reserve(n);
+  for (std::uint32_t i = 0; i < n; ++i) {
+    const std::uint32_t fields = r.array(2, "header is not a [name, value] pair");
+    const std::string_view name = r.str("header name is not str");
+    const std::string_view value = r.str("header value is not str");
+    SkipRest(r, fields, 2, depth + 1);
+    if (headers != nullptr) headers->emplace_back(name, value);
+  }
+}
+}  // namespace
+
 Result<Statements> DecodeStatements(std::span<const zmq::message_t> frames) {
   return Guard([&] {
-    auto h = Header(frames, 3);
-    const auto& a = AsArray(h.get(), 2, "header is not [session, statements]");
-    Statements m{AsSession(a.ptr[0]), {}, 0};
+    MsgpackReader r = HeaderReader(frames, 3);
+    const std::uint32_t fields = r.array(2, "header is not [session, statements]");
+    Statements m{ReadSession(r), {}, 0};
     // DISPATCH carries the broker's order seq (§3.7); SUBMIT does not.
-    if (frames[1].size() == 1 && *static_cast<const std::uint8_t*>(frames[1].data()) ==
-                                     static_cast<std::uint8_t>(Command::kDispatch)) {
-      if (a.size < 3) Fail("DISPATCH header is not [session, statements, seq]");
-      m.seq = AsUint<std::uint64_t>(a.ptr[2], "seq");
-    }
-    const auto& list = AsArray(a.ptr[1], 0, "statements is not an array");
-    if (list.size > kMaxBatch) Fail("too many statements in one message");
-    m.statements.resize(list.size);
-    for (std::uint32_t i = 0; i < list.size; ++i) {
-      const auto& f = AsArray(list.ptr[i], 7, "statement is not a 7-array");
-      WireStatement& ws = m.statements[i];
-      ws.index = AsUint<std::uint64_t>(f.ptr[0], "index");
-      ws.statement.method = AsStr(f.ptr[1], "method");
-      ws.statement.url = AsStr(f.ptr[2], "url");
-      ws.statement.headers = AsHeaders(f.ptr[3]);
-      ws.statement.body = AsBin(f.ptr[4], "body");
+    const bool dispatch = frames[1].size() == 1 && *static_cast<const std::uint8_t*>(frames[1].data()) ==
+                                                       static_cast<std::uint8_t>(Command::kDispatch);
+    if (dispatch && fields < 3) Fail("DISPATCH header is not [session, statements, seq]");
+    const std::uint32_t n = r.array(0, "statements is not an array");
+    if (n > kMaxBatch) Fail("too many statements in one message");
+    m.statements.resize(n);
+    for (WireStatement& ws : m.statements) {
+      const std::uint32_t f = r.array(7, "statement is not a 7-array");
+      ws.index = r.uint<std::uint64_t>("index");
+      ws.statement.method = r.str("method");
+      ws.statement.url = r.str("url");
+      ReadHeaders(r, &ws.statement.headers, 4);
+      ws.statement.body = r.bin("body");
       if (ws.statement.body.size() > kMaxStatementBody) Fail("statement body over the limit");
-      ws.statement.timeout_ms = AsUint<std::uint32_t>(f.ptr[5], "timeout_ms");
-      if (f.ptr[6].type == msgpack::type::BOOLEAN) ws.statement.idempotent = f.ptr[6].via.boolean;
-      else if (f.ptr[6].type != msgpack::type::NIL) Fail("idempotent is not bool or nil");
-      if (f.size > 7 && f.ptr[7].type != msgpack::type::NIL) AsRateWait(f.ptr[7], ws.rate_wait_us, ws.throttled, &ws.attempts);
+      ws.statement.timeout_ms = r.uint<std::uint32_t>("timeout_ms");
+      if (auto idempotent = r.boolean_or_nil("idempotent is not bool or nil")) ws.statement.idempotent = idempotent;
+      if (f > 7 && !r.nil()) AsRateWait(r.object(kLimits).get(), ws.rate_wait_us, ws.throttled, &ws.attempts);
+      SkipRest(r, f, 8, 3);
     }
+    if (dispatch) m.seq = r.uint<std::uint64_t>("seq");
+    SkipRest(r, fields, dispatch ? 3 : 2, 1);
+    ExpectEnd(r);
     return m;
   });
 }
 
 namespace {
 // Shared by the full and the index-only RESULTS decoders: frame 2 is
-// [session, seq], frame 3 the list of results (§3.4.2).
-const msgpack::object_array& ResultsList(std::span<const zmq::message_t> frames, msgpack::object_handle& head,
-                                         msgpack::object_handle& body, SessionId& session, std::uint64_t& seq) {
-  head = Header(frames, 4 + kMaxBatch);
-  const auto& a = AsArray(head.get(), 2, "header is not [session, seq]");
-  session = AsSession(a.ptr[0]);
-  seq = AsUint<std::uint64_t>(a.ptr[1], "seq");
+// [session, seq], frame 3 the list of results (§3.4.2). Returns a reader at
+// the first result and the count of results.
+std::pair<MsgpackReader, std::uint32_t> ResultsList(std::span<const zmq::message_t> frames, SessionId& session,
+                                                    std::uint64_t& seq) {
+  MsgpackReader head = HeaderReader(frames, 4 + kMaxBatch);
+  const std::uint32_t fields = head.array(2, "header is not [session, seq]");
+  session = ReadSession(head);
+  seq = head.uint<std::uint64_t>("seq");
+  SkipRest(head, fields, 2, 1);
+  ExpectEnd(head);
   if (frames.size() < 4) Fail("missing results frame");
-  body = Unpack(frames[3]);
-  const auto& list = AsArray(body.get(), 0, "results is not an array");
-  if (list.size > kMaxBatch) Fail("too many results in one message");
+  MsgpackReader list = FrameReader(frames[3]);
+  const std::uint32_t n = list.array(0, "results is not an array");
+  if (n > kMaxBatch) Fail("too many results in one message");
   // §3.4.2: exactly one body frame per result, in order.
-  if (frames.size() != 4 + static_cast<std::size_t>(list.size)) Fail("body frame count does not match results");
-  return list;
+  if (frames.size() != 4 + static_cast<std::size_t>(n)) Fail("body frame count does not match results");
+  return {list, n};
+}
+
+// One result's fields but its body, read in place; headers into `headers`, or
+// only checked when it is null.
+struct ResultFields {
+  std::uint64_t index = 0;
+  std::uint16_t status = 0;
+  std::uint8_t code = 0;
+  std::string_view message;
+  std::uint32_t attempts = 0;
+  std::uint64_t elapsed_us = 0;
+  std::string_view worker;
+  std::optional<RateReport> rate;
+  std::uint64_t rate_wait_us = 0;
+  std::uint32_t throttled = 0;
+};
+
+ResultFields ReadResult(MsgpackReader& r, Headers* headers) {
+  ResultFields f;
+  const std::uint32_t fields = r.array(8, "result is not an 8-array");
+  f.index = r.uint<std::uint64_t>("index");
+  f.status = r.uint<std::uint16_t>("status");
+  ReadHeaders(r, headers, 3);
+  f.code = r.uint<std::uint8_t>("error code");
+  f.message = r.str("error message");
+  f.attempts = r.uint<std::uint32_t>("attempts");
+  f.elapsed_us = r.uint<std::uint64_t>("elapsed_us");
+  f.worker = r.str("worker");
+  if (fields > 8 && !r.nil()) f.rate = AsRateReport(r.object(kLimits).get());
+  if (fields > 9 && !r.nil()) AsRateWait(r.object(kLimits).get(), f.rate_wait_us, f.throttled);
+  SkipRest(r, fields, 10, 2);
+  return f;
 }
 }  // namespace
 
 Result<Results> DecodeResults(std::span<const zmq::message_t> frames) {
   return Guard([&] {
-    msgpack::object_handle head, body;
     Results m;
-    const auto& list = ResultsList(frames, head, body, m.session, m.seq);
-    m.results.resize(list.size);
-    for (std::uint32_t i = 0; i < list.size; ++i) {
-      const auto& f = AsArray(list.ptr[i], 8, "result is not an 8-array");
+    auto [r, n] = ResultsList(frames, m.session, m.seq);
+    m.results.resize(n);
+    for (std::uint32_t i = 0; i < n; ++i) {
       WireResult& wr = m.results[i];
-      Response& r = wr.response;
-      wr.index = AsUint<std::uint64_t>(f.ptr[0], "index");
-      r.status = static_cast<int>(AsUint<std::uint16_t>(f.ptr[1], "status"));
-      r.headers = AsHeaders(f.ptr[2]);
-      const auto code = StatusCodeFromWire(AsUint<std::uint8_t>(f.ptr[3], "error code"));
-      std::string_view message = AsStr(f.ptr[4], "error message");
-      if (code != StatusCode::kOk) r.error = ResponseError{code, std::string(message)};
-      r.attempts = AsUint<std::uint32_t>(f.ptr[5], "attempts");
-      r.elapsed_us = AsUint<std::uint64_t>(f.ptr[6], "elapsed_us");
-      r.worker = AsStr(f.ptr[7], "worker");
-      if (f.size > 8 && f.ptr[8].type != msgpack::type::NIL) wr.rate = AsRateReport(f.ptr[8]);
-      if (f.size > 9 && f.ptr[9].type != msgpack::type::NIL) AsRateWait(f.ptr[9], r.rate_wait_us, r.throttled);
+      Response& response = wr.response;
+      ResultFields f = ReadResult(r, &response.headers);
+      wr.index = f.index;
+      response.status = f.status;
+      const auto code = StatusCodeFromWire(f.code);
+      if (code != StatusCode::kOk) response.error = ResponseError{code, std::string(f.message)};
+      response.attempts = f.attempts;
+      response.elapsed_us = f.elapsed_us;
+      response.worker = f.worker;
+      wr.rate = std::move(f.rate);
+      response.rate_wait_us = f.rate_wait_us;
+      response.throttled = f.throttled;
       const auto& data = frames[4 + i];
-      r.body.assign(static_cast<const char*>(data.data()), data.size());
+      response.body.assign(static_cast<const char*>(data.data()), data.size());
     }
+    ExpectEnd(r);
     return m;
   });
 }
 
 Result<ResultsIndex> DecodeResultsIndex(std::span<const zmq::message_t> frames) {
   return Guard([&] {
-    msgpack::object_handle head, body;
     ResultsIndex m;
-    const auto& list = ResultsList(frames, head, body, m.session, m.seq);
-    m.indices.resize(list.size);
-    for (std::uint32_t i = 0; i < list.size; ++i) {
-      const auto& f = AsArray(list.ptr[i], 8, "result is not an 8-array");
-      m.indices[i] = AsUint<std::uint64_t>(f.ptr[0], "index");
+    auto [r, n] = ResultsList(frames, m.session, m.seq);
+    m.indices.resize(n);
+    for (std::uint32_t i = 0; i < n; ++i) {
       // Every field is checked, nothing copied: a RESULTS the broker forwards
       // must be one its client can decode (§4.3).
-      AsUint<std::uint16_t>(f.ptr[1], "status");
-      const auto& headers = AsArray(f.ptr[2], 0, "headers is not an array");
-      for (std::uint32_t k = 0; k < headers.size; ++k) {
-        const auto& pair = AsArray(headers.ptr[k], 2, "header is not a [name, value] pair");
-        AsStr(pair.ptr[0], "header name is not str");
-        AsStr(pair.ptr[1], "header value is not str");
-      }
-      if (AsUint<std::uint8_t>(f.ptr[3], "error code") != 0) ++m.failed;
-      AsStr(f.ptr[4], "error message");
-      if (const auto attempts = AsUint<std::uint32_t>(f.ptr[5], "attempts"); attempts > 1) m.retries += attempts - 1;
-      AsUint<std::uint64_t>(f.ptr[6], "elapsed_us");
-      AsStr(f.ptr[7], "worker");
-      if (f.size > 8 && f.ptr[8].type != msgpack::type::NIL) m.rates.emplace_back(i, AsRateReport(f.ptr[8]));
-      if (f.size > 9 && f.ptr[9].type != msgpack::type::NIL) {
-        std::uint64_t wait_us = 0;
-        std::uint32_t throttled = 0;
-        AsRateWait(f.ptr[9], wait_us, throttled);
-      }
+      ResultFields f = ReadResult(r, nullptr);
+      m.indices[i] = f.index;
+      if (f.code != 0) ++m.failed;
+      if (f.attempts > 1) m.retries += f.attempts - 1;
+      if (f.rate) m.rates.emplace_back(i, std::move(*f.rate));
     }
+    ExpectEnd(r);
     return m;
   });
 }

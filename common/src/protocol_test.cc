@@ -1105,6 +1105,113 @@ TEST(ProtocolTest, ResultsIndexRejectsWhatDecodeResultsRejects) {
 
 // §2.4: the broker answers a malformed message whose header starts with a
 // session id, naming it; PeekSession finds that id in any command's header.
+// §2.5, §2.6: a newer peer's extra trailing elements (of any kind, nested
+// within §5's depth), integers in wider formats than needed and str for bin
+// decode to the same values in the per-statement decoders, which read their
+// frames in place; one level of nesting more than §5 allows is malformed.
+TEST(ProtocolTest, Clause_2_5_ExtraTrailingElementsOfStatementsAndResultsAreIgnored) {
+  const SessionId sid = NewSessionId();
+  const std::string raw(reinterpret_cast<const char*>(sid.raw().data()), 16);
+  // An extra element nested `containers` deep in itself.
+  auto extra = [](msgpack::packer<msgpack::sbuffer>& pk, int containers) {
+    for (int d = 1; d < containers; ++d) pk.pack_array(1);
+    if (containers > 0) {
+      pk.pack_map(2);
+      pk.pack(std::string("future"));
+      pk.pack(-1.5);
+      pk.pack(std::string("more"));
+      pk.pack_nil();
+    } else {
+      pk.pack(std::string("future"));
+    }
+  };
+  // A DISPATCH whose statement, header pair and header carry extra elements;
+  // the statement's extra is nested `deep` containers deep.
+  auto dispatch = [&](int deep) {
+    return testing::Raw(Command::kDispatch, [&](auto& pk) {
+      pk.pack_array(4);                        // depth 1
+      pk.pack(raw);                            // str for bin
+      pk.pack_array(1);                        // depth 2
+      pk.pack_array(9);                        // depth 3
+      pk.pack_fix_uint64(42);                  // index, wider than needed
+      pk.pack(std::string("GET"));
+      pk.pack(std::string("http://a/x"));
+      pk.pack_array(1);                        // depth 4
+      pk.pack_array(3);                        // depth 5
+      pk.pack(std::string("X-A"));
+      pk.pack(std::string("1"));
+      extra(pk, 3);                            // 5 + 3 = 8
+      pk.pack_bin(0);
+      pk.pack_bin_body("", 0);
+      pk.pack_fix_int32(5000);                 // timeout_ms, signed but not negative
+      pk.pack(true);
+      pk.pack_nil();                           // no rate wait
+      extra(pk, deep);
+      pk.pack_fix_uint32(7);                   // seq
+      extra(pk, 7);                            // 1 + 7 = 8
+    });
+  };
+  const Statements m = Must(DecodeStatements(dispatch(5)));  // 3 + 5 = 8
+  EXPECT_EQ(m.session, sid);
+  EXPECT_EQ(m.seq, 7u);
+  ASSERT_EQ(m.statements.size(), 1u);
+  const WireStatement& ws = m.statements[0];
+  EXPECT_EQ(ws.index, 42u);
+  EXPECT_EQ(ws.statement.url, "http://a/x");
+  EXPECT_EQ(ws.statement.headers, (Headers{{"X-A", "1"}}));
+  EXPECT_EQ(ws.statement.timeout_ms, 5000u);
+  EXPECT_EQ(ws.statement.idempotent, std::optional<bool>(true));
+  EXPECT_FALSE(DecodeStatements(dispatch(6)).has_value()) << "9 levels";
+
+  auto results = [&](int deep) {
+    Frames f = Encode(Results{sid, 1, std::vector<WireResult>(1)});
+    msgpack::sbuffer head;
+    msgpack::packer<msgpack::sbuffer> hp(head);
+    hp.pack_array(3);
+    hp.pack(raw);
+    hp.pack_fix_uint16(9);  // seq
+    extra(hp, 7);
+    f[2] = zmq::message_t(head.data(), head.size());
+    msgpack::sbuffer list;
+    msgpack::packer<msgpack::sbuffer> pk(list);
+    pk.pack_array(1);    // depth 1
+    pk.pack_array(11);   // depth 2
+    pk.pack(3);
+    pk.pack_fix_uint32(503);
+    pk.pack_array(1);    // depth 3
+    pk.pack_array(3);    // depth 4
+    pk.pack(std::string("Retry-After"));
+    pk.pack(std::string("1"));
+    extra(pk, 4);        // 4 + 4 = 8
+    pk.pack(static_cast<int>(StatusCode::kHttpStatus));
+    pk.pack(std::string("503"));
+    pk.pack(2);
+    pk.pack(10);
+    pk.pack(std::string("w"));
+    pk.pack_nil();
+    pk.pack_nil();
+    extra(pk, deep);
+    f[3] = zmq::message_t(list.data(), list.size());
+    return f;
+  };
+  const Results r = Must(DecodeResults(results(6)));  // 2 + 6 = 8
+  EXPECT_EQ(r.seq, 9u);
+  ASSERT_EQ(r.results.size(), 1u);
+  EXPECT_EQ(r.results[0].index, 3u);
+  EXPECT_EQ(r.results[0].response.status, 503);
+  EXPECT_EQ(r.results[0].response.headers, (Headers{{"Retry-After", "1"}}));
+  ASSERT_TRUE(r.results[0].response.error.has_value());
+  EXPECT_EQ(r.results[0].response.error->message, "503");
+  EXPECT_EQ(r.results[0].response.attempts, 2u);
+  EXPECT_EQ(r.results[0].response.worker, "w");
+  const ResultsIndex idx = Must(DecodeResultsIndex(results(6)));
+  EXPECT_EQ(idx.indices, (std::vector<std::uint64_t>{3}));
+  EXPECT_EQ(idx.failed, 1u);
+  EXPECT_EQ(idx.retries, 1u);
+  EXPECT_FALSE(DecodeResults(results(7)).has_value()) << "9 levels";
+  EXPECT_FALSE(DecodeResultsIndex(results(7)).has_value()) << "9 levels";
+}
+
 TEST(ProtocolTest, PeekSessionFindsTheSessionAHeaderStartsWith) {
   const SessionId sid = NewSessionId();
   EXPECT_EQ(PeekSession(Encode(Open{sid, SampleSettings(), 0})), sid);
