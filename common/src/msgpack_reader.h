@@ -37,17 +37,13 @@ class MsgpackReader {
 
   // An array of at least min_size elements; returns its size.
   std::uint32_t array(std::uint32_t min_size, const char* what) {
-    std::uint32_t n = 0;
     const unsigned char t = peek(what);
+    std::uint32_t n = 0;
     if (t >= 0x90 && t <= 0x9f) {
       ++p_;
       n = t & 0x0fu;
-    } else if (t == 0xdc) {
-      ++p_;
-      n = be<std::uint16_t>(what);
-    } else if (t == 0xdd) {
-      ++p_;
-      n = be<std::uint32_t>(what);
+    } else if (t == 0xdc || t == 0xdd) {
+      n = static_cast<std::uint32_t>(sized(t == 0xdc ? 2 : 4, what));  // array 16, array 32
     } else {
       ReaderFail(what);
     }
@@ -61,24 +57,18 @@ class MsgpackReader {
   template <typename T>
   T uint(const char* what) {
     const unsigned char t = peek(what);
-    ++p_;
     std::uint64_t v = 0;
     if (t <= 0x7f) {
+      ++p_;
       v = t;
-    } else if (t == 0xcc) {
-      v = be<std::uint8_t>(what);
-    } else if (t == 0xcd) {
-      v = be<std::uint16_t>(what);
-    } else if (t == 0xce) {
-      v = be<std::uint32_t>(what);
-    } else if (t == 0xcf) {
-      v = be<std::uint64_t>(what);
+    } else if (t >= 0xcc && t <= 0xcf) {
+      v = sized(1u << (t - 0xcc), what);  // uint 8, 16, 32, 64
     } else if (t >= 0xd0 && t <= 0xd3) {
-      std::int64_t s = 0;
-      if (t == 0xd0) s = static_cast<std::int8_t>(be<std::uint8_t>(what));
-      if (t == 0xd1) s = static_cast<std::int16_t>(be<std::uint16_t>(what));
-      if (t == 0xd2) s = static_cast<std::int32_t>(be<std::uint32_t>(what));
-      if (t == 0xd3) s = static_cast<std::int64_t>(be<std::uint64_t>(what));
+      // int 8, 16, 32, 64: sign-extended from its width.
+      const unsigned width = 1u << (t - 0xd0);
+      const std::uint64_t raw = sized(width, what);
+      const unsigned shift = 64 - 8 * width;
+      const auto s = static_cast<std::int64_t>(raw << shift) >> shift;
       if (s < 0) ReaderFail(what);
       v = static_cast<std::uint64_t>(s);
     } else {
@@ -94,15 +84,8 @@ class MsgpackReader {
     if (t >= 0xa0 && t <= 0xbf) {
       ++p_;
       n = t & 0x1fu;
-    } else if (t == 0xd9) {
-      ++p_;
-      n = be<std::uint8_t>(what);
-    } else if (t == 0xda) {
-      ++p_;
-      n = be<std::uint16_t>(what);
-    } else if (t == 0xdb) {
-      ++p_;
-      n = be<std::uint32_t>(what);
+    } else if (t >= 0xd9 && t <= 0xdb) {
+      n = sized(1u << (t - 0xd9), what);  // str 8, 16, 32
     } else {
       ReaderFail(what);
     }
@@ -112,20 +95,8 @@ class MsgpackReader {
   // bin, or str in its place.
   std::string_view bin(const char* what) {
     const unsigned char t = peek(what);
-    std::size_t n = 0;
-    if (t == 0xc4) {
-      ++p_;
-      n = be<std::uint8_t>(what);
-    } else if (t == 0xc5) {
-      ++p_;
-      n = be<std::uint16_t>(what);
-    } else if (t == 0xc6) {
-      ++p_;
-      n = be<std::uint32_t>(what);
-    } else {
-      return str(what);
-    }
-    return bytes(n, what);
+    if (t < 0xc4 || t > 0xc6) return str(what);
+    return bytes(sized(1u << (t - 0xc4), what), what);  // bin 8, 16, 32
   }
 
   // Takes a nil if one is next.
@@ -174,10 +145,14 @@ class MsgpackReader {
     } else if ((t >= 0x90 && t <= 0x9f) || t == 0xdc || t == 0xdd) {
       for (std::uint32_t n = array(0, what); n > 0; --n) skip(containers - 1);
     } else if (container) {
-      ++p_;
-      const std::uint32_t n = t <= 0x8f ? t & 0x0fu : t == 0xde ? be<std::uint16_t>(what) : be<std::uint32_t>(what);
+      std::uint64_t n = t & 0x0fu;  // fixmap
+      if (t <= 0x8f) {
+        ++p_;
+      } else {
+        n = sized(t == 0xde ? 2 : 4, what);  // map 16, map 32
+      }
       if (n > left() / 2 || n > max_map_) ReaderFail(what);
-      for (std::uint32_t k = 0; k < 2 * n; ++k) skip(containers - 1);
+      for (std::uint64_t k = 0; k < 2 * n; ++k) skip(containers - 1);
     } else {
       ReaderFail("unsupported msgpack type");  // ext, and the never-used 0xc1
     }
@@ -191,12 +166,14 @@ class MsgpackReader {
     return *p_;
   }
 
-  template <typename T>
-  T be(const char* what) {
-    if (left() < sizeof(T)) ReaderFail(what);
-    T v = 0;
-    for (std::size_t i = 0; i < sizeof(T); ++i) v = static_cast<T>((v << 8) | p_[i]);
-    p_ += sizeof(T);
+  // Steps over a format byte, then reads the big-endian field of `width`
+  // bytes (1, 2, 4 or 8) after it.
+  std::uint64_t sized(unsigned width, const char* what) {
+    ++p_;
+    if (left() < width) ReaderFail(what);
+    std::uint64_t v = 0;
+    for (unsigned i = 0; i < width; ++i) v = v << 8 | p_[i];
+    p_ += width;
     return v;
   }
 
