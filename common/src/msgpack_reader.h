@@ -14,7 +14,6 @@
 // reply. protocol.cc defines ReaderFail and is the reader's only user.
 
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <optional>
 #include <string_view>
