@@ -866,20 +866,27 @@ def targets(a, results):
     def verdict(ok):
         return "holds" if ok else "misses"
 
+    def judged(r, bound, decimals):
+        """r× and its verdict, with a decimal more where rounding would
+        cross the bound (0.847 is not shown as a 0.85 that misses 0.85)."""
+        while decimals < 4 and (round(r, decimals) >= bound) != (r >= bound):
+            decimals += 1
+        return f"{r:.{decimals}f}× — {verdict(r >= bound)}"
+
     key = ("nginx", 256)
     if key in results and "curl" in a.rows:
         if "embedded" in a.rows:
             r = ratio_to(results, key, "embedded", "curl")
-            lines.append(f"- nginx C=256, embedded ≥ 0.85× bare libcurl: {r:.2f}× — {verdict(r >= 0.85)}")
+            lines.append(f"- nginx C=256, embedded ≥ 0.85× bare libcurl: {judged(r, 0.85, 2)}")
         if "tcp1" in a.rows:
             r = ratio_to(results, key, "tcp1", "curl")
-            lines.append(f"- nginx C=256, tcp broker + 1 worker ≥ 0.75× bare libcurl: {r:.2f}× — {verdict(r >= 0.75)}")
+            lines.append(f"- nginx C=256, tcp broker + 1 worker ≥ 0.75× bare libcurl: {judged(r, 0.75, 2)}")
     if key in results and "embedded" in a.rows and "aiohttp" in a.rows:
         r = ratio_to(results, key, "embedded", "aiohttp")
-        lines.append(f"- nginx C=256, embedded ≥ 6× aiohttp: {r:.1f}× — {verdict(r >= 6)}")
+        lines.append(f"- nginx C=256, embedded ≥ 6× aiohttp: {judged(r, 6, 1)}")
     if key in results and "python" in a.rows and "aiohttp" in a.rows:
         r = ratio_to(results, key, "python", "aiohttp")
-        lines.append(f"- nginx C=256, Python package ≥ 5× aiohttp: {r:.1f}× — {verdict(r >= 5)}")
+        lines.append(f"- nginx C=256, Python package ≥ 5× aiohttp: {judged(r, 5, 1)}")
     for kind in ("https", "h2"):
         key = (kind, 256)
         if key not in results:
@@ -887,10 +894,10 @@ def targets(a, results):
         for row in ("embedded", "tcp1"):
             if row in a.rows and "curl" in a.rows:
                 r = ratio_to(results, key, row, "curl")
-                lines.append(f"- {kind} C=256, {ROWS[row]} ≥ 0.9× bare libcurl: {r:.2f}× — {verdict(r >= 0.9)}")
+                lines.append(f"- {kind} C=256, {ROWS[row]} ≥ 0.9× bare libcurl: {judged(r, 0.9, 2)}")
             if row in a.rows and "aiohttp" in a.rows:
                 r = ratio_to(results, key, row, "aiohttp")
-                lines.append(f"- {kind} C=256, {ROWS[row]} ≥ 6× aiohttp: {r:.1f}× — {verdict(r >= 6)}")
+                lines.append(f"- {kind} C=256, {ROWS[row]} ≥ 6× aiohttp: {judged(r, 6, 1)}")
     over = [f"{kind} C={c} {row}: {fig['conns']}" for (kind, c), rounds in results.items() for rnd in rounds
             for row, fig in rnd.items() if row not in ("curl", "aiohttp") and fig["conns"] is not None
             and fig["conns"] > c]
@@ -909,7 +916,7 @@ def targets(a, results):
             text = f"{rate / ideal:.0%} of C/delay — {verdict(rate >= 0.9 * ideal)}"
             if "curl" in a.rows:
                 ratio = ratio_to(results, key, row, "curl")
-                text += f"; {ratio:.2f}× bare libcurl — {verdict(ratio >= 1.0)}"
+                text += f"; {judged(ratio, 1.0, 2).replace('×', '× bare libcurl', 1)}"
             lines.append(f"- delay C=1000, {ROWS[row]} ≥ 90% of C/delay, or ≥ bare libcurl where CPU-bound: {text}")
     key = ("big", 25)
     if key in results and "curl" in a.rows:
@@ -917,12 +924,12 @@ def targets(a, results):
             if row in a.rows:
                 r = ratio_to(results, key, row, "curl")
                 rss = statistics.median(rnd[row]["client_rss"] for rnd in results[key])
-                lines.append(f"- 1 MiB bodies C=25, {ROWS[row]} ≥ {floor}× bare libcurl: {r:.2f}× — "
-                             f"{verdict(r >= floor)}; the client's peak RSS < 100 MB: {rss:.0f} MB — {verdict(rss < 100)}")
+                lines.append(f"- 1 MiB bodies C=25, {ROWS[row]} ≥ {floor}× bare libcurl: {judged(r, floor, 2)}; "
+                             f"the client's peak RSS < 100 MB: {rss:.0f} MB — {verdict(rss < 100)}")
     ratios = routing_ratios(results)
     if ratios:
         r = statistics.median(ratios)
-        lines.append(f"- broker routing ≥ 25× bare libcurl nginx C=25: {r:.1f}× — {verdict(r >= 25)}")
+        lines.append(f"- broker routing ≥ 25× bare libcurl nginx C=25: {judged(r, 25, 1)}")
     if len(lines) == 2:
         lines.append("- none: run nginx-256 and delay-1000 with the curl and gatherer rows")
     return lines
