@@ -55,6 +55,9 @@ size_t HeaderCallback(char* data, size_t size, size_t count, void* user) {
   if (EqualsIgnoreCase(name, "Content-Encoding") && !value.empty() && !EqualsIgnoreCase(value, "identity")) {
     transfer->encoded = true;
   }
+  // One allocation for a typical response's headers rather than growing
+  // through 1, 2, 4, 8 and 16 (each growth moving every string).
+  if (headers.capacity() == 0) headers.reserve(16);
   headers.emplace_back(std::string(name), std::string(value));
   return bytes;
 }
