@@ -225,6 +225,13 @@ constexpr std::size_t kEscapeChunk = 8;
 
 }  // namespace
 
+bool WrittenAsItIs(std::string_view s) {
+  for (const char c : s) {
+    if (kEscapeExtraLatin1[static_cast<unsigned char>(c)] != 0) return false;
+  }
+  return true;
+}
+
 // Sized once from a first pass, then written. On x86-64, 16 bytes at a time:
 // a clean chunk is stored whole, and one that needs escaping goes through
 // two shuffles (SSSE3) or, with SSE2 alone, one 16-byte store per run

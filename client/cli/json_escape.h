@@ -13,6 +13,11 @@ namespace gatherer::cli {
 // output valid UTF-8 for a string that is not (a Latin-1 header value).
 void AppendJsonEscaped(std::string& out, std::string_view s, bool latin1);
 
+// Whether AppendJsonEscaped would write `s` as it is in either mode: ASCII
+// with no control byte, '"' or '\\', so valid UTF-8 needing no check. Header
+// names and values nearly always are; one table lookup per byte.
+bool WrittenAsItIs(std::string_view s);
+
 namespace detail {
 // Tests only: true makes AppendJsonEscaped take its SSE2 way where the CPU
 // also has SSSE3, so that both ways are checked on one machine.

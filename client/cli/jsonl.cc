@@ -272,24 +272,9 @@ Result<Statement> ParseJsonObject(std::string_view json, const ParseOptions& opt
 
 bool IsUtf8(std::string_view s) { return simdjson::validate_utf8(s.data(), s.size()); }
 
-// Printable ASCII but '"' and '\\': bytes JSON takes as they are, and valid
-// UTF-8 on their own. Header names and values are nearly always made of them.
-constexpr std::array<bool, 256> kPlainAscii = [] {
-  std::array<bool, 256> t{};
-  for (int c = 0x20; c < 0x7f; ++c) t[c] = c != '"' && c != '\\';
-  return t;
-}();
-
-bool IsPlainAscii(std::string_view s) {
-  for (const char c : s) {
-    if (!kPlainAscii[static_cast<unsigned char>(c)]) return false;
-  }
-  return true;
-}
-
 void AppendString(std::string& out, std::string_view s) {
   out += '"';
-  if (IsPlainAscii(s)) {
+  if (WrittenAsItIs(s)) {
     out += s;
   } else {
     AppendJsonEscaped(out, s, !IsUtf8(s));

@@ -354,6 +354,20 @@ void CheckEscapingMatchesBytewise() {
 
 TEST(AppendResponseJsonTest, ChunkedEscapingMatchesBytewise) { CheckEscapingMatchesBytewise(); }
 
+// The header strings' shortcut agrees with the escaping, byte by byte, in both modes.
+TEST(AppendResponseJsonTest, WrittenAsItIsAgreesWithTheEscaping) {
+  for (int c = 0; c < 256; ++c) {
+    const std::string one(1, static_cast<char>(c));
+    std::string utf8, latin1;
+    AppendJsonEscaped(utf8, one, false);
+    AppendJsonEscaped(latin1, one, true);
+    EXPECT_EQ(WrittenAsItIs(one), utf8 == one && latin1 == one) << "byte " << c;
+  }
+  EXPECT_TRUE(WrittenAsItIs("Thu, 03 Dec 2026 15:33:02 GMT"));
+  EXPECT_FALSE(WrittenAsItIs("\"6b118b99-252\""));
+  EXPECT_FALSE(WrittenAsItIs("caf\xc3\xa9"));
+}
+
 TEST(AppendResponseJsonTest, ChunkedEscapingMatchesBytewiseOnSse2Alone) {
   struct Baseline {
     Baseline() { detail::BaselineEscaping() = true; }
