@@ -10,14 +10,30 @@
 
 namespace gatherer::worker {
 
+namespace {
+
+// Appends a line as it is; false when out of memory (then `list` is unchanged).
+bool AppendLine(curl_slist*& list, const char* line) {
+  curl_slist* next = curl_slist_append(list, line);
+  if (next == nullptr) return false;
+  list = next;
+  return true;
+}
+
+// The fetcher's own lines, each unless the headers already name it.
+bool AppendDefaultLines(curl_slist*& list, bool names_user_agent, bool names_accept_encoding) {
+  if (!names_user_agent && !AppendLine(list, kUserAgentLine)) return false;
+  const char* accept_encoding = AcceptEncodingLine();
+  return names_accept_encoding || accept_encoding == nullptr || AppendLine(list, accept_encoding);
+}
+
+}  // namespace
+
 bool AppendHeader(curl_slist*& list, std::string& line, std::string_view name, std::string_view value) {
   line.assign(name);
   line += value.empty() ? ";" : ": ";
   line += value;
-  curl_slist* next = curl_slist_append(list, line.c_str());
-  if (next == nullptr) return false;
-  list = next;
-  return true;
+  return AppendLine(list, line.c_str());
 }
 
 bool IsIpLiteral(std::string_view address) {
@@ -63,13 +79,7 @@ SessionHeaders::SessionHeaders(const Headers& headers) {
   std::string line;
   bool ok = true;
   for (const auto& [name, value] : headers) ok = ok && AppendHeader(list, line, name, value);
-  auto append_line = [&](const char* text) {
-    curl_slist* next = ok ? curl_slist_append(list, text) : nullptr;
-    if (next != nullptr) list = next;
-    ok = next != nullptr;
-  };
-  if (!names_user_agent) append_line(kUserAgentLine);
-  if (!names_accept_encoding && AcceptEncodingLine() != nullptr) append_line(AcceptEncodingLine());
+  ok = ok && AppendDefaultLines(list, names_user_agent, names_accept_encoding);
   if (!ok) {
     error = ResponseError{StatusCode::kInternal, "out of memory"};
     return;
@@ -142,21 +152,14 @@ std::optional<ResponseError> PlanRequest(const Statement& statement, const Sessi
     for (const auto& [name, value] : statement.headers) {
       if (!AppendHeader(own, scratch.header_line, name, value)) return out_of_memory;
     }
-    auto append_line = [&own](const char* line) {
-      curl_slist* next = curl_slist_append(own, line);
-      if (next != nullptr) own = next;
-      return next != nullptr;
-    };
-    if (!session_headers.names_user_agent && !NamesHeader(statement.headers, "User-Agent") &&
-        !append_line(kUserAgentLine)) {
-      return out_of_memory;
-    }
-    if (!session_headers.names_accept_encoding && AcceptEncodingLine() != nullptr &&
-        !NamesHeader(statement.headers, "Accept-Encoding") && !append_line(AcceptEncodingLine())) {
+    if (!AppendDefaultLines(own,
+                            session_headers.names_user_agent || NamesHeader(statement.headers, "User-Agent"),
+                            session_headers.names_accept_encoding ||
+                                NamesHeader(statement.headers, "Accept-Encoding"))) {
       return out_of_memory;
     }
     if (plan.posts && !session_headers.names_content_type && !NamesHeader(statement.headers, "Content-Type") &&
-        !append_line(kNoContentTypeLine)) {
+        !AppendLine(own, kNoContentTypeLine)) {
       return out_of_memory;
     }
     plan.headers = own;
