@@ -64,7 +64,7 @@ struct BrokerCore {
     // id, so that leasing a statement allocates nothing (a worker's routing id
     // is longer than a short string's inline buffer).
     std::uint64_t worker = 0;
-    proto::WireStatement statement;
+    proto::HeldStatement statement;
     std::uint64_t seq = 0;  // order seq of the DISPATCH that carried it (§3.7)
   };
 
@@ -84,12 +84,12 @@ struct BrokerCore {
     std::string owner;   // CURVE: the public key that opened it (§1.7)
     SessionSettings settings;
     std::uint32_t prefetch = 0;
-    std::deque<proto::WireStatement> pending;
+    std::deque<proto::HeldStatement> pending;
     std::unordered_map<std::uint64_t, Lease> leases;
     // Statements that were leased to a worker that died, in groups waiting to
     // run in quarantine, oldest first (§4.5). While any wait, the session's
     // queued statements are not dispatched: the quarantined ones are its oldest.
-    std::deque<std::vector<proto::WireStatement>> quarantine;
+    std::deque<std::vector<proto::HeldStatement>> quarantine;
     // Deaths of workers that held the statement alone, by index (§4.5).
     std::unordered_map<std::uint64_t, std::uint32_t> solo_deaths;
     // Workers that were sent SESSION for it (they get END_SESSION on close).
@@ -229,7 +229,7 @@ struct BrokerCore {
   void on_sync(const std::string& peer, std::span<zmq::message_t> body);
   void deliver(SessionState& s, proto::Frames&& frames, std::vector<std::uint64_t>&& indices);
   void deliver_failures(SessionState& s, proto::Results&& results);
-  void requeue_front(SessionState& s, std::vector<proto::WireStatement>&& statements);
+  void requeue_front(SessionState& s, std::vector<proto::HeldStatement>&& statements);
   void send_acks();
   bool curve() const { return !options.curve_key.secret_key.empty(); }
   bool may_touch(const std::string& peer, const SessionState& s);
@@ -238,14 +238,14 @@ struct BrokerCore {
   void dispatch_quarantine();
   void update_roster();
   bool ensure_session(SessionState& s, WorkerState& w, std::uint32_t share);
-  bool send_dispatch(SessionState& s, WorkerState& w, proto::Statements& chunk);
+  bool send_dispatch(SessionState& s, WorkerState& w, std::vector<proto::HeldStatement>& chunk);
   void release_quarantine_worker();
   void end_session(SessionState& s);
   void remove_worker(const std::string& routing_id, Departure how, const char* why);
   void heartbeat();
   void mark_ready(SessionState& s);
   void open_rate(SessionState& s);
-  std::size_t take_limited(SessionState& s, std::size_t n, std::vector<proto::WireStatement>& out);
+  std::size_t take_limited(SessionState& s, std::size_t n, std::vector<proto::HeldStatement>& out);
   void wake_at(SessionState& s, Clock::time_point wake);
   void wake_rate_waiting();
   void update_gauges();

@@ -55,7 +55,7 @@ void BrokerCore::on_results(const std::string& peer, std::span<zmq::message_t> b
   // duplicate or belongs to a cancelled batch; it is dropped here (§4.3).
   std::vector<bool> keep(index->indices.size(), true);
   std::size_t kept = 0;
-  std::vector<proto::WireStatement> throttled;  // 429s to run again (§3.8)
+  std::vector<proto::HeldStatement> throttled;  // 429s to run again (§3.8)
   auto report = index->rates.begin();
   for (std::size_t i = 0; i < index->indices.size(); ++i) {
     auto l = session.leases.find(index->indices[i]);
@@ -154,7 +154,7 @@ void BrokerCore::on_holding(const std::string& peer, std::span<zmq::message_t> b
     if (s == sessions.end()) continue;
     SessionState& session = s->second;
     auto in_hand = held.find(sid);
-    std::vector<proto::WireStatement> lost;
+    std::vector<proto::HeldStatement> lost;
     for (auto l = session.leases.begin(); l != session.leases.end();) {
       const Lease& lease = l->second;
       if (lease.worker == worker.serial && lease.seq <= holding->seq &&
@@ -291,7 +291,7 @@ void BrokerCore::on_client(const std::string& peer, proto::Command command, std:
     return;
   }
   if (command == Command::kSubmit) {
-    auto submit = proto::DecodeStatements(body);
+    auto submit = proto::DecodeSubmit(body);
     if (!submit) return malformed(peer, submit.error(), body);
     auto it = sessions.find(submit->session);
     if (it == sessions.end()) {

@@ -6,9 +6,9 @@ namespace {
 
 // Moves the back half of `group` out (the front half stays, order kept):
 // how quarantine groups are split (§4.5).
-std::vector<proto::WireStatement> TakeBackHalf(std::vector<proto::WireStatement>& group) {
+std::vector<proto::HeldStatement> TakeBackHalf(std::vector<proto::HeldStatement>& group) {
   const auto mid = group.begin() + static_cast<std::ptrdiff_t>(group.size() / 2);
-  std::vector<proto::WireStatement> back(std::make_move_iterator(mid), std::make_move_iterator(group.end()));
+  std::vector<proto::HeldStatement> back(std::make_move_iterator(mid), std::make_move_iterator(group.end()));
   group.erase(mid, group.end());
   return back;
 }
@@ -46,7 +46,7 @@ void BrokerCore::remove_worker(const std::string& routing_id, Departure how, con
     if (s == sessions.end()) continue;
     SessionState& session = s->second;
     session.workers.erase(routing_id);
-    std::vector<proto::WireStatement> held;
+    std::vector<proto::HeldStatement> held;
     for (auto l = session.leases.begin(); l != session.leases.end();) {
       if (l->second.worker == w.serial) {
         if (session.rate) session.rate->answered(l->first, now());  // out of flight (§3.8.3)
@@ -60,15 +60,15 @@ void BrokerCore::remove_worker(const std::string& routing_id, Departure how, con
     total_leased -= held.size();
     std::sort(held.begin(), held.end(), [](const auto& a, const auto& b) { return a.index < b.index; });
     proto::Results failed{sid, 0, {}};
-    std::vector<proto::WireStatement> again;
+    std::vector<proto::HeldStatement> again;
     again.reserve(held.size());
     for (auto& ws : held) {
-      if (!IsIdempotent(ws.statement)) {
+      if (!ws.idempotent()) {
         failed.results.push_back(Failure(
             ws.index, StatusCode::kUnknown,
             fmt::format("outcome unknown: worker {} {} while this {} was in its hands; not sent again "
                         "(non-idempotent)",
-                        w.worker_id, how == Departure::kDied ? "died" : "left", ws.statement.method),
+                        w.worker_id, how == Departure::kDied ? "died" : "left", ws.method()),
             w.worker_id));
         stats.outcome_unknown.fetch_add(1, std::memory_order_relaxed);
         continue;
@@ -175,13 +175,13 @@ void BrokerCore::dispatch_quarantine() {
     if (s.rate) {
       // A re-run is a request like any other (§3.8.3): the group runs what
       // its keys allow now, and the rest stays first in line.
-      std::deque<proto::WireStatement> rest(std::make_move_iterator(group.begin()),
+      std::deque<proto::HeldStatement> rest(std::make_move_iterator(group.begin()),
                                             std::make_move_iterator(group.end()));
       group.clear();
       wake_at(s, s.rate->take(rest, rest.size(), now(), group));
       if (!rest.empty()) {
         s.quarantine.insert(s.quarantine.begin() + 1,
-                            std::vector<proto::WireStatement>(std::make_move_iterator(rest.begin()),
+                            std::vector<proto::HeldStatement>(std::make_move_iterator(rest.begin()),
                                                               std::make_move_iterator(rest.end())));
         ++quarantine_groups;
       }
@@ -194,26 +194,26 @@ void BrokerCore::dispatch_quarantine() {
         continue;
       }
     }
-    proto::Statements chunk{sid, std::move(group), 0};
+    std::vector<proto::HeldStatement> chunk = std::move(group);
     s.quarantine.pop_front();
     --quarantine_groups;
     quarantined.pop_front();
     if (!s.quarantine.empty()) quarantined.push_back(sid);
-    std::erase_if(chunk.statements, [&](const proto::WireStatement& ws) {
+    std::erase_if(chunk, [&](const proto::HeldStatement& ws) {
       return !s.leases.try_emplace(ws.index, Lease{worker.serial, {}}).second;
     });
-    if (!chunk.statements.empty()) {
+    if (!chunk.empty()) {
       // A group runs alone on its worker: as many connections as statements.
       const auto held = worker.sessions.find(sid);
       const std::uint32_t share = held != worker.sessions.end()
-                                      ? std::max(held->second.share, static_cast<std::uint32_t>(chunk.statements.size()))
-                                      : static_cast<std::uint32_t>(chunk.statements.size());
+                                      ? std::max(held->second.share, static_cast<std::uint32_t>(chunk.size()))
+                                      : static_cast<std::uint32_t>(chunk.size());
       if (ensure_session(s, worker, share) && send_dispatch(s, worker, chunk)) {
         worker.isolated = true;
       } else {
         // The worker cannot be reached: the group waits for the next turn.
-        for (const auto& ws : chunk.statements) s.leases.erase(ws.index);
-        s.quarantine.push_front(std::move(chunk.statements));
+        for (const auto& ws : chunk) s.leases.erase(ws.index);
+        s.quarantine.push_front(std::move(chunk));
         ++quarantine_groups;
         quarantined.push_front(sid);
         release_quarantine_worker();

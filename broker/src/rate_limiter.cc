@@ -227,8 +227,9 @@ RateLimiter::Key* SessionRate::cached(const std::string& name, const RateWindows
   return k;
 }
 
-bool SessionRate::keys_of(const Statement& s, Keys& out) {
-  std::string_view url = s.url;
+bool SessionRate::keys_of(const protocol::HeldStatement& s, Keys& out) {
+  const std::string_view method = s.method();
+  std::string_view url = s.url();
   if (!url.empty() && url.front() == '/') {
     scratch_.assign(base_url_);
     while (!scratch_.empty() && scratch_.back() == '/') scratch_.pop_back();
@@ -247,13 +248,13 @@ bool SessionRate::keys_of(const Statement& s, Keys& out) {
   out.keys[out.size++] = cached(name, &host_windows_);
   for (const RateRule& r : named_) {
     if (out.size == out.keys.size()) break;
-    if (!r.method.empty() && r.method != s.method) continue;
+    if (!r.method.empty() && r.method != method) continue;
     if (!MatchRatePath(r.path, path)) continue;
     name.assign("rule ").append(r.name).append(" ").append(host_copy);
     out.keys[out.size++] = cached(name, &r.windows);
   }
   if (out.size == 1 && learn_) {
-    name.assign("endpoint ").append(s.method).append(" ");
+    name.assign("endpoint ").append(method).append(" ");
     AppendTemplate(name, path);
     name.append(" ").append(host_copy);
     out.keys[out.size++] = cached(name, nullptr);
@@ -261,8 +262,8 @@ bool SessionRate::keys_of(const Statement& s, Keys& out) {
   return true;
 }
 
-RateTime SessionRate::take(std::deque<protocol::WireStatement>& pending, std::size_t n, RateTime now,
-                           std::vector<protocol::WireStatement>& out) {
+RateTime SessionRate::take(std::deque<protocol::HeldStatement>& pending, std::size_t n, RateTime now,
+                           std::vector<protocol::HeldStatement>& out) {
   last_now_ = std::max(last_now_, now);
   RateTime wake = kNever;
   std::size_t taken = 0;
@@ -278,7 +279,7 @@ RateTime SessionRate::take(std::deque<protocol::WireStatement>& pending, std::si
       }
     }
     Keys keys;
-    if (keys_of(it->statement, keys)) {
+    if (keys_of(*it, keys)) {
       // Back in the queue while its earlier request was never answered (a
       // lease lost on a path that did not say so): that one is given up.
       if (!granted_.empty()) answered(it->index, now);
@@ -328,9 +329,9 @@ void SessionRate::answered_all(RateTime now) {
   granted_.clear();
 }
 
-bool SessionRate::learn(protocol::WireStatement& ws, const RateReport& report, RateTime now) {
+bool SessionRate::learn(protocol::HeldStatement& ws, const RateReport& report, RateTime now) {
   Keys keys;
-  const bool keyed = keys_of(ws.statement, keys);
+  const bool keyed = keys_of(ws, keys);
   RateLimiter::Key* method = keyed ? keys.method() : nullptr;
   if (keyed && !report.app.empty()) limiter_->declare(keys.host(), report.app);
   if (!report.method.empty() && method != nullptr) limiter_->declare(method, report.method);

@@ -132,14 +132,14 @@ class SessionRate {
   // keys all allow a request at `now`, in queue order, and counts them.
   // Returns when the first statement left behind may be allowed (kNever
   // when none is left, or none waits on a limit).
-  RateTime take(std::deque<protocol::WireStatement>& pending, std::size_t n, RateTime now,
-                std::vector<protocol::WireStatement>& out);
+  RateTime take(std::deque<protocol::HeldStatement>& pending, std::size_t n, RateTime now,
+                std::vector<protocol::HeldStatement>& out);
   // Applies what a response said (§3.8): advertised limits are declared on
   // the statement's keys, a 429 pauses the key it names. Returns whether
   // the result should run again rather than be forwarded: a 429 while the
   // statement has attempts left, or a retryable failure the worker handed
   // back (counted in ws.attempts, and not taken again before its wait ends).
-  bool learn(protocol::WireStatement& ws, const RateReport& report, RateTime now);
+  bool learn(protocol::HeldStatement& ws, const RateReport& report, RateTime now);
   // The statement's request was answered, or given up (the broker answered
   // it, or its session ended) at `now`: its keys count it W from now on.
   // Idempotent; a statement back in the queue without an answer (its lease
@@ -171,7 +171,7 @@ class SessionRate {
     RateLimiter::Key* method() const { return size > 1 ? keys[1] : nullptr; }
   };
   // The keys of `s`; false when its URL names no host (never limited).
-  bool keys_of(const Statement& s, Keys& out);
+  bool keys_of(const protocol::HeldStatement& s, Keys& out);
   RateLimiter::Key* cached(const std::string& name, const RateWindows* declare);
 
   RateLimiter* limiter_ = nullptr;

@@ -258,12 +258,11 @@ TEST(RateLimiterTest, OperatorsSeeTheKeysFiguresAndEscapedNames) {
   EXPECT_EQ(broker_ops::WindowSeconds(86'400'000), "86400");
 }
 
-proto::WireStatement At(std::uint64_t index, std::string url, std::string method = "GET") {
-  proto::WireStatement ws;
-  ws.index = index;
-  ws.statement.url = std::move(url);
-  ws.statement.method = std::move(method);
-  return ws;
+proto::HeldStatement At(std::uint64_t index, std::string url, std::string method = "GET") {
+  Statement s;
+  s.url = std::move(url);
+  s.method = std::move(method);
+  return proto::Hold(index, s);
 }
 
 TEST(SessionRateTest, BlockedHostDoesNotHoldBackOthers) {
@@ -272,9 +271,9 @@ TEST(SessionRateTest, BlockedHostDoesNotHoldBackOthers) {
   settings.rate_limits = {*ParseRateRule("1:1")};
   SessionRate s(settings, {});
   SessionRate::Bind(s, l);
-  std::deque<proto::WireStatement> pending = {At(0, "http://a/x"), At(1, "http://a/y"), At(2, "http://b/x"),
+  std::deque<proto::HeldStatement> pending = {At(0, "http://a/x"), At(1, "http://a/y"), At(2, "http://b/x"),
                                               At(3, "http://a/z"), At(4, "http://c/x")};
-  std::vector<proto::WireStatement> out;
+  std::vector<proto::HeldStatement> out;
   const RateTime wake = s.take(pending, 10, kT0, out);
   ASSERT_EQ(out.size(), 3u);
   EXPECT_EQ(out[0].index, 0u);
@@ -303,8 +302,8 @@ TEST(SessionRateTest, GrantsCarryTheWaitAndThe429s) {
   settings.max_attempts = 5;
   SessionRate s(settings, {});
   SessionRate::Bind(s, l);
-  std::deque<proto::WireStatement> pending = {At(0, "http://a/x"), At(1, "http://a/y")};
-  std::vector<proto::WireStatement> out;
+  std::deque<proto::HeldStatement> pending = {At(0, "http://a/x"), At(1, "http://a/y")};
+  std::vector<proto::HeldStatement> out;
   const RateTime wake = s.take(pending, 10, kT0, out);
   ASSERT_EQ(out.size(), 1u);
   EXPECT_EQ(out[0].rate_wait_us, 0u);
@@ -336,9 +335,9 @@ TEST(SessionRateTest, NamedRulesAndHostRuleBothApply) {
   settings.rate_limits = {*ParseRateRule("match=GET /matches/{id} 1:1")};
   SessionRate s(settings, {});
   SessionRate::Bind(s, l);
-  std::deque<proto::WireStatement> pending = {At(0, "/matches/1"), At(1, "/matches/2"), At(2, "/players/1"),
+  std::deque<proto::HeldStatement> pending = {At(0, "/matches/1"), At(1, "/matches/2"), At(2, "/players/1"),
                                               At(3, "/matches/3", "POST")};
-  std::vector<proto::WireStatement> out;
+  std::vector<proto::HeldStatement> out;
   s.take(pending, 10, kT0, out);
   ASSERT_EQ(out.size(), 3u);  // the second GET /matches waits on the rule
   EXPECT_EQ(pending.front().index, 1u);
@@ -398,15 +397,15 @@ TEST(SessionRateTest, HandedBackRetryWaitsItsBackoffAndIsGrantedAgain) {
   settings.max_attempts = 3;
   SessionRate s(settings, {});
   SessionRate::Bind(s, l);
-  std::deque<proto::WireStatement> pending = {At(0, "http://a/x")};
-  std::vector<proto::WireStatement> out;
+  std::deque<proto::HeldStatement> pending = {At(0, "http://a/x")};
+  std::vector<proto::HeldStatement> out;
   s.take(pending, 10, kT0, out);
   ASSERT_EQ(out.size(), 1u);
   EXPECT_EQ(l.stats(l.key("host a")).used, 1u);
   RateReport failed;
   failed.retry = true;
   failed.retry_after_ms = 300;
-  proto::WireStatement ws = out[0];
+  proto::HeldStatement ws = out[0];
   ASSERT_TRUE(s.learn(ws, failed, kT0));
   EXPECT_EQ(ws.attempts, 1u);
   EXPECT_EQ(l.stats(l.key("host a")).throttled, 0u) << "a 5xx is not a 429";

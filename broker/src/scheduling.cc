@@ -24,7 +24,7 @@ void BrokerCore::open_rate(SessionState& s) {
 
 // Takes what the session's keys allow now; when something is left waiting
 // on a key, the session sleeps until that key allows it.
-std::size_t BrokerCore::take_limited(SessionState& s, std::size_t n, std::vector<proto::WireStatement>& out) {
+std::size_t BrokerCore::take_limited(SessionState& s, std::size_t n, std::vector<proto::HeldStatement>& out) {
   const std::size_t before = out.size();
   const auto at = now();
   wake_at(s, s.rate->take(s.pending, n, at, out));
@@ -181,31 +181,31 @@ void BrokerCore::dispatch() {
       mark_ready(s);
       continue;  // unreachable: it has no credit now, another worker is tried
     }
-    proto::Statements chunk{sid, {}, 0};
-    chunk.statements.reserve(n);
+    std::vector<proto::HeldStatement> chunk;
+    chunk.reserve(n);
     std::size_t popped = 0;
     if (s.rate) {
       // §3.8: only what every key allows now, from anywhere in the queue.
-      popped = take_limited(s, n, chunk.statements);
-      std::erase_if(chunk.statements, [&](const proto::WireStatement& ws) {
+      popped = take_limited(s, n, chunk);
+      std::erase_if(chunk, [&](const proto::HeldStatement& ws) {
         return !s.leases.try_emplace(ws.index, Lease{best->serial, {}}).second;
       });
     }
-    while (!s.rate && chunk.statements.size() < n && !s.pending.empty()) {
-      proto::WireStatement ws = std::move(s.pending.front());
+    while (!s.rate && chunk.size() < n && !s.pending.empty()) {
+      proto::HeldStatement ws = std::move(s.pending.front());
       s.pending.pop_front();
       ++popped;
       // A client that re-opened its session resubmits what it has not been
       // answered (§3.2.8): an index already leased is not sent twice.
       if (!s.leases.try_emplace(ws.index, Lease{best->serial, {}}).second) continue;
-      chunk.statements.push_back(std::move(ws));
+      chunk.push_back(std::move(ws));
     }
     total_pending -= popped;
-    if (chunk.statements.empty()) {
+    if (chunk.empty()) {
       if (!s.rate || popped > 0) mark_ready(s);  // a rate-limited one waits for its wake time
       continue;
     }
-    if (!send_dispatch(s, *best, chunk)) requeue_front(s, std::move(chunk.statements));
+    if (!send_dispatch(s, *best, chunk)) requeue_front(s, std::move(chunk));
     mark_ready(s);
   }
   for (const SessionId& sid : deferred_scratch) ready.push_back(sid);
@@ -247,18 +247,17 @@ bool BrokerCore::ensure_session(SessionState& s, WorkerState& w, std::uint32_t s
 // statements): each statement moves into its lease once sent. When the
 // worker cannot be reached the leases are undone and `chunk` is left whole
 // for the caller to queue again.
-bool BrokerCore::send_dispatch(SessionState& s, WorkerState& w, proto::Statements& chunk) {
-  chunk.seq = w.order_seq + 1;
-  if (!send_order(w, proto::Encode(proto::Command::kDispatch, chunk))) {
-    for (const auto& ws : chunk.statements) s.leases.erase(ws.index);
+bool BrokerCore::send_dispatch(SessionState& s, WorkerState& w, std::vector<proto::HeldStatement>& chunk) {
+  if (!send_order(w, proto::EncodeDispatch(s.id, chunk, w.order_seq + 1))) {
+    for (const auto& ws : chunk) s.leases.erase(ws.index);
     return false;
   }
-  for (auto& ws : chunk.statements) {
+  for (auto& ws : chunk) {
     Lease& lease = s.leases[ws.index];
     lease.statement = std::move(ws);
     lease.seq = w.order_seq;
   }
-  const std::size_t sent = chunk.statements.size();
+  const std::size_t sent = chunk.size();
   w.leased += static_cast<std::uint32_t>(sent);
   if (auto held = w.sessions.find(s.id); held != w.sessions.end()) held->second.leased += static_cast<std::uint32_t>(sent);
   total_leased += sent;
@@ -268,7 +267,7 @@ bool BrokerCore::send_dispatch(SessionState& s, WorkerState& w, proto::Statement
 
 // Statements that never reached a worker go back to the front of their
 // session's queue, in index order.
-void BrokerCore::requeue_front(SessionState& s, std::vector<proto::WireStatement>&& statements) {
+void BrokerCore::requeue_front(SessionState& s, std::vector<proto::HeldStatement>&& statements) {
   if (statements.empty()) return;
   if (s.rate) {
     for (const auto& ws : statements) s.rate->answered(ws.index, now());  // out of flight (§3.8.3)

@@ -32,6 +32,9 @@ class MsgpackReader {
       : p_(static_cast<const unsigned char*>(data)), end_(p_ + size), max_array_(max_array), max_map_(max_map) {}
 
   bool done() const { return p_ == end_; }
+  // Where the next value starts: with a later position, the bytes of the
+  // values read in between.
+  const char* position() const { return reinterpret_cast<const char*>(p_); }
   std::size_t left() const { return static_cast<std::size_t>(end_ - p_); }
 
   // An array of at least min_size elements; returns its size.

@@ -411,23 +411,35 @@ Frames Encode(const Open& m) {
 }
 
 namespace {
-void PackStatement(Packer& pk, std::uint64_t index, const Statement& s, std::uint64_t rate_wait_us = 0,
-                   std::uint32_t throttled = 0, std::uint32_t attempts = 0) {
-  const bool waited = rate_wait_us != 0 || throttled != 0 || attempts != 0;
-  pk.pack_array(waited ? 8 : 7);
-  pk.pack(index);
+// A statement's six elements after its index (§2: method … idempotent).
+void PackFields(Packer& pk, const Statement& s) {
   PackStr(pk, s.method);
   PackStr(pk, s.url);
   PackHeaders(pk, s.headers);
   PackBin(pk, s.body);
   pk.pack(s.timeout_ms);
   if (s.idempotent) pk.pack(*s.idempotent); else pk.pack_nil();
-  if (waited) {
-    pk.pack_array(attempts != 0 ? 3 : 2);
-    pk.pack(rate_wait_us);
-    pk.pack(throttled);
-    if (attempts != 0) pk.pack(attempts);
-  }
+}
+
+bool Waited(std::uint64_t rate_wait_us, std::uint32_t throttled, std::uint32_t attempts) {
+  return rate_wait_us != 0 || throttled != 0 || attempts != 0;
+}
+
+// A DISPATCHed statement's 8th element (§3.8.8).
+void PackWaited(Packer& pk, std::uint64_t rate_wait_us, std::uint32_t throttled, std::uint32_t attempts) {
+  pk.pack_array(attempts != 0 ? 3 : 2);
+  pk.pack(rate_wait_us);
+  pk.pack(throttled);
+  if (attempts != 0) pk.pack(attempts);
+}
+
+void PackStatement(Packer& pk, std::uint64_t index, const Statement& s, std::uint64_t rate_wait_us = 0,
+                   std::uint32_t throttled = 0, std::uint32_t attempts = 0) {
+  const bool waited = Waited(rate_wait_us, throttled, attempts);
+  pk.pack_array(waited ? 8 : 7);
+  pk.pack(index);
+  PackFields(pk, s);
+  if (waited) PackWaited(pk, rate_wait_us, throttled, attempts);
 }
 
 // [rate_wait_us, throttled] in a result, [rate_wait_us, throttled, attempts?]
@@ -467,6 +479,32 @@ Frames EncodeSubmit(const SessionId& session, std::uint64_t first_index, std::sp
   pk.pack_array(static_cast<std::uint32_t>(statements.size()));
   for (std::size_t i = 0; i < statements.size(); ++i) PackStatement(pk, first_index + i, statements[i]);
   return Start(Command::kSubmit, buf);
+}
+
+Frames EncodeDispatch(const SessionId& session, std::span<const HeldStatement> statements, std::uint64_t seq) {
+  std::size_t estimate = 64;
+  for (const auto& h : statements) estimate += 40 + h.encoded.size();
+  msgpack::sbuffer buf(estimate);
+  Packer pk(buf);
+  pk.pack_array(3);
+  PackBin(pk, session.raw());
+  pk.pack_array(static_cast<std::uint32_t>(statements.size()));
+  for (const auto& h : statements) {
+    const bool waited = Waited(h.rate_wait_us, h.throttled, h.attempts);
+    pk.pack_array(waited ? 8 : 7);
+    pk.pack(h.index);
+    buf.write(h.encoded.data(), h.encoded.size());
+    if (waited) PackWaited(pk, h.rate_wait_us, h.throttled, h.attempts);
+  }
+  pk.pack(seq);
+  return Start(Command::kDispatch, buf);
+}
+
+HeldStatement Hold(std::uint64_t index, const Statement& statement) {
+  msgpack::sbuffer buf(SizeHint(statement));
+  Packer pk(buf);
+  PackFields(pk, statement);
+  return HeldStatement{index, std::string(buf.data(), buf.size())};
 }
 
 namespace {
@@ -919,7 +957,75 @@ void ReadHeaders(MsgpackReader& r, Headers* headers, int depth) {
     if (headers != nullptr) headers->emplace_back(name, value);
   }
 }
+
+// A statement's six elements after its index (§2: method … idempotent),
+// checked, and read into `s` unless it is null.
+void ReadFields(MsgpackReader& r, Statement* s) {
+  const std::string_view method = r.str("method");
+  const std::string_view url = r.str("url");
+  ReadHeaders(r, s != nullptr ? &s->headers : nullptr, 4);
+  const std::string_view body = r.bin("body");
+  if (body.size() > kMaxStatementBody) Fail("statement body over the limit");
+  const auto timeout_ms = r.uint<std::uint32_t>("timeout_ms");
+  const auto idempotent = r.boolean_or_nil("idempotent is not bool or nil");
+  if (s == nullptr) return;
+  s->method = method;
+  s->url = url;
+  s->body = body;
+  s->timeout_ms = timeout_ms;
+  s->idempotent = idempotent;
+}
+
+// A reader over a HeldStatement's elements, which were checked when it was
+// decoded or made.
+MsgpackReader HeldReader(const HeldStatement& h) {
+  return MsgpackReader(h.encoded.data(), h.encoded.size(), static_cast<std::uint32_t>(kLimits.array()),
+                       static_cast<std::uint32_t>(kLimits.map()));
+}
 }  // namespace
+
+std::string_view HeldStatement::method() const {
+  MsgpackReader r = HeldReader(*this);
+  return r.str("method");
+}
+
+std::string_view HeldStatement::url() const {
+  MsgpackReader r = HeldReader(*this);
+  r.str("method");
+  return r.str("url");
+}
+
+bool HeldStatement::idempotent() const {
+  MsgpackReader r = HeldReader(*this);
+  const std::string_view verb = r.str("method");
+  r.str("url");
+  ReadHeaders(r, nullptr, 4);
+  r.bin("body");
+  r.uint<std::uint32_t>("timeout_ms");
+  return r.boolean_or_nil("idempotent").value_or(DefaultIdempotent(verb));
+}
+
+Result<HeldStatements> DecodeSubmit(std::span<const zmq::message_t> frames) {
+  return Guard([&] {
+    MsgpackReader r = HeaderReader(frames, 3);
+    const std::uint32_t fields = r.array(2, "header is not [session, statements]");
+    HeldStatements m{ReadSession(r), {}};
+    const std::uint32_t n = r.array(0, "statements is not an array");
+    if (n > kMaxBatch) Fail("too many statements in one message");
+    m.statements.resize(n);
+    for (HeldStatement& h : m.statements) {
+      const std::uint32_t f = r.array(7, "statement is not a 7-array");
+      h.index = r.uint<std::uint64_t>("index");
+      const char* from = r.position();
+      ReadFields(r, nullptr);
+      h.encoded.assign(from, r.position());
+      SkipRest(r, f, 7, 3);  // an 8th element is DISPATCH's (§3.8.8), not kept from a SUBMIT
+    }
+    SkipRest(r, fields, 2, 1);
+    ExpectEnd(r);
+    return m;
+  });
+}
 
 Result<Statements> DecodeStatements(std::span<const zmq::message_t> frames) {
   return Guard([&] {
@@ -936,13 +1042,7 @@ Result<Statements> DecodeStatements(std::span<const zmq::message_t> frames) {
     for (WireStatement& ws : m.statements) {
       const std::uint32_t f = r.array(7, "statement is not a 7-array");
       ws.index = r.uint<std::uint64_t>("index");
-      ws.statement.method = r.str("method");
-      ws.statement.url = r.str("url");
-      ReadHeaders(r, &ws.statement.headers, 4);
-      ws.statement.body = r.bin("body");
-      if (ws.statement.body.size() > kMaxStatementBody) Fail("statement body over the limit");
-      ws.statement.timeout_ms = r.uint<std::uint32_t>("timeout_ms");
-      if (auto idempotent = r.boolean_or_nil("idempotent is not bool or nil")) ws.statement.idempotent = idempotent;
+      ReadFields(r, &ws.statement);
       if (f > 7 && !r.nil()) AsRateWait(r.object(kLimits).get(), ws.rate_wait_us, ws.throttled, &ws.attempts);
       SkipRest(r, f, 8, 3);
     }

@@ -847,6 +847,7 @@ TEST(ProtocolTest, RejectsTruncatedHeader) {
     t.emplace_back(f[1].data(), f[1].size());
     t.emplace_back(f[2].data(), cut);
     EXPECT_FALSE(DecodeStatements(t).has_value()) << "cut at " << cut;
+    EXPECT_FALSE(DecodeSubmit(t).has_value()) << "cut at " << cut;
   }
 }
 
@@ -905,6 +906,7 @@ TEST(ProtocolTest, RejectsWrongTypes) {
     pk.pack_nil();
   });
   EXPECT_FALSE(DecodeStatements(f6).has_value());
+  EXPECT_FALSE(DecodeSubmit(f6).has_value());
   // Settings with window 0.
   auto f7 = testing::Raw(Command::kOpen, [&](auto& pk) {
     pk.pack_array(3);
@@ -1212,6 +1214,110 @@ TEST(ProtocolTest, Clause_2_5_ExtraTrailingElementsOfStatementsAndResultsAreIgno
   EXPECT_FALSE(DecodeResultsIndex(results(7)).has_value()) << "9 levels";
 }
 
+std::string Bytes(const zmq::message_t& frame) { return std::string(static_cast<const char*>(frame.data()), frame.size()); }
+
+// The broker holds SUBMITted statements as their encoded elements and
+// forwards them in DISPATCH: what the worker receives is, byte for byte,
+// what encoding the decoded statements would give, the broker's rate fields
+// (§3.8.8) included.
+TEST(ProtocolTest, HeldStatementsAreDispatchedAsTheyCame) {
+  const SessionId sid = NewSessionId();
+  std::vector<Statement> list(4, Get("http://a/"));
+  list[0].url = "http://api.example/v1/items?id=1&x=%20";
+  list[1].method = "POST";
+  list[1].headers = {{"Content-Type", "application/json"}, {"X-Key", std::string(300, 'k')}};
+  list[1].body = std::string("\0\xff{\"a\":1}", 10);
+  list[1].timeout_ms = 2500;
+  list[2].idempotent = false;
+  list[3].method = "POST";
+  list[3].idempotent = true;
+  list[3].body.assign(70'000, 'b');  // bin 32
+  const HeldStatements held = Must(DecodeSubmit(EncodeSubmit(sid, 900, list)));
+  EXPECT_EQ(held.session, sid);
+  ASSERT_EQ(held.statements.size(), list.size());
+
+  std::vector<HeldStatement> chunk = held.statements;
+  chunk[1].rate_wait_us = 1'500'000;
+  chunk[1].throttled = 2;
+  chunk[2].attempts = 3;
+  Statements reference{sid, {}, 77};
+  for (std::size_t i = 0; i < list.size(); ++i) {
+    EXPECT_EQ(chunk[i].index, 900 + i);
+    EXPECT_EQ(chunk[i].encoded, Hold(900 + i, list[i]).encoded) << i;
+    reference.statements.push_back(
+        WireStatement{900 + i, list[i], chunk[i].rate_wait_us, chunk[i].throttled, chunk[i].attempts});
+  }
+  const Frames dispatch = EncodeDispatch(sid, chunk, 77);
+  const Frames expected = Encode(Command::kDispatch, reference);
+  ASSERT_EQ(dispatch.size(), expected.size());
+  for (std::size_t i = 0; i < dispatch.size(); ++i) EXPECT_EQ(Bytes(dispatch[i]), Bytes(expected[i])) << "frame " << i;
+  const Statements back = Must(DecodeStatements(dispatch));
+  EXPECT_EQ(back.seq, 77u);
+  ASSERT_EQ(back.statements.size(), list.size());
+  EXPECT_EQ(back.statements[1].statement.headers, list[1].headers);
+  EXPECT_EQ(back.statements[1].statement.body, list[1].body);
+  EXPECT_EQ(back.statements[1].rate_wait_us, 1'500'000u);
+  EXPECT_EQ(back.statements[1].throttled, 2u);
+  EXPECT_EQ(back.statements[2].attempts, 3u);
+  EXPECT_EQ(back.statements[3].statement.body.size(), 70'000u);
+
+  // What the broker reads of a held statement, in place.
+  EXPECT_EQ(chunk[0].method(), "GET");
+  EXPECT_EQ(chunk[0].url(), list[0].url);
+  EXPECT_EQ(chunk[1].method(), "POST");
+  EXPECT_TRUE(chunk[0].idempotent());   // GET by default
+  EXPECT_FALSE(chunk[1].idempotent());  // POST by default
+  EXPECT_FALSE(chunk[2].idempotent());  // a GET marked not idempotent
+  EXPECT_TRUE(chunk[3].idempotent());   // a POST marked idempotent
+}
+
+// §2.5 at the broker: a SUBMITted statement's elements past the seventh
+// (of any kind, nested within §5's depth) are not kept, so its DISPATCH
+// carries no 8th element the broker did not put there (§3.8.8); an extra
+// element inside a header pair travels on, for the worker to ignore. One
+// level of nesting more than §5 allows is malformed, as for every decoder.
+TEST(ProtocolTest, Clause_2_5_ExtraElementsOfASubmittedStatementAreNotForwarded) {
+  const SessionId sid = NewSessionId();
+  auto submit = [&](int deep) {
+    return testing::Raw(Command::kSubmit, [&](auto& pk) {
+      pk.pack_array(3);                        // depth 1
+      pk.pack_bin(16);
+      pk.pack_bin_body(reinterpret_cast<const char*>(sid.raw().data()), 16);
+      pk.pack_array(1);                        // depth 2
+      pk.pack_array(9);                        // depth 3
+      pk.pack_fix_uint64(42);
+      pk.pack(std::string("GET"));
+      pk.pack(std::string("http://a/x"));
+      pk.pack_array(1);                        // depth 4
+      pk.pack_array(3);                        // depth 5
+      pk.pack(std::string("X-A"));
+      pk.pack(std::string("1"));
+      pk.pack(std::string("future"));
+      pk.pack_bin(0);
+      pk.pack_bin_body("", 0);
+      pk.pack(5000);
+      pk.pack_nil();
+      pk.pack_array(2);                        // an 8th like a DISPATCH's rate wait
+      pk.pack(123);
+      pk.pack(4);
+      for (int d = 0; d < deep; ++d) pk.pack_array(1);
+      pk.pack(std::string("future"));
+      pk.pack(std::string("a third element of the header"));
+    });
+  };
+  const HeldStatements held = Must(DecodeSubmit(submit(5)));  // 3 + 5 = 8
+  ASSERT_EQ(held.statements.size(), 1u);
+  EXPECT_EQ(held.statements[0].index, 42u);
+  EXPECT_EQ(held.statements[0].url(), "http://a/x");
+  const Statements back = Must(DecodeStatements(EncodeDispatch(sid, held.statements, 1)));
+  ASSERT_EQ(back.statements.size(), 1u);
+  EXPECT_EQ(back.statements[0].statement.headers, (Headers{{"X-A", "1"}}));
+  EXPECT_EQ(back.statements[0].statement.timeout_ms, 5000u);
+  EXPECT_EQ(back.statements[0].rate_wait_us, 0u);
+  EXPECT_EQ(back.statements[0].throttled, 0u);
+  EXPECT_FALSE(DecodeSubmit(submit(6)).has_value()) << "9 levels";
+}
+
 TEST(ProtocolTest, PeekSessionFindsTheSessionAHeaderStartsWith) {
   const SessionId sid = NewSessionId();
   EXPECT_EQ(PeekSession(Encode(Open{sid, SampleSettings(), 0})), sid);
@@ -1269,6 +1375,7 @@ TEST(ProtocolTest, RejectsDeepNestingAndHugeArrays) {
   // An array header claiming 2^32-1 elements with no data must not allocate them.
   auto huge = testing::Raw(Command::kSubmit, [](auto& pk) { pk.pack_array(0xffffffffu); });
   EXPECT_FALSE(DecodeStatements(huge).has_value());
+  EXPECT_FALSE(DecodeSubmit(huge).has_value());
 }
 
 // ---- limits of PROTOCOL.md §5, each at its bound --------------------------
@@ -1308,6 +1415,8 @@ TEST(ProtocolTest, Clause_5_AtMost65536StatementsOrResultsPerMessage) {
   const std::vector<Statement> statements(kMaxBatch + 1, Get("http://a/"));
   EXPECT_TRUE(DecodeStatements(EncodeSubmit(sid, 0, std::span(statements).first(kMaxBatch))).has_value());
   EXPECT_FALSE(DecodeStatements(EncodeSubmit(sid, 0, statements)).has_value());
+  EXPECT_TRUE(DecodeSubmit(EncodeSubmit(sid, 0, std::span(statements).first(kMaxBatch))).has_value());
+  EXPECT_FALSE(DecodeSubmit(EncodeSubmit(sid, 0, statements)).has_value());
   for (std::size_t n : {kMaxBatch, kMaxBatch + 1}) {
     Results m{sid, 1, std::vector<WireResult>(n)};
     Frames f = Encode(std::move(m));
@@ -1322,8 +1431,10 @@ TEST(ProtocolTest, Clause_5_StatementBodyOver16MiBIsMalformed) {
   m.statements[0].statement.method = "POST";
   m.statements[0].statement.body.assign(kMaxStatementBody, 'x');
   EXPECT_TRUE(DecodeStatements(Encode(Command::kSubmit, m)).has_value());
+  EXPECT_TRUE(DecodeSubmit(Encode(Command::kSubmit, m)).has_value());
   m.statements[0].statement.body.push_back('x');
   EXPECT_FALSE(DecodeStatements(Encode(Command::kSubmit, m)).has_value());
+  EXPECT_FALSE(DecodeSubmit(Encode(Command::kSubmit, m)).has_value());
 }
 
 // §5 "msgpack nesting depth | 8 | decoders". An unknown setting (ignored,
@@ -1359,6 +1470,7 @@ TEST(ProtocolTest, RandomBytesNeverCrashDecoders) {
     (void)PeekCommand(f);
     (void)DecodeOpen(f);
     (void)DecodeStatements(f);
+    (void)DecodeSubmit(f);
     (void)DecodeResults(f);
     (void)DecodeResultsIndex(f);
     (void)DecodeSession(f);

@@ -1,5 +1,5 @@
 // libFuzzer target for every GTR/2 decoder of common/include/gatherer/protocol.h:
-// PeekCommand, DecodeSessionRef, DecodeOpen, DecodeStatements, DecodeResults,
+// PeekCommand, DecodeSessionRef, DecodeOpen, DecodeStatements, DecodeSubmit, DecodeResults,
 // DecodeResultsIndex, DecodeSession, DecodeEndSession, DecodeReady,
 // DecodeError, DecodeHeartbeat, DecodeBrokerHeartbeat, DecodeAck, DecodeSync,
 // DecodeSynced, DecodeHolding, DecodeEmpty, the control decoders of §3.9
@@ -13,6 +13,8 @@
 // an exception escaping a decoder terminates the process), it checks:
 //   - round trip: a decoded value, encoded again, carries the command its
 //     encoder names and decodes to an equal value (seqs included);
+//   - DecodeSubmit (the broker's) succeeds whenever DecodeStatements does,
+//     and the DISPATCH of what it holds decodes to the same statements;
 //   - DecodeResultsIndex agrees with DecodeResults whenever both succeed,
 //     and succeeds whenever DecodeResults does (it checks a subset);
 //   - RestampResults changes frame 2 only: the results decode unchanged
@@ -100,7 +102,18 @@ void CheckOpen(const Frames& frames) {
 
 void CheckStatements(const Frames& frames) {
   auto m = DecodeStatements(frames);
+  auto held = DecodeSubmit(frames);
   if (!m) return;
+  FUZZ_CHECK(held && held->session == m->session && held->statements.size() == m->statements.size());
+  {
+    auto forwarded = DecodeStatements(EncodeDispatch(held->session, held->statements, 1));
+    FUZZ_CHECK(forwarded && forwarded->statements.size() == m->statements.size());
+    for (std::size_t i = 0; i < m->statements.size(); ++i) {
+      FUZZ_CHECK(forwarded->statements[i].index == m->statements[i].index);
+      FUZZ_CHECK(Same(forwarded->statements[i].statement, m->statements[i].statement));
+      FUZZ_CHECK(forwarded->statements[i].rate_wait_us == 0 && forwarded->statements[i].throttled == 0);
+    }
+  }
   // Only a DISPATCH carries a seq (§3.5); SUBMIT's is 0.
   const bool dispatch = frames[1].size() == 1 &&
                         *static_cast<const std::uint8_t*>(frames[1].data()) == static_cast<std::uint8_t>(Command::kDispatch);

@@ -534,6 +534,51 @@ TEST_P(BrokerSpec, Clause_2_6_StrIsAcceptedForBin) {
   EXPECT_EQ(dispatch->statements[0].statement.body, "payload");
 }
 
+// 3.8.8 "The 8th element is the broker's to write: a broker SHALL NOT
+// forward elements of a SUBMITted statement past its seventh." A client's
+// statement with an 8th element shaped like a wait, and a 9th, reaches the
+// worker with neither.
+TEST_P(BrokerSpec, Clause_3_8_8_ASubmittedStatementsTrailingElementsAreNotForwarded) {
+  start();
+  Peer client(ctx_, endpoint_), worker(ctx_, endpoint_);
+  ready(worker, 100);
+  const SessionId sid = open(client, 1);
+  client.send(testing::Raw(proto::Command::kSubmit, [&](Packer& pk) {
+    pk.pack_array(2);
+    pk.pack_bin(16);
+    pk.pack_bin_body(reinterpret_cast<const char*>(sid.raw().data()), 16);
+    pk.pack_array(1);
+    pk.pack_array(9);
+    pk.pack(0);
+    pk.pack(std::string("GET"));
+    pk.pack(std::string("http://127.0.0.1:1/p"));
+    pk.pack_array(0);
+    pk.pack_bin(0);
+    pk.pack(0);
+    pk.pack_nil();
+    pk.pack_array(3);  // [rate_wait_us, throttled, attempts]
+    pk.pack(5'000'000);
+    pk.pack(7);
+    pk.pack(9);
+    pk.pack(std::string("future"));
+  }));
+  ASSERT_EQ(CommandOf(worker.recv()), proto::Command::kSession);
+  const proto::Frames dispatch = worker.recv();
+  auto m = proto::DecodeStatements(dispatch);
+  ASSERT_TRUE(m.has_value());
+  ASSERT_EQ(m->statements.size(), 1u);
+  EXPECT_EQ(m->statements[0].statement.url, "http://127.0.0.1:1/p");
+  EXPECT_EQ(m->statements[0].rate_wait_us, 0u);
+  EXPECT_EQ(m->statements[0].throttled, 0u);
+  EXPECT_EQ(m->statements[0].attempts, 0u);
+  // The statement itself is an array of 7 on the wire: [session, [[…7…]], seq].
+  const auto* header = static_cast<const unsigned char*>(dispatch[2].data());
+  ASSERT_GT(dispatch[2].size(), 20u);
+  EXPECT_EQ(header[0], 0x93);              // fixarray 3
+  EXPECT_EQ(header[1 + 2 + 16], 0x91);     // fixarray 1 after the bin 8 session id
+  EXPECT_EQ(header[1 + 2 + 16 + 1], 0x97);  // fixarray 7
+}
+
 // 3.2.1 "OPEN of a session the broker already has SHALL update its settings
 // and owner (the sender), keeping its queues: this is how a client re-opens
 // its session after reconnecting."

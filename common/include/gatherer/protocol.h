@@ -16,6 +16,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -95,6 +96,27 @@ struct WireStatement {
   std::uint32_t attempts = 0;
 };
 
+// A statement as the broker holds it from SUBMIT to its result (§3.2, §3.5):
+// its index, its other six elements (method … idempotent) exactly as the
+// client encoded them, which DISPATCH forwards without decoding or encoding
+// them again, and what the broker adds on the way (§3.8.8). Elements past
+// the seventh are not kept (§2.5). `method`, `url` and `idempotent` read
+// `encoded` in place, for rate keys, re-runs and log lines.
+struct HeldStatement {
+  std::uint64_t index = 0;
+  std::string encoded;
+  std::uint64_t rate_wait_us = 0;  // as in WireStatement
+  std::uint32_t throttled = 0;
+  std::uint32_t attempts = 0;
+
+  std::string_view method() const;
+  std::string_view url() const;
+  // The statement's own flag, or its method's default (IsIdempotent).
+  bool idempotent() const;
+};
+// The held form of a statement (what the broker keeps of one SUBMITted).
+HeldStatement Hold(std::uint64_t index, const Statement& statement);
+
 // One outcome on the wire; the body travels in its own frame (§3.4).
 struct WireResult {
   std::uint64_t index = 0;
@@ -116,6 +138,12 @@ struct Statements {
   std::vector<WireStatement> statements;
   // DISPATCH only: the broker's order sequence number for this worker (§3.7).
   std::uint64_t seq = 0;
+};
+// SUBMIT as the broker reads it: every field checked, the statements held
+// (HeldStatement), none decoded into strings.
+struct HeldStatements {
+  SessionId session;
+  std::vector<HeldStatement> statements;
 };
 // RESULTS: frame 2 is [session, seq], frame 3 the results, then one body
 // frame per result (§3.4.2). `seq` numbers the sender's RESULTS messages on
@@ -290,6 +318,8 @@ Frames Encode(Command command, const Statements& m);  // kSubmit or kDispatch (w
 // SUBMIT of consecutive statements numbered from first_index, encoded
 // straight from the caller's statements (no copy into WireStatement).
 Frames EncodeSubmit(const SessionId& session, std::uint64_t first_index, std::span<const Statement> statements);
+// DISPATCH of held statements: each one's elements copied as they came.
+Frames EncodeDispatch(const SessionId& session, std::span<const HeldStatement> statements, std::uint64_t seq);
 // Moves the bodies into their own frames without copying them.
 Frames Encode(Results&& m);
 // Replaces frame 2 of an encoded or received RESULTS with [session, seq]:
@@ -320,6 +350,7 @@ Frames Encode(const BrokerBeat& m);
 Result<SessionRef> DecodeSessionRef(std::span<const zmq::message_t> frames);
 Result<Open> DecodeOpen(std::span<const zmq::message_t> frames);
 Result<Statements> DecodeStatements(std::span<const zmq::message_t> frames);
+Result<HeldStatements> DecodeSubmit(std::span<const zmq::message_t> frames);
 Result<Results> DecodeResults(std::span<const zmq::message_t> frames);
 Result<Session> DecodeSession(std::span<const zmq::message_t> frames);
 Result<Opened> DecodeOpened(std::span<const zmq::message_t> frames);
