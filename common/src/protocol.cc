@@ -976,6 +976,13 @@ void ReadFields(MsgpackReader& r, Statement* s) {
   s->idempotent = idempotent;
 }
 
+// The length of a SUBMIT's or DISPATCH's list of statements (§5).
+std::uint32_t StatementCount(MsgpackReader& r) {
+  const std::uint32_t n = r.array(0, "statements is not an array");
+  if (n > kMaxBatch) Fail("too many statements in one message");
+  return n;
+}
+
 // A reader over a HeldStatement's elements, which were checked when it was
 // decoded or made.
 MsgpackReader HeldReader(const HeldStatement& h) {
@@ -1010,9 +1017,7 @@ Result<HeldStatements> DecodeSubmit(std::span<const zmq::message_t> frames) {
     MsgpackReader r = HeaderReader(frames, 3);
     const std::uint32_t fields = r.array(2, "header is not [session, statements]");
     HeldStatements m{ReadSession(r), {}};
-    const std::uint32_t n = r.array(0, "statements is not an array");
-    if (n > kMaxBatch) Fail("too many statements in one message");
-    m.statements.resize(n);
+    m.statements.resize(StatementCount(r));
     for (HeldStatement& h : m.statements) {
       const std::uint32_t f = r.array(7, "statement is not a 7-array");
       h.index = r.uint<std::uint64_t>("index");
@@ -1036,9 +1041,7 @@ Result<Statements> DecodeStatements(std::span<const zmq::message_t> frames) {
     const bool dispatch = frames[1].size() == 1 && *static_cast<const std::uint8_t*>(frames[1].data()) ==
                                                        static_cast<std::uint8_t>(Command::kDispatch);
     if (dispatch && fields < 3) Fail("DISPATCH header is not [session, statements, seq]");
-    const std::uint32_t n = r.array(0, "statements is not an array");
-    if (n > kMaxBatch) Fail("too many statements in one message");
-    m.statements.resize(n);
+    m.statements.resize(StatementCount(r));
     for (WireStatement& ws : m.statements) {
       const std::uint32_t f = r.array(7, "statement is not a 7-array");
       ws.index = r.uint<std::uint64_t>("index");
