@@ -1107,6 +1107,50 @@ TEST(ProtocolTest, ResultsIndexRejectsWhatDecodeResultsRejects) {
 
 // §2.4: the broker answers a malformed message whose header starts with a
 // session id, naming it; PeekSession finds that id in any command's header.
+// An extra element nested `containers` deep in itself, as a newer peer
+// might add (§2.5).
+void PackExtra(msgpack::packer<msgpack::sbuffer>& pk, int containers) {
+  for (int d = 1; d < containers; ++d) pk.pack_array(1);
+  if (containers > 0) {
+    pk.pack_map(2);
+    pk.pack(std::string("future"));
+    pk.pack(-1.5);
+    pk.pack(std::string("more"));
+    pk.pack_nil();
+  } else {
+    pk.pack(std::string("future"));
+  }
+}
+
+// A statement at depth 3 of a SUBMIT or DISPATCH header: index 42 in a
+// wider format than needed, GET http://a/x, one header [X-A, 1] with an
+// extra element reaching depth 8, timeout 5000 in a signed format, idempotent;
+// then an 8th element (nil, or shaped like a DISPATCH's rate wait when
+// `wait_like`) and a 9th nested `deep` containers deep.
+void PackStatementWithExtras(msgpack::packer<msgpack::sbuffer>& pk, bool wait_like, int deep) {
+  pk.pack_array(9);                        // depth 3
+  pk.pack_fix_uint64(42);
+  pk.pack(std::string("GET"));
+  pk.pack(std::string("http://a/x"));
+  pk.pack_array(1);                        // depth 4
+  pk.pack_array(3);                        // depth 5
+  pk.pack(std::string("X-A"));
+  pk.pack(std::string("1"));
+  PackExtra(pk, 3);                        // 5 + 3 = 8
+  pk.pack_bin(0);
+  pk.pack_bin_body("", 0);
+  pk.pack_fix_int32(5000);
+  pk.pack(true);
+  if (wait_like) {
+    pk.pack_array(2);  // [rate_wait_us, throttled]
+    pk.pack(123);
+    pk.pack(4);
+  } else {
+    pk.pack_nil();
+  }
+  PackExtra(pk, deep);
+}
+
 // §2.5, §2.6: a newer peer's extra trailing elements (of any kind, nested
 // within §5's depth), integers in wider formats than needed and str for bin
 // decode to the same values in the per-statement decoders, which read their
@@ -1114,19 +1158,6 @@ TEST(ProtocolTest, ResultsIndexRejectsWhatDecodeResultsRejects) {
 TEST(ProtocolTest, Clause_2_5_ExtraTrailingElementsOfStatementsAndResultsAreIgnored) {
   const SessionId sid = NewSessionId();
   const std::string raw(reinterpret_cast<const char*>(sid.raw().data()), 16);
-  // An extra element nested `containers` deep in itself.
-  auto extra = [](msgpack::packer<msgpack::sbuffer>& pk, int containers) {
-    for (int d = 1; d < containers; ++d) pk.pack_array(1);
-    if (containers > 0) {
-      pk.pack_map(2);
-      pk.pack(std::string("future"));
-      pk.pack(-1.5);
-      pk.pack(std::string("more"));
-      pk.pack_nil();
-    } else {
-      pk.pack(std::string("future"));
-    }
-  };
   // A DISPATCH whose statement, header pair and header carry extra elements;
   // the statement's extra is nested `deep` containers deep.
   auto dispatch = [&](int deep) {
@@ -1134,23 +1165,9 @@ TEST(ProtocolTest, Clause_2_5_ExtraTrailingElementsOfStatementsAndResultsAreIgno
       pk.pack_array(4);                        // depth 1
       pk.pack(raw);                            // str for bin
       pk.pack_array(1);                        // depth 2
-      pk.pack_array(9);                        // depth 3
-      pk.pack_fix_uint64(42);                  // index, wider than needed
-      pk.pack(std::string("GET"));
-      pk.pack(std::string("http://a/x"));
-      pk.pack_array(1);                        // depth 4
-      pk.pack_array(3);                        // depth 5
-      pk.pack(std::string("X-A"));
-      pk.pack(std::string("1"));
-      extra(pk, 3);                            // 5 + 3 = 8
-      pk.pack_bin(0);
-      pk.pack_bin_body("", 0);
-      pk.pack_fix_int32(5000);                 // timeout_ms, signed but not negative
-      pk.pack(true);
-      pk.pack_nil();                           // no rate wait
-      extra(pk, deep);
+      PackStatementWithExtras(pk, false, deep);
       pk.pack_fix_uint32(7);                   // seq
-      extra(pk, 7);                            // 1 + 7 = 8
+      PackExtra(pk, 7);                        // 1 + 7 = 8
     });
   };
   const Statements m = Must(DecodeStatements(dispatch(5)));  // 3 + 5 = 8
@@ -1172,7 +1189,7 @@ TEST(ProtocolTest, Clause_2_5_ExtraTrailingElementsOfStatementsAndResultsAreIgno
     hp.pack_array(3);
     hp.pack(raw);
     hp.pack_fix_uint16(9);  // seq
-    extra(hp, 7);
+    PackExtra(hp, 7);
     f[2] = zmq::message_t(head.data(), head.size());
     msgpack::sbuffer list;
     msgpack::packer<msgpack::sbuffer> pk(list);
@@ -1184,7 +1201,7 @@ TEST(ProtocolTest, Clause_2_5_ExtraTrailingElementsOfStatementsAndResultsAreIgno
     pk.pack_array(3);    // depth 4
     pk.pack(std::string("Retry-After"));
     pk.pack(std::string("1"));
-    extra(pk, 4);        // 4 + 4 = 8
+    PackExtra(pk, 4);        // 4 + 4 = 8
     pk.pack(static_cast<int>(StatusCode::kHttpStatus));
     pk.pack(std::string("503"));
     pk.pack(2);
@@ -1192,7 +1209,7 @@ TEST(ProtocolTest, Clause_2_5_ExtraTrailingElementsOfStatementsAndResultsAreIgno
     pk.pack(std::string("w"));
     pk.pack_nil();
     pk.pack_nil();
-    extra(pk, deep);
+    PackExtra(pk, deep);
     f[3] = zmq::message_t(list.data(), list.size());
     return f;
   };
@@ -1284,24 +1301,7 @@ TEST(ProtocolTest, Clause_2_5_ExtraElementsOfASubmittedStatementAreNotForwarded)
       pk.pack_bin(16);
       pk.pack_bin_body(reinterpret_cast<const char*>(sid.raw().data()), 16);
       pk.pack_array(1);                        // depth 2
-      pk.pack_array(9);                        // depth 3
-      pk.pack_fix_uint64(42);
-      pk.pack(std::string("GET"));
-      pk.pack(std::string("http://a/x"));
-      pk.pack_array(1);                        // depth 4
-      pk.pack_array(3);                        // depth 5
-      pk.pack(std::string("X-A"));
-      pk.pack(std::string("1"));
-      pk.pack(std::string("future"));
-      pk.pack_bin(0);
-      pk.pack_bin_body("", 0);
-      pk.pack(5000);
-      pk.pack_nil();
-      pk.pack_array(2);                        // an 8th like a DISPATCH's rate wait
-      pk.pack(123);
-      pk.pack(4);
-      for (int d = 0; d < deep; ++d) pk.pack_array(1);
-      pk.pack(std::string("future"));
+      PackStatementWithExtras(pk, true, deep);
       pk.pack(std::string("a third element of the header"));
     });
   };
