@@ -959,21 +959,25 @@ void ReadHeaders(MsgpackReader& r, Headers* headers, int depth) {
 }
 
 // A statement's six elements after its index (§2: method … idempotent),
-// checked, and read into `s` unless it is null.
-void ReadFields(MsgpackReader& r, Statement* s) {
-  const std::string_view method = r.str("method");
-  const std::string_view url = r.str("url");
-  ReadHeaders(r, s != nullptr ? &s->headers : nullptr, 4);
-  const std::string_view body = r.bin("body");
-  if (body.size() > kMaxStatementBody) Fail("statement body over the limit");
-  const auto timeout_ms = r.uint<std::uint32_t>("timeout_ms");
-  const auto idempotent = r.boolean_or_nil("idempotent is not bool or nil");
-  if (s == nullptr) return;
-  s->method = method;
-  s->url = url;
-  s->body = body;
-  s->timeout_ms = timeout_ms;
-  s->idempotent = idempotent;
+// checked and seen where they lie; the headers go into `headers` unless it
+// is null.
+struct Fields {
+  std::string_view method;
+  std::string_view url;
+  std::string_view body;
+  std::uint32_t timeout_ms = 0;
+  std::optional<bool> idempotent;
+};
+Fields ReadFields(MsgpackReader& r, Headers* headers) {
+  Fields f;
+  f.method = r.str("method");
+  f.url = r.str("url");
+  ReadHeaders(r, headers, 4);
+  f.body = r.bin("body");
+  if (f.body.size() > kMaxStatementBody) Fail("statement body over the limit");
+  f.timeout_ms = r.uint<std::uint32_t>("timeout_ms");
+  f.idempotent = r.boolean_or_nil("idempotent is not bool or nil");
+  return f;
 }
 
 // The length of a SUBMIT's or DISPATCH's list of statements (§5).
@@ -1004,12 +1008,8 @@ std::string_view HeldStatement::url() const {
 
 bool HeldStatement::idempotent() const {
   MsgpackReader r = HeldReader(*this);
-  const std::string_view verb = r.str("method");
-  r.str("url");
-  ReadHeaders(r, nullptr, 4);
-  r.bin("body");
-  r.uint<std::uint32_t>("timeout_ms");
-  return r.boolean_or_nil("idempotent").value_or(DefaultIdempotent(verb));
+  const Fields f = ReadFields(r, nullptr);
+  return f.idempotent.value_or(DefaultIdempotent(f.method));
 }
 
 Result<HeldStatements> DecodeSubmit(std::span<const zmq::message_t> frames) {
@@ -1045,7 +1045,12 @@ Result<Statements> DecodeStatements(std::span<const zmq::message_t> frames) {
     for (WireStatement& ws : m.statements) {
       const std::uint32_t f = r.array(7, "statement is not a 7-array");
       ws.index = r.uint<std::uint64_t>("index");
-      ReadFields(r, &ws.statement);
+      const Fields fields_read = ReadFields(r, &ws.statement.headers);
+      ws.statement.method = fields_read.method;
+      ws.statement.url = fields_read.url;
+      ws.statement.body = fields_read.body;
+      ws.statement.timeout_ms = fields_read.timeout_ms;
+      ws.statement.idempotent = fields_read.idempotent;
       if (f > 7 && !r.nil()) AsRateWait(r.object(kLimits).get(), ws.rate_wait_us, ws.throttled, &ws.attempts);
       SkipRest(r, f, 8, 3);
     }

@@ -314,7 +314,9 @@ Result<Command> PeekCommand(std::span<const zmq::message_t> frames);
 
 Frames Encode(Command command, const SessionRef& m);
 Frames Encode(const Open& m);
-Frames Encode(Command command, const Statements& m);  // kSubmit or kDispatch (with seq)
+// kSubmit or kDispatch (with seq), from decoded statements: what a peer playing
+// client or broker in tests sends; the broker itself forwards HeldStatements.
+Frames Encode(Command command, const Statements& m);
 // SUBMIT of consecutive statements numbered from first_index, encoded
 // straight from the caller's statements (no copy into WireStatement).
 Frames EncodeSubmit(const SessionId& session, std::uint64_t first_index, std::span<const Statement> statements);
